@@ -1,0 +1,290 @@
+//! Building, signing and inspecting release bundles (one OCI artifact per release).
+//!
+//! The bundle manifest's config blob is the release metadata, its first layer the stack (JSON),
+//! and any further layers newer trust roots the agent should rotate to. Its digest is the
+//! bundle digest everywhere: layout, registry, git.
+
+use crate::crypto::SigningKey;
+use crate::digest::Digest;
+use crate::layout::oci::{self, Descriptor, ImageManifest};
+use crate::layout::{Layout, LayoutError, Limits};
+use crate::release::{self, ReleaseMetadata};
+use crate::signature;
+use crate::stack::{Stack, StackFile};
+use std::collections::BTreeMap;
+
+pub const ARTIFACT_TYPE: &str = "application/vnd.outpost.bundle.v1";
+pub const MEDIA_TYPE_RELEASE: &str = "application/vnd.outpost.release.v1+json";
+pub const MEDIA_TYPE_STACK: &str = "application/vnd.outpost.stack.v1+json";
+pub const MEDIA_TYPE_ROOT: &str = "application/vnd.outpost.root.v1+json";
+/// Index annotation naming a bundled container image (`--with-images`).
+pub const ANNOTATION_IMAGE: &str = "io.outpost.image";
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Layout(#[from] LayoutError),
+}
+
+/// Assembles a bundle layout from a pinned stack and its metadata. Deterministic: equal inputs
+/// give equal bytes.
+pub fn build(
+    stack_file: &StackFile,
+    metadata: &ReleaseMetadata,
+    roots: &[Vec<u8>],
+) -> Result<Layout, BuildError> {
+    let stack = Stack::from_file(stack_file).map_err(|e| BuildError::Invalid(e.to_string()))?;
+    if let Some((resource, image)) = stack.unpinned_images().first() {
+        return Err(BuildError::Invalid(format!(
+            "resource {resource}: image {image} is not pinned by digest"
+        )));
+    }
+    if metadata.name != stack.name {
+        return Err(BuildError::Invalid(format!(
+            "release name {:?} differs from the stack's name {:?}",
+            metadata.name, stack.name
+        )));
+    }
+    if !release::is_valid_channel(&metadata.channel) {
+        return Err(BuildError::Invalid(format!(
+            "channel {:?} must be a DNS-1123 label",
+            metadata.channel
+        )));
+    }
+    if metadata.expires <= metadata.created {
+        return Err(BuildError::Invalid("expires must be after created".into()));
+    }
+    let mut layout = Layout::default();
+    let config = oci::to_bytes(metadata);
+    let stack_json = oci::to_bytes(stack_file);
+    let mut layers = vec![Descriptor::of(MEDIA_TYPE_STACK, &stack_json)];
+    layout.add_blob(stack_json);
+    for root in roots {
+        layers.push(Descriptor::of(MEDIA_TYPE_ROOT, root));
+        layout.add_blob(root.clone());
+    }
+    let manifest = ImageManifest {
+        schema_version: 2,
+        media_type: Some(oci::MEDIA_TYPE_MANIFEST.into()),
+        artifact_type: Some(ARTIFACT_TYPE.into()),
+        config: Descriptor::of(MEDIA_TYPE_RELEASE, &config),
+        layers,
+        subject: None,
+        annotations: BTreeMap::from([
+            (
+                oci::ANNOTATION_CREATED.into(),
+                release::rfc3339::format(&metadata.created),
+            ),
+            (oci::ANNOTATION_VERSION.into(), metadata.version.to_string()),
+        ]),
+    };
+    layout.add_blob(config);
+    let manifest_bytes = oci::to_bytes(&manifest);
+    let mut descriptor = Descriptor::of(oci::MEDIA_TYPE_MANIFEST, &manifest_bytes);
+    descriptor.artifact_type = Some(ARTIFACT_TYPE.into());
+    descriptor.annotations.insert(
+        oci::ANNOTATION_REF_NAME.into(),
+        metadata.version.to_string(),
+    );
+    layout.add_blob(manifest_bytes);
+    layout.index_mut().manifests.push(descriptor);
+    Ok(layout)
+}
+
+/// The bundle manifest's descriptor: the one index entry with the bundle artifact type.
+pub fn bundle_descriptor(layout: &Layout) -> Result<&Descriptor, LayoutError> {
+    let mut bundles = layout
+        .index()
+        .manifests
+        .iter()
+        .filter(|d| d.artifact_type.as_deref() == Some(ARTIFACT_TYPE));
+    match (bundles.next(), bundles.next()) {
+        (Some(descriptor), None) => Ok(descriptor),
+        (None, _) => Err(LayoutError::malformed(
+            "index.json",
+            format!("no manifest with artifactType {ARTIFACT_TYPE} (not an Outpost bundle)"),
+        )),
+        (Some(_), Some(_)) => Err(LayoutError::malformed(
+            "index.json",
+            "more than one bundle manifest",
+        )),
+    }
+}
+
+/// The unverified parts of a bundle, for `inspect` and as the input of verification.
+#[derive(Debug, Clone)]
+pub struct BundleParts {
+    pub digest: Digest,
+    pub manifest_bytes: Vec<u8>,
+    pub manifest: ImageManifest,
+    pub metadata_bytes: Vec<u8>,
+    pub stack_bytes: Vec<u8>,
+    pub roots: Vec<Vec<u8>>,
+    /// Signature layers found under the `sha256-<hex>.sig` ref: (payload, layer descriptor).
+    pub signatures: Vec<(Vec<u8>, Descriptor)>,
+}
+
+/// Reads the bundle's manifest, metadata, stack, roots and signature layers (size-bounded).
+pub fn read_parts(layout: &Layout, limits: &Limits) -> Result<BundleParts, LayoutError> {
+    let descriptor = bundle_descriptor(layout)?;
+    if descriptor.media_type != oci::MEDIA_TYPE_MANIFEST {
+        return Err(LayoutError::malformed(
+            "bundle descriptor",
+            "media type must be an OCI image manifest",
+        ));
+    }
+    let digest = descriptor.digest;
+    let manifest_bytes = layout.read_blob(&digest, limits.max_metadata_bytes)?;
+    let manifest: ImageManifest = serde_json::from_slice(&manifest_bytes)
+        .map_err(|e| LayoutError::malformed("bundle manifest", e.to_string()))?;
+    if manifest.config.media_type != MEDIA_TYPE_RELEASE {
+        return Err(LayoutError::malformed(
+            "bundle manifest",
+            format!("config media type must be {MEDIA_TYPE_RELEASE}"),
+        ));
+    }
+    let metadata_bytes = read_described(layout, &manifest.config, limits)?;
+    let (stack_layer, root_layers) = manifest
+        .layers
+        .split_first()
+        .ok_or_else(|| LayoutError::malformed("bundle manifest", "has no stack layer"))?;
+    if stack_layer.media_type != MEDIA_TYPE_STACK {
+        return Err(LayoutError::malformed(
+            "bundle manifest",
+            format!("first layer must be {MEDIA_TYPE_STACK}"),
+        ));
+    }
+    let stack_bytes = read_described(layout, stack_layer, limits)?;
+    let mut roots = Vec::new();
+    for layer in root_layers {
+        if layer.media_type != MEDIA_TYPE_ROOT {
+            return Err(LayoutError::malformed(
+                "bundle manifest",
+                format!("unexpected layer type {}", layer.media_type),
+            ));
+        }
+        roots.push(read_described(layout, layer, limits)?);
+    }
+    let mut signatures = Vec::new();
+    let tag = digest.signature_tag();
+    for sig_descriptor in layout
+        .index()
+        .manifests
+        .iter()
+        .filter(|d| d.ref_name() == Some(tag.as_str()))
+    {
+        let bytes = read_described(layout, sig_descriptor, limits)?;
+        let sig_manifest: ImageManifest = serde_json::from_slice(&bytes)
+            .map_err(|e| LayoutError::malformed("signature manifest", e.to_string()))?;
+        for layer in sig_manifest.layers {
+            if layer.media_type != signature::MEDIA_TYPE_SIMPLE_SIGNING {
+                continue;
+            }
+            let payload = read_described(
+                layout,
+                &layer,
+                &Limits {
+                    max_metadata_bytes: signature::MAX_PAYLOAD_BYTES,
+                    ..*limits
+                },
+            )?;
+            signatures.push((payload, layer));
+        }
+    }
+    Ok(BundleParts {
+        digest,
+        manifest_bytes,
+        manifest,
+        metadata_bytes,
+        stack_bytes,
+        roots,
+        signatures,
+    })
+}
+
+/// A blob's bytes, checked against its descriptor's size (the digest was checked on read).
+fn read_described(
+    layout: &Layout,
+    descriptor: &Descriptor,
+    limits: &Limits,
+) -> Result<Vec<u8>, LayoutError> {
+    let bytes = layout.read_blob(&descriptor.digest, limits.max_metadata_bytes)?;
+    if bytes.len() as u64 != descriptor.size {
+        return Err(LayoutError::malformed(
+            format!("blob {}", descriptor.digest),
+            format!(
+                "descriptor says {} bytes, blob has {}",
+                descriptor.size,
+                bytes.len()
+            ),
+        ));
+    }
+    Ok(bytes)
+}
+
+/// Adds `key`'s signature over the bundle digest, as one more layer of the cosign signature
+/// manifest. Returns false when this key had already signed (nothing changes).
+pub fn add_signature(
+    layout: &mut Layout,
+    key: &SigningKey,
+    docker_reference: &str,
+) -> Result<bool, BuildError> {
+    let limits = Limits::default();
+    let parts = read_parts(layout, &limits)?;
+    let already = parts.signatures.iter().any(|(payload, layer)| {
+        signature::payload_digest(payload).is_ok_and(|d| d == parts.digest)
+            && signature::layer_signature(layer)
+                .is_some_and(|sig| key.public_key().verify(payload, &sig))
+    });
+    if already {
+        return Ok(false);
+    }
+    let payload = signature::payload(docker_reference, &parts.digest);
+    let layer =
+        signature::sign_layer(key, &payload).map_err(|e| BuildError::Invalid(e.to_string()))?;
+    let mut layers: Vec<Descriptor> = parts
+        .signatures
+        .into_iter()
+        .map(|(_, layer)| layer)
+        .collect();
+    layers.push(layer);
+    layout.add_blob(payload);
+    let (manifest, config) = signature::signature_manifest(layers);
+    layout.add_blob(config);
+    let mut descriptor = Descriptor::of(oci::MEDIA_TYPE_MANIFEST, &manifest);
+    descriptor.annotations.insert(
+        oci::ANNOTATION_REF_NAME.into(),
+        parts.digest.signature_tag(),
+    );
+    layout.add_blob(manifest);
+    let tag = parts.digest.signature_tag();
+    let index = layout.index_mut();
+    index
+        .manifests
+        .retain(|d| d.ref_name() != Some(tag.as_str()));
+    index.manifests.push(descriptor);
+    Ok(true)
+}
+
+/// Release metadata parsed from its bytes (untrusted until verified).
+pub fn parse_metadata(bytes: &[u8]) -> Result<ReleaseMetadata, String> {
+    let metadata: ReleaseMetadata =
+        serde_json::from_slice(bytes).map_err(|e| format!("release metadata: {e}"))?;
+    if metadata.format_version != release::FORMAT_VERSION {
+        return Err(format!(
+            "release metadata: format version {} is not supported (this build reads version {})",
+            metadata.format_version,
+            release::FORMAT_VERSION
+        ));
+    }
+    Ok(metadata)
+}
+
+/// Parses a stored stack (JSON) and checks every rule.
+pub fn parse_stack(bytes: &[u8]) -> Result<(StackFile, Stack), String> {
+    let file: StackFile = serde_json::from_slice(bytes).map_err(|e| format!("stack: {e}"))?;
+    let stack = Stack::from_file(&file).map_err(|e| e.to_string())?;
+    Ok((file, stack))
+}

@@ -1,0 +1,204 @@
+//! The only module that touches cryptography: SHA-256 and ECDSA P-256 keys in cosign's formats.
+//!
+//! Everything else in the workspace hashes and verifies through these types, so an audit of
+//! the crypto surface starts and ends here. Key files are read and written by the `sigstore`
+//! crate (cosign's encrypted PEM: scrypt + nacl secretbox); hashing uses aws-lc's SHA-256,
+//! which runs at the speed of the CPU's SHA extensions.
+
+use aws_lc_rs::digest;
+use base64::Engine as _;
+use sigstore::crypto::signing_key::ecdsa::{ECDSAKeys, EllipticCurve};
+use sigstore::crypto::{CosignVerificationKey, SigStoreSigner, Signature};
+
+/// Why a key could not be read, made or used.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct KeyError(String);
+
+impl KeyError {
+    fn new(context: &str, error: impl std::fmt::Display) -> Self {
+        KeyError(format!("{context}: {error}"))
+    }
+}
+
+/// Incremental SHA-256.
+pub struct Sha256(digest::Context);
+
+impl Default for Sha256 {
+    fn default() -> Self {
+        Sha256(digest::Context::new(&digest::SHA256))
+    }
+}
+
+impl Sha256 {
+    pub fn update(&mut self, bytes: &[u8]) {
+        self.0.update(bytes);
+    }
+
+    pub fn finish(self) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        out.copy_from_slice(self.0.finish().as_ref());
+        out
+    }
+}
+
+/// SHA-256 of a byte string.
+pub fn sha256(bytes: &[u8]) -> [u8; 32] {
+    let mut hasher = Sha256::default();
+    hasher.update(bytes);
+    hasher.finish()
+}
+
+/// An ECDSA P-256 public key (PEM "PUBLIC KEY", SubjectPublicKeyInfo), as cosign writes it.
+#[derive(Clone)]
+pub struct PublicKey {
+    spki_der: Vec<u8>,
+    key: CosignVerificationKey,
+}
+
+impl std::fmt::Debug for PublicKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PublicKey({})", self.key_id())
+    }
+}
+
+impl PartialEq for PublicKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.spki_der == other.spki_der
+    }
+}
+
+impl PublicKey {
+    /// Reads a PEM public key; only ECDSA P-256 is accepted (the format's only scheme).
+    pub fn from_pem(pem: &[u8]) -> Result<Self, KeyError> {
+        let key = CosignVerificationKey::try_from_pem(pem)
+            .map_err(|e| KeyError::new("not a PEM public key", e))?;
+        match &key {
+            CosignVerificationKey::ECDSA_P256_SHA256_ASN1(der) => Ok(PublicKey {
+                spki_der: der.clone(),
+                key,
+            }),
+            _ => Err(KeyError(
+                "unsupported key type: only ECDSA P-256 keys are accepted".into(),
+            )),
+        }
+    }
+
+    pub fn to_pem(&self) -> String {
+        let body = base64::engine::general_purpose::STANDARD.encode(&self.spki_der);
+        let mut pem = String::from("-----BEGIN PUBLIC KEY-----\n");
+        for line in body.as_bytes().chunks(64) {
+            pem.push_str(&String::from_utf8_lossy(line));
+            pem.push('\n');
+        }
+        pem.push_str("-----END PUBLIC KEY-----\n");
+        pem
+    }
+
+    /// The key's identity: hex SHA-256 of its DER SubjectPublicKeyInfo.
+    pub fn key_id(&self) -> String {
+        hex::encode(sha256(&self.spki_der))
+    }
+
+    /// True when `signature` (ASN.1 DER ECDSA) is valid for `message` under this key.
+    pub fn verify(&self, message: &[u8], signature_der: &[u8]) -> bool {
+        self.key
+            .verify_signature(Signature::Raw(signature_der), message)
+            .is_ok()
+    }
+}
+
+/// An ECDSA P-256 private key.
+pub struct SigningKey {
+    keys: ECDSAKeys,
+    signer: SigStoreSigner,
+    public: PublicKey,
+}
+
+impl SigningKey {
+    pub fn generate() -> Result<Self, KeyError> {
+        let keys = ECDSAKeys::new(EllipticCurve::P256)
+            .map_err(|e| KeyError::new("cannot generate a key", e))?;
+        Self::from_keys(keys)
+    }
+
+    /// Reads cosign's encrypted key file ("ENCRYPTED SIGSTORE PRIVATE KEY" or the older
+    /// "ENCRYPTED COSIGN PRIVATE KEY").
+    pub fn from_encrypted_pem(pem: &[u8], password: &[u8]) -> Result<Self, KeyError> {
+        let keys = ECDSAKeys::from_encrypted_pem(pem, password)
+            .map_err(|e| KeyError::new("cannot decrypt the private key (wrong password?)", e))?;
+        if !matches!(keys, ECDSAKeys::P256(_)) {
+            return Err(KeyError(
+                "unsupported key type: only ECDSA P-256 keys are accepted".into(),
+            ));
+        }
+        Self::from_keys(keys)
+    }
+
+    fn from_keys(keys: ECDSAKeys) -> Result<Self, KeyError> {
+        let signer = keys
+            .to_sigstore_signer()
+            .map_err(|e| KeyError::new("unusable key", e))?;
+        let pem = keys
+            .as_inner()
+            .public_key_to_pem()
+            .map_err(|e| KeyError::new("unusable key", e))?;
+        let public = PublicKey::from_pem(pem.as_bytes())?;
+        Ok(SigningKey {
+            keys,
+            signer,
+            public,
+        })
+    }
+
+    /// cosign's encrypted key file ("ENCRYPTED SIGSTORE PRIVATE KEY").
+    pub fn to_encrypted_pem(&self, password: &[u8]) -> Result<String, KeyError> {
+        let pem = self
+            .keys
+            .as_inner()
+            .private_key_to_encrypted_pem(password)
+            .map_err(|e| KeyError::new("cannot encrypt the private key", e))?;
+        Ok(pem.to_string())
+    }
+
+    pub fn public_key(&self) -> &PublicKey {
+        &self.public
+    }
+
+    /// An ASN.1 DER ECDSA P-256/SHA-256 signature over `message`.
+    pub fn sign(&self, message: &[u8]) -> Result<Vec<u8>, KeyError> {
+        self.signer
+            .sign(message)
+            .map_err(|e| KeyError::new("signing failed", e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sign_verify_round_trip_and_key_file() {
+        let key = SigningKey::generate().unwrap();
+        let signature = key.sign(b"hello").unwrap();
+        assert!(key.public_key().verify(b"hello", &signature));
+        assert!(!key.public_key().verify(b"hellO", &signature));
+
+        let pem = key.to_encrypted_pem(b"pw").unwrap();
+        assert!(pem.contains("ENCRYPTED SIGSTORE PRIVATE KEY"));
+        let again = SigningKey::from_encrypted_pem(pem.as_bytes(), b"pw").unwrap();
+        assert_eq!(again.public_key(), key.public_key());
+        assert!(SigningKey::from_encrypted_pem(pem.as_bytes(), b"wrong").is_err());
+
+        let public = PublicKey::from_pem(key.public_key().to_pem().as_bytes()).unwrap();
+        assert_eq!(&public, key.public_key());
+    }
+
+    #[test]
+    fn sha256_known_vector() {
+        assert_eq!(
+            hex::encode(sha256(b"abc")),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+}
