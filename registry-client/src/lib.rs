@@ -1,1 +1,462 @@
-//! x
+//! A small OCI distribution client: exact manifest bytes in and out, blobs streamed with their
+//! digest checked and their size bounded, basic and bearer-token auth, credentials from
+//! `~/.docker/config.json`.
+//!
+//! It speaks only the registry HTTP API (distribution spec v1.1) and knows nothing of bundles.
+//! Shared by `outpost-signer` (push, tag resolution, `--with-images`) and the agent's OCI source.
+
+mod auth;
+mod reference;
+
+pub use auth::{Credentials, docker_config_credentials};
+pub use reference::{Reference, ReferenceError};
+
+use outpost_bundle_format::Digest;
+use outpost_bundle_format::crypto::Sha256;
+use reqwest::{Method, StatusCode, header};
+use std::sync::Mutex;
+
+/// Every manifest type we ask for (and nothing else).
+pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.list.v2+json";
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RegistryError {
+    #[error("{url}: {source}")]
+    Transport { url: String, source: reqwest::Error },
+    #[error("{url}: HTTP {status}: {body}")]
+    Status {
+        url: String,
+        status: u16,
+        body: String,
+    },
+    #[error("{url}: authentication failed: {reason}")]
+    Auth { url: String, reason: String },
+    #[error("{what} is over the {limit}-byte limit")]
+    TooLarge { what: String, limit: u64 },
+    #[error("{what}: content has digest {actual}, expected {expected}")]
+    DigestMismatch {
+        what: String,
+        expected: Digest,
+        actual: Digest,
+    },
+    #[error("{0}")]
+    Protocol(String),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+}
+
+impl RegistryError {
+    /// Transient errors are worth retrying with backoff; others need a human.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            RegistryError::Transport { .. } => true,
+            RegistryError::Status { status, .. } => *status == 429 || *status >= 500,
+            _ => false,
+        }
+    }
+}
+
+/// What a HEAD on a manifest returns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManifestHead {
+    pub digest: Digest,
+    pub media_type: String,
+    pub size: Option<u64>,
+}
+
+/// A client for one registry host.
+pub struct Registry {
+    http: reqwest::Client,
+    base: String,
+    credentials: Credentials,
+    token: Mutex<Option<String>>,
+}
+
+impl Registry {
+    /// `plain_http` uses http:// (always the case for loopback hosts, as docker does).
+    pub fn new(
+        host: &str,
+        credentials: Credentials,
+        plain_http: bool,
+    ) -> Result<Self, RegistryError> {
+        let loopback =
+            host.starts_with("127.") || host.starts_with("localhost") || host.starts_with("[::1]");
+        let scheme = if plain_http || loopback {
+            "http"
+        } else {
+            "https"
+        };
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("outpost/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(std::time::Duration::from_secs(10))
+            .timeout(std::time::Duration::from_secs(600))
+            .build()
+            .map_err(|source| RegistryError::Transport {
+                url: host.into(),
+                source,
+            })?;
+        Ok(Registry {
+            http,
+            base: format!("{scheme}://{host}/v2"),
+            credentials,
+            token: Mutex::new(None),
+        })
+    }
+
+    /// HEAD on a manifest: the cheap change check. `None` when the tag does not exist.
+    pub async fn head_manifest(
+        &self,
+        repository: &str,
+        reference: &str,
+    ) -> Result<Option<ManifestHead>, RegistryError> {
+        let url = format!("{}/{repository}/manifests/{reference}", self.base);
+        let response = self
+            .send(
+                Method::HEAD,
+                &url,
+                &[(header::ACCEPT, MANIFEST_ACCEPT)],
+                None,
+                &format!("repository:{repository}:pull"),
+            )
+            .await?;
+        if response.status() == StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        let response = check_status(&url, response).await?;
+        let headers = response.headers();
+        let digest = headers
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+            .map(Digest::parse)
+            .transpose()
+            .map_err(|e| RegistryError::Protocol(format!("{url}: {e}")))?;
+        let media_type = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        let size = headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        match digest {
+            Some(digest) => Ok(Some(ManifestHead {
+                digest,
+                media_type,
+                size,
+            })),
+            // Registries need not send the digest on HEAD; fall back to hashing the body.
+            None => {
+                let (bytes, media_type) = self.get_manifest(repository, reference, 4 << 20).await?;
+                Ok(Some(ManifestHead {
+                    digest: Digest::of(&bytes),
+                    media_type,
+                    size: Some(bytes.len() as u64),
+                }))
+            }
+        }
+    }
+
+    /// The exact manifest bytes and media type. When `reference` is a digest the bytes are
+    /// checked against it.
+    pub async fn get_manifest(
+        &self,
+        repository: &str,
+        reference: &str,
+        limit: u64,
+    ) -> Result<(Vec<u8>, String), RegistryError> {
+        let url = format!("{}/{repository}/manifests/{reference}", self.base);
+        let response = self
+            .send(
+                Method::GET,
+                &url,
+                &[(header::ACCEPT, MANIFEST_ACCEPT)],
+                None,
+                &format!("repository:{repository}:pull"),
+            )
+            .await?;
+        let response = check_status(&url, response).await?;
+        let media_type = response
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        let mut bytes = Vec::new();
+        read_body(response, &url, limit, |chunk| {
+            bytes.extend_from_slice(chunk);
+            Ok(())
+        })
+        .await?;
+        if let Ok(expected) = Digest::parse(reference) {
+            check_digest(&url, expected, Digest::of(&bytes))?;
+        }
+        Ok((bytes, media_type))
+    }
+
+    /// Streams a blob into `sink`, checking its digest and bounding its size.
+    pub async fn get_blob(
+        &self,
+        repository: &str,
+        digest: &Digest,
+        limit: u64,
+        mut sink: impl FnMut(&[u8]) -> std::io::Result<()>,
+    ) -> Result<u64, RegistryError> {
+        let url = format!("{}/{repository}/blobs/{digest}", self.base);
+        let response = self
+            .send(
+                Method::GET,
+                &url,
+                &[],
+                None,
+                &format!("repository:{repository}:pull"),
+            )
+            .await?;
+        let response = check_status(&url, response).await?;
+        let mut hasher = Sha256::default();
+        let size = read_body(response, &url, limit, |chunk| {
+            hasher.update(chunk);
+            sink(chunk)
+        })
+        .await?;
+        check_digest(&url, *digest, Digest::from_sha256(hasher.finish()))?;
+        Ok(size)
+    }
+
+    pub async fn blob_exists(
+        &self,
+        repository: &str,
+        digest: &Digest,
+    ) -> Result<bool, RegistryError> {
+        let url = format!("{}/{repository}/blobs/{digest}", self.base);
+        let response = self
+            .send(Method::HEAD, &url, &[], None, &push_scope(repository))
+            .await?;
+        match response.status() {
+            StatusCode::NOT_FOUND => Ok(false),
+            s if s.is_success() => Ok(true),
+            _ => check_status(&url, response).await.map(|_| false),
+        }
+    }
+
+    /// Uploads a blob (monolithic POST then PUT) unless the registry already has it.
+    pub async fn push_blob(
+        &self,
+        repository: &str,
+        digest: &Digest,
+        bytes: Vec<u8>,
+    ) -> Result<(), RegistryError> {
+        if self.blob_exists(repository, digest).await? {
+            return Ok(());
+        }
+        let url = format!("{}/{repository}/blobs/uploads/", self.base);
+        let response = self
+            .send(
+                Method::POST,
+                &url,
+                &[],
+                Some(Vec::new()),
+                &push_scope(repository),
+            )
+            .await?;
+        let response = check_status(&url, response).await?;
+        let location = response
+            .headers()
+            .get(header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| {
+                RegistryError::Protocol(format!("{url}: upload started without a Location"))
+            })?;
+        let location = self.absolute(location);
+        let separator = if location.contains('?') { '&' } else { '?' };
+        let put_url = format!("{location}{separator}digest={digest}");
+        let response = self
+            .send(
+                Method::PUT,
+                &put_url,
+                &[(header::CONTENT_TYPE, "application/octet-stream")],
+                Some(bytes),
+                &push_scope(repository),
+            )
+            .await?;
+        check_status(&put_url, response).await?;
+        Ok(())
+    }
+
+    /// Puts manifest bytes unchanged under `reference` (a tag or digest); returns their digest.
+    pub async fn push_manifest(
+        &self,
+        repository: &str,
+        reference: &str,
+        bytes: Vec<u8>,
+        media_type: &str,
+    ) -> Result<Digest, RegistryError> {
+        let digest = Digest::of(&bytes);
+        let url = format!("{}/{repository}/manifests/{reference}", self.base);
+        let response = self
+            .send(
+                Method::PUT,
+                &url,
+                &[(header::CONTENT_TYPE, media_type)],
+                Some(bytes),
+                &push_scope(repository),
+            )
+            .await?;
+        let response = check_status(&url, response).await?;
+        if let Some(returned) = response
+            .headers()
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+        {
+            let returned =
+                Digest::parse(returned).map_err(|e| RegistryError::Protocol(e.to_string()))?;
+            check_digest(&url, digest, returned)?;
+        }
+        Ok(digest)
+    }
+
+    fn absolute(&self, location: &str) -> String {
+        if location.starts_with("http://") || location.starts_with("https://") {
+            location.to_string()
+        } else {
+            let origin = self.base.trim_end_matches("/v2");
+            format!("{origin}{location}")
+        }
+    }
+
+    /// Sends a request, answering one 401 challenge (basic or bearer) and retrying.
+    async fn send(
+        &self,
+        method: Method,
+        url: &str,
+        headers: &[(header::HeaderName, &str)],
+        body: Option<Vec<u8>>,
+        scope: &str,
+    ) -> Result<reqwest::Response, RegistryError> {
+        let build = |authorization: Option<String>| {
+            let mut request = self.http.request(method.clone(), url);
+            for (name, value) in headers {
+                request = request.header(name, *value);
+            }
+            if let Some(auth) = authorization {
+                request = request.header(header::AUTHORIZATION, auth);
+            }
+            if let Some(body) = &body {
+                request = request.body(body.clone());
+            }
+            request
+        };
+        let cached = self.token.lock().ok().and_then(|t| t.clone());
+        let first = cached.clone().or_else(|| self.credentials.basic_header());
+        let transport = |source| RegistryError::Transport {
+            url: url.to_string(),
+            source,
+        };
+        let response = build(first).send().await.map_err(transport)?;
+        if response.status() != StatusCode::UNAUTHORIZED {
+            return Ok(response);
+        }
+        let challenge = response
+            .headers()
+            .get(header::WWW_AUTHENTICATE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        let authorization =
+            auth::answer_challenge(&self.http, &challenge, &self.credentials, scope)
+                .await
+                .map_err(|reason| RegistryError::Auth {
+                    url: url.to_string(),
+                    reason,
+                })?;
+        if authorization.starts_with("Bearer ")
+            && let Ok(mut token) = self.token.lock()
+        {
+            *token = Some(authorization.clone());
+        }
+        let response = build(Some(authorization)).send().await.map_err(transport)?;
+        if response.status() == StatusCode::UNAUTHORIZED {
+            return Err(RegistryError::Auth {
+                url: url.to_string(),
+                reason: "the registry refused the credentials".into(),
+            });
+        }
+        Ok(response)
+    }
+}
+
+fn push_scope(repository: &str) -> String {
+    format!("repository:{repository}:pull,push")
+}
+
+fn check_digest(what: &str, expected: Digest, actual: Digest) -> Result<(), RegistryError> {
+    if expected == actual {
+        Ok(())
+    } else {
+        Err(RegistryError::DigestMismatch {
+            what: what.to_string(),
+            expected,
+            actual,
+        })
+    }
+}
+
+async fn check_status(
+    url: &str,
+    response: reqwest::Response,
+) -> Result<reqwest::Response, RegistryError> {
+    let status = response.status();
+    if status.is_success() {
+        return Ok(response);
+    }
+    let body = response.text().await.unwrap_or_default();
+    let body: String = body
+        .chars()
+        .take(300)
+        .collect::<String>()
+        .replace('\n', " ");
+    Err(RegistryError::Status {
+        url: url.to_string(),
+        status: status.as_u16(),
+        body,
+    })
+}
+
+/// Streams a response body, refusing more than `limit` bytes (declared or actual).
+async fn read_body(
+    mut response: reqwest::Response,
+    url: &str,
+    limit: u64,
+    mut sink: impl FnMut(&[u8]) -> std::io::Result<()>,
+) -> Result<u64, RegistryError> {
+    let too_large = || RegistryError::TooLarge {
+        what: url.to_string(),
+        limit,
+    };
+    if response.content_length().is_some_and(|len| len > limit) {
+        return Err(too_large());
+    }
+    let mut total = 0u64;
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|source| RegistryError::Transport {
+            url: url.to_string(),
+            source,
+        })?
+    {
+        total += chunk.len() as u64;
+        if total > limit {
+            return Err(too_large());
+        }
+        sink(&chunk).map_err(|source| RegistryError::Io {
+            what: url.to_string(),
+            source,
+        })?;
+    }
+    Ok(total)
+}

@@ -1,0 +1,224 @@
+//! Registry credentials and the 401 challenge dance (Basic, or Bearer via the token endpoint).
+
+use base64::Engine as _;
+use std::path::{Path, PathBuf};
+
+/// Credentials for one registry.
+#[derive(Clone, Default)]
+pub enum Credentials {
+    #[default]
+    Anonymous,
+    Basic {
+        username: String,
+        password: String,
+    },
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Credentials::Anonymous => write!(f, "Anonymous"),
+            Credentials::Basic { username, .. } => write!(f, "Basic({username}, ***)"),
+        }
+    }
+}
+
+impl Credentials {
+    pub fn basic_header(&self) -> Option<String> {
+        match self {
+            Credentials::Anonymous => None,
+            Credentials::Basic { username, password } => Some(format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(format!("{username}:{password}"))
+            )),
+        }
+    }
+}
+
+/// Credentials for `host` from a docker config file (`auths.<host>.auth` or
+/// `username`/`password`). `path` defaults to `$DOCKER_CONFIG/config.json` or
+/// `~/.docker/config.json`. A missing file means anonymous.
+pub fn docker_config_credentials(host: &str, path: Option<&Path>) -> Result<Credentials, String> {
+    let path: PathBuf = match path {
+        Some(p) => p.to_path_buf(),
+        None => match std::env::var_os("DOCKER_CONFIG") {
+            Some(dir) => PathBuf::from(dir).join("config.json"),
+            None => match std::env::var_os("HOME") {
+                Some(home) => PathBuf::from(home).join(".docker/config.json"),
+                None => return Ok(Credentials::Anonymous),
+            },
+        },
+    };
+    let text = match std::fs::read(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Credentials::Anonymous),
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    };
+    if text.len() > 1 << 20 {
+        return Err(format!("{}: larger than 1 MiB", path.display()));
+    }
+    let config: serde_json::Value =
+        serde_json::from_slice(&text).map_err(|e| format!("{}: not JSON: {e}", path.display()))?;
+    let Some(entry) = config.get("auths").and_then(|a| {
+        a.get(host)
+            .or_else(|| a.get(format!("https://{host}")))
+            .or_else(|| a.get(format!("http://{host}")))
+    }) else {
+        return Ok(Credentials::Anonymous);
+    };
+    if let Some(auth) = entry.get("auth").and_then(|a| a.as_str()) {
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(auth)
+            .map_err(|_| format!("{}: auths.{host}.auth is not base64", path.display()))?;
+        let decoded = String::from_utf8_lossy(&decoded).into_owned();
+        let (username, password) = decoded
+            .split_once(':')
+            .ok_or_else(|| format!("{}: auths.{host}.auth is not user:password", path.display()))?;
+        return Ok(Credentials::Basic {
+            username: username.into(),
+            password: password.into(),
+        });
+    }
+    match (
+        entry.get("username").and_then(|u| u.as_str()),
+        entry.get("password").and_then(|p| p.as_str()),
+    ) {
+        (Some(username), Some(password)) => Ok(Credentials::Basic {
+            username: username.into(),
+            password: password.into(),
+        }),
+        _ => Ok(Credentials::Anonymous),
+    }
+}
+
+/// Answers a `WWW-Authenticate` challenge with an Authorization header value.
+pub(crate) async fn answer_challenge(
+    http: &reqwest::Client,
+    challenge: &str,
+    credentials: &Credentials,
+    scope: &str,
+) -> Result<String, String> {
+    let (scheme, params) = challenge.split_once(' ').unwrap_or((challenge, ""));
+    match scheme.to_ascii_lowercase().as_str() {
+        "basic" => credentials.basic_header().ok_or_else(|| {
+            "the registry needs credentials (docker config or --username/--password)".to_string()
+        }),
+        "bearer" => {
+            let params = parse_params(params);
+            let realm = params
+                .iter()
+                .find(|(k, _)| k == "realm")
+                .map(|(_, v)| v.clone())
+                .ok_or("bearer challenge without a realm")?;
+            let mut query: Vec<(String, String)> =
+                params.into_iter().filter(|(k, _)| k == "service").collect();
+            query.push(("scope".into(), scope.to_string()));
+            let mut request = http.get(&realm).query(&query);
+            if let Some(basic) = credentials.basic_header() {
+                request = request.header(reqwest::header::AUTHORIZATION, basic);
+            }
+            let response = request
+                .send()
+                .await
+                .map_err(|e| format!("token endpoint {realm}: {e}"))?;
+            if !response.status().is_success() {
+                return Err(format!(
+                    "token endpoint {realm}: HTTP {}",
+                    response.status()
+                ));
+            }
+            let bytes = response
+                .bytes()
+                .await
+                .map_err(|e| format!("token endpoint {realm}: {e}"))?;
+            if bytes.len() > 1 << 20 {
+                return Err(format!("token endpoint {realm}: response over 1 MiB"));
+            }
+            let body: serde_json::Value = serde_json::from_slice(&bytes)
+                .map_err(|e| format!("token endpoint {realm}: {e}"))?;
+            let token = body
+                .get("token")
+                .or_else(|| body.get("access_token"))
+                .and_then(|t| t.as_str())
+                .ok_or_else(|| format!("token endpoint {realm}: no token in the response"))?;
+            Ok(format!("Bearer {token}"))
+        }
+        other => Err(format!("unsupported authentication scheme {other:?}")),
+    }
+}
+
+/// `realm="https://x",service="y"` → [(realm, https://x), (service, y)].
+fn parse_params(params: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut rest = params.trim();
+    while !rest.is_empty() {
+        let Some((key, after)) = rest.split_once('=') else {
+            break;
+        };
+        let key = key
+            .trim()
+            .trim_start_matches(',')
+            .trim()
+            .to_ascii_lowercase();
+        let (value, remaining) = if let Some(quoted) = after.strip_prefix('"') {
+            match quoted.split_once('"') {
+                Some((value, remaining)) => (value.to_string(), remaining),
+                None => (quoted.to_string(), ""),
+            }
+        } else {
+            match after.split_once(',') {
+                Some((value, remaining)) => (value.trim().to_string(), remaining),
+                None => (after.trim().to_string(), ""),
+            }
+        };
+        out.push((key, value));
+        rest = remaining.trim_start_matches(',').trim();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_bearer_params() {
+        let params = parse_params(
+            r#"realm="https://auth.example/token",service="registry.example",scope="repository:a/b:pull""#,
+        );
+        assert_eq!(
+            params[0],
+            ("realm".into(), "https://auth.example/token".into())
+        );
+        assert_eq!(params[1], ("service".into(), "registry.example".into()));
+        assert_eq!(params.len(), 3);
+    }
+
+    #[test]
+    fn reads_docker_config() {
+        let dir = tempfile_dir();
+        let path = dir.join("config.json");
+        std::fs::write(
+            &path,
+            r#"{"auths":{"127.0.0.1:5000":{"auth":"dXNlcjpwYXNz"}}}"#,
+        )
+        .unwrap();
+        match docker_config_credentials("127.0.0.1:5000", Some(&path)).unwrap() {
+            Credentials::Basic { username, password } => {
+                assert_eq!((username.as_str(), password.as_str()), ("user", "pass"))
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            docker_config_credentials("other:1", Some(&path)).unwrap(),
+            Credentials::Anonymous
+        ));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    fn tempfile_dir() -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("outpost-auth-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+}
