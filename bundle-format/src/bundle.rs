@@ -231,8 +231,7 @@ pub fn add_signature(
     key: &SigningKey,
     docker_reference: &str,
 ) -> Result<bool, BuildError> {
-    let limits = Limits::default();
-    let parts = read_parts(layout, &limits)?;
+    let parts = read_parts(layout, &Limits::default())?;
     let already = parts.signatures.iter().any(|(payload, layer)| {
         signature::payload_digest(payload).is_ok_and(|d| d == parts.digest)
             && signature::layer_signature(layer)
@@ -242,30 +241,54 @@ pub fn add_signature(
         return Ok(false);
     }
     let payload = signature::payload(docker_reference, &parts.digest);
-    let layer =
-        signature::sign_layer(key, &payload).map_err(|e| BuildError::Invalid(e.to_string()))?;
+    let signature = key
+        .sign(&payload)
+        .map_err(|e| BuildError::Invalid(e.to_string()))?;
+    attach_signature(layout, payload, &signature)?;
+    Ok(true)
+}
+
+/// Attaches a signature made elsewhere (an HSM, KMS, openssl or cosign) over a simple-signing
+/// `payload`. The payload must name this bundle's digest; the signature is checked only at
+/// verification, against the keys the verifier trusts.
+pub fn attach_signature(
+    layout: &mut Layout,
+    payload: Vec<u8>,
+    signature_der: &[u8],
+) -> Result<(), BuildError> {
+    let parts = read_parts(layout, &Limits::default())?;
+    let claimed = signature::payload_digest(&payload).map_err(BuildError::Invalid)?;
+    if claimed != parts.digest {
+        return Err(BuildError::Invalid(format!(
+            "the payload names {claimed}, not this bundle {}",
+            parts.digest
+        )));
+    }
+    let layer = signature::signature_layer(&payload, signature_der);
     let mut layers: Vec<Descriptor> = parts
         .signatures
         .into_iter()
         .map(|(_, layer)| layer)
         .collect();
+    if layers.contains(&layer) {
+        return Ok(());
+    }
     layers.push(layer);
     layout.add_blob(payload);
     let (manifest, config) = signature::signature_manifest(layers);
     layout.add_blob(config);
-    let mut descriptor = Descriptor::of(oci::MEDIA_TYPE_MANIFEST, &manifest);
-    descriptor.annotations.insert(
-        oci::ANNOTATION_REF_NAME.into(),
-        parts.digest.signature_tag(),
-    );
-    layout.add_blob(manifest);
     let tag = parts.digest.signature_tag();
+    let mut descriptor = Descriptor::of(oci::MEDIA_TYPE_MANIFEST, &manifest);
+    descriptor
+        .annotations
+        .insert(oci::ANNOTATION_REF_NAME.into(), tag.clone());
+    layout.add_blob(manifest);
     let index = layout.index_mut();
     index
         .manifests
         .retain(|d| d.ref_name() != Some(tag.as_str()));
     index.manifests.push(descriptor);
-    Ok(true)
+    Ok(())
 }
 
 /// Release metadata parsed from its bytes (untrusted until verified).

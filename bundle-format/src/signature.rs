@@ -2,7 +2,7 @@
 //! cosign stores them (a manifest tagged `sha256-<hex>.sig`, one layer per signature, the
 //! base64 signature in the layer annotation `dev.cosignproject.cosign/signature`).
 
-use crate::crypto::{PublicKey, SigningKey};
+use crate::crypto::PublicKey;
 use crate::digest::Digest;
 use crate::layout::oci::{self, Descriptor, ImageManifest};
 use base64::Engine as _;
@@ -46,15 +46,14 @@ pub fn payload_digest(payload: &[u8]) -> Result<Digest, String> {
     Digest::parse(digest).map_err(|e| e.to_string())
 }
 
-/// One signature layer: the payload's descriptor (with the signature annotation).
-pub fn sign_layer(key: &SigningKey, payload: &[u8]) -> Result<Descriptor, crate::crypto::KeyError> {
-    let signature = key.sign(payload)?;
+/// One signature layer: the payload's descriptor with the base64 signature annotation.
+pub fn signature_layer(payload: &[u8], signature_der: &[u8]) -> Descriptor {
     let mut layer = Descriptor::of(MEDIA_TYPE_SIMPLE_SIGNING, payload);
     layer.annotations = BTreeMap::from([(
         ANNOTATION_SIGNATURE.to_string(),
-        base64::engine::general_purpose::STANDARD.encode(signature),
+        base64::engine::general_purpose::STANDARD.encode(signature_der),
     )]);
-    Ok(layer)
+    layer
 }
 
 /// A cosign signature manifest over `layers`, with the config blob cosign writes.

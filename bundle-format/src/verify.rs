@@ -21,7 +21,7 @@ use crate::layout::{Layout, LayoutError, Limits};
 use crate::release::{ReleaseMetadata, rfc3339};
 use crate::root::TrustRoot;
 use crate::signature;
-use crate::stack::{Stack, StackError, StackFile};
+use crate::stack::{Stack, StackFile};
 use chrono::{DateTime, Utc};
 use std::collections::BTreeSet;
 
@@ -42,7 +42,7 @@ pub enum Trust {
 pub enum VerifyError {
     #[error(transparent)]
     Layout(#[from] LayoutError),
-    #[error("trust root: {0}")]
+    #[error("{0}")]
     Root(String),
     #[error("no signatures for {0}")]
     Unsigned(Digest),
@@ -56,8 +56,8 @@ pub enum VerifyError {
     ThresholdUnmet { valid: usize, threshold: usize },
     #[error("{0}")]
     Metadata(String),
-    #[error("stack: {0}")]
-    Stack(StackError),
+    #[error("stack {0}")]
+    Stack(String),
     #[error("the release expired at {expires} (freeze protection)")]
     Expired { expires: String },
     #[error("resource {resource}: image {image} is not pinned by digest")]
@@ -156,12 +156,8 @@ pub fn verify_parts(
     let signers = check_signatures(parts, &keys, threshold)?;
 
     let metadata = bundle::parse_metadata(&parts.metadata_bytes).map_err(VerifyError::Metadata)?;
-    let (stack_file, stack) = bundle::parse_stack(&parts.stack_bytes).map_err(|e| {
-        VerifyError::Stack(StackError {
-            location: "bundle".into(),
-            message: e,
-        })
-    })?;
+    let (stack_file, stack) =
+        bundle::parse_stack(&parts.stack_bytes).map_err(VerifyError::Stack)?;
     if stack.name != metadata.name {
         return Err(VerifyError::Metadata(format!(
             "release name {:?} differs from the stack's name {:?}",

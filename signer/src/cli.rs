@@ -22,6 +22,10 @@ pub enum Command {
     Build(BuildArgs),
     /// Add a signature to a bundle (each key holder runs this once).
     Sign(SignArgs),
+    /// Attach a signature made elsewhere (HSM, KMS, openssl, cosign) over a payload.
+    AttachSignature(AttachArgs),
+    /// Print the simple-signing payload to sign for a bundle (for external signers).
+    Payload(PayloadArgs),
     /// Verify a bundle against public keys or a trust root.
     Verify(VerifyArgs),
     /// Show a bundle's digest, metadata, resources, images and signatures.
@@ -107,6 +111,29 @@ pub struct SignArgs {
     /// docker-reference written into the signed payload (default: the stack name).
     #[arg(long)]
     pub reference: Option<String>,
+}
+
+#[derive(Args)]
+pub struct AttachArgs {
+    /// Bundle (tar file or layout directory); changed in place.
+    pub bundle: PathBuf,
+    /// The simple-signing payload that was signed (see `payload`).
+    #[arg(long)]
+    pub payload: PathBuf,
+    /// The signature: ASN.1 DER, or its base64 (as cosign writes it).
+    #[arg(long)]
+    pub signature: PathBuf,
+}
+
+#[derive(Args)]
+pub struct PayloadArgs {
+    pub bundle: PathBuf,
+    /// docker-reference written into the payload (default: the stack name).
+    #[arg(long)]
+    pub reference: Option<String>,
+    /// Write the payload here instead of standard output.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
 }
 
 #[derive(Args)]

@@ -1,6 +1,6 @@
 //! Key pairs and the sign / verify commands.
 
-use crate::cli::{KeygenArgs, SignArgs, VerifyArgs};
+use crate::cli::{AttachArgs, KeygenArgs, PayloadArgs, SignArgs, VerifyArgs};
 use crate::{Failure, Outcome, read_input};
 use outpost_bundle_format::crypto::{PublicKey, SigningKey};
 use outpost_bundle_format::layout::{Layout, Limits};
@@ -141,12 +141,15 @@ pub fn save_bundle(layout: &Layout, path: &Path) -> Outcome {
     result.map_err(|e| Failure::invalid(format!("{}: {e}", path.display())))
 }
 
-pub fn sign(args: SignArgs) -> Outcome {
-    let key = load_signing_key(&args.key)?;
-    let mut bundle_file = open_bundle(&args.bundle)?;
-    let parts = bundle::read_parts(&bundle_file.layout, &Limits::default())
-        .map_err(|e| Failure::invalid(format!("{}: {}: {e}", args.bundle.display(), e.check())))?;
-    let reference = match args.reference {
+/// The bundle digest and the docker-reference to sign (default: the stack name).
+fn signing_target(
+    layout: &Layout,
+    path: &Path,
+    reference: Option<String>,
+) -> Result<(outpost_bundle_format::Digest, String), Failure> {
+    let parts = bundle::read_parts(layout, &Limits::default())
+        .map_err(|e| Failure::invalid(format!("{}: {}: {e}", path.display(), e.check())))?;
+    let reference = match reference {
         Some(reference) => reference,
         None => {
             bundle::parse_metadata(&parts.metadata_bytes)
@@ -154,22 +157,71 @@ pub fn sign(args: SignArgs) -> Outcome {
                 .name
         }
     };
+    Ok((parts.digest, reference))
+}
+
+pub fn sign(args: SignArgs) -> Outcome {
+    let key = load_signing_key(&args.key)?;
+    let mut bundle_file = open_bundle(&args.bundle)?;
+    let (digest, reference) = signing_target(&bundle_file.layout, &args.bundle, args.reference)?;
     let added = bundle::add_signature(&mut bundle_file.layout, &key, &reference)
         .map_err(|e| Failure::invalid(format!("{}: {e}", args.bundle.display())))?;
     if added {
         save_bundle(&bundle_file.layout, &args.bundle)?;
-        println!(
-            "signed {} with key {}",
-            parts.digest,
-            key.public_key().key_id()
-        );
+        println!("signed {digest} with key {}", key.public_key().key_id());
     } else {
         println!(
-            "{} is already signed by key {}",
-            parts.digest,
+            "{digest} is already signed by key {}",
             key.public_key().key_id()
         );
     }
+    Ok(())
+}
+
+pub fn payload(args: PayloadArgs) -> Outcome {
+    let opened = open_bundle(&args.bundle)?;
+    let (digest, reference) = signing_target(&opened.layout, &args.bundle, args.reference)?;
+    let payload = outpost_bundle_format::signature::payload(&reference, &digest);
+    match &args.out {
+        Some(path) => write_file(path, &payload),
+        None => {
+            use std::io::Write;
+            std::io::stdout()
+                .write_all(&payload)
+                .map_err(|e| Failure::usage(format!("stdout: {e}")))
+        }
+    }
+}
+
+pub fn attach(args: AttachArgs) -> Outcome {
+    use base64::Engine as _;
+    let payload = read_input(
+        &args.payload,
+        outpost_bundle_format::signature::MAX_PAYLOAD_BYTES,
+    )?;
+    let raw = read_input(&args.signature, 64 * 1024)?;
+    // DER ECDSA signatures start with a SEQUENCE tag (0x30); otherwise expect base64 text.
+    let signature = if raw.first() == Some(&0x30) {
+        raw
+    } else {
+        let text: Vec<u8> = raw
+            .into_iter()
+            .filter(|b| !b.is_ascii_whitespace())
+            .collect();
+        base64::engine::general_purpose::STANDARD
+            .decode(text)
+            .map_err(|_| {
+                Failure::invalid(format!(
+                    "{}: neither DER nor base64",
+                    args.signature.display()
+                ))
+            })?
+    };
+    let mut opened = open_bundle(&args.bundle)?;
+    bundle::attach_signature(&mut opened.layout, payload, &signature)
+        .map_err(|e| Failure::invalid(format!("{}: {e}", args.bundle.display())))?;
+    save_bundle(&opened.layout, &args.bundle)?;
+    println!("attached the signature to {}", args.bundle.display());
     Ok(())
 }
 

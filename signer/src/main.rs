@@ -48,6 +48,8 @@ fn main() -> ExitCode {
         cli::Command::Keygen(a) => keys::keygen(a),
         cli::Command::Build(a) => build::run(a),
         cli::Command::Sign(a) => keys::sign(a),
+        cli::Command::AttachSignature(a) => keys::attach(a),
+        cli::Command::Payload(a) => keys::payload(a),
         cli::Command::Verify(a) => keys::verify(a),
         cli::Command::Inspect(a) => inspect::run(a),
         cli::Command::Push(a) => publish::run(a),

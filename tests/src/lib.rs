@@ -1,1 +1,194 @@
-//! x
+//! Support for Outpost's cross-crate integration tests: locating the built binaries, running
+//! them, temporary registries on 127.0.0.1, and the repository's test data.
+//!
+//! External tools (docker-registry, skopeo, openssl, git, the Python venv) are installed by
+//! `.ci/scripts/setup.sh`; a test that needs one and cannot find it fails with that hint.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The repository root.
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .canonicalize()
+        .unwrap_or_default()
+}
+
+pub fn testdata() -> PathBuf {
+    repo().join("testdata")
+}
+
+/// A binary of the workspace, built by `cargo test --workspace` next to the test executables.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    let path = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|p| p.join(name))
+        .unwrap_or_default();
+    assert!(
+        path.exists(),
+        "{} not built: run `cargo test --workspace` (it builds every binary)",
+        path.display()
+    );
+    path
+}
+
+pub fn signer() -> Command {
+    let mut command = Command::new(binary("outpost-signer"));
+    command
+        .env("OUTPOST_PASSWORD", "test")
+        .env_remove("COSIGN_PASSWORD")
+        .env_remove("SOURCE_DATE_EPOCH");
+    command
+}
+
+/// The result of a command, with helpers for assertions.
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    pub fn of(output: Output) -> Run {
+        Run {
+            code: output.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    }
+
+    #[track_caller]
+    pub fn ok(self) -> Run {
+        assert_eq!(
+            self.code, 0,
+            "expected success\nstdout: {}\nstderr: {}",
+            self.stdout, self.stderr
+        );
+        self
+    }
+
+    #[track_caller]
+    pub fn fails(self, code: i32, needle: &str) -> Run {
+        assert_eq!(
+            self.code, code,
+            "expected exit {code}\nstdout: {}\nstderr: {}",
+            self.stdout, self.stderr
+        );
+        assert!(
+            self.stderr.contains(needle),
+            "stderr lacks {needle:?}: {}",
+            self.stderr
+        );
+        assert_eq!(
+            self.stderr.trim_end().lines().count(),
+            1,
+            "error is not one line: {}",
+            self.stderr
+        );
+        self
+    }
+}
+
+#[track_caller]
+pub fn run(command: &mut Command) -> Run {
+    let output = command
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {command:?}: {e}"));
+    Run::of(output)
+}
+
+/// Runs an external tool, failing with an install hint when it is missing.
+#[track_caller]
+pub fn tool(name: &str) -> Command {
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {name}"))
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    assert!(
+        found,
+        "{name} is not installed: run .ci/scripts/setup.sh (tests/run.sh does)"
+    );
+    Command::new(name)
+}
+
+/// The Python of the test venv (cryptography, oras).
+pub fn python() -> Command {
+    let venv = std::env::var_os("OUTPOST_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join(".work/venv"));
+    let python = venv.join("bin/python");
+    assert!(
+        python.exists(),
+        "{} missing: run .ci/scripts/setup.sh",
+        python.display()
+    );
+    Command::new(python)
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(0)
+}
+
+/// A CNCF distribution registry on 127.0.0.1, stopped on drop.
+pub struct TestRegistry {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    pub auth: Option<(String, String)>,
+}
+
+impl TestRegistry {
+    pub fn start(auth: Option<(&str, &str)>) -> TestRegistry {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+        let script = repo().join("tests/scripts/registry.sh");
+        for _ in 0..5 {
+            let port = free_port();
+            let mut command = Command::new("bash");
+            command
+                .arg(&script)
+                .arg("start")
+                .arg(dir.path())
+                .arg(port.to_string());
+            if let Some((user, pass)) = auth {
+                command.arg("--auth").arg(format!("{user}:{pass}"));
+            }
+            if run(&mut command).code == 0 {
+                return TestRegistry {
+                    dir,
+                    port,
+                    auth: auth.map(|(u, p)| (u.to_string(), p.to_string())),
+                };
+            }
+        }
+        panic!("could not start docker-registry (installed by .ci/scripts/setup.sh)");
+    }
+
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for TestRegistry {
+    fn drop(&mut self) {
+        let script = repo().join("tests/scripts/registry.sh");
+        let _ = Command::new("bash")
+            .arg(script)
+            .arg("stop")
+            .arg(self.dir.path())
+            .output();
+    }
+}
+
+/// SHA-256 hex of bytes (for comparing digests computed by other tools).
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    outpost_bundle_format::Digest::of(bytes).hex()
+}

@@ -499,8 +499,15 @@ fn unexpected(name: &str) -> LayoutError {
 fn tar_error(e: io::Error) -> LayoutError {
     if e.kind() == io::ErrorKind::UnexpectedEof {
         LayoutError::malformed("tar", "truncated")
-    } else {
+    } else if e
+        .to_string()
+        .chars()
+        .all(|c| c.is_ascii_graphic() || c == ' ')
+    {
         LayoutError::malformed("tar", e.to_string())
+    } else {
+        // The tar crate quotes the bad header bytes; keep the one-line message printable.
+        LayoutError::malformed("tar", "not a tar archive (invalid header)")
     }
 }
 
