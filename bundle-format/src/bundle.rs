@@ -93,13 +93,30 @@ pub fn build(
     Ok(layout)
 }
 
-/// The bundle manifest's descriptor: the one index entry with the bundle artifact type.
+/// The bundle manifest's descriptor: the one index entry whose manifest has the bundle
+/// artifact type. Tools that rewrite index.json (skopeo, oras) drop the descriptor's
+/// `artifactType`, so the manifest itself is consulted when the index does not say.
 pub fn bundle_descriptor(layout: &Layout) -> Result<&Descriptor, LayoutError> {
-    let mut bundles = layout
-        .index()
-        .manifests
-        .iter()
-        .filter(|d| d.artifact_type.as_deref() == Some(ARTIFACT_TYPE));
+    let limits = Limits::default();
+    let is_bundle = |d: &&Descriptor| {
+        if d.artifact_type.as_deref() == Some(ARTIFACT_TYPE) {
+            return true;
+        }
+        if d.media_type != oci::MEDIA_TYPE_MANIFEST
+            || d.ref_name().is_some_and(|r| r.ends_with(".sig"))
+        {
+            return false;
+        }
+        layout
+            .read_blob(&d.digest, limits.max_metadata_bytes)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<ImageManifest>(&bytes).ok())
+            .is_some_and(|m| {
+                m.artifact_type.as_deref() == Some(ARTIFACT_TYPE)
+                    || m.config.media_type == MEDIA_TYPE_RELEASE
+            })
+    };
+    let mut bundles = layout.index().manifests.iter().filter(is_bundle);
     match (bundles.next(), bundles.next()) {
         (Some(descriptor), None) => Ok(descriptor),
         (None, _) => Err(LayoutError::malformed(

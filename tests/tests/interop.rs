@@ -1,0 +1,425 @@
+//! Interop with independent implementations and real servers: openssl and Python
+//! `cryptography` sign and verify cosign payloads with us, skopeo and oras read our layouts and
+//! what we push to a real registry (CNCF distribution, started here on 127.0.0.1).
+
+use outpost_bundle_format::layout::{Layout, Limits};
+use outpost_bundle_format::{bundle, signature};
+use outpost_tests::{TestRegistry, python, run, sha256_hex, signer, testdata, tool};
+use std::fs;
+use std::path::{Path, PathBuf};
+
+fn fresh_bundle(dir: &Path) -> (PathBuf, String) {
+    let bundle = dir.join("b.tar");
+    let out = run(signer()
+        .env("SOURCE_DATE_EPOCH", "1790000000")
+        .arg("build")
+        .arg(testdata().join("stacks/valid/quickstart.yaml"))
+        .args([
+            "--version",
+            "1.0.0",
+            "--sequence",
+            "1",
+            "--offline",
+            "--out",
+        ])
+        .arg(&bundle))
+    .ok();
+    let digest = out
+        .stdout
+        .split_whitespace()
+        .find(|w| w.starts_with("sha256:"))
+        .unwrap()
+        .to_string();
+    (bundle, digest)
+}
+
+fn sign_a(bundle: &Path) {
+    run(signer()
+        .arg("sign")
+        .arg(bundle)
+        .arg("--key")
+        .arg(testdata().join("keys/vendor-a.key")))
+    .ok();
+}
+
+#[test]
+fn openssl_signature_verifies_with_outpost() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (bundle, _) = fresh_bundle(d);
+    run(tool("openssl")
+        .args([
+            "ecparam",
+            "-name",
+            "prime256v1",
+            "-genkey",
+            "-noout",
+            "-out",
+        ])
+        .arg(d.join("k.pem")))
+    .ok();
+    run(tool("openssl")
+        .args(["ec", "-pubout", "-in"])
+        .arg(d.join("k.pem"))
+        .arg("-out")
+        .arg(d.join("k.pub")))
+    .ok();
+    run(signer()
+        .arg("payload")
+        .arg(&bundle)
+        .arg("--out")
+        .arg(d.join("payload.json")))
+    .ok();
+    run(tool("openssl")
+        .args(["dgst", "-sha256", "-sign"])
+        .arg(d.join("k.pem"))
+        .arg("-out")
+        .arg(d.join("sig.der"))
+        .arg(d.join("payload.json")))
+    .ok();
+    run(signer()
+        .arg("verify")
+        .arg(&bundle)
+        .arg("--key")
+        .arg(d.join("k.pub")))
+    .fails(1, "unsigned");
+    run(signer()
+        .arg("attach-signature")
+        .arg(&bundle)
+        .arg("--payload")
+        .arg(d.join("payload.json"))
+        .arg("--signature")
+        .arg(d.join("sig.der")))
+    .ok();
+    run(signer()
+        .arg("verify")
+        .arg(&bundle)
+        .arg("--key")
+        .arg(d.join("k.pub")))
+    .ok();
+    // The openssl key is not the vendor's key.
+    run(signer()
+        .arg("verify")
+        .arg(&bundle)
+        .arg("--key")
+        .arg(testdata().join("keys/vendor-a.pub")))
+    .fails(1, "untrusted-signature");
+}
+
+#[test]
+fn python_cryptography_signature_verifies_with_outpost() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (bundle, _) = fresh_bundle(d);
+    run(signer()
+        .arg("payload")
+        .arg(&bundle)
+        .arg("--out")
+        .arg(d.join("payload.json")))
+    .ok();
+    let script = r#"
+import base64, sys
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+d = sys.argv[1]
+key = ec.generate_private_key(ec.SECP256R1())
+payload = open(d + "/payload.json", "rb").read()
+open(d + "/sig.b64", "wb").write(base64.b64encode(key.sign(payload, ec.ECDSA(hashes.SHA256()))))
+open(d + "/py.pub", "wb").write(key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+"#;
+    run(python().arg("-c").arg(script).arg(d)).ok();
+    run(signer()
+        .arg("attach-signature")
+        .arg(&bundle)
+        .arg("--payload")
+        .arg(d.join("payload.json"))
+        .arg("--signature")
+        .arg(d.join("sig.b64")))
+    .ok();
+    run(signer()
+        .arg("verify")
+        .arg(&bundle)
+        .arg("--key")
+        .arg(d.join("py.pub")))
+    .ok();
+}
+
+/// Extracts the first signature's payload and DER signature from a bundle.
+fn first_signature(bundle: &Path) -> (Vec<u8>, Vec<u8>) {
+    let layout = Layout::read(bundle, &Limits::default(), None).unwrap();
+    let parts = bundle::read_parts(&layout, &Limits::default()).unwrap();
+    let (payload, layer) = parts.signatures.into_iter().next().unwrap();
+    (payload, signature::layer_signature(&layer).unwrap())
+}
+
+#[test]
+fn outpost_signature_verifies_with_openssl_and_python() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (bundle, digest) = fresh_bundle(d);
+    sign_a(&bundle);
+    let (payload, sig) = first_signature(&bundle);
+    let claim: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+    assert_eq!(
+        claim["critical"]["image"]["docker-manifest-digest"],
+        digest.as_str()
+    );
+    assert_eq!(
+        claim["critical"]["type"],
+        "cosign container image signature"
+    );
+    fs::write(d.join("payload.json"), &payload).unwrap();
+    fs::write(d.join("sig.der"), &sig).unwrap();
+    let public = testdata().join("keys/vendor-a.pub");
+    let out = run(tool("openssl")
+        .args(["dgst", "-sha256", "-verify"])
+        .arg(&public)
+        .arg("-signature")
+        .arg(d.join("sig.der"))
+        .arg(d.join("payload.json")))
+    .ok();
+    assert!(out.stdout.contains("Verified OK"), "{}", out.stdout);
+    let script = r#"
+import sys
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+key = serialization.load_pem_public_key(open(sys.argv[1], "rb").read())
+key.verify(open(sys.argv[2] + "/sig.der", "rb").read(), open(sys.argv[2] + "/payload.json", "rb").read(), ec.ECDSA(hashes.SHA256()))
+print("python verified")
+"#;
+    let out = run(python().arg("-c").arg(script).arg(&public).arg(d)).ok();
+    assert!(out.stdout.contains("python verified"));
+    // A flipped payload byte must fail in openssl too (the test can fail).
+    let mut bad = payload.clone();
+    bad[10] ^= 1;
+    fs::write(d.join("payload.json"), &bad).unwrap();
+    assert_ne!(
+        run(tool("openssl")
+            .args(["dgst", "-sha256", "-verify"])
+            .arg(&public)
+            .arg("-signature")
+            .arg(d.join("sig.der"))
+            .arg(d.join("payload.json")))
+        .code,
+        0
+    );
+}
+
+#[test]
+fn skopeo_reads_tar_and_directory_layouts_with_the_same_digest() {
+    let dir = tempfile::tempdir().unwrap();
+    let (bundle, digest) = fresh_bundle(dir.path());
+    let raw = run(tool("skopeo")
+        .args(["inspect", "--raw"])
+        .arg(format!("oci-archive:{}:1.0.0", bundle.display())))
+    .ok();
+    assert_eq!(
+        format!("sha256:{}", sha256_hex(raw.stdout.as_bytes())),
+        digest
+    );
+    let layout = dir.path().join("layout");
+    run(signer()
+        .env("SOURCE_DATE_EPOCH", "1790000000")
+        .arg("build")
+        .arg(testdata().join("stacks/valid/quickstart.yaml"))
+        .args([
+            "--version",
+            "1.0.0",
+            "--sequence",
+            "1",
+            "--offline",
+            "--out-dir",
+        ])
+        .arg(&layout))
+    .ok();
+    let raw = run(tool("skopeo")
+        .args(["inspect", "--raw"])
+        .arg(format!("oci:{}:1.0.0", layout.display())))
+    .ok();
+    assert_eq!(
+        format!("sha256:{}", sha256_hex(raw.stdout.as_bytes())),
+        digest
+    );
+    let config = run(tool("skopeo")
+        .args(["inspect", "--config", "--raw"])
+        .arg(format!("oci:{}:1.0.0", layout.display())))
+    .ok();
+    let metadata: serde_json::Value = serde_json::from_str(&config.stdout).unwrap();
+    assert_eq!(metadata["name"], "acme");
+}
+
+#[test]
+fn push_to_a_real_registry_round_trips_through_skopeo() {
+    let registry = TestRegistry::start(None);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (bundle, digest) = fresh_bundle(d);
+    sign_a(&bundle);
+    let target = format!("oci://{}/acme/bundle:1.0.0", registry.host());
+    let pushed = run(signer().arg("push").arg(&bundle).arg(&target)).ok();
+    assert!(pushed.stdout.contains(&digest), "{}", pushed.stdout);
+    // Pushing again is idempotent.
+    run(signer().arg("push").arg(&bundle).arg(&target)).ok();
+
+    let remote = format!("docker://{}/acme/bundle", registry.host());
+    let raw = run(tool("skopeo")
+        .args(["inspect", "--raw", "--tls-verify=false"])
+        .arg(format!("{remote}:1.0.0")))
+    .ok();
+    assert_eq!(
+        format!("sha256:{}", sha256_hex(raw.stdout.as_bytes())),
+        digest
+    );
+
+    // Fetch the bundle and its signature tag back with skopeo and verify the copy.
+    let copy = d.join("copy");
+    let sig_tag = format!("sha256-{}.sig", digest.trim_start_matches("sha256:"));
+    for tag in ["1.0.0", sig_tag.as_str()] {
+        run(tool("skopeo")
+            .args(["copy", "--preserve-digests", "--src-tls-verify=false"])
+            .arg(format!("{remote}:{tag}"))
+            .arg(format!("oci:{}:{tag}", copy.display())))
+        .ok();
+    }
+    let verified = run(signer()
+        .arg("verify")
+        .arg(&copy)
+        .arg("--key")
+        .arg(testdata().join("keys/vendor-a.pub")))
+    .ok();
+    assert!(verified.stdout.contains(&digest));
+
+    // oras (an independent client) reads the artifact from the registry.
+    let script = r#"
+import sys, oras.client
+c = oras.client.OrasClient(insecure=True)
+m = c.get_manifest(sys.argv[1])
+print(m["artifactType"], m["config"]["mediaType"])
+"#;
+    let out = run(python()
+        .arg("-c")
+        .arg(script)
+        .arg(format!("{}/acme/bundle:1.0.0", registry.host())))
+    .ok();
+    assert_eq!(
+        out.stdout.trim(),
+        "application/vnd.outpost.bundle.v1 application/vnd.outpost.release.v1+json"
+    );
+}
+
+#[test]
+fn push_with_basic_auth_from_flags_and_docker_config() {
+    let registry = TestRegistry::start(Some(("vendor", "s3cret")));
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (bundle, digest) = fresh_bundle(d);
+    sign_a(&bundle);
+    let target = format!("oci://{}/acme/bundle:1.0.0", registry.host());
+    let empty_config = d.join("empty.json");
+    fs::write(&empty_config, "{}").unwrap();
+    run(signer()
+        .arg("push")
+        .arg(&bundle)
+        .arg(&target)
+        .arg("--registry-config")
+        .arg(&empty_config))
+    .fails(1, "authentication");
+    run(signer().arg("push").arg(&bundle).arg(&target).args([
+        "--username",
+        "vendor",
+        "--password",
+        "wrong",
+    ]))
+    .fails(1, "refused the credentials");
+    run(signer().arg("push").arg(&bundle).arg(&target).args([
+        "--username",
+        "vendor",
+        "--password",
+        "s3cret",
+    ]))
+    .ok();
+    let config = d.join("config.json");
+    fs::write(
+        &config,
+        format!(
+            r#"{{"auths":{{"{}":{{"auth":"dmVuZG9yOnMzY3JldA=="}}}}}}"#,
+            registry.host()
+        ),
+    )
+    .unwrap();
+    let target2 = format!("oci://{}/acme/other:1.0.0", registry.host());
+    run(signer()
+        .arg("push")
+        .arg(&bundle)
+        .arg(&target2)
+        .arg("--registry-config")
+        .arg(&config))
+    .ok();
+    let raw = run(tool("skopeo")
+        .args([
+            "inspect",
+            "--raw",
+            "--tls-verify=false",
+            "--creds",
+            "vendor:s3cret",
+        ])
+        .arg(format!("docker://{}/acme/other:1.0.0", registry.host())))
+    .ok();
+    assert_eq!(
+        format!("sha256:{}", sha256_hex(raw.stdout.as_bytes())),
+        digest
+    );
+}
+
+#[test]
+fn push_to_git_commits_the_bundle_at_the_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let bare = d.join("releases.git");
+    run(tool("git")
+        .args(["init", "--bare", "-q", "-b", "main"])
+        .arg(&bare))
+    .ok();
+    let bundle = testdata().join("bundles/valid/bundle.tar");
+    let url = format!("git+file://{}", bare.display());
+    run(signer()
+        .arg("push")
+        .arg(&bundle)
+        .arg(&url)
+        .args(["--git-path", "releases/acme.tar"]))
+    .ok();
+    // A second push on top of the first is a fast-forward.
+    run(signer()
+        .arg("push")
+        .arg(&bundle)
+        .arg(&url)
+        .args(["--git-path", "releases/copy.tar"]))
+    .ok();
+    let log = run(tool("git")
+        .arg("-C")
+        .arg(&bare)
+        .args(["log", "--oneline", "main"]))
+    .ok();
+    assert_eq!(log.stdout.lines().count(), 2, "{}", log.stdout);
+    let show = tool("git")
+        .arg("-C")
+        .arg(&bare)
+        .args(["show", "main:releases/acme.tar"])
+        .output()
+        .unwrap();
+    assert!(show.status.success());
+    fs::write(d.join("from-git.tar"), &show.stdout).unwrap();
+    assert_eq!(show.stdout, fs::read(&bundle).unwrap());
+    run(signer()
+        .arg("verify")
+        .arg(d.join("from-git.tar"))
+        .arg("--key")
+        .arg(testdata().join("keys/vendor-a.pub")))
+    .ok();
+    run(signer()
+        .arg("push")
+        .arg(&bundle)
+        .arg(&url)
+        .args(["--git-path", "../escape.tar"]))
+    .fails(2, "relative path inside the repository");
+}
