@@ -423,3 +423,112 @@ fn push_to_git_commits_the_bundle_at_the_path() {
         .args(["--git-path", "../escape.tar"]))
     .fails(2, "relative path inside the repository");
 }
+
+/// Writes a small single-layer image as an OCI layout directory; returns its manifest digest.
+fn image_layout(dir: &Path, layer_bytes: usize) -> String {
+    use outpost_bundle_format::layout::oci::{self, Descriptor, ImageManifest};
+    let mut layer = Vec::new();
+    {
+        let mut tar = tar_builder(&mut layer);
+        let content: Vec<u8> = (0..layer_bytes).map(|i| (i * 7919 % 251) as u8).collect();
+        tar.append("app/data.bin", &content);
+        tar.finish();
+    }
+    let layer_digest = outpost_bundle_format::Digest::of(&layer);
+    let config = serde_json::to_vec(&serde_json::json!({
+        "architecture": "amd64", "os": "linux",
+        "config": {"Cmd": ["/app/run"]},
+        "rootfs": {"type": "layers", "diff_ids": [layer_digest.to_string()]},
+    }))
+    .unwrap();
+    let manifest = ImageManifest {
+        schema_version: 2,
+        media_type: Some(oci::MEDIA_TYPE_MANIFEST.into()),
+        artifact_type: None,
+        config: Descriptor::of(oci::MEDIA_TYPE_IMAGE_CONFIG, &config),
+        layers: vec![Descriptor::of("application/vnd.oci.image.layer.v1.tar", &layer)],
+        subject: None,
+        annotations: Default::default(),
+    };
+    let manifest = oci::to_bytes(&manifest);
+    let mut layout = Layout::default();
+    let mut descriptor = Descriptor::of(oci::MEDIA_TYPE_MANIFEST, &manifest);
+    descriptor.annotations.insert(oci::ANNOTATION_REF_NAME.into(), "1.0".into());
+    layout.index_mut().manifests.push(descriptor);
+    layout.add_blob(config);
+    layout.add_blob(layer);
+    let digest = layout.add_blob(manifest);
+    layout.write_dir(dir).unwrap();
+    digest.to_string()
+}
+
+/// A tiny tar writer for image layers (regular files only).
+struct TarBuilder<'a>(&'a mut Vec<u8>);
+
+fn tar_builder(out: &mut Vec<u8>) -> TarBuilder<'_> {
+    TarBuilder(out)
+}
+
+impl TarBuilder<'_> {
+    fn append(&mut self, path: &str, content: &[u8]) {
+        let mut header = [0u8; 512];
+        header[..path.len()].copy_from_slice(path.as_bytes());
+        header[100..107].copy_from_slice(b"0000755");
+        header[108..115].copy_from_slice(b"0000000");
+        header[116..123].copy_from_slice(b"0000000");
+        header[124..135].copy_from_slice(format!("{:011o}", content.len()).as_bytes());
+        header[136..147].copy_from_slice(b"00000000000");
+        header[156] = b'0';
+        header[257..263].copy_from_slice(b"ustar\0");
+        header[263..265].copy_from_slice(b"00");
+        header[148..156].copy_from_slice(b"        ");
+        let sum: u32 = header.iter().map(|b| *b as u32).sum();
+        header[148..155].copy_from_slice(format!("{sum:06o}\0").as_bytes());
+        self.0.extend_from_slice(&header);
+        self.0.extend_from_slice(content);
+        self.0.resize(self.0.len().div_ceil(512) * 512, 0);
+    }
+
+    fn finish(self) {
+        self.0.resize(self.0.len() + 1024, 0);
+    }
+}
+
+#[test]
+fn build_resolves_tags_and_bundles_images_for_air_gapped_sites() {
+    let registry = TestRegistry::start(None);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // A 6 MiB layer: above the in-memory limit, so it streams through the spool.
+    let image_digest = image_layout(&d.join("image"), 6 << 20);
+    let image = format!("{}/acme/api:1.0", registry.host());
+    run(tool("skopeo").args(["copy", "--preserve-digests", "--dest-tls-verify=false"]).arg(format!("oci:{}:1.0", d.join("image").display())).arg(format!("docker://{image}"))).ok();
+
+    let stack = d.join("stack.yaml");
+    let text = fs::read_to_string(testdata().join("stacks/valid/quickstart.yaml")).unwrap();
+    let at = text.find("ghcr.io/acme/api@").unwrap();
+    let end = at + text[at..].find('"').unwrap();
+    fs::write(&stack, format!("{}{image}{}", &text[..at], &text[end..])).unwrap();
+
+    let bundle = d.join("b.tar");
+    run(signer().arg("build").arg(&stack).args(["--version", "1.0.0", "--sequence", "1", "--with-images", "--out"]).arg(&bundle)).ok();
+    let report: serde_json::Value = serde_json::from_str(&run(signer().arg("inspect").arg(&bundle).args(["--output", "json"])).ok().stdout).unwrap();
+    let pinned = format!("{image}@{image_digest}");
+    assert_eq!(report["images"][0], pinned.as_str());
+    assert_eq!(report["bundledImages"][0], pinned.as_str());
+
+    // The image inside the bundle is readable by skopeo, byte for byte.
+    let raw = run(tool("skopeo").args(["inspect", "--raw"]).arg(format!("oci-archive:{}:{pinned}", bundle.display()))).ok();
+    assert_eq!(format!("sha256:{}", sha256_hex(raw.stdout.as_bytes())), image_digest);
+
+    // The bundle digest does not depend on whether images travel with it.
+    let without = d.join("without.tar");
+    let a = run(signer().arg("build").arg(&stack).args(["--version", "1.0.0", "--sequence", "1", "--created", "2026-01-01T00:00:00Z", "--out"]).arg(&without)).ok();
+    let b = run(signer().arg("build").arg(&stack).args(["--version", "1.0.0", "--sequence", "1", "--created", "2026-01-01T00:00:00Z", "--with-images", "--out"]).arg(&bundle)).ok();
+    let digest_of = |s: &str| s.split_whitespace().find(|w| w.starts_with("sha256:")).unwrap().to_string();
+    assert_eq!(digest_of(&a.stdout), digest_of(&b.stdout));
+
+    // A tag that does not exist is a clear error naming the resource.
+    fs::write(&stack, fs::read_to_string(&stack).unwrap().replace("acme/api:1.0", "acme/api:9.9")).unwrap();
+    run(signer().arg("build").arg(&stack).args(["--version", "1.0.0", "--sequence", "1", "--out"]).arg(d.join("x.tar"))).fails(1, "resources[0] (api).code.image");
+}
