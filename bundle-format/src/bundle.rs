@@ -328,3 +328,104 @@ pub fn parse_stack(bytes: &[u8]) -> Result<(StackFile, Stack), String> {
     let stack = Stack::from_file(&file).map_err(|e| e.to_string())?;
     Ok((file, stack))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stack::{Code, ContainerSpec, Cpu, Lifecycle, ResourceEntry};
+    use chrono::{TimeZone, Utc};
+    use proptest::prelude::*;
+    use std::collections::BTreeMap;
+
+    const IMAGE: &str = "ghcr.io/acme/api@sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
+    fn container(name: String, ports: Vec<u32>, memory_mi: u32, environment: BTreeMap<String, String>) -> ContainerSpec {
+        ContainerSpec {
+            name,
+            code: Code { image: IMAGE.into() },
+            cpu: Cpu::Cores(0.5),
+            memory: format!("{memory_mi}Mi"),
+            ports,
+            public_endpoints: vec![],
+            replicas: Some(1),
+            min_replicas: None,
+            max_replicas: None,
+            auto_scale: None,
+            stateful: false,
+            persistent_storage: None,
+            ephemeral_storage: None,
+            gpu: None,
+            health_check: None,
+            environment,
+            links: vec![],
+            permissions: "execution".into(),
+            pool: None,
+            command: vec![],
+        }
+    }
+
+    fn stack_strategy() -> impl Strategy<Value = StackFile> {
+        let resource = (
+            "[a-z][a-z0-9]{0,10}",
+            proptest::collection::btree_set(1u32..65535, 1..4),
+            1u32..4096,
+            proptest::collection::btree_map("[A-Z_]{1,8}", "\\PC{0,12}", 0..4),
+        );
+        proptest::collection::vec(resource, 1..4).prop_map(|resources| {
+            let mut seen = std::collections::BTreeSet::new();
+            let resources = resources
+                .into_iter()
+                .filter(|(name, ..)| seen.insert(name.clone()))
+                .map(|(name, ports, memory, environment)| ResourceEntry {
+                    lifecycle: Lifecycle::Live,
+                    container: container(name, ports.into_iter().collect(), memory, environment),
+                })
+                .collect();
+            StackFile {
+                name: "acme".into(),
+                permission_profiles: BTreeMap::from([("execution".into(), BTreeMap::from([("aws".into(), vec!["s3:GetObject".into()])]))]),
+                resources,
+            }
+        })
+    }
+
+    fn metadata(sequence: u64, created: i64) -> ReleaseMetadata {
+        ReleaseMetadata {
+            format_version: release::FORMAT_VERSION,
+            name: "acme".into(),
+            version: semver::Version::new(1, 2, 3),
+            sequence,
+            channel: "stable".into(),
+            created: Utc.timestamp_opt(created, 0).unwrap(),
+            expires: Utc.with_ymd_and_hms(2099, 1, 1, 0, 0, 0).unwrap(),
+        }
+    }
+
+    fn tar(layout: &Layout) -> Vec<u8> {
+        let mut out = Vec::new();
+        layout.write_tar(&mut out).unwrap();
+        out
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Same inputs → same bytes and digest; the digest survives a write/read round trip;
+        /// any change of sequence or time changes the digest.
+        #[test]
+        fn build_is_deterministic(stack in stack_strategy(), sequence in 0u64..1_000_000, created in 0i64..4_000_000_000) {
+            let first = build(&stack, &metadata(sequence, created), &[]).unwrap();
+            let second = build(&stack.clone(), &metadata(sequence, created), &[]).unwrap();
+            let bytes = tar(&first);
+            prop_assert_eq!(&bytes, &tar(&second));
+            let digest = bundle_descriptor(&first).unwrap().digest;
+            let read = Layout::read_tar(std::io::Cursor::new(&bytes), &Limits::default(), None).unwrap();
+            prop_assert_eq!(bundle_descriptor(&read).unwrap().digest, digest);
+            let parts = read_parts(&read, &Limits::default()).unwrap();
+            let (file, _) = parse_stack(&parts.stack_bytes).unwrap();
+            prop_assert_eq!(file, stack.clone());
+            let other = build(&stack, &metadata(sequence + 1, created), &[]).unwrap();
+            prop_assert_ne!(bundle_descriptor(&other).unwrap().digest, digest);
+        }
+    }
+}
