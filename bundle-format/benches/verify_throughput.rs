@@ -18,7 +18,10 @@ use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 fn main() {
-    let mib: u64 = std::env::var("OUTPOST_BENCH_MIB").ok().and_then(|v| v.parse().ok()).unwrap_or(1024);
+    let mib: u64 = std::env::var("OUTPOST_BENCH_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1024);
     let dir = tempfile::tempdir().expect("temp dir");
     let layer_path = dir.path().join("layer.bin");
     let layer_digest = write_layer(&layer_path, mib << 20);
@@ -54,7 +57,10 @@ fn main() {
     let mut manifest = manifest;
     manifest.layers[0].digest = layer_digest;
     let manifest = oci::to_bytes(&manifest);
-    layout.index_mut().manifests.push(Descriptor::of(oci::MEDIA_TYPE_MANIFEST, &manifest));
+    layout
+        .index_mut()
+        .manifests
+        .push(Descriptor::of(oci::MEDIA_TYPE_MANIFEST, &manifest));
     layout.add_blob(config);
     layout.add_blob(manifest);
     layout.add_verified_file(layer_digest, mib << 20, layer_path.clone());
@@ -64,7 +70,10 @@ fn main() {
     let size = std::fs::metadata(&bundle_path).expect("size").len();
     warm(&bundle_path);
 
-    let trust = Trust::Keys { keys: vec![key.public_key().clone()], threshold: 1 };
+    let trust = Trust::Keys {
+        keys: vec![key.public_key().clone()],
+        threshold: 1,
+    };
     let limits = Limits::default();
     let ours = best_of(3, || {
         let layout = Layout::read(&bundle_path, &limits, None).expect("read");
@@ -80,15 +89,30 @@ fn main() {
         assert!(status.success());
     });
     let rate = |d: Duration| size as f64 / d.as_secs_f64() / (1 << 20) as f64;
-    println!("bundle size:                {:.1} MiB", size as f64 / (1 << 20) as f64);
-    println!("outpost verify:             {:>8.3} s  {:>8.1} MiB/s", ours.as_secs_f64(), rate(ours));
-    println!("openssl dgst -sha256:       {:>8.3} s  {:>8.1} MiB/s", openssl.as_secs_f64(), rate(openssl));
-    println!("throughput ratio (goal >= 0.9): {:.3}", openssl.as_secs_f64() / ours.as_secs_f64());
+    println!(
+        "bundle size:                {:.1} MiB",
+        size as f64 / (1 << 20) as f64
+    );
+    println!(
+        "outpost verify:             {:>8.3} s  {:>8.1} MiB/s",
+        ours.as_secs_f64(),
+        rate(ours)
+    );
+    println!(
+        "openssl dgst -sha256:       {:>8.3} s  {:>8.1} MiB/s",
+        openssl.as_secs_f64(),
+        rate(openssl)
+    );
+    println!(
+        "throughput ratio (goal >= 0.9): {:.3}",
+        openssl.as_secs_f64() / ours.as_secs_f64()
+    );
 }
 
 /// Pseudo-random bytes (xorshift), so compression or dedup cannot flatter anything.
 fn write_layer(path: &std::path::Path, size: u64) -> Digest {
-    let mut file = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path).expect("create"));
+    let mut file =
+        std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path).expect("create"));
     let mut hasher = Sha256::default();
     let mut state = 0x9E37_79B9_7F4A_7C15u64;
     let mut chunk = vec![0u8; 1 << 20];

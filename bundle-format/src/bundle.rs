@@ -173,7 +173,11 @@ pub fn read_parts(layout: &Layout, limits: &Limits) -> Result<BundleParts, Layou
             format!("first layer must be {MEDIA_TYPE_STACK}"),
         ));
     }
-    let stack_bytes = read_described(layout, stack_layer, limits)?;
+    let stack_limits = Limits {
+        max_metadata_bytes: crate::stack::MAX_STACK_FILE_BYTES as u64,
+        ..*limits
+    };
+    let stack_bytes = read_described(layout, stack_layer, &stack_limits)?;
     let mut roots = Vec::new();
     for layer in root_layers {
         if layer.media_type != MEDIA_TYPE_ROOT {
@@ -310,14 +314,29 @@ pub fn attach_signature(
 
 /// Release metadata parsed from its bytes (untrusted until verified).
 pub fn parse_metadata(bytes: &[u8]) -> Result<ReleaseMetadata, String> {
-    let metadata: ReleaseMetadata =
+    // The version is read first so a newer format fails as "unsupported", not "unknown field".
+    let value: serde_json::Value =
         serde_json::from_slice(bytes).map_err(|e| format!("release metadata: {e}"))?;
-    if metadata.format_version != release::FORMAT_VERSION {
+    let version = value
+        .get("formatVersion")
+        .and_then(serde_json::Value::as_u64);
+    if version != Some(u64::from(release::FORMAT_VERSION)) {
         return Err(format!(
             "release metadata: format version {} is not supported (this build reads version {})",
-            metadata.format_version,
+            version.map_or("missing".to_string(), |v| v.to_string()),
             release::FORMAT_VERSION
         ));
+    }
+    let metadata: ReleaseMetadata =
+        serde_json::from_value(value).map_err(|e| format!("release metadata: {e}"))?;
+    if !release::is_valid_channel(&metadata.channel) {
+        return Err(format!(
+            "release metadata: channel {:?} must be a DNS-1123 label",
+            metadata.channel
+        ));
+    }
+    if metadata.expires <= metadata.created {
+        return Err("release metadata: expires must be after created".into());
     }
     Ok(metadata)
 }
@@ -337,12 +356,20 @@ mod tests {
     use proptest::prelude::*;
     use std::collections::BTreeMap;
 
-    const IMAGE: &str = "ghcr.io/acme/api@sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+    const IMAGE: &str =
+        "ghcr.io/acme/api@sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
 
-    fn container(name: String, ports: Vec<u32>, memory_mi: u32, environment: BTreeMap<String, String>) -> ContainerSpec {
+    fn container(
+        name: String,
+        ports: Vec<u32>,
+        memory_mi: u32,
+        environment: BTreeMap<String, String>,
+    ) -> ContainerSpec {
         ContainerSpec {
             name,
-            code: Code { image: IMAGE.into() },
+            code: Code {
+                image: IMAGE.into(),
+            },
             cpu: Cpu::Cores(0.5),
             memory: format!("{memory_mi}Mi"),
             ports,
@@ -351,7 +378,7 @@ mod tests {
             min_replicas: None,
             max_replicas: None,
             auto_scale: None,
-            stateful: false,
+            stateful: None,
             persistent_storage: None,
             ephemeral_storage: None,
             gpu: None,
@@ -383,7 +410,10 @@ mod tests {
                 .collect();
             StackFile {
                 name: "acme".into(),
-                permission_profiles: BTreeMap::from([("execution".into(), BTreeMap::from([("aws".into(), vec!["s3:GetObject".into()])]))]),
+                permission_profiles: BTreeMap::from([(
+                    "execution".into(),
+                    BTreeMap::from([("aws".into(), vec!["s3:GetObject".into()])]),
+                )]),
                 resources,
             }
         })

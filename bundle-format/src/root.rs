@@ -315,7 +315,7 @@ fn write_canonical(value: &Value, out: &mut Vec<u8>) {
                 if i > 0 {
                     out.push(b',');
                 }
-                out.extend(serde_json::to_vec(key).unwrap_or_default());
+                write_canonical_string(key, out);
                 out.push(b':');
                 write_canonical(item, out);
             }
@@ -331,8 +331,22 @@ fn write_canonical(value: &Value, out: &mut Vec<u8>) {
             }
             out.push(b']');
         }
+        Value::String(text) => write_canonical_string(text, out),
         scalar => out.extend(serde_json::to_vec(scalar).unwrap_or_default()),
     }
+}
+
+/// OLPC canonical JSON escapes only `"` and `\`; every other byte is written as is (the PEM
+/// newlines in `keyval.public` included), as securesystemslib does.
+fn write_canonical_string(text: &str, out: &mut Vec<u8>) {
+    out.push(b'"');
+    for byte in text.bytes() {
+        if byte == b'"' || byte == b'\\' {
+            out.push(b'\\');
+        }
+        out.push(byte);
+    }
+    out.push(b'"');
 }
 
 #[cfg(test)]
@@ -417,10 +431,10 @@ mod tests {
     #[test]
     fn canonical_json_sorts_and_compacts() {
         let value: Value =
-            serde_json::from_str(r#"{"b": [1, {"z": 1, "a": "\u00e9"}], "a": null}"#).unwrap();
-        assert_eq!(
-            String::from_utf8(canonical_json(&value)).unwrap(),
-            r#"{"a":null,"b":[1,{"a":"é","z":1}]}"#
-        );
+            serde_json::from_str(r#"{"b": [1, {"z": 1, "a": "\u00e9\n\"\\"}], "a": null}"#)
+                .unwrap();
+        // OLPC canonical form: only quote and backslash are escaped; the newline stays raw.
+        let expected = "{\"a\":null,\"b\":[1,{\"a\":\"\u{e9}\n\\\"\\\\\",\"z\":1}]}";
+        assert_eq!(String::from_utf8(canonical_json(&value)).unwrap(), expected);
     }
 }

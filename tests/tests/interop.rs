@@ -446,14 +446,19 @@ fn image_layout(dir: &Path, layer_bytes: usize) -> String {
         media_type: Some(oci::MEDIA_TYPE_MANIFEST.into()),
         artifact_type: None,
         config: Descriptor::of(oci::MEDIA_TYPE_IMAGE_CONFIG, &config),
-        layers: vec![Descriptor::of("application/vnd.oci.image.layer.v1.tar", &layer)],
+        layers: vec![Descriptor::of(
+            "application/vnd.oci.image.layer.v1.tar",
+            &layer,
+        )],
         subject: None,
         annotations: Default::default(),
     };
     let manifest = oci::to_bytes(&manifest);
     let mut layout = Layout::default();
     let mut descriptor = Descriptor::of(oci::MEDIA_TYPE_MANIFEST, &manifest);
-    descriptor.annotations.insert(oci::ANNOTATION_REF_NAME.into(), "1.0".into());
+    descriptor
+        .annotations
+        .insert(oci::ANNOTATION_REF_NAME.into(), "1.0".into());
     layout.index_mut().manifests.push(descriptor);
     layout.add_blob(config);
     layout.add_blob(layer);
@@ -502,7 +507,11 @@ fn build_resolves_tags_and_bundles_images_for_air_gapped_sites() {
     // A 6 MiB layer: above the in-memory limit, so it streams through the spool.
     let image_digest = image_layout(&d.join("image"), 6 << 20);
     let image = format!("{}/acme/api:1.0", registry.host());
-    run(tool("skopeo").args(["copy", "--preserve-digests", "--dest-tls-verify=false"]).arg(format!("oci:{}:1.0", d.join("image").display())).arg(format!("docker://{image}"))).ok();
+    run(tool("skopeo")
+        .args(["copy", "--preserve-digests", "--dest-tls-verify=false"])
+        .arg(format!("oci:{}:1.0", d.join("image").display()))
+        .arg(format!("docker://{image}")))
+    .ok();
 
     let stack = d.join("stack.yaml");
     let text = fs::read_to_string(testdata().join("stacks/valid/quickstart.yaml")).unwrap();
@@ -511,24 +520,132 @@ fn build_resolves_tags_and_bundles_images_for_air_gapped_sites() {
     fs::write(&stack, format!("{}{image}{}", &text[..at], &text[end..])).unwrap();
 
     let bundle = d.join("b.tar");
-    run(signer().arg("build").arg(&stack).args(["--version", "1.0.0", "--sequence", "1", "--with-images", "--out"]).arg(&bundle)).ok();
-    let report: serde_json::Value = serde_json::from_str(&run(signer().arg("inspect").arg(&bundle).args(["--output", "json"])).ok().stdout).unwrap();
+    run(signer()
+        .arg("build")
+        .arg(&stack)
+        .args([
+            "--version",
+            "1.0.0",
+            "--sequence",
+            "1",
+            "--with-images",
+            "--out",
+        ])
+        .arg(&bundle))
+    .ok();
+    let report: serde_json::Value = serde_json::from_str(
+        &run(signer()
+            .arg("inspect")
+            .arg(&bundle)
+            .args(["--output", "json"]))
+        .ok()
+        .stdout,
+    )
+    .unwrap();
     let pinned = format!("{image}@{image_digest}");
     assert_eq!(report["images"][0], pinned.as_str());
     assert_eq!(report["bundledImages"][0], pinned.as_str());
 
     // The image inside the bundle is readable by skopeo, byte for byte.
-    let raw = run(tool("skopeo").args(["inspect", "--raw"]).arg(format!("oci-archive:{}:{pinned}", bundle.display()))).ok();
-    assert_eq!(format!("sha256:{}", sha256_hex(raw.stdout.as_bytes())), image_digest);
+    let raw = run(tool("skopeo")
+        .args(["inspect", "--raw"])
+        .arg(format!("oci-archive:{}:{pinned}", bundle.display())))
+    .ok();
+    assert_eq!(
+        format!("sha256:{}", sha256_hex(raw.stdout.as_bytes())),
+        image_digest
+    );
 
     // The bundle digest does not depend on whether images travel with it.
     let without = d.join("without.tar");
-    let a = run(signer().arg("build").arg(&stack).args(["--version", "1.0.0", "--sequence", "1", "--created", "2026-01-01T00:00:00Z", "--out"]).arg(&without)).ok();
-    let b = run(signer().arg("build").arg(&stack).args(["--version", "1.0.0", "--sequence", "1", "--created", "2026-01-01T00:00:00Z", "--with-images", "--out"]).arg(&bundle)).ok();
-    let digest_of = |s: &str| s.split_whitespace().find(|w| w.starts_with("sha256:")).unwrap().to_string();
+    let a = run(signer()
+        .arg("build")
+        .arg(&stack)
+        .args([
+            "--version",
+            "1.0.0",
+            "--sequence",
+            "1",
+            "--created",
+            "2026-01-01T00:00:00Z",
+            "--out",
+        ])
+        .arg(&without))
+    .ok();
+    let b = run(signer()
+        .arg("build")
+        .arg(&stack)
+        .args([
+            "--version",
+            "1.0.0",
+            "--sequence",
+            "1",
+            "--created",
+            "2026-01-01T00:00:00Z",
+            "--with-images",
+            "--out",
+        ])
+        .arg(&bundle))
+    .ok();
+    let digest_of = |s: &str| {
+        s.split_whitespace()
+            .find(|w| w.starts_with("sha256:"))
+            .unwrap()
+            .to_string()
+    };
     assert_eq!(digest_of(&a.stdout), digest_of(&b.stdout));
 
     // A tag that does not exist is a clear error naming the resource.
-    fs::write(&stack, fs::read_to_string(&stack).unwrap().replace("acme/api:1.0", "acme/api:9.9")).unwrap();
-    run(signer().arg("build").arg(&stack).args(["--version", "1.0.0", "--sequence", "1", "--out"]).arg(d.join("x.tar"))).fails(1, "resources[0] (api).code.image");
+    fs::write(
+        &stack,
+        fs::read_to_string(&stack)
+            .unwrap()
+            .replace("acme/api:1.0", "acme/api:9.9"),
+    )
+    .unwrap();
+    run(signer()
+        .arg("build")
+        .arg(&stack)
+        .args(["--version", "1.0.0", "--sequence", "1", "--out"])
+        .arg(d.join("x.tar")))
+    .fails(1, "resources[0] (api).code.image");
+}
+
+#[test]
+fn a_layout_tarred_by_gnu_tar_verifies() {
+    let dir = tempfile::tempdir().unwrap();
+    let layout = dir.path().join("layout");
+    run(signer()
+        .arg("build")
+        .arg(testdata().join("stacks/valid/quickstart.yaml"))
+        .args([
+            "--version",
+            "1.0.0",
+            "--sequence",
+            "1",
+            "--offline",
+            "--out-dir",
+        ])
+        .arg(&layout))
+    .ok();
+    run(signer()
+        .arg("sign")
+        .arg(&layout)
+        .arg("--key")
+        .arg(testdata().join("keys/vendor-a.key")))
+    .ok();
+    let tarred = dir.path().join("gnu.tar");
+    run(tool("tar")
+        .arg("-C")
+        .arg(&layout)
+        .arg("-cf")
+        .arg(&tarred)
+        .arg("."))
+    .ok();
+    run(signer()
+        .arg("verify")
+        .arg(&tarred)
+        .arg("--key")
+        .arg(testdata().join("keys/vendor-a.pub")))
+    .ok();
 }

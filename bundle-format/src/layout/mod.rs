@@ -208,8 +208,12 @@ impl Layout {
                 Ok(bytes.len() as u64)
             }
             BlobData::File(path) => {
-                let mut file = File::open(path).map_err(LayoutError::io(path))?;
-                io::copy(&mut file, out).map_err(LayoutError::io(path))
+                // Hash again while copying: the file may have changed since it was verified.
+                let what = path.display().to_string();
+                let file = File::open(path).map_err(LayoutError::io(path))?;
+                let actual = hash_stream(file, blob.size, &what, |chunk| out.write_all(chunk))?;
+                check_digest(&what, *digest, actual)?;
+                Ok(blob.size)
             }
             BlobData::Discarded => Err(LayoutError::malformed(
                 format!("blob {digest}"),
@@ -355,10 +359,16 @@ impl Layout {
         let mut reader = LayoutReader::new(limits);
         reader.spool = spool.map(Path::to_path_buf);
         let mut archive = tar::Archive::new(input);
-        let entries = archive.entries().map_err(LayoutError::io("tar"))?;
+        // Raw mode: the tar crate would otherwise read PAX and GNU long-name headers of any size
+        // into memory before we see them. The format never needs them (paths are short).
+        let entries = archive.entries().map_err(LayoutError::io("tar"))?.raw(true);
         for entry in entries {
             let entry = entry.map_err(tar_error)?;
             let raw_path = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+            // `tar -C layout -cf x.tar .` starts with the directory itself.
+            if (raw_path == "." || raw_path == "./") && entry.header().entry_type().is_dir() {
+                continue;
+            }
             let name = safe_tar_path(&raw_path)?;
             reader.count_entry(&name)?;
             let kind = entry.header().entry_type();
@@ -367,6 +377,16 @@ impl Layout {
                     continue;
                 }
                 return Err(unexpected(&name));
+            }
+            if kind.is_pax_global_extensions()
+                || kind.is_pax_local_extensions()
+                || kind.is_gnu_longname()
+                || kind.is_gnu_longlink()
+            {
+                return Err(LayoutError::malformed(
+                    "tar",
+                    "extended headers (PAX, GNU long names) are not allowed in a bundle",
+                ));
             }
             if !(kind.is_file() || kind == tar::EntryType::Continuous) {
                 return Err(LayoutError::UnsafeEntry {

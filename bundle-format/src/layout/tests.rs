@@ -180,3 +180,38 @@ fn large_blobs_stream_to_the_spool() {
     read.copy_blob(&layer, &mut out).unwrap();
     assert_eq!(out, vec![7u8; 4096]);
 }
+
+#[test]
+fn extended_headers_are_refused_before_they_are_buffered() {
+    let mut builder = tar::Builder::new(Vec::new());
+    let mut header = tar::Header::new_ustar();
+    header.set_entry_type(tar::EntryType::XHeader);
+    let huge_record = vec![b'a'; 8192];
+    header.set_size(huge_record.len() as u64);
+    header.set_path("PaxHeaders/x").unwrap();
+    header.set_cksum();
+    builder.append(&header, huge_record.as_slice()).unwrap();
+    let bytes = builder.into_inner().unwrap();
+    let err = Layout::read_tar(Cursor::new(bytes), &Limits::default(), None).unwrap_err();
+    assert_eq!(err.check(), "malformed", "{err}");
+    assert!(err.to_string().contains("extended headers"), "{err}");
+}
+
+#[test]
+fn a_file_changed_after_verification_is_caught_when_copied() {
+    let dir = tempfile::tempdir().unwrap();
+    sample().write_dir(dir.path()).unwrap();
+    let small = Limits {
+        max_metadata_bytes: 1024,
+        ..Limits::default()
+    };
+    let read = Layout::read_dir(dir.path(), &small).unwrap();
+    let layer = Digest::of(&[7u8; 4096]);
+    std::fs::write(
+        dir.path().join("blobs/sha256").join(layer.hex()),
+        [9u8; 4096],
+    )
+    .unwrap();
+    let err = read.copy_blob(&layer, &mut Vec::new()).unwrap_err();
+    assert_eq!(err.check(), "digest-mismatch");
+}

@@ -66,10 +66,11 @@ pub struct ContainerSpec {
     /// Full autoscaling settings (exclusive with `replicas` and `minReplicas`/`maxReplicas`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auto_scale: Option<AutoScale>,
-    /// Stable identity and ordinals; implied by `persistentStorage`.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub stateful: bool,
-    /// Size of the persistent volume mounted at `/data` (requires a stateful container).
+    /// Stable identity and ordinals; implied by `persistentStorage` when not given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stateful: Option<bool>,
+    /// Size of the persistent volume mounted at `/data`; implies `stateful: true` (an explicit
+    /// `stateful: false` with it is an error).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub persistent_storage: Option<String>,
     /// Size of scratch space, as a Kubernetes quantity.

@@ -321,10 +321,10 @@ fn check_container(
 
     let scaling = check_scaling(at, spec)?;
 
-    if spec.persistent_storage.is_some() && !spec.stateful {
+    if spec.persistent_storage.is_some() && spec.stateful == Some(false) {
         return Err(err(
             at.field("persistentStorage"),
-            "persistent storage needs a stateful container: add `stateful: true`",
+            "persistent storage needs a stateful container, but `stateful: false` is set",
         ));
     }
     let persistent_storage = spec
@@ -412,7 +412,7 @@ fn check_container(
         ports,
         public_endpoints,
         scaling,
-        stateful: spec.stateful || persistent_storage.is_some(),
+        stateful: spec.stateful.unwrap_or(false) || persistent_storage.is_some(),
         persistent_storage,
         ephemeral_storage,
         gpu: spec.gpu.clone(),
@@ -436,7 +436,13 @@ fn check_scaling(at: &Location, spec: &ContainerSpec) -> Result<Scaling, StackEr
             at.field("autoScale"),
             "use either minReplicas/maxReplicas or autoScale, not both",
         )),
-        (Some(replicas), false, None) => Ok(Scaling::Fixed(replicas)),
+        (Some(replicas), false, None) if (1..=1000).contains(&replicas) => {
+            Ok(Scaling::Fixed(replicas))
+        }
+        (Some(replicas), false, None) => Err(err(
+            at.field("replicas"),
+            format!("{replicas} is outside 1-1000"),
+        )),
         (None, false, None) => Ok(Scaling::Fixed(1)),
         (None, true, None) => {
             let (Some(min), Some(max)) = (spec.min_replicas, spec.max_replicas) else {

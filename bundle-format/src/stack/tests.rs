@@ -96,3 +96,16 @@ fn published_schema_matches_the_types() {
         }
     }
 }
+
+#[test]
+fn persistent_storage_implies_stateful() {
+    let text = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../testdata/stacks/valid/everything.yaml"),
+    )
+    .unwrap();
+    let (_, stack) = Stack::from_yaml(&text).unwrap();
+    let db = &stack.resource("db").unwrap().container;
+    assert!(db.stateful);
+    assert_eq!(db.persistent_storage.as_ref().unwrap().bytes(), 10 << 30);
+}
