@@ -6,6 +6,8 @@
 //! OUTPOST_BENCH_MIB sets the size (default 1024). The file lives in the system temp dir and is
 //! removed at the end. Both measurements read from the page cache (the file is read once first).
 
+#![allow(clippy::unwrap_used)] // test code: a panic is a failed test
+
 use chrono::{TimeZone, Utc};
 use outpost_bundle_format::bundle;
 use outpost_bundle_format::crypto::{Sha256, SigningKey};

@@ -1,6 +1,8 @@
 //! The command set is part of the contract. (Also makes `cargo test --workspace` build the
 //! `outpost-signer` binary that the cross-crate tests in tests/ run.)
 
+#![allow(clippy::unwrap_used)] // test code: a panic is a failed test
+
 use std::process::Command;
 
 #[test]

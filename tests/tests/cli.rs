@@ -1,6 +1,8 @@
 //! The `outpost-signer` command-line contract: commands, outputs and exit codes
 //! (0 ok, 1 validation/verification failed, 2 usage error).
 
+#![allow(clippy::unwrap_used)] // test code: a panic is a failed test
+
 use outpost_tests::{run, signer, testdata};
 use std::fs;
 use std::path::Path;

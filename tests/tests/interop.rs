@@ -2,6 +2,8 @@
 //! `cryptography` sign and verify cosign payloads with us, skopeo and oras read our layouts and
 //! what we push to a real registry (CNCF distribution, started here on 127.0.0.1).
 
+#![allow(clippy::unwrap_used)] // test code: a panic is a failed test
+
 use outpost_bundle_format::layout::{Layout, Limits};
 use outpost_bundle_format::{bundle, signature};
 use outpost_tests::{TestRegistry, python, run, sha256_hex, signer, testdata, tool};

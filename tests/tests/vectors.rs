@@ -3,6 +3,8 @@
 //! check that must fail). `OUTPOST_BLESS=1 cargo test -p outpost-tests --test vectors`
 //! regenerates them from the library (signatures are randomized, so bytes change).
 
+#![allow(clippy::unwrap_used)] // test code: a panic is a failed test
+
 use chrono::{TimeZone, Utc};
 use outpost_bundle_format::bundle;
 use outpost_bundle_format::crypto::SigningKey;

@@ -410,20 +410,11 @@ impl Layout {
         fs::create_dir_all(&blob_dir).map_err(LayoutError::io(&blob_dir))?;
         for digest in &reachable {
             let path = blob_dir.join(digest.hex());
-            if path.exists() && fs::metadata(&path).map(|m| m.len()).ok() == self.blob_size(digest)
-            {
-                if let Some(Blob {
-                    data: BlobData::File(source),
-                    ..
-                }) = self.blobs.get(digest)
-                    && source == &path
-                {
-                    continue;
-                }
+            // A blob read from this very directory is already in place (and was verified).
+            let in_place = matches!(&self.blobs.get(digest), Some(Blob { data: BlobData::File(source), .. }) if source == &path);
+            if !in_place {
+                self.write_blob_file(digest, &path)?;
             }
-            let mut bytes = Vec::new();
-            self.copy_blob(digest, &mut bytes)?;
-            write_atomic(&path, &bytes)?;
         }
         write_atomic(&dir.join(oci::LAYOUT_FILE), oci::LAYOUT_FILE_CONTENT)?;
         write_atomic(&dir.join("index.json"), &oci::to_bytes(&self.index))?;
@@ -437,6 +428,28 @@ impl Layout {
             }
         }
         Ok(())
+    }
+
+    /// Streams one blob to `path` atomically (temporary sibling, fsync, rename).
+    fn write_blob_file(&self, digest: &Digest, path: &Path) -> Result<(), LayoutError> {
+        let tmp = temp_sibling(path);
+        let result = (|| {
+            let mut file = io::BufWriter::with_capacity(
+                1 << 20,
+                File::create(&tmp).map_err(LayoutError::io(&tmp))?,
+            );
+            self.copy_blob(digest, &mut file)?;
+            let file = file.into_inner().map_err(|e| LayoutError::Io {
+                path: tmp.display().to_string(),
+                source: e.into_error(),
+            })?;
+            file.sync_all().map_err(LayoutError::io(&tmp))?;
+            fs::rename(&tmp, path).map_err(LayoutError::io(path))
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result
     }
 
     /// Writes the layout as one deterministic tar stream.
