@@ -23,4 +23,4 @@ pub mod verify;
 pub use digest::Digest;
 pub use layout::{Layout, Limits};
 pub use release::ReleaseMetadata;
-pub use verify::{Trust, VerifiedBundle, VerifyError, verify};
+pub use verify::{ReleasePolicy, Trust, VerifiedBundle, VerifyError, verify, verify_with};

@@ -12,7 +12,9 @@
 //! 6. the release has not expired
 //! 7. every image is pinned by digest
 //!
-//! Checks that need the agent's state (expected name and channel, rollback) live in the agent.
+//! Checks that need the agent's state plug in through [`ReleasePolicy`], at the places the
+//! agent's order requires: expected name and channel after the signatures (wrong software),
+//! the rollback counter after the expiry check (rollback).
 
 use crate::bundle::{self, BundleParts};
 use crate::crypto::PublicKey;
@@ -62,6 +64,33 @@ pub enum VerifyError {
     Expired { expires: String },
     #[error("resource {resource}: image {image} is not pinned by digest")]
     UnpinnedImage { resource: String, image: String },
+    /// A check of the caller's [`ReleasePolicy`].
+    #[error("{message}")]
+    Policy {
+        check: &'static str,
+        message: String,
+    },
+}
+
+/// Stateful checks supplied by the caller (the agent), run in the format's order.
+pub trait ReleasePolicy {
+    /// After the signatures: is this the software we expect? (wrong software)
+    fn check_identity(&self, metadata: &ReleaseMetadata) -> Result<(), VerifyError>;
+    /// After the expiry check: is the sequence acceptable? (rollback)
+    fn check_sequence(&self, metadata: &ReleaseMetadata, digest: Digest)
+    -> Result<(), VerifyError>;
+}
+
+/// No stateful checks (the vendor's `verify`).
+pub struct NoPolicy;
+
+impl ReleasePolicy for NoPolicy {
+    fn check_identity(&self, _: &ReleaseMetadata) -> Result<(), VerifyError> {
+        Ok(())
+    }
+    fn check_sequence(&self, _: &ReleaseMetadata, _: Digest) -> Result<(), VerifyError> {
+        Ok(())
+    }
 }
 
 impl VerifyError {
@@ -78,6 +107,7 @@ impl VerifyError {
             VerifyError::Stack(_) => "invalid-stack",
             VerifyError::Expired { .. } => "expired",
             VerifyError::UnpinnedImage { .. } => "unpinned-image",
+            VerifyError::Policy { check, .. } => check,
         }
     }
 }
@@ -122,9 +152,20 @@ pub fn verify(
     now: DateTime<Utc>,
     limits: &Limits,
 ) -> Result<VerifiedBundle, VerifyError> {
+    verify_with(layout, trust, now, limits, &NoPolicy)
+}
+
+/// [`verify`] with the caller's stateful checks.
+pub fn verify_with(
+    layout: &Layout,
+    trust: &Trust,
+    now: DateTime<Utc>,
+    limits: &Limits,
+    policy: &dyn ReleasePolicy,
+) -> Result<VerifiedBundle, VerifyError> {
     layout.reachable(limits)?;
     let parts = bundle::read_parts(layout, limits)?;
-    verify_parts(&parts, trust, now)
+    verify_parts(&parts, trust, now, policy)
 }
 
 /// The checks after reading, on parts whose blob digests are already verified.
@@ -132,6 +173,7 @@ pub fn verify_parts(
     parts: &BundleParts,
     trust: &Trust,
     now: DateTime<Utc>,
+    policy: &dyn ReleasePolicy,
 ) -> Result<VerifiedBundle, VerifyError> {
     let (keys, threshold, root) = match trust {
         Trust::Keys { keys, threshold } => (keys.clone(), *threshold, None),
@@ -164,11 +206,13 @@ pub fn verify_parts(
             metadata.name, stack.name
         )));
     }
+    policy.check_identity(&metadata)?;
     if now >= metadata.expires {
         return Err(VerifyError::Expired {
             expires: rfc3339::format(&metadata.expires),
         });
     }
+    policy.check_sequence(&metadata, parts.digest)?;
     if let Some((resource, image)) = stack.unpinned_images().first() {
         return Err(VerifyError::UnpinnedImage {
             resource: resource.to_string(),

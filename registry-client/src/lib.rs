@@ -198,6 +198,40 @@ impl Registry {
         Ok((bytes, media_type))
     }
 
+    /// The OCI 1.1 referrers index of `digest`, or None when the registry lacks the API (404).
+    pub async fn get_referrers(
+        &self,
+        repository: &str,
+        digest: &Digest,
+        limit: u64,
+    ) -> Result<Option<Vec<u8>>, RegistryError> {
+        let url = format!("{}/{repository}/referrers/{digest}", self.base);
+        let accept = [(header::ACCEPT, "application/vnd.oci.image.index.v1+json")];
+        let response = self
+            .send(
+                Method::GET,
+                &url,
+                &accept,
+                None,
+                &format!("repository:{repository}:pull"),
+            )
+            .await?;
+        if matches!(
+            response.status(),
+            StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED
+        ) {
+            return Ok(None);
+        }
+        let response = check_status(&url, response).await?;
+        let mut bytes = Vec::new();
+        read_body(response, &url, limit, |chunk| {
+            bytes.extend_from_slice(chunk);
+            Ok(())
+        })
+        .await?;
+        Ok(Some(bytes))
+    }
+
     /// Streams a blob into `sink`, checking its digest and bounding its size.
     pub async fn get_blob(
         &self,

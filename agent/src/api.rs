@@ -1,0 +1,304 @@
+//! The local API: HTTP/1.1 on the unix socket from the config (never a TCP port). The
+//! customer's CLI is its client. `/healthz` and `/metrics` (Prometheus text) live here too.
+
+use crate::pipeline::{Agent, HistoryView, Refused};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use serde_json::{Value, json};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// Counters and the source's health, shared by the loop and the API.
+#[derive(Default)]
+pub struct Shared {
+    pub source: String,
+    pub polls: AtomicU64,
+    pub poll_errors: AtomicU64,
+    pub accepted: AtomicU64,
+    pub rejected: AtomicU64,
+    pub unchanged: AtomicU64,
+    pub last_poll_unix: AtomicU64,
+    pub last_error: Mutex<Option<String>>,
+}
+
+/// Serves until the listener fails. Removes a stale socket file first.
+pub async fn serve(agent: Arc<Agent>, shared: Arc<Shared>, socket: &Path) -> anyhow::Result<()> {
+    if socket.exists() {
+        if tokio::net::UnixStream::connect(socket).await.is_ok() {
+            anyhow::bail!("{}: another agent is already listening", socket.display());
+        }
+        std::fs::remove_file(socket)?;
+    }
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let listener = tokio::net::UnixListener::bind(socket)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", socket.display()))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o660))?;
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let uid = stream.peer_cred().map(|c| c.uid()).ok();
+        let (agent, shared) = (agent.clone(), shared.clone());
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request| {
+                let (agent, shared) = (agent.clone(), shared.clone());
+                async move {
+                    Ok::<_, std::convert::Infallible>(handle(request, &agent, &shared, uid).await)
+                }
+            });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, service)
+                .await;
+        });
+    }
+}
+
+fn reply(status: StatusCode, body: Value) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(
+        serde_json::to_vec(&body).unwrap_or_default(),
+    )));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response
+}
+
+fn outcome(result: anyhow::Result<String>) -> Response<Full<Bytes>> {
+    match result {
+        Ok(message) => reply(StatusCode::OK, json!({"message": message})),
+        Err(e) if e.is::<Refused>() => reply(StatusCode::CONFLICT, json!({"error": e.to_string()})),
+        Err(e) => reply(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            json!({"error": e.to_string()}),
+        ),
+    }
+}
+
+async fn handle(
+    request: Request<Incoming>,
+    agent: &Agent,
+    shared: &Shared,
+    uid: Option<u32>,
+) -> Response<Full<Bytes>> {
+    let (parts, body) = request.into_parts();
+    let body: Value = match Limited::new(body, 64 * 1024)
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+    {
+        Ok(bytes) if bytes.is_empty() => Value::Null,
+        Ok(bytes) => match serde_json::from_slice(&bytes) {
+            Ok(value) => value,
+            Err(e) => {
+                return reply(
+                    StatusCode::BAD_REQUEST,
+                    json!({"error": format!("body: {e}")}),
+                );
+            }
+        },
+        Err(e) => {
+            return reply(
+                StatusCode::BAD_REQUEST,
+                json!({"error": format!("body: {e}")}),
+            );
+        }
+    };
+    let field = |name: &str| body.get(name).and_then(Value::as_str).map(str::to_string);
+    // Who decided: the name the CLI sends, with the uid the kernel vouches for.
+    let who = format!(
+        "{} (uid {})",
+        field("who").unwrap_or_else(|| "unknown".into()),
+        uid.map_or("?".into(), |u| u.to_string())
+    );
+    let now = crate::config::now();
+    let missing = |name: &str| {
+        reply(
+            StatusCode::BAD_REQUEST,
+            json!({"error": format!("missing `{name}`")}),
+        )
+    };
+    match (parts.method, parts.uri.path()) {
+        (Method::GET, "/healthz") => text(StatusCode::OK, "ok\n".into()),
+        (Method::GET, "/metrics") => text(StatusCode::OK, metrics(agent, shared)),
+        (Method::GET, "/status") => match agent.status() {
+            Ok(mut status) => {
+                status["source"] = json!({
+                    "describe": shared.source,
+                    "polls": shared.polls.load(Ordering::Relaxed),
+                    "errors": shared.poll_errors.load(Ordering::Relaxed),
+                    "last_poll_unix": shared.last_poll_unix.load(Ordering::Relaxed),
+                    "last_error": shared.last_error.lock().ok().and_then(|e| e.clone()),
+                });
+                reply(StatusCode::OK, status)
+            }
+            Err(e) => reply(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                json!({"error": e.to_string()}),
+            ),
+        },
+        (Method::GET, "/plan") => match agent.plan() {
+            Ok(plan) => reply(StatusCode::OK, plan),
+            Err(e) => reply(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                json!({"error": e.to_string()}),
+            ),
+        },
+        (Method::GET, "/history") => {
+            let limit = parts
+                .uri
+                .query()
+                .and_then(|q| q.strip_prefix("limit="))
+                .and_then(|l| l.parse().ok())
+                .unwrap_or(50usize)
+                .min(10_000);
+            let history = agent.store.history(limit).and_then(|events| {
+                Ok(HistoryView {
+                    events,
+                    decisions: agent.store.decisions(limit)?,
+                })
+            });
+            match history {
+                Ok(view) => reply(
+                    StatusCode::OK,
+                    serde_json::to_value(view).unwrap_or_default(),
+                ),
+                Err(e) => reply(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    json!({"error": e.to_string()}),
+                ),
+            }
+        }
+        (Method::POST, "/approve") => match field("version") {
+            Some(version) => outcome(agent.approve(&version, &who, now)),
+            None => missing("version"),
+        },
+        (Method::POST, "/reject") => match (field("version"), field("reason")) {
+            (Some(version), Some(reason)) => outcome(agent.reject(&version, &reason, &who, now)),
+            (None, _) => missing("version"),
+            (_, None) => missing("reason"),
+        },
+        (Method::POST, "/pin") => match field("version") {
+            Some(version) => outcome(agent.pin(&version, &who, now)),
+            None => missing("version"),
+        },
+        (Method::POST, "/unpin") => outcome(agent.unpin(&who, now)),
+        (method, path) => reply(
+            StatusCode::NOT_FOUND,
+            json!({"error": format!("no route {method} {path}")}),
+        ),
+    }
+}
+
+fn metrics(agent: &Agent, shared: &Shared) -> String {
+    let positions = agent.store.positions().unwrap_or_default();
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
+        out.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+        ));
+    };
+    metric(
+        "outpost_source_polls_total",
+        "counter",
+        "Candidates looked at or polls made by the source.",
+        shared.polls.load(Ordering::Relaxed),
+    );
+    metric(
+        "outpost_source_errors_total",
+        "counter",
+        "Source errors (each followed by a backoff).",
+        shared.poll_errors.load(Ordering::Relaxed),
+    );
+    metric(
+        "outpost_bundles_accepted_total",
+        "counter",
+        "Bundles that passed verification.",
+        shared.accepted.load(Ordering::Relaxed),
+    );
+    metric(
+        "outpost_bundles_rejected_total",
+        "counter",
+        "Bundles refused by verification.",
+        shared.rejected.load(Ordering::Relaxed),
+    );
+    metric(
+        "outpost_bundles_unchanged_total",
+        "counter",
+        "Candidates that were the current or pending release again.",
+        shared.unchanged.load(Ordering::Relaxed),
+    );
+    metric(
+        "outpost_last_poll_timestamp_seconds",
+        "gauge",
+        "Unix time of the last successful source poll.",
+        shared.last_poll_unix.load(Ordering::Relaxed),
+    );
+    metric(
+        "outpost_current_sequence",
+        "gauge",
+        "Sequence of the current release (0: none).",
+        positions.current.as_ref().map_or(0, |c| c.sequence),
+    );
+    metric(
+        "outpost_highest_accepted_sequence",
+        "gauge",
+        "Rollback floor: the highest accepted sequence.",
+        positions.highest_sequence.unwrap_or(0),
+    );
+    metric(
+        "outpost_pending_release",
+        "gauge",
+        "1 while a release waits (approval, permissions, window, pin).",
+        u64::from(positions.pending.is_some()),
+    );
+    out
+}
+
+/// The CLI side: one request to the agent's socket. Returns the status code and JSON body.
+pub async fn call(
+    socket: &Path,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+) -> anyhow::Result<(StatusCode, Value)> {
+    let stream = tokio::net::UnixStream::connect(socket).await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot reach the agent at {}: {e} (is `outpost-agent run` running?)",
+            socket.display()
+        )
+    })?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(connection);
+    let payload = body
+        .map(|b| serde_json::to_vec(&b).unwrap_or_default())
+        .unwrap_or_default();
+    let request = Request::builder()
+        .method(method)
+        .uri(path)
+        .header(hyper::header::HOST, "outpost-agent")
+        .header(hyper::header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(payload)))?;
+    let response = sender.send_request(request).await?;
+    let status = response.status();
+    let bytes = Limited::new(response.into_body(), 16 << 20)
+        .collect()
+        .await
+        .map_err(|e| anyhow::anyhow!("reading the agent's answer: {e}"))?
+        .to_bytes();
+    let value = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+    Ok((status, value))
+}

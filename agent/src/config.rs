@@ -1,0 +1,392 @@
+//! The agent's configuration file (YAML, strict: unknown keys are errors). Its doc comments are
+//! the user documentation; `outpost-agent config-schema` prints the JSON Schema generated from it.
+
+use chrono::{DateTime, Duration, Utc};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(title = "outpost-agent configuration")]
+pub struct Config {
+    /// Where bundles come from.
+    pub source: SourceConfig,
+    /// What the agent trusts: a pinned root.json, or keys with a threshold.
+    pub trust: TrustConfig,
+    /// The only stack and channel this agent accepts (anything else is wrong software).
+    pub expect: Expect,
+    #[serde(default)]
+    pub approval: ApprovalConfig,
+    /// The customer's grant for each permission profile a bundle may request, by profile name.
+    /// With `runtime: none`, an empty grant `{}` approves the profile.
+    #[serde(default)]
+    pub permissions: BTreeMap<String, serde_json::Value>,
+    /// Directory for the state database, downloads and processed bundles.
+    pub state_dir: PathBuf,
+    pub api: ApiConfig,
+    /// What runs approved releases. `none`: accept and record only (a dry run to review).
+    #[serde(default)]
+    pub runtime: RuntimeKind,
+    /// Size limits for downloads and extraction.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase", deny_unknown_fields)]
+pub enum SourceConfig {
+    /// A directory watched for bundle files (file drop, USB sticks). Files must be complete when
+    /// they appear: written elsewhere (or under a dot-name) and renamed into place.
+    Dir { path: PathBuf },
+    /// An OCI registry tag, polled with one conditional request per interval.
+    Oci(OciSource),
+    /// A git repository: one ref, the bundle (layout tar or directory) at a path.
+    Git(GitSource),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OciSource {
+    /// `HOST[:PORT]/REPOSITORY:TAG` (an `oci://` prefix is allowed).
+    pub reference: String,
+    /// Poll interval, e.g. `30s`, `5m` (default 60s).
+    #[serde(default = "default_interval")]
+    pub interval: String,
+    /// Docker config file with credentials (default ~/.docker/config.json).
+    #[serde(default)]
+    pub credentials_file: Option<PathBuf>,
+    /// Basic-auth user (with `password_file`); takes precedence over the docker config.
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// Use plain HTTP (always so for loopback registries).
+    #[serde(default)]
+    pub plain_http: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GitSource {
+    /// `https://`, `http://`, `git://` or `file://` URL.
+    pub url: String,
+    /// Branch, tag or full ref to follow (default `main`).
+    #[serde(default = "default_ref", rename = "ref")]
+    pub reference: String,
+    /// Path of the bundle in the repository: a layout tar file or a layout directory.
+    pub path: String,
+    #[serde(default = "default_interval")]
+    pub interval: String,
+    /// HTTPS basic auth user (with `password_file`).
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+}
+
+/// Either `root: PATH` (a pinned TUF-style root.json; bundles may carry its successors) or
+/// `keys: [PATH...]` with `threshold: K` (no rotation).
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TrustConfig {
+    #[serde(default)]
+    pub root: Option<PathBuf>,
+    #[serde(default)]
+    pub keys: Vec<PathBuf>,
+    /// Signatures required from distinct keys (default 1).
+    #[serde(default)]
+    pub threshold: Option<usize>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Expect {
+    /// Stack name.
+    pub name: String,
+    #[serde(default = "default_channel")]
+    pub channel: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ApprovalMode {
+    #[default]
+    Auto,
+    Manual,
+}
+
+/// Semver change between the current and the pending release.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Change {
+    /// No current release yet.
+    Initial,
+    Major,
+    Minor,
+    Patch,
+    /// Same version number, other pre-release or build.
+    Other,
+}
+
+impl Change {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Change::Initial => "initial",
+            Change::Major => "major",
+            Change::Minor => "minor",
+            Change::Patch => "patch",
+            Change::Other => "other",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ApprovalConfig {
+    /// Default for changes no rule names.
+    #[serde(default)]
+    pub mode: ApprovalMode,
+    /// Per semver change, e.g. `[{change: patch, mode: auto}, {change: major, mode: manual}]`.
+    #[serde(default)]
+    pub rules: Vec<ApprovalRule>,
+    /// When approved releases may be applied. Empty: any time.
+    #[serde(default)]
+    pub maintenance_windows: Vec<MaintenanceWindow>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ApprovalRule {
+    pub change: Change,
+    pub mode: ApprovalMode,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MaintenanceWindow {
+    /// Five-field cron expression for the window's start, e.g. `0 2 * * SAT`.
+    pub cron: String,
+    /// How long the window stays open, e.g. `2h`.
+    pub duration: String,
+    /// IANA time zone of the cron expression (default UTC).
+    #[serde(default = "default_timezone")]
+    pub timezone: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// The unix socket the customer's CLI talks to (no TCP port is ever opened).
+    pub socket: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum RuntimeKind {
+    #[default]
+    None,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Largest bundle accepted, in MiB (default 16384).
+    #[serde(default = "default_max_bundle_mib")]
+    pub max_bundle_mib: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_bundle_mib: default_max_bundle_mib(),
+        }
+    }
+}
+
+fn default_interval() -> String {
+    "60s".into()
+}
+fn default_ref() -> String {
+    "main".into()
+}
+fn default_channel() -> String {
+    "stable".into()
+}
+fn default_timezone() -> String {
+    "UTC".into()
+}
+fn default_max_bundle_mib() -> u64 {
+    16 * 1024
+}
+
+/// A config problem, naming the file and key.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {message}")]
+pub struct ConfigError {
+    pub path: String,
+    pub message: String,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let fail = |message: String| ConfigError {
+            path: path.display().to_string(),
+            message,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
+        if text.len() > 1 << 20 {
+            return Err(fail("larger than 1 MiB".into()));
+        }
+        let mut options = serde_saphyr::Options::default();
+        options.with_snippet = false;
+        let mut config: Config = serde_saphyr::from_str_with_options(&text, options)
+            .map_err(|e| fail(e.to_string().replace('\n', " ")))?;
+        // Relative paths are relative to the config file.
+        let base = path.parent().unwrap_or(Path::new("."));
+        let resolve = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        resolve(&mut config.state_dir);
+        resolve(&mut config.api.socket);
+        config.trust.root.as_mut().map(resolve);
+        config.trust.keys.iter_mut().for_each(resolve);
+        match &mut config.source {
+            SourceConfig::Dir { path } => resolve(path),
+            SourceConfig::Oci(oci) => {
+                oci.credentials_file.as_mut().map(resolve);
+                oci.password_file.as_mut().map(resolve);
+            }
+            SourceConfig::Git(git) => {
+                git.password_file.as_mut().map(resolve);
+            }
+        }
+        config.check().map_err(fail)?;
+        Ok(config)
+    }
+
+    /// Rules serde cannot express.
+    fn check(&self) -> Result<(), String> {
+        if !outpost_bundle_format::stack::is_dns_label(&self.expect.name) {
+            return Err(format!(
+                "expect.name {:?} must be a DNS-1123 label",
+                self.expect.name
+            ));
+        }
+        if !outpost_bundle_format::stack::is_dns_label(&self.expect.channel) {
+            return Err(format!(
+                "expect.channel {:?} must be a DNS-1123 label",
+                self.expect.channel
+            ));
+        }
+        match &self.source {
+            SourceConfig::Oci(oci) => {
+                parse_duration(&oci.interval).map_err(|e| format!("source.oci.interval: {e}"))?;
+                outpost_registry_client::Reference::parse(&oci.reference)
+                    .map_err(|e| format!("source.oci.reference: {e}"))?;
+                if oci.username.is_some() != oci.password_file.is_some() {
+                    return Err("source.oci: username and password_file go together".into());
+                }
+            }
+            SourceConfig::Git(git) => {
+                parse_duration(&git.interval).map_err(|e| format!("source.git.interval: {e}"))?;
+                if git.path.is_empty()
+                    || Path::new(&git.path)
+                        .components()
+                        .any(|c| !matches!(c, std::path::Component::Normal(_)))
+                {
+                    return Err(format!(
+                        "source.git.path {:?} must be a relative path inside the repository",
+                        git.path
+                    ));
+                }
+            }
+            SourceConfig::Dir { .. } => {}
+        }
+        match (
+            &self.trust.root,
+            self.trust.keys.len(),
+            self.trust.threshold,
+        ) {
+            (Some(_), 0, None) => {}
+            (Some(_), _, _) => {
+                return Err("trust: give either root or keys (with threshold), not both".into());
+            }
+            (None, 0, _) => return Err("trust: give root: PATH or keys: [PATH...]".into()),
+            (None, n, threshold) => {
+                let threshold = threshold.unwrap_or(1);
+                if threshold == 0 || threshold > n {
+                    return Err(format!(
+                        "trust.threshold {threshold} needs between 1 and {n} keys"
+                    ));
+                }
+            }
+        }
+        for (i, window) in self.approval.maintenance_windows.iter().enumerate() {
+            crate::approval::Window::parse(window)
+                .map_err(|e| format!("approval.maintenance_windows[{i}]: {e}"))?;
+        }
+        if self.runtime == RuntimeKind::None {
+            for (profile, grant) in &self.permissions {
+                if !grant.is_object() {
+                    return Err(format!(
+                        "permissions.{profile}: with runtime none a grant is a map (use {{}})"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn limits(&self) -> outpost_bundle_format::Limits {
+        let max = self.limits.max_bundle_mib.saturating_mul(1 << 20);
+        outpost_bundle_format::Limits {
+            max_total_bytes: max,
+            max_blob_bytes: max,
+            ..Default::default()
+        }
+    }
+}
+
+/// `500ms`, `30s`, `5m`, `2h`, `1d`.
+pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration like 30s, 5m or 2h"))?;
+    let millis = match unit {
+        "ms" => value,
+        "s" => value * 1000,
+        "m" => value * 60_000,
+        "h" => value * 3_600_000,
+        "d" => value * 86_400_000,
+        _ => return Err(format!("{text:?} is not a duration like 30s, 5m or 2h")),
+    };
+    if millis == 0 {
+        return Err(format!("{text:?} must be longer than zero"));
+    }
+    Ok(std::time::Duration::from_millis(millis))
+}
+
+pub fn chrono_duration(text: &str) -> Result<Duration, String> {
+    let d = parse_duration(text)?;
+    Duration::from_std(d).map_err(|e| e.to_string())
+}
+
+pub fn json_schema() -> String {
+    let schema = schemars::schema_for!(Config);
+    let mut text = serde_json::to_string_pretty(&schema).unwrap_or_default();
+    text.push('\n');
+    text
+}
+
+/// Now, in one place, so tests and the daemon agree on the clock's type.
+pub fn now() -> DateTime<Utc> {
+    Utc::now()
+}

@@ -1,0 +1,625 @@
+//! The pipeline's decisions around the state store: Verify (with the agent's stateful checks)
+//! → Approve → apply. Sources feed it layouts; the API calls the customer's decisions.
+//! Everything here is synchronous and takes the time as an argument.
+
+use crate::approval::{Gate, GateInput, Window, gate};
+use crate::config::{Config, RuntimeKind};
+use crate::diff;
+use crate::state::{Decision, Rejection, Release, Store};
+use chrono::{DateTime, Utc};
+use outpost_bundle_format::crypto::PublicKey;
+use outpost_bundle_format::layout::{Layout, LayoutError};
+use outpost_bundle_format::release::rfc3339;
+use outpost_bundle_format::root::TrustRoot;
+use outpost_bundle_format::verify::{ReleasePolicy, VerifyError};
+use outpost_bundle_format::{
+    Digest, Limits, ReleaseMetadata, Trust, VerifiedBundle, bundle, verify_with,
+};
+use serde::Serialize;
+use serde_json::{Value, json};
+use std::sync::Mutex;
+
+/// What became of a candidate bundle.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Ingested {
+    Accepted {
+        digest: String,
+        version: String,
+        waiting_for: Option<String>,
+    },
+    /// The current or pending release again: nothing to do.
+    Unchanged { digest: String },
+    Rejected {
+        digest: Option<String>,
+        check: String,
+        reason: String,
+    },
+}
+
+impl Ingested {
+    /// One line for logs and `.reason` files.
+    pub fn describe(&self) -> String {
+        match self {
+            Ingested::Accepted {
+                digest,
+                version,
+                waiting_for: None,
+            } => format!("accepted {version} {digest}"),
+            Ingested::Accepted {
+                digest,
+                version,
+                waiting_for: Some(w),
+            } => format!("accepted {version} {digest}, waiting for {w}"),
+            Ingested::Unchanged { digest } => {
+                format!("unchanged: {digest} is already current or pending")
+            }
+            Ingested::Rejected { check, reason, .. } => format!("rejected: {check}: {reason}"),
+        }
+    }
+
+    /// Signature-related rejections may be cured by more signatures under the same digest.
+    pub fn wants_more_signatures(&self) -> bool {
+        matches!(self, Ingested::Rejected { check, .. } if ["unsigned", "untrusted-signature", "threshold-unmet", "signature-mismatch"].contains(&check.as_str()))
+    }
+}
+
+enum Examined {
+    Verified(Box<VerifiedBundle>),
+    Unchanged(String),
+    Rejected(Rejection),
+}
+
+/// A customer command that cannot be carried out (HTTP 409 / exit 1).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Refused(pub String);
+
+pub struct Agent {
+    pub config: Config,
+    pinned_trust: Trust,
+    /// The pinned root after the rotations accepted bundles carried.
+    trust: Mutex<Trust>,
+    limits: Limits,
+    windows: Vec<Window>,
+    pub store: Store,
+}
+
+/// The stateful checks (wrong software, rollback) in the format's order.
+struct AgentChecks<'a> {
+    name: &'a str,
+    channel: &'a str,
+    highest: Option<u64>,
+}
+
+impl ReleasePolicy for AgentChecks<'_> {
+    fn check_identity(&self, metadata: &ReleaseMetadata) -> Result<(), VerifyError> {
+        if metadata.name != self.name {
+            return Err(VerifyError::Policy {
+                check: "wrong-stack",
+                message: format!(
+                    "the bundle is for stack {:?}; this agent accepts {:?}",
+                    metadata.name, self.name
+                ),
+            });
+        }
+        if metadata.channel != self.channel {
+            return Err(VerifyError::Policy {
+                check: "wrong-channel",
+                message: format!(
+                    "the bundle is for channel {:?}; this agent accepts {:?}",
+                    metadata.channel, self.channel
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    fn check_sequence(&self, metadata: &ReleaseMetadata, _: Digest) -> Result<(), VerifyError> {
+        match self.highest {
+            Some(highest) if metadata.sequence <= highest => Err(VerifyError::Policy {
+                check: "rollback",
+                message: format!(
+                    "sequence {} is not above the highest accepted sequence {highest}",
+                    metadata.sequence
+                ),
+            }),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Loads the trust the config pins.
+pub fn load_trust(config: &Config) -> anyhow::Result<Trust> {
+    if let Some(root) = &config.trust.root {
+        let raw = std::fs::read(root).map_err(|e| anyhow::anyhow!("{}: {e}", root.display()))?;
+        let root =
+            TrustRoot::from_pinned(&raw).map_err(|e| anyhow::anyhow!("{}: {e}", root.display()))?;
+        return Ok(Trust::Root(root));
+    }
+    let mut keys = Vec::new();
+    for path in &config.trust.keys {
+        let pem = std::fs::read(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        keys.push(
+            PublicKey::from_pem(&pem).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
+        );
+    }
+    Ok(Trust::Keys {
+        keys,
+        threshold: config.trust.threshold.unwrap_or(1),
+    })
+}
+
+impl Agent {
+    pub fn new(config: Config) -> anyhow::Result<Agent> {
+        let store = Store::open(&config.state_dir)?;
+        Self::with_store(config, store)
+    }
+
+    /// An agent that only reads the state (or none yet): for `outpost-agent verify` beside a
+    /// running agent.
+    pub fn read_only(config: Config) -> anyhow::Result<Agent> {
+        let store = match Store::open_read_only(&config.state_dir)? {
+            Some(store) => store,
+            None => Store::in_memory()?,
+        };
+        Self::with_store(config, store)
+    }
+
+    fn with_store(config: Config, store: Store) -> anyhow::Result<Agent> {
+        let pinned_trust = load_trust(&config)?;
+        let windows = config
+            .approval
+            .maintenance_windows
+            .iter()
+            .map(Window::parse)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| anyhow::anyhow!(e))?;
+        let trust = Self::rotated_trust(&pinned_trust, &config.state_dir);
+        let limits = config.limits();
+        Ok(Agent {
+            config,
+            pinned_trust,
+            trust: Mutex::new(trust),
+            limits,
+            windows,
+            store,
+        })
+    }
+
+    /// The pinned root advanced through the chain saved from accepted bundles (`roots/`).
+    fn rotated_trust(pinned: &Trust, state_dir: &std::path::Path) -> Trust {
+        let Trust::Root(root) = pinned else {
+            return pinned.clone();
+        };
+        let mut root = root.clone();
+        let mut version = root.version + 1;
+        while let Ok(raw) =
+            std::fs::read(state_dir.join("roots").join(format!("{version}.root.json")))
+        {
+            match root.rotate(&raw) {
+                Ok(next) => root = next,
+                Err(_) => break,
+            }
+            version += 1;
+        }
+        Trust::Root(root)
+    }
+
+    fn save_rotation(&self, verified: &VerifiedBundle, layout: &Layout) {
+        let (Some(new_root), Ok(Trust::Root(old))) =
+            (verified.root(), self.trust.lock().map(|t| t.clone()))
+        else {
+            return;
+        };
+        if new_root.version <= old.version {
+            return;
+        }
+        // Persist every carried version so a restart can replay the chain from the pinned root.
+        if let Ok(parts) = bundle::read_parts(layout, &self.limits) {
+            let dir = self.config.state_dir.join("roots");
+            let _ = std::fs::create_dir_all(&dir);
+            for raw in &parts.roots {
+                if let Ok(version) = outpost_bundle_format::root::peek_version(raw) {
+                    let _ = outpost_bundle_format::layout::write_atomic(
+                        &dir.join(format!("{version}.root.json")),
+                        raw,
+                    );
+                }
+            }
+        }
+        if let Ok(mut trust) = self.trust.lock() {
+            *trust = Trust::Root(new_root.clone());
+        }
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Verify → record → approve, for one candidate from a source.
+    pub fn ingest(
+        &self,
+        layout: &Layout,
+        origin: &str,
+        now: DateTime<Utc>,
+    ) -> anyhow::Result<Ingested> {
+        let verified = match self.examine(layout, origin, now)? {
+            Examined::Verified(verified) => verified,
+            Examined::Unchanged(digest) => return Ok(Ingested::Unchanged { digest }),
+            Examined::Rejected(rejection) => {
+                self.store.record_rejection(&rejection)?;
+                return Ok(Ingested::Rejected {
+                    digest: rejection.digest,
+                    check: rejection.check,
+                    reason: rejection.reason,
+                });
+            }
+        };
+        self.save_rotation(&verified, layout);
+        let positions = self.store.positions()?;
+        let release = self.release_of(&verified, origin, now)?;
+        let waiting = self.gate_for(
+            &release,
+            &positions.current,
+            positions.pinned.as_deref(),
+            now,
+        )?;
+        self.store
+            .accept(&release, waiting.as_deref().unwrap_or("applying"), now)?;
+        self.reconsider(now)?;
+        let after = self.store.positions()?;
+        let waiting_for = after
+            .pending
+            .filter(|p| p.digest == release.digest)
+            .and(after.waiting_for);
+        Ok(Ingested::Accepted {
+            digest: release.digest,
+            version: release.version,
+            waiting_for,
+        })
+    }
+
+    /// Everything `ingest` would decide, recording nothing (`outpost-agent verify FILE`).
+    pub fn dry_run(
+        &self,
+        layout: &Layout,
+        origin: &str,
+        now: DateTime<Utc>,
+    ) -> anyhow::Result<Ingested> {
+        Ok(match self.examine(layout, origin, now)? {
+            Examined::Verified(verified) => {
+                let positions = self.store.positions()?;
+                let release = self.release_of(&verified, origin, now)?;
+                let waiting_for = self.gate_for(
+                    &release,
+                    &positions.current,
+                    positions.pinned.as_deref(),
+                    now,
+                )?;
+                Ingested::Accepted {
+                    digest: release.digest,
+                    version: release.version,
+                    waiting_for,
+                }
+            }
+            Examined::Unchanged(digest) => Ingested::Unchanged { digest },
+            Examined::Rejected(r) => Ingested::Rejected {
+                digest: r.digest,
+                check: r.check,
+                reason: r.reason,
+            },
+        })
+    }
+
+    /// The checks, in the format's order, with this agent's trust, expectations and rollback floor.
+    fn examine(
+        &self,
+        layout: &Layout,
+        origin: &str,
+        now: DateTime<Utc>,
+    ) -> anyhow::Result<Examined> {
+        let positions = self.store.positions()?;
+        let digest = bundle::bundle_descriptor(layout)
+            .map(|d| d.digest.to_string())
+            .ok();
+        if let Some(digest) = &digest
+            && [&positions.current, &positions.pending]
+                .into_iter()
+                .flatten()
+                .any(|r| &r.digest == digest)
+        {
+            return Ok(Examined::Unchanged(digest.clone()));
+        }
+        let checks = AgentChecks {
+            name: &self.config.expect.name,
+            channel: &self.config.expect.channel,
+            highest: positions.highest_sequence,
+        };
+        let trust = self
+            .trust
+            .lock()
+            .map(|t| t.clone())
+            .unwrap_or_else(|_| self.pinned_trust.clone());
+        Ok(
+            match verify_with(layout, &trust, now, &self.limits, &checks) {
+                Ok(verified) => Examined::Verified(Box::new(verified)),
+                Err(e) => Examined::Rejected(Rejection {
+                    digest,
+                    origin: origin.to_string(),
+                    check: e.check().to_string(),
+                    reason: e.to_string(),
+                    at: rfc3339::format(&now),
+                }),
+            },
+        )
+    }
+
+    fn release_of(
+        &self,
+        verified: &VerifiedBundle,
+        origin: &str,
+        now: DateTime<Utc>,
+    ) -> anyhow::Result<Release> {
+        let stack = serde_json::to_string(verified.stack_file())?;
+        Ok(Release::new(
+            verified.digest(),
+            verified.metadata(),
+            stack,
+            origin,
+            now,
+        ))
+    }
+
+    /// A candidate whose layout could not even be read (truncated, garbage, unsafe paths):
+    /// recorded like any rejection; nothing else changes.
+    pub fn reject_unreadable(
+        &self,
+        origin: &str,
+        error: &LayoutError,
+        now: DateTime<Utc>,
+    ) -> anyhow::Result<Ingested> {
+        let rejection = Rejection {
+            digest: None,
+            origin: origin.to_string(),
+            check: error.check().to_string(),
+            reason: error.to_string(),
+            at: rfc3339::format(&now),
+        };
+        self.store.record_rejection(&rejection)?;
+        Ok(Ingested::Rejected {
+            digest: None,
+            check: rejection.check,
+            reason: rejection.reason,
+        })
+    }
+
+    fn gate_for(
+        &self,
+        pending: &Release,
+        current: &Option<Release>,
+        pinned: Option<&str>,
+        now: DateTime<Utc>,
+    ) -> anyhow::Result<Option<String>> {
+        let stack: Value = serde_json::from_str(&pending.stack)?;
+        let requested_profiles = stack
+            .get("permissionProfiles")
+            .and_then(Value::as_object)
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default();
+        let pending_version = semver::Version::parse(&pending.version)?;
+        let current_version = current
+            .as_ref()
+            .and_then(|c| semver::Version::parse(&c.version).ok());
+        let input = GateInput {
+            policy: &self.config.approval,
+            windows: &self.windows,
+            grants: &self.config.permissions,
+            requested_profiles,
+            current_version: current_version.as_ref(),
+            pending_version: &pending_version,
+            approved_by_customer: self.store.approved(&pending.digest)?,
+            pinned,
+            now,
+        };
+        Ok(match gate(&input) {
+            Gate::Ready => None,
+            Gate::Waiting(reason) => Some(reason),
+        })
+    }
+
+    /// Re-evaluates the pending release (approval, windows, pins); applies it when nothing is
+    /// left to wait for. Returns the applied digest.
+    pub fn reconsider(&self, now: DateTime<Utc>) -> anyhow::Result<Option<String>> {
+        let positions = self.store.positions()?;
+        let Some(pending) = positions.pending else {
+            return Ok(None);
+        };
+        match self.gate_for(
+            &pending,
+            &positions.current,
+            positions.pinned.as_deref(),
+            now,
+        )? {
+            Some(reason) => {
+                if positions.waiting_for.as_deref() != Some(reason.as_str()) {
+                    self.store.set_waiting(&reason)?;
+                }
+                Ok(None)
+            }
+            None => {
+                let message = match self.config.runtime {
+                    RuntimeKind::None => format!(
+                        "{} {} is now current (runtime none: recorded, nothing runs)",
+                        pending.name, pending.version
+                    ),
+                };
+                self.store.promote(&pending.digest, &message, now)?;
+                Ok(Some(pending.digest))
+            }
+        }
+    }
+
+    fn pending_named(&self, version: &str) -> anyhow::Result<Release> {
+        let pending = self.store.positions()?.pending;
+        match pending {
+            Some(p) if p.version == version => Ok(p),
+            Some(p) => Err(Refused(format!(
+                "the pending release is {}, not {version}",
+                p.version
+            ))
+            .into()),
+            None => Err(Refused(format!("no release is pending (asked for {version})")).into()),
+        }
+    }
+
+    pub fn approve(&self, version: &str, who: &str, now: DateTime<Utc>) -> anyhow::Result<String> {
+        let pending = self.pending_named(version)?;
+        self.store.record_decision(&Decision {
+            at: rfc3339::format(&now),
+            digest: pending.digest.clone(),
+            version: version.into(),
+            decision: "approve".into(),
+            who: who.into(),
+            reason: None,
+        })?;
+        Ok(match self.reconsider(now)? {
+            Some(_) => format!("approved {version}: now current"),
+            None => format!(
+                "approved {version}; still waiting for {}",
+                self.store.positions()?.waiting_for.unwrap_or_default()
+            ),
+        })
+    }
+
+    pub fn reject(
+        &self,
+        version: &str,
+        reason: &str,
+        who: &str,
+        now: DateTime<Utc>,
+    ) -> anyhow::Result<String> {
+        let pending = self.pending_named(version)?;
+        self.store.record_decision(&Decision {
+            at: rfc3339::format(&now),
+            digest: pending.digest.clone(),
+            version: version.into(),
+            decision: "reject".into(),
+            who: who.into(),
+            reason: Some(reason.into()),
+        })?;
+        self.store
+            .drop_pending(now, &format!("rejected by {who}: {reason}"))?;
+        Ok(format!(
+            "rejected {version}; a later sequence from the vendor is needed to move on"
+        ))
+    }
+
+    pub fn pin(&self, version: &str, who: &str, now: DateTime<Utc>) -> anyhow::Result<String> {
+        let positions = self.store.positions()?;
+        let current = positions.current.ok_or_else(|| {
+            Refused("nothing is current yet: only the current release can be pinned".into())
+        })?;
+        if current.version != version {
+            return Err(Refused(format!("only the current release ({}) can be pinned; older releases are refused by rollback protection", current.version)).into());
+        }
+        self.store.set_pinned(Some(version))?;
+        self.store.record_decision(&Decision {
+            at: rfc3339::format(&now),
+            digest: current.digest,
+            version: version.into(),
+            decision: "pin".into(),
+            who: who.into(),
+            reason: None,
+        })?;
+        self.reconsider(now)?;
+        Ok(format!(
+            "pinned to {version}: new releases wait until unpin"
+        ))
+    }
+
+    pub fn unpin(&self, who: &str, now: DateTime<Utc>) -> anyhow::Result<String> {
+        let positions = self.store.positions()?;
+        let Some(pinned) = positions.pinned else {
+            return Err(Refused("nothing is pinned".into()).into());
+        };
+        self.store.set_pinned(None)?;
+        let digest = positions.current.map(|c| c.digest).unwrap_or_default();
+        self.store.record_decision(&Decision {
+            at: rfc3339::format(&now),
+            digest,
+            version: pinned.clone(),
+            decision: "unpin".into(),
+            who: who.into(),
+            reason: None,
+        })?;
+        self.reconsider(now)?;
+        Ok(format!("unpinned {pinned}"))
+    }
+
+    /// The `status` document (its keys are a contract: current, pending, last_rejection).
+    pub fn status(&self) -> anyhow::Result<Value> {
+        let p = self.store.positions()?;
+        let release = |r: &Release| json!({"version": r.version, "sequence": r.sequence, "digest": r.digest, "created": r.created, "expires": r.expires, "origin": r.origin, "received_at": r.received_at});
+        let pending = p.pending.as_ref().map(|r| {
+            let mut v = release(r);
+            v["waiting_for"] = json!(p.waiting_for);
+            v
+        });
+        Ok(json!({
+            "stack": {"name": self.config.expect.name, "channel": self.config.expect.channel},
+            "runtime": "none",
+            "current": p.current.as_ref().map(release),
+            "pending": pending,
+            "last_good": p.last_good.as_ref().map(release),
+            "pinned": p.pinned,
+            "highest_sequence": p.highest_sequence,
+            "last_rejection": p.last_rejection.as_ref().map(|r| json!({"digest": r.digest, "reason": r.reason, "check": r.check, "at": r.at, "origin": r.origin})),
+        }))
+    }
+
+    /// What the pending release changes against the current one.
+    pub fn plan(&self) -> anyhow::Result<Value> {
+        let p = self.store.positions()?;
+        let Some(pending) = p.pending else {
+            return Ok(
+                json!({"pending": null, "current": p.current.as_ref().map(|c| c.version.clone()), "diff": null, "text": "no release is pending\n"}),
+            );
+        };
+        let new: Value = serde_json::from_str(&pending.stack)?;
+        let old: Option<Value> = p
+            .current
+            .as_ref()
+            .map(|c| serde_json::from_str(&c.stack))
+            .transpose()?;
+        let d = diff::diff(old.as_ref(), &new);
+        let header = format!(
+            "{} {} (sequence {}) -> {} {} (sequence {}); waiting for: {}\n",
+            self.config.expect.name,
+            p.current
+                .as_ref()
+                .map(|c| c.version.as_str())
+                .unwrap_or("(nothing)"),
+            p.current
+                .as_ref()
+                .map(|c| c.sequence.to_string())
+                .unwrap_or_else(|| "-".into()),
+            pending.name,
+            pending.version,
+            pending.sequence,
+            p.waiting_for.as_deref().unwrap_or("nothing"),
+        );
+        Ok(json!({
+            "current": p.current.as_ref().map(|c| c.version.clone()),
+            "pending": pending.version,
+            "waiting_for": p.waiting_for,
+            "diff": serde_json::to_value(&d)?,
+            "text": format!("{header}{}", diff::render(&d)),
+        }))
+    }
+}
+
+#[derive(Serialize)]
+pub struct HistoryView {
+    pub events: Vec<crate::state::Event>,
+    pub decisions: Vec<Decision>,
+}

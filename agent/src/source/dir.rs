@@ -1,0 +1,186 @@
+//! The file-drop source (air-gapped sites, USB sticks): a directory watched with inotify.
+//!
+//! Only complete files count: a file is considered when it is renamed into the directory or
+//! closed after writing, never while it is being written; names starting with `.` and ending in
+//! `.partial`, `.tmp` or `.reason` are ignored. Each processed file moves to `accepted/` or
+//! `rejected/` with a `<name>.reason` file beside it.
+
+use super::{BoxFuture, Candidate, Source, SourceError};
+use crate::pipeline::Ingested;
+use notify::{EventKind, RecursiveMode, Watcher};
+use outpost_bundle_format::layout::{Layout, Limits};
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use tokio::sync::mpsc;
+
+pub struct DirSource {
+    dir: PathBuf,
+    limits: Limits,
+    spool_root: PathBuf,
+    queue: VecDeque<PathBuf>,
+    events: mpsc::UnboundedReceiver<PathBuf>,
+    _watcher: notify::RecommendedWatcher,
+}
+
+/// Whether a file name may be a finished bundle.
+pub fn eligible(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with('.')
+        && ![".partial", ".tmp", ".reason"]
+            .iter()
+            .any(|s| name.ends_with(s))
+}
+
+impl DirSource {
+    pub fn new(dir: &Path, limits: Limits, spool_root: PathBuf) -> Result<DirSource, SourceError> {
+        for sub in ["accepted", "rejected"] {
+            std::fs::create_dir_all(dir.join(sub))
+                .map_err(|e| SourceError(format!("{}: {e}", dir.join(sub).display())))?;
+        }
+        let (sender, events) = mpsc::unbounded_channel();
+        let watched = dir.to_path_buf();
+        let mut watcher =
+            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                let Ok(event) = event else { return };
+                let complete = matches!(
+                    event.kind,
+                    EventKind::Modify(notify::event::ModifyKind::Name(
+                        notify::event::RenameMode::To | notify::event::RenameMode::Both
+                    )) | EventKind::Access(notify::event::AccessKind::Close(
+                        notify::event::AccessMode::Write
+                    ))
+                );
+                if complete {
+                    for path in event.paths {
+                        if path.parent() == Some(watched.as_path()) {
+                            let _ = sender.send(path);
+                        }
+                    }
+                }
+            })
+            .map_err(|e| SourceError(format!("cannot watch {}: {e}", dir.display())))?;
+        watcher
+            .watch(dir, RecursiveMode::NonRecursive)
+            .map_err(|e| SourceError(format!("cannot watch {}: {e}", dir.display())))?;
+        // Files already there when the agent starts (dropped while it was down).
+        let mut queue: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(|e| SourceError(format!("{}: {e}", dir.display())))?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.is_file())
+            .collect();
+        queue.sort();
+        Ok(DirSource {
+            dir: dir.to_path_buf(),
+            limits,
+            spool_root,
+            queue: queue.into(),
+            events,
+            _watcher: watcher,
+        })
+    }
+
+    fn candidate(&self, path: PathBuf) -> Option<Candidate> {
+        let name = path.file_name()?.to_string_lossy().into_owned();
+        if !eligible(&name) {
+            return None;
+        }
+        let meta = std::fs::symlink_metadata(&path).ok()?;
+        let layout = if meta.file_type().is_symlink() {
+            Err(outpost_bundle_format::layout::LayoutError::UnsafeEntry {
+                path: name.clone(),
+                reason: "a link, not a file".into(),
+            })
+        } else if !meta.is_file() {
+            return None;
+        } else {
+            let spool = tempfile::Builder::new()
+                .prefix("spool")
+                .tempdir_in(&self.spool_root)
+                .ok();
+            let layout = Layout::read(&path, &self.limits, spool.as_ref().map(|s| s.path()));
+            return Some(Candidate {
+                origin: path.display().to_string(),
+                layout,
+                spool,
+                key: name,
+            });
+        };
+        Some(Candidate {
+            origin: path.display().to_string(),
+            layout,
+            spool: None,
+            key: name,
+        })
+    }
+}
+
+impl Source for DirSource {
+    fn describe(&self) -> String {
+        format!("dir {}", self.dir.display())
+    }
+
+    fn next(&mut self) -> BoxFuture<'_, Result<Candidate, SourceError>> {
+        Box::pin(async move {
+            loop {
+                while let Some(path) = self.queue.pop_front() {
+                    if let Some(candidate) = self.candidate(path) {
+                        return Ok(candidate);
+                    }
+                }
+                match self.events.recv().await {
+                    Some(path) => {
+                        if !self.queue.contains(&path) {
+                            self.queue.push_back(path);
+                        }
+                        // Collect whatever else arrived in the same burst.
+                        while let Ok(path) = self.events.try_recv() {
+                            if !self.queue.contains(&path) {
+                                self.queue.push_back(path);
+                            }
+                        }
+                    }
+                    None => {
+                        return Err(SourceError(format!(
+                            "the watch on {} ended",
+                            self.dir.display()
+                        )));
+                    }
+                }
+            }
+        })
+    }
+
+    fn settle(&mut self, candidate: Candidate, outcome: &Ingested) -> BoxFuture<'_, ()> {
+        let folder = match outcome {
+            Ingested::Rejected { .. } => "rejected",
+            _ => "accepted",
+        };
+        let reason = format!("{}\n", outcome.describe());
+        Box::pin(async move {
+            let from = self.dir.join(&candidate.key);
+            let target_dir = self.dir.join(folder);
+            let mut target = target_dir.join(&candidate.key);
+            if target.exists() {
+                let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%S%.3f");
+                target = target_dir.join(format!("{}.{stamp}", candidate.key));
+            }
+            let reason_path = target.with_file_name(format!(
+                "{}.reason",
+                target
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            ));
+            let _ = outpost_bundle_format::layout::write_atomic(&reason_path, reason.as_bytes());
+            if let Err(e) = std::fs::rename(&from, &target) {
+                eprintln!(
+                    "outpost-agent: cannot move {} to {}: {e}",
+                    from.display(),
+                    target.display()
+                );
+            }
+            drop(candidate);
+        })
+    }
+}

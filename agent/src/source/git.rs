@@ -1,0 +1,271 @@
+//! The git source: fetches only the configured ref into a bare repository under the state
+//! directory, acts only on a new commit, and reads the bundle at `path` (a layout tar file or a
+//! layout directory) straight from the commit's tree, within the size limits.
+
+use super::{BoxFuture, Candidate, Source, SourceError};
+use crate::config::{GitSource as GitConfig, parse_duration};
+use crate::pipeline::Ingested;
+use outpost_bundle_format::layout::{Layout, LayoutError, Limits};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub struct GitSource {
+    config: GitConfig,
+    password: Option<String>,
+    repo_dir: PathBuf,
+    spool_root: PathBuf,
+    interval: Duration,
+    limits: Limits,
+    last_commit: Option<String>,
+    polled_once: bool,
+}
+
+impl GitSource {
+    pub fn new(
+        config: &GitConfig,
+        state_dir: &Path,
+        limits: Limits,
+    ) -> Result<GitSource, SourceError> {
+        let password = match &config.password_file {
+            Some(file) => Some(
+                std::fs::read_to_string(file)
+                    .map_err(|e| SourceError(format!("{}: {e}", file.display())))?
+                    .trim_end()
+                    .to_string(),
+            ),
+            None => None,
+        };
+        Ok(GitSource {
+            config: config.clone(),
+            password,
+            repo_dir: state_dir.join("git"),
+            spool_root: state_dir.join("tmp"),
+            interval: parse_duration(&config.interval).map_err(SourceError)?,
+            limits,
+            last_commit: None,
+            polled_once: false,
+        })
+    }
+
+    fn refspec(&self) -> (String, String) {
+        let r = &self.config.reference;
+        let remote = if r.starts_with("refs/") {
+            r.clone()
+        } else {
+            format!("refs/heads/{r}")
+        };
+        (remote, "refs/outpost/source".to_string())
+    }
+}
+
+/// Fetch (blocking, libgit2) and return the commit id of the tracked ref.
+fn fetch(
+    repo_dir: &Path,
+    url: &str,
+    refspec: &(String, String),
+    username: Option<&str>,
+    password: Option<&str>,
+) -> Result<(git2::Repository, git2::Oid), SourceError> {
+    let fail = |e: git2::Error| SourceError(format!("git {url}: {}", e.message()));
+    let repo = match git2::Repository::open_bare(repo_dir) {
+        Ok(repo) => repo,
+        Err(_) => git2::Repository::init_bare(repo_dir).map_err(fail)?,
+    };
+    let mut callbacks = git2::RemoteCallbacks::new();
+    let (user, pass) = (username.map(String::from), password.map(String::from));
+    callbacks.credentials(move |_url, from_url, _allowed| {
+        match (user.as_deref().or(from_url), pass.as_deref()) {
+            (Some(user), Some(pass)) => git2::Cred::userpass_plaintext(user, pass),
+            _ => Err(git2::Error::from_str(
+                "the repository needs credentials (source.git.username / password_file)",
+            )),
+        }
+    });
+    let mut options = git2::FetchOptions::new();
+    options.remote_callbacks(callbacks);
+    options.download_tags(git2::AutotagOption::None);
+    let mut remote = repo.remote_anonymous(url).map_err(fail)?;
+    let spec = format!("+{}:{}", refspec.0, refspec.1);
+    remote
+        .fetch(&[spec.as_str()], Some(&mut options), None)
+        .map_err(fail)?;
+    drop(remote);
+    let commit = repo.refname_to_id(&refspec.1).map_err(fail)?;
+    Ok((repo, commit))
+}
+
+/// Reads the bundle at `path` in the commit: a tar blob, or a tree holding a layout.
+fn read_bundle(
+    repo: &git2::Repository,
+    commit: git2::Oid,
+    path: &str,
+    limits: &Limits,
+    spool: &Path,
+) -> Result<Layout, LayoutError> {
+    let malformed = |reason: String| LayoutError::Malformed {
+        what: format!("git path {path}"),
+        reason,
+    };
+    let tree = repo
+        .find_commit(commit)
+        .and_then(|c| c.tree())
+        .map_err(|e| malformed(e.message().to_string()))?;
+    let entry = tree
+        .get_path(Path::new(path))
+        .map_err(|_| malformed("not found in the commit".into()))?;
+    match entry.kind() {
+        Some(git2::ObjectType::Blob) => {
+            let (size, _) = repo
+                .odb()
+                .and_then(|odb| odb.read_header(entry.id()))
+                .map_err(|e| malformed(e.message().to_string()))?;
+            if size as u64 > limits.max_total_bytes {
+                return Err(LayoutError::SizeLimit {
+                    what: format!("git path {path}"),
+                    size: size as u64,
+                    limit: limits.max_total_bytes,
+                });
+            }
+            let blob = repo
+                .find_blob(entry.id())
+                .map_err(|e| malformed(e.message().to_string()))?;
+            Layout::read_tar(std::io::Cursor::new(blob.content()), limits, Some(spool))
+        }
+        Some(git2::ObjectType::Tree) => {
+            // Materialize the layout directory (regular files only) and read it like any other.
+            let subtree = repo
+                .find_tree(entry.id())
+                .map_err(|e| malformed(e.message().to_string()))?;
+            let target = spool.join("layout");
+            let mut total = 0u64;
+            let mut result = Ok(());
+            subtree
+                .walk(git2::TreeWalkMode::PreOrder, |parent, item| {
+                    let name = format!("{parent}{}", item.name().unwrap_or(""));
+                    match item.kind() {
+                        Some(git2::ObjectType::Tree) => git2::TreeWalkResult::Ok,
+                        Some(git2::ObjectType::Blob)
+                            if item.filemode() == 0o100644 || item.filemode() == 0o100755 =>
+                        {
+                            let written = (|| {
+                                let blob = repo
+                                    .find_blob(item.id())
+                                    .map_err(|e| malformed(e.message().to_string()))?;
+                                total += blob.size() as u64;
+                                if total > limits.max_total_bytes {
+                                    return Err(LayoutError::SizeLimit {
+                                        what: format!("git path {path}"),
+                                        size: total,
+                                        limit: limits.max_total_bytes,
+                                    });
+                                }
+                                let file = target.join(&name);
+                                if !file.starts_with(&target) || name.split('/').any(|c| c == "..")
+                                {
+                                    return Err(LayoutError::UnsafeEntry {
+                                        path: name.clone(),
+                                        reason: "escapes the layout".into(),
+                                    });
+                                }
+                                if let Some(dir) = file.parent() {
+                                    std::fs::create_dir_all(dir)
+                                        .map_err(|e| malformed(e.to_string()))?;
+                                }
+                                std::fs::write(&file, blob.content())
+                                    .map_err(|e| malformed(e.to_string()))
+                            })();
+                            match written {
+                                Ok(()) => git2::TreeWalkResult::Ok,
+                                Err(e) => {
+                                    result = Err(e);
+                                    git2::TreeWalkResult::Abort
+                                }
+                            }
+                        }
+                        _ => {
+                            result = Err(LayoutError::UnsafeEntry {
+                                path: name,
+                                reason: "only regular files are allowed (no links or submodules)"
+                                    .into(),
+                            });
+                            git2::TreeWalkResult::Abort
+                        }
+                    }
+                })
+                .ok();
+            result?;
+            Layout::read_dir(&target, limits)
+        }
+        _ => Err(malformed("neither a file nor a directory".into())),
+    }
+}
+
+impl Source for GitSource {
+    fn describe(&self) -> String {
+        format!(
+            "git {} {} {}",
+            self.config.url, self.config.reference, self.config.path
+        )
+    }
+
+    fn next(&mut self) -> BoxFuture<'_, Result<Candidate, SourceError>> {
+        Box::pin(async move {
+            loop {
+                if self.polled_once {
+                    tokio::time::sleep(self.interval).await;
+                }
+                self.polled_once = true;
+                let (repo_dir, url, refspec) = (
+                    self.repo_dir.clone(),
+                    self.config.url.clone(),
+                    self.refspec(),
+                );
+                let (username, password) = (self.config.username.clone(), self.password.clone());
+                let last = self.last_commit.clone();
+                let (path, limits, spool_root) = (
+                    self.config.path.clone(),
+                    self.limits,
+                    self.spool_root.clone(),
+                );
+                let found = tokio::task::spawn_blocking(
+                    move || -> Result<Option<Candidate>, SourceError> {
+                        let (repo, commit) = fetch(
+                            &repo_dir,
+                            &url,
+                            &refspec,
+                            username.as_deref(),
+                            password.as_deref(),
+                        )?;
+                        if last.as_deref() == Some(commit.to_string().as_str()) {
+                            return Ok(None);
+                        }
+                        std::fs::create_dir_all(&spool_root)
+                            .map_err(|e| SourceError(format!("{}: {e}", spool_root.display())))?;
+                        let spool = tempfile::Builder::new()
+                            .prefix("git")
+                            .tempdir_in(&spool_root)
+                            .map_err(|e| SourceError(e.to_string()))?;
+                        let layout = read_bundle(&repo, commit, &path, &limits, spool.path());
+                        Ok(Some(Candidate {
+                            origin: format!("git {url} {}@{commit}", refspec.0),
+                            layout,
+                            spool: Some(spool),
+                            key: commit.to_string(),
+                        }))
+                    },
+                )
+                .await
+                .map_err(|e| SourceError(format!("git fetch task: {e}")))??;
+                if let Some(candidate) = found {
+                    return Ok(candidate);
+                }
+            }
+        })
+    }
+
+    fn settle(&mut self, candidate: Candidate, _outcome: &Ingested) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            self.last_commit = Some(candidate.key.clone());
+        })
+    }
+}

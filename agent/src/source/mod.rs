@@ -1,0 +1,41 @@
+//! Source: where candidate bundles come from. One small trait; one file per implementation
+//! (`dir`, `oci`, `git`) plus a fake for tests. A source waits for something new, hands over a
+//! layout read within the limits, and is told what became of it. Errors go back to the daemon,
+//! which backs off; the running release is never touched by a source.
+
+pub mod dir;
+pub mod fake;
+pub mod git;
+pub mod oci;
+
+use crate::pipeline::Ingested;
+use outpost_bundle_format::layout::Layout;
+use std::future::Future;
+use std::pin::Pin;
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A bundle a source found, not yet verified.
+pub struct Candidate {
+    /// Where it came from, for records: a file path, `oci://...@sha256:...`, `git ...@commit`.
+    pub origin: String,
+    /// The layout, or why it could not be read (recorded as a rejection).
+    pub layout: Result<Layout, outpost_bundle_format::layout::LayoutError>,
+    /// Keeps large blobs spooled on disk alive while the candidate is processed.
+    pub spool: Option<tempfile::TempDir>,
+    /// Source-specific identity (file name, manifest digest, commit id).
+    pub key: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct SourceError(pub String);
+
+pub trait Source: Send {
+    /// Short description for status and logs (`dir /srv/drop`, `oci 127.0.0.1:5000/acme:stable`).
+    fn describe(&self) -> String;
+    /// Waits until there is a candidate (sleeping its own poll interval when nothing changed).
+    fn next(&mut self) -> BoxFuture<'_, Result<Candidate, SourceError>>;
+    /// What became of the candidate (the dir source files it away; others remember it).
+    fn settle(&mut self, candidate: Candidate, outcome: &Ingested) -> BoxFuture<'_, ()>;
+}

@@ -1,0 +1,256 @@
+//! The registry source. An unchanged poll is one HEAD on the tag (a few hundred bytes); only a
+//! new digest is fetched: the manifest by digest, its config and layers, and the signatures
+//! from the OCI 1.1 referrers API when the registry has it, else from the `sha256-<hex>.sig` tag.
+
+use super::{BoxFuture, Candidate, Source, SourceError};
+use crate::config::{OciSource as OciConfig, parse_duration};
+use crate::pipeline::Ingested;
+use outpost_bundle_format::Digest;
+use outpost_bundle_format::layout::oci::{self, Descriptor, ImageIndex, ImageManifest};
+use outpost_bundle_format::layout::{Layout, Limits};
+use outpost_registry_client::{Credentials, Reference, Registry, docker_config_credentials};
+use std::time::Duration;
+
+pub struct OciSource {
+    registry: Registry,
+    reference: Reference,
+    tag: String,
+    interval: Duration,
+    limits: Limits,
+    /// The manifest digest last handed over, and whether it may improve with more signatures.
+    last: Option<(Digest, bool)>,
+    /// Digest of the signature tag when `last` was settled (re-fetch when it changes).
+    last_signatures: Option<Digest>,
+    polled_once: bool,
+}
+
+impl OciSource {
+    pub fn new(config: &OciConfig, limits: Limits) -> Result<OciSource, SourceError> {
+        let reference =
+            Reference::parse(&config.reference).map_err(|e| SourceError(e.to_string()))?;
+        let credentials = match (&config.username, &config.password_file) {
+            (Some(username), Some(file)) => {
+                let password = std::fs::read_to_string(file)
+                    .map_err(|e| SourceError(format!("{}: {e}", file.display())))?;
+                Credentials::Basic {
+                    username: username.clone(),
+                    password: password.trim_end().to_string(),
+                }
+            }
+            _ => docker_config_credentials(&reference.host, config.credentials_file.as_deref())
+                .map_err(SourceError)?,
+        };
+        let registry = Registry::new(&reference.host, credentials, config.plain_http)
+            .map_err(|e| SourceError(e.to_string()))?;
+        let interval = parse_duration(&config.interval).map_err(SourceError)?;
+        let tag = reference
+            .reference
+            .clone()
+            .unwrap_or_else(|| "latest".into());
+        Ok(OciSource {
+            registry,
+            reference,
+            tag,
+            interval,
+            limits,
+            last: None,
+            last_signatures: None,
+            polled_once: false,
+        })
+    }
+
+    fn fail(&self, e: impl std::fmt::Display) -> SourceError {
+        SourceError(format!(
+            "oci://{}/{}:{}: {e}",
+            self.reference.host, self.reference.repository, self.tag
+        ))
+    }
+
+    async fn signature_head(&self, digest: &Digest) -> Result<Option<Digest>, SourceError> {
+        Ok(self
+            .registry
+            .head_manifest(&self.reference.repository, &digest.signature_tag())
+            .await
+            .map_err(|e| self.fail(e))?
+            .map(|h| h.digest))
+    }
+
+    /// Fetches the bundle manifest, its blobs and its signatures into an in-memory layout.
+    async fn fetch(&self, digest: Digest) -> Result<Layout, SourceError> {
+        let repository = &self.reference.repository;
+        let max = self.limits.max_metadata_bytes;
+        let (bytes, _) = self
+            .registry
+            .get_manifest(repository, &digest.to_string(), max)
+            .await
+            .map_err(|e| self.fail(e))?;
+        let mut layout = Layout::default();
+        let manifest: ImageManifest = serde_json::from_slice(&bytes)
+            .map_err(|e| self.fail(format!("manifest {digest}: {e}")))?;
+        let mut descriptor = Descriptor::of(oci::MEDIA_TYPE_MANIFEST, &bytes);
+        descriptor.artifact_type = manifest.artifact_type.clone();
+        descriptor
+            .annotations
+            .insert(oci::ANNOTATION_REF_NAME.into(), self.tag.clone());
+        layout.add_blob(bytes);
+        layout.index_mut().manifests.push(descriptor);
+        self.fetch_blobs(&manifest, &mut layout).await?;
+
+        for signature_manifest in self.signature_manifests(&digest).await? {
+            let (bytes, _) = self
+                .registry
+                .get_manifest(repository, &signature_manifest.to_string(), max)
+                .await
+                .map_err(|e| self.fail(e))?;
+            let manifest: ImageManifest = serde_json::from_slice(&bytes)
+                .map_err(|e| self.fail(format!("signature manifest: {e}")))?;
+            self.fetch_blobs(&manifest, &mut layout).await?;
+            let mut descriptor = Descriptor::of(oci::MEDIA_TYPE_MANIFEST, &bytes);
+            descriptor
+                .annotations
+                .insert(oci::ANNOTATION_REF_NAME.into(), digest.signature_tag());
+            layout.add_blob(bytes);
+            layout.index_mut().manifests.push(descriptor);
+        }
+        Ok(layout)
+    }
+
+    /// Signature manifests: referrers carrying cosign simple-signing layers, else the tag.
+    async fn signature_manifests(&self, digest: &Digest) -> Result<Vec<Digest>, SourceError> {
+        let repository = &self.reference.repository;
+        let mut found = Vec::new();
+        // OCI 1.1 referrers; registries without the API answer 404 (distribution 2.8 does).
+        let referrers = self
+            .registry
+            .get_referrers(repository, digest, self.limits.max_metadata_bytes)
+            .await
+            .map_err(|e| self.fail(e))?;
+        if let Some(bytes) = referrers
+            && let Ok(index) = serde_json::from_slice::<ImageIndex>(&bytes)
+        {
+            for referrer in index.manifests {
+                if referrer
+                    .artifact_type
+                    .as_deref()
+                    .is_some_and(|t| t.contains("cosign") || t.contains("simplesigning"))
+                {
+                    found.push(referrer.digest);
+                }
+            }
+        }
+        if found.is_empty()
+            && let Some(tagged) = self.signature_head(digest).await?
+        {
+            found.push(tagged);
+        }
+        Ok(found)
+    }
+
+    async fn fetch_blobs(
+        &self,
+        manifest: &ImageManifest,
+        layout: &mut Layout,
+    ) -> Result<(), SourceError> {
+        for blob in std::iter::once(&manifest.config).chain(&manifest.layers) {
+            if layout.has_blob(&blob.digest) {
+                continue;
+            }
+            if blob.size > self.limits.max_metadata_bytes {
+                return Err(self.fail(format!(
+                    "blob {} is {} bytes, over the {}-byte limit",
+                    blob.digest, blob.size, self.limits.max_metadata_bytes
+                )));
+            }
+            let mut content = Vec::with_capacity(blob.size as usize);
+            self.registry
+                .get_blob(
+                    &self.reference.repository,
+                    &blob.digest,
+                    blob.size,
+                    |chunk| {
+                        content.extend_from_slice(chunk);
+                        Ok(())
+                    },
+                )
+                .await
+                .map_err(|e| self.fail(e))?;
+            layout.add_blob(content);
+        }
+        Ok(())
+    }
+}
+
+impl Source for OciSource {
+    fn describe(&self) -> String {
+        format!(
+            "oci {}/{}:{}",
+            self.reference.host, self.reference.repository, self.tag
+        )
+    }
+
+    fn next(&mut self) -> BoxFuture<'_, Result<Candidate, SourceError>> {
+        Box::pin(async move {
+            loop {
+                if self.polled_once {
+                    tokio::time::sleep(self.interval).await;
+                }
+                self.polled_once = true;
+                let head = self
+                    .registry
+                    .head_manifest(&self.reference.repository, &self.tag)
+                    .await
+                    .map_err(|e| self.fail(e))?;
+                let Some(head) = head else {
+                    return Err(self.fail("tag not found"));
+                };
+                let changed = match self.last {
+                    Some((digest, _)) if digest != head.digest => true,
+                    None => true,
+                    // Same digest: only worth another look if more signatures may have arrived.
+                    Some((_, wants_signatures)) => {
+                        wants_signatures
+                            && self.signature_head(&head.digest).await? != self.last_signatures
+                    }
+                };
+                if !changed {
+                    continue;
+                }
+                let layout = self.fetch(head.digest).await;
+                let layout = match layout {
+                    Ok(layout) => Ok(layout),
+                    // Transport problems are retried; a fetched-but-bad bundle is a rejection.
+                    Err(e) if e.0.contains("digest") || e.0.contains("limit") => {
+                        Err(outpost_bundle_format::layout::LayoutError::Malformed {
+                            what: "registry content".into(),
+                            reason: e.0,
+                        })
+                    }
+                    Err(e) => return Err(e),
+                };
+                return Ok(Candidate {
+                    origin: format!(
+                        "oci://{}/{}@{}",
+                        self.reference.host, self.reference.repository, head.digest
+                    ),
+                    layout,
+                    spool: None,
+                    key: head.digest.to_string(),
+                });
+            }
+        })
+    }
+
+    fn settle(&mut self, candidate: Candidate, outcome: &Ingested) -> BoxFuture<'_, ()> {
+        let wants_signatures = outcome.wants_more_signatures();
+        Box::pin(async move {
+            if let Ok(digest) = Digest::parse(&candidate.key) {
+                self.last = Some((digest, wants_signatures));
+                self.last_signatures = if wants_signatures {
+                    self.signature_head(&digest).await.ok().flatten()
+                } else {
+                    None
+                };
+            }
+        })
+    }
+}

@@ -1,0 +1,435 @@
+//! The crash-safe state store: SQLite in WAL mode with `synchronous=FULL`, one transaction per
+//! decision, so after kill -9 the agent restarts exactly where the last commit left it.
+//!
+//! SQLite (rusqlite, bundled) over redb: the history and rejection records are queried by
+//! time and kind, a schema with SQL is easier for operators to inspect with the stock `sqlite3`
+//! tool, and WAL gives readers (`outpost-agent verify`) a consistent view while the daemon writes.
+
+use chrono::{DateTime, Utc};
+use outpost_bundle_format::release::rfc3339;
+use outpost_bundle_format::{Digest, ReleaseMetadata};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use serde::Serialize;
+use std::path::Path;
+use std::sync::Mutex;
+
+const SCHEMA_VERSION: i64 = 1;
+
+#[derive(Debug, thiserror::Error)]
+#[error("state store: {0}")]
+pub struct StateError(String);
+
+impl From<rusqlite::Error> for StateError {
+    fn from(e: rusqlite::Error) -> Self {
+        StateError(e.to_string())
+    }
+}
+
+pub type Result<T> = std::result::Result<T, StateError>;
+
+/// A release the agent accepted (verified and recorded).
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Release {
+    pub digest: String,
+    pub name: String,
+    pub channel: String,
+    pub version: String,
+    pub sequence: u64,
+    pub created: String,
+    pub expires: String,
+    /// The stack as stored in the bundle (JSON).
+    #[serde(skip)]
+    pub stack: String,
+    pub origin: String,
+    pub received_at: String,
+}
+
+impl Release {
+    pub fn new(
+        digest: Digest,
+        metadata: &ReleaseMetadata,
+        stack: String,
+        origin: &str,
+        now: DateTime<Utc>,
+    ) -> Release {
+        Release {
+            digest: digest.to_string(),
+            name: metadata.name.clone(),
+            channel: metadata.channel.clone(),
+            version: metadata.version.to_string(),
+            sequence: metadata.sequence,
+            created: rfc3339::format(&metadata.created),
+            expires: rfc3339::format(&metadata.expires),
+            stack,
+            origin: origin.to_string(),
+            received_at: rfc3339::format(&now),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Rejection {
+    pub digest: Option<String>,
+    pub origin: String,
+    pub check: String,
+    pub reason: String,
+    pub at: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Event {
+    pub at: String,
+    pub kind: String,
+    pub digest: Option<String>,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Decision {
+    pub at: String,
+    pub digest: String,
+    pub version: String,
+    pub decision: String,
+    pub who: String,
+    pub reason: Option<String>,
+}
+
+/// Where the releases stand.
+#[derive(Debug, Clone, Default)]
+pub struct Positions {
+    pub current: Option<Release>,
+    pub pending: Option<Release>,
+    pub last_good: Option<Release>,
+    pub waiting_for: Option<String>,
+    pub pinned: Option<String>,
+    pub highest_sequence: Option<u64>,
+    pub last_rejection: Option<Rejection>,
+}
+
+pub struct Store {
+    conn: Mutex<Connection>,
+}
+
+impl Store {
+    /// Opens (creating if needed) `state_dir/state.db`.
+    pub fn open(state_dir: &Path) -> Result<Store> {
+        std::fs::create_dir_all(state_dir)
+            .map_err(|e| StateError(format!("{}: {e}", state_dir.display())))?;
+        let conn = Connection::open(state_dir.join("state.db"))?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        Self::init(conn)
+    }
+
+    /// An empty store in memory (the offline `verify` on a machine without an agent's state).
+    pub fn in_memory() -> Result<Store> {
+        Self::init(Connection::open_in_memory()?)
+    }
+
+    fn init(conn: Connection) -> Result<Store> {
+        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if version > SCHEMA_VERSION {
+            return Err(StateError(format!(
+                "state.db has schema version {version}; this agent knows {SCHEMA_VERSION} (downgrade?)"
+            )));
+        }
+        conn.execute_batch(
+            "BEGIN;
+             CREATE TABLE IF NOT EXISTS bundles(
+                 digest TEXT PRIMARY KEY, name TEXT NOT NULL, channel TEXT NOT NULL,
+                 version TEXT NOT NULL, sequence INTEGER NOT NULL, created TEXT NOT NULL,
+                 expires TEXT NOT NULL, stack TEXT NOT NULL, origin TEXT NOT NULL,
+                 received_at TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS rejections(
+                 id INTEGER PRIMARY KEY, digest TEXT, origin TEXT NOT NULL,
+                 check_name TEXT NOT NULL, reason TEXT NOT NULL, at TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS decisions(
+                 id INTEGER PRIMARY KEY, digest TEXT NOT NULL, version TEXT NOT NULL,
+                 decision TEXT NOT NULL, who TEXT NOT NULL, reason TEXT, at TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS events(
+                 id INTEGER PRIMARY KEY, at TEXT NOT NULL, kind TEXT NOT NULL,
+                 digest TEXT, message TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS positions(key TEXT PRIMARY KEY, value TEXT);
+             PRAGMA user_version = 1;
+             COMMIT;",
+        )?;
+        Ok(Store {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    /// Opens an existing store read-only (`outpost-agent verify` beside a running agent).
+    pub fn open_read_only(state_dir: &Path) -> Result<Option<Store>> {
+        let path = state_dir.join("state.db");
+        if !path.exists() {
+            return Ok(None);
+        }
+        let conn = Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        Ok(Some(Store {
+            conn: Mutex::new(conn),
+        }))
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T>) -> Result<T> {
+        let mut conn = self
+            .conn
+            .lock()
+            .map_err(|_| StateError("lock poisoned".into()))?;
+        f(&mut conn)
+    }
+
+    pub fn positions(&self) -> Result<Positions> {
+        self.with(|conn| {
+            let position = |key: &str| -> Result<Option<String>> {
+                Ok(conn
+                    .query_row("SELECT value FROM positions WHERE key = ?1", [key], |r| r.get::<_, Option<String>>(0))
+                    .optional()?
+                    .flatten())
+            };
+            let release = |digest: Option<String>| -> Result<Option<Release>> {
+                match digest {
+                    Some(d) => release_by_digest(conn, &d),
+                    None => Ok(None),
+                }
+            };
+            let last_rejection = conn
+                .query_row(
+                    "SELECT digest, origin, check_name, reason, at FROM rejections ORDER BY id DESC LIMIT 1",
+                    [],
+                    |r| Ok(Rejection { digest: r.get(0)?, origin: r.get(1)?, check: r.get(2)?, reason: r.get(3)?, at: r.get(4)? }),
+                )
+                .optional()?;
+            Ok(Positions {
+                current: release(position("current")?)?,
+                pending: release(position("pending")?)?,
+                last_good: release(position("last_good")?)?,
+                waiting_for: position("waiting_for")?,
+                pinned: position("pinned")?,
+                highest_sequence: position("highest_sequence")?.and_then(|s| s.parse().ok()),
+                last_rejection,
+            })
+        })
+    }
+
+    pub fn release(&self, digest: &str) -> Result<Option<Release>> {
+        self.with(|conn| release_by_digest(conn, digest))
+    }
+
+    /// Records a verified release as pending and raises the highest accepted sequence, in one
+    /// transaction. A previous pending release is superseded.
+    pub fn accept(&self, release: &Release, waiting_for: &str, at: DateTime<Utc>) -> Result<()> {
+        self.with(|conn| {
+            let tx = conn.transaction()?;
+            tx.execute(
+                "INSERT OR IGNORE INTO bundles(digest, name, channel, version, sequence, created, expires, stack, origin, received_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                params![release.digest, release.name, release.channel, release.version, release.sequence as i64, release.created, release.expires, release.stack, release.origin, release.received_at],
+            )?;
+            let superseded: Option<String> = tx
+                .query_row("SELECT value FROM positions WHERE key = 'pending'", [], |r| r.get(0))
+                .optional()?
+                .flatten();
+            set(&tx, "pending", Some(&release.digest))?;
+            set(&tx, "waiting_for", Some(waiting_for))?;
+            set(&tx, "highest_sequence", Some(&release.sequence.to_string()))?;
+            if let Some(old) = superseded.filter(|d| d != &release.digest) {
+                event(&tx, at, "superseded", Some(&old), "a newer release replaced this pending one")?;
+            }
+            event(&tx, at, "accepted", Some(&release.digest), &format!("{} {} sequence {} from {}", release.name, release.version, release.sequence, release.origin))?;
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    pub fn set_waiting(&self, waiting_for: &str) -> Result<()> {
+        self.with(|conn| set(conn, "waiting_for", Some(waiting_for)).map(|_| ()))
+    }
+
+    /// Makes the pending release current (the previous current becomes last good).
+    pub fn promote(&self, digest: &str, message: &str, at: DateTime<Utc>) -> Result<()> {
+        self.with(|conn| {
+            let tx = conn.transaction()?;
+            let current: Option<String> = tx
+                .query_row(
+                    "SELECT value FROM positions WHERE key = 'current'",
+                    [],
+                    |r| r.get(0),
+                )
+                .optional()?
+                .flatten();
+            if let Some(current) = current.filter(|c| c != digest) {
+                set(&tx, "last_good", Some(&current))?;
+            }
+            set(&tx, "current", Some(digest))?;
+            set(&tx, "pending", None)?;
+            set(&tx, "waiting_for", None)?;
+            event(&tx, at, "applied", Some(digest), message)?;
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    /// Drops the pending release (the customer rejected it).
+    pub fn drop_pending(&self, at: DateTime<Utc>, message: &str) -> Result<()> {
+        self.with(|conn| {
+            let tx = conn.transaction()?;
+            let pending: Option<String> = tx
+                .query_row(
+                    "SELECT value FROM positions WHERE key = 'pending'",
+                    [],
+                    |r| r.get(0),
+                )
+                .optional()?
+                .flatten();
+            set(&tx, "pending", None)?;
+            set(&tx, "waiting_for", None)?;
+            event(&tx, at, "dropped", pending.as_deref(), message)?;
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    pub fn set_pinned(&self, version: Option<&str>) -> Result<()> {
+        self.with(|conn| set(conn, "pinned", version).map(|_| ()))
+    }
+
+    pub fn record_rejection(&self, rejection: &Rejection) -> Result<()> {
+        self.with(|conn| {
+            let tx = conn.transaction()?;
+            tx.execute(
+                "INSERT INTO rejections(digest, origin, check_name, reason, at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![rejection.digest, rejection.origin, rejection.check, rejection.reason, rejection.at],
+            )?;
+            tx.execute(
+                "INSERT INTO events(at, kind, digest, message) VALUES (?1, 'rejected', ?2, ?3)",
+                params![rejection.at, rejection.digest, format!("{}: {} ({})", rejection.check, rejection.reason, rejection.origin)],
+            )?;
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    pub fn record_decision(&self, decision: &Decision) -> Result<()> {
+        self.with(|conn| {
+            let tx = conn.transaction()?;
+            tx.execute(
+                "INSERT INTO decisions(digest, version, decision, who, reason, at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![decision.digest, decision.version, decision.decision, decision.who, decision.reason, decision.at],
+            )?;
+            let reason = decision.reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default();
+            tx.execute(
+                "INSERT INTO events(at, kind, digest, message) VALUES (?1, ?2, ?3, ?4)",
+                params![decision.at, decision.decision, decision.digest, format!("{} {} by {}{reason}", decision.decision, decision.version, decision.who)],
+            )?;
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    /// Whether the customer approved this digest (and did not reject it since).
+    pub fn approved(&self, digest: &str) -> Result<bool> {
+        self.with(|conn| {
+            let last: Option<String> = conn
+                .query_row(
+                    "SELECT decision FROM decisions WHERE digest = ?1 AND decision IN ('approve', 'reject') ORDER BY id DESC LIMIT 1",
+                    [digest],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            Ok(last.as_deref() == Some("approve"))
+        })
+    }
+
+    pub fn event(
+        &self,
+        at: DateTime<Utc>,
+        kind: &str,
+        digest: Option<&str>,
+        message: &str,
+    ) -> Result<()> {
+        self.with(|conn| event(conn, at, kind, digest, message))
+    }
+
+    /// Newest first.
+    pub fn history(&self, limit: usize) -> Result<Vec<Event>> {
+        self.with(|conn| {
+            let mut statement = conn.prepare(
+                "SELECT at, kind, digest, message FROM events ORDER BY id DESC LIMIT ?1",
+            )?;
+            let rows = statement.query_map([limit as i64], |r| {
+                Ok(Event {
+                    at: r.get(0)?,
+                    kind: r.get(1)?,
+                    digest: r.get(2)?,
+                    message: r.get(3)?,
+                })
+            })?;
+            Ok(rows.collect::<std::result::Result<Vec<_>, _>>()?)
+        })
+    }
+
+    pub fn decisions(&self, limit: usize) -> Result<Vec<Decision>> {
+        self.with(|conn| {
+            let mut statement = conn.prepare("SELECT at, digest, version, decision, who, reason FROM decisions ORDER BY id DESC LIMIT ?1")?;
+            let rows = statement.query_map([limit as i64], |r| {
+                Ok(Decision { at: r.get(0)?, digest: r.get(1)?, version: r.get(2)?, decision: r.get(3)?, who: r.get(4)?, reason: r.get(5)? })
+            })?;
+            Ok(rows.collect::<std::result::Result<Vec<_>, _>>()?)
+        })
+    }
+
+    pub fn counts(&self) -> Result<(u64, u64)> {
+        self.with(|conn| {
+            let accepted: i64 = conn.query_row("SELECT count(*) FROM bundles", [], |r| r.get(0))?;
+            let rejected: i64 =
+                conn.query_row("SELECT count(*) FROM rejections", [], |r| r.get(0))?;
+            Ok((accepted as u64, rejected as u64))
+        })
+    }
+}
+
+fn release_by_digest(conn: &Connection, digest: &str) -> Result<Option<Release>> {
+    Ok(conn
+        .query_row(
+            "SELECT digest, name, channel, version, sequence, created, expires, stack, origin, received_at FROM bundles WHERE digest = ?1",
+            [digest],
+            |r| {
+                Ok(Release {
+                    digest: r.get(0)?,
+                    name: r.get(1)?,
+                    channel: r.get(2)?,
+                    version: r.get(3)?,
+                    sequence: r.get::<_, i64>(4)? as u64,
+                    created: r.get(5)?,
+                    expires: r.get(6)?,
+                    stack: r.get(7)?,
+                    origin: r.get(8)?,
+                    received_at: r.get(9)?,
+                })
+            },
+        )
+        .optional()?)
+}
+
+fn set(conn: &Connection, key: &str, value: Option<&str>) -> Result<usize> {
+    Ok(conn.execute(
+        "INSERT INTO positions(key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+        params![key, value],
+    )?)
+}
+
+fn event(
+    conn: &Connection,
+    at: DateTime<Utc>,
+    kind: &str,
+    digest: Option<&str>,
+    message: &str,
+) -> Result<()> {
+    conn.execute(
+        "INSERT INTO events(at, kind, digest, message) VALUES (?1, ?2, ?3, ?4)",
+        params![rfc3339::format(&at), kind, digest, message],
+    )?;
+    Ok(())
+}
