@@ -4,6 +4,9 @@
 //! External tools (docker-registry, skopeo, openssl, git, the Python venv) are installed by
 //! `.ci/scripts/setup.sh`; a test that needs one and cannot find it fails with that hint.
 
+pub mod agent;
+pub mod forge;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -7,12 +7,12 @@
 
 use chrono::{TimeZone, Utc};
 use outpost_bundle_format::bundle;
-use outpost_bundle_format::crypto::SigningKey;
-use outpost_bundle_format::layout::Layout;
-use outpost_bundle_format::layout::oci::{self, Descriptor};
-use outpost_bundle_format::release::{FORMAT_VERSION, ReleaseMetadata};
+use outpost_bundle_format::layout::oci;
 use outpost_bundle_format::root;
-use outpost_bundle_format::stack::{Stack, StackFile};
+use outpost_tests::forge::{
+    EntryKind, edit_manifest, garbage, key, metadata, move_signature, quickstart, raw_tar, release,
+    signed, tampered_tar, tar, with_stack,
+};
 use outpost_tests::{run, signer, testdata};
 use std::fs;
 
@@ -66,121 +66,12 @@ fn every_vector_verifies_as_expected() {
     assert!(count >= 15, "only {count} vectors");
 }
 
-fn key(name: &str) -> SigningKey {
-    let pem = fs::read(testdata().join("keys").join(format!("{name}.key"))).unwrap();
-    SigningKey::from_encrypted_pem(&pem, b"test").unwrap()
-}
-
-fn quickstart() -> StackFile {
-    let text = fs::read_to_string(testdata().join("stacks/valid/quickstart.yaml")).unwrap();
-    Stack::from_yaml(&text).unwrap().0
-}
-
-fn metadata(version: &str, sequence: u64) -> ReleaseMetadata {
-    ReleaseMetadata {
-        format_version: FORMAT_VERSION,
-        name: "acme".into(),
-        version: semver::Version::parse(version).unwrap(),
-        sequence,
-        channel: "stable".into(),
-        created: Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap(),
-        expires: Utc.with_ymd_and_hms(2099, 1, 1, 0, 0, 0).unwrap(),
-    }
-}
-
-fn signed(mut layout: Layout, keys: &[&str]) -> Layout {
-    for name in keys {
-        bundle::add_signature(&mut layout, &key(name), "acme").unwrap();
-    }
-    layout
-}
-
-fn tar(layout: &Layout) -> Vec<u8> {
-    let mut out = Vec::new();
-    layout.write_tar(&mut out).unwrap();
-    out
-}
-
-/// Replaces the bundle manifest by `edit(manifest)`, fixing the index (as an attacker would).
-fn edit_manifest(
-    layout: &mut Layout,
-    edit: impl FnOnce(&mut serde_json::Value),
-) -> outpost_bundle_format::Digest {
-    let old = bundle::bundle_descriptor(layout).unwrap().clone();
-    let bytes = layout.read_blob(&old.digest, 1 << 20).unwrap();
-    let mut manifest: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
-    edit(&mut manifest);
-    let bytes = serde_json::to_vec(&manifest).unwrap();
-    let mut descriptor = Descriptor::of(oci::MEDIA_TYPE_MANIFEST, &bytes);
-    descriptor.artifact_type = old.artifact_type.clone();
-    descriptor.annotations = old.annotations.clone();
-    let digest = layout.add_blob(bytes);
-    let index = layout.index_mut();
-    index.manifests.retain(|d| d.digest != old.digest);
-    index.manifests.insert(0, descriptor);
-    digest
-}
-
-/// A bundle whose stack layer is replaced by `stack_json` (built around the builder's checks).
-fn with_stack(stack_json: Vec<u8>) -> Layout {
-    let mut layout = bundle::build(&quickstart(), &metadata("1.0.0", 1), &[]).unwrap();
-    let layer = Descriptor::of(bundle::MEDIA_TYPE_STACK, &stack_json);
-    layout.add_blob(stack_json);
-    edit_manifest(&mut layout, |m| {
-        m["layers"][0] = serde_json::to_value(&layer).unwrap()
-    });
-    layout
-}
-
 fn write(name: &str, bundle: &[u8], args: &str, expect: &str) {
     let dir = testdata().join("bundles").join(name);
     fs::create_dir_all(&dir).unwrap();
     fs::write(dir.join("bundle.tar"), bundle).unwrap();
     fs::write(dir.join("verify.args"), format!("{args}\n")).unwrap();
     fs::write(dir.join("expect"), format!("{expect}\n")).unwrap();
-}
-
-fn raw_tar(entries: &[(&str, tar_kind::Kind, &[u8], Option<&str>)]) -> Vec<u8> {
-    tar_kind::build(entries)
-}
-
-/// Minimal tar writer for hostile entries (paths the tar crate's builder refuses to write).
-mod tar_kind {
-    #[derive(Clone, Copy)]
-    pub enum Kind {
-        File,
-        Symlink,
-    }
-
-    pub fn build(entries: &[(&str, Kind, &[u8], Option<&str>)]) -> Vec<u8> {
-        let mut out = Vec::new();
-        for (path, kind, content, link) in entries {
-            let mut header = [0u8; 512];
-            header[..path.len()].copy_from_slice(path.as_bytes());
-            header[100..107].copy_from_slice(b"0000644");
-            header[108..115].copy_from_slice(b"0000000");
-            header[116..123].copy_from_slice(b"0000000");
-            header[124..135].copy_from_slice(format!("{:011o}", content.len()).as_bytes());
-            header[136..147].copy_from_slice(b"00000000000");
-            header[156] = match kind {
-                Kind::File => b'0',
-                Kind::Symlink => b'2',
-            };
-            if let Some(link) = link {
-                header[157..157 + link.len()].copy_from_slice(link.as_bytes());
-            }
-            header[257..263].copy_from_slice(b"ustar\0");
-            header[263..265].copy_from_slice(b"00");
-            header[148..156].copy_from_slice(b"        ");
-            let sum: u32 = header.iter().map(|b| *b as u32).sum();
-            header[148..155].copy_from_slice(format!("{sum:06o}\0").as_bytes());
-            out.extend_from_slice(&header);
-            out.extend_from_slice(content);
-            out.resize(out.len().div_ceil(512) * 512, 0);
-        }
-        out.resize(out.len() + 1024, 0);
-        out
-    }
 }
 
 fn generate() {
@@ -220,15 +111,12 @@ fn generate() {
     );
 
     // Tampered blob: one byte of the stack changed inside the tar, names unchanged.
-    let stack_json = serde_json::to_vec(&quickstart()).unwrap();
-    let mut tampered = valid.clone();
-    let at = tampered
-        .windows(stack_json.len())
-        .position(|w| w == stack_json.as_slice())
-        .unwrap();
-    let offset = at + stack_json.windows(4).position(|w| w == b"1Gi\"").unwrap();
-    tampered[offset] = b'9';
-    write("tampered-blob", &tampered, key_a, "digest-mismatch");
+    write(
+        "tampered-blob",
+        &tampered_tar(&signed(base(), &["vendor-a"])),
+        key_a,
+        "digest-mismatch",
+    );
 
     // Tampered manifest, index and signature tag rewritten consistently: the signed payload
     // still names the original digest.
@@ -251,29 +139,7 @@ fn generate() {
     );
 
     // A valid signature of release 1.0.0 moved onto release 2.0.0.
-    let donor = signed(base(), &["vendor-a"]);
-    let donor_digest = bundle::bundle_descriptor(&donor).unwrap().digest;
-    let mut target = bundle::build(&quickstart(), &metadata("2.0.0", 2), &[]).unwrap();
-    let target_digest = bundle::bundle_descriptor(&target).unwrap().digest;
-    let sig = donor
-        .index()
-        .manifests
-        .iter()
-        .find(|d| d.ref_name() == Some(donor_digest.signature_tag().as_str()))
-        .unwrap()
-        .clone();
-    let sig_bytes = donor.read_blob(&sig.digest, 1 << 20).unwrap();
-    let sig_manifest: oci::ImageManifest = serde_json::from_slice(&sig_bytes).unwrap();
-    for blob in std::iter::once(&sig_manifest.config).chain(&sig_manifest.layers) {
-        target.add_blob(donor.read_blob(&blob.digest, 1 << 20).unwrap());
-    }
-    target.add_blob(sig_bytes);
-    let mut moved = sig.clone();
-    moved.annotations.insert(
-        oci::ANNOTATION_REF_NAME.into(),
-        target_digest.signature_tag(),
-    );
-    target.index_mut().manifests.push(moved);
+    let target = move_signature(&signed(base(), &["vendor-a"]), release("2.0.0", 2));
     write(
         "signature-moved",
         &tar(&target),
@@ -301,7 +167,7 @@ fn generate() {
     write(
         "unpinned-image",
         &tar(&signed(
-            with_stack(serde_json::to_vec(&stack).unwrap()),
+            with_stack(serde_json::to_vec(&stack).unwrap(), "1.0.0", 1),
             &["vendor-a"],
         )),
         key_a,
@@ -312,7 +178,7 @@ fn generate() {
     write(
         "invalid-stack",
         &tar(&signed(
-            with_stack(serde_json::to_vec(&stack).unwrap()),
+            with_stack(serde_json::to_vec(&stack).unwrap(), "1.0.0", 1),
             &["vendor-a"],
         )),
         key_a,
@@ -379,37 +245,24 @@ fn generate() {
     );
     write(
         "tar-path-traversal",
-        &raw_tar(&[(
-            "../../../tmp/outpost-escape",
-            tar_kind::Kind::File,
-            blob,
-            None,
-        )]),
+        &raw_tar(&[("../../../tmp/outpost-escape", EntryKind::File, blob, None)]),
         key_a,
         "unsafe-path",
     );
     write(
         "tar-absolute-path",
-        &raw_tar(&[("/tmp/outpost-escape", tar_kind::Kind::File, blob, None)]),
+        &raw_tar(&[("/tmp/outpost-escape", EntryKind::File, blob, None)]),
         key_a,
         "unsafe-path",
     );
     write(
         "tar-symlink",
-        &raw_tar(&[(
-            &blob_name,
-            tar_kind::Kind::Symlink,
-            b"",
-            Some("/etc/passwd"),
-        )]),
+        &raw_tar(&[(&blob_name, EntryKind::Symlink, b"", Some("/etc/passwd"))]),
         key_a,
         "unsafe-path",
     );
     write("truncated", &valid[..valid.len() / 2], key_a, "malformed");
-    let garbage: Vec<u8> = (0..4096u32)
-        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
-        .collect();
-    write("garbage", &garbage, key_a, "malformed");
+    write("garbage", &garbage(), key_a, "malformed");
 
     let readme = "# Verification test vectors\n\nOne directory per scenario: `bundle.tar`, `verify.args` (the arguments to `outpost-signer verify bundle.tar`, run from the directory) and `expect` (`ok`, or the name of the check that must fail).\nGenerated by `OUTPOST_BLESS=1 cargo test -p outpost-tests --test vectors` with the keys in `../keys/`; valid vectors expire in 2099.\n";
     fs::write(dir.join("README.md"), readme).unwrap();

@@ -1,0 +1,221 @@
+//! A real `outpost-agent run` process for the integration tests: its config, state directory and
+//! socket in a temporary directory, the CLI pointed at it, and ways to wait for its state.
+
+#![allow(clippy::unwrap_used)] // test support: a panic is a failed test
+
+use crate::{Run, binary, run, testdata};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct AgentProcess {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    child: Option<Child>,
+}
+
+/// Trust block for vendor-a and vendor-b, both required.
+pub fn trust_two_of_two() -> String {
+    let keys = testdata().join("keys");
+    format!(
+        "trust:\n  keys: [{}, {}]\n  threshold: 2\n",
+        keys.join("vendor-a.pub").display(),
+        keys.join("vendor-b.pub").display()
+    )
+}
+
+impl AgentProcess {
+    /// Writes the config (`source` and `extra` are YAML blocks; trust is vendor-a + vendor-b,
+    /// threshold 2, unless `extra` has its own) and starts the agent.
+    pub fn start(source: &str, extra: &str) -> AgentProcess {
+        let dir = tempfile::tempdir().unwrap();
+        let trust = if extra.contains("trust:") {
+            String::new()
+        } else {
+            trust_two_of_two()
+        };
+        let permissions = if extra.contains("permissions:") {
+            ""
+        } else {
+            "permissions:\n  execution: {}\n"
+        };
+        let text = format!(
+            "{source}\n{trust}expect:\n  name: acme\n  channel: stable\n{permissions}state_dir: state\napi:\n  socket: agent.sock\n{extra}\n"
+        );
+        let config = dir.path().join("agent.yaml");
+        std::fs::write(&config, text).unwrap();
+        let mut agent = AgentProcess {
+            dir,
+            config,
+            child: None,
+        };
+        agent.restart();
+        agent
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// (Re)starts the daemon and waits for its socket to answer.
+    pub fn restart(&mut self) {
+        self.stop();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.path("agent.log"))
+            .unwrap();
+        let child = Command::new(binary("outpost-agent"))
+            .arg("run")
+            .arg("--config")
+            .arg(&self.config)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if self.cli(&["status"]).code == 0 {
+                return;
+            }
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+                panic!("the agent exited with {status}: {}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the agent did not come up: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// kill -9: no chance to clean up.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM and wait.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(child.id().to_string())
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.path("agent.log")).unwrap_or_default()
+    }
+
+    /// `outpost-agent ARGS... --config CONFIG`.
+    pub fn cli(&self, args: &[&str]) -> Run {
+        run(Command::new(binary("outpost-agent"))
+            .args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .env("USER", "tester"))
+    }
+
+    pub fn status(&self) -> Value {
+        let result = self.cli(&["status", "--output", "json"]).ok();
+        serde_json::from_str(&result.stdout).unwrap()
+    }
+
+    /// Polls `status` until `done` holds (10 s at most).
+    #[track_caller]
+    pub fn wait_for(&self, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let status = self.status();
+            if done(&status) {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; status: {status:#}\nlog: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    /// Waits until the current release has `sequence`.
+    #[track_caller]
+    pub fn wait_current(&self, sequence: u64) -> Value {
+        self.wait_for(&format!("current sequence {sequence}"), |s| {
+            s["current"]["sequence"] == sequence
+        })
+    }
+
+    /// Waits until the last rejection names `check` and a bundle other than `previous`.
+    #[track_caller]
+    pub fn wait_rejection(&self, check: &str, rejections_before: u64) -> Value {
+        self.wait_for(&format!("a rejection by {check}"), |_| {
+            self.rejected_total() > rejections_before
+        })
+    }
+
+    /// `outpost_bundles_rejected_total` from /metrics, through the status socket.
+    pub fn rejected_total(&self) -> u64 {
+        self.metric("outpost_bundles_rejected_total")
+    }
+
+    pub fn metric(&self, name: &str) -> u64 {
+        let text = crate::agent::http_get(&self.socket(), "/metrics");
+        text.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or(0)
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.path("agent.sock")
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A plain HTTP/1.0 GET over the agent's unix socket (what a monitoring sidecar would do).
+pub fn http_get(socket: &Path, path: &str) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::os::unix::net::UnixStream::connect(socket) else {
+        return String::new();
+    };
+    let _ = write!(stream, "GET {path} HTTP/1.0\r\nHost: agent\r\n\r\n");
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+        .unwrap_or_default()
+}
+
+/// Writes `bytes` as `dir/name` the way a careful operator does: under a dot-name, then renamed.
+pub fn drop_file(dir: &Path, name: &str, bytes: &[u8]) {
+    let partial = dir.join(format!(".{name}.partial"));
+    std::fs::write(&partial, bytes).unwrap();
+    std::fs::rename(&partial, dir.join(name)).unwrap();
+}

@@ -1,0 +1,299 @@
+//! Bundles made through the library, good and hostile: the test vectors and the agent's attack
+//! suite are built from these. Keys are the test keys in testdata/keys (password `test`).
+
+#![allow(clippy::unwrap_used)] // test support: a panic is a failed test
+
+use crate::testdata;
+use chrono::{TimeZone, Utc};
+use outpost_bundle_format::Digest;
+use outpost_bundle_format::bundle;
+use outpost_bundle_format::crypto::SigningKey;
+use outpost_bundle_format::layout::Layout;
+use outpost_bundle_format::layout::oci::{self, Descriptor};
+use outpost_bundle_format::release::{FORMAT_VERSION, ReleaseMetadata};
+use outpost_bundle_format::stack::{Stack, StackFile};
+
+pub fn key(name: &str) -> SigningKey {
+    let pem = std::fs::read(testdata().join("keys").join(format!("{name}.key"))).unwrap();
+    SigningKey::from_encrypted_pem(&pem, b"test").unwrap()
+}
+
+/// The quick-start stack (`acme`), renamed when `name` differs.
+pub fn stack(name: &str) -> StackFile {
+    let text = std::fs::read_to_string(testdata().join("stacks/valid/quickstart.yaml")).unwrap();
+    let text = text.replacen("name: acme", &format!("name: {name}"), 1);
+    Stack::from_yaml(&text).unwrap().0
+}
+
+pub fn quickstart() -> StackFile {
+    stack("acme")
+}
+
+/// Release metadata for stack `acme`, channel `stable`, created 2026-01-01, expiring in 2099.
+pub fn metadata(version: &str, sequence: u64) -> ReleaseMetadata {
+    ReleaseMetadata {
+        format_version: FORMAT_VERSION,
+        name: "acme".into(),
+        version: semver::Version::parse(version).unwrap(),
+        sequence,
+        channel: "stable".into(),
+        created: Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap(),
+        expires: Utc.with_ymd_and_hms(2099, 1, 1, 0, 0, 0).unwrap(),
+    }
+}
+
+/// An unsigned quick-start release.
+pub fn release(version: &str, sequence: u64) -> Layout {
+    bundle::build(&quickstart(), &metadata(version, sequence), &[]).unwrap()
+}
+
+pub fn signed(mut layout: Layout, keys: &[&str]) -> Layout {
+    for name in keys {
+        bundle::add_signature(&mut layout, &key(name), "acme").unwrap();
+    }
+    layout
+}
+
+pub fn tar(layout: &Layout) -> Vec<u8> {
+    let mut out = Vec::new();
+    layout.write_tar(&mut out).unwrap();
+    out
+}
+
+pub fn digest(layout: &Layout) -> Digest {
+    bundle::bundle_descriptor(layout).unwrap().digest
+}
+
+/// Replaces the bundle manifest by `edit(manifest)`, fixing the index (as an attacker would).
+pub fn edit_manifest(layout: &mut Layout, edit: impl FnOnce(&mut serde_json::Value)) -> Digest {
+    let old = bundle::bundle_descriptor(layout).unwrap().clone();
+    let bytes = layout.read_blob(&old.digest, 1 << 20).unwrap();
+    let mut manifest: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+    edit(&mut manifest);
+    let bytes = serde_json::to_vec(&manifest).unwrap();
+    let mut descriptor = Descriptor::of(oci::MEDIA_TYPE_MANIFEST, &bytes);
+    descriptor.artifact_type = old.artifact_type.clone();
+    descriptor.annotations = old.annotations.clone();
+    let digest = layout.add_blob(bytes);
+    let index = layout.index_mut();
+    index.manifests.retain(|d| d.digest != old.digest);
+    index.manifests.insert(0, descriptor);
+    digest
+}
+
+/// A release whose stack layer is replaced by `stack_json` (built around the builder's checks).
+pub fn with_stack(stack_json: Vec<u8>, version: &str, sequence: u64) -> Layout {
+    let mut layout = release(version, sequence);
+    let layer = Descriptor::of(bundle::MEDIA_TYPE_STACK, &stack_json);
+    layout.add_blob(stack_json);
+    edit_manifest(&mut layout, |m| {
+        m["layers"][0] = serde_json::to_value(&layer).unwrap()
+    });
+    layout
+}
+
+/// A release naming its first image by tag only.
+pub fn unpinned(version: &str, sequence: u64) -> Layout {
+    let mut stack = serde_json::to_value(quickstart()).unwrap();
+    stack["resources"][0]["container"]["code"]["image"] = "ghcr.io/acme/api:1.0".into();
+    with_stack(serde_json::to_vec(&stack).unwrap(), version, sequence)
+}
+
+/// `target` carrying the signature manifest of `donor`, tagged for `target`'s digest.
+pub fn move_signature(donor: &Layout, mut target: Layout) -> Layout {
+    let (donor_digest, target_digest) = (digest(donor), digest(&target));
+    let sig = donor
+        .index()
+        .manifests
+        .iter()
+        .find(|d| d.ref_name() == Some(donor_digest.signature_tag().as_str()))
+        .unwrap()
+        .clone();
+    let sig_bytes = donor.read_blob(&sig.digest, 1 << 20).unwrap();
+    let sig_manifest: oci::ImageManifest = serde_json::from_slice(&sig_bytes).unwrap();
+    for blob in std::iter::once(&sig_manifest.config).chain(&sig_manifest.layers) {
+        target.add_blob(donor.read_blob(&blob.digest, 1 << 20).unwrap());
+    }
+    target.add_blob(sig_bytes);
+    let mut moved = sig;
+    moved.annotations.insert(
+        oci::ANNOTATION_REF_NAME.into(),
+        target_digest.signature_tag(),
+    );
+    target.index_mut().manifests.push(moved);
+    target
+}
+
+/// The tar of `layout` with one byte of its stack changed, names and sizes unchanged.
+pub fn tampered_tar(layout: &Layout) -> Vec<u8> {
+    let mut bytes = tar(layout);
+    let parts = bundle::read_parts(layout, &Default::default()).unwrap();
+    let stack_json = parts.stack_bytes;
+    let at = bytes
+        .windows(stack_json.len())
+        .position(|w| w == stack_json.as_slice())
+        .unwrap();
+    let offset = at + stack_json.windows(4).position(|w| w == b"1Gi\"").unwrap();
+    bytes[offset] = b'9';
+    bytes
+}
+
+#[derive(Clone, Copy)]
+pub enum EntryKind {
+    File,
+    Symlink,
+}
+
+/// A tar with hostile entries (paths the tar crate's builder refuses to write).
+pub fn raw_tar(entries: &[(&str, EntryKind, &[u8], Option<&str>)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (path, kind, content, link) in entries {
+        let mut header = [0u8; 512];
+        header[..path.len()].copy_from_slice(path.as_bytes());
+        header[100..107].copy_from_slice(b"0000644");
+        header[108..115].copy_from_slice(b"0000000");
+        header[116..123].copy_from_slice(b"0000000");
+        header[124..135].copy_from_slice(format!("{:011o}", content.len()).as_bytes());
+        header[136..147].copy_from_slice(b"00000000000");
+        header[156] = match kind {
+            EntryKind::File => b'0',
+            EntryKind::Symlink => b'2',
+        };
+        if let Some(link) = link {
+            header[157..157 + link.len()].copy_from_slice(link.as_bytes());
+        }
+        header[257..263].copy_from_slice(b"ustar\0");
+        header[263..265].copy_from_slice(b"00");
+        header[148..156].copy_from_slice(b"        ");
+        let sum: u32 = header.iter().map(|b| *b as u32).sum();
+        header[148..155].copy_from_slice(format!("{sum:06o}\0").as_bytes());
+        out.extend_from_slice(&header);
+        out.extend_from_slice(content);
+        out.resize(out.len().div_ceil(512) * 512, 0);
+    }
+    out.resize(out.len() + 1024, 0);
+    out
+}
+
+pub fn garbage() -> Vec<u8> {
+    (0..4096u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect()
+}
+
+/// One hostile bundle and the check that must refuse it.
+pub struct Attack {
+    pub name: &'static str,
+    pub layout: Option<Layout>,
+    /// The file form (tar); for tar-level attacks there is no layout.
+    pub tar: Vec<u8>,
+    pub check: &'static str,
+}
+
+/// The attack suite against an agent trusting vendor-a and vendor-b with threshold 2 for stack
+/// `acme` on `stable`, whose highest accepted sequence is below `next`; `replay` is an older,
+/// once-accepted release. Tar-level attacks have no layout (they cannot travel through a
+/// registry, which checks digests itself).
+pub fn attacks(next: u64, replay: &Layout) -> Vec<Attack> {
+    let version = |n: u64| format!("9.{n}.0");
+    let both = ["vendor-a", "vendor-b"];
+    let with_layout = |name, layout: Layout, check| Attack {
+        name,
+        tar: tar(&layout),
+        layout: Some(layout),
+        check,
+    };
+    let tar_only = |name, tar: Vec<u8>, check| Attack {
+        name,
+        layout: None,
+        tar,
+        check,
+    };
+    let mut expired = metadata(&version(next), next);
+    expired.created = Utc.with_ymd_and_hms(2020, 1, 1, 0, 0, 0).unwrap();
+    expired.expires = Utc.with_ymd_and_hms(2020, 6, 1, 0, 0, 0).unwrap();
+    let mut wrong_stack = metadata(&version(next), next);
+    wrong_stack.name = "other".into();
+    let mut wrong_channel = metadata(&version(next), next);
+    wrong_channel.channel = "beta".into();
+    let donor = signed(release("1.0.0", 1), &both);
+    let blob = b"x";
+    let blob_name = format!("blobs/sha256/{}", Digest::of(blob).hex());
+    let valid_tar = tar(&signed(release(&version(next), next), &both));
+    vec![
+        tar_only(
+            "tampered",
+            tampered_tar(&signed(release(&version(next), next), &both)),
+            "digest-mismatch",
+        ),
+        with_layout("unsigned", release(&version(next), next), "unsigned"),
+        with_layout(
+            "wrong-key",
+            signed(release(&version(next), next), &["vendor-c"]),
+            "untrusted-signature",
+        ),
+        with_layout(
+            "below-threshold",
+            signed(release(&version(next), next), &["vendor-a"]),
+            "threshold-unmet",
+        ),
+        with_layout(
+            "same-key-twice",
+            signed(release(&version(next), next), &["vendor-a", "vendor-a"]),
+            "threshold-unmet",
+        ),
+        with_layout(
+            "signature-from-another-bundle",
+            move_signature(&donor, release(&version(next), next)),
+            "signature-mismatch",
+        ),
+        with_layout(
+            "wrong-stack",
+            signed(
+                bundle::build(&stack("other"), &wrong_stack, &[]).unwrap(),
+                &both,
+            ),
+            "wrong-stack",
+        ),
+        with_layout(
+            "wrong-channel",
+            signed(
+                bundle::build(&quickstart(), &wrong_channel, &[]).unwrap(),
+                &both,
+            ),
+            "wrong-channel",
+        ),
+        with_layout(
+            "expired",
+            signed(bundle::build(&quickstart(), &expired, &[]).unwrap(), &both),
+            "expired",
+        ),
+        with_layout("replayed-older-sequence", replay.clone(), "rollback"),
+        with_layout(
+            "unpinned-image",
+            signed(unpinned(&version(next), next), &both),
+            "unpinned-image",
+        ),
+        tar_only(
+            "tar-path-traversal",
+            raw_tar(&[("../../../tmp/outpost-escape", EntryKind::File, blob, None)]),
+            "unsafe-path",
+        ),
+        tar_only(
+            "tar-absolute-path",
+            raw_tar(&[("/tmp/outpost-escape", EntryKind::File, blob, None)]),
+            "unsafe-path",
+        ),
+        tar_only(
+            "tar-symlink",
+            raw_tar(&[(&blob_name, EntryKind::Symlink, b"", Some("/etc/passwd"))]),
+            "unsafe-path",
+        ),
+        tar_only(
+            "truncated",
+            valid_tar[..valid_tar.len() / 2].to_vec(),
+            "malformed",
+        ),
+        tar_only("garbage", garbage(), "malformed"),
+    ]
+}

@@ -1,0 +1,328 @@
+//! The agent with a file-drop source on real inotify: the attack suite, the customer's CLI
+//! (status, plan, approve, reject, pin, history, verify), and kill -9 at any moment.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is a failed test
+
+use outpost_tests::agent::{AgentProcess, drop_file};
+use outpost_tests::forge::{attacks, release, signed, tar};
+use serde_json::Value;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+const BOTH: [&str; 2] = ["vendor-a", "vendor-b"];
+
+fn dir_agent(drop: &Path, extra: &str) -> AgentProcess {
+    AgentProcess::start(
+        &format!("source:\n  dir:\n    path: {}\n", drop.display()),
+        extra,
+    )
+}
+
+#[track_caller]
+fn wait_file(path: &Path) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(text) = std::fs::read_to_string(path) {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} never appeared",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn attack_suite_through_a_file_drop() {
+    let drop = tempfile::tempdir().unwrap();
+    let agent = dir_agent(drop.path(), "");
+    let status = agent.status();
+    for key in ["current", "pending", "last_rejection"] {
+        assert_eq!(status[key], Value::Null, "{key} in {status:#}");
+    }
+
+    let v1 = signed(release("1.0.0", 1), &BOTH);
+    drop_file(drop.path(), "acme-1.0.0.tar", &tar(&v1));
+    agent.wait_current(1);
+    assert!(
+        wait_file(&drop.path().join("accepted/acme-1.0.0.tar.reason"))
+            .starts_with("accepted 1.0.0")
+    );
+    assert!(drop.path().join("accepted/acme-1.0.0.tar").exists());
+    drop_file(
+        drop.path(),
+        "acme-1.1.0.tar",
+        &tar(&signed(release("1.1.0", 2), &BOTH)),
+    );
+    let before = agent.wait_current(2)["current"].clone();
+
+    let suite = attacks(3, &v1);
+    assert!(suite.len() >= 15);
+    for attack in &suite {
+        let name = format!("{}.tar", attack.name);
+        drop_file(drop.path(), &name, &attack.tar);
+        let reason = wait_file(&drop.path().join("rejected").join(format!("{name}.reason")));
+        assert!(
+            reason.starts_with(&format!("rejected: {}: ", attack.check)),
+            "{}: {reason}",
+            attack.name
+        );
+        assert!(drop.path().join("rejected").join(&name).exists());
+        let status = agent.status();
+        assert_eq!(
+            status["current"], before,
+            "{}: the current release changed",
+            attack.name
+        );
+        assert_eq!(status["pending"], Value::Null, "{}", attack.name);
+        let rejection = &status["last_rejection"];
+        assert_eq!(
+            rejection["check"], attack.check,
+            "{}: {status:#}",
+            attack.name
+        );
+        assert!(rejection["reason"].as_str().is_some_and(|r| !r.is_empty()));
+        assert!(rejection["at"].as_str().is_some_and(|at| at.ends_with('Z')));
+        // The same file checked offline by the customer gives the same named reason.
+        let file = agent.path(&name);
+        std::fs::write(&file, &attack.tar).unwrap();
+        let offline = agent.cli(&["verify", file.to_str().unwrap()]);
+        offline.fails(1, &format!("verification failed: {}: ", attack.check));
+    }
+    assert_eq!(agent.rejected_total(), suite.len() as u64);
+
+    // Still accepting the next valid bundle.
+    let v3 = signed(release("1.2.0", 3), &BOTH);
+    let file = agent.path("v3.tar");
+    std::fs::write(&file, tar(&v3)).unwrap();
+    let offline = agent.cli(&["verify", file.to_str().unwrap()]).ok();
+    assert!(
+        offline.stdout.contains("verified acme 1.2.0 sha256:"),
+        "{}",
+        offline.stdout
+    );
+    drop_file(drop.path(), "acme-1.2.0.tar", &tar(&v3));
+    let status = agent.wait_current(3);
+    assert_eq!(status["highest_sequence"], 3);
+    assert!(
+        status["current"]["digest"]
+            .as_str()
+            .unwrap()
+            .starts_with("sha256:")
+    );
+    assert_eq!(status["current"]["version"], "1.2.0");
+
+    // The current release again is a no-op, filed under accepted/.
+    drop_file(drop.path(), "again.tar", &tar(&v3));
+    assert!(wait_file(&drop.path().join("accepted/again.tar.reason")).starts_with("unchanged"));
+}
+
+#[test]
+fn partial_and_dot_files_are_never_read() {
+    let drop = tempfile::tempdir().unwrap();
+    let agent = dir_agent(drop.path(), "");
+    let bytes = tar(&signed(release("1.0.0", 1), &BOTH));
+    // A half-written file: opened for writing and not closed yet, then its dot- and .partial
+    // cousins, closed.
+    use std::io::Write;
+    let mut writing = std::fs::File::create(drop.path().join("slow.tar")).unwrap();
+    writing.write_all(&bytes[..bytes.len() / 2]).unwrap();
+    writing.flush().unwrap();
+    std::fs::write(drop.path().join(".hidden.tar"), &bytes).unwrap();
+    std::fs::write(drop.path().join("upload.tar.partial"), &bytes).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let status = agent.status();
+    assert_eq!(status["current"], Value::Null);
+    assert_eq!(
+        status["last_rejection"],
+        Value::Null,
+        "a partial file was read: {status:#}"
+    );
+    assert!(
+        drop.path().join(".hidden.tar").exists() && drop.path().join("upload.tar.partial").exists()
+    );
+    // Finishing the write (close) makes it a candidate.
+    writing.write_all(&bytes[bytes.len() / 2..]).unwrap();
+    std::mem::drop(writing);
+    agent.wait_current(1);
+    assert!(drop.path().join("accepted/slow.tar").exists());
+}
+
+fn post(agent: &AgentProcess, args: &[&str]) -> String {
+    agent.cli(args).ok().stdout
+}
+
+#[test]
+fn manual_approval_plan_reject_pin_and_history() {
+    let drop = tempfile::tempdir().unwrap();
+    let extra = "approval:\n  mode: manual\n  rules:\n    - {change: patch, mode: auto}\n";
+    let agent = dir_agent(drop.path(), extra);
+
+    drop_file(
+        drop.path(),
+        "v1.tar",
+        &tar(&signed(release("1.0.0", 1), &BOTH)),
+    );
+    let status = agent.wait_for("pending 1.0.0", |s| s["pending"]["version"] == "1.0.0");
+    assert!(
+        status["pending"]["waiting_for"]
+            .as_str()
+            .unwrap()
+            .starts_with("approval (initial change)"),
+        "{status:#}"
+    );
+    assert_eq!(status["current"], Value::Null);
+    assert_eq!(status["pending"]["sequence"], 1);
+    let plan = post(&agent, &["plan"]);
+    assert!(plan.contains("+ api (new resource"), "{plan}");
+    agent
+        .cli(&["approve", "2.0.0"])
+        .fails(1, "the pending release is 1.0.0, not 2.0.0");
+    assert!(post(&agent, &["approve", "1.0.0"]).contains("now current"));
+    agent.wait_current(1);
+
+    // A patch goes through by rule; a minor waits; its plan shows field changes.
+    drop_file(
+        drop.path(),
+        "v2.tar",
+        &tar(&signed(release("1.0.1", 2), &BOTH)),
+    );
+    agent.wait_current(2);
+    let mut stack = serde_json::to_value(outpost_tests::forge::quickstart()).unwrap();
+    stack["resources"][0]["container"]["memory"] = "2Gi".into();
+    stack["permissionProfiles"]["execution"]["aws"] =
+        serde_json::json!(["s3:GetObject", "s3:PutObject"]);
+    let minor = signed(
+        outpost_tests::forge::with_stack(serde_json::to_vec(&stack).unwrap(), "1.1.0", 3),
+        &BOTH,
+    );
+    drop_file(drop.path(), "v3.tar", &tar(&minor));
+    agent.wait_for("pending 1.1.0", |s| s["pending"]["version"] == "1.1.0");
+    let plan = post(&agent, &["plan"]);
+    assert!(
+        plan.contains("memory") && plan.contains("1Gi") && plan.contains("2Gi"),
+        "{plan}"
+    );
+    assert!(plan.contains("permission"), "{plan}");
+    let plan_json: Value =
+        serde_json::from_str(&post(&agent, &["plan", "--output", "json"])).unwrap();
+    assert_eq!(plan_json["pending"], "1.1.0");
+    agent
+        .cli(&["reject", "1.1.0", "--reason", " "])
+        .fails(2, "--reason");
+    assert!(
+        post(
+            &agent,
+            &["reject", "1.1.0", "--reason", "needs a security review"]
+        )
+        .contains("rejected 1.1.0")
+    );
+    let status = agent.status();
+    assert_eq!(status["pending"], Value::Null);
+    assert_eq!(status["current"]["sequence"], 2);
+    // The rejected release is not offered again.
+    drop_file(drop.path(), "v3-again.tar", &tar(&minor));
+    wait_file(&drop.path().join("rejected/v3-again.tar.reason"));
+
+    // Pin holds even an auto-approved patch until unpin.
+    agent
+        .cli(&["pin", "1.0.0"])
+        .fails(1, "only the current release (1.0.1) can be pinned");
+    assert!(post(&agent, &["pin", "1.0.1"]).contains("pinned to 1.0.1"));
+    drop_file(
+        drop.path(),
+        "v4.tar",
+        &tar(&signed(release("1.0.2", 4), &BOTH)),
+    );
+    let status = agent.wait_for("pending 1.0.2", |s| s["pending"]["version"] == "1.0.2");
+    assert!(
+        status["pending"]["waiting_for"]
+            .as_str()
+            .unwrap()
+            .starts_with("pinned to 1.0.1")
+    );
+    assert_eq!(status["pinned"], "1.0.1");
+    assert!(post(&agent, &["unpin"]).contains("unpinned 1.0.1"));
+    agent.wait_current(4);
+    agent.cli(&["unpin"]).fails(1, "nothing is pinned");
+
+    let history = post(&agent, &["history"]);
+    for needle in [
+        "approve  1.0.0 by tester",
+        "reject   1.1.0 by tester",
+        "needs a security review",
+        "pin      1.0.1",
+        "unpin",
+    ] {
+        assert!(
+            history.contains(needle),
+            "history lacks {needle:?}:\n{history}"
+        );
+    }
+    let text = post(&agent, &["status"]);
+    assert!(text.contains("current:   1.0.2 (sequence 4"), "{text}");
+}
+
+#[test]
+fn unmapped_permission_profiles_wait() {
+    let drop = tempfile::tempdir().unwrap();
+    let agent = dir_agent(drop.path(), "permissions: {}\n");
+    drop_file(
+        drop.path(),
+        "v1.tar",
+        &tar(&signed(release("1.0.0", 1), &BOTH)),
+    );
+    let status = agent.wait_for("pending", |s| !s["pending"].is_null());
+    assert!(
+        status["pending"]["waiting_for"]
+            .as_str()
+            .unwrap()
+            .starts_with("permissions need approval"),
+        "{status:#}"
+    );
+    // Approving does not override the customer's permission policy.
+    assert!(
+        post(&agent, &["approve", "1.0.0"]).contains("still waiting for permissions need approval")
+    );
+}
+
+#[test]
+fn kill_9_at_any_moment_keeps_state_intact() {
+    let drop = tempfile::tempdir().unwrap();
+    let mut agent = dir_agent(drop.path(), "");
+    let mut rng = 0x2545_f491_4f6c_dd1du64;
+    for sequence in 1..=12u64 {
+        drop_file(
+            drop.path(),
+            &format!("v{sequence}.tar"),
+            &tar(&signed(
+                release(&format!("1.{sequence}.0"), sequence),
+                &BOTH,
+            )),
+        );
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        std::thread::sleep(Duration::from_micros(rng % 40_000));
+        agent.kill();
+        agent.restart();
+        let status = agent.wait_current(sequence);
+        assert_eq!(status["highest_sequence"], sequence);
+        assert_eq!(status["last_rejection"], Value::Null, "{status:#}");
+    }
+    // Rollback protection survived every restart, and a deleted download cache.
+    let _ = std::fs::remove_dir_all(agent.path("state/tmp"));
+    agent.restart();
+    drop_file(
+        drop.path(),
+        "old.tar",
+        &tar(&signed(release("1.3.0", 3), &BOTH)),
+    );
+    assert!(
+        wait_file(&drop.path().join("rejected/old.tar.reason")).starts_with("rejected: rollback")
+    );
+    let history = agent.cli(&["history", "--limit", "1000"]).ok().stdout;
+    assert!(history.contains("1.12.0"), "{history}");
+}
