@@ -126,11 +126,12 @@ pub async fn drive(
             *last = None;
         }
         let (agent_for_task, origin) = (agent.clone(), candidate.origin.clone());
+        let digest = candidate.digest.map(|d| d.to_string());
         let outcome = {
             let layout = std::mem::replace(&mut candidate.layout, Ok(Default::default()));
             tokio::task::spawn_blocking(move || match layout {
                 Ok(layout) => agent_for_task.ingest(&layout, &origin, crate::config::now()),
-                Err(e) => agent_for_task.reject_unreadable(&origin, &e, crate::config::now()),
+                Err(e) => agent_for_task.reject_unreadable(&origin, digest, &e, crate::config::now()),
             })
             .await??
         };

@@ -375,11 +375,12 @@ impl Agent {
     pub fn reject_unreadable(
         &self,
         origin: &str,
+        digest: Option<String>,
         error: &LayoutError,
         now: DateTime<Utc>,
     ) -> anyhow::Result<Ingested> {
         let rejection = Rejection {
-            digest: None,
+            digest,
             origin: origin.to_string(),
             check: error.check().to_string(),
             reason: error.to_string(),
@@ -387,7 +388,7 @@ impl Agent {
         };
         self.store.record_rejection(&rejection)?;
         Ok(Ingested::Rejected {
-            digest: None,
+            digest: rejection.digest.clone(),
             check: rejection.check,
             reason: rejection.reason,
         })

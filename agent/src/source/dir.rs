@@ -102,6 +102,7 @@ impl DirSource {
             return Some(Candidate {
                 origin: path.display().to_string(),
                 layout,
+                digest: None,
                 spool,
                 key: name,
             });
@@ -109,6 +110,7 @@ impl DirSource {
         Some(Candidate {
             origin: path.display().to_string(),
             layout,
+            digest: None,
             spool: None,
             key: name,
         })

@@ -249,6 +249,7 @@ impl Source for GitSource {
                         Ok(Some(Candidate {
                             origin: format!("git {url} {}@{commit}", refspec.0),
                             layout,
+                            digest: None,
                             spool: Some(spool),
                             key: commit.to_string(),
                         }))

@@ -23,6 +23,8 @@ pub struct Candidate {
     pub layout: Result<Layout, outpost_bundle_format::layout::LayoutError>,
     /// Keeps large blobs spooled on disk alive while the candidate is processed.
     pub spool: Option<tempfile::TempDir>,
+    /// The digest the source addressed the bundle by, when it has one (a registry does).
+    pub digest: Option<outpost_bundle_format::Digest>,
     /// Source-specific identity (file name, manifest digest, commit id).
     pub key: String,
 }

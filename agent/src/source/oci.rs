@@ -8,8 +8,22 @@ use crate::pipeline::Ingested;
 use outpost_bundle_format::Digest;
 use outpost_bundle_format::layout::oci::{self, Descriptor, ImageIndex, ImageManifest};
 use outpost_bundle_format::layout::{Layout, Limits};
-use outpost_registry_client::{Credentials, Reference, Registry, docker_config_credentials};
+use outpost_bundle_format::layout::LayoutError;
+use outpost_registry_client::{Credentials, Reference, Registry, RegistryError, docker_config_credentials};
 use std::time::Duration;
+
+/// Why a fetch failed: the registry could not be reached (retried with backoff), or what it
+/// served is wrong (a rejection, recorded like any other).
+enum FetchError {
+    Transport(SourceError),
+    Content(LayoutError),
+}
+
+impl From<SourceError> for FetchError {
+    fn from(e: SourceError) -> Self {
+        FetchError::Transport(e)
+    }
+}
 
 pub struct OciSource {
     registry: Registry,
@@ -66,6 +80,15 @@ impl OciSource {
         ))
     }
 
+    /// Bad content is the bundle's fault (rejected); anything else is the connection's (retried).
+    fn classify(&self, e: RegistryError) -> FetchError {
+        match e {
+            RegistryError::DigestMismatch { what, expected, actual } => FetchError::Content(LayoutError::DigestMismatch { what, expected, actual }),
+            RegistryError::TooLarge { what, limit } => FetchError::Content(LayoutError::SizeLimit { what, size: limit.saturating_add(1), limit }),
+            other => FetchError::Transport(self.fail(other)),
+        }
+    }
+
     async fn signature_head(&self, digest: &Digest) -> Result<Option<Digest>, SourceError> {
         Ok(self
             .registry
@@ -76,17 +99,17 @@ impl OciSource {
     }
 
     /// Fetches the bundle manifest, its blobs and its signatures into an in-memory layout.
-    async fn fetch(&self, digest: Digest) -> Result<Layout, SourceError> {
+    async fn fetch(&self, digest: Digest) -> Result<Layout, FetchError> {
         let repository = &self.reference.repository;
         let max = self.limits.max_metadata_bytes;
         let (bytes, _) = self
             .registry
             .get_manifest(repository, &digest.to_string(), max)
             .await
-            .map_err(|e| self.fail(e))?;
+            .map_err(|e| self.classify(e))?;
         let mut layout = Layout::default();
         let manifest: ImageManifest = serde_json::from_slice(&bytes)
-            .map_err(|e| self.fail(format!("manifest {digest}: {e}")))?;
+            .map_err(|e| malformed(format!("manifest {digest}"), e))?;
         let mut descriptor = Descriptor::of(oci::MEDIA_TYPE_MANIFEST, &bytes);
         descriptor.artifact_type = manifest.artifact_type.clone();
         descriptor
@@ -101,9 +124,9 @@ impl OciSource {
                 .registry
                 .get_manifest(repository, &signature_manifest.to_string(), max)
                 .await
-                .map_err(|e| self.fail(e))?;
+                .map_err(|e| self.classify(e))?;
             let manifest: ImageManifest = serde_json::from_slice(&bytes)
-                .map_err(|e| self.fail(format!("signature manifest: {e}")))?;
+                .map_err(|e| malformed(format!("signature manifest {signature_manifest}"), e))?;
             self.fetch_blobs(&manifest, &mut layout).await?;
             let mut descriptor = Descriptor::of(oci::MEDIA_TYPE_MANIFEST, &bytes);
             descriptor
@@ -150,16 +173,17 @@ impl OciSource {
         &self,
         manifest: &ImageManifest,
         layout: &mut Layout,
-    ) -> Result<(), SourceError> {
+    ) -> Result<(), FetchError> {
         for blob in std::iter::once(&manifest.config).chain(&manifest.layers) {
             if layout.has_blob(&blob.digest) {
                 continue;
             }
             if blob.size > self.limits.max_metadata_bytes {
-                return Err(self.fail(format!(
-                    "blob {} is {} bytes, over the {}-byte limit",
-                    blob.digest, blob.size, self.limits.max_metadata_bytes
-                )));
+                return Err(FetchError::Content(LayoutError::SizeLimit {
+                    what: format!("blob {}", blob.digest),
+                    size: blob.size,
+                    limit: self.limits.max_metadata_bytes,
+                }));
             }
             let mut content = Vec::with_capacity(blob.size as usize);
             self.registry
@@ -173,7 +197,7 @@ impl OciSource {
                     },
                 )
                 .await
-                .map_err(|e| self.fail(e))?;
+                .map_err(|e| self.classify(e))?;
             layout.add_blob(content);
         }
         Ok(())
@@ -200,9 +224,8 @@ impl Source for OciSource {
                     .head_manifest(&self.reference.repository, &self.tag)
                     .await
                     .map_err(|e| self.fail(e))?;
-                let Some(head) = head else {
-                    return Err(self.fail("tag not found"));
-                };
+                // Nothing published yet: keep polling at the interval, not with backoff.
+                let Some(head) = head else { continue };
                 let changed = match self.last {
                     Some((digest, _)) if digest != head.digest => true,
                     None => true,
@@ -215,19 +238,13 @@ impl Source for OciSource {
                 if !changed {
                     continue;
                 }
-                let layout = self.fetch(head.digest).await;
-                let layout = match layout {
+                let layout = match self.fetch(head.digest).await {
                     Ok(layout) => Ok(layout),
-                    // Transport problems are retried; a fetched-but-bad bundle is a rejection.
-                    Err(e) if e.0.contains("digest") || e.0.contains("limit") => {
-                        Err(outpost_bundle_format::layout::LayoutError::Malformed {
-                            what: "registry content".into(),
-                            reason: e.0,
-                        })
-                    }
-                    Err(e) => return Err(e),
+                    Err(FetchError::Content(e)) => Err(e),
+                    Err(FetchError::Transport(e)) => return Err(e),
                 };
                 return Ok(Candidate {
+                    digest: Some(head.digest),
                     origin: format!(
                         "oci://{}/{}@{}",
                         self.reference.host, self.reference.repository, head.digest
@@ -253,4 +270,8 @@ impl Source for OciSource {
             }
         })
     }
+}
+
+fn malformed(what: String, e: impl std::fmt::Display) -> FetchError {
+    FetchError::Content(LayoutError::Malformed { what, reason: e.to_string() })
 }
