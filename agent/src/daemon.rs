@@ -131,7 +131,9 @@ pub async fn drive(
             let layout = std::mem::replace(&mut candidate.layout, Ok(Default::default()));
             tokio::task::spawn_blocking(move || match layout {
                 Ok(layout) => agent_for_task.ingest(&layout, &origin, crate::config::now()),
-                Err(e) => agent_for_task.reject_unreadable(&origin, digest, &e, crate::config::now()),
+                Err(e) => {
+                    agent_for_task.reject_unreadable(&origin, digest, &e, crate::config::now())
+                }
             })
             .await??
         };

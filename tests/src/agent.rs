@@ -167,14 +167,6 @@ impl AgentProcess {
         })
     }
 
-    /// Waits until the last rejection names `check` and a bundle other than `previous`.
-    #[track_caller]
-    pub fn wait_rejection(&self, check: &str, rejections_before: u64) -> Value {
-        self.wait_for(&format!("a rejection by {check}"), |_| {
-            self.rejected_total() > rejections_before
-        })
-    }
-
     /// `outpost_bundles_rejected_total` from /metrics, through the status socket.
     pub fn rejected_total(&self) -> u64 {
         self.metric("outpost_bundles_rejected_total")

@@ -17,15 +17,23 @@ fn push(registry: &TestRegistry, layout: &Layout, tag: &str) {
     let file = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(file.path(), tar(layout)).unwrap();
     let mut command = signer();
-    command.arg("push").arg(file.path()).arg(format!("oci://{}/acme/shop:{tag}", registry.host()));
+    command
+        .arg("push")
+        .arg(file.path())
+        .arg(format!("oci://{}/acme/shop:{tag}", registry.host()));
     if let Some((user, pass)) = &registry.auth {
-        command.env("OUTPOST_REGISTRY_USERNAME", user).env("OUTPOST_REGISTRY_PASSWORD", pass);
+        command
+            .env("OUTPOST_REGISTRY_USERNAME", user)
+            .env("OUTPOST_REGISTRY_PASSWORD", pass);
     }
     run(&mut command).ok();
 }
 
 fn oci_agent(registry: &TestRegistry, auth: &str) -> AgentProcess {
-    let source = format!("source:\n  oci:\n    reference: {}/acme/shop:stable\n    interval: 200ms\n{auth}", registry.host());
+    let source = format!(
+        "source:\n  oci:\n    reference: {}/acme/shop:stable\n    interval: 200ms\n{auth}",
+        registry.host()
+    );
     AgentProcess::start(&source, "")
 }
 
@@ -48,27 +56,42 @@ fn attack_suite_through_a_registry() {
         let layout = attack.layout.unwrap();
         let attack_digest = digest(&layout).to_string();
         push(&registry, &layout, "stable");
-        let status = agent.wait_for(&format!("{} rejected by {}", attack.name, attack.check), |s| {
-            s["last_rejection"]["digest"] == attack_digest.as_str() && s["last_rejection"]["check"] == attack.check
-        });
+        let status = agent.wait_for(
+            &format!("{} rejected by {}", attack.name, attack.check),
+            |s| {
+                s["last_rejection"]["digest"] == attack_digest.as_str()
+                    && s["last_rejection"]["check"] == attack.check
+            },
+        );
         assert_eq!(status["current"], before, "{}", attack.name);
         assert_eq!(status["pending"], Value::Null, "{}", attack.name);
-        assert!(status["last_rejection"]["reason"].as_str().is_some_and(|r| !r.is_empty()));
+        assert!(
+            status["last_rejection"]["reason"]
+                .as_str()
+                .is_some_and(|r| !r.is_empty())
+        );
     }
 
     // A registry (or a man in the middle) serving different bytes under a digest.
     let v3 = signed(release("1.2.0", 3), &BOTH);
     push(&registry, &v3, "staging");
-    let stack = outpost_bundle_format::bundle::read_parts(&v3, &Default::default()).unwrap().stack_bytes;
+    let stack = outpost_bundle_format::bundle::read_parts(&v3, &Default::default())
+        .unwrap()
+        .stack_bytes;
     let hex = Digest::of(&stack).hex();
-    let data = registry.dir.path().join(format!("data/docker/registry/v2/blobs/sha256/{}/{hex}/data", &hex[..2]));
+    let data = registry.dir.path().join(format!(
+        "data/docker/registry/v2/blobs/sha256/{}/{hex}/data",
+        &hex[..2]
+    ));
     let original = std::fs::read(&data).unwrap();
     let mut bytes = original.clone();
     let at = bytes.windows(4).position(|w| w == b"1Gi\"").unwrap();
     bytes[at] = b'9';
     std::fs::write(&data, bytes).unwrap();
     push(&registry, &v3, "stable");
-    let status = agent.wait_for("tampered blob rejected", |s| s["last_rejection"]["check"] == "digest-mismatch");
+    let status = agent.wait_for("tampered blob rejected", |s| {
+        s["last_rejection"]["check"] == "digest-mismatch"
+    });
     assert_eq!(status["current"], before);
     assert_eq!(status["last_rejection"]["digest"], digest(&v3).to_string());
     std::fs::write(&data, original).unwrap();
@@ -89,9 +112,17 @@ fn signatures_arriving_after_the_manifest_are_picked_up() {
     // Push unsigned first (what a slow CI pipeline does), then the same release signed.
     let unsigned = release("1.0.0", 1);
     push(&registry, &unsigned, "stable");
-    agent.wait_for("unsigned rejected", |s| s["last_rejection"]["check"] == "unsigned");
-    push(&registry, &signed(unsigned.clone(), &["vendor-a"]), "stable");
-    agent.wait_for("one signature is below the threshold", |s| s["last_rejection"]["check"] == "threshold-unmet");
+    agent.wait_for("unsigned rejected", |s| {
+        s["last_rejection"]["check"] == "unsigned"
+    });
+    push(
+        &registry,
+        &signed(unsigned.clone(), &["vendor-a"]),
+        "stable",
+    );
+    agent.wait_for("one signature is below the threshold", |s| {
+        s["last_rejection"]["check"] == "threshold-unmet"
+    });
     push(&registry, &signed(unsigned, &BOTH), "stable");
     agent.wait_current(1);
 }
@@ -103,20 +134,50 @@ fn basic_auth_from_a_password_file_and_a_docker_config() {
     let secrets = tempfile::tempdir().unwrap();
     let password = secrets.path().join("password");
     std::fs::write(&password, "s3cret\n").unwrap();
-    let agent = oci_agent(&registry, &format!("    username: vendor\n    password_file: {}\n", password.display()));
+    let agent = oci_agent(
+        &registry,
+        &format!(
+            "    username: vendor\n    password_file: {}\n",
+            password.display()
+        ),
+    );
     agent.wait_current(1);
 
     let config = secrets.path().join("config.json");
     let auth = base64_encode(b"vendor:s3cret");
-    std::fs::write(&config, format!(r#"{{"auths": {{"{}": {{"auth": "{auth}"}}}}}}"#, registry.host())).unwrap();
-    let agent = oci_agent(&registry, &format!("    credentials_file: {}\n", config.display()));
+    std::fs::write(
+        &config,
+        format!(
+            r#"{{"auths": {{"{}": {{"auth": "{auth}"}}}}}}"#,
+            registry.host()
+        ),
+    )
+    .unwrap();
+    let agent = oci_agent(
+        &registry,
+        &format!("    credentials_file: {}\n", config.display()),
+    );
     agent.wait_current(1);
 
     // Wrong credentials: an error the customer can see; nothing accepted, nothing rejected.
     std::fs::write(&password, "wrong\n").unwrap();
-    let agent = oci_agent(&registry, &format!("    username: vendor\n    password_file: {}\n", password.display()));
-    let status = agent.wait_for("an authentication error", |s| s["source"]["last_error"].as_str().is_some());
-    assert!(status["source"]["last_error"].as_str().unwrap().contains("authentication failed"), "{status:#}");
+    let agent = oci_agent(
+        &registry,
+        &format!(
+            "    username: vendor\n    password_file: {}\n",
+            password.display()
+        ),
+    );
+    let status = agent.wait_for("an authentication error", |s| {
+        s["source"]["last_error"].as_str().is_some()
+    });
+    assert!(
+        status["source"]["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("authentication failed"),
+        "{status:#}"
+    );
     assert_eq!(status["current"], Value::Null);
     assert_eq!(status["last_rejection"], Value::Null);
 }
@@ -128,19 +189,27 @@ fn a_registry_going_away_leaves_the_current_release_alone() {
     let agent = oci_agent(&registry, "");
     let before = agent.wait_current(1)["current"].clone();
     drop(registry);
-    let status = agent.wait_for("a source error", |s| s["source"]["last_error"].as_str().is_some());
+    let status = agent.wait_for("a source error", |s| {
+        s["source"]["last_error"].as_str().is_some()
+    });
     assert_eq!(status["current"], before);
     assert_eq!(status["last_rejection"], Value::Null);
     let metrics = outpost_tests::agent::http_get(&agent.socket(), "/metrics");
     assert!(metrics.contains("outpost_source_errors_total"), "{metrics}");
-    assert_eq!(outpost_tests::agent::http_get(&agent.socket(), "/healthz"), "ok\n");
+    assert_eq!(
+        outpost_tests::agent::http_get(&agent.socket(), "/healthz"),
+        "ok\n"
+    );
 }
 
 fn base64_encode(bytes: &[u8]) -> String {
     const TABLE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::new();
     for chunk in bytes.chunks(3) {
-        let n = chunk.iter().enumerate().fold(0u32, |n, (i, b)| n | (u32::from(*b) << (16 - 8 * i)));
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, b)| n | (u32::from(*b) << (16 - 8 * i)));
         for i in 0..4 {
             if i <= chunk.len() {
                 out.push(TABLE[(n >> (18 - 6 * i)) as usize & 63] as char);

@@ -73,7 +73,14 @@ fn fetch(
     };
     let mut callbacks = git2::RemoteCallbacks::new();
     let (user, pass) = (username.map(String::from), password.map(String::from));
+    // libgit2 asks again after every refusal: answer once, then give up.
+    let mut asked = false;
     callbacks.credentials(move |_url, from_url, _allowed| {
+        if std::mem::replace(&mut asked, true) {
+            return Err(git2::Error::from_str(
+                "authentication failed: the server refused the credentials",
+            ));
+        }
         match (user.as_deref().or(from_url), pass.as_deref()) {
             (Some(user), Some(pass)) => git2::Cred::userpass_plaintext(user, pass),
             _ => Err(git2::Error::from_str(

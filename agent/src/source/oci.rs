@@ -6,10 +6,12 @@ use super::{BoxFuture, Candidate, Source, SourceError};
 use crate::config::{OciSource as OciConfig, parse_duration};
 use crate::pipeline::Ingested;
 use outpost_bundle_format::Digest;
+use outpost_bundle_format::layout::LayoutError;
 use outpost_bundle_format::layout::oci::{self, Descriptor, ImageIndex, ImageManifest};
 use outpost_bundle_format::layout::{Layout, Limits};
-use outpost_bundle_format::layout::LayoutError;
-use outpost_registry_client::{Credentials, Reference, Registry, RegistryError, docker_config_credentials};
+use outpost_registry_client::{
+    Credentials, Reference, Registry, RegistryError, docker_config_credentials,
+};
 use std::time::Duration;
 
 /// Why a fetch failed: the registry could not be reached (retried with backoff), or what it
@@ -83,8 +85,22 @@ impl OciSource {
     /// Bad content is the bundle's fault (rejected); anything else is the connection's (retried).
     fn classify(&self, e: RegistryError) -> FetchError {
         match e {
-            RegistryError::DigestMismatch { what, expected, actual } => FetchError::Content(LayoutError::DigestMismatch { what, expected, actual }),
-            RegistryError::TooLarge { what, limit } => FetchError::Content(LayoutError::SizeLimit { what, size: limit.saturating_add(1), limit }),
+            RegistryError::DigestMismatch {
+                what,
+                expected,
+                actual,
+            } => FetchError::Content(LayoutError::DigestMismatch {
+                what,
+                expected,
+                actual,
+            }),
+            RegistryError::TooLarge { what, limit } => {
+                FetchError::Content(LayoutError::SizeLimit {
+                    what,
+                    size: limit.saturating_add(1),
+                    limit,
+                })
+            }
             other => FetchError::Transport(self.fail(other)),
         }
     }
@@ -273,5 +289,8 @@ impl Source for OciSource {
 }
 
 fn malformed(what: String, e: impl std::fmt::Display) -> FetchError {
-    FetchError::Content(LayoutError::Malformed { what, reason: e.to_string() })
+    FetchError::Content(LayoutError::Malformed {
+        what,
+        reason: e.to_string(),
+    })
 }
