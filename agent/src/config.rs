@@ -361,13 +361,15 @@ pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
         .parse()
         .map_err(|_| format!("{text:?} is not a duration like 30s, 5m or 2h"))?;
     let millis = match unit {
-        "ms" => value,
-        "s" => value * 1000,
-        "m" => value * 60_000,
-        "h" => value * 3_600_000,
-        "d" => value * 86_400_000,
+        "ms" => Some(value),
+        "s" => value.checked_mul(1000),
+        "m" => value.checked_mul(60_000),
+        "h" => value.checked_mul(3_600_000),
+        "d" => value.checked_mul(86_400_000),
         _ => return Err(format!("{text:?} is not a duration like 30s, 5m or 2h")),
-    };
+    }
+    .filter(|ms| *ms <= 365 * 86_400_000)
+    .ok_or_else(|| format!("{text:?} is longer than a year"))?;
     if millis == 0 {
         return Err(format!("{text:?} must be longer than zero"));
     }
@@ -389,4 +391,119 @@ pub fn json_schema() -> String {
 /// Now, in one place, so tests and the daemon agree on the clock's type.
 pub fn now() -> DateTime<Utc> {
     Utc::now()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_text(text: &str) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.yaml");
+        std::fs::write(&path, text).unwrap();
+        Config::load(&path)
+    }
+
+    const MINIMAL: &str = "source: {dir: {path: drop}}\ntrust: {keys: [a.pub]}\nexpect: {name: acme}\nstate_dir: state\napi: {socket: agent.sock}\n";
+
+    #[test]
+    fn the_example_config_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/agent.example.yaml");
+        let config = Config::load(&path).unwrap();
+        assert_eq!(config.expect.channel, "stable");
+        assert_eq!(config.approval.maintenance_windows.len(), 1);
+        assert!(matches!(config.source, SourceConfig::Oci(_)));
+    }
+
+    #[test]
+    fn defaults_and_relative_paths() {
+        let config = load_text(MINIMAL).unwrap();
+        assert_eq!(config.expect.channel, "stable");
+        assert_eq!(config.approval.mode, ApprovalMode::Auto);
+        assert_eq!(config.runtime, RuntimeKind::None);
+        assert!(config.state_dir.is_absolute());
+        assert!(config.trust.keys[0].is_absolute());
+    }
+
+    #[test]
+    fn bad_configs_name_the_key() {
+        let cases = [
+            (MINIMAL.replace("state_dir", "stat_dir"), "stat_dir"),
+            (MINIMAL.replace("name: acme", "name: Acme_1"), "expect.name"),
+            (
+                MINIMAL.replace("{keys: [a.pub]}", "{keys: [a.pub], threshold: 2}"),
+                "trust.threshold 2",
+            ),
+            (MINIMAL.replace("{keys: [a.pub]}", "{}"), "trust: give root"),
+            (
+                MINIMAL.replace(
+                    "{dir: {path: drop}}",
+                    "{oci: {reference: \"r:5000/a:b\", interval: 10x}}",
+                ),
+                "source.oci.interval",
+            ),
+            (
+                MINIMAL.replace(
+                    "{dir: {path: drop}}",
+                    "{git: {url: \"file:///r\", path: ../x}}",
+                ),
+                "source.git.path",
+            ),
+            (
+                format!(
+                    "{MINIMAL}approval: {{maintenance_windows: [{{cron: nope, duration: 1h}}]}}\n"
+                ),
+                "approval.maintenance_windows[0]",
+            ),
+            (
+                format!("{MINIMAL}permissions: {{execution: yes}}\n"),
+                "permissions.execution",
+            ),
+            (
+                format!("{MINIMAL}runtime: docker\n"),
+                "unknown variant `docker`",
+            ),
+            (
+                MINIMAL.replace(
+                    "{dir: {path: drop}}",
+                    "{oci: {reference: \"r:5000/a:b\", interval: 18446744073709551s}}",
+                ),
+                "source.oci.interval",
+            ),
+        ];
+        for (text, needle) in cases {
+            let error = load_text(&text).unwrap_err().to_string();
+            assert!(error.contains(needle), "{needle}: {error}");
+            assert!(!error.contains('\n'), "not one line: {error}");
+        }
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(
+            parse_duration("200ms").unwrap(),
+            std::time::Duration::from_millis(200)
+        );
+        assert_eq!(
+            parse_duration("5m").unwrap(),
+            std::time::Duration::from_secs(300)
+        );
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("s").is_err());
+        assert!(parse_duration("1 h").is_err());
+        assert!(parse_duration("99999999999999999999s").is_err());
+    }
+
+    #[test]
+    fn published_schema_is_current() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.schema.json");
+        let published = std::fs::read_to_string(&path).unwrap_or_default();
+        if published != json_schema() {
+            if std::env::var_os("OUTPOST_BLESS").is_some() {
+                std::fs::write(&path, json_schema()).unwrap();
+            } else {
+                panic!("agent/config.schema.json is stale: rerun with OUTPOST_BLESS=1");
+            }
+        }
+    }
 }

@@ -43,9 +43,10 @@ pub fn make_source(config: &Config, agent: &Agent) -> anyhow::Result<Box<dyn Sou
     })
 }
 
-pub async fn run(config: Config) -> anyhow::Result<()> {
-    let socket = config.api.socket.clone();
-    let agent = Arc::new(Agent::new(config)?);
+/// Runs the agent until SIGTERM or Ctrl-C.
+pub async fn run(agent: Agent) -> anyhow::Result<()> {
+    let socket = agent.config.api.socket.clone();
+    let agent = Arc::new(agent);
     // Leftovers of a download interrupted by a crash.
     let tmp = agent.config.state_dir.join("tmp");
     let _ = std::fs::remove_dir_all(&tmp);

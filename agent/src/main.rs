@@ -177,8 +177,9 @@ fn print_json(value: &Value) -> Result<(), Failure> {
 fn execute(command: Command) -> Result<(), Failure> {
     match command {
         Command::Run(config) => {
-            let config = load(&config)?;
-            runtime()?.block_on(daemon::run(config))?;
+            // Trust, windows and the state store are checked before anything starts.
+            let agent = Agent::new(load(&config)?).map_err(|e| Failure(2, format!("{e:#}")))?;
+            runtime()?.block_on(daemon::run(agent))?;
         }
         Command::Status { config, output } => {
             let status = request(&config, Method::GET, "/status", None)?;

@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used)] // test code: a panic is a failed test
 
 use outpost_tests::agent::{AgentProcess, drop_file};
-use outpost_tests::forge::{attacks, release, signed, tar};
+use outpost_tests::forge::{attacks, release, signed, tar, with_image};
 use serde_json::Value;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -324,5 +324,10 @@ fn kill_9_at_any_moment_keeps_state_intact() {
         wait_file(&drop.path().join("rejected/old.tar.reason")).starts_with("rejected: rollback")
     );
     let history = agent.cli(&["history", "--limit", "1000"]).ok().stdout;
-    assert!(history.contains("1.12.0"), "{history}");
+    assert!(history.contains("1.10.0"), "{history}");
+    // No spooled download survives a restart.
+    let leftovers = std::fs::read_dir(agent.path("state/tmp"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(leftovers, 0);
 }

@@ -438,3 +438,33 @@ fn push_to_a_directory_is_a_complete_file() {
         .arg(testdata().join("keys/vendor-a.pub")))
     .ok();
 }
+
+fn agent() -> std::process::Command {
+    std::process::Command::new(outpost_tests::binary("outpost-agent"))
+}
+
+#[test]
+fn agent_config_errors_are_one_line_with_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("agent.yaml");
+    std::fs::write(&config, "source: {dir: {path: drop}}\ntrust: {keys: [a.pub]}\nexpect: {name: acme}\nstate_dir: state\napi: {socket: agent.sock}\nsurprise: 1\n").unwrap();
+    run(agent().args(["status", "--config"]).arg(&config)).fails(2, "surprise");
+    run(agent().args(["run", "--config"]).arg(&config)).fails(2, "agent.yaml");
+    run(agent()
+        .args(["status", "--config"])
+        .arg(dir.path().join("missing.yaml")))
+    .fails(2, "missing.yaml");
+    // A valid config, but no agent running: exit 1 naming the socket.
+    std::fs::write(&config, "source: {dir: {path: drop}}\ntrust: {keys: [a.pub]}\nexpect: {name: acme}\nstate_dir: state\napi: {socket: agent.sock}\n").unwrap();
+    run(agent().args(["status", "--config"]).arg(&config)).fails(1, "cannot reach the agent at");
+    // A trust key that does not exist: the daemon refuses to start.
+    run(agent().args(["run", "--config"]).arg(&config)).fails(2, "a.pub");
+}
+
+#[test]
+fn agent_config_schema_is_the_published_one() {
+    let out = run(agent().arg("config-schema")).ok();
+    let published =
+        std::fs::read_to_string(outpost_tests::repo().join("agent/config.schema.json")).unwrap();
+    assert_eq!(out.stdout, published);
+}
