@@ -293,19 +293,15 @@ fn kill_9_at_any_moment_keeps_state_intact() {
     let drop = tempfile::tempdir().unwrap();
     let mut agent = dir_agent(drop.path(), "");
     let mut rng = 0x2545_f491_4f6c_dd1du64;
-    for sequence in 1..=12u64 {
-        drop_file(
-            drop.path(),
-            &format!("v{sequence}.tar"),
-            &tar(&signed(
-                release(&format!("1.{sequence}.0"), sequence),
-                &BOTH,
-            )),
-        );
+    // Bundles carrying a 48 MiB image: killed while reading, verifying or recording.
+    for sequence in 1..=10u64 {
+        let version = format!("1.{sequence}.0");
+        let bundle = signed(with_image(release(&version, sequence), 48 << 20), &BOTH);
+        drop_file(drop.path(), &format!("v{sequence}.tar"), &tar(&bundle));
         rng ^= rng << 13;
         rng ^= rng >> 7;
         rng ^= rng << 17;
-        std::thread::sleep(Duration::from_micros(rng % 40_000));
+        std::thread::sleep(Duration::from_micros(rng % 300_000));
         agent.kill();
         agent.restart();
         let status = agent.wait_current(sequence);
