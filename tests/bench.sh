@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Agent benchmarks, one command: builds the release binaries, then runs tests/benches/agent.rs.
+#   tests/bench.sh            # all: dir, oci, idle (idle takes OUTPOST_BENCH_IDLE_SECS, default 600)
+#   tests/bench.sh dir|oci|idle
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash .ci/scripts/setup.sh >/dev/null
+cargo build --release --locked -p outpost-agent -p outpost-signer
+cargo bench --locked -p outpost-tests --bench agent -- "${1:-}"

@@ -1,0 +1,175 @@
+//! Agent benchmarks against real parts on 127.0.0.1 (run with `tests/bench.sh`, which builds
+//! the release binaries first):
+//! - publish → detected latency: OCI source with a 1 s interval, and a file drop;
+//! - bytes on the wire per unchanged OCI poll (through a counting TCP proxy);
+//! - idle RSS of the agent after a run of 1 s polls (`OUTPOST_BENCH_IDLE_SECS`, default 600).
+
+#![allow(clippy::unwrap_used)] // bench code: a panic is a failed run
+
+use outpost_tests::agent::{AgentProcess, drop_file, http_get};
+use outpost_tests::forge::{release, signed, tar};
+use outpost_tests::{TestRegistry, run, signer};
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+const BOTH: [&str; 2] = ["vendor-a", "vendor-b"];
+
+fn current_sequence(agent: &AgentProcess) -> u64 {
+    let body = http_get(&agent.socket(), "/status");
+    serde_json::from_str::<serde_json::Value>(&body).ok().and_then(|s| s["current"]["sequence"].as_u64()).unwrap_or(0)
+}
+
+fn wait_sequence(agent: &AgentProcess, sequence: u64) -> Duration {
+    let start = Instant::now();
+    while current_sequence(agent) != sequence {
+        assert!(start.elapsed() < Duration::from_secs(30), "sequence {sequence} never arrived");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    start.elapsed()
+}
+
+fn summary(name: &str, samples: &mut [Duration]) {
+    samples.sort();
+    let mean = samples.iter().sum::<Duration>() / samples.len() as u32;
+    println!(
+        "{name}: n={} mean={:.1}ms p50={:.1}ms max={:.1}ms",
+        samples.len(),
+        mean.as_secs_f64() * 1e3,
+        samples[samples.len() / 2].as_secs_f64() * 1e3,
+        samples[samples.len() - 1].as_secs_f64() * 1e3
+    );
+}
+
+fn push_tar(bytes: &[u8], destination: &str) {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), bytes).unwrap();
+    run(signer().arg("push").arg(file.path()).arg(destination)).ok();
+}
+
+/// Forwards 127.0.0.1:PORT to `upstream`, counting bytes each way and HEAD requests.
+struct CountingProxy {
+    port: u16,
+    bytes: Arc<AtomicU64>,
+    heads: Arc<AtomicU64>,
+}
+
+impl CountingProxy {
+    fn start(upstream: String) -> CountingProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (bytes, heads) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let (b, h) = (bytes.clone(), heads.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let Ok(server) = TcpStream::connect(&upstream) else { continue };
+                let pipe = |mut from: TcpStream, mut to: TcpStream, bytes: Arc<AtomicU64>, heads: Option<Arc<AtomicU64>>| {
+                    std::thread::spawn(move || {
+                        let mut buffer = vec![0u8; 64 * 1024];
+                        while let Ok(n) = from.read(&mut buffer) {
+                            if n == 0 || to.write_all(&buffer[..n]).is_err() {
+                                break;
+                            }
+                            bytes.fetch_add(n as u64, Ordering::Relaxed);
+                            if let Some(heads) = &heads {
+                                let text = String::from_utf8_lossy(&buffer[..n]);
+                                heads.fetch_add(text.matches("HEAD /v2/").count() as u64, Ordering::Relaxed);
+                            }
+                        }
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                };
+                pipe(client.try_clone().unwrap(), server.try_clone().unwrap(), b.clone(), Some(h.clone()));
+                pipe(server, client, b.clone(), None);
+            }
+        });
+        CountingProxy { port, bytes, heads }
+    }
+}
+
+fn oci_latency_and_bytes() {
+    let registry = TestRegistry::start(None);
+    let proxy = CountingProxy::start(registry.host());
+    let reference = format!("127.0.0.1:{}/acme/shop:stable", proxy.port);
+    push_tar(&tar(&signed(release("1.0.0", 1), &BOTH)), &format!("oci://{}/acme/shop:stable", registry.host()));
+    let agent = AgentProcess::start(&format!("source:\n  oci:\n    reference: {reference}\n    interval: 1s\n"), "");
+    wait_sequence(&agent, 1);
+
+    // Unchanged polls.
+    std::thread::sleep(Duration::from_millis(1500));
+    let (bytes0, heads0) = (proxy.bytes.load(Ordering::Relaxed), proxy.heads.load(Ordering::Relaxed));
+    std::thread::sleep(Duration::from_secs(20));
+    let (bytes, heads) = (proxy.bytes.load(Ordering::Relaxed) - bytes0, proxy.heads.load(Ordering::Relaxed) - heads0);
+    println!("oci unchanged poll: {heads} polls in 20 s, {} bytes per poll (HTTP request + response, keep-alive connection)", bytes / heads.max(1));
+
+    // Publish → detected, published at random phases of the poll interval.
+    let mut samples = Vec::new();
+    for sequence in 2..=11u64 {
+        let bundle = tar(&signed(release(&format!("1.{sequence}.0"), sequence), &BOTH));
+        std::thread::sleep(Duration::from_millis(fastrand_ms(sequence)));
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), &bundle).unwrap();
+        // Time from the end of the push (the moment the tag moves) to the agent's record.
+        run(signer().arg("push").arg(file.path()).arg(format!("oci://{}/acme/shop:stable", registry.host()))).ok();
+        samples.push(wait_sequence(&agent, sequence));
+    }
+    summary("oci publish->detected (1 s interval)", &mut samples);
+}
+
+fn fastrand_ms(seed: u64) -> u64 {
+    (seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 40) % 1000
+}
+
+fn dir_latency() {
+    let drop = tempfile::tempdir().unwrap();
+    let agent = AgentProcess::start(&format!("source:\n  dir:\n    path: {}\n", drop.path().display()), "");
+    let mut samples = Vec::new();
+    for sequence in 1..=20u64 {
+        let bundle = tar(&signed(release(&format!("1.{sequence}.0"), sequence), &BOTH));
+        std::fs::write(drop.path().join(".incoming"), &bundle).unwrap();
+        let start = Instant::now();
+        std::fs::rename(drop.path().join(".incoming"), drop.path().join(format!("v{sequence}.tar"))).unwrap();
+        wait_sequence(&agent, sequence);
+        samples.push(start.elapsed());
+    }
+    summary("file drop rename->current", &mut samples);
+    let _ = drop_file;
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok()).unwrap_or(0)
+}
+
+fn idle_rss() {
+    let seconds: u64 = std::env::var("OUTPOST_BENCH_IDLE_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(600);
+    let registry = TestRegistry::start(None);
+    push_tar(&tar(&signed(release("1.0.0", 1), &BOTH)), &format!("oci://{}/acme/shop:stable", registry.host()));
+    let agent = AgentProcess::start(&format!("source:\n  oci:\n    reference: {}/acme/shop:stable\n    interval: 1s\n", registry.host()), "");
+    wait_sequence(&agent, 1);
+    let pid = agent.pid().unwrap();
+    let start = Instant::now();
+    println!("idle rss after start: {} KiB", rss_kib(pid));
+    let mut next_report = 60;
+    while start.elapsed() < Duration::from_secs(seconds) {
+        std::thread::sleep(Duration::from_secs(1));
+        if start.elapsed() >= Duration::from_secs(next_report) {
+            println!("idle rss after {next_report} s of 1 s polls: {} KiB", rss_kib(pid));
+            next_report += 60;
+        }
+    }
+    println!("idle rss after {seconds} s of 1 s polls: {} KiB (goal <= 8192 KiB)", rss_kib(pid));
+}
+
+fn main() {
+    // `cargo bench` passes --bench; a name filter picks one part.
+    let filter = std::env::args().skip(1).find(|a| !a.starts_with("--")).unwrap_or_default();
+    let parts: [(&str, fn()); 3] = [("dir", dir_latency), ("oci", oci_latency_and_bytes), ("idle", idle_rss)];
+    for (name, part) in parts {
+        if name.contains(&filter) {
+            part();
+        }
+    }
+}
