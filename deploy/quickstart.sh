@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Outpost quickstart: the vendor's flow end to end on this machine.
+# Outpost quickstart: the vendor's flow and the customer's agent end to end on this machine.
 #
-#   deploy/quickstart.sh        keygen → trust root → build → sign → verify → inspect →
-#                               push to a file drop and to a local OCI registry
-#   deploy/quickstart.sh stop   stop the registry and remove everything it created
+#   deploy/quickstart.sh        vendor: keygen → trust root → build → sign → verify → inspect →
+#                               push to a file drop and to a local OCI registry;
+#                               customer: outpost-agent (runtime none) polls the registry, holds
+#                               the release for approval, shows the plan, approves it
+#   deploy/quickstart.sh stop   stop the agent and the registry, remove everything they created
 #
-# Everything lives under .work/quickstart/; the registry listens on 127.0.0.1 only.
-# (The customer's agent arrives with the next issues; this script will then run it too.)
+# Everything lives under .work/quickstart/; the registry listens on 127.0.0.1 only, the agent on
+# a unix socket only. (Running containers arrives with the runtime issues.)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 REPO="$PWD"
@@ -16,7 +18,15 @@ export OUTPOST_PASSWORD="${OUTPOST_PASSWORD:-demo}"
 
 step() { printf '\n== %s\n' "$*"; }
 
+stop_agent() {
+    if [ -f "$WORK/agent.pid" ]; then
+        kill "$(cat "$WORK/agent.pid")" 2>/dev/null || true
+        rm -f "$WORK/agent.pid"
+    fi
+}
+
 if [ "${1:-}" = "stop" ]; then
+    stop_agent
     bash tests/scripts/registry.sh stop "$WORK/registry" 2>/dev/null || true
     rm -rf "$WORK"
     echo "quickstart stopped and cleaned up"
@@ -26,10 +36,12 @@ fi
 step "installing the tools the demo uses (docker-registry, skopeo, ...)"
 .ci/scripts/setup.sh
 
-step "building outpost-signer"
-cargo build --locked -q -p outpost-signer
+step "building outpost-signer and outpost-agent"
+cargo build --locked -q -p outpost-signer -p outpost-agent
 SIGNER="$REPO/target/debug/outpost-signer"
+AGENT="$REPO/target/debug/outpost-agent"
 
+stop_agent
 bash tests/scripts/registry.sh stop "$WORK/registry" 2>/dev/null || true
 rm -rf "$WORK"
 mkdir -p "$WORK"
@@ -76,6 +88,47 @@ bash tests/scripts/registry.sh start "$WORK/registry" "$PORT"
 "$SIGNER" push "$WORK/shop-1.0.0.tar" "oci://127.0.0.1:$PORT/acme/shop:1.0.0"
 DIGEST=$(skopeo inspect --raw --tls-verify=false "docker://127.0.0.1:$PORT/acme/shop:1.0.0" | sha256sum | cut -d' ' -f1)
 echo "skopeo reads it back from the registry: sha256:$DIGEST"
+"$SIGNER" push "$WORK/shop-1.0.0.tar" "oci://127.0.0.1:$PORT/acme/shop:stable"
+
+step "customer: configure outpost-agent (root pinned, manual approval, runtime none)"
+mkdir -p "$WORK/customer"
+cp "$WORK/root.json" "$WORK/customer/root.json"
+cat > "$WORK/customer/agent.yaml" <<YAML
+source:
+  oci: {reference: "127.0.0.1:$PORT/acme/shop:stable", interval: 2s}
+trust: {root: root.json}
+expect: {name: shop, channel: stable}
+approval: {mode: manual}
+permissions: {execution: {}, storage: {}}
+state_dir: state
+api: {socket: agent.sock}
+runtime: none
+YAML
+cat "$WORK/customer/agent.yaml"
+CONFIG=(--config "$WORK/customer/agent.yaml")
+
+step "customer: check the bundle offline before trusting the registry"
+"$AGENT" verify "$WORK/shop-1.0.0.tar" "${CONFIG[@]}"
+
+step "customer: start the agent (log: $WORK/customer/agent.log)"
+"$AGENT" run "${CONFIG[@]}" >"$WORK/customer/agent.log" 2>&1 &
+echo $! > "$WORK/agent.pid"
+for _ in $(seq 100); do
+    if "$AGENT" status "${CONFIG[@]}" --output json 2>/dev/null | grep -q '"waiting_for"'; then break; fi
+    sleep 0.2
+done
+"$AGENT" status "${CONFIG[@]}"
+
+step "customer: what would change"
+"$AGENT" plan "${CONFIG[@]}"
+
+step "customer: approve it"
+"$AGENT" approve 1.0.0 "${CONFIG[@]}"
+"$AGENT" status "${CONFIG[@]}"
+"$AGENT" status "${CONFIG[@]}" --output json | grep -q '"sequence": 1' || {
+    echo "quickstart: release 1.0.0 did not become current" >&2
+    exit 1
+}
 
 cat <<DONE
 
@@ -83,5 +136,6 @@ Quickstart done.
   bundle:    $WORK/shop-1.0.0.tar   (also in $WORK/drop/)
   registry:  oci://127.0.0.1:$PORT/acme/shop:1.0.0  (running; signature under the sha256-<hex>.sig tag)
   keys:      $WORK/keys/   root: $WORK/root.json
+  agent:     running, $AGENT status --config $WORK/customer/agent.yaml
 Stop and clean up with: deploy/quickstart.sh stop
 DONE

@@ -172,4 +172,98 @@ mod tests {
         }
         assert!(backoff(10) > Duration::from_secs(100));
     }
+
+    fn signed_release(version: &str, sequence: u64) -> outpost_bundle_format::Layout {
+        use outpost_bundle_format::{bundle, crypto::SigningKey, release::*, stack::Stack};
+        let testdata = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata");
+        let text = std::fs::read_to_string(testdata.join("stacks/valid/quickstart.yaml")).unwrap();
+        let (stack, _) = Stack::from_yaml(&text).unwrap();
+        let now = chrono::Utc::now();
+        let metadata = ReleaseMetadata {
+            format_version: FORMAT_VERSION,
+            name: "acme".into(),
+            version: semver::Version::parse(version).unwrap(),
+            sequence,
+            channel: "stable".into(),
+            created: now,
+            expires: now + chrono::Duration::days(1),
+        };
+        let mut layout = bundle::build(&stack, &metadata, &[]).unwrap();
+        let pem = std::fs::read(testdata.join("keys/vendor-a.key")).unwrap();
+        bundle::add_signature(
+            &mut layout,
+            &SigningKey::from_encrypted_pem(&pem, b"test").unwrap(),
+            "acme",
+        )
+        .unwrap();
+        layout
+    }
+
+    fn candidate(
+        key: &str,
+        layout: Result<outpost_bundle_format::Layout, outpost_bundle_format::layout::LayoutError>,
+    ) -> source::Candidate {
+        source::Candidate {
+            origin: format!("fake {key}"),
+            layout,
+            spool: None,
+            digest: None,
+            key: key.into(),
+        }
+    }
+
+    /// The loop through the fake source: errors back off and are counted, outcomes reach the
+    /// source in order, and nothing but the verdicts changes the store.
+    #[tokio::test(start_paused = true)]
+    async fn drive_settles_every_candidate_and_survives_source_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let key =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/keys/vendor-a.pub");
+        let config_path = dir.path().join("agent.yaml");
+        std::fs::write(
+            &config_path,
+            format!("source: {{dir: {{path: drop}}}}\ntrust: {{keys: [{}]}}\nexpect: {{name: acme}}\npermissions: {{execution: {{}}}}\nstate_dir: state\napi: {{socket: agent.sock}}\n", key.display()),
+        )
+        .unwrap();
+        let agent = Arc::new(Agent::new(Config::load(&config_path).unwrap()).unwrap());
+        let (fake, sender) = source::fake::FakeSource::new();
+        let settled = fake.settled.clone();
+        let shared = Arc::new(Shared::default());
+        let v1 = signed_release("1.0.0", 1);
+        sender
+            .send(Err(source::SourceError("registry down".into())))
+            .unwrap();
+        sender.send(Ok(candidate("v1", Ok(v1.clone())))).unwrap();
+        sender.send(Ok(candidate("v1-again", Ok(v1)))).unwrap();
+        let truncated = outpost_bundle_format::layout::LayoutError::Malformed {
+            what: "tar".into(),
+            reason: "truncated".into(),
+        };
+        sender
+            .send(Ok(candidate("broken", Err(truncated))))
+            .unwrap();
+        sender
+            .send(Ok(candidate("v2", Ok(signed_release("1.0.1", 2)))))
+            .unwrap();
+        let task = tokio::spawn(drive(agent.clone(), Box::new(fake), shared.clone()));
+        while settled.lock().unwrap().len() < 4 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        task.abort();
+        let outcomes = settled.lock().unwrap().clone();
+        let keys: Vec<&str> = outcomes.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(keys, ["v1", "v1-again", "broken", "v2"]);
+        assert!(
+            matches!(&outcomes[0].1, Ingested::Accepted { version, waiting_for: None, .. } if version == "1.0.0")
+        );
+        assert!(matches!(&outcomes[1].1, Ingested::Unchanged { .. }));
+        assert!(matches!(&outcomes[2].1, Ingested::Rejected { check, .. } if check == "malformed"));
+        assert!(matches!(&outcomes[3].1, Ingested::Accepted { version, .. } if version == "1.0.1"));
+        assert_eq!(shared.poll_errors.load(Ordering::Relaxed), 1);
+        assert_eq!(shared.rejected.load(Ordering::Relaxed), 1);
+        let status = agent.status().unwrap();
+        assert_eq!(status["current"]["sequence"], 2);
+        assert_eq!(status["last_good"]["sequence"], 1);
+        assert_eq!(status["last_rejection"]["check"], "malformed");
+    }
 }

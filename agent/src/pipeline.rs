@@ -593,17 +593,12 @@ impl Agent {
             .map(|c| serde_json::from_str(&c.stack))
             .transpose()?;
         let d = diff::diff(old.as_ref(), &new);
+        let from = match &p.current {
+            Some(c) => format!("{} (sequence {})", c.version, c.sequence),
+            None => "nothing yet".to_string(),
+        };
         let header = format!(
-            "{} {} (sequence {}) -> {} {} (sequence {}); waiting for: {}\n",
-            self.config.expect.name,
-            p.current
-                .as_ref()
-                .map(|c| c.version.as_str())
-                .unwrap_or("(nothing)"),
-            p.current
-                .as_ref()
-                .map(|c| c.sequence.to_string())
-                .unwrap_or_else(|| "-".into()),
+            "{}: {from} -> {} (sequence {}); waiting for: {}\n",
             pending.name,
             pending.version,
             pending.sequence,

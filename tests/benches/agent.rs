@@ -19,13 +19,19 @@ const BOTH: [&str; 2] = ["vendor-a", "vendor-b"];
 
 fn current_sequence(agent: &AgentProcess) -> u64 {
     let body = http_get(&agent.socket(), "/status");
-    serde_json::from_str::<serde_json::Value>(&body).ok().and_then(|s| s["current"]["sequence"].as_u64()).unwrap_or(0)
+    serde_json::from_str::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|s| s["current"]["sequence"].as_u64())
+        .unwrap_or(0)
 }
 
 fn wait_sequence(agent: &AgentProcess, sequence: u64) -> Duration {
     let start = Instant::now();
     while current_sequence(agent) != sequence {
-        assert!(start.elapsed() < Duration::from_secs(30), "sequence {sequence} never arrived");
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "sequence {sequence} never arrived"
+        );
         std::thread::sleep(Duration::from_millis(2));
     }
     start.elapsed()
@@ -64,8 +70,13 @@ impl CountingProxy {
         let (b, h) = (bytes.clone(), heads.clone());
         std::thread::spawn(move || {
             for client in listener.incoming().flatten() {
-                let Ok(server) = TcpStream::connect(&upstream) else { continue };
-                let pipe = |mut from: TcpStream, mut to: TcpStream, bytes: Arc<AtomicU64>, heads: Option<Arc<AtomicU64>>| {
+                let Ok(server) = TcpStream::connect(&upstream) else {
+                    continue;
+                };
+                let pipe = |mut from: TcpStream,
+                            mut to: TcpStream,
+                            bytes: Arc<AtomicU64>,
+                            heads: Option<Arc<AtomicU64>>| {
                     std::thread::spawn(move || {
                         let mut buffer = vec![0u8; 64 * 1024];
                         while let Ok(n) = from.read(&mut buffer) {
@@ -75,13 +86,21 @@ impl CountingProxy {
                             bytes.fetch_add(n as u64, Ordering::Relaxed);
                             if let Some(heads) = &heads {
                                 let text = String::from_utf8_lossy(&buffer[..n]);
-                                heads.fetch_add(text.matches("HEAD /v2/").count() as u64, Ordering::Relaxed);
+                                heads.fetch_add(
+                                    text.matches("HEAD /v2/").count() as u64,
+                                    Ordering::Relaxed,
+                                );
                             }
                         }
                         let _ = to.shutdown(std::net::Shutdown::Both);
                     });
                 };
-                pipe(client.try_clone().unwrap(), server.try_clone().unwrap(), b.clone(), Some(h.clone()));
+                pipe(
+                    client.try_clone().unwrap(),
+                    server.try_clone().unwrap(),
+                    b.clone(),
+                    Some(h.clone()),
+                );
                 pipe(server, client, b.clone(), None);
             }
         });
@@ -93,26 +112,48 @@ fn oci_latency_and_bytes() {
     let registry = TestRegistry::start(None);
     let proxy = CountingProxy::start(registry.host());
     let reference = format!("127.0.0.1:{}/acme/shop:stable", proxy.port);
-    push_tar(&tar(&signed(release("1.0.0", 1), &BOTH)), &format!("oci://{}/acme/shop:stable", registry.host()));
-    let agent = AgentProcess::start(&format!("source:\n  oci:\n    reference: {reference}\n    interval: 1s\n"), "");
+    push_tar(
+        &tar(&signed(release("1.0.0", 1), &BOTH)),
+        &format!("oci://{}/acme/shop:stable", registry.host()),
+    );
+    let agent = AgentProcess::start(
+        &format!("source:\n  oci:\n    reference: {reference}\n    interval: 1s\n"),
+        "",
+    );
     wait_sequence(&agent, 1);
 
     // Unchanged polls.
     std::thread::sleep(Duration::from_millis(1500));
-    let (bytes0, heads0) = (proxy.bytes.load(Ordering::Relaxed), proxy.heads.load(Ordering::Relaxed));
+    let (bytes0, heads0) = (
+        proxy.bytes.load(Ordering::Relaxed),
+        proxy.heads.load(Ordering::Relaxed),
+    );
     std::thread::sleep(Duration::from_secs(20));
-    let (bytes, heads) = (proxy.bytes.load(Ordering::Relaxed) - bytes0, proxy.heads.load(Ordering::Relaxed) - heads0);
-    println!("oci unchanged poll: {heads} polls in 20 s, {} bytes per poll (HTTP request + response, keep-alive connection)", bytes / heads.max(1));
+    let (bytes, heads) = (
+        proxy.bytes.load(Ordering::Relaxed) - bytes0,
+        proxy.heads.load(Ordering::Relaxed) - heads0,
+    );
+    println!(
+        "oci unchanged poll: {heads} polls in 20 s, {} bytes per poll (HTTP request + response, keep-alive connection)",
+        bytes / heads.max(1)
+    );
 
     // Publish → detected, published at random phases of the poll interval.
     let mut samples = Vec::new();
     for sequence in 2..=11u64 {
-        let bundle = tar(&signed(release(&format!("1.{sequence}.0"), sequence), &BOTH));
+        let bundle = tar(&signed(
+            release(&format!("1.{sequence}.0"), sequence),
+            &BOTH,
+        ));
         std::thread::sleep(Duration::from_millis(fastrand_ms(sequence)));
         let file = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(file.path(), &bundle).unwrap();
         // Time from the end of the push (the moment the tag moves) to the agent's record.
-        run(signer().arg("push").arg(file.path()).arg(format!("oci://{}/acme/shop:stable", registry.host()))).ok();
+        run(signer()
+            .arg("push")
+            .arg(file.path())
+            .arg(format!("oci://{}/acme/shop:stable", registry.host())))
+        .ok();
         samples.push(wait_sequence(&agent, sequence));
     }
     summary("oci publish->detected (1 s interval)", &mut samples);
@@ -124,13 +165,23 @@ fn fastrand_ms(seed: u64) -> u64 {
 
 fn dir_latency() {
     let drop = tempfile::tempdir().unwrap();
-    let agent = AgentProcess::start(&format!("source:\n  dir:\n    path: {}\n", drop.path().display()), "");
+    let agent = AgentProcess::start(
+        &format!("source:\n  dir:\n    path: {}\n", drop.path().display()),
+        "",
+    );
     let mut samples = Vec::new();
     for sequence in 1..=20u64 {
-        let bundle = tar(&signed(release(&format!("1.{sequence}.0"), sequence), &BOTH));
+        let bundle = tar(&signed(
+            release(&format!("1.{sequence}.0"), sequence),
+            &BOTH,
+        ));
         std::fs::write(drop.path().join(".incoming"), &bundle).unwrap();
         let start = Instant::now();
-        std::fs::rename(drop.path().join(".incoming"), drop.path().join(format!("v{sequence}.tar"))).unwrap();
+        std::fs::rename(
+            drop.path().join(".incoming"),
+            drop.path().join(format!("v{sequence}.tar")),
+        )
+        .unwrap();
         wait_sequence(&agent, sequence);
         samples.push(start.elapsed());
     }
@@ -140,14 +191,30 @@ fn dir_latency() {
 
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok()).unwrap_or(0)
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap_or(0)
 }
 
 fn idle_rss() {
-    let seconds: u64 = std::env::var("OUTPOST_BENCH_IDLE_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(600);
+    let seconds: u64 = std::env::var("OUTPOST_BENCH_IDLE_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(600);
     let registry = TestRegistry::start(None);
-    push_tar(&tar(&signed(release("1.0.0", 1), &BOTH)), &format!("oci://{}/acme/shop:stable", registry.host()));
-    let agent = AgentProcess::start(&format!("source:\n  oci:\n    reference: {}/acme/shop:stable\n    interval: 1s\n", registry.host()), "");
+    push_tar(
+        &tar(&signed(release("1.0.0", 1), &BOTH)),
+        &format!("oci://{}/acme/shop:stable", registry.host()),
+    );
+    let agent = AgentProcess::start(
+        &format!(
+            "source:\n  oci:\n    reference: {}/acme/shop:stable\n    interval: 1s\n",
+            registry.host()
+        ),
+        "",
+    );
     wait_sequence(&agent, 1);
     let pid = agent.pid().unwrap();
     let start = Instant::now();
@@ -156,17 +223,30 @@ fn idle_rss() {
     while start.elapsed() < Duration::from_secs(seconds) {
         std::thread::sleep(Duration::from_secs(1));
         if start.elapsed() >= Duration::from_secs(next_report) {
-            println!("idle rss after {next_report} s of 1 s polls: {} KiB", rss_kib(pid));
+            println!(
+                "idle rss after {next_report} s of 1 s polls: {} KiB",
+                rss_kib(pid)
+            );
             next_report += 60;
         }
     }
-    println!("idle rss after {seconds} s of 1 s polls: {} KiB (goal <= 8192 KiB)", rss_kib(pid));
+    println!(
+        "idle rss after {seconds} s of 1 s polls: {} KiB (goal <= 8192 KiB)",
+        rss_kib(pid)
+    );
 }
 
 fn main() {
     // `cargo bench` passes --bench; a name filter picks one part.
-    let filter = std::env::args().skip(1).find(|a| !a.starts_with("--")).unwrap_or_default();
-    let parts: [(&str, fn()); 3] = [("dir", dir_latency), ("oci", oci_latency_and_bytes), ("idle", idle_rss)];
+    let filter = std::env::args()
+        .skip(1)
+        .find(|a| !a.starts_with("--"))
+        .unwrap_or_default();
+    let parts: [(&str, fn()); 3] = [
+        ("dir", dir_latency),
+        ("oci", oci_latency_and_bytes),
+        ("idle", idle_rss),
+    ];
     for (name, part) in parts {
         if name.contains(&filter) {
             part();

@@ -24,7 +24,12 @@ pub fn testdata() -> PathBuf {
 }
 
 /// A binary of the workspace, built by `cargo test --workspace` next to the test executables.
+///
+/// `OUTPOST_BIN_DIR` points elsewhere (e.g. binaries built with another profile).
 pub fn binary(name: &str) -> PathBuf {
+    if let Some(dir) = std::env::var_os("OUTPOST_BIN_DIR") {
+        return PathBuf::from(dir).join(name);
+    }
     let exe = std::env::current_exe().unwrap_or_default();
     // target/<profile>/deps/<test> → target/<profile>/<name>
     let path = exe
@@ -150,7 +155,18 @@ pub struct TestRegistry {
 }
 
 impl TestRegistry {
+    /// No auth, or basic auth (htpasswd) with `auth`.
     pub fn start(auth: Option<(&str, &str)>) -> TestRegistry {
+        Self::launch(auth, "--auth")
+    }
+
+    /// Bearer-token auth: a token server (tests/scripts/token-server.py) hands out JWTs to
+    /// `user:pass` over basic auth; the registry accepts only those tokens.
+    pub fn start_with_token_auth(user: &str, pass: &str) -> TestRegistry {
+        Self::launch(Some((user, pass)), "--token")
+    }
+
+    fn launch(auth: Option<(&str, &str)>, mode: &str) -> TestRegistry {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
         let script = repo().join("tests/scripts/registry.sh");
         for _ in 0..5 {
@@ -162,7 +178,7 @@ impl TestRegistry {
                 .arg(dir.path())
                 .arg(port.to_string());
             if let Some((user, pass)) = auth {
-                command.arg("--auth").arg(format!("{user}:{pass}"));
+                command.arg(mode).arg(format!("{user}:{pass}"));
             }
             if run(&mut command).code == 0 {
                 return TestRegistry {

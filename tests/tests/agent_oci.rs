@@ -183,6 +183,25 @@ fn basic_auth_from_a_password_file_and_a_docker_config() {
 }
 
 #[test]
+fn bearer_token_auth() {
+    let registry = TestRegistry::start_with_token_auth("vendor", "s3cret");
+    push(&registry, &signed(release("1.0.0", 1), &BOTH), "stable");
+    let secrets = tempfile::tempdir().unwrap();
+    let password = secrets.path().join("password");
+    std::fs::write(&password, "s3cret\n").unwrap();
+    let agent = oci_agent(
+        &registry,
+        &format!(
+            "    username: vendor\n    password_file: {}\n",
+            password.display()
+        ),
+    );
+    agent.wait_current(1);
+    push(&registry, &signed(release("1.1.0", 2), &BOTH), "stable");
+    agent.wait_current(2);
+}
+
+#[test]
 fn a_registry_going_away_leaves_the_current_release_alone() {
     let registry = TestRegistry::start(None);
     push(&registry, &signed(release("1.0.0", 1), &BOTH), "stable");
