@@ -142,6 +142,7 @@ pub fn tampered_tar(layout: &Layout) -> Vec<u8> {
 pub enum EntryKind {
     File,
     Symlink,
+    Hardlink,
 }
 
 /// A tar with hostile entries (paths the tar crate's builder refuses to write).
@@ -158,6 +159,7 @@ pub fn raw_tar(entries: &[(&str, EntryKind, &[u8], Option<&str>)]) -> Vec<u8> {
         header[156] = match kind {
             EntryKind::File => b'0',
             EntryKind::Symlink => b'2',
+            EntryKind::Hardlink => b'1',
         };
         if let Some(link) = link {
             header[157..157 + link.len()].copy_from_slice(link.as_bytes());
@@ -287,6 +289,11 @@ pub fn attacks(next: u64, replay: &Layout) -> Vec<Attack> {
         tar_only(
             "tar-symlink",
             raw_tar(&[(&blob_name, EntryKind::Symlink, b"", Some("/etc/passwd"))]),
+            "unsafe-path",
+        ),
+        tar_only(
+            "tar-hardlink",
+            raw_tar(&[(&blob_name, EntryKind::Hardlink, b"", Some("/etc/shadow"))]),
             "unsafe-path",
         ),
         tar_only(
