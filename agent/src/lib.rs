@@ -4,7 +4,8 @@
 //!
 //! The pipeline, one module per stage:
 //! [`source`] → verify ([`pipeline`], over `outpost_bundle_format::verify`) → approve
-//! ([`approval`]) → plan ([`diff`]) → (rollout and runtime: later issues), around [`state`].
+//! ([`approval`]) → plan ([`diff`] for the customer, [`plan`] for the runtime) → (rollout and
+//! runtime: later issues), around [`state`].
 //! [`daemon`] drives it; [`api`] is the customer's local interface on a unix socket.
 //!
 //! It is not a vendor tool (that is `outpost-signer`) and it never listens on a TCP port.
@@ -15,5 +16,6 @@ pub mod config;
 pub mod daemon;
 pub mod diff;
 pub mod pipeline;
+pub mod plan;
 pub mod source;
 pub mod state;
