@@ -266,4 +266,46 @@ mod tests {
         assert_eq!(status["last_good"]["sequence"], 1);
         assert_eq!(status["last_rejection"]["check"], "malformed");
     }
+
+    #[test]
+    fn a_release_that_expires_while_waiting_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let key =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/keys/vendor-a.pub");
+        let config_path = dir.path().join("agent.yaml");
+        std::fs::write(
+            &config_path,
+            format!("source: {{dir: {{path: drop}}}}\ntrust: {{keys: [{}]}}\nexpect: {{name: acme}}\napproval: {{mode: manual}}\npermissions: {{execution: {{}}}}\nstate_dir: state\napi: {{socket: agent.sock}}\n", key.display()),
+        )
+        .unwrap();
+        let agent = Agent::new(Config::load(&config_path).unwrap()).unwrap();
+        // One agent per state directory.
+        let second = Agent::new(Config::load(&config_path).unwrap());
+        assert!(second.is_err_and(|e| e.to_string().contains("another outpost-agent is running")));
+        let now = chrono::Utc::now();
+        let outcome = agent
+            .ingest(&signed_release("1.0.0", 1), "test", now)
+            .unwrap();
+        assert!(matches!(
+            outcome,
+            Ingested::Accepted {
+                waiting_for: Some(_),
+                ..
+            }
+        ));
+        agent.reconsider(now + chrono::Duration::days(2)).unwrap();
+        let status = agent.status().unwrap();
+        assert!(status["pending"].is_null(), "{status:#}");
+        assert!(status["current"].is_null());
+        assert!(
+            agent
+                .approve("1.0.0", "tester", now + chrono::Duration::days(2))
+                .is_err()
+        );
+        let events = agent.store.history(10).unwrap();
+        assert!(
+            events.iter().any(|e| e.message.contains("expired")),
+            "{events:?}"
+        );
+    }
 }

@@ -82,6 +82,10 @@ pub struct Agent {
     limits: Limits,
     windows: Vec<Window>,
     pub store: Store,
+    /// Serialises every change of position (ingest, reconsider, the customer's decisions): each
+    /// reads the pending release and acts on it, and must not interleave with another.
+    decisions: Mutex<()>,
+    _state_lock: Option<std::fs::File>,
 }
 
 /// The stateful checks (wrong software, rollback) in the format's order.
@@ -89,6 +93,8 @@ struct AgentChecks<'a> {
     name: &'a str,
     channel: &'a str,
     highest: Option<u64>,
+    /// The current and pending digests: seeing them again is a no-op, not a rollback.
+    known: Vec<String>,
 }
 
 impl ReleasePolicy for AgentChecks<'_> {
@@ -114,7 +120,14 @@ impl ReleasePolicy for AgentChecks<'_> {
         Ok(())
     }
 
-    fn check_sequence(&self, metadata: &ReleaseMetadata, _: Digest) -> Result<(), VerifyError> {
+    fn check_sequence(
+        &self,
+        metadata: &ReleaseMetadata,
+        digest: Digest,
+    ) -> Result<(), VerifyError> {
+        if self.known.contains(&digest.to_string()) {
+            return Ok(());
+        }
         match self.highest {
             Some(highest) if metadata.sequence <= highest => Err(VerifyError::Policy {
                 check: "rollback",
@@ -150,9 +163,29 @@ pub fn load_trust(config: &Config) -> anyhow::Result<Trust> {
 }
 
 impl Agent {
+    /// The running agent: owns `state_dir` (one agent per state directory, enforced by a lock
+    /// held until the process ends, kill -9 included).
     pub fn new(config: Config) -> anyhow::Result<Agent> {
+        std::fs::create_dir_all(&config.state_dir)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", config.state_dir.display()))?;
+        let lock_path = config.state_dir.join("agent.lock");
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", lock_path.display()))?;
+        if lock.try_lock().is_err() {
+            anyhow::bail!(
+                "another outpost-agent is running on {} (lock {})",
+                config.state_dir.display(),
+                lock_path.display()
+            );
+        }
         let store = Store::open(&config.state_dir)?;
-        Self::with_store(config, store)
+        let mut agent = Self::with_store(config, store)?;
+        agent._state_lock = Some(lock);
+        Ok(agent)
     }
 
     /// An agent that only reads the state (or none yet): for `outpost-agent verify` beside a
@@ -183,6 +216,8 @@ impl Agent {
             limits,
             windows,
             store,
+            decisions: Mutex::new(()),
+            _state_lock: None,
         })
     }
 
@@ -255,6 +290,7 @@ impl Agent {
                 });
             }
         };
+        let _decisions = self.lock_decisions();
         self.save_rotation(&verified, layout);
         let positions = self.store.positions()?;
         let release = self.release_of(&verified, origin, now)?;
@@ -266,7 +302,7 @@ impl Agent {
         )?;
         self.store
             .accept(&release, waiting.as_deref().unwrap_or("applying"), now)?;
-        self.reconsider(now)?;
+        self.reconsider_locked(now)?;
         let after = self.store.positions()?;
         let waiting_for = after
             .pending
@@ -322,18 +358,18 @@ impl Agent {
         let digest = bundle::bundle_descriptor(layout)
             .map(|d| d.digest.to_string())
             .ok();
-        if let Some(digest) = &digest
-            && [&positions.current, &positions.pending]
-                .into_iter()
-                .flatten()
-                .any(|r| &r.digest == digest)
-        {
-            return Ok(Examined::Unchanged(digest.clone()));
-        }
+        // "Unchanged" is decided after full verification: an index merely naming the current
+        // digest proves nothing.
+        let known: Vec<String> = [&positions.current, &positions.pending]
+            .into_iter()
+            .flatten()
+            .map(|r| r.digest.clone())
+            .collect();
         let checks = AgentChecks {
             name: &self.config.expect.name,
             channel: &self.config.expect.channel,
             highest: positions.highest_sequence,
+            known: known.clone(),
         };
         let trust = self
             .trust
@@ -342,6 +378,9 @@ impl Agent {
             .unwrap_or_else(|_| self.pinned_trust.clone());
         Ok(
             match verify_with(layout, &trust, now, &self.limits, &checks) {
+                Ok(verified) if known.contains(&verified.digest().to_string()) => {
+                    Examined::Unchanged(verified.digest().to_string())
+                }
                 Ok(verified) => Examined::Verified(Box::new(verified)),
                 Err(e) => Examined::Rejected(Rejection {
                     digest,
@@ -431,10 +470,34 @@ impl Agent {
     /// Re-evaluates the pending release (approval, windows, pins); applies it when nothing is
     /// left to wait for. Returns the applied digest.
     pub fn reconsider(&self, now: DateTime<Utc>) -> anyhow::Result<Option<String>> {
+        let _decisions = self.lock_decisions();
+        self.reconsider_locked(now)
+    }
+
+    fn lock_decisions(&self) -> std::sync::MutexGuard<'_, ()> {
+        // The guarded data is (); a panic elsewhere leaves nothing inconsistent behind it.
+        self.decisions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn reconsider_locked(&self, now: DateTime<Utc>) -> anyhow::Result<Option<String>> {
         let positions = self.store.positions()?;
         let Some(pending) = positions.pending else {
             return Ok(None);
         };
+        // Freeze protection holds while a release waits, too.
+        if rfc3339::parse(&pending.expires).map_or(true, |expires| now >= expires) {
+            self.store.drop_pending(
+                &pending.digest,
+                now,
+                &format!(
+                    "{} {} expired at {} while waiting",
+                    pending.name, pending.version, pending.expires
+                ),
+            )?;
+            return Ok(None);
+        }
         match self.gate_for(
             &pending,
             &positions.current,
@@ -474,6 +537,7 @@ impl Agent {
     }
 
     pub fn approve(&self, version: &str, who: &str, now: DateTime<Utc>) -> anyhow::Result<String> {
+        let _decisions = self.lock_decisions();
         let pending = self.pending_named(version)?;
         self.store.record_decision(&Decision {
             at: rfc3339::format(&now),
@@ -483,7 +547,7 @@ impl Agent {
             who: who.into(),
             reason: None,
         })?;
-        Ok(match self.reconsider(now)? {
+        Ok(match self.reconsider_locked(now)? {
             Some(_) => format!("approved {version}: now current"),
             None => format!(
                 "approved {version}; still waiting for {}",
@@ -499,6 +563,7 @@ impl Agent {
         who: &str,
         now: DateTime<Utc>,
     ) -> anyhow::Result<String> {
+        let _decisions = self.lock_decisions();
         let pending = self.pending_named(version)?;
         self.store.record_decision(&Decision {
             at: rfc3339::format(&now),
@@ -508,14 +573,18 @@ impl Agent {
             who: who.into(),
             reason: Some(reason.into()),
         })?;
-        self.store
-            .drop_pending(now, &format!("rejected by {who}: {reason}"))?;
+        self.store.drop_pending(
+            &pending.digest,
+            now,
+            &format!("rejected by {who}: {reason}"),
+        )?;
         Ok(format!(
             "rejected {version}; a later sequence from the vendor is needed to move on"
         ))
     }
 
     pub fn pin(&self, version: &str, who: &str, now: DateTime<Utc>) -> anyhow::Result<String> {
+        let _decisions = self.lock_decisions();
         let positions = self.store.positions()?;
         let current = positions.current.ok_or_else(|| {
             Refused("nothing is current yet: only the current release can be pinned".into())
@@ -532,13 +601,14 @@ impl Agent {
             who: who.into(),
             reason: None,
         })?;
-        self.reconsider(now)?;
+        self.reconsider_locked(now)?;
         Ok(format!(
             "pinned to {version}: new releases wait until unpin"
         ))
     }
 
     pub fn unpin(&self, who: &str, now: DateTime<Utc>) -> anyhow::Result<String> {
+        let _decisions = self.lock_decisions();
         let positions = self.store.positions()?;
         let Some(pinned) = positions.pinned else {
             return Err(Refused("nothing is pinned".into()).into());
@@ -553,7 +623,7 @@ impl Agent {
             who: who.into(),
             reason: None,
         })?;
-        self.reconsider(now)?;
+        self.reconsider_locked(now)?;
         Ok(format!("unpinned {pinned}"))
     }
 

@@ -222,6 +222,16 @@ impl Store {
     pub fn accept(&self, release: &Release, waiting_for: &str, at: DateTime<Utc>) -> Result<()> {
         self.with(|conn| {
             let tx = conn.transaction()?;
+            // The rollback floor is enforced here too, inside the transaction that raises it.
+            let highest: Option<String> = tx
+                .query_row("SELECT value FROM positions WHERE key = 'highest_sequence'", [], |r| r.get(0))
+                .optional()?
+                .flatten();
+            if let Some(highest) = highest.and_then(|h| h.parse::<u64>().ok())
+                && release.sequence <= highest
+            {
+                return Err(StateError(format!("sequence {} is not above the highest accepted sequence {highest}", release.sequence)));
+            }
             tx.execute(
                 "INSERT OR IGNORE INTO bundles(digest, name, channel, version, sequence, created, expires, stack, origin, received_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
@@ -248,9 +258,12 @@ impl Store {
     }
 
     /// Makes the pending release current (the previous current becomes last good).
+    /// Makes the pending release `digest` current. Refused when `digest` is no longer pending
+    /// (a decision or a newer release got there first).
     pub fn promote(&self, digest: &str, message: &str, at: DateTime<Utc>) -> Result<()> {
         self.with(|conn| {
             let tx = conn.transaction()?;
+            expect_pending(&tx, digest)?;
             let current: Option<String> = tx
                 .query_row(
                     "SELECT value FROM positions WHERE key = 'current'",
@@ -271,21 +284,14 @@ impl Store {
         })
     }
 
-    /// Drops the pending release (the customer rejected it).
-    pub fn drop_pending(&self, at: DateTime<Utc>, message: &str) -> Result<()> {
+    /// Drops the pending release `digest` (rejected by the customer, or expired while waiting).
+    pub fn drop_pending(&self, digest: &str, at: DateTime<Utc>, message: &str) -> Result<()> {
         self.with(|conn| {
             let tx = conn.transaction()?;
-            let pending: Option<String> = tx
-                .query_row(
-                    "SELECT value FROM positions WHERE key = 'pending'",
-                    [],
-                    |r| r.get(0),
-                )
-                .optional()?
-                .flatten();
+            expect_pending(&tx, digest)?;
             set(&tx, "pending", None)?;
             set(&tx, "waiting_for", None)?;
-            event(&tx, at, "dropped", pending.as_deref(), message)?;
+            event(&tx, at, "dropped", Some(digest), message)?;
             tx.commit()?;
             Ok(())
         })
@@ -431,5 +437,22 @@ fn event(
         "INSERT INTO events(at, kind, digest, message) VALUES (?1, ?2, ?3, ?4)",
         params![rfc3339::format(&at), kind, digest, message],
     )?;
+    Ok(())
+}
+
+fn expect_pending(tx: &rusqlite::Transaction<'_>, digest: &str) -> Result<()> {
+    let pending: Option<String> = tx
+        .query_row(
+            "SELECT value FROM positions WHERE key = 'pending'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?
+        .flatten();
+    if pending.as_deref() != Some(digest) {
+        return Err(StateError(format!(
+            "{digest} is no longer the pending release"
+        )));
+    }
     Ok(())
 }

@@ -447,8 +447,16 @@ async fn check_status(
     if status.is_success() {
         return Ok(response);
     }
-    let body = response.text().await.unwrap_or_default();
-    let body: String = body
+    // Read at most 1 KiB of an error body: a hostile server could send an endless one.
+    let mut response = response;
+    let mut raw = Vec::new();
+    while raw.len() < 1024 {
+        match response.chunk().await {
+            Ok(Some(chunk)) => raw.extend_from_slice(&chunk[..chunk.len().min(1024 - raw.len())]),
+            _ => break,
+        }
+    }
+    let body: String = String::from_utf8_lossy(&raw)
         .chars()
         .take(300)
         .collect::<String>()

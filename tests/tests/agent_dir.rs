@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used)] // test code: a panic is a failed test
 
 use outpost_tests::agent::{AgentProcess, drop_file};
-use outpost_tests::forge::{attacks, release, signed, tar, with_image};
+use outpost_tests::forge::{EntryKind, attacks, raw_tar, release, signed, tar, with_image};
 use serde_json::Value;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -92,6 +92,25 @@ fn attack_suite_through_a_file_drop() {
         offline.fails(1, &format!("verification failed: {}: ", attack.check));
     }
     assert_eq!(agent.rejected_total(), suite.len() as u64);
+    // A second agent on the same state directory is refused before it touches anything.
+    let second = agent.cli(&["run"]);
+    second.fails(2, "another outpost-agent is running");
+
+    // An index naming the current digest, with nothing behind it, is not "unchanged".
+    let current = signed(release("1.1.0", 2), &BOTH);
+    let index = serde_json::to_vec(current.index()).unwrap();
+    let hollow = raw_tar(&[
+        (
+            "oci-layout",
+            EntryKind::File,
+            b"{\"imageLayoutVersion\":\"1.0.0\"}",
+            None,
+        ),
+        ("index.json", EntryKind::File, &index, None),
+    ]);
+    drop_file(drop.path(), "hollow.tar", &hollow);
+    let reason = wait_file(&drop.path().join("rejected/hollow.tar.reason"));
+    assert!(reason.starts_with("rejected: missing-blob"), "{reason}");
 
     // Still accepting the next valid bundle.
     let v3 = signed(release("1.2.0", 3), &BOTH);

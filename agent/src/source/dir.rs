@@ -34,8 +34,17 @@ pub fn eligible(name: &str) -> bool {
 impl DirSource {
     pub fn new(dir: &Path, limits: Limits, spool_root: PathBuf) -> Result<DirSource, SourceError> {
         for sub in ["accepted", "rejected"] {
-            std::fs::create_dir_all(dir.join(sub))
-                .map_err(|e| SourceError(format!("{}: {e}", dir.join(sub).display())))?;
+            let path = dir.join(sub);
+            std::fs::create_dir_all(&path)
+                .map_err(|e| SourceError(format!("{}: {e}", path.display())))?;
+            // Processed files are moved there: a link would send them anywhere.
+            let real_dir = std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_dir());
+            if !real_dir {
+                return Err(SourceError(format!(
+                    "{}: must be a directory, not a link",
+                    path.display()
+                )));
+            }
         }
         let (sender, events) = mpsc::unbounded_channel();
         let watched = dir.to_path_buf();

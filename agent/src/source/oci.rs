@@ -14,6 +14,11 @@ use outpost_registry_client::{
 };
 use std::time::Duration;
 
+/// Layers accepted in one bundle or signature manifest.
+const MAX_LAYERS: usize = 64;
+/// Signature manifests (referrers) fetched per bundle.
+const MAX_SIGNATURE_MANIFESTS: usize = 16;
+
 /// Why a fetch failed: the registry could not be reached (retried with backoff), or what it
 /// served is wrong (a rejection, recorded like any other).
 enum FetchError {
@@ -182,6 +187,8 @@ impl OciSource {
         {
             found.push(tagged);
         }
+        // Anyone who can push may add referrers; only so many are looked at.
+        found.truncate(MAX_SIGNATURE_MANIFESTS);
         Ok(found)
     }
 
@@ -190,6 +197,18 @@ impl OciSource {
         manifest: &ImageManifest,
         layout: &mut Layout,
     ) -> Result<(), FetchError> {
+        // A bundle or signature manifest is a handful of small blobs; bound the whole download.
+        let declared: u64 = std::iter::once(&manifest.config)
+            .chain(&manifest.layers)
+            .map(|b| b.size)
+            .fold(0, u64::saturating_add);
+        if manifest.layers.len() > MAX_LAYERS || declared > self.limits.max_total_bytes {
+            return Err(FetchError::Content(LayoutError::SizeLimit {
+                what: format!("a manifest with {} layers", manifest.layers.len()),
+                size: declared,
+                limit: self.limits.max_total_bytes,
+            }));
+        }
         for blob in std::iter::once(&manifest.config).chain(&manifest.layers) {
             if layout.has_blob(&blob.digest) {
                 continue;

@@ -434,10 +434,7 @@ impl Layout {
     fn write_blob_file(&self, digest: &Digest, path: &Path) -> Result<(), LayoutError> {
         let tmp = temp_sibling(path);
         let result = (|| {
-            let mut file = io::BufWriter::with_capacity(
-                1 << 20,
-                File::create(&tmp).map_err(LayoutError::io(&tmp))?,
-            );
+            let mut file = io::BufWriter::with_capacity(1 << 20, create_temp(&tmp)?);
             self.copy_blob(digest, &mut file)?;
             let file = file.into_inner().map_err(|e| LayoutError::Io {
                 path: tmp.display().to_string(),
@@ -504,7 +501,7 @@ impl Layout {
     pub fn write_tar_file(&self, path: &Path) -> Result<(), LayoutError> {
         let tmp = temp_sibling(path);
         let result = (|| {
-            let file = File::create(&tmp).map_err(LayoutError::io(&tmp))?;
+            let file = create_temp(&tmp)?;
             let mut writer = io::BufWriter::with_capacity(1 << 20, file);
             self.write_tar(&mut writer)?;
             let file = writer.into_inner().map_err(|e| LayoutError::Io {
@@ -838,19 +835,38 @@ fn append_dir(builder: &mut tar::Builder<impl Write>, name: &str) -> Result<(), 
         .map_err(LayoutError::io(name))
 }
 
+/// A fresh dot-name beside `path` for an atomic write (pid, time and a counter: not guessable
+/// in advance by someone who can write to the directory).
 fn temp_sibling(path: &Path) -> PathBuf {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let count = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    path.with_file_name(format!(
+        ".{name}.tmp-{}-{nanos}-{count}",
+        std::process::id()
+    ))
+}
+
+/// Creates the temporary file, refusing anything already there (a planted link included).
+fn create_temp(tmp: &Path) -> Result<File, LayoutError> {
+    fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(tmp)
+        .map_err(LayoutError::io(tmp))
 }
 
 /// Writes a file atomically: temporary sibling, fsync, rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), LayoutError> {
     let tmp = temp_sibling(path);
     let result = (|| {
-        let mut file = File::create(&tmp).map_err(LayoutError::io(&tmp))?;
+        let mut file = create_temp(&tmp)?;
         file.write_all(bytes).map_err(LayoutError::io(&tmp))?;
         file.sync_all().map_err(LayoutError::io(&tmp))?;
         fs::rename(&tmp, path).map_err(LayoutError::io(path))
