@@ -199,6 +199,20 @@ mod tests {
         layout
     }
 
+    /// A config trusting vendor-a for stack `acme`, with `extra` YAML appended.
+    fn test_config(extra: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let key =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/keys/vendor-a.pub");
+        let path = dir.path().join("agent.yaml");
+        let text = format!(
+            "source: {{dir: {{path: drop}}}}\ntrust: {{keys: [{}]}}\nexpect: {{name: acme}}\npermissions: {{execution: {{}}}}\nstate_dir: state\napi: {{socket: agent.sock}}\n{extra}",
+            key.display()
+        );
+        std::fs::write(&path, text).unwrap();
+        (dir, path)
+    }
+
     fn candidate(
         key: &str,
         layout: Result<outpost_bundle_format::Layout, outpost_bundle_format::layout::LayoutError>,
@@ -216,15 +230,7 @@ mod tests {
     /// source in order, and nothing but the verdicts changes the store.
     #[tokio::test(start_paused = true)]
     async fn drive_settles_every_candidate_and_survives_source_errors() {
-        let dir = tempfile::tempdir().unwrap();
-        let key =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/keys/vendor-a.pub");
-        let config_path = dir.path().join("agent.yaml");
-        std::fs::write(
-            &config_path,
-            format!("source: {{dir: {{path: drop}}}}\ntrust: {{keys: [{}]}}\nexpect: {{name: acme}}\npermissions: {{execution: {{}}}}\nstate_dir: state\napi: {{socket: agent.sock}}\n", key.display()),
-        )
-        .unwrap();
+        let (_dir, config_path) = test_config("");
         let agent = Arc::new(Agent::new(Config::load(&config_path).unwrap()).unwrap());
         let (fake, sender) = source::fake::FakeSource::new();
         let settled = fake.settled.clone();
@@ -269,15 +275,7 @@ mod tests {
 
     #[test]
     fn a_release_that_expires_while_waiting_is_dropped() {
-        let dir = tempfile::tempdir().unwrap();
-        let key =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/keys/vendor-a.pub");
-        let config_path = dir.path().join("agent.yaml");
-        std::fs::write(
-            &config_path,
-            format!("source: {{dir: {{path: drop}}}}\ntrust: {{keys: [{}]}}\nexpect: {{name: acme}}\napproval: {{mode: manual}}\npermissions: {{execution: {{}}}}\nstate_dir: state\napi: {{socket: agent.sock}}\n", key.display()),
-        )
-        .unwrap();
+        let (_dir, config_path) = test_config("approval: {mode: manual}\n");
         let agent = Agent::new(Config::load(&config_path).unwrap()).unwrap();
         // One agent per state directory.
         let second = Agent::new(Config::load(&config_path).unwrap());

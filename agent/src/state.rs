@@ -223,10 +223,7 @@ impl Store {
         self.with(|conn| {
             let tx = conn.transaction()?;
             // The rollback floor is enforced here too, inside the transaction that raises it.
-            let highest: Option<String> = tx
-                .query_row("SELECT value FROM positions WHERE key = 'highest_sequence'", [], |r| r.get(0))
-                .optional()?
-                .flatten();
+            let highest: Option<String> = position(&tx, "highest_sequence")?;
             if let Some(highest) = highest.and_then(|h| h.parse::<u64>().ok())
                 && release.sequence <= highest
             {
@@ -237,10 +234,7 @@ impl Store {
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
                 params![release.digest, release.name, release.channel, release.version, release.sequence as i64, release.created, release.expires, release.stack, release.origin, release.received_at],
             )?;
-            let superseded: Option<String> = tx
-                .query_row("SELECT value FROM positions WHERE key = 'pending'", [], |r| r.get(0))
-                .optional()?
-                .flatten();
+            let superseded: Option<String> = position(&tx, "pending")?;
             set(&tx, "pending", Some(&release.digest))?;
             set(&tx, "waiting_for", Some(waiting_for))?;
             set(&tx, "highest_sequence", Some(&release.sequence.to_string()))?;
@@ -257,21 +251,13 @@ impl Store {
         self.with(|conn| set(conn, "waiting_for", Some(waiting_for)).map(|_| ()))
     }
 
-    /// Makes the pending release current (the previous current becomes last good).
     /// Makes the pending release `digest` current. Refused when `digest` is no longer pending
     /// (a decision or a newer release got there first).
     pub fn promote(&self, digest: &str, message: &str, at: DateTime<Utc>) -> Result<()> {
         self.with(|conn| {
             let tx = conn.transaction()?;
             expect_pending(&tx, digest)?;
-            let current: Option<String> = tx
-                .query_row(
-                    "SELECT value FROM positions WHERE key = 'current'",
-                    [],
-                    |r| r.get(0),
-                )
-                .optional()?
-                .flatten();
+            let current: Option<String> = position(&tx, "current")?;
             if let Some(current) = current.filter(|c| c != digest) {
                 set(&tx, "last_good", Some(&current))?;
             }
@@ -440,15 +426,18 @@ fn event(
     Ok(())
 }
 
-fn expect_pending(tx: &rusqlite::Transaction<'_>, digest: &str) -> Result<()> {
-    let pending: Option<String> = tx
-        .query_row(
-            "SELECT value FROM positions WHERE key = 'pending'",
-            [],
-            |r| r.get(0),
-        )
+/// One position (`current`, `pending`, `highest_sequence`, ...) read inside a transaction.
+fn position(tx: &rusqlite::Transaction<'_>, key: &str) -> Result<Option<String>> {
+    Ok(tx
+        .query_row("SELECT value FROM positions WHERE key = ?1", [key], |r| {
+            r.get(0)
+        })
         .optional()?
-        .flatten();
+        .flatten())
+}
+
+fn expect_pending(tx: &rusqlite::Transaction<'_>, digest: &str) -> Result<()> {
+    let pending = position(tx, "pending")?;
     if pending.as_deref() != Some(digest) {
         return Err(StateError(format!(
             "{digest} is no longer the pending release"
