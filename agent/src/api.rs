@@ -115,11 +115,18 @@ async fn handle(
             );
         }
     };
-    let field = |name: &str| body.get(name).and_then(Value::as_str).map(str::to_string);
+    // Free text from the client ends up in history and logs: one line, bounded.
+    let field = |name: &str| {
+        body.get(name)
+            .and_then(Value::as_str)
+            .map(|text| one_line(text, 1000))
+    };
     // Who decided: the name the CLI sends, with the uid the kernel vouches for.
     let who = format!(
         "{} (uid {})",
-        field("who").unwrap_or_else(|| "unknown".into()),
+        field("who")
+            .map(|w| one_line(&w, 64))
+            .unwrap_or_else(|| "unknown".into()),
         uid.map_or("?".into(), |u| u.to_string())
     );
     let now = crate::config::now();
@@ -199,6 +206,14 @@ async fn handle(
             json!({"error": format!("no route {method} {path}")}),
         ),
     }
+}
+
+/// `text` with control characters (newlines included) replaced by spaces, at most `max` chars.
+fn one_line(text: &str, max: usize) -> String {
+    text.chars()
+        .take(max)
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
 }
 
 fn metrics(agent: &Agent, shared: &Shared) -> String {

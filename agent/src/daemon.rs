@@ -136,7 +136,30 @@ pub async fn drive(
                     agent_for_task.reject_unreadable(&origin, digest, &e, crate::config::now())
                 }
             })
-            .await??
+            .await
+            .map_err(anyhow::Error::from)
+            .and_then(|result| result)
+        };
+        // The store failed (disk full, I/O error): report and retry later; the daemon and the
+        // current release stay up. The candidate is not settled: a registry or git source looks
+        // at it again on its next poll, a dropped file at the agent's next start.
+        let outcome = match outcome {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                failures += 1;
+                shared.poll_errors.fetch_add(1, Ordering::Relaxed);
+                if let Ok(mut last) = shared.last_error.lock() {
+                    *last = Some(format!("recording {}: {e:#}", candidate.origin));
+                }
+                let wait = backoff(failures);
+                log(format!(
+                    "{}: cannot record the outcome (retry in {:.1}s): {e:#}",
+                    candidate.origin,
+                    wait.as_secs_f64()
+                ));
+                tokio::time::sleep(wait).await;
+                continue;
+            }
         };
         match &outcome {
             Ingested::Accepted { .. } => shared.accepted.fetch_add(1, Ordering::Relaxed),

@@ -9,6 +9,10 @@ use outpost_bundle_format::layout::{Layout, LayoutError, Limits};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+/// libgit2 loads a blob into memory whole; bundles in git stay below this (larger bundles, e.g.
+/// with images, travel by registry or file drop).
+const MAX_GIT_BLOB_BYTES: u64 = 1 << 30;
+
 pub struct GitSource {
     config: GitConfig,
     password: Option<String>,
@@ -126,11 +130,13 @@ fn read_bundle(
                 .odb()
                 .and_then(|odb| odb.read_header(entry.id()))
                 .map_err(|e| malformed(e.message().to_string()))?;
-            if size as u64 > limits.max_total_bytes {
+            // libgit2 holds a blob in memory whole: bound it before loading.
+            let limit = limits.max_total_bytes.min(MAX_GIT_BLOB_BYTES);
+            if size as u64 > limit {
                 return Err(LayoutError::SizeLimit {
-                    what: format!("git path {path}"),
+                    what: format!("git path {path} (a tar held in git)"),
                     size: size as u64,
-                    limit: limits.max_total_bytes,
+                    limit,
                 });
             }
             let blob = repo
@@ -145,6 +151,7 @@ fn read_bundle(
                 .map_err(|e| malformed(e.message().to_string()))?;
             let target = spool.join("layout");
             let mut total = 0u64;
+            let mut entries = 0usize;
             let mut result = Ok(());
             subtree
                 .walk(git2::TreeWalkMode::PreOrder, |parent, item| {
@@ -155,17 +162,31 @@ fn read_bundle(
                             if item.filemode() == 0o100644 || item.filemode() == 0o100755 =>
                         {
                             let written = (|| {
+                                entries += 1;
+                                if entries > limits.max_entries {
+                                    return Err(LayoutError::SizeLimit {
+                                        what: format!("files under git path {path}"),
+                                        size: entries as u64,
+                                        limit: limits.max_entries as u64,
+                                    });
+                                }
+                                // Sizes from the object header, before anything is loaded.
+                                let (size, _) = repo
+                                    .odb()
+                                    .and_then(|odb| odb.read_header(item.id()))
+                                    .map_err(|e| malformed(e.message().to_string()))?;
+                                total = total.saturating_add(size as u64);
+                                let limit = limits.max_blob_bytes.min(MAX_GIT_BLOB_BYTES);
+                                if size as u64 > limit || total > limits.max_total_bytes {
+                                    return Err(LayoutError::SizeLimit {
+                                        what: format!("git path {path}/{name}"),
+                                        size: total,
+                                        limit: limits.max_total_bytes.min(limit),
+                                    });
+                                }
                                 let blob = repo
                                     .find_blob(item.id())
                                     .map_err(|e| malformed(e.message().to_string()))?;
-                                total += blob.size() as u64;
-                                if total > limits.max_total_bytes {
-                                    return Err(LayoutError::SizeLimit {
-                                        what: format!("git path {path}"),
-                                        size: total,
-                                        limit: limits.max_total_bytes,
-                                    });
-                                }
                                 let file = target.join(&name);
                                 if !file.starts_with(&target) || name.split('/').any(|c| c == "..")
                                 {
