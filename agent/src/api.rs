@@ -188,11 +188,15 @@ async fn handle(
             }
         }
         (Method::POST, "/approve") => match field("version") {
-            Some(version) => outcome(agent.approve(&version, &who, now)),
+            Some(version) => {
+                outcome(agent.approve(&version, field("digest").as_deref(), &who, now))
+            }
             None => missing("version"),
         },
         (Method::POST, "/reject") => match (field("version"), field("reason")) {
-            (Some(version), Some(reason)) => outcome(agent.reject(&version, &reason, &who, now)),
+            (Some(version), Some(reason)) => {
+                outcome(agent.reject(&version, field("digest").as_deref(), &reason, &who, now))
+            }
             (None, _) => missing("version"),
             (_, None) => missing("reason"),
         },

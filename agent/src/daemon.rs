@@ -320,7 +320,7 @@ mod tests {
         assert!(status["current"].is_null());
         assert!(
             agent
-                .approve("1.0.0", "tester", now + chrono::Duration::days(2))
+                .approve("1.0.0", None, "tester", now + chrono::Duration::days(2))
                 .is_err()
         );
         let events = agent.store.history(10).unwrap();

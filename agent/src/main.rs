@@ -60,12 +60,18 @@ enum Command {
     /// Approve the pending release VERSION.
     Approve {
         version: String,
+        /// Only if the pending release still has this digest (the one `plan` showed).
+        #[arg(long)]
+        digest: Option<String>,
         #[command(flatten)]
         config: ConfigArg,
     },
     /// Reject the pending release VERSION.
     Reject {
         version: String,
+        /// Only if the pending release still has this digest.
+        #[arg(long)]
+        digest: Option<String>,
         #[arg(long)]
         reason: String,
         #[command(flatten)]
@@ -198,14 +204,19 @@ fn execute(command: Command) -> Result<(), Failure> {
                 ),
             }
         }
-        Command::Approve { version, config } => print_message(&request(
+        Command::Approve {
+            version,
+            digest,
+            config,
+        } => print_message(&request(
             &config,
             Method::POST,
             "/approve",
-            Some(json!({"version": version, "who": who()})),
+            Some(json!({"version": version, "digest": digest, "who": who()})),
         )?),
         Command::Reject {
             version,
+            digest,
             reason,
             config,
         } => {
@@ -216,7 +227,7 @@ fn execute(command: Command) -> Result<(), Failure> {
                 &config,
                 Method::POST,
                 "/reject",
-                Some(json!({"version": version, "reason": reason, "who": who()})),
+                Some(json!({"version": version, "digest": digest, "reason": reason, "who": who()})),
             )?)
         }
         Command::Pin { version, config } => print_message(&request(

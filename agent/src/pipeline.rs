@@ -5,7 +5,7 @@
 use crate::approval::{Gate, GateInput, Window, gate};
 use crate::config::{Config, RuntimeKind};
 use crate::diff;
-use crate::state::{Decision, Rejection, Release, Store};
+use crate::state::{Decision, Effect, Rejection, Release, Store};
 use chrono::{DateTime, Utc};
 use outpost_bundle_format::crypto::PublicKey;
 use outpost_bundle_format::layout::{Layout, LayoutError};
@@ -523,30 +523,30 @@ impl Agent {
         }
     }
 
-    fn pending_named(&self, version: &str) -> anyhow::Result<Release> {
-        let pending = self.store.positions()?.pending;
-        match pending {
-            Some(p) if p.version == version => Ok(p),
-            Some(p) => Err(Refused(format!(
-                "the pending release is {}, not {version}",
-                p.version
-            ))
-            .into()),
+    fn pending_named(&self, version: &str, digest: Option<&str>) -> anyhow::Result<Release> {
+        match self.store.positions()?.pending {
+            Some(p) if p.version != version => Err(Refused(format!("the pending release is {}, not {version}", p.version)).into()),
+            Some(p) if digest.is_some_and(|d| d != p.digest) => Err(Refused(format!("the pending {version} is now {}, not the digest given: review `outpost-agent plan` again", p.digest)).into()),
+            Some(p) => Ok(p),
             None => Err(Refused(format!("no release is pending (asked for {version})")).into()),
         }
     }
 
-    pub fn approve(&self, version: &str, who: &str, now: DateTime<Utc>) -> anyhow::Result<String> {
+    /// Approves the pending `version`; with `digest`, only if that is still what is pending
+    /// (the customer approves what they reviewed in `plan`, not a re-issued version).
+    pub fn approve(
+        &self,
+        version: &str,
+        digest: Option<&str>,
+        who: &str,
+        now: DateTime<Utc>,
+    ) -> anyhow::Result<String> {
         let _decisions = self.lock_decisions();
-        let pending = self.pending_named(version)?;
-        self.store.record_decision(&Decision {
-            at: rfc3339::format(&now),
-            digest: pending.digest.clone(),
-            version: version.into(),
-            decision: "approve".into(),
-            who: who.into(),
-            reason: None,
-        })?;
+        let pending = self.pending_named(version, digest)?;
+        self.store.record_decision(
+            &Decision::new(now, &pending.digest, version, "approve", who),
+            Effect::None,
+        )?;
         Ok(match self.reconsider_locked(now)? {
             Some(_) => format!("approved {version}: now current"),
             None => format!(
@@ -559,24 +559,17 @@ impl Agent {
     pub fn reject(
         &self,
         version: &str,
+        digest: Option<&str>,
         reason: &str,
         who: &str,
         now: DateTime<Utc>,
     ) -> anyhow::Result<String> {
         let _decisions = self.lock_decisions();
-        let pending = self.pending_named(version)?;
-        self.store.record_decision(&Decision {
-            at: rfc3339::format(&now),
-            digest: pending.digest.clone(),
-            version: version.into(),
-            decision: "reject".into(),
-            who: who.into(),
-            reason: Some(reason.into()),
-        })?;
-        self.store.drop_pending(
-            &pending.digest,
-            now,
-            &format!("rejected by {who}: {reason}"),
+        let pending = self.pending_named(version, digest)?;
+        let message = format!("rejected by {who}: {reason}");
+        self.store.record_decision(
+            &Decision::new(now, &pending.digest, version, "reject", who).because(reason),
+            Effect::DropPending { message: &message },
         )?;
         Ok(format!(
             "rejected {version}; a later sequence from the vendor is needed to move on"
@@ -592,15 +585,10 @@ impl Agent {
         if current.version != version {
             return Err(Refused(format!("only the current release ({}) can be pinned; older releases are refused by rollback protection", current.version)).into());
         }
-        self.store.set_pinned(Some(version))?;
-        self.store.record_decision(&Decision {
-            at: rfc3339::format(&now),
-            digest: current.digest,
-            version: version.into(),
-            decision: "pin".into(),
-            who: who.into(),
-            reason: None,
-        })?;
+        self.store.record_decision(
+            &Decision::new(now, &current.digest, version, "pin", who),
+            Effect::Pin(Some(version)),
+        )?;
         self.reconsider_locked(now)?;
         Ok(format!(
             "pinned to {version}: new releases wait until unpin"
@@ -613,16 +601,11 @@ impl Agent {
         let Some(pinned) = positions.pinned else {
             return Err(Refused("nothing is pinned".into()).into());
         };
-        self.store.set_pinned(None)?;
         let digest = positions.current.map(|c| c.digest).unwrap_or_default();
-        self.store.record_decision(&Decision {
-            at: rfc3339::format(&now),
-            digest,
-            version: pinned.clone(),
-            decision: "unpin".into(),
-            who: who.into(),
-            reason: None,
-        })?;
+        self.store.record_decision(
+            &Decision::new(now, &digest, &pinned, "unpin", who),
+            Effect::Pin(None),
+        )?;
         self.reconsider_locked(now)?;
         Ok(format!("unpinned {pinned}"))
     }
@@ -668,10 +651,11 @@ impl Agent {
             None => "nothing yet".to_string(),
         };
         let header = format!(
-            "{}: {from} -> {} (sequence {}); waiting for: {}\n",
+            "{}: {from} -> {} (sequence {}, {}); waiting for: {}\n",
             pending.name,
             pending.version,
             pending.sequence,
+            pending.digest,
             p.waiting_for.as_deref().unwrap_or("nothing"),
         );
         Ok(json!({

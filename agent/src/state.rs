@@ -274,17 +274,10 @@ impl Store {
     pub fn drop_pending(&self, digest: &str, at: DateTime<Utc>, message: &str) -> Result<()> {
         self.with(|conn| {
             let tx = conn.transaction()?;
-            expect_pending(&tx, digest)?;
-            set(&tx, "pending", None)?;
-            set(&tx, "waiting_for", None)?;
-            event(&tx, at, "dropped", Some(digest), message)?;
+            drop_pending_in(&tx, digest, at, message)?;
             tx.commit()?;
             Ok(())
         })
-    }
-
-    pub fn set_pinned(&self, version: Option<&str>) -> Result<()> {
-        self.with(|conn| set(conn, "pinned", version).map(|_| ()))
     }
 
     pub fn record_rejection(&self, rejection: &Rejection) -> Result<()> {
@@ -303,9 +296,20 @@ impl Store {
         })
     }
 
-    pub fn record_decision(&self, decision: &Decision) -> Result<()> {
+    /// Records the customer's decision and its effect in one transaction: after a crash either
+    /// both are there or neither.
+    pub fn record_decision(&self, decision: &Decision, effect: Effect<'_>) -> Result<()> {
         self.with(|conn| {
             let tx = conn.transaction()?;
+            match effect {
+                Effect::None => {}
+                Effect::Pin(version) => {
+                    set(&tx, "pinned", version)?;
+                }
+                Effect::DropPending { message } => {
+                    drop_pending_in(&tx, &decision.digest, decision_time(decision)?, message)?;
+                }
+            }
             tx.execute(
                 "INSERT INTO decisions(digest, version, decision, who, reason, at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                 params![decision.digest, decision.version, decision.decision, decision.who, decision.reason, decision.at],
@@ -434,6 +438,59 @@ fn position(tx: &rusqlite::Transaction<'_>, key: &str) -> Result<Option<String>>
         })
         .optional()?
         .flatten())
+}
+
+impl Decision {
+    /// `decision` (approve, reject, pin, unpin) about `digest`, made `at` by `who`.
+    pub fn new(
+        at: DateTime<Utc>,
+        digest: &str,
+        version: &str,
+        decision: &str,
+        who: &str,
+    ) -> Decision {
+        Decision {
+            at: outpost_bundle_format::release::rfc3339::format(&at),
+            digest: digest.into(),
+            version: version.into(),
+            decision: decision.into(),
+            who: who.into(),
+            reason: None,
+        }
+    }
+
+    pub fn because(mut self, reason: &str) -> Decision {
+        self.reason = Some(reason.into());
+        self
+    }
+}
+
+/// What a decision changes besides being recorded.
+pub enum Effect<'a> {
+    None,
+    /// Set (`Some`) or clear the pin.
+    Pin(Option<&'a str>),
+    /// Drop the pending release the decision names.
+    DropPending {
+        message: &'a str,
+    },
+}
+
+fn decision_time(decision: &Decision) -> Result<DateTime<Utc>> {
+    outpost_bundle_format::release::rfc3339::parse(&decision.at).map_err(StateError)
+}
+
+fn drop_pending_in(
+    tx: &rusqlite::Transaction<'_>,
+    digest: &str,
+    at: DateTime<Utc>,
+    message: &str,
+) -> Result<()> {
+    expect_pending(tx, digest)?;
+    set(tx, "pending", None)?;
+    set(tx, "waiting_for", None)?;
+    event(tx, at, "dropped", Some(digest), message)?;
+    Ok(())
 }
 
 fn expect_pending(tx: &rusqlite::Transaction<'_>, digest: &str) -> Result<()> {

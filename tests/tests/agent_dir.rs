@@ -199,7 +199,14 @@ fn manual_approval_plan_reject_pin_and_history() {
     agent
         .cli(&["approve", "2.0.0"])
         .fails(1, "the pending release is 1.0.0, not 2.0.0");
-    assert!(post(&agent, &["approve", "1.0.0"]).contains("now current"));
+    // Approval can be bound to the digest the customer reviewed.
+    let zeros = format!("sha256:{}", "0".repeat(64));
+    agent
+        .cli(&["approve", "1.0.0", "--digest", &zeros])
+        .fails(1, "not the digest given");
+    let digest = status["pending"]["digest"].as_str().unwrap().to_string();
+    assert!(plan.contains(&digest), "{plan}");
+    assert!(post(&agent, &["approve", "1.0.0", "--digest", &digest]).contains("now current"));
     agent.wait_current(1);
 
     // A patch goes through by rule; a minor waits; its plan shows field changes.
