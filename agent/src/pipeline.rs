@@ -76,7 +76,6 @@ pub struct Refused(pub String);
 
 pub struct Agent {
     pub config: Config,
-    pinned_trust: Trust,
     /// The pinned root after the rotations accepted bundles carried.
     trust: Mutex<Trust>,
     limits: Limits,
@@ -208,10 +207,18 @@ impl Agent {
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| anyhow::anyhow!(e))?;
         let trust = Self::rotated_trust(&pinned_trust, &config.state_dir);
+        if let (Trust::Root(root), Some(recorded)) = (&trust, store.root_version()?)
+            && root.version < recorded
+        {
+            anyhow::bail!(
+                "{}: the trust root chain replays only to version {} but version {recorded} was accepted; refusing to fall back to older keys",
+                config.state_dir.join("roots").display(),
+                root.version
+            );
+        }
         let limits = config.limits();
         Ok(Agent {
             config,
-            pinned_trust,
             trust: Mutex::new(trust),
             limits,
             windows,
@@ -240,31 +247,40 @@ impl Agent {
         Trust::Root(root)
     }
 
-    fn save_rotation(&self, verified: &VerifiedBundle, layout: &Layout) {
-        let (Some(new_root), Ok(Trust::Root(old))) =
-            (verified.root(), self.trust.lock().map(|t| t.clone()))
-        else {
-            return;
+    /// Persists a rotation the verified bundle carried, before the bundle is accepted: every
+    /// carried root version (fsynced), then the version trust now stands at, so a restart that
+    /// cannot replay the chain refuses to start instead of trusting revoked keys.
+    fn save_rotation(&self, verified: &VerifiedBundle, layout: &Layout) -> anyhow::Result<()> {
+        let old = match &*self
+            .trust
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        {
+            Trust::Root(old) => old.version,
+            Trust::Keys { .. } => return Ok(()),
         };
-        if new_root.version <= old.version {
-            return;
+        let Some(new_root) = verified.root().filter(|r| r.version > old) else {
+            return Ok(());
+        };
+        let parts = bundle::read_parts(layout, &self.limits)?;
+        let dir = self.config.state_dir.join("roots");
+        std::fs::create_dir_all(&dir).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
+        for raw in &parts.roots {
+            let version = outpost_bundle_format::root::peek_version(raw)?;
+            outpost_bundle_format::layout::write_atomic(
+                &dir.join(format!("{version}.root.json")),
+                raw,
+            )?;
         }
-        // Persist every carried version so a restart can replay the chain from the pinned root.
-        if let Ok(parts) = bundle::read_parts(layout, &self.limits) {
-            let dir = self.config.state_dir.join("roots");
-            let _ = std::fs::create_dir_all(&dir);
-            for raw in &parts.roots {
-                if let Ok(version) = outpost_bundle_format::root::peek_version(raw) {
-                    let _ = outpost_bundle_format::layout::write_atomic(
-                        &dir.join(format!("{version}.root.json")),
-                        raw,
-                    );
-                }
-            }
-        }
-        if let Ok(mut trust) = self.trust.lock() {
-            *trust = Trust::Root(new_root.clone());
-        }
+        std::fs::File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
+        self.store.set_root_version(new_root.version)?;
+        *self
+            .trust
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Trust::Root(new_root.clone());
+        Ok(())
     }
 
     pub fn limits(&self) -> &Limits {
@@ -291,7 +307,7 @@ impl Agent {
             }
         };
         let _decisions = self.lock_decisions();
-        self.save_rotation(&verified, layout);
+        self.save_rotation(&verified, layout)?;
         let positions = self.store.positions()?;
         let release = self.release_of(&verified, origin, now)?;
         let waiting = self.gate_for(
@@ -374,8 +390,8 @@ impl Agent {
         let trust = self
             .trust
             .lock()
-            .map(|t| t.clone())
-            .unwrap_or_else(|_| self.pinned_trust.clone());
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
         Ok(
             match verify_with(layout, &trust, now, &self.limits, &checks) {
                 Ok(verified) if known.contains(&verified.digest().to_string()) => {

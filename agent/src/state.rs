@@ -247,6 +247,18 @@ impl Store {
         })
     }
 
+    /// The trust root version accepted rotations brought trust to (None: the pinned one).
+    pub fn root_version(&self) -> Result<Option<u64>> {
+        self.with(|conn| {
+            let tx = conn.transaction()?;
+            Ok(position(&tx, "root_version")?.and_then(|v| v.parse().ok()))
+        })
+    }
+
+    pub fn set_root_version(&self, version: u64) -> Result<()> {
+        self.with(|conn| set(conn, "root_version", Some(&version.to_string())).map(|_| ()))
+    }
+
     pub fn set_waiting(&self, waiting_for: &str) -> Result<()> {
         self.with(|conn| set(conn, "waiting_for", Some(waiting_for)).map(|_| ()))
     }

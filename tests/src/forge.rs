@@ -42,6 +42,30 @@ pub fn metadata(version: &str, sequence: u64) -> ReleaseMetadata {
     }
 }
 
+/// Trust roots: v1 trusts vendor-a; v2 trusts vendor-b, unsigned (sign it with `root::sign_root`).
+pub fn roots() -> (Vec<u8>, Vec<u8>) {
+    use outpost_bundle_format::root;
+    let expires = Utc.with_ymd_and_hms(2099, 1, 1, 0, 0, 0).unwrap();
+    let v1 = root::sign_root(
+        &root::new_root(1, expires, 1, &[key("vendor-a").public_key().clone()]).unwrap(),
+        &key("vendor-a"),
+    )
+    .unwrap();
+    let v2_unsigned =
+        root::new_root(2, expires, 1, &[key("vendor-b").public_key().clone()]).unwrap();
+    (v1, v2_unsigned)
+}
+
+/// Root v2 signed by both vendor-a (v1's key) and vendor-b (its own): a valid rotation.
+pub fn rotated_root(v2_unsigned: &[u8]) -> Vec<u8> {
+    use outpost_bundle_format::root::sign_root;
+    sign_root(
+        &sign_root(v2_unsigned, &key("vendor-a")).unwrap(),
+        &key("vendor-b"),
+    )
+    .unwrap()
+}
+
 /// An unsigned quick-start release.
 pub fn release(version: &str, sequence: u64) -> Layout {
     bundle::build(&quickstart(), &metadata(version, sequence), &[]).unwrap()

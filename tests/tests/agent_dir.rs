@@ -353,3 +353,53 @@ fn kill_9_at_any_moment_keeps_state_intact() {
         .unwrap_or(0);
     assert_eq!(leftovers, 0);
 }
+
+#[test]
+fn root_rotation_survives_restarts_and_fails_closed() {
+    use outpost_bundle_format::bundle;
+    use outpost_tests::forge::{metadata, quickstart, roots, rotated_root};
+    let drop = tempfile::tempdir().unwrap();
+    let (v1, v2_unsigned) = roots();
+    let keys = tempfile::tempdir().unwrap();
+    std::fs::write(keys.path().join("root.json"), &v1).unwrap();
+    let trust = format!(
+        "trust:\n  root: {}\n",
+        keys.path().join("root.json").display()
+    );
+    let mut agent = dir_agent(drop.path(), &trust);
+    // Release 1 carries root v2 (vendor-a → vendor-b) and is signed by the new key.
+    let carrying = signed(
+        bundle::build(
+            &quickstart(),
+            &metadata("1.0.0", 1),
+            &[rotated_root(&v2_unsigned)],
+        )
+        .unwrap(),
+        &["vendor-b"],
+    );
+    drop_file(drop.path(), "v1.tar", &tar(&carrying));
+    agent.wait_current(1);
+    // After a restart trust stands at v2: vendor-b alone signs, vendor-a alone no longer does.
+    agent.restart();
+    drop_file(
+        drop.path(),
+        "revoked.tar",
+        &tar(&signed(release("1.1.0", 2), &["vendor-a"])),
+    );
+    assert!(
+        wait_file(&drop.path().join("rejected/revoked.tar.reason"))
+            .starts_with("rejected: untrusted-signature")
+    );
+    drop_file(
+        drop.path(),
+        "v2.tar",
+        &tar(&signed(release("1.1.0", 2), &["vendor-b"])),
+    );
+    agent.wait_current(2);
+    // Losing the saved chain must not bring the revoked key back.
+    agent.stop();
+    std::fs::remove_dir_all(agent.path("state/roots")).unwrap();
+    agent
+        .cli(&["run"])
+        .fails(2, "refusing to fall back to older keys");
+}

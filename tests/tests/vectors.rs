@@ -11,7 +11,7 @@ use outpost_bundle_format::layout::oci;
 use outpost_bundle_format::root;
 use outpost_tests::forge::{
     EntryKind, edit_manifest, garbage, key, metadata, move_signature, quickstart, raw_tar, release,
-    signed, tampered_tar, tar, with_stack,
+    roots, rotated_root, signed, tampered_tar, tar, with_stack,
 };
 use outpost_tests::{run, signer, testdata};
 use std::fs;
@@ -186,19 +186,8 @@ fn generate() {
     );
 
     // Trust roots: v1 trusts vendor-a; v2 trusts vendor-b and is signed by both.
-    let expires = Utc.with_ymd_and_hms(2099, 1, 1, 0, 0, 0).unwrap();
-    let v1 = root::sign_root(
-        &root::new_root(1, expires, 1, &[key("vendor-a").public_key().clone()]).unwrap(),
-        &key("vendor-a"),
-    )
-    .unwrap();
-    let v2_unsigned =
-        root::new_root(2, expires, 1, &[key("vendor-b").public_key().clone()]).unwrap();
-    let v2 = root::sign_root(
-        &root::sign_root(&v2_unsigned, &key("vendor-a")).unwrap(),
-        &key("vendor-b"),
-    )
-    .unwrap();
+    let (v1, v2_unsigned) = roots();
+    let v2 = rotated_root(&v2_unsigned);
     let v2_only_new = root::sign_root(&v2_unsigned, &key("vendor-b")).unwrap();
     let rotated = signed(
         bundle::build(
