@@ -162,6 +162,16 @@ fn partial_and_dot_files_are_never_read() {
     assert!(
         drop.path().join(".hidden.tar").exists() && drop.path().join("upload.tar.partial").exists()
     );
+    // A link dropped into the directory is refused, never followed; a FIFO is not read.
+    let elsewhere = agent.path("elsewhere.tar");
+    std::fs::write(&elsewhere, &bytes).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, drop.path().join(".link")).unwrap();
+    std::fs::rename(drop.path().join(".link"), drop.path().join("link.tar")).unwrap();
+    let reason = wait_file(&drop.path().join("rejected/link.tar.reason"));
+    assert!(reason.starts_with("rejected: unsafe-path"), "{reason}");
+    outpost_tests::run(std::process::Command::new("mkfifo").arg(drop.path().join("pipe.tar"))).ok();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(agent.status()["current"], Value::Null);
     // Finishing the write (close) makes it a candidate.
     writing.write_all(&bytes[bytes.len() / 2..]).unwrap();
     std::mem::drop(writing);

@@ -94,27 +94,42 @@ impl DirSource {
         if !eligible(&name) {
             return None;
         }
-        let meta = std::fs::symlink_metadata(&path).ok()?;
-        let layout = if meta.file_type().is_symlink() {
-            Err(outpost_bundle_format::layout::LayoutError::UnsafeEntry {
-                path: name.clone(),
-                reason: "a link, not a file".into(),
-            })
-        } else if !meta.is_file() {
-            return None;
-        } else {
-            let spool = tempfile::Builder::new()
-                .prefix("spool")
-                .tempdir_in(&self.spool_root)
-                .ok();
-            let layout = Layout::read(&path, &self.limits, spool.as_ref().map(|s| s.path()));
-            return Some(Candidate {
-                origin: path.display().to_string(),
-                layout,
-                digest: None,
-                spool,
-                key: name,
-            });
+        // Opened without following links and without blocking (a FIFO must not hang the
+        // agent); the checks below are on the opened file itself, so nothing can be swapped in
+        // between.
+        use std::os::unix::fs::OpenOptionsExt;
+        let opened = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(&path);
+        let layout = match opened {
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+                Err(outpost_bundle_format::layout::LayoutError::UnsafeEntry {
+                    path: name.clone(),
+                    reason: "a link, not a file".into(),
+                })
+            }
+            // Gone already, or not readable: nothing to file away.
+            Err(_) => return None,
+            Ok(file) => {
+                if !file.metadata().ok()?.is_file() {
+                    return None;
+                }
+                let spool = tempfile::Builder::new()
+                    .prefix("spool")
+                    .tempdir_in(&self.spool_root)
+                    .ok();
+                let reader = std::io::BufReader::with_capacity(1 << 20, file);
+                let layout =
+                    Layout::read_tar(reader, &self.limits, spool.as_ref().map(|s| s.path()));
+                return Some(Candidate {
+                    origin: path.display().to_string(),
+                    layout,
+                    digest: None,
+                    spool,
+                    key: name,
+                });
+            }
         };
         Some(Candidate {
             origin: path.display().to_string(),
