@@ -34,10 +34,22 @@ pub async fn serve(agent: Arc<Agent>, shared: Arc<Shared>, socket: &Path) -> any
     if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let listener = tokio::net::UnixListener::bind(socket)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", socket.display()))?;
+    // Bound under a temporary name, restricted to 0660, then renamed into place: the socket is
+    // never reachable with the process umask's looser mode.
+    let staging = socket.with_file_name(format!(
+        ".{}.{}",
+        socket
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        std::process::id()
+    ));
+    let _ = std::fs::remove_file(&staging);
+    let listener = tokio::net::UnixListener::bind(&staging)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", staging.display()))?;
     use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o660))?;
+    std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o660))?;
+    std::fs::rename(&staging, socket).map_err(|e| anyhow::anyhow!("{}: {e}", socket.display()))?;
     loop {
         let (stream, _) = listener.accept().await?;
         let uid = stream.peer_cred().map(|c| c.uid()).ok();

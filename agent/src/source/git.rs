@@ -67,9 +67,10 @@ fn fetch(
     repo_dir: &Path,
     url: &str,
     refspec: &(String, String),
-    username: Option<&str>,
-    password: Option<&str>,
+    credentials: (Option<&str>, Option<&str>),
+    max_bytes: u64,
 ) -> Result<(git2::Repository, git2::Oid), SourceError> {
+    let (username, password) = credentials;
     let fail = |e: git2::Error| SourceError(format!("git {url}: {}", e.message()));
     let repo = match git2::Repository::open_bare(repo_dir) {
         Ok(repo) => repo,
@@ -93,6 +94,8 @@ fn fetch(
         }
     });
     let mut options = git2::FetchOptions::new();
+    // A server sending without end is cut off at the bundle size limit.
+    callbacks.transfer_progress(move |progress| progress.received_bytes() as u64 <= max_bytes);
     options.remote_callbacks(callbacks);
     options.download_tags(git2::AutotagOption::None);
     let mut remote = repo.remote_anonymous(url).map_err(fail)?;
@@ -261,8 +264,8 @@ impl Source for GitSource {
                             &repo_dir,
                             &url,
                             &refspec,
-                            username.as_deref(),
-                            password.as_deref(),
+                            (username.as_deref(), password.as_deref()),
+                            limits.max_total_bytes,
                         )?;
                         if last.as_deref() == Some(commit.to_string().as_str()) {
                             return Ok(None);
