@@ -234,67 +234,69 @@ fn one_line(text: &str, max: usize) -> String {
 
 fn metrics(agent: &Agent, shared: &Shared) -> String {
     let positions = agent.store.positions().unwrap_or_default();
-    let mut out = String::new();
-    let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
-        out.push_str(&format!(
-            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
-        ));
-    };
-    metric(
-        "outpost_source_polls_total",
-        "counter",
-        "Candidates looked at or polls made by the source.",
-        shared.polls.load(Ordering::Relaxed),
-    );
-    metric(
-        "outpost_source_errors_total",
-        "counter",
-        "Source errors (each followed by a backoff).",
-        shared.poll_errors.load(Ordering::Relaxed),
-    );
-    metric(
-        "outpost_bundles_accepted_total",
-        "counter",
-        "Bundles that passed verification.",
-        shared.accepted.load(Ordering::Relaxed),
-    );
-    metric(
-        "outpost_bundles_rejected_total",
-        "counter",
-        "Bundles refused by verification.",
-        shared.rejected.load(Ordering::Relaxed),
-    );
-    metric(
-        "outpost_bundles_unchanged_total",
-        "counter",
-        "Candidates that were the current or pending release again.",
-        shared.unchanged.load(Ordering::Relaxed),
-    );
-    metric(
-        "outpost_last_poll_timestamp_seconds",
-        "gauge",
-        "Unix time of the last successful source poll.",
-        shared.last_poll_unix.load(Ordering::Relaxed),
-    );
-    metric(
-        "outpost_current_sequence",
-        "gauge",
-        "Sequence of the current release (0: none).",
-        positions.current.as_ref().map_or(0, |c| c.sequence),
-    );
-    metric(
-        "outpost_highest_accepted_sequence",
-        "gauge",
-        "Rollback floor: the highest accepted sequence.",
-        positions.highest_sequence.unwrap_or(0),
-    );
-    metric(
-        "outpost_pending_release",
-        "gauge",
-        "1 while a release waits (approval, permissions, window, pin).",
-        u64::from(positions.pending.is_some()),
-    );
-    out
+    let counter = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    let metrics: [(&str, &str, &str, u64); 9] = [
+        (
+            "outpost_source_polls_total",
+            "counter",
+            "Candidates looked at or polls made by the source.",
+            counter(&shared.polls),
+        ),
+        (
+            "outpost_source_errors_total",
+            "counter",
+            "Source errors (each followed by a backoff).",
+            counter(&shared.poll_errors),
+        ),
+        (
+            "outpost_bundles_accepted_total",
+            "counter",
+            "Bundles that passed verification.",
+            counter(&shared.accepted),
+        ),
+        (
+            "outpost_bundles_rejected_total",
+            "counter",
+            "Bundles refused by verification.",
+            counter(&shared.rejected),
+        ),
+        (
+            "outpost_bundles_unchanged_total",
+            "counter",
+            "Candidates that were the current or pending release again.",
+            counter(&shared.unchanged),
+        ),
+        (
+            "outpost_last_poll_timestamp_seconds",
+            "gauge",
+            "Unix time of the last successful source poll.",
+            counter(&shared.last_poll_unix),
+        ),
+        (
+            "outpost_current_sequence",
+            "gauge",
+            "Sequence of the current release (0: none).",
+            positions.current.as_ref().map_or(0, |c| c.sequence),
+        ),
+        (
+            "outpost_highest_accepted_sequence",
+            "gauge",
+            "Rollback floor: the highest accepted sequence.",
+            positions.highest_sequence.unwrap_or(0),
+        ),
+        (
+            "outpost_pending_release",
+            "gauge",
+            "1 while a release waits (approval, permissions, window, pin).",
+            u64::from(positions.pending.is_some()),
+        ),
+    ];
+    metrics
+        .iter()
+        .map(|(name, kind, help, value)| {
+            format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n")
+        })
+        .collect()
 }
 
 /// The CLI side: one request to the agent's socket. Returns the status code and JSON body.

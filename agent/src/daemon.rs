@@ -104,16 +104,7 @@ pub async fn drive(
             Ok(candidate) => candidate,
             Err(e) => {
                 failures += 1;
-                shared.poll_errors.fetch_add(1, Ordering::Relaxed);
-                if let Ok(mut last) = shared.last_error.lock() {
-                    *last = Some(e.to_string());
-                }
-                let wait = backoff(failures);
-                log(format!(
-                    "source error (retry in {:.1}s): {e}",
-                    wait.as_secs_f64()
-                ));
-                tokio::time::sleep(wait).await;
+                back_off(&shared, failures, format!("source error: {e}")).await;
                 continue;
             }
         };
@@ -147,17 +138,12 @@ pub async fn drive(
             Ok(outcome) => outcome,
             Err(e) => {
                 failures += 1;
-                shared.poll_errors.fetch_add(1, Ordering::Relaxed);
-                if let Ok(mut last) = shared.last_error.lock() {
-                    *last = Some(format!("recording {}: {e:#}", candidate.origin));
-                }
-                let wait = backoff(failures);
-                log(format!(
-                    "{}: cannot record the outcome (retry in {:.1}s): {e:#}",
-                    candidate.origin,
-                    wait.as_secs_f64()
-                ));
-                tokio::time::sleep(wait).await;
+                back_off(
+                    &shared,
+                    failures,
+                    format!("recording {}: {e:#}", candidate.origin),
+                )
+                .await;
                 continue;
             }
         };
@@ -169,6 +155,17 @@ pub async fn drive(
         log(format!("{}: {}", candidate.origin, outcome.describe()));
         source.settle(candidate, &outcome).await;
     }
+}
+
+/// Counts the error, shows it in `status`, logs it and waits out the backoff.
+async fn back_off(shared: &Shared, failures: u32, error: String) {
+    shared.poll_errors.fetch_add(1, Ordering::Relaxed);
+    let wait = backoff(failures);
+    log(format!("{error} (retry in {:.1}s)", wait.as_secs_f64()));
+    if let Ok(mut last) = shared.last_error.lock() {
+        *last = Some(error);
+    }
+    tokio::time::sleep(wait).await;
 }
 
 /// systemd `Type=notify`: tell the service manager we are ready (no-op elsewhere).

@@ -5,7 +5,7 @@
 use crate::approval::{Gate, GateInput, Window, gate};
 use crate::config::{Config, RuntimeKind};
 use crate::diff;
-use crate::state::{Decision, Effect, Rejection, Release, Store};
+use crate::state::{Decision, Effect, Positions, Rejection, Release, Store};
 use chrono::{DateTime, Utc};
 use outpost_bundle_format::crypto::PublicKey;
 use outpost_bundle_format::layout::{Layout, LayoutError};
@@ -60,6 +60,16 @@ impl Ingested {
     /// Signature-related rejections may be cured by more signatures under the same digest.
     pub fn wants_more_signatures(&self) -> bool {
         matches!(self, Ingested::Rejected { check, .. } if ["unsigned", "untrusted-signature", "threshold-unmet", "signature-mismatch"].contains(&check.as_str()))
+    }
+}
+
+impl From<Rejection> for Ingested {
+    fn from(r: Rejection) -> Self {
+        Ingested::Rejected {
+            digest: r.digest,
+            check: r.check,
+            reason: r.reason,
+        }
     }
 }
 
@@ -250,7 +260,7 @@ impl Agent {
     /// Persists a rotation the verified bundle carried, before the bundle is accepted: every
     /// carried root version (fsynced), then the version trust now stands at, so a restart that
     /// cannot replay the chain refuses to start instead of trusting revoked keys.
-    fn save_rotation(&self, verified: &VerifiedBundle, layout: &Layout) -> anyhow::Result<()> {
+    fn save_rotation(&self, verified: &VerifiedBundle) -> anyhow::Result<()> {
         let old = match &*self
             .trust
             .lock()
@@ -262,10 +272,9 @@ impl Agent {
         let Some(new_root) = verified.root().filter(|r| r.version > old) else {
             return Ok(());
         };
-        let parts = bundle::read_parts(layout, &self.limits)?;
         let dir = self.config.state_dir.join("roots");
         std::fs::create_dir_all(&dir).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
-        for raw in &parts.roots {
+        for raw in verified.carried_roots() {
             let version = outpost_bundle_format::root::peek_version(raw)?;
             outpost_bundle_format::layout::write_atomic(
                 &dir.join(format!("{version}.root.json")),
@@ -299,25 +308,14 @@ impl Agent {
             Examined::Unchanged(digest) => return Ok(Ingested::Unchanged { digest }),
             Examined::Rejected(rejection) => {
                 self.store.record_rejection(&rejection)?;
-                return Ok(Ingested::Rejected {
-                    digest: rejection.digest,
-                    check: rejection.check,
-                    reason: rejection.reason,
-                });
+                return Ok(rejection.into());
             }
         };
         let _decisions = self.lock_decisions();
-        self.save_rotation(&verified, layout)?;
-        let positions = self.store.positions()?;
+        self.save_rotation(&verified)?;
         let release = self.release_of(&verified, origin, now)?;
-        let waiting = self.gate_for(
-            &release,
-            &positions.current,
-            positions.pinned.as_deref(),
-            now,
-        )?;
-        self.store
-            .accept(&release, waiting.as_deref().unwrap_or("applying"), now)?;
+        // Accepted as pending; the gate decides at once whether it waits or applies.
+        self.store.accept(&release, now)?;
         self.reconsider_locked(now)?;
         let after = self.store.positions()?;
         let waiting_for = after
@@ -342,12 +340,7 @@ impl Agent {
             Examined::Verified(verified) => {
                 let positions = self.store.positions()?;
                 let release = self.release_of(&verified, origin, now)?;
-                let waiting_for = self.gate_for(
-                    &release,
-                    &positions.current,
-                    positions.pinned.as_deref(),
-                    now,
-                )?;
+                let waiting_for = self.gate_for(&release, &positions, now)?;
                 Ingested::Accepted {
                     digest: release.digest,
                     version: release.version,
@@ -355,11 +348,7 @@ impl Agent {
                 }
             }
             Examined::Unchanged(digest) => Ingested::Unchanged { digest },
-            Examined::Rejected(r) => Ingested::Rejected {
-                digest: r.digest,
-                check: r.check,
-                reason: r.reason,
-            },
+            Examined::Rejected(rejection) => rejection.into(),
         })
     }
 
@@ -442,20 +431,17 @@ impl Agent {
             at: rfc3339::format(&now),
         };
         self.store.record_rejection(&rejection)?;
-        Ok(Ingested::Rejected {
-            digest: rejection.digest.clone(),
-            check: rejection.check,
-            reason: rejection.reason,
-        })
+        Ok(rejection.into())
     }
 
+    /// What `pending` waits for against the current positions (None: nothing, apply it).
     fn gate_for(
         &self,
         pending: &Release,
-        current: &Option<Release>,
-        pinned: Option<&str>,
+        positions: &Positions,
         now: DateTime<Utc>,
     ) -> anyhow::Result<Option<String>> {
+        let (current, pinned) = (&positions.current, positions.pinned.as_deref());
         let stack: Value = serde_json::from_str(&pending.stack)?;
         let requested_profiles = stack
             .get("permissionProfiles")
@@ -499,7 +485,7 @@ impl Agent {
 
     fn reconsider_locked(&self, now: DateTime<Utc>) -> anyhow::Result<Option<String>> {
         let positions = self.store.positions()?;
-        let Some(pending) = positions.pending else {
+        let Some(pending) = positions.pending.clone() else {
             return Ok(None);
         };
         // Freeze protection holds while a release waits, too.
@@ -514,12 +500,7 @@ impl Agent {
             )?;
             return Ok(None);
         }
-        match self.gate_for(
-            &pending,
-            &positions.current,
-            positions.pinned.as_deref(),
-            now,
-        )? {
+        match self.gate_for(&pending, &positions, now)? {
             Some(reason) => {
                 if positions.waiting_for.as_deref() != Some(reason.as_str()) {
                     self.store.set_waiting(&reason)?;

@@ -457,15 +457,19 @@ resources:
         state.into_values().collect()
     }
 
+    fn resource_order<'a>(desired: &'a Desired) -> Vec<&'a str> {
+        desired
+            .resources
+            .iter()
+            .map(|r| r.container.name.as_str())
+            .collect()
+    }
+
     #[test]
     fn first_install_creates_in_dependency_order() {
         let stack = stack(SHOP);
         let desired = Desired::new(&stack, digest(), &BTreeMap::new());
-        let order: Vec<&str> = desired
-            .resources
-            .iter()
-            .map(|r| r.container.name.as_str())
-            .collect();
+        let order = resource_order(&desired);
         assert_eq!(order, ["db", "api", "web"]);
         let plan = plan(&desired, &[], now());
         let names: Vec<String> = plan
@@ -633,11 +637,7 @@ resources:
         let text = SHOP.replace("links: [db]", "links: [db, web]");
         let stack = stack(&text);
         let desired = Desired::new(&stack, digest(), &BTreeMap::new());
-        let order: Vec<&str> = desired
-            .resources
-            .iter()
-            .map(|r| r.container.name.as_str())
-            .collect();
+        let order = resource_order(&desired);
         assert_eq!(order, ["db", "web", "api"]);
     }
 

@@ -219,7 +219,8 @@ impl Store {
 
     /// Records a verified release as pending and raises the highest accepted sequence, in one
     /// transaction. A previous pending release is superseded.
-    pub fn accept(&self, release: &Release, waiting_for: &str, at: DateTime<Utc>) -> Result<()> {
+    /// Records a verified release as pending (what it waits for is set by the next reconsider).
+    pub fn accept(&self, release: &Release, at: DateTime<Utc>) -> Result<()> {
         self.with(|conn| {
             let tx = conn.transaction()?;
             // The rollback floor is enforced here too, inside the transaction that raises it.
@@ -236,7 +237,7 @@ impl Store {
             )?;
             let superseded: Option<String> = position(&tx, "pending")?;
             set(&tx, "pending", Some(&release.digest))?;
-            set(&tx, "waiting_for", Some(waiting_for))?;
+            set(&tx, "waiting_for", None)?;
             set(&tx, "highest_sequence", Some(&release.sequence.to_string()))?;
             if let Some(old) = superseded.filter(|d| d != &release.digest) {
                 event(&tx, at, "superseded", Some(&old), "a newer release replaced this pending one")?;

@@ -121,6 +121,7 @@ pub struct VerifiedBundle {
     stack: Stack,
     signers: Vec<String>,
     root: Option<TrustRoot>,
+    carried_roots: Vec<Vec<u8>>,
 }
 
 impl VerifiedBundle {
@@ -143,6 +144,11 @@ impl VerifiedBundle {
     /// The trust root after applying the rotations the bundle carried (None with raw keys).
     pub fn root(&self) -> Option<&TrustRoot> {
         self.root.as_ref()
+    }
+    /// The raw `root.json` versions the bundle carried (verified as a chain when a root was
+    /// given), for an agent to persist so it can replay the rotation.
+    pub fn carried_roots(&self) -> &[Vec<u8>] {
+        &self.carried_roots
     }
 }
 
@@ -225,6 +231,11 @@ pub fn verify_parts(
         stack_file,
         stack,
         signers,
+        carried_roots: if root.is_some() {
+            parts.roots.clone()
+        } else {
+            Vec::new()
+        },
         root,
     })
 }

@@ -144,19 +144,14 @@ impl AgentProcess {
     /// Polls `status` until `done` holds (10 s at most).
     #[track_caller]
     pub fn wait_for(&self, what: &str, done: impl Fn(&Value) -> bool) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
+        crate::eventually(what, || {
             let status = self.status();
             if done(&status) {
-                return status;
+                Ok(status)
+            } else {
+                Err(format!("status: {status:#}\nlog: {}", self.log()))
             }
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {what}; status: {status:#}\nlog: {}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(25));
-        }
+        })
     }
 
     /// Waits until the current release has `sequence`.
@@ -165,6 +160,19 @@ impl AgentProcess {
         self.wait_for(&format!("current sequence {sequence}"), |s| {
             s["current"]["sequence"] == sequence
         })
+    }
+
+    /// Waits for a source error containing `needle` (bad credentials, a registry gone) and checks
+    /// that it changed nothing: no release, no rejection.
+    #[track_caller]
+    pub fn expect_source_error(&self, needle: &str) -> Value {
+        let status = self.wait_for(&format!("a source error with {needle:?}"), |s| {
+            s["source"]["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains(needle))
+        });
+        assert_eq!(status["last_rejection"], Value::Null, "{status:#}");
+        status
     }
 
     /// `outpost_bundles_rejected_total` from /metrics, through the status socket.
@@ -188,6 +196,17 @@ impl Drop for AgentProcess {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// `username` and `password_file` lines for a `source.oci` or `source.git` block; the password
+/// goes to a file in `dir`.
+pub fn basic_auth(dir: &Path, user: &str, password: &str) -> String {
+    let file = dir.join(format!("{user}.password"));
+    std::fs::write(&file, format!("{password}\n")).unwrap();
+    format!(
+        "    username: {user}\n    password_file: {}\n",
+        file.display()
+    )
 }
 
 /// A plain HTTP/1.0 GET over the agent's unix socket (what a monitoring sidecar would do).

@@ -329,19 +329,8 @@ pub fn attacks(next: u64, replay: &Layout) -> Vec<Attack> {
     ]
 }
 
-/// `layout` carrying one container image with a `size`-byte layer, as `build --with-images`
-/// makes for air-gapped sites (big enough that reading it takes a while).
-pub fn with_image(mut layout: Layout, size: usize) -> Layout {
-    let mut state = 0x9e37_79b9_7f4a_7c15u64;
-    let layer: Vec<u8> = (0..size)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect();
-    let config = b"{\"architecture\":\"amd64\",\"os\":\"linux\",\"rootfs\":{\"type\":\"layers\",\"diff_ids\":[]}}".to_vec();
+/// Adds a single-layer container image to `layout` under `ref_name`; returns its manifest digest.
+pub fn add_image(layout: &mut Layout, config: Vec<u8>, layer: Vec<u8>, ref_name: &str) -> Digest {
     let manifest = oci::ImageManifest {
         schema_version: 2,
         media_type: Some(oci::MEDIA_TYPE_MANIFEST.into()),
@@ -356,14 +345,32 @@ pub fn with_image(mut layout: Layout, size: usize) -> Layout {
     };
     let bytes = oci::to_bytes(&manifest);
     let mut descriptor = Descriptor::of(oci::MEDIA_TYPE_MANIFEST, &bytes);
-    descriptor.annotations.insert(
-        oci::ANNOTATION_REF_NAME.into(),
-        "ghcr.io/acme/api@sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
-            .into(),
-    );
+    descriptor
+        .annotations
+        .insert(oci::ANNOTATION_REF_NAME.into(), ref_name.into());
     layout.add_blob(config);
     layout.add_blob(layer);
-    layout.add_blob(bytes);
     layout.index_mut().manifests.push(descriptor);
+    layout.add_blob(bytes)
+}
+
+/// `layout` carrying one container image with a `size`-byte layer, as `build --with-images`
+/// makes for air-gapped sites (big enough that reading it takes a while).
+pub fn with_image(mut layout: Layout, size: usize) -> Layout {
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let layer: Vec<u8> = (0..size)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect();
+    let config =
+        br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#
+            .to_vec();
+    let api =
+        "ghcr.io/acme/api@sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+    add_image(&mut layout, config, layer, api);
     layout
 }

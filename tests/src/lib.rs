@@ -207,6 +207,23 @@ impl Drop for TestRegistry {
     }
 }
 
+/// Polls `check` every 20 ms until it gives a value; after 10 s fails with `what` and the last
+/// explanation `check` gave.
+#[track_caller]
+pub fn eventually<T>(what: &str, mut check: impl FnMut() -> Result<T, String>) -> T {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match check() {
+            Ok(value) => return value,
+            Err(last) => assert!(
+                std::time::Instant::now() < deadline,
+                "timed out waiting for {what}: {last}"
+            ),
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// SHA-256 hex of bytes (for comparing digests computed by other tools).
 pub fn sha256_hex(bytes: &[u8]) -> String {
     outpost_bundle_format::Digest::of(bytes).hex()

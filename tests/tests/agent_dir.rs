@@ -7,7 +7,7 @@ use outpost_tests::agent::{AgentProcess, drop_file};
 use outpost_tests::forge::{EntryKind, attacks, raw_tar, release, signed, tar, with_image};
 use serde_json::Value;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const BOTH: [&str; 2] = ["vendor-a", "vendor-b"];
 
@@ -20,18 +20,9 @@ fn dir_agent(drop: &Path, extra: &str) -> AgentProcess {
 
 #[track_caller]
 fn wait_file(path: &Path) -> String {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Ok(text) = std::fs::read_to_string(path) {
-            return text;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} never appeared",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    outpost_tests::eventually(&path.display().to_string(), || {
+        std::fs::read_to_string(path).map_err(|e| e.to_string())
+    })
 }
 
 #[test]

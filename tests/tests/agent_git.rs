@@ -5,13 +5,13 @@
 #![allow(clippy::unwrap_used)] // test code: a panic is a failed test
 
 use outpost_bundle_format::layout::Layout;
-use outpost_tests::agent::AgentProcess;
+use outpost_tests::agent::{AgentProcess, basic_auth};
 use outpost_tests::forge::{attacks, release, signed, tar};
 use outpost_tests::{free_port, repo, run, tool};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const BOTH: [&str; 2] = ["vendor-a", "vendor-b"];
 
@@ -85,11 +85,9 @@ impl Drop for Server {
 }
 
 fn wait_port(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "nothing listens on {port}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    outpost_tests::eventually(&format!("a listener on {port}"), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())
+    });
 }
 
 fn git_daemon(root: &Path) -> (Server, u16) {
@@ -204,39 +202,21 @@ fn attack_suite_over_smart_http_with_basic_auth() {
     let vendor = VendorRepo::new();
     let (_server, port) = git_http(vendor.root.path(), "vendor:s3cret");
     let secrets = tempfile::tempdir().unwrap();
-    let password = secrets.path().join("password");
-    std::fs::write(&password, "s3cret\n").unwrap();
     let url = format!("http://127.0.0.1:{port}/vendor.git");
     let agent = git_agent(
         &url,
         "outpost/bundle.tar",
-        &format!(
-            "    username: vendor\n    password_file: {}\n",
-            password.display()
-        ),
+        &basic_auth(secrets.path(), "vendor", "s3cret"),
     );
     attack_suite(&vendor, &agent);
 
     // Wrong credentials: a visible source error, the current release untouched.
-    std::fs::write(&password, "wrong\n").unwrap();
     let refused = git_agent(
         &url,
         "outpost/bundle.tar",
-        &format!(
-            "    username: vendor\n    password_file: {}\n",
-            password.display()
-        ),
+        &basic_auth(secrets.path(), "vendor", "wrong"),
     );
-    let status = refused.wait_for("an authentication error", |s| {
-        s["source"]["last_error"].as_str().is_some()
-    });
-    assert!(
-        status["source"]["last_error"]
-            .as_str()
-            .unwrap()
-            .contains("authentication"),
-        "{status:#}"
-    );
+    let status = refused.expect_source_error("authentication");
     assert_eq!(status["current"], Value::Null);
     assert_eq!(status["last_rejection"], Value::Null);
 }

@@ -428,7 +428,6 @@ fn push_to_git_commits_the_bundle_at_the_path() {
 
 /// Writes a small single-layer image as an OCI layout directory; returns its manifest digest.
 fn image_layout(dir: &Path, layer_bytes: usize) -> String {
-    use outpost_bundle_format::layout::oci::{self, Descriptor, ImageManifest};
     let mut layer = Vec::new();
     {
         let mut tar = tar_builder(&mut layer);
@@ -443,28 +442,8 @@ fn image_layout(dir: &Path, layer_bytes: usize) -> String {
         "rootfs": {"type": "layers", "diff_ids": [layer_digest.to_string()]},
     }))
     .unwrap();
-    let manifest = ImageManifest {
-        schema_version: 2,
-        media_type: Some(oci::MEDIA_TYPE_MANIFEST.into()),
-        artifact_type: None,
-        config: Descriptor::of(oci::MEDIA_TYPE_IMAGE_CONFIG, &config),
-        layers: vec![Descriptor::of(
-            "application/vnd.oci.image.layer.v1.tar",
-            &layer,
-        )],
-        subject: None,
-        annotations: Default::default(),
-    };
-    let manifest = oci::to_bytes(&manifest);
     let mut layout = Layout::default();
-    let mut descriptor = Descriptor::of(oci::MEDIA_TYPE_MANIFEST, &manifest);
-    descriptor
-        .annotations
-        .insert(oci::ANNOTATION_REF_NAME.into(), "1.0".into());
-    layout.index_mut().manifests.push(descriptor);
-    layout.add_blob(config);
-    layout.add_blob(layer);
-    let digest = layout.add_blob(manifest);
+    let digest = outpost_tests::forge::add_image(&mut layout, config, layer, "1.0");
     layout.write_dir(dir).unwrap();
     digest.to_string()
 }

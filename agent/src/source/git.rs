@@ -2,12 +2,11 @@
 //! directory, acts only on a new commit, and reads the bundle at `path` (a layout tar file or a
 //! layout directory) straight from the commit's tree, within the size limits.
 
-use super::{BoxFuture, Candidate, Source, SourceError};
+use super::{BoxFuture, Candidate, Pace, Source, SourceError};
 use crate::config::{GitSource as GitConfig, parse_duration};
 use crate::pipeline::Ingested;
 use outpost_bundle_format::layout::{Layout, LayoutError, Limits};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 /// libgit2 loads a blob into memory whole; bundles in git stay below this (larger bundles, e.g.
 /// with images, travel by registry or file drop).
@@ -18,10 +17,9 @@ pub struct GitSource {
     password: Option<String>,
     repo_dir: PathBuf,
     spool_root: PathBuf,
-    interval: Duration,
+    pace: Pace,
     limits: Limits,
     last_commit: Option<String>,
-    polled_once: bool,
 }
 
 impl GitSource {
@@ -44,10 +42,9 @@ impl GitSource {
             password,
             repo_dir: state_dir.join("git"),
             spool_root: state_dir.join("tmp"),
-            interval: parse_duration(&config.interval).map_err(SourceError)?,
+            pace: Pace::new(parse_duration(&config.interval).map_err(SourceError)?),
             limits,
             last_commit: None,
-            polled_once: false,
         })
     }
 
@@ -242,10 +239,7 @@ impl Source for GitSource {
     fn next(&mut self) -> BoxFuture<'_, Result<Candidate, SourceError>> {
         Box::pin(async move {
             loop {
-                if self.polled_once {
-                    tokio::time::sleep(self.interval).await;
-                }
-                self.polled_once = true;
+                self.pace.wait().await;
                 let (repo_dir, url, refspec) = (
                     self.repo_dir.clone(),
                     self.config.url.clone(),

@@ -29,6 +29,27 @@ pub struct Candidate {
     pub key: String,
 }
 
+/// Paces a polling source: the first poll at once, then one per interval.
+pub struct Pace {
+    interval: std::time::Duration,
+    started: bool,
+}
+
+impl Pace {
+    pub fn new(interval: std::time::Duration) -> Pace {
+        Pace {
+            interval,
+            started: false,
+        }
+    }
+
+    pub async fn wait(&mut self) {
+        if std::mem::replace(&mut self.started, true) {
+            tokio::time::sleep(self.interval).await;
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct SourceError(pub String);

@@ -2,7 +2,7 @@
 //! new digest is fetched: the manifest by digest, its config and layers, and the signatures
 //! from the OCI 1.1 referrers API when the registry has it, else from the `sha256-<hex>.sig` tag.
 
-use super::{BoxFuture, Candidate, Source, SourceError};
+use super::{BoxFuture, Candidate, Pace, Source, SourceError};
 use crate::config::{OciSource as OciConfig, parse_duration};
 use crate::pipeline::Ingested;
 use outpost_bundle_format::Digest;
@@ -12,7 +12,6 @@ use outpost_bundle_format::layout::{Layout, Limits};
 use outpost_registry_client::{
     Credentials, Reference, Registry, RegistryError, docker_config_credentials,
 };
-use std::time::Duration;
 
 /// Layers accepted in one bundle or signature manifest.
 const MAX_LAYERS: usize = 64;
@@ -36,13 +35,12 @@ pub struct OciSource {
     registry: Registry,
     reference: Reference,
     tag: String,
-    interval: Duration,
+    pace: Pace,
     limits: Limits,
     /// The manifest digest last handed over, and whether it may improve with more signatures.
     last: Option<(Digest, bool)>,
     /// Digest of the signature tag when `last` was settled (re-fetch when it changes).
     last_signatures: Option<Digest>,
-    polled_once: bool,
 }
 
 impl OciSource {
@@ -72,11 +70,10 @@ impl OciSource {
             registry,
             reference,
             tag,
-            interval,
+            pace: Pace::new(interval),
             limits,
             last: None,
             last_signatures: None,
-            polled_once: false,
         })
     }
 
@@ -250,10 +247,7 @@ impl Source for OciSource {
     fn next(&mut self) -> BoxFuture<'_, Result<Candidate, SourceError>> {
         Box::pin(async move {
             loop {
-                if self.polled_once {
-                    tokio::time::sleep(self.interval).await;
-                }
-                self.polled_once = true;
+                self.pace.wait().await;
                 let head = self
                     .registry
                     .head_manifest(&self.reference.repository, &self.tag)
