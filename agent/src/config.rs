@@ -243,8 +243,10 @@ impl Config {
         options.with_snippet = false;
         let mut config: Config = serde_saphyr::from_str_with_options(&text, options)
             .map_err(|e| fail(e.to_string().replace('\n', " ")))?;
-        // Relative paths are relative to the config file.
-        let base = path.parent().unwrap_or(Path::new("."));
+        // Relative paths are relative to the config file (made absolute, so messages and the
+        // socket path do not depend on the working directory).
+        let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+        let base = absolute.parent().unwrap_or(Path::new("."));
         let resolve = |p: &mut PathBuf| {
             if p.is_relative() {
                 *p = base.join(&*p);

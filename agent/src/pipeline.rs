@@ -153,17 +153,18 @@ impl ReleasePolicy for AgentChecks<'_> {
 /// Loads the trust the config pins.
 pub fn load_trust(config: &Config) -> anyhow::Result<Trust> {
     if let Some(root) = &config.trust.root {
-        let raw = std::fs::read(root).map_err(|e| anyhow::anyhow!("{}: {e}", root.display()))?;
-        let root =
-            TrustRoot::from_pinned(&raw).map_err(|e| anyhow::anyhow!("{}: {e}", root.display()))?;
+        let fail =
+            |e: &dyn std::fmt::Display| anyhow::anyhow!("trust.root {}: {e}", root.display());
+        let raw = std::fs::read(root).map_err(|e| fail(&e))?;
+        let root = TrustRoot::from_pinned(&raw).map_err(|e| fail(&e))?;
         return Ok(Trust::Root(root));
     }
     let mut keys = Vec::new();
     for path in &config.trust.keys {
-        let pem = std::fs::read(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        keys.push(
-            PublicKey::from_pem(&pem).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
-        );
+        let fail =
+            |e: &dyn std::fmt::Display| anyhow::anyhow!("trust.keys {}: {e}", path.display());
+        let pem = std::fs::read(path).map_err(|e| fail(&e))?;
+        keys.push(PublicKey::from_pem(&pem).map_err(|e| fail(&e))?);
     }
     Ok(Trust::Keys {
         keys,

@@ -22,7 +22,7 @@ pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, a
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum RegistryError {
-    #[error("{url}: {source}")]
+    #[error("{url}: {}", error_chain(source))]
     Transport { url: String, source: reqwest::Error },
     #[error("{url}: HTTP {status}: {body}")]
     Status {
@@ -47,6 +47,21 @@ pub enum RegistryError {
         what: String,
         source: std::io::Error,
     },
+}
+
+/// An error with its causes ("error sending request: connection refused"): reqwest's own
+/// message leaves out why.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        let next = e.to_string();
+        if !text.contains(&next) {
+            text = format!("{text}: {next}");
+        }
+        cause = e.source();
+    }
+    text
 }
 
 impl RegistryError {
