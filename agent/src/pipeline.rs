@@ -315,8 +315,10 @@ impl Agent {
         let _decisions = self.lock_decisions();
         self.save_rotation(&verified)?;
         let release = self.release_of(&verified, origin, now)?;
-        // Accepted as pending; the gate decides at once whether it waits or applies.
-        self.store.accept(&release, now)?;
+        // Accepted as pending together with what it waits for, so status never shows a pending
+        // release waiting for nothing; with nothing to wait for, reconsider applies it at once.
+        let waiting_for = self.gate_for(&release, &self.store.positions()?, now)?;
+        self.store.accept(&release, waiting_for.as_deref(), now)?;
         self.reconsider_locked(now)?;
         let after = self.store.positions()?;
         let waiting_for = after

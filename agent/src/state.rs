@@ -217,10 +217,14 @@ impl Store {
         self.with(|conn| release_by_digest(conn, digest))
     }
 
-    /// Records a verified release as pending and raises the highest accepted sequence, in one
-    /// transaction. A previous pending release is superseded.
-    /// Records a verified release as pending (what it waits for is set by the next reconsider).
-    pub fn accept(&self, release: &Release, at: DateTime<Utc>) -> Result<()> {
+    /// Records a verified release as pending, with what it waits for, and raises the highest
+    /// accepted sequence, in one transaction. A previous pending release is superseded.
+    pub fn accept(
+        &self,
+        release: &Release,
+        waiting_for: Option<&str>,
+        at: DateTime<Utc>,
+    ) -> Result<()> {
         self.with(|conn| {
             let tx = conn.transaction()?;
             // The rollback floor is enforced here too, inside the transaction that raises it.
@@ -237,7 +241,7 @@ impl Store {
             )?;
             let superseded: Option<String> = position(&tx, "pending")?;
             set(&tx, "pending", Some(&release.digest))?;
-            set(&tx, "waiting_for", None)?;
+            set(&tx, "waiting_for", waiting_for)?;
             set(&tx, "highest_sequence", Some(&release.sequence.to_string()))?;
             if let Some(old) = superseded.filter(|d| d != &release.digest) {
                 event(&tx, at, "superseded", Some(&old), "a newer release replaced this pending one")?;
