@@ -217,6 +217,7 @@ async fn handle(
             None => missing("version"),
         },
         (Method::POST, "/unpin") => outcome(agent.unpin(&who, now)),
+        (Method::POST, "/rollback") => outcome(agent.rollback(&who, now)),
         (method, path) => reply(
             StatusCode::NOT_FOUND,
             json!({"error": format!("no route {method} {path}")}),
@@ -235,7 +236,7 @@ fn one_line(text: &str, max: usize) -> String {
 fn metrics(agent: &Agent, shared: &Shared) -> String {
     let positions = agent.store.positions().unwrap_or_default();
     let counter = |c: &AtomicU64| c.load(Ordering::Relaxed);
-    let metrics: [(&str, &str, &str, u64); 9] = [
+    let metrics: [(&str, &str, &str, u64); 12] = [
         (
             "outpost_source_polls_total",
             "counter",
@@ -289,6 +290,24 @@ fn metrics(agent: &Agent, shared: &Shared) -> String {
             "gauge",
             "1 while a release waits (approval, permissions, window, pin).",
             u64::from(positions.pending.is_some()),
+        ),
+        (
+            "outpost_rollouts_total",
+            "counter",
+            "Rollouts of a new current release started.",
+            agent.runtime_view.rollouts.load(Ordering::Relaxed),
+        ),
+        (
+            "outpost_rollbacks_total",
+            "counter",
+            "Failed rollouts rolled back automatically.",
+            agent.runtime_view.rollbacks.load(Ordering::Relaxed),
+        ),
+        (
+            "outpost_drift_repairs_total",
+            "counter",
+            "Steps taken to repair replicas changed behind the agent's back.",
+            agent.runtime_view.drift_repairs.load(Ordering::Relaxed),
         ),
     ];
     metrics

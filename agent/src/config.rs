@@ -26,9 +26,19 @@ pub struct Config {
     /// Directory for the state database, downloads and processed bundles.
     pub state_dir: PathBuf,
     pub api: ApiConfig,
-    /// What runs approved releases. `none`: accept and record only (a dry run to review).
+    /// What runs approved releases. `none`: accept and record only (a dry run to review);
+    /// `docker`: containers on the host's Docker Engine API (dockerd or `podman system service`).
     #[serde(default)]
     pub runtime: RuntimeKind,
+    /// The Docker runtime's settings (with `runtime: docker`).
+    #[serde(default)]
+    pub docker: DockerConfig,
+    /// How releases roll out and how drift is repaired.
+    #[serde(default)]
+    pub rollout: RolloutConfig,
+    /// The capacity pools this host offers; a resource naming a `pool` must name one of them.
+    #[serde(default)]
+    pub pools: Vec<String>,
     /// Size limits for downloads and extraction.
     #[serde(default)]
     pub limits: LimitsConfig,
@@ -187,6 +197,147 @@ pub struct ApiConfig {
 pub enum RuntimeKind {
     #[default]
     None,
+    Docker,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DockerConfig {
+    /// The engine's API socket (default /var/run/docker.sock; Podman: its service socket).
+    #[serde(default = "default_docker_socket")]
+    pub socket: PathBuf,
+    /// The per-stack network `outpost-<stack>` (resources find each other by name on it).
+    #[serde(default)]
+    pub network: NetworkConfig,
+    /// Where public endpoints are served on the host.
+    #[serde(default)]
+    pub publish: PublishConfig,
+    /// Credentials for pulling images, by registry host (`ghcr.io`, `127.0.0.1:5000`).
+    #[serde(default)]
+    pub registries: BTreeMap<String, RegistryCredentials>,
+    /// Delete a stateful replica's volume when the replica is pruned or scaled away. Off by
+    /// default: data outlives updates, rollbacks and prunes unless the customer opts in here.
+    #[serde(default)]
+    pub delete_volumes: bool,
+    /// The GPUs this host has, by type, as the stack's `gpu.type` names them (`{a100: 2}`).
+    #[serde(default)]
+    pub gpus: BTreeMap<String, u32>,
+    /// Seconds between SIGTERM and SIGKILL when a replica stops (default 10).
+    #[serde(default = "default_stop_timeout")]
+    pub stop_timeout_seconds: u32,
+}
+
+impl Default for DockerConfig {
+    fn default() -> Self {
+        DockerConfig {
+            socket: default_docker_socket(),
+            network: NetworkConfig::default(),
+            publish: PublishConfig::default(),
+            registries: BTreeMap::new(),
+            delete_volumes: false,
+            gpus: BTreeMap::new(),
+            stop_timeout_seconds: default_stop_timeout(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkConfig {
+    /// The network's subnet (`10.213.0.0/24`); the engine picks one when absent.
+    pub subnet: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PublishConfig {
+    /// The host address public endpoints listen on (default 127.0.0.1; 0.0.0.0 for all).
+    #[serde(default = "default_publish_address")]
+    pub address: std::net::IpAddr,
+    /// Host port per endpoint name; an endpoint not listed listens on its container port.
+    #[serde(default)]
+    pub ports: BTreeMap<String, u16>,
+}
+
+impl Default for PublishConfig {
+    fn default() -> Self {
+        PublishConfig {
+            address: default_publish_address(),
+            ports: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryCredentials {
+    pub username: String,
+    /// A file holding the password or token.
+    pub password_file: PathBuf,
+}
+
+/// What the customer grants a permission profile under `runtime: docker`: credentials handed
+/// to the containers that ask for it, never anything the vendor supplied.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DockerGrant {
+    /// Environment variables set in the container (they override the vendor's).
+    #[serde(default)]
+    pub environment: BTreeMap<String, String>,
+    /// Host files mounted read-only: container path → host path.
+    #[serde(default)]
+    pub files: BTreeMap<String, PathBuf>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutConfig {
+    /// How long one resource may take to become healthy before the rollout fails and rolls
+    /// back (default 300).
+    #[serde(default = "default_progress_deadline")]
+    pub progress_deadline_seconds: u64,
+    /// Without a healthCheck, a replica counts as healthy once it has run this long (default 5).
+    #[serde(default = "default_grace")]
+    pub grace_seconds: u64,
+    /// How often the runtime is observed and drift repaired (default 30).
+    #[serde(default = "default_drift_interval")]
+    pub drift_interval_seconds: u64,
+    /// The least time between two autoscaling changes of a resource (default 60).
+    #[serde(default = "default_cooldown")]
+    pub autoscale_cooldown_seconds: u64,
+}
+
+impl Default for RolloutConfig {
+    fn default() -> Self {
+        RolloutConfig {
+            progress_deadline_seconds: default_progress_deadline(),
+            grace_seconds: default_grace(),
+            drift_interval_seconds: default_drift_interval(),
+            autoscale_cooldown_seconds: default_cooldown(),
+        }
+    }
+}
+
+fn default_docker_socket() -> PathBuf {
+    PathBuf::from("/var/run/docker.sock")
+}
+fn default_stop_timeout() -> u32 {
+    10
+}
+fn default_publish_address() -> std::net::IpAddr {
+    std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)
+}
+fn default_progress_deadline() -> u64 {
+    300
+}
+fn default_grace() -> u64 {
+    5
+}
+fn default_drift_interval() -> u64 {
+    30
+}
+fn default_cooldown() -> u64 {
+    60
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
@@ -253,6 +404,12 @@ impl Config {
             }
         };
         resolve(&mut config.state_dir);
+        resolve(&mut config.docker.socket);
+        config
+            .docker
+            .registries
+            .values_mut()
+            .for_each(|c| resolve(&mut c.password_file));
         resolve(&mut config.api.socket);
         config.trust.root.as_mut().map(resolve);
         config.trust.keys.iter_mut().for_each(resolve);
@@ -331,16 +488,70 @@ impl Config {
             crate::approval::Window::parse(window)
                 .map_err(|e| format!("approval.maintenance_windows[{i}]: {e}"))?;
         }
-        if self.runtime == RuntimeKind::None {
-            for (profile, grant) in &self.permissions {
-                if !grant.is_object() {
+        match self.runtime {
+            RuntimeKind::None => {
+                for (profile, grant) in &self.permissions {
+                    if !grant.is_object() {
+                        return Err(format!(
+                            "permissions.{profile}: with runtime none a grant is a map (use {{}})"
+                        ));
+                    }
+                }
+            }
+            RuntimeKind::Docker => {
+                for profile in self.permissions.keys() {
+                    let grant = self.docker_grant(profile)?;
+                    for path in grant.files.keys() {
+                        if !path.starts_with('/') {
+                            return Err(format!(
+                                "permissions.{profile}.files: {path:?} must be an absolute path in the container"
+                            ));
+                        }
+                    }
+                }
+                if let Some(subnet) = &self.docker.network.subnet
+                    && !is_cidr(subnet)
+                {
                     return Err(format!(
-                        "permissions.{profile}: with runtime none a grant is a map (use {{}})"
+                        "docker.network.subnet {subnet:?} must be a CIDR like 10.213.0.0/24"
                     ));
                 }
             }
         }
+        for (what, value) in [
+            (
+                "rollout.progress_deadline_seconds",
+                self.rollout.progress_deadline_seconds,
+            ),
+            (
+                "rollout.drift_interval_seconds",
+                self.rollout.drift_interval_seconds,
+            ),
+        ] {
+            if value == 0 {
+                return Err(format!("{what} must be at least 1"));
+            }
+        }
         Ok(())
+    }
+
+    /// The customer's grant for `profile` under `runtime: docker`.
+    pub fn docker_grant(&self, profile: &str) -> Result<DockerGrant, String> {
+        let Some(grant) = self.permissions.get(profile) else {
+            return Err(format!("permission profile {profile:?} is not granted"));
+        };
+        let grant: DockerGrant = serde_json::from_value(grant.clone()).map_err(|e| {
+            format!("permissions.{profile}: {e} (a grant is {{environment: {{}}, files: {{}}}})")
+        })?;
+        for source in grant.files.values() {
+            if source.is_relative() {
+                return Err(format!(
+                    "permissions.{profile}.files: host path {} must be absolute",
+                    source.display()
+                ));
+            }
+        }
+        Ok(grant)
     }
 
     pub fn limits(&self) -> outpost_bundle_format::Limits {
@@ -350,6 +561,17 @@ impl Config {
             max_blob_bytes: max,
             ..Default::default()
         }
+    }
+}
+
+fn is_cidr(text: &str) -> bool {
+    let Some((ip, bits)) = text.split_once('/') else {
+        return false;
+    };
+    match (ip.parse::<std::net::IpAddr>(), bits.parse::<u8>()) {
+        (Ok(std::net::IpAddr::V4(_)), Ok(bits)) => bits <= 32,
+        (Ok(std::net::IpAddr::V6(_)), Ok(bits)) => bits <= 128,
+        _ => false,
     }
 }
 

@@ -1,9 +1,10 @@
-//! The running agent: Source → Verify → Approve (→ Plan → Rollout → Runtime with the runtime
-//! issues) around the state store, plus the local API. One task drives the source; errors back
-//! off with jitter and never touch the current release.
+//! The running agent: Source → Verify → Approve → Plan → Rollout → Runtime around the state
+//! store, plus the local API. One task drives the source, one converges the runtime; errors
+//! back off with jitter and never touch the current release.
 
 use crate::api::{self, Shared};
-use crate::config::{Config, SourceConfig};
+use crate::config::{Config, RuntimeKind, SourceConfig};
+use crate::runtime::docker::DockerRuntime;
 use crate::pipeline::{Agent, Ingested};
 use crate::source::{self, Source};
 use std::sync::Arc;
@@ -61,6 +62,17 @@ pub async fn run(agent: Agent) -> anyhow::Result<()> {
         let (agent, shared, socket) = (agent.clone(), shared.clone(), socket.clone());
         tokio::spawn(async move { api::serve(agent, shared, &socket).await })
     };
+    let converger = match agent.config.runtime {
+        RuntimeKind::None => None,
+        RuntimeKind::Docker => {
+            let runtime = DockerRuntime::new(&agent.config.docker);
+            if let Err(e) = runtime.ping().await {
+                log(format!("runtime: {e} (retrying)"));
+            }
+            let converger = crate::rollout::Converger::new(agent.clone(), runtime);
+            Some(tokio::spawn(async move { converger.run().await }))
+        }
+    };
     let ticker = {
         let agent = agent.clone();
         tokio::spawn(async move {
@@ -87,6 +99,9 @@ pub async fn run(agent: Agent) -> anyhow::Result<()> {
         _ = terminate.recv() => Ok(()),
     };
     ticker.abort();
+    if let Some(converger) = converger {
+        converger.abort();
+    }
     let _ = std::fs::remove_file(&socket);
     log("outpost-agent stopped");
     result

@@ -85,6 +85,8 @@ enum Command {
     },
     /// Let new releases through again.
     Unpin(ConfigArg),
+    /// Make the last good release current again; the runtime converges to it.
+    Rollback(ConfigArg),
     /// Events and decisions, newest first.
     History {
         #[command(flatten)]
@@ -236,6 +238,12 @@ fn execute(command: Command) -> Result<(), Failure> {
             "/pin",
             Some(json!({"version": version, "who": who()})),
         )?),
+        Command::Rollback(config) => print_message(&request(
+            &config,
+            Method::POST,
+            "/rollback",
+            Some(json!({"who": who()})),
+        )?),
         Command::Unpin(config) => print_message(&request(
             &config,
             Method::POST,
@@ -318,6 +326,48 @@ fn release_line(release: &Value) -> String {
     )
 }
 
+/// The runtime part of `status`: phase, each resource's rollout step and replicas' health.
+fn runtime_text(runtime: &Value) -> String {
+    let Some(view) = runtime.as_object() else {
+        return format!("runtime:   {}\n", runtime.as_str().unwrap_or("none"));
+    };
+    let get = |k: &str| view.get(k).and_then(Value::as_str);
+    let mut out = format!(
+        "runtime:   {} ({})\n",
+        get("kind").unwrap_or("?"),
+        get("phase").unwrap_or("starting")
+    );
+    if let Some(note) = get("note") {
+        out.push_str(&format!("           {note}\n"));
+    }
+    if let Some(error) = get("last_error") {
+        out.push_str(&format!("           last error: {error}\n"));
+    }
+    for endpoint in view.get("endpoints").and_then(Value::as_array).into_iter().flatten() {
+        out.push_str(&format!("endpoint:  {}\n", endpoint.as_str().unwrap_or_default()));
+    }
+    for (name, resource) in view.get("resources").and_then(Value::as_object).into_iter().flatten() {
+        out.push_str(&format!(
+            "resource:  {name}: {}\n",
+            resource["step"].as_str().unwrap_or("-")
+        ));
+        for replica in resource["replicas"].as_array().into_iter().flatten() {
+            out.push_str(&format!(
+                "             {} {}\n",
+                replica["name"].as_str().unwrap_or_default(),
+                replica["health"].as_str().unwrap_or_default()
+            ));
+        }
+    }
+    for finding in view.get("findings").and_then(Value::as_array).into_iter().flatten() {
+        out.push_str(&format!("finding:   {}\n", finding.as_str().unwrap_or_default()));
+    }
+    for warning in view.get("warnings").and_then(Value::as_array).into_iter().flatten() {
+        out.push_str(&format!("warning:   {}\n", warning.as_str().unwrap_or_default()));
+    }
+    out
+}
+
 fn status_text(status: &Value) -> String {
     let mut out = String::new();
     let stack = &status["stack"];
@@ -348,6 +398,7 @@ fn status_text(status: &Value) -> String {
     if let Some(pinned) = status["pinned"].as_str() {
         out.push_str(&format!("pinned:    {pinned}\n"));
     }
+    out.push_str(&runtime_text(&status["runtime"]));
     if let Some(r) = status["last_rejection"].as_object() {
         let get = |k: &str| r.get(k).and_then(Value::as_str).unwrap_or("-");
         out.push_str(&format!(

@@ -94,6 +94,10 @@ pub struct Agent {
     /// Serialises every change of position (ingest, reconsider, the customer's decisions): each
     /// reads the pending release and acts on it, and must not interleave with another.
     decisions: Mutex<()>,
+    /// Woken whenever the current release changes (the rollout converges to it).
+    pub current_changed: tokio::sync::Notify,
+    /// What the runtime shows in `status` and `/metrics`.
+    pub runtime_view: crate::rollout::RuntimeView,
     _state_lock: Option<std::fs::File>,
 }
 
@@ -235,6 +239,8 @@ impl Agent {
             windows,
             store,
             decisions: Mutex::new(()),
+            current_changed: tokio::sync::Notify::new(),
+            runtime_view: Default::default(),
             _state_lock: None,
         })
     }
@@ -516,8 +522,13 @@ impl Agent {
                         "{} {} is now current (runtime none: recorded, nothing runs)",
                         pending.name, pending.version
                     ),
+                    RuntimeKind::Docker => format!(
+                        "{} {} is now current; rolling out",
+                        pending.name, pending.version
+                    ),
                 };
                 self.store.promote(&pending.digest, &message, now)?;
+                self.current_changed.notify_one();
                 Ok(Some(pending.digest))
             }
         }
@@ -610,6 +621,42 @@ impl Agent {
         Ok(format!("unpinned {pinned}"))
     }
 
+    /// The customer's `rollback`: the last good release becomes current again; the rollout
+    /// converges to it. The release rolled back from is not offered again by rollback
+    /// protection; the vendor's next sequence moves on.
+    pub fn rollback(&self, who: &str, now: DateTime<Utc>) -> anyhow::Result<String> {
+        let _decisions = self.lock_decisions();
+        let positions = self.store.positions()?;
+        let current = positions
+            .current
+            .ok_or_else(|| Refused("nothing is current: there is nothing to roll back".into()))?;
+        let good = positions
+            .last_good
+            .filter(|g| g.digest != current.digest)
+            .ok_or_else(|| {
+                Refused(format!(
+                    "there is no earlier good release to roll back to from {}",
+                    current.version
+                ))
+            })?;
+        let message = format!(
+            "{} rolled back by {who} from {} to {}",
+            current.name, current.version, good.version
+        );
+        self.store.record_decision(
+            &Decision::new(now, &current.digest, &current.version, "rollback", who),
+            Effect::RollBack {
+                to: &good.digest,
+                message: &message,
+            },
+        )?;
+        self.current_changed.notify_one();
+        Ok(format!(
+            "rolled back to {} (from {}); the runtime converges to it now",
+            good.version, current.version
+        ))
+    }
+
     /// The `status` document (its keys are a contract: current, pending, last_rejection).
     pub fn status(&self) -> anyhow::Result<Value> {
         let p = self.store.positions()?;
@@ -621,7 +668,18 @@ impl Agent {
         });
         Ok(json!({
             "stack": {"name": self.config.expect.name, "channel": self.config.expect.channel},
-            "runtime": "none",
+            "runtime": match self.config.runtime {
+                RuntimeKind::None => json!("none"),
+                RuntimeKind::Docker => {
+                    let mut view = self.runtime_view.snapshot();
+                    if !view.is_object() {
+                        view = json!({});
+                    }
+                    view["kind"] = json!("docker");
+                    view["converged"] = json!(self.store.converged()?);
+                    view
+                }
+            },
             "current": p.current.as_ref().map(release),
             "pending": pending,
             "last_good": p.last_good.as_ref().map(release),

@@ -151,6 +151,9 @@ impl Store {
                  id INTEGER PRIMARY KEY, at TEXT NOT NULL, kind TEXT NOT NULL,
                  digest TEXT, message TEXT NOT NULL);
              CREATE TABLE IF NOT EXISTS positions(key TEXT PRIMARY KEY, value TEXT);
+             CREATE TABLE IF NOT EXISTS journal(
+                 id INTEGER PRIMARY KEY, digest TEXT NOT NULL, step TEXT NOT NULL,
+                 started_at TEXT NOT NULL, outcome TEXT, finished_at TEXT);
              PRAGMA user_version = 1;
              COMMIT;",
         )?;
@@ -326,6 +329,9 @@ impl Store {
                 Effect::DropPending { message } => {
                     drop_pending_in(&tx, &decision.digest, decision_time(decision)?, message)?;
                 }
+                Effect::RollBack { to, message } => {
+                    roll_back_in(&tx, &decision.digest, to, message, decision_time(decision)?)?;
+                }
             }
             tx.execute(
                 "INSERT INTO decisions(digest, version, decision, who, reason, at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
@@ -352,6 +358,91 @@ impl Store {
                 )
                 .optional()?;
             Ok(last.as_deref() == Some("approve"))
+        })
+    }
+
+    /// The release the runtime last converged to and found healthy.
+    pub fn converged(&self) -> Result<Option<String>> {
+        self.with(|conn| {
+            let tx = conn.transaction()?;
+            position(&tx, "converged")
+        })
+    }
+
+    /// Records that the runtime runs `digest`, healthy.
+    pub fn set_converged(&self, digest: &str, message: &str, at: DateTime<Utc>) -> Result<()> {
+        self.with(|conn| {
+            let tx = conn.transaction()?;
+            set(&tx, "converged", Some(digest))?;
+            event(&tx, at, "converged", Some(digest), message)?;
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    /// Makes `to` current again in place of `from` (a failed rollout, or the customer's
+    /// `rollback`). `from` stays known, so the source offering it again is not a rollback attack.
+    pub fn roll_back(&self, from: &str, to: &str, message: &str, at: DateTime<Utc>) -> Result<()> {
+        self.with(|conn| {
+            let tx = conn.transaction()?;
+            roll_back_in(&tx, from, to, message, at)?;
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    /// The release last rolled back away from, if any.
+    pub fn rolled_back(&self) -> Result<Option<String>> {
+        self.with(|conn| {
+            let tx = conn.transaction()?;
+            position(&tx, "rolled_back")
+        })
+    }
+
+    /// Journals a rollout step before it runs; `finish_step` records how it ended.
+    pub fn begin_step(&self, digest: &str, step: &str, at: DateTime<Utc>) -> Result<i64> {
+        self.with(|conn| {
+            conn.execute(
+                "INSERT INTO journal(digest, step, started_at) VALUES (?1, ?2, ?3)",
+                params![digest, step, rfc3339::format(&at)],
+            )?;
+            Ok(conn.last_insert_rowid())
+        })
+    }
+
+    pub fn finish_step(&self, id: i64, outcome: &str, at: DateTime<Utc>) -> Result<()> {
+        self.with(|conn| {
+            conn.execute(
+                "UPDATE journal SET outcome = ?2, finished_at = ?3 WHERE id = ?1",
+                params![id, outcome, rfc3339::format(&at)],
+            )?;
+            // The journal is for recovery and review; keep the latest steps only.
+            conn.execute(
+                "DELETE FROM journal WHERE id <= (SELECT MAX(id) FROM journal) - 10000",
+                [],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Steps begun and never finished (the agent stopped mid-step): marked interrupted.
+    pub fn interrupted_steps(&self, at: DateTime<Utc>) -> Result<Vec<(String, String)>> {
+        self.with(|conn| {
+            let tx = conn.transaction()?;
+            let steps = {
+                let mut statement = tx.prepare(
+                    "SELECT digest, step FROM journal WHERE outcome IS NULL ORDER BY id",
+                )?;
+                statement
+                    .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .collect::<rusqlite::Result<Vec<(String, String)>>>()?
+            };
+            tx.execute(
+                "UPDATE journal SET outcome = 'interrupted', finished_at = ?1 WHERE outcome IS NULL",
+                [rfc3339::format(&at)],
+            )?;
+            tx.commit()?;
+            Ok(steps)
         })
     }
 
@@ -426,6 +517,25 @@ fn release_by_digest(conn: &Connection, digest: &str) -> Result<Option<Release>>
         .optional()?)
 }
 
+fn roll_back_in(
+    tx: &rusqlite::Transaction<'_>,
+    from: &str,
+    to: &str,
+    message: &str,
+    at: DateTime<Utc>,
+) -> Result<()> {
+    let current: Option<String> = position(tx, "current")?;
+    if current.as_deref() != Some(from) {
+        return Err(StateError(format!(
+            "{from} is no longer current; nothing was rolled back"
+        )));
+    }
+    set(tx, "current", Some(to))?;
+    set(tx, "rolled_back", Some(from))?;
+    event(tx, at, "rolled-back", Some(from), message)?;
+    Ok(())
+}
+
 fn set(conn: &Connection, key: &str, value: Option<&str>) -> Result<usize> {
     Ok(conn.execute(
         "INSERT INTO positions(key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
@@ -491,6 +601,8 @@ pub enum Effect<'a> {
     DropPending {
         message: &'a str,
     },
+    /// Make `to` current again in place of the release the decision names.
+    RollBack { to: &'a str, message: &'a str },
 }
 
 fn decision_time(decision: &Decision) -> Result<DateTime<Utc>> {

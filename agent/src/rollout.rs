@@ -1,0 +1,696 @@
+//! Rollout: Plan → Rollout → Runtime. Converges a runtime to the current release, one journaled
+//! step at a time in the plan's order, waiting for each new replica to be healthy before the
+//! old one goes. A new release that fails rolls back to the last good one; the same loop,
+//! on an interval, repairs drift and autoscales.
+
+use crate::config::{Config, DockerGrant};
+use crate::forward::Forwarder;
+use crate::pipeline::Agent;
+use crate::plan::{Action, Desired, ReplicaId, ReplicaState, plan};
+use crate::runtime::{Health, Instance, ReplicaSpec, Runtime, Slot, Step};
+use crate::state::Release;
+use outpost_bundle_format::Digest;
+use outpost_bundle_format::stack::{Container, Probe, Scaling, Stack, StackFile};
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+const PROBE_EVERY: Duration = Duration::from_millis(500);
+
+/// What `status` shows of the runtime, and the counters `/metrics` exports.
+#[derive(Default)]
+pub struct RuntimeView {
+    state: std::sync::Mutex<Value>,
+    pub rollouts: AtomicU64,
+    pub rollbacks: AtomicU64,
+    pub drift_repairs: AtomicU64,
+}
+
+impl RuntimeView {
+    pub fn snapshot(&self) -> Value {
+        self.state.lock().map(|s| s.clone()).unwrap_or(Value::Null)
+    }
+
+    fn edit(&self, change: impl FnOnce(&mut Value)) {
+        if let Ok(mut state) = self.state.lock() {
+            if !state.is_object() {
+                *state = json!({});
+            }
+            change(&mut state);
+        }
+    }
+
+    fn set(&self, key: &str, value: Value) {
+        self.edit(|s| s[key] = value);
+    }
+
+    fn resource_step(&self, resource: &str, step: &str) {
+        self.edit(|s| s["resources"][resource]["step"] = json!(step));
+    }
+}
+
+/// Why a rollout stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RolloutError {
+    /// The release cannot run here as configured (pool, GPU, grant): nothing was touched.
+    #[error("{0}")]
+    Placement(String),
+    #[error("{0}")]
+    Failed(String),
+}
+
+pub struct Converger<R: Runtime> {
+    agent: Arc<Agent>,
+    runtime: R,
+    forwarder: Forwarder,
+    /// The autoscaler's choice per resource and when it last changed.
+    scale: std::sync::Mutex<BTreeMap<String, (u32, Instant)>>,
+}
+
+impl<R: Runtime> Converger<R> {
+    pub fn new(agent: Arc<Agent>, runtime: R) -> Converger<R> {
+        Converger {
+            agent,
+            runtime,
+            forwarder: Forwarder::default(),
+            scale: Default::default(),
+        }
+    }
+
+    pub fn runtime(&self) -> &R {
+        &self.runtime
+    }
+
+    fn config(&self) -> &Config {
+        &self.agent.config
+    }
+
+    fn view(&self) -> &RuntimeView {
+        &self.agent.runtime_view
+    }
+
+    fn event(&self, kind: &str, digest: Option<&str>, message: &str) {
+        crate::daemon::log(format!("{kind}: {message}"));
+        if let Err(e) = self.agent.store.event(crate::config::now(), kind, digest, message) {
+            crate::daemon::log(format!("recording {kind}: {e}"));
+        }
+    }
+
+    /// Converges forever: at once when the current release changes, else every drift interval.
+    pub async fn run(&self) {
+        self.view().set("kind", json!(self.runtime.name()));
+        match self.agent.store.interrupted_steps(crate::config::now()) {
+            Ok(steps) => {
+                for (digest, step) in steps {
+                    self.event(
+                        "interrupted",
+                        Some(&digest),
+                        &format!("the agent stopped during {step:?}; resuming from what runs"),
+                    );
+                }
+            }
+            Err(e) => crate::daemon::log(format!("reading the rollout journal: {e}")),
+        }
+        let interval = Duration::from_secs(self.config().rollout.drift_interval_seconds);
+        let mut failures = 0u32;
+        loop {
+            let wait = match self.converge_once().await {
+                Ok(()) => {
+                    failures = 0;
+                    interval
+                }
+                Err(e) => {
+                    failures += 1;
+                    self.view().set("last_error", json!(e.to_string()));
+                    crate::daemon::log(format!("runtime: {e:#}"));
+                    crate::daemon::backoff(failures).min(interval)
+                }
+            };
+            tokio::select! {
+                _ = self.agent.current_changed.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// One pass: roll out a new current release (rolling back if it fails), or repair drift.
+    pub async fn converge_once(&self) -> anyhow::Result<()> {
+        let store = &self.agent.store;
+        let positions = store.positions()?;
+        let Some(current) = positions.current else {
+            self.view().set("phase", json!("nothing to run yet"));
+            return Ok(());
+        };
+        let fresh = store.converged()?.as_deref() != Some(current.digest.as_str());
+        self.view().set(
+            "target",
+            json!({"version": current.version, "digest": current.digest}),
+        );
+        if fresh {
+            self.view().set("phase", json!("rolling out"));
+            self.view().rollouts.fetch_add(1, Ordering::Relaxed);
+            self.event(
+                "rollout",
+                Some(&current.digest),
+                &format!("rolling out {} {}", current.name, current.version),
+            );
+        }
+        match self.converge_to(&current, fresh).await {
+            Ok(repairs) => {
+                self.view().set("phase", json!("converged"));
+                self.view().set("last_error", Value::Null);
+                if fresh {
+                    store.set_converged(
+                        &current.digest,
+                        &format!("{} {} runs, healthy", current.name, current.version),
+                        crate::config::now(),
+                    )?;
+                } else if !repairs.is_empty() {
+                    self.view()
+                        .drift_repairs
+                        .fetch_add(repairs.len() as u64, Ordering::Relaxed);
+                    self.view().set("last_drift", json!(repairs));
+                    self.event("drift", Some(&current.digest), &format!("repaired: {}", repairs.join("; ")));
+                }
+                Ok(())
+            }
+            Err(failure) if fresh => {
+                let reason = failure.to_string();
+                self.view().set("phase", json!("failed"));
+                let good = positions
+                    .last_good
+                    .filter(|g| g.digest != current.digest);
+                match good {
+                    Some(good) => {
+                        self.view().rollbacks.fetch_add(1, Ordering::Relaxed);
+                        let message = format!(
+                            "{} {} failed: {reason}; rolling back to {}",
+                            current.name, current.version, good.version
+                        );
+                        store.roll_back(&current.digest, &good.digest, &message, crate::config::now())?;
+                        crate::daemon::log(&message);
+                        self.view().set("last_error", json!(message));
+                        self.agent.current_changed.notify_one();
+                        Ok(())
+                    }
+                    None => Err(anyhow::anyhow!(
+                        "{} {} failed: {reason} (no earlier release to roll back to)",
+                        current.name,
+                        current.version
+                    )),
+                }
+            }
+            Err(failure) => Err(anyhow::anyhow!("repairing drift: {failure}")),
+        }
+    }
+
+    /// Carries out the plan for `release`; returns the steps taken (drift repairs).
+    async fn converge_to(&self, release: &Release, fresh: bool) -> Result<Vec<String>, RolloutError> {
+        let file: StackFile = serde_json::from_str(&release.stack)
+            .map_err(|e| RolloutError::Placement(format!("stored stack: {e}")))?;
+        let stack =
+            Stack::from_file(&file).map_err(|e| RolloutError::Placement(e.to_string()))?;
+        let specs = Specs::new(self.config(), &stack, &release.digest)?;
+        let failed = |e: crate::runtime::RuntimeError| RolloutError::Failed(e.0);
+        let mut instances = self.runtime.observe(&stack.name).await.map_err(failed)?;
+        if self.settle_surges(&stack.name, &instances).await.map_err(failed)? {
+            instances = self.runtime.observe(&stack.name).await.map_err(failed)?;
+        }
+        if !fresh {
+            self.autoscale(&stack, &instances).await;
+        }
+        let scale: BTreeMap<String, u32> = self
+            .scale
+            .lock()
+            .map(|s| s.iter().map(|(k, (n, _))| (k.clone(), *n)).collect())
+            .unwrap_or_default();
+        let digest = Digest::parse(&release.digest)
+            .map_err(|e| RolloutError::Placement(format!("stored digest: {e}")))?;
+        let desired = Desired::new(&stack, digest, &scale);
+        let observed: Vec<_> = instances
+            .iter()
+            .filter(|i| i.slot == Slot::Primary)
+            .map(|i| i.replica.clone())
+            .collect();
+        let plan = plan(&desired, &observed, crate::config::now());
+        self.view().set("findings", json!(plan.findings));
+        self.view().set(
+            "warnings",
+            json!(specs.warnings.clone()),
+        );
+        let mut taken = Vec::new();
+        let mut deadline: Option<(String, Instant)> = None;
+        for action in &plan.actions {
+            let resource = action.replica().resource.clone();
+            if deadline.as_ref().is_none_or(|(r, _)| *r != resource) {
+                deadline = Some((
+                    resource.clone(),
+                    Instant::now()
+                        + Duration::from_secs(self.config().rollout.progress_deadline_seconds),
+                ));
+            }
+            let until = deadline.as_ref().map(|(_, d)| *d).unwrap_or_else(Instant::now);
+            let described = describe(action, &stack.name);
+            self.view().resource_step(&resource, &described);
+            let journal = self
+                .agent
+                .store
+                .begin_step(&release.digest, &described, crate::config::now())
+                .map_err(|e| RolloutError::Failed(format!("journal: {e}")))?;
+            let outcome = self.carry_out(action, &stack, &specs, until).await;
+            let _ = self.agent.store.finish_step(
+                journal,
+                match &outcome {
+                    Ok(()) => "done",
+                    Err(_) => "failed",
+                },
+                crate::config::now(),
+            );
+            self.refresh_routes(&stack).await;
+            match outcome {
+                Ok(()) => {
+                    self.view()
+                        .resource_step(&resource, &format!("{described}: done"));
+                    taken.push(described);
+                }
+                Err(e) => {
+                    self.view()
+                        .resource_step(&resource, &format!("{described}: failed: {e}"));
+                    return Err(e);
+                }
+            }
+        }
+        self.refresh_routes(&stack).await;
+        self.show_resources(&stack).await;
+        Ok(taken)
+    }
+
+    /// A surge replica left by an interrupted replace: promoted if its primary is gone, else
+    /// removed (the plan then replaces the primary again). Returns whether anything changed.
+    async fn settle_surges(&self, stack: &str, instances: &[Instance]) -> crate::runtime::RuntimeResult<bool> {
+        let mut changed = false;
+        for surge in instances.iter().filter(|i| i.slot == Slot::Surge) {
+            let id = &surge.replica.id;
+            let has_primary = instances
+                .iter()
+                .any(|i| i.slot == Slot::Primary && i.replica.id == *id);
+            if has_primary {
+                self.runtime.remove(stack, id, Slot::Surge, false).await?;
+            } else {
+                self.runtime
+                    .apply(Step::Promote { stack, replica: id }, &|_| {})
+                    .await?;
+            }
+            self.event(
+                "recovered",
+                Some(&surge.digest),
+                &format!(
+                    "{} of an interrupted replace {}",
+                    surge.name,
+                    if has_primary { "removed" } else { "promoted" }
+                ),
+            );
+            changed = true;
+        }
+        Ok(changed)
+    }
+
+    async fn carry_out(
+        &self,
+        action: &Action,
+        stack: &Stack,
+        specs: &Specs<'_>,
+        until: Instant,
+    ) -> Result<(), RolloutError> {
+        let name = stack.name.as_str();
+        let failed = |e: crate::runtime::RuntimeError| RolloutError::Failed(e.0);
+        let view = self.view();
+        let notes = |note: String| view.set("note", json!(note));
+        match action {
+            Action::Create { replica, .. } => {
+                let spec = specs.spec(replica)?;
+                self.runtime
+                    .apply(Step::Create { spec: &spec, slot: Slot::Primary }, &notes)
+                    .await
+                    .map_err(failed)?;
+                self.wait_healthy(name, replica, Slot::Primary, specs.probe(replica), until)
+                    .await
+            }
+            Action::Replace {
+                replica,
+                stop_first: false,
+                ..
+            } => {
+                let spec = specs.spec(replica)?;
+                self.runtime
+                    .apply(Step::Create { spec: &spec, slot: Slot::Surge }, &notes)
+                    .await
+                    .map_err(failed)?;
+                if let Err(e) = self
+                    .wait_healthy(name, replica, Slot::Surge, specs.probe(replica), until)
+                    .await
+                {
+                    // The old replica never stopped serving; the failed new one goes.
+                    let _ = self.runtime.remove(name, replica, Slot::Surge, false).await;
+                    return Err(e);
+                }
+                self.refresh_routes(stack).await;
+                self.runtime
+                    .remove(name, replica, Slot::Primary, false)
+                    .await
+                    .map_err(failed)?;
+                self.runtime
+                    .apply(Step::Promote { stack: name, replica }, &notes)
+                    .await
+                    .map_err(failed)
+            }
+            Action::Replace {
+                replica,
+                stop_first: true,
+                ..
+            } => {
+                // Stateful: one at a time on the same volume, never two writers.
+                let spec = specs.spec(replica)?;
+                self.runtime
+                    .remove(name, replica, Slot::Primary, false)
+                    .await
+                    .map_err(failed)?;
+                self.runtime
+                    .apply(Step::Create { spec: &spec, slot: Slot::Primary }, &notes)
+                    .await
+                    .map_err(failed)?;
+                self.wait_healthy(name, replica, Slot::Primary, specs.probe(replica), until)
+                    .await
+            }
+            Action::Start { replica } => {
+                self.runtime
+                    .apply(Step::Start { stack: name, replica }, &notes)
+                    .await
+                    .map_err(failed)?;
+                self.wait_healthy(name, replica, Slot::Primary, specs.probe(replica), until)
+                    .await
+            }
+            Action::Remove { replica, .. } => self
+                .runtime
+                .remove(
+                    name,
+                    replica,
+                    Slot::Primary,
+                    self.config().docker.delete_volumes,
+                )
+                .await
+                .map_err(failed),
+        }
+    }
+
+    /// Waits until the replica is healthy: its HTTP check passes, or (without one) it has run
+    /// for the grace period. After the grace period, `failureThreshold` failed checks in a row
+    /// fail it; a replica that stops fails at once; so does the progress deadline.
+    async fn wait_healthy(
+        &self,
+        stack: &str,
+        replica: &ReplicaId,
+        slot: Slot,
+        check: Option<&Probe>,
+        until: Instant,
+    ) -> Result<(), RolloutError> {
+        let started = Instant::now();
+        let grace = Duration::from_secs(self.config().rollout.grace_seconds);
+        let threshold = check.map_or(1, |c| c.failure_threshold.max(1));
+        let mut failures = 0;
+        let name = crate::runtime::container_name(stack, replica, slot);
+        loop {
+            let instances = self
+                .runtime
+                .observe(stack)
+                .await
+                .map_err(|e| RolloutError::Failed(e.0))?;
+            let health = match instances
+                .iter()
+                .find(|i| i.replica.id == *replica && i.slot == slot)
+            {
+                Some(instance) => self.runtime.probe(instance, check).await,
+                None => Health::Down("removed".into()),
+            };
+            match health {
+                Health::Healthy if check.is_some() || started.elapsed() >= grace => return Ok(()),
+                Health::Healthy => {}
+                Health::Down(why) => {
+                    return Err(RolloutError::Failed(format!("{name}: {why}")));
+                }
+                Health::Unhealthy(why) => {
+                    if started.elapsed() >= grace {
+                        failures += 1;
+                    }
+                    if failures >= threshold {
+                        return Err(RolloutError::Failed(format!(
+                            "{name}: health check failed {failures} times in a row: {why}"
+                        )));
+                    }
+                }
+            }
+            if Instant::now() >= until {
+                return Err(RolloutError::Failed(format!(
+                    "{name}: not healthy within the progress deadline ({}s)",
+                    self.config().rollout.progress_deadline_seconds
+                )));
+            }
+            tokio::time::sleep(PROBE_EVERY).await;
+        }
+    }
+
+    /// Points each public endpoint at the running replicas of its resource.
+    async fn refresh_routes(&self, stack: &Stack) {
+        let Ok(instances) = self.runtime.observe(&stack.name).await else {
+            return;
+        };
+        let publish = &self.config().docker.publish;
+        let mut routes: BTreeMap<SocketAddr, Vec<SocketAddr>> = BTreeMap::new();
+        for resource in &stack.resources {
+            for endpoint in &resource.container.public_endpoints {
+                let port = publish.ports.get(&endpoint.name).copied().unwrap_or(endpoint.port);
+                let backends = instances
+                    .iter()
+                    .filter(|i| {
+                        i.replica.id.resource == resource.container.name
+                            && i.replica.state == ReplicaState::Running
+                    })
+                    .filter_map(|i| i.addresses.get(&endpoint.port).copied())
+                    .collect();
+                routes.insert(SocketAddr::new(publish.address, port), backends);
+            }
+        }
+        let errors = self.forwarder.update(routes).await;
+        self.view().set("endpoint_errors", json!(errors));
+        self.view().set(
+            "endpoints",
+            json!(self.forwarder.listening().iter().map(|a| a.to_string()).collect::<Vec<_>>()),
+        );
+    }
+
+    /// Each replica's state and health for `status`.
+    async fn show_resources(&self, stack: &Stack) {
+        let Ok(instances) = self.runtime.observe(&stack.name).await else {
+            return;
+        };
+        let mut replicas: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+        for instance in &instances {
+            let check = stack
+                .resources
+                .iter()
+                .find(|r| r.container.name == instance.replica.id.resource)
+                .and_then(|r| r.container.health_check.as_ref());
+            let health = match self.runtime.probe(instance, check).await {
+                Health::Healthy => "healthy".to_string(),
+                Health::Unhealthy(why) => format!("unhealthy: {why}"),
+                Health::Down(why) => format!("down: {why}"),
+            };
+            replicas
+                .entry(instance.replica.id.resource.clone())
+                .or_default()
+                .push(json!({"name": instance.name, "health": health, "config_hash": instance.replica.config_hash}));
+        }
+        self.view().edit(|s| {
+            for (resource, list) in replicas {
+                s["resources"][&resource]["replicas"] = json!(list);
+            }
+        });
+    }
+
+    /// Moves autoscaled resources toward their CPU (and memory) targets, one change per
+    /// cool-down.
+    async fn autoscale(&self, stack: &Stack, instances: &[Instance]) {
+        let cooldown = Duration::from_secs(self.config().rollout.autoscale_cooldown_seconds);
+        for resource in &stack.resources {
+            let container = &resource.container;
+            let Scaling::Auto {
+                min,
+                desired,
+                max,
+                target_cpu_percent,
+                target_memory_percent,
+            } = container.scaling
+            else {
+                continue;
+            };
+            let running: Vec<&Instance> = instances
+                .iter()
+                .filter(|i| i.replica.id.resource == container.name && i.slot == Slot::Primary)
+                .filter(|i| i.replica.state == ReplicaState::Running)
+                .collect();
+            let mut samples = Vec::new();
+            for instance in &running {
+                if let Some(usage) = self.runtime.usage(instance, container.cpu.desired).await {
+                    samples.push(usage);
+                }
+            }
+            let Ok(mut scale) = self.scale.lock() else {
+                return;
+            };
+            let (count, changed) = scale
+                .get(&container.name)
+                .copied()
+                .unwrap_or((desired, Instant::now() - cooldown));
+            if samples.is_empty() || changed.elapsed() < cooldown {
+                continue;
+            }
+            let n = samples.len() as f64;
+            let cpu = samples.iter().map(|u| u.cpu_percent).sum::<f64>() / n;
+            let memory = samples.iter().map(|u| u.memory_percent).sum::<f64>() / n;
+            let mut ratio = cpu / f64::from(target_cpu_percent.max(1));
+            if let Some(target) = target_memory_percent {
+                ratio = ratio.max(memory / f64::from(target.max(1)));
+            }
+            let wanted = ((f64::from(count) * ratio).ceil() as u32).clamp(min, max);
+            if wanted != count {
+                scale.insert(container.name.clone(), (wanted, Instant::now()));
+                drop(scale);
+                self.event(
+                    "autoscale",
+                    None,
+                    &format!(
+                        "{}: {count} -> {wanted} replicas (cpu {cpu:.0}%, memory {memory:.0}%)",
+                        container.name
+                    ),
+                );
+            }
+        }
+    }
+}
+
+fn describe(action: &Action, stack: &str) -> String {
+    let name = action.replica().name(stack);
+    match action {
+        Action::Create { .. } => format!("create {name}"),
+        Action::Replace {
+            stop_first: false, ..
+        } => format!("replace {name} (start new, then stop old)"),
+        Action::Replace {
+            stop_first: true, ..
+        } => format!("replace {name} (stop old, then start new on its volume)"),
+        Action::Start { .. } => format!("start {name} (found stopped)"),
+        Action::Remove { reason, .. } => format!("remove {name} ({reason:?})").to_lowercase(),
+    }
+}
+
+/// The customer-side mapping of a release onto this host: what each replica gets. Everything
+/// that cannot run here is refused before any replica is touched.
+struct Specs<'a> {
+    stack: &'a Stack,
+    digest: &'a str,
+    grants: BTreeMap<String, DockerGrant>,
+    hashes: BTreeMap<&'a str, String>,
+    warnings: Vec<String>,
+}
+
+impl<'a> Specs<'a> {
+    fn new(config: &Config, stack: &'a Stack, digest: &'a str) -> Result<Specs<'a>, RolloutError> {
+        let mut grants = BTreeMap::new();
+        let mut hashes = BTreeMap::new();
+        for resource in &stack.resources {
+            let c = &resource.container;
+            let at = format!("resource {}", c.name);
+            if let Some(pool) = &c.pool
+                && !config.pools.contains(pool)
+            {
+                return Err(RolloutError::Placement(format!(
+                    "{at}: pool {pool:?} is not one of this agent's pools ({}) (config key pools)",
+                    if config.pools.is_empty() { "none".to_string() } else { config.pools.join(", ") }
+                )));
+            }
+            if let Some(gpu) = &c.gpu {
+                let have = config.docker.gpus.get(&gpu.kind).copied().unwrap_or(0);
+                if have < gpu.count {
+                    return Err(RolloutError::Placement(format!(
+                        "{at}: needs {} GPU of type {:?}; this host has {have} (config key docker.gpus)",
+                        gpu.count, gpu.kind
+                    )));
+                }
+            }
+            let grant = config
+                .docker_grant(&c.permissions)
+                .map_err(|e| RolloutError::Placement(format!("{at}: {e}")))?;
+            grants.insert(c.permissions.clone(), grant);
+            hashes.insert(c.name.as_str(), crate::plan::config_hash(&stack.name, c));
+        }
+        let warnings = Vec::new();
+        Ok(Specs {
+            stack,
+            digest,
+            grants,
+            hashes,
+            warnings,
+        })
+    }
+
+    fn container(&self, replica: &ReplicaId) -> Result<&'a Container, RolloutError> {
+        self.stack
+            .resources
+            .iter()
+            .map(|r| &r.container)
+            .find(|c| c.name == replica.resource)
+            .ok_or_else(|| RolloutError::Failed(format!("no resource {}", replica.resource)))
+    }
+
+    fn probe(&self, replica: &ReplicaId) -> Option<&'a Probe> {
+        self.container(replica).ok().and_then(|c| c.health_check.as_ref())
+    }
+
+    fn spec(&self, replica: &ReplicaId) -> Result<ReplicaSpec, RolloutError> {
+        let c = self.container(replica)?;
+        let mut environment = c.environment.clone();
+        for link in &c.links {
+            if let Some(linked) = self.stack.resources.iter().find(|r| r.container.name == *link) {
+                let prefix = link.to_uppercase().replace('-', "_");
+                let ports: Vec<String> = linked.container.ports.iter().map(u16::to_string).collect();
+                environment.insert(format!("{prefix}_HOST"), link.clone());
+                environment.insert(format!("{prefix}_PORT"), ports.first().cloned().unwrap_or_default());
+                environment.insert(format!("{prefix}_PORTS"), ports.join(","));
+            }
+        }
+        let grant = self.grants.get(&c.permissions).cloned().unwrap_or_default();
+        environment.extend(grant.environment);
+        Ok(ReplicaSpec {
+            stack: self.stack.name.clone(),
+            replica: replica.clone(),
+            digest: self.digest.to_string(),
+            config_hash: self.hashes.get(c.name.as_str()).cloned().unwrap_or_default(),
+            image: c.image.to_string(),
+            command: c.command.clone(),
+            environment,
+            cpu: c.cpu.desired,
+            memory_bytes: c.memory.bytes(),
+            ephemeral_storage_bytes: c.ephemeral_storage.as_ref().map(|q| q.bytes()),
+            ports: c.ports.clone(),
+            volume: c
+                .persistent_storage
+                .as_ref()
+                .map(|_| crate::runtime::docker::volume_name(&self.stack.name, replica)),
+            gpu: c.gpu.as_ref().map(|g| (g.kind.clone(), g.count)),
+            files: grant.files.into_iter().collect(),
+        })
+    }
+}

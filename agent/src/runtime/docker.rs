@@ -1,0 +1,408 @@
+//! The Docker Engine runtime: replicas as containers on the host's engine (dockerd, or Podman's
+//! compatible API service). Every container carries our labels; only labelled containers are
+//! ever observed, changed or removed.
+
+use super::engine::Engine;
+use super::{
+    Health, Instance, Notes, ReplicaSpec, Runtime, RuntimeError, RuntimeResult, Slot, Step, Usage,
+    container_name,
+};
+use crate::config::DockerConfig;
+use crate::plan::{ObservedReplica, ReplicaId, ReplicaState};
+use base64::Engine as _;
+use chrono::{DateTime, Utc};
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+pub const OWNER_LABEL: &str = "dev.outpost.owner";
+pub const OWNER: &str = "outpost-agent";
+const STACK_LABEL: &str = "dev.outpost.stack";
+const RESOURCE_LABEL: &str = "dev.outpost.resource";
+const ORDINAL_LABEL: &str = "dev.outpost.ordinal";
+const SLOT_LABEL: &str = "dev.outpost.slot";
+const DIGEST_LABEL: &str = "dev.outpost.bundle-digest";
+const HASH_LABEL: &str = "dev.outpost.config-hash";
+/// Where `ephemeralStorage` is mounted: a size-limited tmpfs.
+pub const SCRATCH_PATH: &str = "/tmp";
+
+pub struct DockerRuntime {
+    engine: Engine,
+    config: DockerConfig,
+}
+
+impl DockerRuntime {
+    pub fn new(config: &DockerConfig) -> DockerRuntime {
+        DockerRuntime {
+            engine: Engine::new(&config.socket),
+            config: config.clone(),
+        }
+    }
+
+    pub async fn ping(&self) -> RuntimeResult<()> {
+        Ok(self.engine.ping().await?)
+    }
+
+    pub fn network_name(stack: &str) -> String {
+        format!("outpost-{stack}")
+    }
+
+    async fn ensure_network(&self, stack: &str) -> RuntimeResult<()> {
+        let name = Self::network_name(stack);
+        if self.engine.inspect_network(&name).await?.is_some() {
+            return Ok(());
+        }
+        let mut body = json!({
+            "Name": name,
+            "Driver": "bridge",
+            "CheckDuplicate": true,
+            "Labels": {OWNER_LABEL: OWNER, STACK_LABEL: stack},
+        });
+        if let Some(subnet) = &self.config.network.subnet {
+            body["IPAM"] = json!({"Config": [{"Subnet": subnet}]});
+        }
+        match self.engine.create_network(&body).await {
+            Ok(()) => Ok(()),
+            // Created by a concurrent step meanwhile.
+            Err(_) if self.engine.inspect_network(&name).await?.is_some() => Ok(()),
+            Err(e) => Err(RuntimeError(format!("creating network {name}: {e}"))),
+        }
+    }
+
+    async fn ensure_image(&self, image: &str, notes: Notes<'_>) -> RuntimeResult<()> {
+        if self.engine.image_exists(image).await? {
+            return Ok(());
+        }
+        let registry = image.split('/').next().unwrap_or_default();
+        let auth = self
+            .config
+            .registries
+            .get(registry)
+            .map(|credentials| -> RuntimeResult<String> {
+                let password = std::fs::read_to_string(&credentials.password_file).map_err(|e| {
+                    RuntimeError(format!(
+                        "docker.registries.{registry}.password_file {}: {e}",
+                        credentials.password_file.display()
+                    ))
+                })?;
+                let document = json!({
+                    "username": credentials.username,
+                    "password": password.trim_end(),
+                    "serveraddress": registry,
+                });
+                Ok(base64::engine::general_purpose::URL_SAFE.encode(document.to_string()))
+            })
+            .transpose()?;
+        notes(format!("pulling {image}"));
+        let mut layers: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+        let mut last_note = std::time::Instant::now();
+        let mut progress = |line: &Value| {
+            let (Some(id), Some(detail)) = (
+                line.get("id").and_then(Value::as_str),
+                line.get("progressDetail"),
+            ) else {
+                return;
+            };
+            if let (Some(current), Some(total)) = (
+                detail.get("current").and_then(Value::as_u64),
+                detail.get("total").and_then(Value::as_u64),
+            ) {
+                layers.insert(id.to_string(), (current, total));
+            }
+            if last_note.elapsed() > std::time::Duration::from_millis(500) {
+                last_note = std::time::Instant::now();
+                let (done, total) = layers
+                    .values()
+                    .fold((0, 0), |(d, t), (c, s)| (d + c, t + s));
+                notes(format!(
+                    "pulling {image}: {} of {} MiB",
+                    done >> 20,
+                    total >> 20
+                ));
+            }
+        };
+        self.engine
+            .pull(image, auth, &mut progress)
+            .await
+            .map_err(|e| RuntimeError(format!("pulling {image}: {e}")))?;
+        notes(format!("pulled {image}"));
+        Ok(())
+    }
+
+    fn create_body(&self, spec: &ReplicaSpec, slot: Slot) -> Value {
+        let network = Self::network_name(&spec.stack);
+        let labels = json!({
+            OWNER_LABEL: OWNER,
+            STACK_LABEL: spec.stack,
+            RESOURCE_LABEL: spec.replica.resource,
+            ORDINAL_LABEL: spec.replica.ordinal.to_string(),
+            SLOT_LABEL: match slot { Slot::Primary => "primary", Slot::Surge => "surge" },
+            DIGEST_LABEL: spec.digest,
+            HASH_LABEL: spec.config_hash,
+        });
+        let ports: serde_json::Map<String, Value> = spec
+            .ports
+            .iter()
+            .map(|p| (format!("{p}/tcp"), json!({})))
+            .collect();
+        // Every port is published on loopback only, on a port the engine picks: the agent
+        // probes health there and forwards public endpoints to it. Nothing else reaches it.
+        let bindings: serde_json::Map<String, Value> = spec
+            .ports
+            .iter()
+            .map(|p| {
+                (
+                    format!("{p}/tcp"),
+                    json!([{"HostIp": "127.0.0.1", "HostPort": ""}]),
+                )
+            })
+            .collect();
+        let mut mounts = Vec::new();
+        if let Some(volume) = &spec.volume {
+            mounts.push(json!({"Type": "volume", "Source": volume, "Target": "/data"}));
+        }
+        for (target, source) in &spec.files {
+            mounts.push(json!({"Type": "bind", "Source": source, "Target": target, "ReadOnly": true}));
+        }
+        let mut host = json!({
+            "NanoCpus": (spec.cpu * 1e9) as i64,
+            "Memory": spec.memory_bytes,
+            "PortBindings": bindings,
+            "NetworkMode": network,
+            "Mounts": mounts,
+            "RestartPolicy": {"Name": "unless-stopped"},
+        });
+        if let Some(bytes) = spec.ephemeral_storage_bytes {
+            host["Tmpfs"] = json!({SCRATCH_PATH: format!("size={bytes}")});
+        }
+        if let Some((_, count)) = &spec.gpu {
+            host["DeviceRequests"] =
+                json!([{"Driver": "nvidia", "Count": count, "Capabilities": [["gpu"]]}]);
+        }
+        let mut body = json!({
+            "Image": spec.image,
+            "Env": spec.environment.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>(),
+            "Labels": labels,
+            "ExposedPorts": ports,
+            "HostConfig": host,
+            "NetworkingConfig": {"EndpointsConfig": {network: {"Aliases": [spec.replica.resource]}}},
+        });
+        if !spec.command.is_empty() {
+            body["Cmd"] = json!(spec.command);
+        }
+        body
+    }
+
+    /// Details only `inspect` has: when it started, how it exited.
+    async fn inspect_stopped(&self, name: &str) -> (Option<DateTime<Utc>>, Option<String>) {
+        let Ok(Some(details)) = self.engine.inspect_container(name).await else {
+            return (None, None);
+        };
+        let state = &details["State"];
+        let started = state["StartedAt"]
+            .as_str()
+            .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
+            .map(|t| t.with_timezone(&Utc))
+            .filter(|t| t.timestamp() > 0);
+        let exit = match (state["OOMKilled"].as_bool(), state["ExitCode"].as_i64()) {
+            (Some(true), _) => Some("killed: out of memory".to_string()),
+            (_, Some(code)) => Some(format!("exited with code {code}")),
+            _ => None,
+        };
+        (started, exit)
+    }
+}
+
+fn label<'a>(item: &'a Value, key: &str) -> Option<&'a str> {
+    item["Labels"][key].as_str()
+}
+
+impl Runtime for DockerRuntime {
+    fn name(&self) -> String {
+        "docker".into()
+    }
+
+    async fn observe(&self, stack: &str) -> RuntimeResult<Vec<Instance>> {
+        let items = self
+            .engine
+            .list_containers(&[
+                format!("{OWNER_LABEL}={OWNER}"),
+                format!("{STACK_LABEL}={stack}"),
+            ])
+            .await?;
+        let mut instances = Vec::with_capacity(items.len());
+        for item in items {
+            let (Some(resource), Some(ordinal), Some(hash)) = (
+                label(&item, RESOURCE_LABEL),
+                label(&item, ORDINAL_LABEL).and_then(|o| o.parse::<u32>().ok()),
+                label(&item, HASH_LABEL),
+            ) else {
+                continue;
+            };
+            let slot = match label(&item, SLOT_LABEL) {
+                Some("surge") => Slot::Surge,
+                _ => Slot::Primary,
+            };
+            let running = item["State"].as_str() == Some("running");
+            let mut addresses = BTreeMap::new();
+            for port in item["Ports"].as_array().into_iter().flatten() {
+                let (Some(private), Some(public)) =
+                    (port["PrivatePort"].as_u64(), port["PublicPort"].as_u64())
+                else {
+                    continue;
+                };
+                let ip = port["IP"]
+                    .as_str()
+                    .and_then(|ip| ip.parse::<IpAddr>().ok())
+                    .filter(|ip| !ip.is_unspecified())
+                    .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
+                if let (Ok(private), Ok(public)) = (u16::try_from(private), u16::try_from(public))
+                    && ip.is_ipv4()
+                {
+                    addresses.insert(private, SocketAddr::new(ip, public));
+                }
+            }
+            let name = container_name(stack, &ReplicaId::new(resource, ordinal), slot);
+            let (started_at, exit) = if running {
+                (None, None)
+            } else {
+                self.inspect_stopped(&name).await
+            };
+            instances.push(Instance {
+                name,
+                replica: ObservedReplica {
+                    id: ReplicaId::new(resource, ordinal),
+                    config_hash: hash.to_string(),
+                    state: if running {
+                        ReplicaState::Running
+                    } else {
+                        ReplicaState::Stopped
+                    },
+                    started_at,
+                },
+                slot,
+                digest: label(&item, DIGEST_LABEL).unwrap_or_default().to_string(),
+                addresses,
+                exit,
+            });
+        }
+        Ok(instances)
+    }
+
+    async fn apply(&self, step: Step<'_>, notes: Notes<'_>) -> RuntimeResult<()> {
+        match step {
+            Step::Create { spec, slot } => {
+                let name = container_name(&spec.stack, &spec.replica, slot);
+                self.ensure_network(&spec.stack).await?;
+                self.ensure_image(&spec.image, notes).await?;
+                if let Some(volume) = &spec.volume {
+                    self.engine
+                        .create_volume(&json!({
+                            "Name": volume,
+                            "Labels": {OWNER_LABEL: OWNER, STACK_LABEL: spec.stack, RESOURCE_LABEL: spec.replica.resource},
+                        }))
+                        .await?;
+                }
+                self.engine
+                    .create_container(&name, &self.create_body(spec, slot))
+                    .await
+                    .map_err(|e| RuntimeError(format!("creating {name}: {e}")))?;
+                self.engine
+                    .start_container(&name)
+                    .await
+                    .map_err(|e| RuntimeError(format!("starting {name}: {e}")))?;
+            }
+            Step::Start { stack, replica } => {
+                let name = container_name(stack, replica, Slot::Primary);
+                self.engine
+                    .start_container(&name)
+                    .await
+                    .map_err(|e| RuntimeError(format!("starting {name}: {e}")))?;
+            }
+            Step::Promote { stack, replica } => {
+                let surge = container_name(stack, replica, Slot::Surge);
+                let primary = container_name(stack, replica, Slot::Primary);
+                self.engine
+                    .rename_container(&surge, &primary)
+                    .await
+                    .map_err(|e| RuntimeError(format!("renaming {surge} to {primary}: {e}")))?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn probe(
+        &self,
+        instance: &Instance,
+        check: Option<&outpost_bundle_format::stack::Probe>,
+    ) -> Health {
+        if instance.replica.state != ReplicaState::Running {
+            return Health::Down(
+                instance
+                    .exit
+                    .clone()
+                    .unwrap_or_else(|| "not running".to_string()),
+            );
+        }
+        let Some(check) = check else {
+            return Health::Healthy;
+        };
+        let Some(address) = instance.addresses.get(&check.port) else {
+            return Health::Unhealthy(format!("port {} is not published", check.port));
+        };
+        match super::http_check(*address, check).await {
+            Ok(()) => Health::Healthy,
+            Err(e) => Health::Unhealthy(e),
+        }
+    }
+
+    async fn remove(
+        &self,
+        stack: &str,
+        replica: &ReplicaId,
+        slot: Slot,
+        delete_volume: bool,
+    ) -> RuntimeResult<()> {
+        let name = container_name(stack, replica, slot);
+        let _ = self
+            .engine
+            .stop_container(&name, self.config.stop_timeout_seconds)
+            .await;
+        self.engine
+            .remove_container(&name)
+            .await
+            .map_err(|e| RuntimeError(format!("removing {name}: {e}")))?;
+        if delete_volume {
+            self.engine.remove_volume(&volume_name(stack, replica)).await?;
+        }
+        Ok(())
+    }
+
+    async fn usage(&self, instance: &Instance, cpu_limit: f64) -> Option<Usage> {
+        let stats = self.engine.stats(&instance.name).await.ok()?;
+        let cpu = &stats["cpu_stats"];
+        let pre = &stats["precpu_stats"];
+        let cpu_delta = cpu["cpu_usage"]["total_usage"].as_f64()? - pre["cpu_usage"]["total_usage"].as_f64().unwrap_or(0.0);
+        let system_delta = cpu["system_cpu_usage"].as_f64()? - pre["system_cpu_usage"].as_f64().unwrap_or(0.0);
+        let online = cpu["online_cpus"].as_f64().unwrap_or(1.0).max(1.0);
+        let used_cores = if system_delta > 0.0 {
+            cpu_delta / system_delta * online
+        } else {
+            0.0
+        };
+        let memory = &stats["memory_stats"];
+        let memory_percent = match (memory["usage"].as_f64(), memory["limit"].as_f64()) {
+            (Some(usage), Some(limit)) if limit > 0.0 => usage / limit * 100.0,
+            _ => 0.0,
+        };
+        Some(Usage {
+            cpu_percent: used_cores / cpu_limit.max(0.001) * 100.0,
+            memory_percent,
+        })
+    }
+}
+
+/// The named volume behind a stateful replica's /data.
+pub fn volume_name(stack: &str, replica: &ReplicaId) -> String {
+    format!("{}-data", replica.name(stack))
+}

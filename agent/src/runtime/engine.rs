@@ -1,0 +1,388 @@
+//! A small client for the Docker Engine API (v1.41) on a unix socket: the calls the Docker
+//! runtime makes, nothing more. dockerd and Podman's compatible service both answer it.
+//! One connection per request: the socket is local, and nothing is held between polls.
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::{Method, Request, StatusCode};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+const API: &str = "/v1.41";
+/// Engine answers are small JSON documents; anything bigger is a fault, not data.
+const MAX_ANSWER: usize = 16 << 20;
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("container engine at {socket}: {message}")]
+    Transport { socket: String, message: String },
+    #[error("container engine: {method} {path}: {status}: {message}")]
+    Api {
+        method: String,
+        path: String,
+        status: u16,
+        message: String,
+    },
+}
+
+impl EngineError {
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            EngineError::Api { status, .. } => Some(*status),
+            EngineError::Transport { .. } => None,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Engine {
+    socket: PathBuf,
+}
+
+impl Engine {
+    pub fn new(socket: &Path) -> Engine {
+        Engine {
+            socket: socket.to_path_buf(),
+        }
+    }
+
+    fn transport(&self, message: impl std::fmt::Display) -> EngineError {
+        EngineError::Transport {
+            socket: self.socket.display().to_string(),
+            message: message.to_string(),
+        }
+    }
+
+    /// Sends one request; `on_line` sees each line of a streamed answer (image pulls).
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+        headers: &[(&str, String)],
+        mut on_line: Option<&mut (dyn FnMut(&Value) + Send)>,
+    ) -> Result<Vec<u8>, EngineError> {
+        let stream = tokio::net::UnixStream::connect(&self.socket)
+            .await
+            .map_err(|e| self.transport(e))?;
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .map_err(|e| self.transport(e))?;
+        tokio::spawn(connection);
+        let mut request = Request::builder()
+            .method(method.clone())
+            .uri(format!("http://engine{API}{path}"))
+            .header("Host", "engine");
+        for (name, value) in headers {
+            request = request.header(*name, value);
+        }
+        let payload = match body {
+            Some(body) => {
+                request = request.header("Content-Type", "application/json");
+                Bytes::from(serde_json::to_vec(body).unwrap_or_default())
+            }
+            None => Bytes::new(),
+        };
+        let request = request
+            .body(Full::new(payload))
+            .map_err(|e| self.transport(e))?;
+        let exchange = async {
+            let response = sender
+                .send_request(request)
+                .await
+                .map_err(|e| self.transport(e))?;
+            let status = response.status();
+            let mut body = response.into_body();
+            let mut answer = Vec::new();
+            while let Some(frame) = body.frame().await {
+                let frame = frame.map_err(|e| self.transport(e))?;
+                if let Some(data) = frame.data_ref() {
+                    if answer.len() + data.len() > MAX_ANSWER {
+                        return Err(self.transport(format!(
+                            "{method} {path}: answer larger than {MAX_ANSWER} bytes"
+                        )));
+                    }
+                    answer.extend_from_slice(data);
+                    if let Some(on_line) = on_line.as_deref_mut() {
+                        // Streamed answers are JSON lines; hand over complete ones as they come.
+                        while let Some(end) = answer.iter().position(|b| *b == b'\n') {
+                            let line: Vec<u8> = answer.drain(..=end).collect();
+                            if let Ok(value) = serde_json::from_slice::<Value>(&line) {
+                                if let Some(error) = value.get("error").and_then(Value::as_str) {
+                                    return Err(EngineError::Api {
+                                        method: method.to_string(),
+                                        path: path.to_string(),
+                                        status: status.as_u16(),
+                                        message: one_line(error),
+                                    });
+                                }
+                                on_line(&value);
+                            }
+                        }
+                    }
+                }
+            }
+            Ok((status, answer))
+        };
+        let (status, answer) = tokio::time::timeout(REQUEST_TIMEOUT, exchange)
+            .await
+            .map_err(|_| self.transport(format!("{method} {path}: no answer in {REQUEST_TIMEOUT:?}")))??;
+        if status.is_success() || status == StatusCode::NOT_MODIFIED {
+            return Ok(answer);
+        }
+        let message = serde_json::from_slice::<Value>(&answer)
+            .ok()
+            .and_then(|v| v.get("message").and_then(Value::as_str).map(one_line))
+            .unwrap_or_else(|| one_line(&String::from_utf8_lossy(&answer)));
+        Err(EngineError::Api {
+            method: method.to_string(),
+            path: path.to_string(),
+            status: status.as_u16(),
+            message,
+        })
+    }
+
+    async fn json(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Value, EngineError> {
+        let answer = self.send(method, path, body, &[], None).await?;
+        if answer.is_empty() {
+            return Ok(Value::Null);
+        }
+        serde_json::from_slice(&answer).map_err(|e| self.transport(format!("{path}: {e}")))
+    }
+
+    pub async fn ping(&self) -> Result<(), EngineError> {
+        self.send(Method::GET, "/_ping", None, &[], None).await?;
+        Ok(())
+    }
+
+    /// Containers (running or not) carrying every `label=value` given.
+    pub async fn list_containers(&self, labels: &[String]) -> Result<Vec<Value>, EngineError> {
+        let filters = serde_json::json!({ "label": labels }).to_string();
+        let path = format!("/containers/json?all=true&filters={}", encode(&filters));
+        match self.json(Method::GET, &path, None).await? {
+            Value::Array(items) => Ok(items),
+            other => Err(self.transport(format!("containers list: unexpected answer {other}"))),
+        }
+    }
+
+    pub async fn inspect_container(&self, name: &str) -> Result<Option<Value>, EngineError> {
+        match self
+            .json(Method::GET, &format!("/containers/{}/json", encode(name)), None)
+            .await
+        {
+            Ok(value) => Ok(Some(value)),
+            Err(e) if e.status() == Some(404) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub async fn create_container(&self, name: &str, body: &Value) -> Result<(), EngineError> {
+        self.json(
+            Method::POST,
+            &format!("/containers/create?name={}", encode(name)),
+            Some(body),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    pub async fn start_container(&self, name: &str) -> Result<(), EngineError> {
+        self.json(
+            Method::POST,
+            &format!("/containers/{}/start", encode(name)),
+            None,
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Stops with SIGTERM, then SIGKILL after `timeout_s`.
+    pub async fn stop_container(&self, name: &str, timeout_s: u32) -> Result<(), EngineError> {
+        self.json(
+            Method::POST,
+            &format!("/containers/{}/stop?t={timeout_s}", encode(name)),
+            None,
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Removes a container (killing it if it runs); anonymous volumes go with it, named ones stay.
+    /// Already gone is fine.
+    pub async fn remove_container(&self, name: &str) -> Result<(), EngineError> {
+        match self
+            .json(
+                Method::DELETE,
+                &format!("/containers/{}?force=true&v=true", encode(name)),
+                None,
+            )
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if e.status() == Some(404) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub async fn rename_container(&self, name: &str, to: &str) -> Result<(), EngineError> {
+        self.json(
+            Method::POST,
+            &format!("/containers/{}/rename?name={}", encode(name), encode(to)),
+            None,
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// One CPU and memory sample (no stream).
+    pub async fn stats(&self, name: &str) -> Result<Value, EngineError> {
+        self.json(
+            Method::GET,
+            &format!("/containers/{}/stats?stream=false", encode(name)),
+            None,
+        )
+        .await
+    }
+
+    pub async fn image_exists(&self, reference: &str) -> Result<bool, EngineError> {
+        match self
+            .json(Method::GET, &format!("/images/{}/json", encode(reference)), None)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if e.status() == Some(404) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Pulls `reference`; `progress` sees the engine's progress lines.
+    pub async fn pull(
+        &self,
+        reference: &str,
+        auth: Option<String>,
+        progress: &mut (dyn FnMut(&Value) + Send),
+    ) -> Result<(), EngineError> {
+        let headers: Vec<(&str, String)> = auth
+            .into_iter()
+            .map(|a| ("X-Registry-Auth", a))
+            .collect();
+        self.send(
+            Method::POST,
+            &format!("/images/create?fromImage={}", encode(reference)),
+            None,
+            &headers,
+            Some(progress),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Loads a `docker save` style archive.
+    pub async fn load(&self, archive: Vec<u8>) -> Result<(), EngineError> {
+        let stream = tokio::net::UnixStream::connect(&self.socket)
+            .await
+            .map_err(|e| self.transport(e))?;
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .map_err(|e| self.transport(e))?;
+        tokio::spawn(connection);
+        let request = Request::builder()
+            .method(Method::POST)
+            .uri(format!("http://engine{API}/images/load?quiet=true"))
+            .header("Host", "engine")
+            .header("Content-Type", "application/x-tar")
+            .body(Full::new(Bytes::from(archive)))
+            .map_err(|e| self.transport(e))?;
+        let response = tokio::time::timeout(REQUEST_TIMEOUT, sender.send_request(request))
+            .await
+            .map_err(|_| self.transport("image load: no answer"))?
+            .map_err(|e| self.transport(e))?;
+        let status = response.status();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| self.transport(e))?
+            .to_bytes();
+        let text = String::from_utf8_lossy(&body);
+        if !status.is_success() || text.contains("\"error\"") {
+            return Err(EngineError::Api {
+                method: "POST".into(),
+                path: "/images/load".into(),
+                status: status.as_u16(),
+                message: one_line(&text),
+            });
+        }
+        Ok(())
+    }
+
+    pub async fn inspect_network(&self, name: &str) -> Result<Option<Value>, EngineError> {
+        match self
+            .json(Method::GET, &format!("/networks/{}", encode(name)), None)
+            .await
+        {
+            Ok(value) => Ok(Some(value)),
+            Err(e) if e.status() == Some(404) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub async fn create_network(&self, body: &Value) -> Result<(), EngineError> {
+        self.json(Method::POST, "/networks/create", Some(body))
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn create_volume(&self, body: &Value) -> Result<(), EngineError> {
+        self.json(Method::POST, "/volumes/create", Some(body))
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn remove_volume(&self, name: &str) -> Result<(), EngineError> {
+        match self
+            .json(Method::DELETE, &format!("/volumes/{}", encode(name)), None)
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if e.status() == Some(404) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+fn one_line(text: &str) -> String {
+    let line: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    if line.len() > 512 {
+        let mut end = 512;
+        while !line.is_char_boundary(end) {
+            end -= 1;
+        }
+        format!("{}…", &line[..end])
+    } else {
+        line
+    }
+}
+
+/// Percent-encodes a query or path value.
+fn encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        match byte {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                out.push(byte as char)
+            }
+            _ => out.push_str(&format!("%{byte:02X}")),
+        }
+    }
+    out
+}

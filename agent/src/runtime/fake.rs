@@ -1,0 +1,206 @@
+//! An in-memory runtime for rollout tests: replicas are records, health is scripted per image,
+//! and every step is logged so tests can assert the order of what happened.
+
+use super::{
+    Health, Instance, Notes, ReplicaSpec, Runtime, RuntimeError, RuntimeResult, Slot, Step, Usage,
+};
+use crate::plan::{ObservedReplica, ReplicaId, ReplicaState};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Mutex;
+
+#[derive(Default)]
+pub struct FakeRuntime {
+    state: Mutex<FakeState>,
+}
+
+#[derive(Default)]
+struct FakeState {
+    replicas: BTreeMap<(ReplicaId, Slot), (ReplicaSpec, bool)>,
+    /// Images whose replicas never become healthy.
+    broken_images: BTreeSet<String>,
+    volumes: BTreeSet<String>,
+    log: Vec<String>,
+    /// Fail the next N steps with an engine error.
+    fail_steps: u32,
+}
+
+impl FakeRuntime {
+    pub fn break_image(&self, image: &str) {
+        self.lock().broken_images.insert(image.to_string());
+    }
+
+    pub fn fail_next_steps(&self, n: u32) {
+        self.lock().fail_steps = n;
+    }
+
+    /// What happened, one line per step: `create web-0 primary`, `remove web-0 surge`...
+    pub fn log(&self) -> Vec<String> {
+        self.lock().log.clone()
+    }
+
+    pub fn volumes(&self) -> BTreeSet<String> {
+        self.lock().volumes.clone()
+    }
+
+    /// Drift: stop a replica or remove it behind the agent's back.
+    pub fn tamper(&self, replica: &ReplicaId, remove: bool) {
+        let mut state = self.lock();
+        if remove {
+            state.replicas.remove(&(replica.clone(), Slot::Primary));
+        } else if let Some(entry) = state.replicas.get_mut(&(replica.clone(), Slot::Primary)) {
+            entry.1 = false;
+        }
+    }
+
+    pub fn images(&self) -> BTreeMap<String, String> {
+        self.lock()
+            .replicas
+            .iter()
+            .map(|((id, slot), (spec, _))| {
+                (
+                    format!("{}-{}{}", id.resource, id.ordinal, if *slot == Slot::Surge { "-surge" } else { "" }),
+                    spec.image.clone(),
+                )
+            })
+            .collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, FakeState> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+fn slot_name(slot: Slot) -> &'static str {
+    match slot {
+        Slot::Primary => "primary",
+        Slot::Surge => "surge",
+    }
+}
+
+impl Runtime for FakeRuntime {
+    fn name(&self) -> String {
+        "fake".into()
+    }
+
+    async fn observe(&self, stack: &str) -> RuntimeResult<Vec<Instance>> {
+        let state = self.lock();
+        Ok(state
+            .replicas
+            .iter()
+            .filter(|(_, (spec, _))| spec.stack == stack)
+            .map(|((id, slot), (spec, running))| Instance {
+                name: super::container_name(stack, id, *slot),
+                replica: ObservedReplica {
+                    id: id.clone(),
+                    config_hash: spec.config_hash.clone(),
+                    state: if *running {
+                        ReplicaState::Running
+                    } else {
+                        ReplicaState::Stopped
+                    },
+                    started_at: None,
+                },
+                slot: *slot,
+                digest: spec.digest.clone(),
+                addresses: BTreeMap::new(),
+                exit: None,
+            })
+            .collect())
+    }
+
+    async fn apply(&self, step: Step<'_>, _notes: Notes<'_>) -> RuntimeResult<()> {
+        let mut state = self.lock();
+        if state.fail_steps > 0 {
+            state.fail_steps -= 1;
+            return Err(RuntimeError("engine unavailable (fake)".into()));
+        }
+        match step {
+            Step::Create { spec, slot } => {
+                let key = (spec.replica.clone(), slot);
+                if state.replicas.contains_key(&key) {
+                    return Err(RuntimeError(format!(
+                        "{}: already exists",
+                        super::container_name(&spec.stack, &spec.replica, slot)
+                    )));
+                }
+                if let Some(volume) = &spec.volume {
+                    state.volumes.insert(volume.clone());
+                }
+                let line = format!(
+                    "create {}-{} {}",
+                    spec.replica.resource,
+                    spec.replica.ordinal,
+                    slot_name(slot)
+                );
+                state.log.push(line);
+                state.replicas.insert(key, (spec.clone(), true));
+            }
+            Step::Start { replica, .. } => {
+                state.log.push(format!("start {}-{}", replica.resource, replica.ordinal));
+                match state.replicas.get_mut(&(replica.clone(), Slot::Primary)) {
+                    Some(entry) => entry.1 = true,
+                    None => return Err(RuntimeError("no such replica".into())),
+                }
+            }
+            Step::Promote { replica, .. } => {
+                state
+                    .log
+                    .push(format!("promote {}-{}", replica.resource, replica.ordinal));
+                let surge = state
+                    .replicas
+                    .remove(&(replica.clone(), Slot::Surge))
+                    .ok_or_else(|| RuntimeError("no surge replica".into()))?;
+                state.replicas.insert((replica.clone(), Slot::Primary), surge);
+            }
+        }
+        Ok(())
+    }
+
+    async fn probe(
+        &self,
+        instance: &Instance,
+        _check: Option<&outpost_bundle_format::stack::Probe>,
+    ) -> Health {
+        let state = self.lock();
+        match state
+            .replicas
+            .get(&(instance.replica.id.clone(), instance.slot))
+        {
+            None => Health::Down("gone".into()),
+            Some((_, false)) => Health::Down("stopped".into()),
+            Some((spec, true)) if state.broken_images.contains(&spec.image) => {
+                Health::Unhealthy("GET /healthz answered 500".into())
+            }
+            Some(_) => Health::Healthy,
+        }
+    }
+
+    async fn remove(
+        &self,
+        _stack: &str,
+        replica: &ReplicaId,
+        slot: Slot,
+        delete_volume: bool,
+    ) -> RuntimeResult<()> {
+        let mut state = self.lock();
+        state.log.push(format!(
+            "remove {}-{} {}",
+            replica.resource,
+            replica.ordinal,
+            slot_name(slot)
+        ));
+        if let Some((spec, _)) = state.replicas.remove(&(replica.clone(), slot))
+            && delete_volume
+            && let Some(volume) = spec.volume
+        {
+            state.volumes.remove(&volume);
+        }
+        Ok(())
+    }
+
+    async fn usage(&self, _instance: &Instance, _cpu_limit: f64) -> Option<Usage> {
+        None
+    }
+}

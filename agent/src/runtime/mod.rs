@@ -1,0 +1,199 @@
+//! Runtime: what runs replicas. One small trait (observe, apply one step, probe health, remove,
+//! usage) that the Docker Engine runtime implements here and the Kubernetes and VM-pool runtimes
+//! will; the rollout (`crate::rollout`) drives it and never speaks an engine's API itself.
+
+pub mod docker;
+pub mod engine;
+pub mod fake;
+
+use crate::plan::{ObservedReplica, ReplicaId};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// Where a replica's container sits. A stateless replace starts the new container in the
+/// `Surge` slot beside the old one, and promotes it once the old one is gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Slot {
+    Primary,
+    Surge,
+}
+
+/// A replica as the runtime found it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Instance {
+    /// The runtime's name for it.
+    pub name: String,
+    pub replica: ObservedReplica,
+    pub slot: Slot,
+    /// The bundle digest it was created from.
+    pub digest: String,
+    /// Container port → the address it answers on from the agent's host.
+    pub addresses: BTreeMap<u16, SocketAddr>,
+    /// Why it stopped, if it did ("exited with code 1").
+    pub exit: Option<String>,
+}
+
+/// Everything a runtime needs to create one replica. Built by the rollout from the release and
+/// the customer's config: nothing here comes from the vendor unchecked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReplicaSpec {
+    pub stack: String,
+    pub replica: ReplicaId,
+    pub digest: String,
+    pub config_hash: String,
+    /// Pinned by digest.
+    pub image: String,
+    pub command: Vec<String>,
+    /// The vendor's environment, then links, then the customer's credentials (which win).
+    pub environment: BTreeMap<String, String>,
+    pub cpu: f64,
+    pub memory_bytes: u64,
+    pub ephemeral_storage_bytes: Option<u64>,
+    pub ports: Vec<u16>,
+    /// Named volume at /data (stateful resources with persistent storage).
+    pub volume: Option<String>,
+    pub gpu: Option<(String, u32)>,
+    /// Customer credential files: container path → host path, mounted read-only.
+    pub files: BTreeMap<String, PathBuf>,
+}
+
+/// One step a rollout asks of a runtime.
+#[derive(Debug)]
+pub enum Step<'a> {
+    /// Fetch the image if needed, create and start the replica in `slot`.
+    Create { spec: &'a ReplicaSpec, slot: Slot },
+    /// Start a replica found stopped.
+    Start {
+        stack: &'a str,
+        replica: &'a ReplicaId,
+    },
+    /// The surge replica takes the primary's place (the primary is already gone).
+    Promote {
+        stack: &'a str,
+        replica: &'a ReplicaId,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Health {
+    Healthy,
+    /// Not (yet) healthy; counts toward the failure threshold.
+    Unhealthy(String),
+    /// Stopped or gone: no amount of waiting helps.
+    Down(String),
+}
+
+/// A replica's share of its limits, in percent.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Usage {
+    pub cpu_percent: f64,
+    pub memory_percent: f64,
+}
+
+pub type RuntimeResult<T> = Result<T, RuntimeError>;
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct RuntimeError(pub String);
+
+impl From<engine::EngineError> for RuntimeError {
+    fn from(e: engine::EngineError) -> Self {
+        RuntimeError(e.to_string())
+    }
+}
+
+/// Progress lines (image pulls) for `status`.
+pub type Notes<'a> = &'a (dyn Fn(String) + Send + Sync);
+
+#[allow(async_fn_in_trait)]
+pub trait Runtime: Send + Sync {
+    /// `docker`, `podman`, `fake`...
+    fn name(&self) -> String;
+
+    /// Every replica of `stack` carrying our owner label.
+    async fn observe(&self, stack: &str) -> RuntimeResult<Vec<Instance>>;
+
+    async fn apply(&self, step: Step<'_>, notes: Notes<'_>) -> RuntimeResult<()>;
+
+    /// One health observation: the HTTP check when the resource has one, else whether it runs.
+    async fn probe(
+        &self,
+        instance: &Instance,
+        check: Option<&outpost_bundle_format::stack::Probe>,
+    ) -> Health;
+
+    /// Removes a replica. Its volume is deleted only with `delete_volume` (the customer opted in).
+    async fn remove(
+        &self,
+        stack: &str,
+        replica: &ReplicaId,
+        slot: Slot,
+        delete_volume: bool,
+    ) -> RuntimeResult<()>;
+
+    /// A sample of the replica's CPU and memory use, for the autoscaler.
+    async fn usage(&self, instance: &Instance, cpu_limit: f64) -> Option<Usage>;
+}
+
+/// The container name: `<stack>-<resource>-<ordinal>`, with `-surge` for the surge slot.
+pub fn container_name(stack: &str, replica: &ReplicaId, slot: Slot) -> String {
+    match slot {
+        Slot::Primary => replica.name(stack),
+        Slot::Surge => format!("{}-surge", replica.name(stack)),
+    }
+}
+
+/// An HTTP health check against `address` (HTTP/1.1, no body read beyond the status line).
+pub async fn http_check(
+    address: SocketAddr,
+    check: &outpost_bundle_format::stack::Probe,
+) -> Result<(), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let timeout = std::time::Duration::from_secs(u64::from(check.timeout_seconds.max(1)));
+    let attempt = async {
+        let mut stream = tokio::net::TcpStream::connect(address)
+            .await
+            .map_err(|e| format!("{address}: {e}"))?;
+        let request = format!(
+            "{} {} HTTP/1.1\r\nHost: {address}\r\nUser-Agent: outpost-agent\r\nConnection: close\r\n\r\n",
+            check.method.to_uppercase(),
+            check.path
+        );
+        stream
+            .write_all(request.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut head = [0u8; 64];
+        let mut read = 0;
+        while read < 12 {
+            let n = stream
+                .read(&mut head[read..])
+                .await
+                .map_err(|e| e.to_string())?;
+            if n == 0 {
+                break;
+            }
+            read += n;
+        }
+        let line = String::from_utf8_lossy(&head[..read]);
+        let status: u16 = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| format!("not an HTTP answer: {:?}", line.trim()))?;
+        if (200..400).contains(&status) {
+            Ok(())
+        } else {
+            Err(format!("{} {} answered {status}", check.method, check.path))
+        }
+    };
+    match tokio::time::timeout(timeout, attempt).await {
+        Ok(result) => result,
+        Err(_) => Err(format!(
+            "{} {} timed out after {}s",
+            check.method, check.path, check.timeout_seconds
+        )),
+    }
+}

@@ -1,0 +1,100 @@
+#!/usr/bin/env python3
+"""Build a small runnable OCI image from Debian's busybox-static, as an OCI layout directory.
+
+    demo-image.py OUT_DIR [--variant TEXT]
+
+No image can be pulled from outside on these machines, so the demo and the runtime tests run
+this one: /bin/busybox with its applets linked (sh, httpd, wget, ...) and /etc/demo-variant
+holding TEXT, so different variants are different images. Deterministic: the same busybox and
+variant give the same digest. Push it with
+`skopeo copy --dest-tls-verify=false oci:OUT_DIR docker://127.0.0.1:PORT/NAME:TAG`.
+"""
+import argparse
+import gzip
+import hashlib
+import io
+import json
+import os
+import subprocess
+import tarfile
+
+APPLETS_FALLBACK = ["sh", "httpd", "wget", "sleep", "echo", "cat", "mkdir", "ls", "date", "env"]
+
+
+def applets(busybox):
+    try:
+        out = subprocess.run([busybox, "--list"], capture_output=True, check=True, text=True).stdout
+        return sorted(set(out.split()))
+    except (OSError, subprocess.CalledProcessError):
+        return APPLETS_FALLBACK
+
+
+def layer(busybox, variant):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        def add(name, kind, data=b"", mode=0o755, target=None):
+            info = tarfile.TarInfo(name)
+            info.type, info.mode, info.mtime = kind, mode, 0
+            if target:
+                info.linkname = target
+            info.size = len(data) if kind == tarfile.REGTYPE else 0
+            tar.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
+
+        for d in ["bin", "etc", "tmp", "www", "data"]:
+            add(d, tarfile.DIRTYPE, mode=0o1777 if d == "tmp" else 0o755)
+        with open(busybox, "rb") as f:
+            add("bin/busybox", tarfile.REGTYPE, f.read())
+        for applet in applets(busybox):
+            if applet != "busybox" and "/" not in applet:
+                add(f"bin/{applet}", tarfile.SYMTYPE, target="busybox")
+        add("etc/demo-variant", tarfile.REGTYPE, (variant + "\n").encode(), mode=0o644)
+        add("etc/passwd", tarfile.REGTYPE, b"root:x:0:0:root:/:/bin/sh\n", mode=0o644)
+    raw = buf.getvalue()
+    gz = io.BytesIO()
+    with gzip.GzipFile(fileobj=gz, mode="wb", mtime=0) as z:
+        z.write(raw)
+    return raw, gz.getvalue()
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out")
+    parser.add_argument("--variant", default="1")
+    parser.add_argument("--busybox", default="/bin/busybox")
+    args = parser.parse_args()
+
+    raw, compressed = layer(args.busybox, args.variant)
+    config = {
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {"Cmd": ["sh"], "Env": ["PATH=/bin"], "WorkingDir": "/"},
+        "rootfs": {"type": "layers", "diff_ids": ["sha256:" + hashlib.sha256(raw).hexdigest()]},
+        "history": [{"created_by": f"outpost demo-image.py variant {args.variant}"}],
+    }
+    config_bytes = json.dumps(config, sort_keys=True, separators=(",", ":")).encode()
+    blobs = os.path.join(args.out, "blobs", "sha256")
+    os.makedirs(blobs, exist_ok=True)
+
+    def blob(data):
+        digest = hashlib.sha256(data).hexdigest()
+        with open(os.path.join(blobs, digest), "wb") as f:
+            f.write(data)
+        return {"digest": "sha256:" + digest, "size": len(data)}
+
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", **blob(config_bytes)},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", **blob(compressed)}],
+    }
+    manifest_bytes = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
+    descriptor = {"mediaType": manifest["mediaType"], **blob(manifest_bytes)}
+    with open(os.path.join(args.out, "index.json"), "w") as f:
+        json.dump({"schemaVersion": 2, "manifests": [descriptor]}, f)
+    with open(os.path.join(args.out, "oci-layout"), "w") as f:
+        json.dump({"imageLayoutVersion": "1.0.0"}, f)
+    print(descriptor["digest"])
+
+
+if __name__ == "__main__":
+    main()

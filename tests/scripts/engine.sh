@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# Start/stop a throwaway container engine serving the Docker Engine API on a unix socket.
+#
+#   tests/scripts/engine.sh start docker|podman DIR   # prints the socket path on its last line
+#   tests/scripts/engine.sh stop DIR
+#
+# DIR receives the engine's storage, run state, config, engine.pid, engine.log and
+# engine.sock. dockerd runs with --bridge=none --iptables=false (networks are created by the
+# agent with explicit subnets); podman uses runc and cgroupfs with file events, as this
+# machine needs (../shared/notes/test-environment.md). 127.0.0.1 registries are insecure.
+set -euo pipefail
+
+TIMEOUT_S=30
+
+usage() {
+    echo "usage: $0 start docker|podman DIR | stop DIR" >&2
+    exit 2
+}
+
+die() { echo "engine.sh: $*" >&2; exit 1; }
+
+is_running() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+
+cmd_start() {
+    [ $# -eq 2 ] || usage
+    local kind="$1" dir="$2"
+    mkdir -p "$dir"
+    dir="$(cd "$dir" && pwd)"
+    local pidfile="$dir/engine.pid" log="$dir/engine.log" sock="$dir/engine.sock"
+    if is_running "$pidfile"; then die "already running (pid $(cat "$pidfile")) for $dir"; fi
+    rm -f "$sock"
+    case "$kind" in
+        docker)
+            command -v dockerd >/dev/null || die "dockerd not found (apt-get install docker.io)"
+            setsid dockerd --data-root "$dir/data" --exec-root "$dir/exec" --pidfile "$dir/dockerd.pid" \
+                -H "unix://$sock" --bridge=none --iptables=false --ip-masq=false \
+                --insecure-registry 127.0.0.0/8 >"$log" 2>&1 </dev/null &
+            ;;
+        podman)
+            command -v podman >/dev/null || die "podman not found (apt-get install podman)"
+            mkdir -p "$dir/storage" "$dir/run" "$dir/tmp"
+            cat >"$dir/containers.conf" <<EOF
+[containers]
+default_ulimits = ["nofile=1024:1024", "nproc=4096:4096"]
+[engine]
+runtime = "runc"
+cgroup_manager = "cgroupfs"
+events_logger = "file"
+events_logfile_path = "$dir/events.log"
+tmp_dir = "$dir/tmp"
+EOF
+            cat >"$dir/storage.conf" <<EOF
+[storage]
+driver = "overlay"
+graphroot = "$dir/storage"
+runroot = "$dir/run"
+EOF
+            cat >"$dir/registries.conf" <<EOF
+[[registry]]
+location = "127.0.0.1"
+insecure = true
+[[registry]]
+prefix = "127.0.0.1:*"
+location = "127.0.0.1"
+insecure = true
+EOF
+            CONTAINERS_CONF="$dir/containers.conf" CONTAINERS_STORAGE_CONF="$dir/storage.conf" \
+                CONTAINERS_REGISTRIES_CONF="$dir/registries.conf" \
+                setsid podman --root "$dir/storage" --runroot "$dir/run" system service --time=0 \
+                "unix://$sock" >"$log" 2>&1 </dev/null &
+            ;;
+        *) usage ;;
+    esac
+    echo $! >"$pidfile"
+    echo "$kind" >"$dir/engine.kind"
+    local deadline=$((SECONDS + TIMEOUT_S))
+    until curl -sf --max-time 1 --unix-socket "$sock" http://engine/_ping >/dev/null 2>&1; do
+        if ! is_running "$pidfile"; then
+            die "$kind exited during start; log:
+$(tail -20 "$log")"
+        fi
+        [ "$SECONDS" -lt "$deadline" ] || die "$kind not ready after ${TIMEOUT_S}s; log:
+$(tail -20 "$log")"
+        sleep 0.1
+    done
+    echo "$sock"
+}
+
+cmd_stop() {
+    [ $# -eq 1 ] || usage
+    local dir="$1" pidfile="$1/engine.pid" pid i
+    [ -d "$dir" ] || return 0
+    dir="$(cd "$dir" && pwd)"
+    if is_running "$pidfile"; then
+        local sock="$dir/engine.sock"
+        # Containers first, so nothing of ours outlives the engine.
+        for id in $(curl -sf --unix-socket "$sock" 'http://engine/containers/json?all=1' |
+            python3 -c 'import json,sys; print("\n".join(c["Id"] for c in json.load(sys.stdin)))' 2>/dev/null); do
+            curl -sf -X DELETE --unix-socket "$sock" "http://engine/containers/$id?force=1&v=1" >/dev/null || true
+        done
+        for net in $(curl -sf --unix-socket "$sock" 'http://engine/networks' |
+            python3 -c 'import json,sys; print("\n".join(n["Name"] for n in json.load(sys.stdin) if n["Name"].startswith("outpost-")))' 2>/dev/null); do
+            curl -sf -X DELETE --unix-socket "$sock" "http://engine/networks/$net" >/dev/null || true
+        done
+        pid="$(cat "$pidfile")"
+        kill -TERM "$pid" 2>/dev/null || true
+        for i in $(seq 1 100); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill -KILL "$pid" 2>/dev/null || true
+    fi
+    rm -f "$pidfile"
+    # dockerd leaves mounts (nsfs, overlay) behind under its roots.
+    grep -o " $dir[^ ]*" /proc/self/mounts | sort -r | while read -r m; do umount -l "$m" 2>/dev/null || true; done
+    echo "engine: stopped ($dir)"
+}
+
+[ $# -ge 1 ] || usage
+sub="$1"; shift
+case "$sub" in
+    start) cmd_start "$@" ;;
+    stop) cmd_stop "$@" ;;
+    *) usage ;;
+esac
