@@ -192,7 +192,7 @@ impl<R: Runtime> Converger<R> {
                         );
                         store.roll_back(&current.digest, &good.digest, &message, crate::config::now())?;
                         crate::daemon::log(&message);
-                        self.view().set("last_error", json!(message));
+                        self.view().set("last_rollback", json!(message));
                         self.agent.current_changed.notify_one();
                         Ok(())
                     }

@@ -144,7 +144,13 @@ impl AgentProcess {
     /// Polls `status` until `done` holds (10 s at most).
     #[track_caller]
     pub fn wait_for(&self, what: &str, done: impl Fn(&Value) -> bool) -> Value {
-        crate::eventually(what, || {
+        self.wait_within(10, what, done)
+    }
+
+    /// Polls `status` until `done` holds (`seconds` at most).
+    #[track_caller]
+    pub fn wait_within(&self, seconds: u64, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+        crate::eventually_within(seconds, what, || {
             let status = self.status();
             if done(&status) {
                 Ok(status)

@@ -5,6 +5,7 @@
 //! `.ci/scripts/setup.sh`; a test that needs one and cannot find it fails with that hint.
 
 pub mod agent;
+pub mod engine;
 pub mod forge;
 
 use std::net::TcpListener;
@@ -210,8 +211,18 @@ impl Drop for TestRegistry {
 /// Polls `check` every 20 ms until it gives a value; after 10 s fails with `what` and the last
 /// explanation `check` gave.
 #[track_caller]
-pub fn eventually<T>(what: &str, mut check: impl FnMut() -> Result<T, String>) -> T {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+pub fn eventually<T>(what: &str, check: impl FnMut() -> Result<T, String>) -> T {
+    eventually_within(10, what, check)
+}
+
+/// `eventually` with a deadline of `seconds`.
+#[track_caller]
+pub fn eventually_within<T>(
+    seconds: u64,
+    what: &str,
+    mut check: impl FnMut() -> Result<T, String>,
+) -> T {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(seconds);
     loop {
         match check() {
             Ok(value) => return value,

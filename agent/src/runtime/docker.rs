@@ -20,7 +20,6 @@ pub const OWNER: &str = "outpost-agent";
 const STACK_LABEL: &str = "dev.outpost.stack";
 const RESOURCE_LABEL: &str = "dev.outpost.resource";
 const ORDINAL_LABEL: &str = "dev.outpost.ordinal";
-const SLOT_LABEL: &str = "dev.outpost.slot";
 const DIGEST_LABEL: &str = "dev.outpost.bundle-digest";
 const HASH_LABEL: &str = "dev.outpost.config-hash";
 /// Where `ephemeralStorage` is mounted: a size-limited tmpfs.
@@ -129,14 +128,13 @@ impl DockerRuntime {
         Ok(())
     }
 
-    fn create_body(&self, spec: &ReplicaSpec, slot: Slot) -> Value {
+    fn create_body(&self, spec: &ReplicaSpec) -> Value {
         let network = Self::network_name(&spec.stack);
         let labels = json!({
             OWNER_LABEL: OWNER,
             STACK_LABEL: spec.stack,
             RESOURCE_LABEL: spec.replica.resource,
             ORDINAL_LABEL: spec.replica.ordinal.to_string(),
-            SLOT_LABEL: match slot { Slot::Primary => "primary", Slot::Surge => "surge" },
             DIGEST_LABEL: spec.digest,
             HASH_LABEL: spec.config_hash,
         });
@@ -239,9 +237,12 @@ impl Runtime for DockerRuntime {
             ) else {
                 continue;
             };
-            let slot = match label(&item, SLOT_LABEL) {
-                Some("surge") => Slot::Surge,
-                _ => Slot::Primary,
+            // The name tells the slot: a promoted surge replica keeps its labels, not its name.
+            let actual = item["Names"][0].as_str().unwrap_or_default().trim_start_matches('/');
+            let slot = if actual.ends_with("-surge") {
+                Slot::Surge
+            } else {
+                Slot::Primary
             };
             let running = item["State"].as_str() == Some("running");
             let mut addresses = BTreeMap::new();
@@ -304,7 +305,7 @@ impl Runtime for DockerRuntime {
                         .await?;
                 }
                 self.engine
-                    .create_container(&name, &self.create_body(spec, slot))
+                    .create_container(&name, &self.create_body(spec))
                     .await
                     .map_err(|e| RuntimeError(format!("creating {name}: {e}")))?;
                 self.engine

@@ -1,0 +1,286 @@
+//! The Docker runtime against real engines: dockerd (Debian docker.io) and Podman's API service,
+//! each started for the test with its own storage and network subnet. Images are busybox demo
+//! images in a real registry on 127.0.0.1; replicas are reached through the agent's public
+//! endpoints on 127.0.0.1.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is a failed test
+
+use outpost_bundle_format::bundle;
+use outpost_bundle_format::stack::StackFile;
+use outpost_tests::agent::{AgentProcess, drop_file};
+use outpost_tests::engine::{Kind, TestEngine, demo_image, http_body};
+use outpost_tests::forge::{metadata, signed, tar};
+use outpost_tests::{TestRegistry, eventually_within, free_port};
+use serde_json::{Value, json};
+use std::path::Path;
+
+const BOTH: [&str; 2] = ["vendor-a", "vendor-b"];
+
+/// The web server every demo replica runs: index.html says who it is, /healthz exists unless
+/// HEALTHY=no. It exits on SIGTERM (busybox httpd as PID 1 would ignore it).
+const WEB: &str = r#"trap 'exit 0' TERM; mkdir -p /www; echo "$MESSAGE $(cat /etc/demo-variant) links=$DB_HOST:$DB_PORT" > /www/index.html; [ "$HEALTHY" = no ] || echo ok > /www/healthz; httpd -f -p 8080 -h /www & wait"#;
+/// The stateful resource appends a line to /data/log at every start and serves /data.
+const DB: &str = r#"trap 'exit 0' TERM; echo "started $MESSAGE" >> /data/log; httpd -f -p 5432 -h /data & wait"#;
+
+struct Release<'a> {
+    image: &'a str,
+    message: &'a str,
+    web_replicas: u32,
+    healthy: bool,
+    with_db: bool,
+}
+
+fn stack(r: &Release) -> StackFile {
+    let mut resources = Vec::new();
+    if r.with_db {
+        resources.push(json!({"lifecycle": "live", "container": {
+            "name": "db", "code": {"image": r.image}, "cpu": 0.25, "memory": "64Mi",
+            "ports": [5432], "replicas": 1, "persistentStorage": "16Mi",
+            "publicEndpoints": [{"name": "db", "port": 5432, "protocol": "tcp"}],
+            "environment": {"MESSAGE": r.message},
+            "permissions": "execution", "command": ["sh", "-c", DB]}}));
+    }
+    resources.push(json!({"lifecycle": "live", "container": {
+        "name": "web", "code": {"image": r.image}, "cpu": 0.25, "memory": "64Mi",
+        "ports": [8080], "replicas": r.web_replicas,
+        "publicEndpoints": [{"name": "web", "port": 8080, "protocol": "http"}],
+        "healthCheck": {"path": "/healthz", "port": 8080, "timeoutSeconds": 1, "failureThreshold": 2},
+        "links": if r.with_db { json!(["db"]) } else { json!([]) },
+        "environment": {"MESSAGE": r.message, "HEALTHY": if r.healthy { "yes" } else { "no" }},
+        "permissions": "execution", "command": ["sh", "-c", WEB]}}));
+    serde_json::from_value(json!({
+        "name": "acme",
+        "permissionProfiles": {"execution": {}},
+        "resources": resources,
+    }))
+    .unwrap()
+}
+
+fn publish(drop: &Path, r: &Release, version: &str, sequence: u64) {
+    let layout = bundle::build(&stack(r), &metadata(version, sequence), &[]).unwrap();
+    drop_file(drop, &format!("acme-{version}.tar"), &tar(&signed(layout, &BOTH)));
+}
+
+struct Setup {
+    engine: TestEngine,
+    _registry: TestRegistry,
+    drop: tempfile::TempDir,
+    agent: AgentProcess,
+    web: u16,
+    db: u16,
+    images: [String; 2],
+}
+
+fn setup(kind: Kind) -> Setup {
+    let engine = TestEngine::start(kind);
+    let registry = TestRegistry::start(None);
+    let images = [demo_image(&registry, "one"), demo_image(&registry, "two")];
+    let drop = tempfile::tempdir().unwrap();
+    let (web, db) = (free_port(), free_port());
+    let agent = AgentProcess::start(
+        &format!("source:\n  dir:\n    path: {}\n", drop.path().display()),
+        &engine.agent_config(&[("web", web), ("db", db)]),
+    );
+    Setup {
+        engine,
+        _registry: registry,
+        drop,
+        agent,
+        web,
+        db,
+        images,
+    }
+}
+
+impl Setup {
+    #[track_caller]
+    fn wait_converged(&self, sequence: u64) -> Value {
+        self.agent.wait_within(120, &format!("sequence {sequence} converged"), |s| {
+            s["current"]["sequence"] == sequence
+                && s["runtime"]["converged"] == s["current"]["digest"]
+                && s["runtime"]["phase"] == "converged"
+        })
+    }
+
+    #[track_caller]
+    fn web_says(&self, needle: &str) -> String {
+        eventually_within(30, &format!("web answering {needle:?}"), || {
+            match http_body(self.web, "/") {
+                Some(body) if body.contains(needle) => Ok(body),
+                other => Err(format!("{other:?}\nlog: {}", self.agent.log())),
+            }
+        })
+    }
+
+    fn db_log(&self) -> String {
+        http_body(self.db, "/log").unwrap_or_default()
+    }
+}
+
+fn install_update_rollback_drift_prune(kind: Kind) {
+    let s = setup(kind);
+    let [one, two] = [s.images[0].as_str(), s.images[1].as_str()];
+    let v1 = Release {
+        image: one,
+        message: "v1",
+        web_replicas: 2,
+        healthy: true,
+        with_db: true,
+    };
+
+    // First install, in links order: db, then web; web finds db by name.
+    publish(s.drop.path(), &v1, "1.0.0", 1);
+    s.wait_converged(1);
+    assert!(s.web_says("v1 one").contains("links=db:5432"));
+    assert_eq!(
+        s.engine.containers(),
+        ["acme-db-0", "acme-web-0", "acme-web-1"]
+    );
+    assert!(s.db_log().contains("started v1"));
+
+    // Update of the image and the environment: web rolls (start new, then stop old), db
+    // restarts on its volume.
+    let v2 = Release {
+        image: two,
+        message: "v2",
+        ..v1
+    };
+    publish(s.drop.path(), &v2, "1.1.0", 2);
+    s.wait_converged(2);
+    s.web_says("v2 two");
+    assert_eq!(
+        s.engine.containers(),
+        ["acme-db-0", "acme-web-0", "acme-web-1"]
+    );
+    let log = s.db_log();
+    assert!(log.contains("started v1") && log.contains("started v2"), "{log}");
+
+    // A release whose health check fails rolls back to the last good one by itself.
+    let broken = Release {
+        message: "v3",
+        healthy: false,
+        ..v2
+    };
+    publish(s.drop.path(), &broken, "1.2.0", 3);
+    let status = s.agent.wait_within(120, "automatic rollback", |st| {
+        st["current"]["sequence"] == 2 && st["runtime"]["phase"] == "converged"
+            && st["runtime"]["last_rollback"].as_str().is_some_and(|e| e.contains("rolling back"))
+    });
+    assert!(
+        status["runtime"]["last_rollback"]
+            .as_str()
+            .unwrap()
+            .contains("health check failed"),
+        "{status:#}"
+    );
+    s.web_says("v2 two");
+    assert!(s.agent.cli(&["history"]).stdout.contains("rolled-back"));
+    assert_eq!(s.agent.metric("outpost_rollbacks_total"), 1);
+
+    // Drift: a replica removed and one stopped behind the agent's back are repaired.
+    s.engine.api("DELETE", "/containers/acme-web-1?force=true");
+    s.engine.api("POST", "/containers/acme-web-0/stop?t=1");
+    eventually_within(60, "drift repaired", || {
+        let containers = s.engine.containers();
+        let running = s.engine.api("GET", "/containers/acme-web-0/json")["State"]["Running"]
+            == true;
+        if containers == ["acme-db-0", "acme-web-0", "acme-web-1"]
+            && running
+            && s.agent.metric("outpost_drift_repairs_total") >= 2
+        {
+            Ok(())
+        } else {
+            Err(format!("{containers:?} running={running}\n{}", s.agent.log()))
+        }
+    });
+    assert!(s.agent.cli(&["history"]).stdout.contains("drift"));
+    s.web_says("v2 two");
+
+    // Scale up, and prune: the db resource leaves the release; its volume stays.
+    let v4 = Release {
+        web_replicas: 3,
+        with_db: false,
+        message: "v4",
+        ..v2
+    };
+    publish(s.drop.path(), &v4, "1.3.0", 4);
+    s.wait_converged(4);
+    assert_eq!(
+        s.engine.containers(),
+        ["acme-web-0", "acme-web-1", "acme-web-2"]
+    );
+    assert!(s.engine.volumes().contains(&"acme-db-0-data".to_string()));
+
+    // The customer rolls back by hand; the db comes back on its old volume with its data.
+    assert_eq!(s.agent.cli(&["rollback"]).code, 0);
+    s.wait_converged(2);
+    assert_eq!(
+        s.engine.containers(),
+        ["acme-db-0", "acme-web-0", "acme-web-1"]
+    );
+    let log = eventually_within(30, "db back", || {
+        let log = s.db_log();
+        if log.matches("started").count() >= 3 {
+            Ok(log)
+        } else {
+            Err(log)
+        }
+    });
+    assert!(log.contains("started v1"), "{log}");
+    s.web_says("v2 two");
+}
+
+fn kill_9_during_rollouts(kind: Kind) {
+    let mut s = setup(kind);
+    let image = s.images[0].clone();
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    for sequence in 1..=4u64 {
+        let message = format!("v{sequence}");
+        let release = Release {
+            image: &image,
+            message: &message,
+            web_replicas: 2,
+            healthy: true,
+            with_db: true,
+        };
+        publish(s.drop.path(), &release, &format!("1.{sequence}.0"), sequence);
+        // Killed somewhere in the rollout: pulling, creating, waiting for health, swapping.
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        std::thread::sleep(std::time::Duration::from_millis(300 + rng % 2500));
+        s.agent.kill();
+        s.agent.restart();
+        s.wait_converged(sequence);
+        assert_eq!(
+            s.engine.containers(),
+            ["acme-db-0", "acme-web-0", "acme-web-1"],
+            "no orphans, no duplicates after a kill during rollout {sequence}"
+        );
+        s.web_says(&message);
+    }
+    let log = s.db_log();
+    for sequence in 1..=4 {
+        assert!(log.contains(&format!("started v{sequence}")), "{log}");
+    }
+}
+
+#[test]
+fn dockerd_install_update_rollback_drift_prune() {
+    install_update_rollback_drift_prune(Kind::Docker);
+}
+
+#[test]
+fn podman_install_update_rollback_drift_prune() {
+    install_update_rollback_drift_prune(Kind::Podman);
+}
+
+#[test]
+fn dockerd_kill_9_during_rollouts() {
+    kill_9_during_rollouts(Kind::Docker);
+}
+
+#[test]
+fn podman_kill_9_during_rollouts() {
+    kill_9_during_rollouts(Kind::Podman);
+}
