@@ -684,8 +684,26 @@ mod tests {
                 "permissions.execution",
             ),
             (
-                format!("{MINIMAL}runtime: docker\n"),
-                "unknown variant `docker`",
+                format!("{MINIMAL}runtime: kubernetes\n"),
+                "unknown variant `kubernetes`",
+            ),
+            (
+                format!(
+                    "{MINIMAL}runtime: docker\npermissions: {{execution: {{files: {{etc/x: /y}}}}}}\n"
+                ),
+                "permissions.execution.files",
+            ),
+            (
+                format!("{MINIMAL}runtime: docker\npermissions: {{execution: {{env: {{}}}}}}\n"),
+                "permissions.execution: unknown field `env`",
+            ),
+            (
+                format!("{MINIMAL}runtime: docker\ndocker: {{network: {{subnet: 10.0.0.0}}}}\n"),
+                "docker.network.subnet",
+            ),
+            (
+                format!("{MINIMAL}rollout: {{drift_interval_seconds: 0}}\n"),
+                "rollout.drift_interval_seconds",
             ),
             (
                 MINIMAL.replace(

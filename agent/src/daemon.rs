@@ -4,8 +4,8 @@
 
 use crate::api::{self, Shared};
 use crate::config::{Config, RuntimeKind, SourceConfig};
-use crate::runtime::docker::DockerRuntime;
 use crate::pipeline::{Agent, Ingested};
+use crate::runtime::docker::DockerRuntime;
 use crate::source::{self, Source};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -197,6 +197,7 @@ fn notify_ready() {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::{signed_release, test_config};
 
     #[test]
     fn backoff_grows_caps_and_jitters() {
@@ -206,46 +207,6 @@ mod tests {
             assert!(d >= Duration::from_millis(500));
         }
         assert!(backoff(10) > Duration::from_secs(100));
-    }
-
-    fn signed_release(version: &str, sequence: u64) -> outpost_bundle_format::Layout {
-        use outpost_bundle_format::{bundle, crypto::SigningKey, release::*, stack::Stack};
-        let testdata = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata");
-        let text = std::fs::read_to_string(testdata.join("stacks/valid/quickstart.yaml")).unwrap();
-        let (stack, _) = Stack::from_yaml(&text).unwrap();
-        let now = chrono::Utc::now();
-        let metadata = ReleaseMetadata {
-            format_version: FORMAT_VERSION,
-            name: "acme".into(),
-            version: semver::Version::parse(version).unwrap(),
-            sequence,
-            channel: "stable".into(),
-            created: now,
-            expires: now + chrono::Duration::days(1),
-        };
-        let mut layout = bundle::build(&stack, &metadata, &[]).unwrap();
-        let pem = std::fs::read(testdata.join("keys/vendor-a.key")).unwrap();
-        bundle::add_signature(
-            &mut layout,
-            &SigningKey::from_encrypted_pem(&pem, b"test").unwrap(),
-            "acme",
-        )
-        .unwrap();
-        layout
-    }
-
-    /// A config trusting vendor-a for stack `acme`, with `extra` YAML appended.
-    fn test_config(extra: &str) -> (tempfile::TempDir, std::path::PathBuf) {
-        let dir = tempfile::tempdir().unwrap();
-        let key =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/keys/vendor-a.pub");
-        let path = dir.path().join("agent.yaml");
-        let text = format!(
-            "source: {{dir: {{path: drop}}}}\ntrust: {{keys: [{}]}}\nexpect: {{name: acme}}\npermissions: {{execution: {{}}}}\nstate_dir: state\napi: {{socket: agent.sock}}\n{extra}",
-            key.display()
-        );
-        std::fs::write(&path, text).unwrap();
-        (dir, path)
     }
 
     fn candidate(

@@ -24,3 +24,5 @@ pub mod rollout;
 pub mod runtime;
 pub mod source;
 pub mod state;
+#[cfg(test)]
+mod testing;

@@ -343,10 +343,23 @@ fn runtime_text(runtime: &Value) -> String {
     if let Some(error) = get("last_error") {
         out.push_str(&format!("           last error: {error}\n"));
     }
-    for endpoint in view.get("endpoints").and_then(Value::as_array).into_iter().flatten() {
-        out.push_str(&format!("endpoint:  {}\n", endpoint.as_str().unwrap_or_default()));
+    for endpoint in view
+        .get("endpoints")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        out.push_str(&format!(
+            "endpoint:  {}\n",
+            endpoint.as_str().unwrap_or_default()
+        ));
     }
-    for (name, resource) in view.get("resources").and_then(Value::as_object).into_iter().flatten() {
+    for (name, resource) in view
+        .get("resources")
+        .and_then(Value::as_object)
+        .into_iter()
+        .flatten()
+    {
         out.push_str(&format!(
             "resource:  {name}: {}\n",
             resource["step"].as_str().unwrap_or("-")
@@ -359,11 +372,27 @@ fn runtime_text(runtime: &Value) -> String {
             ));
         }
     }
-    for finding in view.get("findings").and_then(Value::as_array).into_iter().flatten() {
-        out.push_str(&format!("finding:   {}\n", finding.as_str().unwrap_or_default()));
+    for finding in view
+        .get("findings")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        out.push_str(&format!(
+            "finding:   {}\n",
+            finding.as_str().unwrap_or_default()
+        ));
     }
-    for warning in view.get("warnings").and_then(Value::as_array).into_iter().flatten() {
-        out.push_str(&format!("warning:   {}\n", warning.as_str().unwrap_or_default()));
+    for warning in view
+        .get("warnings")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        out.push_str(&format!(
+            "warning:   {}\n",
+            warning.as_str().unwrap_or_default()
+        ));
     }
     out
 }

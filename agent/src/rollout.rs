@@ -94,7 +94,11 @@ impl<R: Runtime> Converger<R> {
 
     fn event(&self, kind: &str, digest: Option<&str>, message: &str) {
         crate::daemon::log(format!("{kind}: {message}"));
-        if let Err(e) = self.agent.store.event(crate::config::now(), kind, digest, message) {
+        if let Err(e) = self
+            .agent
+            .store
+            .event(crate::config::now(), kind, digest, message)
+        {
             crate::daemon::log(format!("recording {kind}: {e}"));
         }
     }
@@ -173,16 +177,18 @@ impl<R: Runtime> Converger<R> {
                         .drift_repairs
                         .fetch_add(repairs.len() as u64, Ordering::Relaxed);
                     self.view().set("last_drift", json!(repairs));
-                    self.event("drift", Some(&current.digest), &format!("repaired: {}", repairs.join("; ")));
+                    self.event(
+                        "drift",
+                        Some(&current.digest),
+                        &format!("repaired: {}", repairs.join("; ")),
+                    );
                 }
                 Ok(())
             }
             Err(failure) if fresh => {
                 let reason = failure.to_string();
                 self.view().set("phase", json!("failed"));
-                let good = positions
-                    .last_good
-                    .filter(|g| g.digest != current.digest);
+                let good = positions.last_good.filter(|g| g.digest != current.digest);
                 match good {
                     Some(good) => {
                         self.view().rollbacks.fetch_add(1, Ordering::Relaxed);
@@ -190,7 +196,12 @@ impl<R: Runtime> Converger<R> {
                             "{} {} failed: {reason}; rolling back to {}",
                             current.name, current.version, good.version
                         );
-                        store.roll_back(&current.digest, &good.digest, &message, crate::config::now())?;
+                        store.roll_back(
+                            &current.digest,
+                            &good.digest,
+                            &message,
+                            crate::config::now(),
+                        )?;
                         crate::daemon::log(&message);
                         self.view().set("last_rollback", json!(message));
                         self.agent.current_changed.notify_one();
@@ -208,15 +219,22 @@ impl<R: Runtime> Converger<R> {
     }
 
     /// Carries out the plan for `release`; returns the steps taken (drift repairs).
-    async fn converge_to(&self, release: &Release, fresh: bool) -> Result<Vec<String>, RolloutError> {
+    async fn converge_to(
+        &self,
+        release: &Release,
+        fresh: bool,
+    ) -> Result<Vec<String>, RolloutError> {
         let file: StackFile = serde_json::from_str(&release.stack)
             .map_err(|e| RolloutError::Placement(format!("stored stack: {e}")))?;
-        let stack =
-            Stack::from_file(&file).map_err(|e| RolloutError::Placement(e.to_string()))?;
+        let stack = Stack::from_file(&file).map_err(|e| RolloutError::Placement(e.to_string()))?;
         let specs = Specs::new(self.config(), &stack, &release.digest)?;
         let failed = |e: crate::runtime::RuntimeError| RolloutError::Failed(e.0);
         let mut instances = self.runtime.observe(&stack.name).await.map_err(failed)?;
-        if self.settle_surges(&stack.name, &instances).await.map_err(failed)? {
+        if self
+            .settle_surges(&stack.name, &instances)
+            .await
+            .map_err(failed)?
+        {
             instances = self.runtime.observe(&stack.name).await.map_err(failed)?;
         }
         if !fresh {
@@ -237,10 +255,7 @@ impl<R: Runtime> Converger<R> {
             .collect();
         let plan = plan(&desired, &observed, crate::config::now());
         self.view().set("findings", json!(plan.findings));
-        self.view().set(
-            "warnings",
-            json!(specs.warnings.clone()),
-        );
+        self.view().set("warnings", json!(specs.warnings.clone()));
         let mut taken = Vec::new();
         let mut deadline: Option<(String, Instant)> = None;
         for action in &plan.actions {
@@ -252,7 +267,10 @@ impl<R: Runtime> Converger<R> {
                         + Duration::from_secs(self.config().rollout.progress_deadline_seconds),
                 ));
             }
-            let until = deadline.as_ref().map(|(_, d)| *d).unwrap_or_else(Instant::now);
+            let until = deadline
+                .as_ref()
+                .map(|(_, d)| *d)
+                .unwrap_or_else(Instant::now);
             let described = describe(action, &stack.name);
             self.view().resource_step(&resource, &described);
             let journal = self
@@ -290,7 +308,11 @@ impl<R: Runtime> Converger<R> {
 
     /// A surge replica left by an interrupted replace: promoted if its primary is gone, else
     /// removed (the plan then replaces the primary again). Returns whether anything changed.
-    async fn settle_surges(&self, stack: &str, instances: &[Instance]) -> crate::runtime::RuntimeResult<bool> {
+    async fn settle_surges(
+        &self,
+        stack: &str,
+        instances: &[Instance],
+    ) -> crate::runtime::RuntimeResult<bool> {
         let mut changed = false;
         for surge in instances.iter().filter(|i| i.slot == Slot::Surge) {
             let id = &surge.replica.id;
@@ -333,7 +355,13 @@ impl<R: Runtime> Converger<R> {
             Action::Create { replica, .. } => {
                 let spec = specs.spec(replica)?;
                 self.runtime
-                    .apply(Step::Create { spec: &spec, slot: Slot::Primary }, &notes)
+                    .apply(
+                        Step::Create {
+                            spec: &spec,
+                            slot: Slot::Primary,
+                        },
+                        &notes,
+                    )
                     .await
                     .map_err(failed)?;
                 self.wait_healthy(name, replica, Slot::Primary, specs.probe(replica), until)
@@ -346,7 +374,13 @@ impl<R: Runtime> Converger<R> {
             } => {
                 let spec = specs.spec(replica)?;
                 self.runtime
-                    .apply(Step::Create { spec: &spec, slot: Slot::Surge }, &notes)
+                    .apply(
+                        Step::Create {
+                            spec: &spec,
+                            slot: Slot::Surge,
+                        },
+                        &notes,
+                    )
                     .await
                     .map_err(failed)?;
                 if let Err(e) = self
@@ -363,7 +397,13 @@ impl<R: Runtime> Converger<R> {
                     .await
                     .map_err(failed)?;
                 self.runtime
-                    .apply(Step::Promote { stack: name, replica }, &notes)
+                    .apply(
+                        Step::Promote {
+                            stack: name,
+                            replica,
+                        },
+                        &notes,
+                    )
                     .await
                     .map_err(failed)
             }
@@ -379,7 +419,13 @@ impl<R: Runtime> Converger<R> {
                     .await
                     .map_err(failed)?;
                 self.runtime
-                    .apply(Step::Create { spec: &spec, slot: Slot::Primary }, &notes)
+                    .apply(
+                        Step::Create {
+                            spec: &spec,
+                            slot: Slot::Primary,
+                        },
+                        &notes,
+                    )
                     .await
                     .map_err(failed)?;
                 self.wait_healthy(name, replica, Slot::Primary, specs.probe(replica), until)
@@ -387,7 +433,13 @@ impl<R: Runtime> Converger<R> {
             }
             Action::Start { replica } => {
                 self.runtime
-                    .apply(Step::Start { stack: name, replica }, &notes)
+                    .apply(
+                        Step::Start {
+                            stack: name,
+                            replica,
+                        },
+                        &notes,
+                    )
                     .await
                     .map_err(failed)?;
                 self.wait_healthy(name, replica, Slot::Primary, specs.probe(replica), until)
@@ -471,7 +523,11 @@ impl<R: Runtime> Converger<R> {
         let mut routes: BTreeMap<SocketAddr, Vec<SocketAddr>> = BTreeMap::new();
         for resource in &stack.resources {
             for endpoint in &resource.container.public_endpoints {
-                let port = publish.ports.get(&endpoint.name).copied().unwrap_or(endpoint.port);
+                let port = publish
+                    .ports
+                    .get(&endpoint.name)
+                    .copied()
+                    .unwrap_or(endpoint.port);
                 let backends = instances
                     .iter()
                     .filter(|i| {
@@ -487,7 +543,13 @@ impl<R: Runtime> Converger<R> {
         self.view().set("endpoint_errors", json!(errors));
         self.view().set(
             "endpoints",
-            json!(self.forwarder.listening().iter().map(|a| a.to_string()).collect::<Vec<_>>()),
+            json!(
+                self.forwarder
+                    .listening()
+                    .iter()
+                    .map(|a| a.to_string())
+                    .collect::<Vec<_>>()
+            ),
         );
     }
 
@@ -618,7 +680,11 @@ impl<'a> Specs<'a> {
             {
                 return Err(RolloutError::Placement(format!(
                     "{at}: pool {pool:?} is not one of this agent's pools ({}) (config key pools)",
-                    if config.pools.is_empty() { "none".to_string() } else { config.pools.join(", ") }
+                    if config.pools.is_empty() {
+                        "none".to_string()
+                    } else {
+                        config.pools.join(", ")
+                    }
                 )));
             }
             if let Some(gpu) = &c.gpu {
@@ -656,18 +722,29 @@ impl<'a> Specs<'a> {
     }
 
     fn probe(&self, replica: &ReplicaId) -> Option<&'a Probe> {
-        self.container(replica).ok().and_then(|c| c.health_check.as_ref())
+        self.container(replica)
+            .ok()
+            .and_then(|c| c.health_check.as_ref())
     }
 
     fn spec(&self, replica: &ReplicaId) -> Result<ReplicaSpec, RolloutError> {
         let c = self.container(replica)?;
         let mut environment = c.environment.clone();
         for link in &c.links {
-            if let Some(linked) = self.stack.resources.iter().find(|r| r.container.name == *link) {
+            if let Some(linked) = self
+                .stack
+                .resources
+                .iter()
+                .find(|r| r.container.name == *link)
+            {
                 let prefix = link.to_uppercase().replace('-', "_");
-                let ports: Vec<String> = linked.container.ports.iter().map(u16::to_string).collect();
+                let ports: Vec<String> =
+                    linked.container.ports.iter().map(u16::to_string).collect();
                 environment.insert(format!("{prefix}_HOST"), link.clone());
-                environment.insert(format!("{prefix}_PORT"), ports.first().cloned().unwrap_or_default());
+                environment.insert(
+                    format!("{prefix}_PORT"),
+                    ports.first().cloned().unwrap_or_default(),
+                );
                 environment.insert(format!("{prefix}_PORTS"), ports.join(","));
             }
         }
@@ -677,7 +754,11 @@ impl<'a> Specs<'a> {
             stack: self.stack.name.clone(),
             replica: replica.clone(),
             digest: self.digest.to_string(),
-            config_hash: self.hashes.get(c.name.as_str()).cloned().unwrap_or_default(),
+            config_hash: self
+                .hashes
+                .get(c.name.as_str())
+                .cloned()
+                .unwrap_or_default(),
             image: c.image.to_string(),
             command: c.command.clone(),
             environment,
@@ -692,5 +773,230 @@ impl<'a> Specs<'a> {
             gpu: c.gpu.as_ref().map(|g| (g.kind.clone(), g.count)),
             files: grant.files.into_iter().collect(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::runtime::fake::FakeRuntime;
+    use crate::testing::{signed_stack, test_config};
+
+    const STACK: &str = r#"
+name: acme
+permissionProfiles: {execution: {}}
+resources:
+  - lifecycle: live
+    container:
+      name: db
+      code: {image: "r.example/db@sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"}
+      cpu: 1
+      memory: 1Gi
+      ports: [5432]
+      replicas: 1
+      persistentStorage: 1Gi
+      permissions: execution
+  - lifecycle: live
+    container:
+      name: web
+      code: {image: "r.example/web@sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"}
+      cpu: 1
+      memory: 1Gi
+      ports: [8080]
+      replicas: 2
+      links: [db]
+      permissions: execution
+"#;
+
+    const BROKEN: &str =
+        "r.example/web@sha256:1111111111111111111111111111111111111111111111111111111111111111";
+
+    fn converger(extra: &str) -> (tempfile::TempDir, Converger<FakeRuntime>) {
+        let (dir, path) = test_config(&format!(
+            "runtime: docker\nrollout: {{grace_seconds: 0, progress_deadline_seconds: 5}}\n{extra}"
+        ));
+        let agent = Arc::new(Agent::new(Config::load(&path).unwrap()).unwrap());
+        (dir, Converger::new(agent, FakeRuntime::default()))
+    }
+
+    fn release(c: &Converger<FakeRuntime>, yaml: &str, version: &str, sequence: u64) -> String {
+        let layout = signed_stack(yaml, version, sequence);
+        let outcome = c
+            .agent
+            .ingest(&layout, "test", crate::config::now())
+            .unwrap();
+        match outcome {
+            crate::pipeline::Ingested::Accepted { digest, .. } => digest,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn current(c: &Converger<FakeRuntime>) -> String {
+        c.agent.store.positions().unwrap().current.unwrap().digest
+    }
+
+    #[tokio::test]
+    async fn installs_in_links_order_and_journals_each_step() {
+        let (_dir, c) = converger("");
+        let v1 = release(&c, STACK, "1.0.0", 1);
+        c.converge_once().await.unwrap();
+        assert_eq!(
+            c.runtime().log(),
+            [
+                "create db-0 primary",
+                "create web-0 primary",
+                "create web-1 primary"
+            ]
+        );
+        assert_eq!(c.agent.store.converged().unwrap(), Some(v1));
+        assert!(
+            c.agent
+                .store
+                .interrupted_steps(crate::config::now())
+                .unwrap()
+                .is_empty()
+        );
+        // Converged: the next pass changes nothing.
+        c.converge_once().await.unwrap();
+        assert_eq!(c.runtime().log().len(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_failed_update_rolls_back_and_keeps_the_old_replicas_serving() {
+        let (_dir, c) = converger("");
+        let v1 = release(&c, STACK, "1.0.0", 1);
+        c.converge_once().await.unwrap();
+        c.runtime().break_image(BROKEN);
+        let broken = STACK.replace(
+            "r.example/web@sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+            BROKEN,
+        );
+        let v2 = release(&c, &broken, "2.0.0", 2);
+        assert_eq!(current(&c), v2);
+        c.converge_once().await.unwrap();
+        // The new web-0 never became healthy: it went, the old one never stopped.
+        assert_eq!(
+            c.runtime().log()[3..],
+            ["create web-0 surge", "remove web-0 surge"]
+        );
+        assert_eq!(current(&c), v1);
+        assert_eq!(c.agent.runtime_view.rollbacks.load(Ordering::Relaxed), 1);
+        assert!(c.runtime().images().values().all(|image| image != BROKEN));
+        let history = c.agent.store.history(10).unwrap();
+        assert!(
+            history.iter().any(|e| e.kind == "rolled-back"),
+            "{history:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn stateful_replicas_stop_first_and_keep_their_volume() {
+        let (_dir, c) = converger("");
+        release(&c, STACK, "1.0.0", 1);
+        c.converge_once().await.unwrap();
+        release(
+            &c,
+            &STACK.replace(
+                "memory: 1Gi\n      ports: [5432]",
+                "memory: 2Gi\n      ports: [5432]",
+            ),
+            "1.1.0",
+            2,
+        );
+        c.converge_once().await.unwrap();
+        assert_eq!(
+            c.runtime().log()[3..],
+            ["remove db-0 primary", "create db-0 primary"]
+        );
+        assert!(c.runtime().volumes().contains("acme-db-0-data"));
+        // Pruned with the resource, the volume still stays (delete_volumes is off).
+        let without_db = STACK.replacen(
+            "  - lifecycle: live\n    container:\n      name: db",
+            "  - lifecycle: live\n    container:\n      name: cache",
+            1,
+        );
+        release(
+            &c,
+            &without_db.replace("links: [db]", "links: []"),
+            "1.2.0",
+            3,
+        );
+        c.converge_once().await.unwrap();
+        assert!(
+            c.runtime()
+                .log()
+                .contains(&"remove db-0 primary".to_string())
+        );
+        assert!(c.runtime().volumes().contains("acme-db-0-data"));
+    }
+
+    #[tokio::test]
+    async fn drift_is_repaired_and_counted() {
+        let (_dir, c) = converger("");
+        release(&c, STACK, "1.0.0", 1);
+        c.converge_once().await.unwrap();
+        c.runtime().tamper(&ReplicaId::new("web", 1), true);
+        c.runtime().tamper(&ReplicaId::new("web", 0), false);
+        c.converge_once().await.unwrap();
+        assert_eq!(
+            c.runtime().log()[3..],
+            ["start web-0", "create web-1 primary"]
+        );
+        assert_eq!(
+            c.agent.runtime_view.drift_repairs.load(Ordering::Relaxed),
+            2
+        );
+    }
+
+    #[tokio::test]
+    async fn placement_errors_touch_nothing() {
+        let (_dir, c) = converger("pools: [general]\n");
+        release(&c, STACK, "1.0.0", 1);
+        c.converge_once().await.unwrap();
+        let gpu = STACK.replace(
+            "replicas: 2\n",
+            "replicas: 2\n      gpu: {type: a100, count: 1}\n",
+        );
+        release(&c, &gpu, "1.1.0", 2);
+        c.converge_once().await.unwrap();
+        assert_eq!(c.runtime().log().len(), 3);
+        let history = c.agent.store.history(10).unwrap();
+        let rolled = history.iter().find(|e| e.kind == "rolled-back").unwrap();
+        assert!(
+            rolled
+                .message
+                .contains("needs 1 GPU of type \"a100\"; this host has 0 (config key docker.gpus)"),
+            "{}",
+            rolled.message
+        );
+        let pool = STACK.replace("replicas: 2\n", "replicas: 2\n      pool: gpu-large\n");
+        release(&c, &pool, "1.2.0", 3);
+        c.converge_once().await.unwrap();
+        let history = c.agent.store.history(10).unwrap();
+        assert!(
+            history.iter().any(|e| e
+                .message
+                .contains("pool \"gpu-large\" is not one of this agent's pools (general)")),
+            "{history:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn engine_errors_fail_the_rollout_not_the_agent() {
+        let (_dir, c) = converger("");
+        release(&c, STACK, "1.0.0", 1);
+        c.runtime().fail_next_steps(1);
+        // Nothing to roll back to on a first install: the error is reported, and the next
+        // pass converges.
+        assert!(
+            c.converge_once()
+                .await
+                .unwrap_err()
+                .to_string()
+                .contains("engine unavailable")
+        );
+        c.converge_once().await.unwrap();
+        assert_eq!(c.runtime().images().len(), 3);
     }
 }

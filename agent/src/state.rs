@@ -602,7 +602,10 @@ pub enum Effect<'a> {
         message: &'a str,
     },
     /// Make `to` current again in place of the release the decision names.
-    RollBack { to: &'a str, message: &'a str },
+    RollBack {
+        to: &'a str,
+        message: &'a str,
+    },
 }
 
 fn decision_time(decision: &Decision) -> Result<DateTime<Utc>> {

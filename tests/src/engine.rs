@@ -78,7 +78,10 @@ impl TestEngine {
     /// Names of the containers the agent owns, sorted.
     pub fn containers(&self) -> Vec<String> {
         let filters = "%7B%22label%22%3A%5B%22dev.outpost.owner%3Doutpost-agent%22%5D%7D";
-        let list = self.api("GET", &format!("/containers/json?all=true&filters={filters}"));
+        let list = self.api(
+            "GET",
+            &format!("/containers/json?all=true&filters={filters}"),
+        );
         let mut names: Vec<String> = list
             .as_array()
             .into_iter()

@@ -20,7 +20,8 @@ const BOTH: [&str; 2] = ["vendor-a", "vendor-b"];
 /// HEALTHY=no. It exits on SIGTERM (busybox httpd as PID 1 would ignore it).
 const WEB: &str = r#"trap 'exit 0' TERM; mkdir -p /www; echo "$MESSAGE $(cat /etc/demo-variant) links=$DB_HOST:$DB_PORT" > /www/index.html; [ "$HEALTHY" = no ] || echo ok > /www/healthz; httpd -f -p 8080 -h /www & wait"#;
 /// The stateful resource appends a line to /data/log at every start and serves /data.
-const DB: &str = r#"trap 'exit 0' TERM; echo "started $MESSAGE" >> /data/log; httpd -f -p 5432 -h /data & wait"#;
+const DB: &str =
+    r#"trap 'exit 0' TERM; echo "started $MESSAGE" >> /data/log; httpd -f -p 5432 -h /data & wait"#;
 
 struct Release<'a> {
     image: &'a str,
@@ -58,7 +59,11 @@ fn stack(r: &Release) -> StackFile {
 
 fn publish(drop: &Path, r: &Release, version: &str, sequence: u64) {
     let layout = bundle::build(&stack(r), &metadata(version, sequence), &[]).unwrap();
-    drop_file(drop, &format!("acme-{version}.tar"), &tar(&signed(layout, &BOTH)));
+    drop_file(
+        drop,
+        &format!("acme-{version}.tar"),
+        &tar(&signed(layout, &BOTH)),
+    );
 }
 
 struct Setup {
@@ -95,21 +100,24 @@ fn setup(kind: Kind) -> Setup {
 impl Setup {
     #[track_caller]
     fn wait_converged(&self, sequence: u64) -> Value {
-        self.agent.wait_within(120, &format!("sequence {sequence} converged"), |s| {
-            s["current"]["sequence"] == sequence
-                && s["runtime"]["converged"] == s["current"]["digest"]
-                && s["runtime"]["phase"] == "converged"
-        })
+        self.agent
+            .wait_within(120, &format!("sequence {sequence} converged"), |s| {
+                s["current"]["sequence"] == sequence
+                    && s["runtime"]["converged"] == s["current"]["digest"]
+                    && s["runtime"]["phase"] == "converged"
+            })
     }
 
     #[track_caller]
     fn web_says(&self, needle: &str) -> String {
-        eventually_within(30, &format!("web answering {needle:?}"), || {
-            match http_body(self.web, "/") {
+        eventually_within(
+            30,
+            &format!("web answering {needle:?}"),
+            || match http_body(self.web, "/") {
                 Some(body) if body.contains(needle) => Ok(body),
                 other => Err(format!("{other:?}\nlog: {}", self.agent.log())),
-            }
-        })
+            },
+        )
     }
 
     fn db_log(&self) -> String {
@@ -153,7 +161,10 @@ fn install_update_rollback_drift_prune(kind: Kind) {
         ["acme-db-0", "acme-web-0", "acme-web-1"]
     );
     let log = s.db_log();
-    assert!(log.contains("started v1") && log.contains("started v2"), "{log}");
+    assert!(
+        log.contains("started v1") && log.contains("started v2"),
+        "{log}"
+    );
 
     // A release whose health check fails rolls back to the last good one by itself.
     let broken = Release {
@@ -163,8 +174,11 @@ fn install_update_rollback_drift_prune(kind: Kind) {
     };
     publish(s.drop.path(), &broken, "1.2.0", 3);
     let status = s.agent.wait_within(120, "automatic rollback", |st| {
-        st["current"]["sequence"] == 2 && st["runtime"]["phase"] == "converged"
-            && st["runtime"]["last_rollback"].as_str().is_some_and(|e| e.contains("rolling back"))
+        st["current"]["sequence"] == 2
+            && st["runtime"]["phase"] == "converged"
+            && st["runtime"]["last_rollback"]
+                .as_str()
+                .is_some_and(|e| e.contains("rolling back"))
     });
     assert!(
         status["runtime"]["last_rollback"]
@@ -182,15 +196,18 @@ fn install_update_rollback_drift_prune(kind: Kind) {
     s.engine.api("POST", "/containers/acme-web-0/stop?t=1");
     eventually_within(60, "drift repaired", || {
         let containers = s.engine.containers();
-        let running = s.engine.api("GET", "/containers/acme-web-0/json")["State"]["Running"]
-            == true;
+        let running =
+            s.engine.api("GET", "/containers/acme-web-0/json")["State"]["Running"] == true;
         if containers == ["acme-db-0", "acme-web-0", "acme-web-1"]
             && running
             && s.agent.metric("outpost_drift_repairs_total") >= 2
         {
             Ok(())
         } else {
-            Err(format!("{containers:?} running={running}\n{}", s.agent.log()))
+            Err(format!(
+                "{containers:?} running={running}\n{}",
+                s.agent.log()
+            ))
         }
     });
     assert!(s.agent.cli(&["history"]).stdout.contains("drift"));
@@ -243,7 +260,12 @@ fn kill_9_during_rollouts(kind: Kind) {
             healthy: true,
             with_db: true,
         };
-        publish(s.drop.path(), &release, &format!("1.{sequence}.0"), sequence);
+        publish(
+            s.drop.path(),
+            &release,
+            &format!("1.{sequence}.0"),
+            sequence,
+        );
         // Killed somewhere in the rollout: pulling, creating, waiting for health, swapping.
         rng ^= rng << 13;
         rng ^= rng >> 7;

@@ -78,12 +78,13 @@ impl DockerRuntime {
             .registries
             .get(registry)
             .map(|credentials| -> RuntimeResult<String> {
-                let password = std::fs::read_to_string(&credentials.password_file).map_err(|e| {
-                    RuntimeError(format!(
-                        "docker.registries.{registry}.password_file {}: {e}",
-                        credentials.password_file.display()
-                    ))
-                })?;
+                let password =
+                    std::fs::read_to_string(&credentials.password_file).map_err(|e| {
+                        RuntimeError(format!(
+                            "docker.registries.{registry}.password_file {}: {e}",
+                            credentials.password_file.display()
+                        ))
+                    })?;
                 let document = json!({
                     "username": credentials.username,
                     "password": password.trim_end(),
@@ -160,7 +161,9 @@ impl DockerRuntime {
             mounts.push(json!({"Type": "volume", "Source": volume, "Target": "/data"}));
         }
         for (target, source) in &spec.files {
-            mounts.push(json!({"Type": "bind", "Source": source, "Target": target, "ReadOnly": true}));
+            mounts.push(
+                json!({"Type": "bind", "Source": source, "Target": target, "ReadOnly": true}),
+            );
         }
         let mut host = json!({
             "NanoCpus": (spec.cpu * 1e9) as i64,
@@ -238,7 +241,10 @@ impl Runtime for DockerRuntime {
                 continue;
             };
             // The name tells the slot: a promoted surge replica keeps its labels, not its name.
-            let actual = item["Names"][0].as_str().unwrap_or_default().trim_start_matches('/');
+            let actual = item["Names"][0]
+                .as_str()
+                .unwrap_or_default()
+                .trim_start_matches('/');
             let slot = if actual.ends_with("-surge") {
                 Slot::Surge
             } else {
@@ -374,7 +380,9 @@ impl Runtime for DockerRuntime {
             .await
             .map_err(|e| RuntimeError(format!("removing {name}: {e}")))?;
         if delete_volume {
-            self.engine.remove_volume(&volume_name(stack, replica)).await?;
+            self.engine
+                .remove_volume(&volume_name(stack, replica))
+                .await?;
         }
         Ok(())
     }
@@ -383,8 +391,10 @@ impl Runtime for DockerRuntime {
         let stats = self.engine.stats(&instance.name).await.ok()?;
         let cpu = &stats["cpu_stats"];
         let pre = &stats["precpu_stats"];
-        let cpu_delta = cpu["cpu_usage"]["total_usage"].as_f64()? - pre["cpu_usage"]["total_usage"].as_f64().unwrap_or(0.0);
-        let system_delta = cpu["system_cpu_usage"].as_f64()? - pre["system_cpu_usage"].as_f64().unwrap_or(0.0);
+        let cpu_delta = cpu["cpu_usage"]["total_usage"].as_f64()?
+            - pre["cpu_usage"]["total_usage"].as_f64().unwrap_or(0.0);
+        let system_delta =
+            cpu["system_cpu_usage"].as_f64()? - pre["system_cpu_usage"].as_f64().unwrap_or(0.0);
         let online = cpu["online_cpus"].as_f64().unwrap_or(1.0).max(1.0);
         let used_cores = if system_delta > 0.0 {
             cpu_delta / system_delta * online

@@ -129,7 +129,9 @@ impl Engine {
         };
         let (status, answer) = tokio::time::timeout(REQUEST_TIMEOUT, exchange)
             .await
-            .map_err(|_| self.transport(format!("{method} {path}: no answer in {REQUEST_TIMEOUT:?}")))??;
+            .map_err(|_| {
+                self.transport(format!("{method} {path}: no answer in {REQUEST_TIMEOUT:?}"))
+            })??;
         if status.is_success() || status == StatusCode::NOT_MODIFIED {
             return Ok(answer);
         }
@@ -175,7 +177,11 @@ impl Engine {
 
     pub async fn inspect_container(&self, name: &str) -> Result<Option<Value>, EngineError> {
         match self
-            .json(Method::GET, &format!("/containers/{}/json", encode(name)), None)
+            .json(
+                Method::GET,
+                &format!("/containers/{}/json", encode(name)),
+                None,
+            )
             .await
         {
             Ok(value) => Ok(Some(value)),
@@ -254,7 +260,11 @@ impl Engine {
 
     pub async fn image_exists(&self, reference: &str) -> Result<bool, EngineError> {
         match self
-            .json(Method::GET, &format!("/images/{}/json", encode(reference)), None)
+            .json(
+                Method::GET,
+                &format!("/images/{}/json", encode(reference)),
+                None,
+            )
             .await
         {
             Ok(_) => Ok(true),
@@ -270,10 +280,8 @@ impl Engine {
         auth: Option<String>,
         progress: &mut (dyn FnMut(&Value) + Send),
     ) -> Result<(), EngineError> {
-        let headers: Vec<(&str, String)> = auth
-            .into_iter()
-            .map(|a| ("X-Registry-Auth", a))
-            .collect();
+        let headers: Vec<(&str, String)> =
+            auth.into_iter().map(|a| ("X-Registry-Auth", a)).collect();
         self.send(
             Method::POST,
             &format!("/images/create?fromImage={}", encode(reference)),

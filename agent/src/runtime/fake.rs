@@ -58,7 +58,12 @@ impl FakeRuntime {
             .iter()
             .map(|((id, slot), (spec, _))| {
                 (
-                    format!("{}-{}{}", id.resource, id.ordinal, if *slot == Slot::Surge { "-surge" } else { "" }),
+                    format!(
+                        "{}-{}{}",
+                        id.resource,
+                        id.ordinal,
+                        if *slot == Slot::Surge { "-surge" } else { "" }
+                    ),
                     spec.image.clone(),
                 )
             })
@@ -138,7 +143,9 @@ impl Runtime for FakeRuntime {
                 state.replicas.insert(key, (spec.clone(), true));
             }
             Step::Start { replica, .. } => {
-                state.log.push(format!("start {}-{}", replica.resource, replica.ordinal));
+                state
+                    .log
+                    .push(format!("start {}-{}", replica.resource, replica.ordinal));
                 match state.replicas.get_mut(&(replica.clone(), Slot::Primary)) {
                     Some(entry) => entry.1 = true,
                     None => return Err(RuntimeError("no such replica".into())),
@@ -152,7 +159,9 @@ impl Runtime for FakeRuntime {
                     .replicas
                     .remove(&(replica.clone(), Slot::Surge))
                     .ok_or_else(|| RuntimeError("no surge replica".into()))?;
-                state.replicas.insert((replica.clone(), Slot::Primary), surge);
+                state
+                    .replicas
+                    .insert((replica.clone(), Slot::Primary), surge);
             }
         }
         Ok(())

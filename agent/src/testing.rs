@@ -1,0 +1,54 @@
+//! Test support shared by the unit tests: signed releases and agent configs on disk.
+
+#![allow(clippy::unwrap_used)] // test support: a panic is a failed test
+
+use outpost_bundle_format::Layout;
+use std::path::{Path, PathBuf};
+
+fn testdata() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata")
+}
+
+/// The quick-start stack, signed by vendor-a, as release `version` / `sequence`.
+pub fn signed_release(version: &str, sequence: u64) -> Layout {
+    let text = std::fs::read_to_string(testdata().join("stacks/valid/quickstart.yaml")).unwrap();
+    signed_stack(&text, version, sequence)
+}
+
+/// The stack `yaml`, signed by vendor-a, as release `version` / `sequence`.
+pub fn signed_stack(yaml: &str, version: &str, sequence: u64) -> Layout {
+    use outpost_bundle_format::{bundle, crypto::SigningKey, release::*, stack::Stack};
+    let (stack, _) = Stack::from_yaml(yaml).unwrap();
+    let now = chrono::Utc::now();
+    let metadata = ReleaseMetadata {
+        format_version: FORMAT_VERSION,
+        name: "acme".into(),
+        version: semver::Version::parse(version).unwrap(),
+        sequence,
+        channel: "stable".into(),
+        created: now,
+        expires: now + chrono::Duration::days(1),
+    };
+    let mut layout = bundle::build(&stack, &metadata, &[]).unwrap();
+    let pem = std::fs::read(testdata().join("keys/vendor-a.key")).unwrap();
+    bundle::add_signature(
+        &mut layout,
+        &SigningKey::from_encrypted_pem(&pem, b"test").unwrap(),
+        "acme",
+    )
+    .unwrap();
+    layout
+}
+
+/// A config trusting vendor-a for stack `acme`, with `extra` YAML appended.
+pub fn test_config(extra: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let key = testdata().join("keys/vendor-a.pub");
+    let path = dir.path().join("agent.yaml");
+    let text = format!(
+        "source: {{dir: {{path: drop}}}}\ntrust: {{keys: [{}]}}\nexpect: {{name: acme}}\npermissions: {{execution: {{}}}}\nstate_dir: state\napi: {{socket: agent.sock}}\n{extra}",
+        key.display()
+    );
+    std::fs::write(&path, text).unwrap();
+    (dir, path)
+}
