@@ -42,6 +42,8 @@ cmd_start() {
             cat >"$dir/containers.conf" <<EOF
 [containers]
 default_ulimits = ["nofile=1024:1024", "nproc=4096:4096"]
+[network]
+network_backend = "netavark"
 [engine]
 runtime = "runc"
 cgroup_manager = "cgroupfs"

@@ -16,9 +16,9 @@ use std::path::Path;
 
 const BOTH: [&str; 2] = ["vendor-a", "vendor-b"];
 
-/// The web server every demo replica runs: index.html says who it is, /healthz exists unless
-/// HEALTHY=no. It exits on SIGTERM (busybox httpd as PID 1 would ignore it).
-const WEB: &str = r#"trap 'exit 0' TERM; mkdir -p /www; echo "$MESSAGE $(cat /etc/demo-variant) links=$DB_HOST:$DB_PORT" > /www/index.html; [ "$HEALTHY" = no ] || echo ok > /www/healthz; httpd -f -p 8080 -h /www & wait"#;
+/// The web server every demo replica runs: index.html says who it is and what it read from db
+/// by its DNS name, /healthz exists unless HEALTHY=no. It exits on SIGTERM (busybox httpd as PID 1 would ignore it).
+const WEB: &str = r#"trap 'exit 0' TERM; mkdir -p /www; echo "$MESSAGE $(cat /etc/demo-variant) links=$DB_HOST:$DB_PORT db-says=$(wget -qO- http://$DB_HOST:$DB_PORT/log | head -1)" > /www/index.html; [ "$HEALTHY" = no ] || echo ok > /www/healthz; httpd -f -p 8080 -h /www & wait"#;
 /// The stateful resource appends a line to /data/log at every start and serves /data.
 const DB: &str =
     r#"trap 'exit 0' TERM; echo "started $MESSAGE" >> /data/log; httpd -f -p 5432 -h /data & wait"#;
@@ -139,7 +139,10 @@ fn install_update_rollback_drift_prune(kind: Kind) {
     // First install, in links order: db, then web; web finds db by name.
     publish(s.drop.path(), &v1, "1.0.0", 1);
     s.wait_converged(1);
-    assert!(s.web_says("v1 one").contains("links=db:5432"));
+    assert!(
+        s.web_says("v1 one")
+            .contains("links=db:5432 db-says=started v1")
+    );
     assert_eq!(
         s.engine.containers(),
         ["acme-db-0", "acme-web-0", "acme-web-1"]
