@@ -155,6 +155,7 @@ impl<R: Runtime> Converger<R> {
         );
         if fresh {
             self.view().set("phase", json!("rolling out"));
+            self.view().set("resources", json!({}));
             self.view().rollouts.fetch_add(1, Ordering::Relaxed);
             self.event(
                 "rollout",
@@ -165,6 +166,7 @@ impl<R: Runtime> Converger<R> {
         match self.converge_to(&current, fresh).await {
             Ok(repairs) => {
                 self.view().set("phase", json!("converged"));
+                self.view().set("note", Value::Null);
                 self.view().set("last_error", Value::Null);
                 if fresh {
                     store.set_converged(

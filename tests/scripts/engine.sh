@@ -114,7 +114,7 @@ cmd_stop() {
     fi
     rm -f "$pidfile"
     # dockerd leaves mounts (nsfs, overlay) behind under its roots.
-    grep -o " $dir[^ ]*" /proc/self/mounts | sort -r | while read -r m; do umount -l "$m" 2>/dev/null || true; done
+    { grep -o " $dir[^ ]*" /proc/self/mounts || true; } | sort -r | while read -r m; do umount -l "$m" 2>/dev/null || true; done
     echo "engine: stopped ($dir)"
 }
 
