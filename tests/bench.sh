@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Agent benchmarks, one command: builds the release binaries, then runs tests/benches/agent.rs.
-#   tests/bench.sh            # all: dir, oci, idle (idle takes OUTPOST_BENCH_IDLE_SECS, default 600)
-#   tests/bench.sh dir|oci|idle
+#   tests/bench.sh            # all: dir, oci, idle (idle takes OUTPOST_BENCH_IDLE_SECS, default 600), rollout
+#   tests/bench.sh dir|oci|idle|rollout   (rollout: OUTPOST_BENCH_REPLICAS containers, default 50)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash .ci/scripts/setup.sh >/dev/null

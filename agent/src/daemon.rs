@@ -65,7 +65,8 @@ pub async fn run(agent: Agent) -> anyhow::Result<()> {
     let converger = match agent.config.runtime {
         RuntimeKind::None => None,
         RuntimeKind::Docker => {
-            let runtime = DockerRuntime::new(&agent.config.docker);
+            let runtime =
+                DockerRuntime::new(&agent.config.docker, &agent.config.state_dir.join("images"));
             if let Err(e) = runtime.ping().await {
                 log(format!("runtime: {e} (retrying)"));
             }

@@ -318,6 +318,13 @@ impl Agent {
                 return Ok(rejection.into());
             }
         };
+        if self.config.runtime == RuntimeKind::Docker {
+            // Kept before acceptance: an accepted air-gapped release always has its images.
+            crate::runtime::docker::keep_bundled_images(
+                layout,
+                &self.config.state_dir.join("images"),
+            )?;
+        }
         let _decisions = self.lock_decisions();
         self.save_rotation(&verified)?;
         let release = self.release_of(&verified, origin, now)?;

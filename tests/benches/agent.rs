@@ -2,7 +2,9 @@
 //! the release binaries first):
 //! - publish → detected latency: OCI source with a 1 s interval, and a file drop;
 //! - bytes on the wire per unchanged OCI poll (through a counting TCP proxy);
-//! - idle RSS of the agent after a run of 1 s polls (`OUTPOST_BENCH_IDLE_SECS`, default 600).
+//! - idle RSS of the agent after a run of 1 s polls (`OUTPOST_BENCH_IDLE_SECS`, default 600);
+//! - a 50-container rollout on a real dockerd: first install and a rolling update, wall time
+//!   and the agent's peak RSS (`OUTPOST_BENCH_REPLICAS`, default 50).
 
 #![allow(clippy::unwrap_used)] // bench code: a panic is a failed run
 
@@ -190,12 +192,87 @@ fn dir_latency() {
 }
 
 fn rss_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmRSS:")
+}
+
+/// A `/proc/PID/status` figure in KiB (`VmRSS:`, `VmHWM:` the peak).
+fn status_kib(pid: u32, key: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(key))
         .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
         .unwrap_or(0)
+}
+
+fn rollout() {
+    use outpost_tests::engine::{Kind, TestEngine, demo_image};
+    let replicas: u32 = std::env::var("OUTPOST_BENCH_REPLICAS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(50);
+    let engine = TestEngine::start(Kind::Docker);
+    let registry = TestRegistry::start(None);
+    let images = [demo_image(&registry, "one"), demo_image(&registry, "two")];
+    let drop = tempfile::tempdir().unwrap();
+    let agent = AgentProcess::start(
+        &format!("source:\n  dir:\n    path: {}\n", drop.path().display()),
+        &engine.agent_config(&[("web", outpost_tests::free_port())]),
+    );
+    let pid = agent.pid().unwrap();
+    let web = r#"trap 'exit 0' TERM; echo ok > /www/healthz; httpd -f -p 8080 -h /www & wait"#;
+    for (sequence, image) in [(1u64, &images[0]), (2, &images[1])] {
+        let stack: outpost_bundle_format::stack::StackFile =
+            serde_json::from_value(serde_json::json!({
+                "name": "acme",
+                "permissionProfiles": {"execution": {}},
+                "resources": [{"lifecycle": "live", "container": {
+                    "name": "web", "code": {"image": image}, "cpu": 0.05, "memory": "16Mi",
+                    "ports": [8080], "replicas": replicas,
+                    "publicEndpoints": [{"name": "web", "port": 8080, "protocol": "http"}],
+                    "healthCheck": {"path": "/healthz", "port": 8080},
+                    "permissions": "execution", "command": ["sh", "-c", web]}}],
+            }))
+            .unwrap();
+        let layout = outpost_bundle_format::bundle::build(
+            &stack,
+            &outpost_tests::forge::metadata(&format!("1.{sequence}.0"), sequence),
+            &[],
+        )
+        .unwrap();
+        let start = Instant::now();
+        drop_file(
+            drop.path(),
+            &format!("v{sequence}.tar"),
+            &tar(&signed(layout, &BOTH)),
+        );
+        loop {
+            let body = http_get(&agent.socket(), "/status");
+            let status: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+            if status["current"]["sequence"] == sequence
+                && status["runtime"]["converged"] == status["current"]["digest"]
+                && status["runtime"]["phase"] == "converged"
+            {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(900),
+                "rollout {sequence} did not converge: {status:#}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        println!(
+            "{} {replicas} containers: {:.1} s wall, agent peak RSS {} KiB",
+            if sequence == 1 {
+                "first install of"
+            } else {
+                "rolling update of"
+            },
+            start.elapsed().as_secs_f64(),
+            status_kib(pid, "VmHWM:")
+        );
+    }
+    assert_eq!(engine.containers().len(), replicas as usize);
 }
 
 fn idle_rss() {
@@ -242,10 +319,11 @@ fn main() {
         .skip(1)
         .find(|a| !a.starts_with("--"))
         .unwrap_or_default();
-    let parts: [(&str, fn()); 3] = [
+    let parts: [(&str, fn()); 4] = [
         ("dir", dir_latency),
         ("oci", oci_latency_and_bytes),
         ("idle", idle_rss),
+        ("rollout", rollout),
     ];
     for (name, part) in parts {
         if name.contains(&filter) {

@@ -10,7 +10,7 @@ use outpost_bundle_format::stack::StackFile;
 use outpost_tests::agent::{AgentProcess, drop_file};
 use outpost_tests::engine::{Kind, TestEngine, demo_image, http_body};
 use outpost_tests::forge::{metadata, signed, tar};
-use outpost_tests::{TestRegistry, eventually_within, free_port};
+use outpost_tests::{TestRegistry, eventually_within, free_port, run, signer, testdata};
 use serde_json::{Value, json};
 use std::path::Path;
 
@@ -27,6 +27,7 @@ struct Release<'a> {
     image: &'a str,
     message: &'a str,
     web_replicas: u32,
+    web_cpu: f64,
     healthy: bool,
     with_db: bool,
 }
@@ -42,8 +43,8 @@ fn stack(r: &Release) -> StackFile {
             "permissions": "execution", "command": ["sh", "-c", DB]}}));
     }
     resources.push(json!({"lifecycle": "live", "container": {
-        "name": "web", "code": {"image": r.image}, "cpu": 0.25, "memory": "64Mi",
-        "ports": [8080], "replicas": r.web_replicas,
+        "name": "web", "code": {"image": r.image}, "cpu": r.web_cpu, "memory": "64Mi",
+        "ports": [8080], "replicas": r.web_replicas, "ephemeralStorage": "8Mi",
         "publicEndpoints": [{"name": "web", "port": 8080, "protocol": "http"}],
         "healthCheck": {"path": "/healthz", "port": 8080, "timeoutSeconds": 1, "failureThreshold": 2},
         "links": if r.with_db { json!(["db"]) } else { json!([]) },
@@ -120,6 +121,31 @@ impl Setup {
         )
     }
 
+    /// The mapped options as the engine has them: CPU quota, memory limit, the scratch
+    /// tmpfs, environment (with links), our labels.
+    #[track_caller]
+    fn expect_options(&self, container: &str, nano_cpus: u64, env: &str) {
+        let c = self
+            .engine
+            .api("GET", &format!("/containers/{container}/json"));
+        assert_eq!(c["HostConfig"]["NanoCpus"], nano_cpus, "{c:#}");
+        assert_eq!(c["HostConfig"]["Memory"], 64 << 20, "{c:#}");
+        let tmpfs = c["HostConfig"]["Tmpfs"]["/tmp"]
+            .as_str()
+            .unwrap_or_default();
+        assert!(
+            tmpfs.contains("size=8388608") || tmpfs.contains("size=8192k"),
+            "{c:#}"
+        );
+        let environment = c["Config"]["Env"].to_string();
+        assert!(
+            environment.contains(env) && environment.contains("DB_HOST=db"),
+            "{c:#}"
+        );
+        assert_eq!(c["Config"]["Labels"]["dev.outpost.owner"], "outpost-agent");
+        assert_eq!(c["Config"]["Labels"]["dev.outpost.resource"], "web");
+    }
+
     fn db_log(&self) -> String {
         http_body(self.db, "/log").unwrap_or_default()
     }
@@ -132,6 +158,7 @@ fn install_update_rollback_drift_prune(kind: Kind) {
         image: one,
         message: "v1",
         web_replicas: 2,
+        web_cpu: 0.25,
         healthy: true,
         with_db: true,
     };
@@ -148,12 +175,14 @@ fn install_update_rollback_drift_prune(kind: Kind) {
         ["acme-db-0", "acme-web-0", "acme-web-1"]
     );
     assert!(s.db_log().contains("started v1"));
+    s.expect_options("acme-web-0", 250_000_000, "MESSAGE=v1");
 
     // Update of the image and the environment: web rolls (start new, then stop old), db
     // restarts on its volume.
     let v2 = Release {
         image: two,
         message: "v2",
+        web_cpu: 0.5,
         ..v1
     };
     publish(s.drop.path(), &v2, "1.1.0", 2);
@@ -168,6 +197,7 @@ fn install_update_rollback_drift_prune(kind: Kind) {
         log.contains("started v1") && log.contains("started v2"),
         "{log}"
     );
+    s.expect_options("acme-web-1", 500_000_000, "MESSAGE=v2");
 
     // A release whose health check fails rolls back to the last good one by itself.
     let broken = Release {
@@ -260,6 +290,7 @@ fn kill_9_during_rollouts(kind: Kind) {
             image: &image,
             message: &message,
             web_replicas: 2,
+            web_cpu: 0.25,
             healthy: true,
             with_db: true,
         };
@@ -288,6 +319,82 @@ fn kill_9_during_rollouts(kind: Kind) {
     for sequence in 1..=4 {
         assert!(log.contains(&format!("started v{sequence}")), "{log}");
     }
+}
+
+/// An air-gapped site: the bundle carries its images (`build --with-images`), the registry is
+/// gone before the agent sees the bundle, and the replicas run from the loaded images.
+fn air_gapped_images_load_from_the_bundle(kind: Kind) {
+    let engine = TestEngine::start(kind);
+    let work = tempfile::tempdir().unwrap();
+    let bundle_file = work.path().join("acme-1.0.0.tar");
+    {
+        let registry = TestRegistry::start(None);
+        let image = demo_image(&registry, "carried");
+        let release = Release {
+            image: &image,
+            message: "offline",
+            web_replicas: 1,
+            web_cpu: 0.25,
+            healthy: true,
+            with_db: false,
+        };
+        let stack_file = work.path().join("stack.yaml");
+        std::fs::write(
+            &stack_file,
+            serde_json::to_string(&stack(&release)).unwrap(),
+        )
+        .unwrap();
+        run(signer()
+            .arg("build")
+            .arg(&stack_file)
+            .args([
+                "--version",
+                "1.0.0",
+                "--sequence",
+                "1",
+                "--with-images",
+                "--out",
+            ])
+            .arg(&bundle_file))
+        .ok();
+        for key in BOTH {
+            run(signer()
+                .arg("sign")
+                .arg(&bundle_file)
+                .arg("--key")
+                .arg(testdata().join(format!("keys/{key}.key")))
+                .env("OUTPOST_PASSWORD", "test"))
+            .ok();
+        }
+    }
+    let drop = tempfile::tempdir().unwrap();
+    let web = free_port();
+    let agent = AgentProcess::start(
+        &format!("source:\n  dir:\n    path: {}\n", drop.path().display()),
+        &engine.agent_config(&[("web", web)]),
+    );
+    drop_file(
+        drop.path(),
+        "acme-1.0.0.tar",
+        &std::fs::read(&bundle_file).unwrap(),
+    );
+    agent.wait_within(120, "converged from bundled images", |s| {
+        s["runtime"]["converged"] == s["current"]["digest"] && s["runtime"]["phase"] == "converged"
+    });
+    let body = eventually_within(30, "web answering", || {
+        http_body(web, "/").ok_or_else(|| agent.log())
+    });
+    assert!(body.contains("offline carried"), "{body}");
+}
+
+#[test]
+fn dockerd_air_gapped_images_load_from_the_bundle() {
+    air_gapped_images_load_from_the_bundle(Kind::Docker);
+}
+
+#[test]
+fn podman_air_gapped_images_load_from_the_bundle() {
+    air_gapped_images_load_from_the_bundle(Kind::Podman);
 }
 
 #[test]

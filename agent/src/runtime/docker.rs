@@ -11,9 +11,14 @@ use crate::config::DockerConfig;
 use crate::plan::{ObservedReplica, ReplicaId, ReplicaState};
 use base64::Engine as _;
 use chrono::{DateTime, Utc};
+use outpost_bundle_format::Layout;
+use outpost_bundle_format::bundle::ANNOTATION_IMAGE;
+use outpost_bundle_format::layout::oci::ImageManifest;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
+use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
 
 pub const OWNER_LABEL: &str = "dev.outpost.owner";
 pub const OWNER: &str = "outpost-agent";
@@ -28,13 +33,16 @@ pub const SCRATCH_PATH: &str = "/tmp";
 pub struct DockerRuntime {
     engine: Engine,
     config: DockerConfig,
+    /// Images kept from air-gapped bundles (`keep_bundled_images`).
+    bundled_images: PathBuf,
 }
 
 impl DockerRuntime {
-    pub fn new(config: &DockerConfig) -> DockerRuntime {
+    pub fn new(config: &DockerConfig, bundled_images: &Path) -> DockerRuntime {
         DockerRuntime {
             engine: Engine::new(&config.socket),
             config: config.clone(),
+            bundled_images: bundled_images.to_path_buf(),
         }
     }
 
@@ -68,9 +76,28 @@ impl DockerRuntime {
         }
     }
 
-    async fn ensure_image(&self, image: &str, notes: Notes<'_>) -> RuntimeResult<()> {
+    /// Makes `image` present: loaded from the bundle that carried it, else pulled by digest.
+    /// Returns the reference to create containers with.
+    async fn ensure_image(&self, image: &str, notes: Notes<'_>) -> RuntimeResult<String> {
+        if let Some((_, hex)) = image.split_once("@sha256:")
+            && let Ok(id) = std::fs::read_to_string(self.bundled_images.join(format!("{hex}.id")))
+        {
+            let id = id.trim().to_string();
+            if !self.engine.image_exists(&id).await? {
+                notes(format!("loading {image} from the bundle"));
+                let archive = self.bundled_images.join(format!("{hex}.tar"));
+                let bytes = tokio::fs::read(&archive)
+                    .await
+                    .map_err(|e| RuntimeError(format!("{}: {e}", archive.display())))?;
+                self.engine
+                    .load(bytes)
+                    .await
+                    .map_err(|e| RuntimeError(format!("loading {image} from the bundle: {e}")))?;
+            }
+            return Ok(id);
+        }
         if self.engine.image_exists(image).await? {
-            return Ok(());
+            return Ok(image.to_string());
         }
         let registry = image.split('/').next().unwrap_or_default();
         let auth = self
@@ -126,10 +153,10 @@ impl DockerRuntime {
             .await
             .map_err(|e| RuntimeError(format!("pulling {image}: {e}")))?;
         notes(format!("pulled {image}"));
-        Ok(())
+        Ok(image.to_string())
     }
 
-    fn create_body(&self, spec: &ReplicaSpec) -> Value {
+    fn create_body(&self, spec: &ReplicaSpec, image: &str) -> Value {
         let network = Self::network_name(&spec.stack);
         let labels = json!({
             OWNER_LABEL: OWNER,
@@ -181,7 +208,7 @@ impl DockerRuntime {
                 json!([{"Driver": "nvidia", "Count": count, "Capabilities": [["gpu"]]}]);
         }
         let mut body = json!({
-            "Image": spec.image,
+            "Image": image,
             "Env": spec.environment.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>(),
             "Labels": labels,
             "ExposedPorts": ports,
@@ -301,7 +328,7 @@ impl Runtime for DockerRuntime {
             Step::Create { spec, slot } => {
                 let name = container_name(&spec.stack, &spec.replica, slot);
                 self.ensure_network(&spec.stack).await?;
-                self.ensure_image(&spec.image, notes).await?;
+                let image = self.ensure_image(&spec.image, notes).await?;
                 if let Some(volume) = &spec.volume {
                     self.engine
                         .create_volume(&json!({
@@ -311,7 +338,7 @@ impl Runtime for DockerRuntime {
                         .await?;
                 }
                 self.engine
-                    .create_container(&name, &self.create_body(spec))
+                    .create_container(&name, &self.create_body(spec, &image))
                     .await
                     .map_err(|e| RuntimeError(format!("creating {name}: {e}")))?;
                 self.engine
@@ -416,4 +443,105 @@ impl Runtime for DockerRuntime {
 /// The named volume behind a stateful replica's /data.
 pub fn volume_name(stack: &str, replica: &ReplicaId) -> String {
     format!("{}-data", replica.name(stack))
+}
+
+/// Keeps the images an air-gapped bundle carries (`--with-images`) in `dir`, one
+/// `docker save`-style archive per image (`<manifest hex>.tar`, then `<manifest hex>.id` holding
+/// the image ID, written last: its presence means the archive is complete). The runtime loads
+/// them instead of pulling. Blobs were verified with the bundle; nothing here is trusted anew.
+pub fn keep_bundled_images(layout: &Layout, dir: &Path) -> anyhow::Result<usize> {
+    use anyhow::Context;
+    let mut kept = 0;
+    for descriptor in &layout.index().manifests {
+        let Some(reference) = descriptor.annotations.get(ANNOTATION_IMAGE) else {
+            continue;
+        };
+        let hex = descriptor.digest.hex();
+        let id_file = dir.join(format!("{hex}.id"));
+        if id_file.exists() {
+            continue;
+        }
+        std::fs::create_dir_all(dir).with_context(|| dir.display().to_string())?;
+        let manifest: ImageManifest =
+            serde_json::from_slice(&layout.read_blob(&descriptor.digest, 4 << 20)?)
+                .with_context(|| format!("bundled image {reference}: manifest"))?;
+        let config = layout.read_blob(&manifest.config.digest, 16 << 20)?;
+        let repository = reference
+            .split(['@', ':'])
+            .next()
+            .unwrap_or("image")
+            .rsplit('/')
+            .next()
+            .unwrap_or("image")
+            .to_string();
+        let archive_manifest = json!([{
+            "Config": format!("{}.json", manifest.config.digest.hex()),
+            "RepoTags": [format!("outpost-bundled/{repository}:{}", &hex[..16])],
+            "Layers": manifest.layers.iter().map(|l| format!("{}.tar", l.digest.hex())).collect::<Vec<_>>(),
+        }]);
+        let partial = dir.join(format!(".{hex}.tar.partial"));
+        let mut out = std::io::BufWriter::new(
+            std::fs::File::create(&partial).with_context(|| partial.display().to_string())?,
+        );
+        let manifest_bytes = serde_json::to_vec(&archive_manifest)?;
+        tar_entry(
+            &mut out,
+            "manifest.json",
+            manifest_bytes.len() as u64,
+            |w| w.write_all(&manifest_bytes).map_err(Into::into),
+        )?;
+        tar_entry(
+            &mut out,
+            &format!("{}.json", manifest.config.digest.hex()),
+            config.len() as u64,
+            |w| w.write_all(&config).map_err(Into::into),
+        )?;
+        for layer in &manifest.layers {
+            let size = layout.blob_size(&layer.digest).with_context(|| {
+                format!("bundled image {reference}: layer {} missing", layer.digest)
+            })?;
+            tar_entry(
+                &mut out,
+                &format!("{}.tar", layer.digest.hex()),
+                size,
+                |w| {
+                    layout
+                        .copy_blob(&layer.digest, w)
+                        .map(|_| ())
+                        .map_err(Into::into)
+                },
+            )?;
+        }
+        out.write_all(&[0u8; 1024])?;
+        let file = out.into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()?;
+        std::fs::rename(&partial, dir.join(format!("{hex}.tar")))?;
+        outpost_bundle_format::layout::write_atomic(
+            &id_file,
+            format!("sha256:{}", manifest.config.digest.hex()).as_bytes(),
+        )?;
+        std::fs::File::open(dir)?.sync_all()?;
+        kept += 1;
+    }
+    Ok(kept)
+}
+
+/// One regular-file tar entry: header, `size` bytes from `write`, padding.
+fn tar_entry(
+    out: &mut dyn Write,
+    name: &str,
+    size: u64,
+    write: impl FnOnce(&mut dyn Write) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let mut header = tar::Header::new_ustar();
+    header.set_path(name)?;
+    header.set_size(size);
+    header.set_mode(0o644);
+    header.set_entry_type(tar::EntryType::Regular);
+    header.set_cksum();
+    out.write_all(header.as_bytes())?;
+    write(out)?;
+    let padding = (512 - size % 512) % 512;
+    out.write_all(&vec![0u8; padding as usize])?;
+    Ok(())
 }
