@@ -292,8 +292,8 @@ pub struct DockerGrant {
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RolloutConfig {
-    /// How long one resource may take to become healthy before the rollout fails and rolls
-    /// back (default 300).
+    /// How long one rollout step (a replica becoming healthy) may take before the rollout
+    /// fails and rolls back (default 300).
     #[serde(default = "default_progress_deadline")]
     pub progress_deadline_seconds: u64,
     /// Without a healthCheck, a replica counts as healthy once it has run this long (default 5).

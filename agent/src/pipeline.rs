@@ -51,7 +51,7 @@ impl Ingested {
                 waiting_for: Some(w),
             } => format!("accepted {version} {digest}, waiting for {w}"),
             Ingested::Unchanged { digest } => {
-                format!("unchanged: {digest} is already current or pending")
+                format!("unchanged: {digest} is already current, pending or rolled back")
             }
             Ingested::Rejected { check, reason, .. } => format!("rejected: {check}: {reason}"),
         }
@@ -381,10 +381,13 @@ impl Agent {
             .ok();
         // "Unchanged" is decided after full verification: an index merely naming the current
         // digest proves nothing.
+        // The release last rolled back from is known too: a source still offering it is not
+        // replaying an old release at us.
         let known: Vec<String> = [&positions.current, &positions.pending]
             .into_iter()
             .flatten()
             .map(|r| r.digest.clone())
+            .chain(self.store.rolled_back()?)
             .collect();
         let checks = AgentChecks {
             name: &self.config.expect.name,

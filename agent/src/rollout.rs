@@ -178,11 +178,15 @@ impl<R: Runtime> Converger<R> {
                     self.view()
                         .drift_repairs
                         .fetch_add(repairs.len() as u64, Ordering::Relaxed);
-                    self.view().set("last_drift", json!(repairs));
+                    let mut summary = repairs.iter().take(10).cloned().collect::<Vec<_>>();
+                    if repairs.len() > 10 {
+                        summary.push(format!("and {} more", repairs.len() - 10));
+                    }
+                    self.view().set("last_drift", json!(summary));
                     self.event(
                         "drift",
                         Some(&current.digest),
-                        &format!("repaired: {}", repairs.join("; ")),
+                        &format!("repaired: {}", summary.join("; ")),
                     );
                 }
                 Ok(())
@@ -259,20 +263,12 @@ impl<R: Runtime> Converger<R> {
         self.view().set("findings", json!(plan.findings));
         self.view().set("warnings", json!(specs.warnings.clone()));
         let mut taken = Vec::new();
-        let mut deadline: Option<(String, Instant)> = None;
+        // Like a Deployment's progressDeadlineSeconds: each step must make progress in time,
+        // however many replicas the resource has.
+        let deadline = Duration::from_secs(self.config().rollout.progress_deadline_seconds);
         for action in &plan.actions {
             let resource = action.replica().resource.clone();
-            if deadline.as_ref().is_none_or(|(r, _)| *r != resource) {
-                deadline = Some((
-                    resource.clone(),
-                    Instant::now()
-                        + Duration::from_secs(self.config().rollout.progress_deadline_seconds),
-                ));
-            }
-            let until = deadline
-                .as_ref()
-                .map(|(_, d)| *d)
-                .unwrap_or_else(Instant::now);
+            let until = Instant::now() + deadline;
             let described = describe(action, &stack.name);
             self.view().resource_step(&resource, &described);
             let journal = self
@@ -461,8 +457,9 @@ impl<R: Runtime> Converger<R> {
     }
 
     /// Waits until the replica is healthy: its HTTP check passes, or (without one) it has run
-    /// for the grace period. After the grace period, `failureThreshold` failed checks in a row
-    /// fail it; a replica that stops fails at once; so does the progress deadline.
+    /// for the grace period. A replica still starting (nothing listens yet) is waited for up to
+    /// the progress deadline; one that answers wrongly fails after `failureThreshold` answers in
+    /// a row past the grace period; one that stops fails at once.
     async fn wait_healthy(
         &self,
         stack: &str,
@@ -475,6 +472,7 @@ impl<R: Runtime> Converger<R> {
         let grace = Duration::from_secs(self.config().rollout.grace_seconds);
         let threshold = check.map_or(1, |c| c.failure_threshold.max(1));
         let mut failures = 0;
+        let mut last = String::from("no health observation yet");
         let name = crate::runtime::container_name(stack, replica, slot);
         loop {
             let instances = self
@@ -492,10 +490,12 @@ impl<R: Runtime> Converger<R> {
             match health {
                 Health::Healthy if check.is_some() || started.elapsed() >= grace => return Ok(()),
                 Health::Healthy => {}
+                Health::Starting(why) => last = why,
                 Health::Down(why) => {
                     return Err(RolloutError::Failed(format!("{name}: {why}")));
                 }
                 Health::Unhealthy(why) => {
+                    last = why.clone();
                     if started.elapsed() >= grace {
                         failures += 1;
                     }
@@ -508,7 +508,7 @@ impl<R: Runtime> Converger<R> {
             }
             if Instant::now() >= until {
                 return Err(RolloutError::Failed(format!(
-                    "{name}: not healthy within the progress deadline ({}s)",
+                    "{name}: not healthy within the progress deadline ({}s): {last}",
                     self.config().rollout.progress_deadline_seconds
                 )));
             }
@@ -569,6 +569,7 @@ impl<R: Runtime> Converger<R> {
                 .and_then(|r| r.container.health_check.as_ref());
             let health = match self.runtime.probe(instance, check).await {
                 Health::Healthy => "healthy".to_string(),
+                Health::Starting(why) => format!("starting: {why}"),
                 Health::Unhealthy(why) => format!("unhealthy: {why}"),
                 Health::Down(why) => format!("down: {why}"),
             };
@@ -982,6 +983,35 @@ resources:
                 .contains("pool \"gpu-large\" is not one of this agent's pools (general)")),
             "{history:?}"
         );
+    }
+
+    #[test]
+    fn replicas_get_links_and_the_customers_credentials_never_the_vendors() {
+        let (_dir, path) = test_config("runtime: docker\n");
+        let text = std::fs::read_to_string(&path).unwrap().replace(
+            "permissions: {execution: {}}",
+            "permissions: {execution: {environment: {TOKEN: from-customer}, files: {/run/creds: /etc/outpost/creds}}}",
+        );
+        std::fs::write(&path, text).unwrap();
+        let config = Config::load(&path).unwrap();
+        let vendor = STACK.replace(
+            "links: [db]",
+            "links: [db]\n      environment: {TOKEN: from-vendor, MODE: fast}",
+        );
+        let (_, stack) = Stack::from_yaml(&vendor).unwrap();
+        let specs = Specs::new(&config, &stack, "sha256:00").unwrap();
+        let spec = specs.spec(&ReplicaId::new("web", 1)).unwrap();
+        assert_eq!(spec.environment["TOKEN"], "from-customer");
+        assert_eq!(spec.environment["MODE"], "fast");
+        assert_eq!(spec.environment["DB_HOST"], "db");
+        assert_eq!(spec.environment["DB_PORT"], "5432");
+        assert_eq!(
+            spec.files.get("/run/creds"),
+            Some(&std::path::PathBuf::from("/etc/outpost/creds"))
+        );
+        assert_eq!(spec.volume, None);
+        let db = specs.spec(&ReplicaId::new("db", 0)).unwrap();
+        assert_eq!(db.volume.as_deref(), Some("acme-db-0-data"));
     }
 
     #[tokio::test]

@@ -532,6 +532,8 @@ fn roll_back_in(
     }
     set(tx, "current", Some(to))?;
     set(tx, "rolled_back", Some(from))?;
+    // What runs is a mix of both releases now: converging back is a rollout of its own.
+    set(tx, "converged", None)?;
     event(tx, at, "rolled-back", Some(from), message)?;
     Ok(())
 }

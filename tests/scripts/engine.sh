@@ -38,12 +38,13 @@ cmd_start() {
             ;;
         podman)
             command -v podman >/dev/null || die "podman not found (apt-get install podman)"
-            mkdir -p "$dir/storage" "$dir/run" "$dir/tmp"
+            mkdir -p "$dir/storage" "$dir/run" "$dir/tmp" "$dir/networks"
             cat >"$dir/containers.conf" <<EOF
 [containers]
 default_ulimits = ["nofile=1024:1024", "nproc=4096:4096"]
 [network]
 network_backend = "netavark"
+network_config_dir = "$dir/networks"
 [engine]
 runtime = "runc"
 cgroup_manager = "cgroupfs"
@@ -66,10 +67,16 @@ prefix = "127.0.0.1:*"
 location = "127.0.0.1"
 insecure = true
 EOF
+            # Podman keeps network run state (netavark's IPAM, aardvark-dns) in the host-wide
+            # /run/containers/networks: give this engine its own, in a mount namespace.
+            mkdir -p "$dir/netrun"
             CONTAINERS_CONF="$dir/containers.conf" CONTAINERS_STORAGE_CONF="$dir/storage.conf" \
                 CONTAINERS_REGISTRIES_CONF="$dir/registries.conf" \
-                setsid podman --root "$dir/storage" --runroot "$dir/run" system service --time=0 \
-                "unix://$sock" >"$log" 2>&1 </dev/null &
+                setsid unshare --mount --propagation private sh -c '
+                    mkdir -p /run/containers/networks &&
+                    mount --bind "$1/netrun" /run/containers/networks &&
+                    exec podman --root "$1/storage" --runroot "$1/run" system service --time=0 "unix://$2"
+                ' sh "$dir" "$sock" >"$log" 2>&1 </dev/null &
             ;;
         *) usage ;;
     esac
@@ -105,12 +112,28 @@ cmd_stop() {
             curl -sf -X DELETE --unix-socket "$sock" "http://engine/networks/$net" >/dev/null || true
         done
         pid="$(cat "$pidfile")"
+        # Podman runs in a mount namespace of its own; its helpers (aardvark-dns) go with it.
+        # They are listed while the service still holds the namespace, whose number could
+        # otherwise be reused by another engine starting meanwhile.
+        local ns="" helpers=() proc
+        if [ "$(cat "$dir/engine.kind" 2>/dev/null)" = podman ]; then
+            ns="$(readlink "/proc/$pid/ns/mnt" 2>/dev/null || true)"
+            [ "$ns" != "$(readlink /proc/self/ns/mnt)" ] || ns=""
+        fi
+        if [ -n "$ns" ]; then
+            for proc in /proc/[0-9]*; do
+                if [ "${proc#/proc/}" != "$pid" ] && [ "$(readlink "$proc/ns/mnt" 2>/dev/null)" = "$ns" ]; then
+                    helpers+=("${proc#/proc/}")
+                fi
+            done
+        fi
         kill -TERM "$pid" 2>/dev/null || true
         for i in $(seq 1 100); do
             kill -0 "$pid" 2>/dev/null || break
             sleep 0.1
         done
         kill -KILL "$pid" 2>/dev/null || true
+        for proc in "${helpers[@]}"; do kill -KILL "$proc" 2>/dev/null || true; done
     fi
     rm -f "$pidfile"
     # dockerd leaves mounts (nsfs, overlay) behind under its roots.

@@ -166,9 +166,10 @@ fn install_update_rollback_drift_prune(kind: Kind) {
     // First install, in links order: db, then web; web finds db by name.
     publish(s.drop.path(), &v1, "1.0.0", 1);
     s.wait_converged(1);
+    let body = s.web_says("v1 one");
     assert!(
-        s.web_says("v1 one")
-            .contains("links=db:5432 db-says=started v1")
+        body.contains("links=db:5432 db-says=started v1"),
+        "web reached db by its name: {body}"
     );
     assert_eq!(
         s.engine.containers(),

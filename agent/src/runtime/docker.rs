@@ -382,12 +382,9 @@ impl Runtime for DockerRuntime {
             return Health::Healthy;
         };
         let Some(address) = instance.addresses.get(&check.port) else {
-            return Health::Unhealthy(format!("port {} is not published", check.port));
+            return Health::Starting(format!("port {} is not published yet", check.port));
         };
-        match super::http_check(*address, check).await {
-            Ok(()) => Health::Healthy,
-            Err(e) => Health::Unhealthy(e),
-        }
+        super::http_check(*address, check).await
     }
 
     async fn remove(

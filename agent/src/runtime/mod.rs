@@ -79,7 +79,9 @@ pub enum Step<'a> {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Health {
     Healthy,
-    /// Not (yet) healthy; counts toward the failure threshold.
+    /// Nothing listens yet (still starting): waited for, up to the progress deadline.
+    Starting(String),
+    /// It answers, wrongly (an error status, a timeout): counts toward the failure threshold.
     Unhealthy(String),
     /// Stopped or gone: no amount of waiting helps.
     Down(String),
@@ -149,51 +151,53 @@ pub fn container_name(stack: &str, replica: &ReplicaId, slot: Slot) -> String {
 pub async fn http_check(
     address: SocketAddr,
     check: &outpost_bundle_format::stack::Probe,
-) -> Result<(), String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+) -> Health {
+    use tokio::io::AsyncWriteExt;
     let timeout = std::time::Duration::from_secs(u64::from(check.timeout_seconds.max(1)));
-    let attempt = async {
-        let mut stream = tokio::net::TcpStream::connect(address)
-            .await
-            .map_err(|e| format!("{address}: {e}"))?;
-        let request = format!(
-            "{} {} HTTP/1.1\r\nHost: {address}\r\nUser-Agent: outpost-agent\r\nConnection: close\r\n\r\n",
-            check.method.to_uppercase(),
-            check.path
-        );
-        stream
-            .write_all(request.as_bytes())
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut head = [0u8; 64];
-        let mut read = 0;
-        while read < 12 {
-            let n = stream
-                .read(&mut head[read..])
-                .await
-                .map_err(|e| e.to_string())?;
-            if n == 0 {
-                break;
-            }
-            read += n;
+    let mut stream =
+        match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(address)).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => return Health::Starting(format!("{address}: {e}")),
+            Err(_) => return Health::Unhealthy(format!("{address}: connect timed out")),
+        };
+    let request = format!(
+        "{} {} HTTP/1.1\r\nHost: {address}\r\nUser-Agent: outpost-agent\r\nConnection: close\r\n\r\n",
+        check.method.to_uppercase(),
+        check.path
+    );
+    if let Err(e) = stream.write_all(request.as_bytes()).await {
+        return Health::Starting(format!("{address}: {e}"));
+    }
+    match tokio::time::timeout(timeout, read_status(&mut stream)).await {
+        Ok(Ok(status)) if (200..400).contains(&status) => Health::Healthy,
+        Ok(Ok(status)) => {
+            Health::Unhealthy(format!("{} {} answered {status}", check.method, check.path))
         }
-        let line = String::from_utf8_lossy(&head[..read]);
-        let status: u16 = line
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| format!("not an HTTP answer: {:?}", line.trim()))?;
-        if (200..400).contains(&status) {
-            Ok(())
-        } else {
-            Err(format!("{} {} answered {status}", check.method, check.path))
-        }
-    };
-    match tokio::time::timeout(timeout, attempt).await {
-        Ok(result) => result,
-        Err(_) => Err(format!(
+        Ok(Err(e)) => Health::Unhealthy(e),
+        Err(_) => Health::Unhealthy(format!(
             "{} {} timed out after {}s",
             check.method, check.path, check.timeout_seconds
         )),
     }
+}
+
+async fn read_status(stream: &mut tokio::net::TcpStream) -> Result<u16, String> {
+    use tokio::io::AsyncReadExt;
+    let mut head = [0u8; 64];
+    let mut read = 0;
+    while read < 12 {
+        let n = stream
+            .read(&mut head[read..])
+            .await
+            .map_err(|e| e.to_string())?;
+        if n == 0 {
+            break;
+        }
+        read += n;
+    }
+    let line = String::from_utf8_lossy(&head[..read]);
+    line.split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("not an HTTP answer: {:?}", line.trim()))
 }
