@@ -816,8 +816,12 @@ resources:
         "r.example/web@sha256:1111111111111111111111111111111111111111111111111111111111111111";
 
     fn converger(extra: &str) -> (tempfile::TempDir, Converger<FakeRuntime>) {
+        converger_with(extra, "")
+    }
+
+    fn converger_with(extra: &str, rollout: &str) -> (tempfile::TempDir, Converger<FakeRuntime>) {
         let (dir, path) = test_config(&format!(
-            "runtime: docker\nrollout: {{grace_seconds: 0, progress_deadline_seconds: 5}}\n{extra}"
+            "runtime: docker\nrollout: {{grace_seconds: 0, progress_deadline_seconds: 5{rollout}}}\n{extra}"
         ));
         let agent = Arc::new(Agent::new(Config::load(&path).unwrap()).unwrap());
         (dir, Converger::new(agent, FakeRuntime::default()))
@@ -1012,6 +1016,33 @@ resources:
         assert_eq!(spec.volume, None);
         let db = specs.spec(&ReplicaId::new("db", 0)).unwrap();
         assert_eq!(db.volume.as_deref(), Some("acme-db-0-data"));
+    }
+
+    #[tokio::test]
+    async fn autoscaling_follows_cpu_within_bounds_and_cool_down() {
+        let (_dir, c) = converger_with("", ", autoscale_cooldown_seconds: 3600");
+        let text = STACK.replace(
+            "replicas: 2\n",
+            "autoScale: {min: 1, desired: 1, max: 4, targetCpuPercent: 50}\n",
+        );
+        release(&c, &text, "1.0.0", 1);
+        c.converge_once().await.unwrap();
+        assert_eq!(c.runtime().images().len(), 2, "db-0 and web-0");
+        // web-0 at 120% of its CPU against a 50% target: 1 → 3 replicas.
+        c.runtime().set_usage(120.0, 10.0);
+        c.converge_once().await.unwrap();
+        assert_eq!(c.runtime().images().len(), 4);
+        let history = c.agent.store.history(10).unwrap();
+        assert!(
+            history
+                .iter()
+                .any(|e| e.kind == "autoscale" && e.message.contains("web: 1 -> 3")),
+            "{history:?}"
+        );
+        // Within the cool-down nothing changes, however busy.
+        c.runtime().set_usage(400.0, 10.0);
+        c.converge_once().await.unwrap();
+        assert_eq!(c.runtime().images().len(), 4);
     }
 
     #[tokio::test]

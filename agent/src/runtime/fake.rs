@@ -22,11 +22,20 @@ struct FakeState {
     log: Vec<String>,
     /// Fail the next N steps with an engine error.
     fail_steps: u32,
+    /// What `usage` reports for every running replica.
+    usage: Option<Usage>,
 }
 
 impl FakeRuntime {
     pub fn break_image(&self, image: &str) {
         self.lock().broken_images.insert(image.to_string());
+    }
+
+    pub fn set_usage(&self, cpu_percent: f64, memory_percent: f64) {
+        self.lock().usage = Some(Usage {
+            cpu_percent,
+            memory_percent,
+        });
     }
 
     pub fn fail_next_steps(&self, n: u32) {
@@ -210,6 +219,6 @@ impl Runtime for FakeRuntime {
     }
 
     async fn usage(&self, _instance: &Instance, _cpu_limit: f64) -> Option<Usage> {
-        None
+        self.lock().usage
     }
 }
