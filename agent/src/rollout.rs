@@ -351,18 +351,7 @@ impl<R: Runtime> Converger<R> {
         let notes = |note: String| view.set("note", json!(note));
         match action {
             Action::Create { replica, .. } => {
-                let spec = specs.spec(replica)?;
-                self.runtime
-                    .apply(
-                        Step::Create {
-                            spec: &spec,
-                            slot: Slot::Primary,
-                        },
-                        &notes,
-                    )
-                    .await
-                    .map_err(failed)?;
-                self.wait_healthy(name, replica, Slot::Primary, specs.probe(replica), until)
+                self.create_healthy(name, specs, replica, Slot::Primary, until, &notes)
                     .await
             }
             Action::Replace {
@@ -370,21 +359,10 @@ impl<R: Runtime> Converger<R> {
                 stop_first: false,
                 ..
             } => {
-                let spec = specs.spec(replica)?;
-                self.runtime
-                    .apply(
-                        Step::Create {
-                            spec: &spec,
-                            slot: Slot::Surge,
-                        },
-                        &notes,
-                    )
-                    .await
-                    .map_err(failed)?;
-                if let Err(e) = self
-                    .wait_healthy(name, replica, Slot::Surge, specs.probe(replica), until)
-                    .await
-                {
+                let created = self
+                    .create_healthy(name, specs, replica, Slot::Surge, until, &notes)
+                    .await;
+                if let Err(e) = created {
                     // The old replica never stopped serving; the failed new one goes.
                     let _ = self.runtime.remove(name, replica, Slot::Surge, false).await;
                     return Err(e);
@@ -411,22 +389,12 @@ impl<R: Runtime> Converger<R> {
                 ..
             } => {
                 // Stateful: one at a time on the same volume, never two writers.
-                let spec = specs.spec(replica)?;
+                specs.spec(replica)?;
                 self.runtime
                     .remove(name, replica, Slot::Primary, false)
                     .await
                     .map_err(failed)?;
-                self.runtime
-                    .apply(
-                        Step::Create {
-                            spec: &spec,
-                            slot: Slot::Primary,
-                        },
-                        &notes,
-                    )
-                    .await
-                    .map_err(failed)?;
-                self.wait_healthy(name, replica, Slot::Primary, specs.probe(replica), until)
+                self.create_healthy(name, specs, replica, Slot::Primary, until, &notes)
                     .await
             }
             Action::Start { replica } => {
@@ -454,6 +422,25 @@ impl<R: Runtime> Converger<R> {
                 .await
                 .map_err(failed),
         }
+    }
+
+    /// Creates the replica in `slot` and waits until it is healthy.
+    async fn create_healthy(
+        &self,
+        stack: &str,
+        specs: &Specs<'_>,
+        replica: &ReplicaId,
+        slot: Slot,
+        until: Instant,
+        notes: crate::runtime::Notes<'_>,
+    ) -> Result<(), RolloutError> {
+        let spec = specs.spec(replica)?;
+        self.runtime
+            .apply(Step::Create { spec: &spec, slot }, notes)
+            .await
+            .map_err(|e| RolloutError::Failed(e.0))?;
+        self.wait_healthy(stack, replica, slot, specs.probe(replica), until)
+            .await
     }
 
     /// Waits until the replica is healthy: its HTTP check passes, or (without one) it has run

@@ -139,10 +139,12 @@ pub fn demo_image(registry: &TestRegistry, variant: &str) -> String {
     assert_eq!(built.code, 0, "demo-image.py: {}", built.stderr);
     let digest = built.stdout.trim().to_string();
     let target = format!("docker://{}/demo:{variant}", registry.host());
-    let pushed = run(Command::new("skopeo")
-        .args(["copy", "-q", "--dest-tls-verify=false"])
-        .arg(format!("oci:{}", layout.display()))
-        .arg(&target));
+    let mut copy = Command::new("skopeo");
+    copy.args(["copy", "-q", "--dest-tls-verify=false"]);
+    if let Some((user, pass)) = &registry.auth {
+        copy.arg(format!("--dest-creds={user}:{pass}"));
+    }
+    let pushed = run(copy.arg(format!("oci:{}", layout.display())).arg(&target));
     assert_eq!(pushed.code, 0, "skopeo copy: {}", pushed.stderr);
     format!("{}/demo@{digest}", registry.host())
 }

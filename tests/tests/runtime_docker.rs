@@ -388,6 +388,56 @@ fn air_gapped_images_load_from_the_bundle(kind: Kind) {
     assert!(body.contains("offline carried"), "{body}");
 }
 
+/// Images from a registry that wants credentials: the customer's `docker.registries` entry
+/// is what the engine pulls with.
+fn pulls_with_the_customers_registry_credentials(kind: Kind) {
+    let engine = TestEngine::start(kind);
+    let registry = TestRegistry::start(Some(("puller", "s3cret")));
+    let image = demo_image(&registry, "private");
+    let (drop, secrets) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let password = secrets.path().join("registry.password");
+    std::fs::write(&password, "s3cret\n").unwrap();
+    let web = free_port();
+    let config = engine.agent_config(&[("web", web)]).replace(
+        "docker:\n",
+        &format!(
+            "docker:\n  registries: {{\"{}\": {{username: puller, password_file: {}}}}}\n",
+            registry.host(),
+            password.display()
+        ),
+    );
+    let agent = AgentProcess::start(
+        &format!("source:\n  dir:\n    path: {}\n", drop.path().display()),
+        &config,
+    );
+    let release = Release {
+        image: &image,
+        message: "authenticated",
+        web_replicas: 1,
+        web_cpu: 0.25,
+        healthy: true,
+        with_db: false,
+    };
+    publish(drop.path(), &release, "1.0.0", 1);
+    agent.wait_within(120, "converged from a registry with auth", |s| {
+        s["runtime"]["converged"] == s["current"]["digest"] && s["runtime"]["phase"] == "converged"
+    });
+    let body = eventually_within(30, "web answering", || {
+        http_body(web, "/").ok_or_else(|| agent.log())
+    });
+    assert!(body.contains("authenticated private"), "{body}");
+}
+
+#[test]
+fn dockerd_pulls_with_the_customers_registry_credentials() {
+    pulls_with_the_customers_registry_credentials(Kind::Docker);
+}
+
+#[test]
+fn podman_pulls_with_the_customers_registry_credentials() {
+    pulls_with_the_customers_registry_credentials(Kind::Podman);
+}
+
 #[test]
 fn dockerd_air_gapped_images_load_from_the_bundle() {
     air_gapped_images_load_from_the_bundle(Kind::Docker);

@@ -36,6 +36,13 @@ impl EngineError {
     }
 }
 
+/// A request body.
+enum Payload<'a> {
+    None,
+    Json(&'a Value),
+    Tar(Vec<u8>),
+}
+
 #[derive(Clone)]
 pub struct Engine {
     socket: PathBuf,
@@ -55,12 +62,13 @@ impl Engine {
         }
     }
 
-    /// Sends one request; `on_line` sees each line of a streamed answer (image pulls).
+    /// Sends one request; `on_line` sees each line of a streamed answer (image pulls, loads),
+    /// and a line carrying `error` fails the request.
     async fn send(
         &self,
         method: Method,
         path: &str,
-        body: Option<&Value>,
+        body: Payload<'_>,
         headers: &[(&str, String)],
         mut on_line: Option<&mut (dyn FnMut(&Value) + Send)>,
     ) -> Result<Vec<u8>, EngineError> {
@@ -80,11 +88,15 @@ impl Engine {
             request = request.header(*name, value);
         }
         let payload = match body {
-            Some(body) => {
+            Payload::Json(body) => {
                 request = request.header("Content-Type", "application/json");
                 Bytes::from(serde_json::to_vec(body).unwrap_or_default())
             }
-            None => Bytes::new(),
+            Payload::Tar(bytes) => {
+                request = request.header("Content-Type", "application/x-tar");
+                Bytes::from(bytes)
+            }
+            Payload::None => Bytes::new(),
         };
         let request = request
             .body(Full::new(payload))
@@ -97,6 +109,26 @@ impl Engine {
             let status = response.status();
             let mut body = response.into_body();
             let mut answer = Vec::new();
+            let streamed = on_line.is_some();
+            // Streamed answers are JSON lines: each is handed over as it comes.
+            let mut take_line = |line: &[u8]| -> Result<(), EngineError> {
+                let Some(on_line) = on_line.as_deref_mut() else {
+                    return Ok(());
+                };
+                let Ok(value) = serde_json::from_slice::<Value>(line) else {
+                    return Ok(());
+                };
+                if let Some(error) = value.get("error").and_then(Value::as_str) {
+                    return Err(EngineError::Api {
+                        method: method.to_string(),
+                        path: path.to_string(),
+                        status: status.as_u16(),
+                        message: one_line(error),
+                    });
+                }
+                on_line(&value);
+                Ok(())
+            };
             while let Some(frame) = body.frame().await {
                 let frame = frame.map_err(|e| self.transport(e))?;
                 if let Some(data) = frame.data_ref() {
@@ -106,24 +138,14 @@ impl Engine {
                         )));
                     }
                     answer.extend_from_slice(data);
-                    if let Some(on_line) = on_line.as_deref_mut() {
-                        // Streamed answers are JSON lines; hand over complete ones as they come.
-                        while let Some(end) = answer.iter().position(|b| *b == b'\n') {
-                            let line: Vec<u8> = answer.drain(..=end).collect();
-                            if let Ok(value) = serde_json::from_slice::<Value>(&line) {
-                                if let Some(error) = value.get("error").and_then(Value::as_str) {
-                                    return Err(EngineError::Api {
-                                        method: method.to_string(),
-                                        path: path.to_string(),
-                                        status: status.as_u16(),
-                                        message: one_line(error),
-                                    });
-                                }
-                                on_line(&value);
-                            }
-                        }
+                    while streamed && let Some(end) = answer.iter().position(|b| *b == b'\n') {
+                        let line: Vec<u8> = answer.drain(..=end).collect();
+                        take_line(&line)?;
                     }
                 }
+            }
+            if streamed {
+                take_line(&std::mem::take(&mut answer))?;
             }
             Ok((status, answer))
         };
@@ -153,7 +175,8 @@ impl Engine {
         path: &str,
         body: Option<&Value>,
     ) -> Result<Value, EngineError> {
-        let answer = self.send(method, path, body, &[], None).await?;
+        let payload = body.map_or(Payload::None, Payload::Json);
+        let answer = self.send(method, path, payload, &[], None).await?;
         if answer.is_empty() {
             return Ok(Value::Null);
         }
@@ -161,7 +184,8 @@ impl Engine {
     }
 
     pub async fn ping(&self) -> Result<(), EngineError> {
-        self.send(Method::GET, "/_ping", None, &[], None).await?;
+        self.send(Method::GET, "/_ping", Payload::None, &[], None)
+            .await?;
         Ok(())
     }
 
@@ -285,7 +309,7 @@ impl Engine {
         self.send(
             Method::POST,
             &format!("/images/create?fromImage={}", encode(reference)),
-            None,
+            Payload::None,
             &headers,
             Some(progress),
         )
@@ -295,42 +319,15 @@ impl Engine {
 
     /// Loads a `docker save` style archive.
     pub async fn load(&self, archive: Vec<u8>) -> Result<(), EngineError> {
-        let stream = tokio::net::UnixStream::connect(&self.socket)
-            .await
-            .map_err(|e| self.transport(e))?;
-        let (mut sender, connection) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                .await
-                .map_err(|e| self.transport(e))?;
-        tokio::spawn(connection);
-        let request = Request::builder()
-            .method(Method::POST)
-            .uri(format!("http://engine{API}/images/load?quiet=true"))
-            .header("Host", "engine")
-            .header("Content-Type", "application/x-tar")
-            .body(Full::new(Bytes::from(archive)))
-            .map_err(|e| self.transport(e))?;
-        let response = tokio::time::timeout(REQUEST_TIMEOUT, sender.send_request(request))
-            .await
-            .map_err(|_| self.transport("image load: no answer"))?
-            .map_err(|e| self.transport(e))?;
-        let status = response.status();
-        let body = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| self.transport(e))?
-            .to_bytes();
-        let text = String::from_utf8_lossy(&body);
-        if !status.is_success() || text.contains("\"error\"") {
-            return Err(EngineError::Api {
-                method: "POST".into(),
-                path: "/images/load".into(),
-                status: status.as_u16(),
-                message: one_line(&text),
-            });
-        }
-        Ok(())
+        self.send(
+            Method::POST,
+            "/images/load?quiet=true",
+            Payload::Tar(archive),
+            &[],
+            Some(&mut |_| {}),
+        )
+        .await
+        .map(|_| ())
     }
 
     pub async fn inspect_network(&self, name: &str) -> Result<Option<Value>, EngineError> {
