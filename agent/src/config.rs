@@ -33,6 +33,9 @@ pub struct Config {
     /// The Docker runtime's settings (with `runtime: docker`).
     #[serde(default)]
     pub docker: DockerConfig,
+    /// Where and how releases map onto Kubernetes (`outpost-agent render`).
+    #[serde(default)]
+    pub kubernetes: KubernetesConfig,
     /// How releases roll out and how drift is repaired.
     #[serde(default)]
     pub rollout: RolloutConfig,
@@ -276,17 +279,83 @@ pub struct RegistryCredentials {
     pub password_file: PathBuf,
 }
 
-/// What the customer grants a permission profile under `runtime: docker`: credentials handed
-/// to the containers that ask for it, never anything the vendor supplied.
+/// What the customer grants a permission profile: credentials handed to the containers that
+/// ask for it, never anything the vendor supplied. Docker uses `environment` and `files`;
+/// Kubernetes runs the pods as `service_account`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
-pub struct DockerGrant {
+pub struct Grant {
     /// Environment variables set in the container (they override the vendor's).
     #[serde(default)]
     pub environment: BTreeMap<String, String>,
     /// Host files mounted read-only: container path → host path.
     #[serde(default)]
     pub files: BTreeMap<String, PathBuf>,
+    /// The ServiceAccount (the customer's, with its workload-identity annotations) pods of
+    /// this profile run as on Kubernetes.
+    #[serde(default)]
+    pub service_account: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct KubernetesConfig {
+    /// The one namespace everything is applied to (default `outpost`).
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    /// StorageClass of the volume claims for `persistentStorage` (the cluster's default when
+    /// absent).
+    #[serde(default)]
+    pub storage_class: Option<String>,
+    /// IngressClass of the Ingresses for http public endpoints.
+    #[serde(default)]
+    pub ingress_class: Option<String>,
+    /// Host name per http endpoint name (`{web: shop.example.com}`).
+    #[serde(default)]
+    pub hosts: BTreeMap<String, String>,
+    /// Node placement per capacity pool name.
+    #[serde(default)]
+    pub pools: BTreeMap<String, Placement>,
+    /// Node placement per GPU type.
+    #[serde(default)]
+    pub gpus: BTreeMap<String, Placement>,
+}
+
+impl Default for KubernetesConfig {
+    fn default() -> Self {
+        KubernetesConfig {
+            namespace: default_namespace(),
+            storage_class: None,
+            ingress_class: None,
+            hosts: BTreeMap::new(),
+            pools: BTreeMap::new(),
+            gpus: BTreeMap::new(),
+        }
+    }
+}
+
+/// Where pods may run: node labels to match and taints to tolerate.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Placement {
+    #[serde(default)]
+    pub node_selector: BTreeMap<String, String>,
+    #[serde(default)]
+    pub tolerations: Vec<Toleration>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Toleration {
+    pub key: String,
+    /// `Equal` (default) or `Exists`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operator: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+    /// `NoSchedule`, `PreferNoSchedule` or `NoExecute`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub effect: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
@@ -318,6 +387,9 @@ impl Default for RolloutConfig {
     }
 }
 
+fn default_namespace() -> String {
+    "outpost".into()
+}
 fn default_docker_socket() -> PathBuf {
     PathBuf::from("/var/run/docker.sock")
 }
@@ -488,6 +560,12 @@ impl Config {
             crate::approval::Window::parse(window)
                 .map_err(|e| format!("approval.maintenance_windows[{i}]: {e}"))?;
         }
+        if !outpost_bundle_format::stack::is_dns_label(&self.kubernetes.namespace) {
+            return Err(format!(
+                "kubernetes.namespace {:?} must be a DNS-1123 label",
+                self.kubernetes.namespace
+            ));
+        }
         match self.runtime {
             RuntimeKind::None => {
                 for (profile, grant) in &self.permissions {
@@ -500,7 +578,7 @@ impl Config {
             }
             RuntimeKind::Docker => {
                 for profile in self.permissions.keys() {
-                    let grant = self.docker_grant(profile)?;
+                    let grant = self.grant(profile)?;
                     for path in grant.files.keys() {
                         if !path.starts_with('/') {
                             return Err(format!(
@@ -535,13 +613,13 @@ impl Config {
         Ok(())
     }
 
-    /// The customer's grant for `profile` under `runtime: docker`.
-    pub fn docker_grant(&self, profile: &str) -> Result<DockerGrant, String> {
+    /// The customer's grant for `profile`.
+    pub fn grant(&self, profile: &str) -> Result<Grant, String> {
         let Some(grant) = self.permissions.get(profile) else {
             return Err(format!("permission profile {profile:?} is not granted"));
         };
-        let grant: DockerGrant = serde_json::from_value(grant.clone()).map_err(|e| {
-            format!("permissions.{profile}: {e} (a grant is {{environment: {{}}, files: {{}}}})")
+        let grant: Grant = serde_json::from_value(grant.clone()).map_err(|e| {
+            format!("permissions.{profile}: {e} (a grant is {{environment: {{}}, files: {{}}, service_account: NAME}})")
         })?;
         for source in grant.files.values() {
             if source.is_relative() {

@@ -20,6 +20,7 @@ pub mod diff;
 pub mod forward;
 pub mod pipeline;
 pub mod plan;
+pub mod render;
 pub mod rollout;
 pub mod runtime;
 pub mod source;

@@ -103,6 +103,13 @@ enum Command {
         #[command(flatten)]
         config: ConfigArg,
     },
+    /// Print, as multi-document YAML, exactly the Kubernetes objects this config maps the
+    /// bundle to (verified against this agent's trust first), for review before approving.
+    Render {
+        bundle: PathBuf,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
     /// Print the JSON Schema of the configuration file.
     ConfigSchema,
 }
@@ -267,8 +274,32 @@ fn execute(command: Command) -> Result<(), Failure> {
             }
         }
         Command::Verify { file, config } => verify(&file, &load(&config)?)?,
+        Command::Render { bundle, config } => render(&bundle, &load(&config)?)?,
         Command::ConfigSchema => print!("{}", config::json_schema()),
     }
+    Ok(())
+}
+
+fn render(file: &Path, config: &Config) -> Result<(), Failure> {
+    let agent = Agent::read_only(config.clone()).map_err(|e| Failure(2, format!("{e:#}")))?;
+    let spool = tempfile::tempdir().context("creating a spool directory")?;
+    let failed = |check: &str, reason: String| {
+        Failure(
+            1,
+            format!("{}: verification failed: {check}: {reason}", file.display()),
+        )
+    };
+    let layout = Layout::read(file, agent.limits(), Some(spool.path()))
+        .map_err(|e| failed(e.check(), e.to_string()))?;
+    let verified = agent
+        .verify_for_review(&layout, config::now())
+        .map_err(|e| failed(e.check(), e.to_string()))?;
+    let objects =
+        outpost_agent::render::render(config, verified.stack(), &verified.digest().to_string())
+            .map_err(|e| Failure(1, format!("{}: {e}", file.display())))?;
+    let yaml = outpost_agent::render::to_yaml(&objects)
+        .map_err(|e| Failure(1, format!("{}: {e}", file.display())))?;
+    print!("{yaml}");
     Ok(())
 }
 

@@ -345,6 +345,27 @@ impl Agent {
         })
     }
 
+    /// The format's checks with this agent's trust and expectations, without the rollback
+    /// floor: any genuine release of our stack can be reviewed (`outpost-agent render`).
+    pub fn verify_for_review(
+        &self,
+        layout: &Layout,
+        now: DateTime<Utc>,
+    ) -> Result<VerifiedBundle, VerifyError> {
+        let checks = AgentChecks {
+            name: &self.config.expect.name,
+            channel: &self.config.expect.channel,
+            highest: None,
+            known: Vec::new(),
+        };
+        let trust = self
+            .trust
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        verify_with(layout, &trust, now, &self.limits, &checks)
+    }
+
     /// Everything `ingest` would decide, recording nothing (`outpost-agent verify FILE`).
     pub fn dry_run(
         &self,

@@ -3,7 +3,7 @@
 //! old one goes. A new release that fails rolls back to the last good one; the same loop,
 //! on an interval, repairs drift and autoscales.
 
-use crate::config::{Config, DockerGrant};
+use crate::config::{Config, Grant};
 use crate::forward::Forwarder;
 use crate::pipeline::Agent;
 use crate::plan::{Action, Desired, ReplicaId, ReplicaState, plan};
@@ -653,7 +653,7 @@ fn describe(action: &Action, stack: &str) -> String {
 struct Specs<'a> {
     stack: &'a Stack,
     digest: &'a str,
-    grants: BTreeMap<String, DockerGrant>,
+    grants: BTreeMap<String, Grant>,
     hashes: BTreeMap<&'a str, String>,
     warnings: Vec<String>,
 }
@@ -687,7 +687,7 @@ impl<'a> Specs<'a> {
                 }
             }
             let grant = config
-                .docker_grant(&c.permissions)
+                .grant(&c.permissions)
                 .map_err(|e| RolloutError::Placement(format!("{at}: {e}")))?;
             grants.insert(c.permissions.clone(), grant);
             hashes.insert(c.name.as_str(), crate::plan::config_hash(&stack.name, c));
