@@ -10,7 +10,7 @@ set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 VENV="${OUTPOST_VENV:-$REPO/.work/venv}"
-APT_PKGS=(docker-registry apache2-utils skopeo openssl git curl docker.io podman runc busybox-static netavark aardvark-dns)
+APT_PKGS=(docker-registry apache2-utils skopeo openssl git curl docker.io podman runc busybox-static netavark aardvark-dns systemd)
 PY_PKGS=(cryptography oras kubernetes_validate)
 
 export DEBIAN_FRONTEND=noninteractive

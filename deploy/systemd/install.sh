@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Installs outpost-agent as a systemd service on a VM or an on-prem host.
+#
+#   deploy/systemd/install.sh --binary PATH --config agent.yaml --root root.json [--no-start]
+#
+# Places the binary at /usr/local/bin/outpost-agent, the config at /etc/outpost/agent.yaml and
+# the pinned trust root at /etc/outpost/root.json (the config's trust.root should name it) and
+# the unit at /etc/systemd/system/outpost-agent.service, then enables and starts the service
+# unless --no-start. DESTDIR=DIR installs under DIR instead of / (packaging, tests).
+set -euo pipefail
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+DESTDIR="${DESTDIR:-}"
+binary="" config="" root="" start=1
+
+usage() { echo "usage: $0 --binary PATH --config agent.yaml --root root.json [--no-start]" >&2; exit 2; }
+die() { echo "install.sh: $*" >&2; exit 1; }
+
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --binary) binary="${2:-}"; shift 2 ;;
+        --config) config="${2:-}"; shift 2 ;;
+        --root) root="${2:-}"; shift 2 ;;
+        --no-start) start=0; shift ;;
+        *) usage ;;
+    esac
+done
+[ -n "$binary" ] && [ -n "$config" ] && [ -n "$root" ] || usage
+[ -x "$binary" ] || die "$binary is not an executable"
+[ -f "$config" ] || die "$config: no such file"
+[ -f "$root" ] || die "$root: no such file"
+
+install -D -m 0755 "$binary" "$DESTDIR/usr/local/bin/outpost-agent"
+install -d -m 0750 "$DESTDIR/etc/outpost"
+install -m 0640 "$config" "$DESTDIR/etc/outpost/agent.yaml"
+install -m 0644 "$root" "$DESTDIR/etc/outpost/root.json"
+install -D -m 0644 "$HERE/outpost-agent.service" "$DESTDIR/etc/systemd/system/outpost-agent.service"
+echo "installed: /usr/local/bin/outpost-agent, /etc/outpost/{agent.yaml,root.json}, outpost-agent.service${DESTDIR:+ (under $DESTDIR)}"
+
+if [ "$start" -eq 1 ] && [ -z "$DESTDIR" ]; then
+    systemctl daemon-reload
+    systemctl enable --now outpost-agent.service
+    systemctl --no-pager status outpost-agent.service || true
+fi
