@@ -19,6 +19,18 @@ use serde::Serialize;
 use serde_json::{Value, json};
 use std::sync::Mutex;
 
+/// The hex digests of the images `stack` runs.
+fn image_digests(
+    stack: &outpost_bundle_format::stack::Stack,
+) -> std::collections::BTreeSet<String> {
+    stack
+        .resources
+        .iter()
+        .filter_map(|r| r.container.image.digest())
+        .map(|d| d.hex())
+        .collect()
+}
+
 /// What became of a candidate bundle.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Ingested {
@@ -320,10 +332,32 @@ impl Agent {
         };
         if self.config.runtime == RuntimeKind::Docker {
             // Kept before acceptance: an accepted air-gapped release always has its images.
-            crate::runtime::docker::keep_bundled_images(
-                layout,
-                &self.config.state_dir.join("images"),
-            )?;
+            // Archives no release the agent may still run refers to go.
+            let images = self.config.state_dir.join("images");
+            if let Err(e) = crate::runtime::docker::keep_bundled_images(layout, &images) {
+                let rejection = Rejection {
+                    digest: Some(verified.digest().to_string()),
+                    origin: origin.to_string(),
+                    check: "bundled-image".into(),
+                    reason: format!("{e:#}"),
+                    at: rfc3339::format(&now),
+                };
+                self.store.record_rejection(&rejection)?;
+                return Ok(rejection.into());
+            }
+            let positions = self.store.positions()?;
+            let mut in_use = image_digests(verified.stack());
+            for release in [&positions.current, &positions.last_good, &positions.pending]
+                .into_iter()
+                .flatten()
+            {
+                let file: outpost_bundle_format::stack::StackFile =
+                    serde_json::from_str(&release.stack)?;
+                in_use.extend(image_digests(
+                    &outpost_bundle_format::stack::Stack::from_file(&file)?,
+                ));
+            }
+            crate::runtime::docker::prune_bundled_images(&images, &in_use);
         }
         let _decisions = self.lock_decisions();
         self.save_rotation(&verified)?;

@@ -27,6 +27,9 @@ impl Kind {
 }
 
 pub struct TestEngine {
+    /// Held while a Podman engine lives: netavark programs the host's iptables (NAT chains
+    /// for published ports) as if it were the only Podman, so two must not overlap.
+    _exclusive: Option<std::sync::MutexGuard<'static, ()>>,
     pub dir: tempfile::TempDir,
     pub kind: Kind,
     pub socket: PathBuf,
@@ -36,9 +39,15 @@ pub struct TestEngine {
 
 /// Each engine gets its own /24 under 10.213/16 (engines on one host must not overlap).
 static NEXT_SUBNET: AtomicU32 = AtomicU32::new(0);
+static PODMAN: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 impl TestEngine {
     pub fn start(kind: Kind) -> TestEngine {
+        let exclusive = (kind == Kind::Podman).then(|| {
+            PODMAN
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        });
         let dir = tempfile::Builder::new()
             .prefix("outpost-engine-")
             .tempdir()
@@ -59,6 +68,7 @@ impl TestEngine {
         let socket = PathBuf::from(result.stdout.lines().last().unwrap_or_default().trim());
         let block = (std::process::id() % 100) * 2 + NEXT_SUBNET.fetch_add(1, Ordering::Relaxed);
         TestEngine {
+            _exclusive: exclusive,
             dir,
             kind,
             socket,

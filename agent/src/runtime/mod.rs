@@ -158,7 +158,8 @@ pub async fn http_check(
         match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(address)).await {
             Ok(Ok(stream)) => stream,
             Ok(Err(e)) => return Health::Starting(format!("{address}: {e}")),
-            Err(_) => return Health::Unhealthy(format!("{address}: connect timed out")),
+            // Not reachable yet (port forwarding still being set up): waited for, like a refusal.
+            Err(_) => return Health::Starting(format!("{address}: connect timed out")),
         };
     let request = format!(
         "{} {} HTTP/1.1\r\nHost: {address}\r\nUser-Agent: outpost-agent\r\nConnection: close\r\n\r\n",
