@@ -101,12 +101,17 @@ cmd_stop() {
     [ -d "$dir" ] || return 0
     dir="$(cd "$dir" && pwd)"
     if is_running "$pidfile"; then
-        local sock="$dir/engine.sock"
+        local sock="$dir/engine.sock" subnets=""
         # Containers first, so nothing of ours outlives the engine.
         for id in $(curl -sf --unix-socket "$sock" 'http://engine/containers/json?all=1' |
             python3 -c 'import json,sys; print("\n".join(c["Id"] for c in json.load(sys.stdin)))' 2>/dev/null); do
             curl -sf -X DELETE --unix-socket "$sock" "http://engine/containers/$id?force=1&v=1" >/dev/null || true
         done
+        # The networks' subnets, to remove bridges an engine leaves behind (netavark does when
+        # it is stopped with networks in place); a stale bridge would shadow the next user of
+        # the subnet.
+        subnets="$(curl -sf --unix-socket "$sock" 'http://engine/networks' |
+            python3 -c 'import json,sys; print("\n".join(c["Subnet"] for n in json.load(sys.stdin) if n["Name"].startswith("outpost-") for c in ((n.get("IPAM") or {}).get("Config") or []) if c.get("Subnet")))' 2>/dev/null || true)"
         for net in $(curl -sf --unix-socket "$sock" 'http://engine/networks' |
             python3 -c 'import json,sys; print("\n".join(n["Name"] for n in json.load(sys.stdin) if n["Name"].startswith("outpost-")))' 2>/dev/null); do
             curl -sf -X DELETE --unix-socket "$sock" "http://engine/networks/$net" >/dev/null || true
@@ -134,6 +139,11 @@ cmd_stop() {
         done
         kill -KILL "$pid" 2>/dev/null || true
         for proc in "${helpers[@]}"; do kill -KILL "$proc" 2>/dev/null || true; done
+        for subnet in $subnets; do
+            for link in $(ip -o -4 addr show to "$subnet" 2>/dev/null | awk '{print $2}'); do
+                ip link delete "$link" 2>/dev/null || true
+            done
+        done
     fi
     rm -f "$pidfile"
     # dockerd leaves mounts (nsfs, overlay) behind under its roots.

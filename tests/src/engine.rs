@@ -66,13 +66,12 @@ impl TestEngine {
             result.stderr
         );
         let socket = PathBuf::from(result.stdout.lines().last().unwrap_or_default().trim());
-        let block = (std::process::id() % 100) * 2 + NEXT_SUBNET.fetch_add(1, Ordering::Relaxed);
         TestEngine {
             _exclusive: exclusive,
             dir,
             kind,
             socket,
-            subnet: format!("10.213.{}.0/24", block % 250),
+            subnet: free_subnet(),
         }
     }
 
@@ -125,6 +124,20 @@ impl TestEngine {
             ports.join(", ")
         )
     }
+}
+
+/// A /24 under 10.213/16 that no route on this host uses yet (another engine's network, or a
+/// bridge a crashed run left behind) and no other engine of this process was given.
+fn free_subnet() -> String {
+    let routes = run(Command::new("ip").args(["-o", "route"])).stdout;
+    for _ in 0..250 {
+        let block = (std::process::id() + NEXT_SUBNET.fetch_add(7, Ordering::Relaxed)) % 250;
+        let subnet = format!("10.213.{block}.0/24");
+        if !routes.contains(&subnet) {
+            return subnet;
+        }
+    }
+    panic!("every 10.213.N.0/24 is routed on this host: remove stale bridges (ip link)");
 }
 
 impl Drop for TestEngine {

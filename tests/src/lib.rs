@@ -141,6 +141,31 @@ pub fn python() -> Command {
     Command::new(python)
 }
 
+/// `outpost-signer build STACK --version V --sequence N EXTRA... --out OUT`; must succeed.
+pub fn build_bundle(stack: &Path, version: &str, sequence: u64, extra: &[&str], out: &Path) {
+    run(signer()
+        .arg("build")
+        .arg(stack)
+        .args(["--version", version, "--sequence", &sequence.to_string()])
+        .args(extra)
+        .arg("--out")
+        .arg(out))
+    .ok();
+}
+
+/// Signs the bundle file with each test key (`testdata/keys/NAME.key`, password `test`).
+pub fn sign_with(bundle: &Path, keys: &[&str]) {
+    for key in keys {
+        run(signer()
+            .arg("sign")
+            .arg(bundle)
+            .arg("--key")
+            .arg(testdata().join(format!("keys/{key}.key")))
+            .env("OUTPOST_PASSWORD", "test"))
+        .ok();
+    }
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())

@@ -4,7 +4,7 @@
 
 #![allow(clippy::unwrap_used)] // test code: a panic is a failed test
 
-use outpost_tests::{Run, binary, python, repo, run, signer, testdata};
+use outpost_tests::{Run, binary, build_bundle, python, repo, run, sign_with, testdata};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -13,28 +13,20 @@ const KUBERNETES: [&str; 2] = ["1.33.0", "1.37.0"];
 
 fn signed_bundle(dir: &Path) -> PathBuf {
     let bundle = dir.join("shop-1.0.0.tar");
-    run(signer()
-        .arg("build")
-        .arg(testdata().join("stacks/valid/everything.yaml"))
-        .args(["--version", "1.0.0", "--sequence", "1", "--offline"])
-        .args([
+    build_bundle(
+        &testdata().join("stacks/valid/everything.yaml"),
+        "1.0.0",
+        1,
+        &[
+            "--offline",
             "--created",
             "2026-01-01T00:00:00Z",
             "--expires",
             "2099-01-01T00:00:00Z",
-        ])
-        .arg("--out")
-        .arg(&bundle))
-    .ok();
-    for key in ["vendor-a", "vendor-b"] {
-        run(signer()
-            .arg("sign")
-            .arg(&bundle)
-            .arg("--key")
-            .arg(testdata().join(format!("keys/{key}.key")))
-            .env("OUTPOST_PASSWORD", "test"))
-        .ok();
-    }
+        ],
+        &bundle,
+    );
+    sign_with(&bundle, &["vendor-a", "vendor-b"]);
     bundle
 }
 
@@ -114,25 +106,13 @@ fn render_refuses_untrusted_bundles_and_unmapped_identities() {
     );
     // A bundle signed by one key where two are required.
     let single = dir.path().join("single.tar");
-    run(signer()
-        .arg("build")
-        .arg(testdata().join("stacks/valid/everything.yaml"))
-        .args([
-            "--version",
-            "1.0.0",
-            "--sequence",
-            "1",
-            "--offline",
-            "--out",
-        ])
-        .arg(&single))
-    .ok();
-    run(signer()
-        .arg("sign")
-        .arg(&single)
-        .arg("--key")
-        .arg(testdata().join("keys/vendor-a.key"))
-        .env("OUTPOST_PASSWORD", "test"))
-    .ok();
+    build_bundle(
+        &testdata().join("stacks/valid/everything.yaml"),
+        "1.0.0",
+        1,
+        &["--offline"],
+        &single,
+    );
+    sign_with(&single, &["vendor-a"]);
     render(&single, &config(dir.path(), GRANTS)).fails(1, "verification failed: threshold-unmet");
 }

@@ -10,7 +10,7 @@ use outpost_bundle_format::stack::StackFile;
 use outpost_tests::agent::{AgentProcess, drop_file};
 use outpost_tests::engine::{Kind, TestEngine, demo_image, http_body};
 use outpost_tests::forge::{metadata, signed, tar};
-use outpost_tests::{TestRegistry, eventually_within, free_port, run, signer, testdata};
+use outpost_tests::{TestRegistry, build_bundle, eventually_within, free_port, sign_with};
 use serde_json::{Value, json};
 use std::path::Path;
 
@@ -345,28 +345,8 @@ fn air_gapped_images_load_from_the_bundle(kind: Kind) {
             serde_json::to_string(&stack(&release)).unwrap(),
         )
         .unwrap();
-        run(signer()
-            .arg("build")
-            .arg(&stack_file)
-            .args([
-                "--version",
-                "1.0.0",
-                "--sequence",
-                "1",
-                "--with-images",
-                "--out",
-            ])
-            .arg(&bundle_file))
-        .ok();
-        for key in BOTH {
-            run(signer()
-                .arg("sign")
-                .arg(&bundle_file)
-                .arg("--key")
-                .arg(testdata().join(format!("keys/{key}.key")))
-                .env("OUTPOST_PASSWORD", "test"))
-            .ok();
-        }
+        build_bundle(&stack_file, "1.0.0", 1, &["--with-images"], &bundle_file);
+        sign_with(&bundle_file, &BOTH);
     }
     let drop = tempfile::tempdir().unwrap();
     let web = free_port();

@@ -170,10 +170,12 @@ pub async fn http_check(
         return Health::Starting(format!("{address}: {e}"));
     }
     match tokio::time::timeout(timeout, read_status(&mut stream)).await {
-        Ok(Ok(status)) if (200..400).contains(&status) => Health::Healthy,
-        Ok(Ok(status)) => {
+        Ok(Ok(Some(status))) if (200..400).contains(&status) => Health::Healthy,
+        Ok(Ok(Some(status))) => {
             Health::Unhealthy(format!("{} {} answered {status}", check.method, check.path))
         }
+        // Closed without a byte: a port proxy (docker-proxy) with nothing listening behind it.
+        Ok(Ok(None)) => Health::Starting(format!("{address}: closed without an answer")),
         Ok(Err(e)) => Health::Unhealthy(e),
         Err(_) => Health::Unhealthy(format!(
             "{} {} timed out after {}s",
@@ -182,23 +184,30 @@ pub async fn http_check(
     }
 }
 
-async fn read_status(stream: &mut tokio::net::TcpStream) -> Result<u16, String> {
+/// The status code of an HTTP answer; None when the peer closed without sending anything.
+async fn read_status(stream: &mut tokio::net::TcpStream) -> Result<Option<u16>, String> {
     use tokio::io::AsyncReadExt;
     let mut head = [0u8; 64];
     let mut read = 0;
     while read < 12 {
-        let n = stream
-            .read(&mut head[read..])
-            .await
-            .map_err(|e| e.to_string())?;
+        let n = match stream.read(&mut head[read..]).await {
+            Ok(n) => n,
+            // A proxy resetting the connection: nothing behind it yet, like a close.
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset && read == 0 => 0,
+            Err(e) => return Err(e.to_string()),
+        };
         if n == 0 {
             break;
         }
         read += n;
     }
+    if read == 0 {
+        return Ok(None);
+    }
     let line = String::from_utf8_lossy(&head[..read]);
     line.split_whitespace()
         .nth(1)
         .and_then(|s| s.parse().ok())
+        .map(Some)
         .ok_or_else(|| format!("not an HTTP answer: {:?}", line.trim()))
 }
