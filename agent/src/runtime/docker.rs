@@ -86,11 +86,8 @@ impl DockerRuntime {
             if !self.engine.image_exists(&id).await? {
                 notes(format!("loading {image} from the bundle"));
                 let archive = self.bundled_images.join(format!("{hex}.tar"));
-                let bytes = tokio::fs::read(&archive)
-                    .await
-                    .map_err(|e| RuntimeError(format!("{}: {e}", archive.display())))?;
                 self.engine
-                    .load(bytes)
+                    .load(&archive)
                     .await
                     .map_err(|e| RuntimeError(format!("loading {image} from the bundle: {e}")))?;
             }

@@ -2,7 +2,7 @@
 //! runtime makes, nothing more. dockerd and Podman's compatible service both answer it.
 //! One connection per request: the socket is local, and nothing is held between polls.
 
-use http_body_util::{BodyExt, Full};
+use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Bytes;
 use hyper::{Method, Request, StatusCode};
 use serde_json::Value;
@@ -12,7 +12,9 @@ use std::time::Duration;
 const API: &str = "/v1.41";
 /// Engine answers are small JSON documents; anything bigger is a fault, not data.
 const MAX_ANSWER: usize = 16 << 20;
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long the engine may stay silent: for the answer's head, and between parts of a streamed
+/// answer (a long pull that keeps reporting progress is fine).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -40,7 +42,55 @@ impl EngineError {
 enum Payload<'a> {
     None,
     Json(&'a Value),
-    Tar(Vec<u8>),
+    /// A tar archive streamed from a file, never held in memory whole (images are large).
+    TarFile(FileBody),
+}
+
+/// A file as a request body, read a chunk at a time.
+struct FileBody {
+    file: tokio::fs::File,
+    size: u64,
+    buffer: Box<[u8]>,
+}
+
+impl FileBody {
+    async fn open(path: &Path) -> std::io::Result<FileBody> {
+        let file = tokio::fs::File::open(path).await?;
+        let size = file.metadata().await?.len();
+        Ok(FileBody {
+            file,
+            size,
+            buffer: vec![0u8; 256 << 10].into_boxed_slice(),
+        })
+    }
+}
+
+impl hyper::body::Body for FileBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, std::io::Error>>> {
+        use tokio::io::AsyncRead;
+        let this = &mut *self;
+        let mut read = tokio::io::ReadBuf::new(&mut this.buffer);
+        match std::pin::Pin::new(&mut this.file).poll_read(cx, &mut read) {
+            std::task::Poll::Pending => std::task::Poll::Pending,
+            std::task::Poll::Ready(Err(e)) => std::task::Poll::Ready(Some(Err(e))),
+            std::task::Poll::Ready(Ok(())) if read.filled().is_empty() => {
+                std::task::Poll::Ready(None)
+            }
+            std::task::Poll::Ready(Ok(())) => std::task::Poll::Ready(Some(Ok(
+                hyper::body::Frame::data(Bytes::copy_from_slice(read.filled())),
+            ))),
+        }
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        hyper::body::SizeHint::with_exact(self.size)
+    }
 }
 
 #[derive(Clone)]
@@ -87,24 +137,30 @@ impl Engine {
         for (name, value) in headers {
             request = request.header(*name, value);
         }
+        let mut head_timeout = IDLE_TIMEOUT;
         let payload = match body {
             Payload::Json(body) => {
                 request = request.header("Content-Type", "application/json");
-                Bytes::from(serde_json::to_vec(body).unwrap_or_default())
+                Either::Left(Full::new(Bytes::from(
+                    serde_json::to_vec(body).unwrap_or_default(),
+                )))
             }
-            Payload::Tar(bytes) => {
-                request = request.header("Content-Type", "application/x-tar");
-                Bytes::from(bytes)
+            Payload::TarFile(file) => {
+                // The head comes after the whole upload: allow for it at 10 MiB/s.
+                head_timeout += Duration::from_secs(file.size / (10 << 20));
+                request = request
+                    .header("Content-Type", "application/x-tar")
+                    .header("Content-Length", file.size);
+                Either::Right(file)
             }
-            Payload::None => Bytes::new(),
+            Payload::None => Either::Left(Full::new(Bytes::new())),
         };
-        let request = request
-            .body(Full::new(payload))
-            .map_err(|e| self.transport(e))?;
+        let request = request.body(payload).map_err(|e| self.transport(e))?;
+        let silent = |what: &str| self.transport(format!("{method} {path}: no {what} in time"));
         let exchange = async {
-            let response = sender
-                .send_request(request)
+            let response = tokio::time::timeout(head_timeout, sender.send_request(request))
                 .await
+                .map_err(|_| silent("answer"))?
                 .map_err(|e| self.transport(e))?;
             let status = response.status();
             let mut body = response.into_body();
@@ -129,7 +185,10 @@ impl Engine {
                 on_line(&value);
                 Ok(())
             };
-            while let Some(frame) = body.frame().await {
+            while let Some(frame) = tokio::time::timeout(IDLE_TIMEOUT, body.frame())
+                .await
+                .map_err(|_| silent("progress"))?
+            {
                 let frame = frame.map_err(|e| self.transport(e))?;
                 if let Some(data) = frame.data_ref() {
                     if answer.len() + data.len() > MAX_ANSWER {
@@ -149,11 +208,7 @@ impl Engine {
             }
             Ok((status, answer))
         };
-        let (status, answer) = tokio::time::timeout(REQUEST_TIMEOUT, exchange)
-            .await
-            .map_err(|_| {
-                self.transport(format!("{method} {path}: no answer in {REQUEST_TIMEOUT:?}"))
-            })??;
+        let (status, answer) = exchange.await?;
         if status.is_success() || status == StatusCode::NOT_MODIFIED {
             return Ok(answer);
         }
@@ -317,12 +372,15 @@ impl Engine {
         .map(|_| ())
     }
 
-    /// Loads a `docker save` style archive.
-    pub async fn load(&self, archive: Vec<u8>) -> Result<(), EngineError> {
+    /// Loads a `docker save` style archive, streamed from `archive`.
+    pub async fn load(&self, archive: &Path) -> Result<(), EngineError> {
+        let body = FileBody::open(archive)
+            .await
+            .map_err(|e| self.transport(format!("{}: {e}", archive.display())))?;
         self.send(
             Method::POST,
             "/images/load?quiet=true",
-            Payload::Tar(archive),
+            Payload::TarFile(body),
             &[],
             Some(&mut |_| {}),
         )
