@@ -371,19 +371,28 @@ fn runtime_text(runtime: &Value) -> String {
     if let Some(note) = get("note") {
         out.push_str(&format!("           {note}\n"));
     }
-    if let Some(error) = get("last_error") {
-        out.push_str(&format!("           last error: {error}\n"));
+    for (key, label) in [
+        ("last_error", "last error"),
+        ("last_rollback", "last rollback"),
+    ] {
+        if let Some(text) = get(key) {
+            out.push_str(&format!("           {label}: {text}\n"));
+        }
     }
-    for endpoint in view
-        .get("endpoints")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
-        out.push_str(&format!(
-            "endpoint:  {}\n",
-            endpoint.as_str().unwrap_or_default()
-        ));
+    let list = |key: &str| {
+        view.get(key)
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+    };
+    for (key, label) in [
+        ("endpoints", "endpoint: "),
+        ("endpoint_errors", "endpoint: "),
+    ] {
+        for line in list(key) {
+            out.push_str(&format!("{label} {line}\n"));
+        }
     }
     for (name, resource) in view
         .get("resources")
@@ -403,27 +412,8 @@ fn runtime_text(runtime: &Value) -> String {
             ));
         }
     }
-    for finding in view
-        .get("findings")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
-        out.push_str(&format!(
-            "finding:   {}\n",
-            finding.as_str().unwrap_or_default()
-        ));
-    }
-    for warning in view
-        .get("warnings")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
-        out.push_str(&format!(
-            "warning:   {}\n",
-            warning.as_str().unwrap_or_default()
-        ));
+    for finding in list("findings") {
+        out.push_str(&format!("finding:   {finding}\n"));
     }
     out
 }

@@ -131,6 +131,31 @@ pub fn dependency_order(stack: &Stack) -> Vec<usize> {
     order
 }
 
+/// The environment a replica of `container` starts with: the vendor's, plus for each link
+/// `<LINK>_HOST` (`host` of the linked resource's name), `<LINK>_PORT` (its first port) and
+/// `<LINK>_PORTS` (all, comma-separated). Every runtime hands links over this way.
+pub fn link_environment(
+    stack: &Stack,
+    container: &Container,
+    host: impl Fn(&str) -> String,
+) -> BTreeMap<String, String> {
+    let mut environment = container.environment.clone();
+    for link in &container.links {
+        let Some(linked) = stack.resources.iter().find(|r| r.container.name == *link) else {
+            continue;
+        };
+        let prefix = link.to_uppercase().replace('-', "_");
+        let ports: Vec<String> = linked.container.ports.iter().map(u16::to_string).collect();
+        environment.insert(format!("{prefix}_HOST"), host(link));
+        environment.insert(
+            format!("{prefix}_PORT"),
+            ports.first().cloned().unwrap_or_default(),
+        );
+        environment.insert(format!("{prefix}_PORTS"), ports.join(","));
+    }
+    environment
+}
+
 /// Hash of what makes a replica of `container` differ. The fields are spelled out (in this
 /// order) rather than derived, so an agent upgrade never changes hashes and rolls every replica.
 pub fn config_hash(stack: &str, container: &Container) -> String {

@@ -8,10 +8,9 @@
 //! config, never from the vendor's stack.
 
 use crate::config::{Config, KubernetesConfig, Placement};
-use crate::plan::{config_hash, dependency_order};
+use crate::plan::{config_hash, dependency_order, link_environment};
 use outpost_bundle_format::stack::{Container, Protocol, Scaling, Stack};
 use serde_json::{Map, Value, json};
-use std::collections::BTreeMap;
 
 pub const MANAGED_BY: &str = "outpost";
 const STACK_LABEL: &str = "outpost.dev/stack";
@@ -226,23 +225,10 @@ impl Object {
         placement: &Placement,
     ) -> Value {
         let k8s = &config.kubernetes;
-        let mut environment: BTreeMap<String, String> = c.environment.clone();
-        for link in &c.links {
-            if let Some(linked) = stack.resources.iter().find(|r| r.container.name == *link) {
-                let prefix = link.to_uppercase().replace('-', "_");
-                let ports: Vec<String> =
-                    linked.container.ports.iter().map(u16::to_string).collect();
-                environment.insert(
-                    format!("{prefix}_HOST"),
-                    format!("{}-{link}.{}.svc", stack.name, k8s.namespace),
-                );
-                environment.insert(
-                    format!("{prefix}_PORT"),
-                    ports.first().cloned().unwrap_or_default(),
-                );
-                environment.insert(format!("{prefix}_PORTS"), ports.join(","));
-            }
-        }
+        // Links by the linked resource's Service DNS name.
+        let environment = link_environment(stack, c, |link| {
+            format!("{}-{link}.{}.svc", stack.name, k8s.namespace)
+        });
         let mut requests = Map::new();
         let mut limits = Map::new();
         requests.insert("cpu".into(), json!(cpu(c.cpu.min)));

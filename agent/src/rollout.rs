@@ -52,14 +52,15 @@ impl RuntimeView {
     }
 }
 
-/// Why a rollout stopped.
+/// Why a rollout stopped, in one line.
 #[derive(Debug, thiserror::Error)]
-pub enum RolloutError {
-    /// The release cannot run here as configured (pool, GPU, grant): nothing was touched.
-    #[error("{0}")]
-    Placement(String),
-    #[error("{0}")]
-    Failed(String),
+#[error("{0}")]
+pub struct RolloutError(String);
+
+impl From<crate::runtime::RuntimeError> for RolloutError {
+    fn from(e: crate::runtime::RuntimeError) -> Self {
+        RolloutError(e.0)
+    }
 }
 
 pub struct Converger<R: Runtime> {
@@ -105,7 +106,6 @@ impl<R: Runtime> Converger<R> {
 
     /// Converges forever: at once when the current release changes, else every drift interval.
     pub async fn run(&self) {
-        self.view().set("kind", json!(self.runtime.name()));
         match self.agent.store.interrupted_steps(crate::config::now()) {
             Ok(steps) => {
                 for (digest, step) in steps {
@@ -231,17 +231,12 @@ impl<R: Runtime> Converger<R> {
         fresh: bool,
     ) -> Result<Vec<String>, RolloutError> {
         let file: StackFile = serde_json::from_str(&release.stack)
-            .map_err(|e| RolloutError::Placement(format!("stored stack: {e}")))?;
-        let stack = Stack::from_file(&file).map_err(|e| RolloutError::Placement(e.to_string()))?;
+            .map_err(|e| RolloutError(format!("stored stack: {e}")))?;
+        let stack = Stack::from_file(&file).map_err(|e| RolloutError(e.to_string()))?;
         let specs = Specs::new(self.config(), &stack, &release.digest)?;
-        let failed = |e: crate::runtime::RuntimeError| RolloutError::Failed(e.0);
-        let mut instances = self.runtime.observe(&stack.name).await.map_err(failed)?;
-        if self
-            .settle_surges(&stack.name, &instances)
-            .await
-            .map_err(failed)?
-        {
-            instances = self.runtime.observe(&stack.name).await.map_err(failed)?;
+        let mut instances = self.runtime.observe(&stack.name).await?;
+        if self.settle_surges(&stack.name, &instances).await? {
+            instances = self.runtime.observe(&stack.name).await?;
         }
         if !fresh {
             self.autoscale(&stack, &instances).await;
@@ -252,7 +247,7 @@ impl<R: Runtime> Converger<R> {
             .map(|s| s.iter().map(|(k, (n, _))| (k.clone(), *n)).collect())
             .unwrap_or_default();
         let digest = Digest::parse(&release.digest)
-            .map_err(|e| RolloutError::Placement(format!("stored digest: {e}")))?;
+            .map_err(|e| RolloutError(format!("stored digest: {e}")))?;
         let desired = Desired::new(&stack, digest, &scale);
         let observed: Vec<_> = instances
             .iter()
@@ -261,7 +256,6 @@ impl<R: Runtime> Converger<R> {
             .collect();
         let plan = plan(&desired, &observed, crate::config::now());
         self.view().set("findings", json!(plan.findings));
-        self.view().set("warnings", json!(specs.warnings.clone()));
         let mut taken = Vec::new();
         // Like a Deployment's progressDeadlineSeconds: each step must make progress in time,
         // however many replicas the resource has.
@@ -275,7 +269,7 @@ impl<R: Runtime> Converger<R> {
                 .agent
                 .store
                 .begin_step(&release.digest, &described, crate::config::now())
-                .map_err(|e| RolloutError::Failed(format!("journal: {e}")))?;
+                .map_err(|e| RolloutError(format!("journal: {e}")))?;
             let outcome = self.carry_out(action, &stack, &specs, until).await;
             let _ = self.agent.store.finish_step(
                 journal,
@@ -346,32 +340,31 @@ impl<R: Runtime> Converger<R> {
         until: Instant,
     ) -> Result<(), RolloutError> {
         let name = stack.name.as_str();
-        let failed = |e: crate::runtime::RuntimeError| RolloutError::Failed(e.0);
         let view = self.view();
         let notes = |note: String| view.set("note", json!(note));
         match action {
-            Action::Create { replica, .. } => {
-                self.create_healthy(name, specs, replica, Slot::Primary, until, &notes)
+            Action::Create {
+                replica,
+                config_hash,
+            } => {
+                let spec = specs.spec(replica, config_hash)?;
+                self.create_healthy(&spec, specs, Slot::Primary, until, &notes)
                     .await
             }
             Action::Replace {
                 replica,
+                config_hash,
                 stop_first: false,
                 ..
             } => {
-                let created = self
-                    .create_healthy(name, specs, replica, Slot::Surge, until, &notes)
-                    .await;
-                if let Err(e) = created {
-                    // The old replica never stopped serving; the failed new one goes.
-                    let _ = self.runtime.remove(name, replica, Slot::Surge, false).await;
-                    return Err(e);
-                }
+                let spec = specs.spec(replica, config_hash)?;
+                // The old replica serves until the new one is healthy.
+                self.create_healthy(&spec, specs, Slot::Surge, until, &notes)
+                    .await?;
                 self.refresh_routes(stack).await;
                 self.runtime
                     .remove(name, replica, Slot::Primary, false)
-                    .await
-                    .map_err(failed)?;
+                    .await?;
                 self.runtime
                     .apply(
                         Step::Promote {
@@ -381,20 +374,20 @@ impl<R: Runtime> Converger<R> {
                         &notes,
                     )
                     .await
-                    .map_err(failed)
+                    .map_err(RolloutError::from)
             }
             Action::Replace {
                 replica,
+                config_hash,
                 stop_first: true,
                 ..
             } => {
                 // Stateful: one at a time on the same volume, never two writers.
-                specs.spec(replica)?;
+                let spec = specs.spec(replica, config_hash)?;
                 self.runtime
                     .remove(name, replica, Slot::Primary, false)
-                    .await
-                    .map_err(failed)?;
-                self.create_healthy(name, specs, replica, Slot::Primary, until, &notes)
+                    .await?;
+                self.create_healthy(&spec, specs, Slot::Primary, until, &notes)
                     .await
             }
             Action::Start { replica } => {
@@ -406,8 +399,7 @@ impl<R: Runtime> Converger<R> {
                         },
                         &notes,
                     )
-                    .await
-                    .map_err(failed)?;
+                    .await?;
                 self.wait_healthy(name, replica, Slot::Primary, specs.probe(replica), until)
                     .await
             }
@@ -420,27 +412,40 @@ impl<R: Runtime> Converger<R> {
                     self.config().docker.delete_volumes,
                 )
                 .await
-                .map_err(failed),
+                .map_err(RolloutError::from),
         }
     }
 
-    /// Creates the replica in `slot` and waits until it is healthy.
+    /// Creates the replica in `slot` and waits until it is healthy. One that never becomes
+    /// healthy is removed (its volume stays): left running, the next pass would find it in
+    /// place with the right config and take it for converged.
     async fn create_healthy(
         &self,
-        stack: &str,
+        spec: &ReplicaSpec,
         specs: &Specs<'_>,
-        replica: &ReplicaId,
         slot: Slot,
         until: Instant,
         notes: crate::runtime::Notes<'_>,
     ) -> Result<(), RolloutError> {
-        let spec = specs.spec(replica)?;
         self.runtime
-            .apply(Step::Create { spec: &spec, slot }, notes)
-            .await
-            .map_err(|e| RolloutError::Failed(e.0))?;
-        self.wait_healthy(stack, replica, slot, specs.probe(replica), until)
-            .await
+            .apply(Step::Create { spec, slot }, notes)
+            .await?;
+        let healthy = self
+            .wait_healthy(
+                &spec.stack,
+                &spec.replica,
+                slot,
+                specs.probe(&spec.replica),
+                until,
+            )
+            .await;
+        if healthy.is_err() {
+            let _ = self
+                .runtime
+                .remove(&spec.stack, &spec.replica, slot, false)
+                .await;
+        }
+        healthy
     }
 
     /// Waits until the replica is healthy: its HTTP check passes, or (without one) it has run
@@ -462,11 +467,7 @@ impl<R: Runtime> Converger<R> {
         let mut last = String::from("no health observation yet");
         let name = crate::runtime::container_name(stack, replica, slot);
         loop {
-            let instances = self
-                .runtime
-                .observe(stack)
-                .await
-                .map_err(|e| RolloutError::Failed(e.0))?;
+            let instances = self.runtime.observe(stack).await?;
             let health = match instances
                 .iter()
                 .find(|i| i.replica.id == *replica && i.slot == slot)
@@ -479,7 +480,7 @@ impl<R: Runtime> Converger<R> {
                 Health::Healthy => {}
                 Health::Starting(why) => last = why,
                 Health::Down(why) => {
-                    return Err(RolloutError::Failed(format!("{name}: {why}")));
+                    return Err(RolloutError(format!("{name}: {why}")));
                 }
                 Health::Unhealthy(why) => {
                     last = why.clone();
@@ -487,14 +488,14 @@ impl<R: Runtime> Converger<R> {
                         failures += 1;
                     }
                     if failures >= threshold {
-                        return Err(RolloutError::Failed(format!(
+                        return Err(RolloutError(format!(
                             "{name}: health check failed {failures} times in a row: {why}"
                         )));
                     }
                 }
             }
             if Instant::now() >= until {
-                return Err(RolloutError::Failed(format!(
+                return Err(RolloutError(format!(
                     "{name}: not healthy within the progress deadline ({}s): {last}",
                     self.config().rollout.progress_deadline_seconds
                 )));
@@ -654,21 +655,18 @@ struct Specs<'a> {
     stack: &'a Stack,
     digest: &'a str,
     grants: BTreeMap<String, Grant>,
-    hashes: BTreeMap<&'a str, String>,
-    warnings: Vec<String>,
 }
 
 impl<'a> Specs<'a> {
     fn new(config: &Config, stack: &'a Stack, digest: &'a str) -> Result<Specs<'a>, RolloutError> {
         let mut grants = BTreeMap::new();
-        let mut hashes = BTreeMap::new();
         for resource in &stack.resources {
             let c = &resource.container;
             let at = format!("resource {}", c.name);
             if let Some(pool) = &c.pool
                 && !config.pools.contains(pool)
             {
-                return Err(RolloutError::Placement(format!(
+                return Err(RolloutError(format!(
                     "{at}: pool {pool:?} is not one of this agent's pools ({}) (config key pools)",
                     if config.pools.is_empty() {
                         "none".to_string()
@@ -680,7 +678,7 @@ impl<'a> Specs<'a> {
             if let Some(gpu) = &c.gpu {
                 let have = config.docker.gpus.get(&gpu.kind).copied().unwrap_or(0);
                 if have < gpu.count {
-                    return Err(RolloutError::Placement(format!(
+                    return Err(RolloutError(format!(
                         "{at}: needs {} GPU of type {:?}; this host has {have} (config key docker.gpus)",
                         gpu.count, gpu.kind
                     )));
@@ -688,17 +686,13 @@ impl<'a> Specs<'a> {
             }
             let grant = config
                 .grant(&c.permissions)
-                .map_err(|e| RolloutError::Placement(format!("{at}: {e}")))?;
+                .map_err(|e| RolloutError(format!("{at}: {e}")))?;
             grants.insert(c.permissions.clone(), grant);
-            hashes.insert(c.name.as_str(), crate::plan::config_hash(&stack.name, c));
         }
-        let warnings = Vec::new();
         Ok(Specs {
             stack,
             digest,
             grants,
-            hashes,
-            warnings,
         })
     }
 
@@ -708,7 +702,7 @@ impl<'a> Specs<'a> {
             .iter()
             .map(|r| &r.container)
             .find(|c| c.name == replica.resource)
-            .ok_or_else(|| RolloutError::Failed(format!("no resource {}", replica.resource)))
+            .ok_or_else(|| RolloutError(format!("no resource {}", replica.resource)))
     }
 
     fn probe(&self, replica: &ReplicaId) -> Option<&'a Probe> {
@@ -717,38 +711,18 @@ impl<'a> Specs<'a> {
             .and_then(|c| c.health_check.as_ref())
     }
 
-    fn spec(&self, replica: &ReplicaId) -> Result<ReplicaSpec, RolloutError> {
+    /// What `replica` gets at `config_hash` (the plan's hash of its resource).
+    fn spec(&self, replica: &ReplicaId, config_hash: &str) -> Result<ReplicaSpec, RolloutError> {
         let c = self.container(replica)?;
-        let mut environment = c.environment.clone();
-        for link in &c.links {
-            if let Some(linked) = self
-                .stack
-                .resources
-                .iter()
-                .find(|r| r.container.name == *link)
-            {
-                let prefix = link.to_uppercase().replace('-', "_");
-                let ports: Vec<String> =
-                    linked.container.ports.iter().map(u16::to_string).collect();
-                environment.insert(format!("{prefix}_HOST"), link.clone());
-                environment.insert(
-                    format!("{prefix}_PORT"),
-                    ports.first().cloned().unwrap_or_default(),
-                );
-                environment.insert(format!("{prefix}_PORTS"), ports.join(","));
-            }
-        }
+        // Resources find each other by name on the stack's network.
+        let mut environment = crate::plan::link_environment(self.stack, c, |link| link.to_string());
         let grant = self.grants.get(&c.permissions).cloned().unwrap_or_default();
         environment.extend(grant.environment);
         Ok(ReplicaSpec {
             stack: self.stack.name.clone(),
             replica: replica.clone(),
             digest: self.digest.to_string(),
-            config_hash: self
-                .hashes
-                .get(c.name.as_str())
-                .cloned()
-                .unwrap_or_default(),
+            config_hash: config_hash.to_string(),
             image: c.image.to_string(),
             command: c.command.clone(),
             environment,
@@ -991,7 +965,7 @@ resources:
         );
         let (_, stack) = Stack::from_yaml(&vendor).unwrap();
         let specs = Specs::new(&config, &stack, "sha256:00").unwrap();
-        let spec = specs.spec(&ReplicaId::new("web", 1)).unwrap();
+        let spec = specs.spec(&ReplicaId::new("web", 1), "hash").unwrap();
         assert_eq!(spec.environment["TOKEN"], "from-customer");
         assert_eq!(spec.environment["MODE"], "fast");
         assert_eq!(spec.environment["DB_HOST"], "db");
@@ -1001,7 +975,7 @@ resources:
             Some(&std::path::PathBuf::from("/etc/outpost/creds"))
         );
         assert_eq!(spec.volume, None);
-        let db = specs.spec(&ReplicaId::new("db", 0)).unwrap();
+        let db = specs.spec(&ReplicaId::new("db", 0), "hash").unwrap();
         assert_eq!(db.volume.as_deref(), Some("acme-db-0-data"));
     }
 
@@ -1030,6 +1004,28 @@ resources:
         c.runtime().set_usage(400.0, 10.0);
         c.converge_once().await.unwrap();
         assert_eq!(c.runtime().images().len(), 4);
+    }
+
+    #[tokio::test]
+    async fn a_replica_that_never_becomes_healthy_is_not_left_to_pass_for_converged() {
+        let (_dir, c) = converger("");
+        c.runtime().break_image(BROKEN);
+        let broken = STACK.replace(
+            "r.example/web@sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+            BROKEN,
+        );
+        release(&c, &broken, "1.0.0", 1);
+        // A first install has nothing to roll back to: it fails, and so does every retry,
+        // instead of finding the unhealthy replica in place and calling it converged.
+        for _ in 0..2 {
+            let error = c.converge_once().await.unwrap_err().to_string();
+            assert!(
+                error.contains("no earlier release to roll back to"),
+                "{error}"
+            );
+            assert!(!c.runtime().images().contains_key("web-0"));
+        }
+        assert_eq!(c.agent.store.converged().unwrap(), None);
     }
 
     #[tokio::test]

@@ -243,10 +243,6 @@ fn label<'a>(item: &'a Value, key: &str) -> Option<&'a str> {
 }
 
 impl Runtime for DockerRuntime {
-    fn name(&self) -> String {
-        "docker".into()
-    }
-
     async fn observe(&self, stack: &str) -> RuntimeResult<Vec<Instance>> {
         let items = self
             .engine

@@ -94,10 +94,6 @@ fn slot_name(slot: Slot) -> &'static str {
 }
 
 impl Runtime for FakeRuntime {
-    fn name(&self) -> String {
-        "fake".into()
-    }
-
     async fn observe(&self, stack: &str) -> RuntimeResult<Vec<Instance>> {
         let state = self.lock();
         Ok(state

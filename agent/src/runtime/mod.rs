@@ -111,9 +111,6 @@ pub type Notes<'a> = &'a (dyn Fn(String) + Send + Sync);
 
 #[allow(async_fn_in_trait)]
 pub trait Runtime: Send + Sync {
-    /// `docker`, `podman`, `fake`...
-    fn name(&self) -> String;
-
     /// Every replica of `stack` carrying our owner label.
     async fn observe(&self, stack: &str) -> RuntimeResult<Vec<Instance>>;
 
