@@ -33,11 +33,16 @@ engine_api() { # METHOD PATH
     curl -sf -X "$1" --unix-socket "$(cat "$WORK/engine.socket")" "http://engine/v1.41$2"
 }
 
-# Stops what a previous run started: the agent, the demo's containers, volume and network
-# (on an engine we did not start), our engine, the registry.
+# Stops what a previous run started: the agent (waiting until it is gone, so it repairs
+# nothing behind us), the demo's containers, volume, network and images (on an engine we did
+# not start), our engine, the registry.
 stop_all() {
     if [ -f "$WORK/agent.pid" ]; then
-        kill "$(cat "$WORK/agent.pid")" 2>/dev/null || true
+        local pid
+        pid="$(cat "$WORK/agent.pid")"
+        kill "$pid" 2>/dev/null || true
+        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL "$pid" 2>/dev/null || true
         rm -f "$WORK/agent.pid"
     fi
     if [ -f "$WORK/engine.socket" ] && [ ! -d "$WORK/engine" ]; then
@@ -47,6 +52,9 @@ stop_all() {
         done
         engine_api DELETE /volumes/demo-store-0-data >/dev/null 2>&1 || true
         engine_api DELETE /networks/outpost-demo >/dev/null 2>&1 || true
+        for variant in 1 2; do
+            engine_api DELETE "/images/$REGISTRY/outpost-demo/web:$variant?force=true" >/dev/null 2>&1 || true
+        done
     fi
     if [ -d "$WORK/engine" ]; then
         bash tests/scripts/engine.sh stop "$WORK/engine" >/dev/null 2>&1 || true
@@ -126,6 +134,7 @@ python3 - "$WORK/tampered.tar" <<'PY'
 import sys
 data = bytearray(open(sys.argv[1], "rb").read())
 at = data.find(b'"memory":"32Mi"')
+assert at >= 0, "the stack's memory field is not where the tamper step expects it"
 data[at + 10] = ord("9")
 open(sys.argv[1], "wb").write(data)
 PY
@@ -168,7 +177,7 @@ wait_status 30 "1.0.0 pending" "s['pending'] and s['pending']['version'] == '1.0
 
 step "customer: review the plan, approve what was reviewed"
 "$AGENT" plan "${CONFIG[@]}"
-DIGEST=$("$AGENT" plan "${CONFIG[@]}" --output json | python3 -c 'import json,sys; print(json.load(sys.stdin)["text"].split("(sequence 1, ")[1].split(")")[0])')
+DIGEST=$("$AGENT" status "${CONFIG[@]}" --output json | python3 -c 'import json,sys; print(json.load(sys.stdin)["pending"]["digest"])')
 "$AGENT" approve 1.0.0 --digest "$DIGEST" "${CONFIG[@]}"
 
 step "the agent rolls 1.0.0 out: pull, store first (links order), then web, each health-checked"

@@ -17,9 +17,14 @@ die() { echo "install.sh: $*" >&2; exit 1; }
 
 while [ $# -gt 0 ]; do
     case "$1" in
-        --binary) binary="${2:-}"; shift 2 ;;
-        --config) config="${2:-}"; shift 2 ;;
-        --root) root="${2:-}"; shift 2 ;;
+        --binary|--config|--root)
+            [ $# -ge 2 ] || { echo "install.sh: $1 needs a value" >&2; usage; }
+            case "$1" in
+                --binary) binary="$2" ;;
+                --config) config="$2" ;;
+                --root) root="$2" ;;
+            esac
+            shift 2 ;;
         --no-start) start=0; shift ;;
         *) usage ;;
     esac

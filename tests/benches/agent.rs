@@ -246,21 +246,7 @@ fn rollout() {
             &format!("v{sequence}.tar"),
             &tar(&signed(layout, &BOTH)),
         );
-        loop {
-            let body = http_get(&agent.socket(), "/status");
-            let status: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-            if status["current"]["sequence"] == sequence
-                && status["runtime"]["converged"] == status["current"]["digest"]
-                && status["runtime"]["phase"] == "converged"
-            {
-                break;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(900),
-                "rollout {sequence} did not converge: {status:#}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        agent.wait_converged_within(900, Some(sequence));
         println!(
             "{} {replicas} containers: {:.1} s wall, agent peak RSS {} KiB",
             if sequence == 1 {

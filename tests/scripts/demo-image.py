@@ -16,20 +16,19 @@ import io
 import json
 import os
 import subprocess
+import sys
 import tarfile
-
-APPLETS_FALLBACK = ["sh", "httpd", "wget", "sleep", "echo", "cat", "mkdir", "ls", "date", "env"]
-
 
 def applets(busybox):
     try:
         out = subprocess.run([busybox, "--list"], capture_output=True, check=True, text=True).stdout
-        return sorted(set(out.split()))
-    except (OSError, subprocess.CalledProcessError):
-        return APPLETS_FALLBACK
+    except (OSError, subprocess.CalledProcessError) as e:
+        sys.exit(f"demo-image.py: {busybox} unusable ({e}): apt-get install busybox-static")
+    return sorted(set(out.split()))
 
 
 def layer(busybox, variant):
+    names = applets(busybox)
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
         def add(name, kind, data=b"", mode=0o755, target=None):
@@ -44,7 +43,7 @@ def layer(busybox, variant):
             add(d, tarfile.DIRTYPE, mode=0o1777 if d == "tmp" else 0o755)
         with open(busybox, "rb") as f:
             add("bin/busybox", tarfile.REGTYPE, f.read())
-        for applet in applets(busybox):
+        for applet in names:
             if applet != "busybox" and "/" not in applet:
                 add(f"bin/{applet}", tarfile.SYMTYPE, target="busybox")
         add("etc/demo-variant", tarfile.REGTYPE, (variant + "\n").encode(), mode=0o644)

@@ -84,12 +84,15 @@ EOF
     echo "$kind" >"$dir/engine.kind"
     local deadline=$((SECONDS + TIMEOUT_S))
     until curl -sf --max-time 1 --unix-socket "$sock" http://engine/_ping >/dev/null 2>&1; do
-        if ! is_running "$pidfile"; then
-            die "$kind exited during start; log:
+        local failure=""
+        is_running "$pidfile" || failure="$kind exited during start"
+        [ "$SECONDS" -lt "$deadline" ] || failure="$kind not ready after ${TIMEOUT_S}s"
+        if [ -n "$failure" ]; then
+            # Nothing of a half-started engine (process, mounts) outlives the failure.
+            cmd_stop "$dir" >/dev/null 2>&1 || true
+            die "$failure ($dir; log $log):
 $(tail -20 "$log")"
         fi
-        [ "$SECONDS" -lt "$deadline" ] || die "$kind not ready after ${TIMEOUT_S}s; log:
-$(tail -20 "$log")"
         sleep 0.1
     done
     echo "$sock"
@@ -110,12 +113,17 @@ cmd_stop() {
         # The networks' subnets, to remove bridges an engine leaves behind (netavark does when
         # it is stopped with networks in place); a stale bridge would shadow the next user of
         # the subnet.
-        subnets="$(curl -sf --unix-socket "$sock" 'http://engine/networks' |
-            python3 -c 'import json,sys; print("\n".join(c["Subnet"] for n in json.load(sys.stdin) if n["Name"].startswith("outpost-") for c in ((n.get("IPAM") or {}).get("Config") or []) if c.get("Subnet")))' 2>/dev/null || true)"
-        for net in $(curl -sf --unix-socket "$sock" 'http://engine/networks' |
-            python3 -c 'import json,sys; print("\n".join(n["Name"] for n in json.load(sys.stdin) if n["Name"].startswith("outpost-")))' 2>/dev/null); do
+        local net subnet
+        while read -r net subnet; do
+            [ -n "$net" ] || continue
             curl -sf -X DELETE --unix-socket "$sock" "http://engine/networks/$net" >/dev/null || true
-        done
+            subnets="$subnets $subnet"
+        done < <(curl -sf --unix-socket "$sock" 'http://engine/networks' |
+            python3 -c 'import json,sys
+for n in json.load(sys.stdin):
+    if n["Name"].startswith("outpost-"):
+        subnets = [c.get("Subnet") for c in ((n.get("IPAM") or {}).get("Config") or []) if c.get("Subnet")]
+        print(n["Name"], " ".join(subnets))' 2>/dev/null || true)
         pid="$(cat "$pidfile")"
         # Podman runs in a mount namespace of its own; its helpers (aardvark-dns) go with it.
         # They are listed while the service still holds the namespace, whose number could

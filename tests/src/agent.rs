@@ -150,13 +150,37 @@ impl AgentProcess {
     /// Polls `status` until `done` holds (`seconds` at most).
     #[track_caller]
     pub fn wait_within(&self, seconds: u64, what: &str, done: impl Fn(&Value) -> bool) -> Value {
-        crate::eventually_within(seconds, what, || {
+        let mut last = Value::Null;
+        crate::poll_within(seconds, || {
             let status = self.status();
             if done(&status) {
-                Ok(status)
+                Some(status)
             } else {
-                Err(format!("status: {status:#}\nlog: {}", self.log()))
+                last = status;
+                None
             }
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "timed out waiting for {what}: status: {last:#}\nlog: {}",
+                self.log()
+            )
+        })
+    }
+
+    /// Waits (2 min at most) until the runtime runs the current release, healthy, and the
+    /// current release is `sequence` when one is given.
+    #[track_caller]
+    pub fn wait_converged(&self, sequence: Option<u64>) -> Value {
+        self.wait_converged_within(120, sequence)
+    }
+
+    #[track_caller]
+    pub fn wait_converged_within(&self, seconds: u64, sequence: Option<u64>) -> Value {
+        self.wait_within(seconds, &format!("converged ({sequence:?})"), |s| {
+            sequence.is_none_or(|n| s["current"]["sequence"] == n)
+                && s["runtime"]["converged"] == s["current"]["digest"]
+                && s["runtime"]["phase"] == "converged"
         })
     }
 

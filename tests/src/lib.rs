@@ -153,15 +153,15 @@ pub fn build_bundle(stack: &Path, version: &str, sequence: u64, extra: &[&str], 
     .ok();
 }
 
-/// Signs the bundle file with each test key (`testdata/keys/NAME.key`, password `test`).
+/// Signs the bundle file with each test key (`testdata/keys/NAME.key`; `signer()` sets the
+/// password).
 pub fn sign_with(bundle: &Path, keys: &[&str]) {
     for key in keys {
         run(signer()
             .arg("sign")
             .arg(bundle)
             .arg("--key")
-            .arg(testdata().join(format!("keys/{key}.key")))
-            .env("OUTPOST_PASSWORD", "test"))
+            .arg(testdata().join(format!("keys/{key}.key"))))
         .ok();
     }
 }
@@ -247,16 +247,24 @@ pub fn eventually_within<T>(
     what: &str,
     mut check: impl FnMut() -> Result<T, String>,
 ) -> T {
+    let mut last = String::new();
+    poll_within(seconds, || check().map_err(|e| last = e).ok())
+        .unwrap_or_else(|| panic!("timed out waiting for {what}: {last}"))
+}
+
+/// Calls `check` until it gives a value or `seconds` pass (then None): every 20 ms for short
+/// waits, every 200 ms for long ones (rollouts), so waiting costs little CPU.
+pub fn poll_within<T>(seconds: u64, mut check: impl FnMut() -> Option<T>) -> Option<T> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(seconds);
+    let pause = std::time::Duration::from_millis(if seconds > 10 { 200 } else { 20 });
     loop {
-        match check() {
-            Ok(value) => return value,
-            Err(last) => assert!(
-                std::time::Instant::now() < deadline,
-                "timed out waiting for {what}: {last}"
-            ),
+        if let Some(value) = check() {
+            return Some(value);
         }
-        std::thread::sleep(std::time::Duration::from_millis(20));
+        if std::time::Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(pause);
     }
 }
 

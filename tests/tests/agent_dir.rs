@@ -163,6 +163,10 @@ fn partial_and_dot_files_are_never_read() {
     outpost_tests::run(std::process::Command::new("mkfifo").arg(drop.path().join("pipe.tar"))).ok();
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(agent.status()["current"], Value::Null);
+    // Left where it is: neither read (a hang) nor settled as a bundle.
+    assert!(drop.path().join("pipe.tar").exists());
+    assert!(!drop.path().join("rejected/pipe.tar").exists());
+    assert!(!drop.path().join("accepted/pipe.tar").exists());
     // Finishing the write (close) makes it a candidate.
     writing.write_all(&bytes[bytes.len() / 2..]).unwrap();
     std::mem::drop(writing);

@@ -6,7 +6,7 @@
 
 use outpost_bundle_format::layout::{Layout, Limits};
 use outpost_bundle_format::{bundle, signature};
-use outpost_tests::{TestRegistry, python, run, sha256_hex, signer, testdata, tool};
+use outpost_tests::{TestRegistry, python, run, sha256_hex, sign_with, signer, testdata, tool};
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -33,15 +33,6 @@ fn fresh_bundle(dir: &Path) -> (PathBuf, String) {
         .unwrap()
         .to_string();
     (bundle, digest)
-}
-
-fn sign_a(bundle: &Path) {
-    run(signer()
-        .arg("sign")
-        .arg(bundle)
-        .arg("--key")
-        .arg(testdata().join("keys/vendor-a.key")))
-    .ok();
 }
 
 #[test]
@@ -159,7 +150,7 @@ fn outpost_signature_verifies_with_openssl_and_python() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let (bundle, digest) = fresh_bundle(d);
-    sign_a(&bundle);
+    sign_with(&bundle, &["vendor-a"]);
     let (payload, sig) = first_signature(&bundle);
     let claim: serde_json::Value = serde_json::from_slice(&payload).unwrap();
     assert_eq!(
@@ -256,7 +247,7 @@ fn push_to_a_real_registry_round_trips_through_skopeo() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let (bundle, digest) = fresh_bundle(d);
-    sign_a(&bundle);
+    sign_with(&bundle, &["vendor-a"]);
     let target = format!("oci://{}/acme/bundle:1.0.0", registry.host());
     let pushed = run(signer().arg("push").arg(&bundle).arg(&target)).ok();
     assert!(pushed.stdout.contains(&digest), "{}", pushed.stdout);
@@ -315,7 +306,7 @@ fn push_with_basic_auth_from_flags_and_docker_config() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let (bundle, digest) = fresh_bundle(d);
-    sign_a(&bundle);
+    sign_with(&bundle, &["vendor-a"]);
     let target = format!("oci://{}/acme/bundle:1.0.0", registry.host());
     let empty_config = d.join("empty.json");
     fs::write(&empty_config, "{}").unwrap();

@@ -10,7 +10,9 @@ use outpost_bundle_format::stack::StackFile;
 use outpost_tests::agent::{AgentProcess, drop_file};
 use outpost_tests::engine::{Kind, TestEngine, demo_image, http_body};
 use outpost_tests::forge::{metadata, signed, tar};
-use outpost_tests::{TestRegistry, build_bundle, eventually_within, free_port, sign_with};
+use outpost_tests::{
+    TestRegistry, build_bundle, eventually_within, free_port, poll_within, sign_with,
+};
 use serde_json::{Value, json};
 use std::path::Path;
 
@@ -67,11 +69,12 @@ fn publish(drop: &Path, r: &Release, version: &str, sequence: u64) {
     );
 }
 
+/// Fields drop in order: the agent stops before the engine is torn down under it.
 struct Setup {
+    agent: AgentProcess,
     engine: TestEngine,
     _registry: TestRegistry,
     drop: tempfile::TempDir,
-    agent: AgentProcess,
     web: u16,
     db: u16,
     images: [String; 2],
@@ -88,10 +91,10 @@ fn setup(kind: Kind) -> Setup {
         &engine.agent_config(&[("web", web), ("db", db)]),
     );
     Setup {
+        agent,
         engine,
         _registry: registry,
         drop,
-        agent,
         web,
         db,
         images,
@@ -101,24 +104,12 @@ fn setup(kind: Kind) -> Setup {
 impl Setup {
     #[track_caller]
     fn wait_converged(&self, sequence: u64) -> Value {
-        self.agent
-            .wait_within(120, &format!("sequence {sequence} converged"), |s| {
-                s["current"]["sequence"] == sequence
-                    && s["runtime"]["converged"] == s["current"]["digest"]
-                    && s["runtime"]["phase"] == "converged"
-            })
+        self.agent.wait_converged(Some(sequence))
     }
 
     #[track_caller]
     fn web_says(&self, needle: &str) -> String {
-        eventually_within(
-            30,
-            &format!("web answering {needle:?}"),
-            || match http_body(self.web, "/") {
-                Some(body) if body.contains(needle) => Ok(body),
-                other => Err(format!("{other:?}\nlog: {}", self.agent.log())),
-            },
-        )
+        web_answer(&self.agent, self.web, needle)
     }
 
     /// The mapped options as the engine has them: CPU quota, memory limit, the scratch
@@ -149,6 +140,25 @@ impl Setup {
     fn db_log(&self) -> String {
         http_body(self.db, "/log").unwrap_or_default()
     }
+}
+
+/// The body the public endpoint on `port` serves once it contains `needle` (30 s at most).
+#[track_caller]
+fn web_answer(agent: &AgentProcess, port: u16, needle: &str) -> String {
+    let mut last = None;
+    poll_within(30, || match http_body(port, "/") {
+        Some(body) if body.contains(needle) => Some(body),
+        other => {
+            last = other;
+            None
+        }
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "timed out waiting for web answering {needle:?}: {last:?}\nlog: {}",
+            agent.log()
+        )
+    })
 }
 
 fn install_update_rollback_drift_prune(kind: Kind) {
@@ -359,13 +369,8 @@ fn air_gapped_images_load_from_the_bundle(kind: Kind) {
         "acme-1.0.0.tar",
         &std::fs::read(&bundle_file).unwrap(),
     );
-    agent.wait_within(120, "converged from bundled images", |s| {
-        s["runtime"]["converged"] == s["current"]["digest"] && s["runtime"]["phase"] == "converged"
-    });
-    let body = eventually_within(30, "web answering", || {
-        http_body(web, "/").ok_or_else(|| agent.log())
-    });
-    assert!(body.contains("offline carried"), "{body}");
+    agent.wait_converged(Some(1));
+    web_answer(&agent, web, "offline carried");
 }
 
 /// Images from a registry that wants credentials: the customer's `docker.registries` entry
@@ -399,13 +404,8 @@ fn pulls_with_the_customers_registry_credentials(kind: Kind) {
         with_db: false,
     };
     publish(drop.path(), &release, "1.0.0", 1);
-    agent.wait_within(120, "converged from a registry with auth", |s| {
-        s["runtime"]["converged"] == s["current"]["digest"] && s["runtime"]["phase"] == "converged"
-    });
-    let body = eventually_within(30, "web answering", || {
-        http_body(web, "/").ok_or_else(|| agent.log())
-    });
-    assert!(body.contains("authenticated private"), "{body}");
+    agent.wait_converged(Some(1));
+    web_answer(&agent, web, "authenticated private");
 }
 
 #[test]
