@@ -67,9 +67,6 @@ pub async fn run(agent: Agent) -> anyhow::Result<()> {
         RuntimeKind::Docker => {
             let runtime =
                 DockerRuntime::new(&agent.config.docker, &agent.config.state_dir.join("images"));
-            if let Err(e) = runtime.ping().await {
-                log(format!("runtime: {e} (retrying)"));
-            }
             let converger = crate::rollout::Converger::new(agent.clone(), runtime);
             Some(tokio::spawn(async move { converger.run().await }))
         }

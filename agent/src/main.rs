@@ -386,13 +386,8 @@ fn runtime_text(runtime: &Value) -> String {
             .flatten()
             .filter_map(Value::as_str)
     };
-    for (key, label) in [
-        ("endpoints", "endpoint: "),
-        ("endpoint_errors", "endpoint: "),
-    ] {
-        for line in list(key) {
-            out.push_str(&format!("{label} {line}\n"));
-        }
+    for line in list("endpoints").chain(list("endpoint_errors")) {
+        out.push_str(&format!("endpoint:  {line}\n"));
     }
     for (name, resource) in view
         .get("resources")

@@ -201,12 +201,16 @@ impl Agent {
             .write(true)
             .open(&lock_path)
             .map_err(|e| anyhow::anyhow!("{}: {e}", lock_path.display()))?;
-        if lock.try_lock().is_err() {
-            anyhow::bail!(
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
                 "another outpost-agent is running on {} (lock {})",
                 config.state_dir.display(),
                 lock_path.display()
-            );
+            ),
+            Err(std::fs::TryLockError::Error(e)) => {
+                anyhow::bail!("{}: {e}", lock_path.display())
+            }
         }
         let store = Store::open(&config.state_dir)?;
         let mut agent = Self::with_store(config, store)?;

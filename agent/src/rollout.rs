@@ -859,6 +859,35 @@ resources:
     }
 
     #[tokio::test]
+    async fn rolls_back_to_the_release_that_last_ran_healthy() {
+        let (_dir, c) = converger("");
+        let v1 = release(&c, STACK, "1.0.0", 1);
+        c.converge_once().await.unwrap();
+        // 1.1.0 becomes current but never runs: 1.2.0 replaces it first, and fails.
+        release(
+            &c,
+            &STACK.replace(
+                "memory: 1Gi\n      ports: [8080]",
+                "memory: 2Gi\n      ports: [8080]",
+            ),
+            "1.1.0",
+            2,
+        );
+        c.runtime().break_image(BROKEN);
+        let broken = STACK.replace(
+            "r.example/web@sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+            BROKEN,
+        );
+        release(&c, &broken, "1.2.0", 3);
+        assert_eq!(
+            c.agent.store.positions().unwrap().last_good.unwrap().digest,
+            v1
+        );
+        c.converge_once().await.unwrap();
+        assert_eq!(current(&c), v1);
+    }
+
+    #[tokio::test]
     async fn stateful_replicas_stop_first_and_keep_their_volume() {
         let (_dir, c) = converger("");
         release(&c, STACK, "1.0.0", 1);

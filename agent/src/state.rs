@@ -277,9 +277,12 @@ impl Store {
         self.with(|conn| {
             let tx = conn.transaction()?;
             expect_pending(&tx, digest)?;
+            // The last good release is the one the runtime last ran healthy; with no runtime
+            // (or none converged yet), the release this one replaces.
+            let converged: Option<String> = position(&tx, "converged")?;
             let current: Option<String> = position(&tx, "current")?;
-            if let Some(current) = current.filter(|c| c != digest) {
-                set(&tx, "last_good", Some(&current))?;
+            if let Some(good) = converged.or(current).filter(|c| c != digest) {
+                set(&tx, "last_good", Some(&good))?;
             }
             set(&tx, "current", Some(digest))?;
             set(&tx, "pending", None)?;

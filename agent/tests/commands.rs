@@ -21,8 +21,10 @@ fn help_lists_every_contract_command() {
         "reject",
         "pin",
         "unpin",
+        "rollback",
         "history",
         "verify",
+        "render",
         "config-schema",
     ] {
         assert!(

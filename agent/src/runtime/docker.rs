@@ -46,10 +46,6 @@ impl DockerRuntime {
         }
     }
 
-    pub async fn ping(&self) -> RuntimeResult<()> {
-        Ok(self.engine.ping().await?)
-    }
-
     pub fn network_name(stack: &str) -> String {
         format!("outpost-{stack}")
     }

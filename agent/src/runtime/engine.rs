@@ -238,12 +238,6 @@ impl Engine {
         serde_json::from_slice(&answer).map_err(|e| self.transport(format!("{path}: {e}")))
     }
 
-    pub async fn ping(&self) -> Result<(), EngineError> {
-        self.send(Method::GET, "/_ping", Payload::None, &[], None)
-            .await?;
-        Ok(())
-    }
-
     /// Containers (running or not) carrying every `label=value` given.
     pub async fn list_containers(&self, labels: &[String]) -> Result<Vec<Value>, EngineError> {
         let filters = serde_json::json!({ "label": labels }).to_string();

@@ -109,8 +109,13 @@ impl DirSource {
                     reason: "a link, not a file".into(),
                 })
             }
-            // Gone already, or not readable: nothing to file away.
-            Err(_) => return None,
+            // Gone already: nothing to file away.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+            // Unreadable (permissions...): rejected with the reason, not left there unnoticed.
+            Err(e) => Err(outpost_bundle_format::layout::LayoutError::Malformed {
+                what: name.clone(),
+                reason: format!("cannot open: {e}"),
+            }),
             Ok(file) => {
                 if !file.metadata().ok()?.is_file() {
                     return None;
