@@ -191,8 +191,12 @@ pub struct MaintenanceWindow {
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ApiConfig {
-    /// The unix socket the customer's CLI talks to (no TCP port is ever opened).
+    /// The unix socket the customer's CLI talks to.
     pub socket: PathBuf,
+    /// Where to serve `GET /metrics` and `GET /healthz` over plain TCP (`0.0.0.0:9090`), for
+    /// Prometheus and kubelet probes. Nothing else is served there. Off by default.
+    #[serde(default)]
+    pub metrics_address: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
@@ -201,6 +205,7 @@ pub enum RuntimeKind {
     #[default]
     None,
     Docker,
+    Kubernetes,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
@@ -319,11 +324,20 @@ pub struct KubernetesConfig {
     /// Node placement per GPU type.
     #[serde(default)]
     pub gpus: BTreeMap<String, Placement>,
+    /// A kubeconfig file to reach the cluster with; absent: the pod's ServiceAccount
+    /// (in-cluster), else `$KUBECONFIG` or `~/.kube/config`.
+    #[serde(default)]
+    pub kubeconfig: Option<PathBuf>,
+    /// Delete the PersistentVolumeClaims of a pruned stateful resource. Off: data is kept.
+    #[serde(default)]
+    pub delete_volumes: bool,
 }
 
 impl Default for KubernetesConfig {
     fn default() -> Self {
         KubernetesConfig {
+            kubeconfig: None,
+            delete_volumes: false,
             namespace: default_namespace(),
             storage_class: None,
             ingress_class: None,
@@ -595,6 +609,21 @@ impl Config {
                     ));
                 }
             }
+            RuntimeKind::Kubernetes => {
+                for profile in self.permissions.keys() {
+                    let grant = self.grant(profile)?;
+                    if !grant.files.is_empty() {
+                        return Err(format!(
+                            "permissions.{profile}.files: files are for runtime docker; on Kubernetes the profile's ServiceAccount carries the identity"
+                        ));
+                    }
+                    if grant.service_account.is_none() {
+                        return Err(format!(
+                            "permissions.{profile}.service_account is not set: on Kubernetes each permission profile maps to a ServiceAccount"
+                        ));
+                    }
+                }
+            }
         }
         for (what, value) in [
             (
@@ -762,8 +791,20 @@ mod tests {
                 "permissions.execution",
             ),
             (
-                format!("{MINIMAL}runtime: kubernetes\n"),
-                "unknown variant `kubernetes`",
+                format!("{MINIMAL}runtime: podman\n"),
+                "unknown variant `podman`",
+            ),
+            (
+                format!(
+                    "{MINIMAL}runtime: kubernetes\npermissions: {{execution: {{environment: {{}}}}}}\n"
+                ),
+                "permissions.execution.service_account is not set",
+            ),
+            (
+                format!(
+                    "{MINIMAL}runtime: kubernetes\npermissions: {{execution: {{service_account: a, files: {{/x: /y}}}}}}\n"
+                ),
+                "permissions.execution.files: files are for runtime docker",
             ),
             (
                 format!(

@@ -67,9 +67,20 @@ pub async fn run(agent: Agent) -> anyhow::Result<()> {
         RuntimeKind::Docker => {
             let runtime =
                 DockerRuntime::new(&agent.config.docker, &agent.config.state_dir.join("images"));
-            let converger = crate::rollout::Converger::new(agent.clone(), runtime);
+            let backend = crate::rollout::Replicas::new(agent.clone(), runtime);
+            let converger = crate::rollout::Converger::new(agent.clone(), backend);
             Some(tokio::spawn(async move { converger.run().await }))
         }
+        #[cfg(feature = "kubernetes")]
+        RuntimeKind::Kubernetes => {
+            let cluster = crate::runtime::kubernetes::Cluster::connect(agent.clone()).await?;
+            let converger = crate::rollout::Converger::new(agent.clone(), cluster);
+            Some(tokio::spawn(async move { converger.run().await }))
+        }
+        #[cfg(not(feature = "kubernetes"))]
+        RuntimeKind::Kubernetes => anyhow::bail!(
+            "runtime kubernetes: this outpost-agent was built without the kubernetes feature"
+        ),
     };
     let ticker = {
         let agent = agent.clone();

@@ -355,11 +355,7 @@ impl Agent {
                 .into_iter()
                 .flatten()
             {
-                let file: outpost_bundle_format::stack::StackFile =
-                    serde_json::from_str(&release.stack)?;
-                in_use.extend(image_digests(
-                    &outpost_bundle_format::stack::Stack::from_file(&file)?,
-                ));
+                in_use.extend(image_digests(&release.stack()?));
             }
             crate::runtime::docker::prune_bundled_images(&images, &in_use);
         }
@@ -591,7 +587,7 @@ impl Agent {
                         "{} {} is now current (runtime none: recorded, nothing runs)",
                         pending.name, pending.version
                     ),
-                    RuntimeKind::Docker => format!(
+                    RuntimeKind::Docker | RuntimeKind::Kubernetes => format!(
                         "{} {} is now current; rolling out",
                         pending.name, pending.version
                     ),
@@ -739,12 +735,12 @@ impl Agent {
             "stack": {"name": self.config.expect.name, "channel": self.config.expect.channel},
             "runtime": match self.config.runtime {
                 RuntimeKind::None => json!("none"),
-                RuntimeKind::Docker => {
+                kind @ (RuntimeKind::Docker | RuntimeKind::Kubernetes) => {
                     let mut view = self.runtime_view.snapshot();
                     if !view.is_object() {
                         view = json!({});
                     }
-                    view["kind"] = json!("docker");
+                    view["kind"] = json!(kind);
                     view["converged"] = json!(self.store.converged()?);
                     view
                 }

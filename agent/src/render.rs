@@ -11,10 +11,12 @@ use crate::config::{Config, KubernetesConfig, Placement};
 use crate::plan::{config_hash, dependency_order, link_environment};
 use outpost_bundle_format::stack::{Container, Protocol, Scaling, Stack};
 use serde_json::{Map, Value, json};
+use std::collections::BTreeMap;
 
 pub const MANAGED_BY: &str = "outpost";
-const STACK_LABEL: &str = "outpost.dev/stack";
-const RESOURCE_LABEL: &str = "outpost.dev/resource";
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+pub const STACK_LABEL: &str = "outpost.dev/stack";
+pub const RESOURCE_LABEL: &str = "outpost.dev/resource";
 const DIGEST_ANNOTATION: &str = "outpost.dev/bundle-digest";
 const HASH_ANNOTATION: &str = "outpost.dev/config-hash";
 
@@ -43,7 +45,13 @@ pub fn render(config: &Config, stack: &Stack, digest: &str) -> Result<Vec<Value>
         let placement = placement(k8s, c).map_err(|e| RenderError(format!("{at}: {e}")))?;
         let object = Object::new(k8s, stack, c, digest);
         objects.push(object.service(c));
-        objects.push(object.workload(config, stack, c, &service_account, &placement));
+        objects.push(object.workload(
+            config,
+            stack,
+            c,
+            (&service_account, &grant.environment),
+            &placement,
+        ));
         if let Scaling::Auto {
             min,
             max,
@@ -121,7 +129,7 @@ impl Object {
         let name = format!("{}-{}", stack.name, c.name);
         let selector = json!({STACK_LABEL: stack.name, RESOURCE_LABEL: c.name});
         let mut labels = selector.clone();
-        labels["app.kubernetes.io/managed-by"] = json!(MANAGED_BY);
+        labels[MANAGED_BY_LABEL] = json!(MANAGED_BY);
         labels["app.kubernetes.io/name"] = json!(c.name);
         labels["app.kubernetes.io/part-of"] = json!(stack.name);
         Object {
@@ -221,14 +229,15 @@ impl Object {
         config: &Config,
         stack: &Stack,
         c: &Container,
-        service_account: &str,
+        (service_account, granted): (&str, &BTreeMap<String, String>),
         placement: &Placement,
     ) -> Value {
         let k8s = &config.kubernetes;
-        // Links by the linked resource's Service DNS name.
-        let environment = link_environment(stack, c, |link| {
+        // Links by the linked resource's Service DNS name; the customer's grant wins.
+        let mut environment = link_environment(stack, c, |link| {
             format!("{}-{link}.{}.svc", stack.name, k8s.namespace)
         });
+        environment.extend(granted.clone());
         let mut requests = Map::new();
         let mut limits = Map::new();
         requests.insert("cpu".into(), json!(cpu(c.cpu.min)));

@@ -10,7 +10,7 @@ use crate::plan::{Action, Desired, ReplicaId, ReplicaState, plan};
 use crate::runtime::{Health, Instance, ReplicaSpec, Runtime, Slot, Step};
 use crate::state::Release;
 use outpost_bundle_format::Digest;
-use outpost_bundle_format::stack::{Container, Probe, Scaling, Stack, StackFile};
+use outpost_bundle_format::stack::{Container, Probe, Scaling, Stack};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -34,7 +34,7 @@ impl RuntimeView {
         self.state.lock().map(|s| s.clone()).unwrap_or(Value::Null)
     }
 
-    fn edit(&self, change: impl FnOnce(&mut Value)) {
+    pub(crate) fn edit(&self, change: impl FnOnce(&mut Value)) {
         if let Ok(mut state) = self.state.lock() {
             if !state.is_object() {
                 *state = json!({});
@@ -43,11 +43,11 @@ impl RuntimeView {
         }
     }
 
-    fn set(&self, key: &str, value: Value) {
+    pub(crate) fn set(&self, key: &str, value: Value) {
         self.edit(|s| s[key] = value);
     }
 
-    fn resource_step(&self, resource: &str, step: &str) {
+    pub(crate) fn resource_step(&self, resource: &str, step: &str) {
         self.edit(|s| s["resources"][resource]["step"] = json!(step));
     }
 }
@@ -55,7 +55,7 @@ impl RuntimeView {
 /// Why a rollout stopped, in one line.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-pub struct RolloutError(String);
+pub struct RolloutError(pub String);
 
 impl From<crate::runtime::RuntimeError> for RolloutError {
     fn from(e: crate::runtime::RuntimeError) -> Self {
@@ -63,45 +63,50 @@ impl From<crate::runtime::RuntimeError> for RolloutError {
     }
 }
 
-pub struct Converger<R: Runtime> {
-    agent: Arc<Agent>,
-    runtime: R,
-    forwarder: Forwarder,
-    /// The autoscaler's choice per resource and when it last changed.
-    scale: std::sync::Mutex<BTreeMap<String, (u32, Instant)>>,
+/// How a release is made to run on one kind of runtime: replica by replica on a container
+/// engine ([`Replicas`]), or object by object on a cluster that runs its own replicas
+/// (`runtime::kubernetes::Cluster`).
+#[allow(async_fn_in_trait)]
+pub trait Backend: Send + Sync {
+    /// Makes `release` (its `stack`) run. `fresh`: it has not converged yet, so this is a
+    /// rollout that must end healthy; otherwise a drift pass, which returns what it repaired.
+    async fn converge(
+        &self,
+        release: &Release,
+        stack: &Stack,
+        fresh: bool,
+    ) -> Result<Vec<String>, RolloutError>;
 }
 
-impl<R: Runtime> Converger<R> {
-    pub fn new(agent: Arc<Agent>, runtime: R) -> Converger<R> {
-        Converger {
-            agent,
-            runtime,
-            forwarder: Forwarder::default(),
-            scale: Default::default(),
-        }
+/// The rollout loop, whatever the runtime: rolls out a new current release (rolling back to
+/// the last good one if it fails), else repairs drift.
+pub struct Converger<B: Backend> {
+    agent: Arc<Agent>,
+    backend: B,
+}
+
+/// Records an event in the store and the log.
+pub(crate) fn event(agent: &Agent, kind: &str, digest: Option<&str>, message: &str) {
+    crate::daemon::log(format!("{kind}: {message}"));
+    if let Err(e) = agent
+        .store
+        .event(crate::config::now(), kind, digest, message)
+    {
+        crate::daemon::log(format!("recording {kind}: {e}"));
+    }
+}
+
+impl<B: Backend> Converger<B> {
+    pub fn new(agent: Arc<Agent>, backend: B) -> Converger<B> {
+        Converger { agent, backend }
     }
 
-    pub fn runtime(&self) -> &R {
-        &self.runtime
-    }
-
-    fn config(&self) -> &Config {
-        &self.agent.config
+    pub fn backend(&self) -> &B {
+        &self.backend
     }
 
     fn view(&self) -> &RuntimeView {
         &self.agent.runtime_view
-    }
-
-    fn event(&self, kind: &str, digest: Option<&str>, message: &str) {
-        crate::daemon::log(format!("{kind}: {message}"));
-        if let Err(e) = self
-            .agent
-            .store
-            .event(crate::config::now(), kind, digest, message)
-        {
-            crate::daemon::log(format!("recording {kind}: {e}"));
-        }
     }
 
     /// Converges forever: at once when the current release changes, else every drift interval.
@@ -109,7 +114,8 @@ impl<R: Runtime> Converger<R> {
         match self.agent.store.interrupted_steps(crate::config::now()) {
             Ok(steps) => {
                 for (digest, step) in steps {
-                    self.event(
+                    event(
+                        &self.agent,
                         "interrupted",
                         Some(&digest),
                         &format!("the agent stopped during {step:?}; resuming from what runs"),
@@ -118,7 +124,7 @@ impl<R: Runtime> Converger<R> {
             }
             Err(e) => crate::daemon::log(format!("reading the rollout journal: {e}")),
         }
-        let interval = Duration::from_secs(self.config().rollout.drift_interval_seconds);
+        let interval = Duration::from_secs(self.agent.config.rollout.drift_interval_seconds);
         let mut failures = 0u32;
         loop {
             let wait = match self.converge_once().await {
@@ -157,13 +163,18 @@ impl<R: Runtime> Converger<R> {
             self.view().set("phase", json!("rolling out"));
             self.view().set("resources", json!({}));
             self.view().rollouts.fetch_add(1, Ordering::Relaxed);
-            self.event(
+            event(
+                &self.agent,
                 "rollout",
                 Some(&current.digest),
                 &format!("rolling out {} {}", current.name, current.version),
             );
         }
-        match self.converge_to(&current, fresh).await {
+        let outcome = match current.stack() {
+            Ok(stack) => self.backend.converge(&current, &stack, fresh).await,
+            Err(e) => Err(RolloutError(e.to_string())),
+        };
+        match outcome {
             Ok(repairs) => {
                 self.view().set("phase", json!("converged"));
                 self.view().set("note", Value::Null);
@@ -183,7 +194,8 @@ impl<R: Runtime> Converger<R> {
                         summary.push(format!("and {} more", repairs.len() - 10));
                     }
                     self.view().set("last_drift", json!(summary));
-                    self.event(
+                    event(
+                        &self.agent,
                         "drift",
                         Some(&current.digest),
                         &format!("repaired: {}", summary.join("; ")),
@@ -223,23 +235,69 @@ impl<R: Runtime> Converger<R> {
             Err(failure) => Err(anyhow::anyhow!("repairing drift: {failure}")),
         }
     }
+}
+
+/// Runs releases on a container engine: replicas planned by `plan.rs`, each step journaled,
+/// public endpoints forwarded by the agent.
+pub struct Replicas<R: Runtime> {
+    agent: Arc<Agent>,
+    runtime: R,
+    forwarder: Forwarder,
+    /// The autoscaler's choice per resource and when it last changed.
+    scale: std::sync::Mutex<BTreeMap<String, (u32, Instant)>>,
+}
+
+impl<R: Runtime> Backend for Replicas<R> {
+    async fn converge(
+        &self,
+        release: &Release,
+        stack: &Stack,
+        fresh: bool,
+    ) -> Result<Vec<String>, RolloutError> {
+        self.converge_to(release, stack, fresh).await
+    }
+}
+
+impl<R: Runtime> Replicas<R> {
+    pub fn new(agent: Arc<Agent>, runtime: R) -> Replicas<R> {
+        Replicas {
+            agent,
+            runtime,
+            forwarder: Forwarder::default(),
+            scale: Default::default(),
+        }
+    }
+
+    pub fn runtime(&self) -> &R {
+        &self.runtime
+    }
+
+    fn config(&self) -> &Config {
+        &self.agent.config
+    }
+
+    fn view(&self) -> &RuntimeView {
+        &self.agent.runtime_view
+    }
+
+    fn event(&self, kind: &str, digest: Option<&str>, message: &str) {
+        event(&self.agent, kind, digest, message);
+    }
 
     /// Carries out the plan for `release`; returns the steps taken (drift repairs).
     async fn converge_to(
         &self,
         release: &Release,
+        stack: &Stack,
         fresh: bool,
     ) -> Result<Vec<String>, RolloutError> {
-        let file: StackFile = serde_json::from_str(&release.stack)
-            .map_err(|e| RolloutError(format!("stored stack: {e}")))?;
-        let stack = Stack::from_file(&file).map_err(|e| RolloutError(e.to_string()))?;
-        let specs = Specs::new(self.config(), &stack, &release.digest)?;
+        let specs = Specs::new(self.config(), stack, &release.digest)?;
         let mut instances = self.runtime.observe(&stack.name).await?;
         if self.settle_surges(&stack.name, &instances).await? {
             instances = self.runtime.observe(&stack.name).await?;
         }
         if !fresh {
-            self.autoscale(&stack, &instances).await;
+            self.autoscale(stack, &instances).await;
         }
         let scale: BTreeMap<String, u32> = self
             .scale
@@ -248,7 +306,7 @@ impl<R: Runtime> Converger<R> {
             .unwrap_or_default();
         let digest = Digest::parse(&release.digest)
             .map_err(|e| RolloutError(format!("stored digest: {e}")))?;
-        let desired = Desired::new(&stack, digest, &scale);
+        let desired = Desired::new(stack, digest, &scale);
         let observed: Vec<_> = instances
             .iter()
             .filter(|i| i.slot == Slot::Primary)
@@ -270,7 +328,7 @@ impl<R: Runtime> Converger<R> {
                 .store
                 .begin_step(&release.digest, &described, crate::config::now())
                 .map_err(|e| RolloutError(format!("journal: {e}")))?;
-            let outcome = self.carry_out(action, &stack, &specs, until).await;
+            let outcome = self.carry_out(action, stack, &specs, until).await;
             let _ = self.agent.store.finish_step(
                 journal,
                 match &outcome {
@@ -279,7 +337,7 @@ impl<R: Runtime> Converger<R> {
                 },
                 crate::config::now(),
             );
-            self.refresh_routes(&stack).await;
+            self.refresh_routes(stack).await;
             match outcome {
                 Ok(()) => {
                     self.view()
@@ -293,8 +351,8 @@ impl<R: Runtime> Converger<R> {
                 }
             }
         }
-        self.refresh_routes(&stack).await;
-        self.show_resources(&stack).await;
+        self.refresh_routes(stack).await;
+        self.show_resources(stack).await;
         Ok(taken)
     }
 
@@ -776,19 +834,24 @@ resources:
     const BROKEN: &str =
         "r.example/web@sha256:1111111111111111111111111111111111111111111111111111111111111111";
 
-    fn converger(extra: &str) -> (tempfile::TempDir, Converger<FakeRuntime>) {
+    type Test = Converger<Replicas<FakeRuntime>>;
+
+    fn converger(extra: &str) -> (tempfile::TempDir, Test) {
         converger_with(extra, "")
     }
 
-    fn converger_with(extra: &str, rollout: &str) -> (tempfile::TempDir, Converger<FakeRuntime>) {
+    fn converger_with(extra: &str, rollout: &str) -> (tempfile::TempDir, Test) {
         let (dir, path) = test_config(&format!(
             "runtime: docker\nrollout: {{grace_seconds: 0, progress_deadline_seconds: 5{rollout}}}\n{extra}"
         ));
         let agent = Arc::new(Agent::new(Config::load(&path).unwrap()).unwrap());
-        (dir, Converger::new(agent, FakeRuntime::default()))
+        (
+            dir,
+            Converger::new(agent.clone(), Replicas::new(agent, FakeRuntime::default())),
+        )
     }
 
-    fn release(c: &Converger<FakeRuntime>, yaml: &str, version: &str, sequence: u64) -> String {
+    fn release(c: &Test, yaml: &str, version: &str, sequence: u64) -> String {
         let layout = signed_stack(yaml, version, sequence);
         let outcome = c
             .agent
@@ -800,7 +863,7 @@ resources:
         }
     }
 
-    fn current(c: &Converger<FakeRuntime>) -> String {
+    fn current(c: &Test) -> String {
         c.agent.store.positions().unwrap().current.unwrap().digest
     }
 
@@ -810,7 +873,7 @@ resources:
         let v1 = release(&c, STACK, "1.0.0", 1);
         c.converge_once().await.unwrap();
         assert_eq!(
-            c.runtime().log(),
+            c.backend().runtime().log(),
             [
                 "create db-0 primary",
                 "create web-0 primary",
@@ -827,7 +890,7 @@ resources:
         );
         // Converged: the next pass changes nothing.
         c.converge_once().await.unwrap();
-        assert_eq!(c.runtime().log().len(), 3);
+        assert_eq!(c.backend().runtime().log().len(), 3);
     }
 
     #[tokio::test]
@@ -835,7 +898,7 @@ resources:
         let (_dir, c) = converger("");
         let v1 = release(&c, STACK, "1.0.0", 1);
         c.converge_once().await.unwrap();
-        c.runtime().break_image(BROKEN);
+        c.backend().runtime().break_image(BROKEN);
         let broken = STACK.replace(
             "r.example/web@sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
             BROKEN,
@@ -845,12 +908,18 @@ resources:
         c.converge_once().await.unwrap();
         // The new web-0 never became healthy: it went, the old one never stopped.
         assert_eq!(
-            c.runtime().log()[3..],
+            c.backend().runtime().log()[3..],
             ["create web-0 surge", "remove web-0 surge"]
         );
         assert_eq!(current(&c), v1);
         assert_eq!(c.agent.runtime_view.rollbacks.load(Ordering::Relaxed), 1);
-        assert!(c.runtime().images().values().all(|image| image != BROKEN));
+        assert!(
+            c.backend()
+                .runtime()
+                .images()
+                .values()
+                .all(|image| image != BROKEN)
+        );
         let history = c.agent.store.history(10).unwrap();
         assert!(
             history.iter().any(|e| e.kind == "rolled-back"),
@@ -873,7 +942,7 @@ resources:
             "1.1.0",
             2,
         );
-        c.runtime().break_image(BROKEN);
+        c.backend().runtime().break_image(BROKEN);
         let broken = STACK.replace(
             "r.example/web@sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
             BROKEN,
@@ -903,10 +972,10 @@ resources:
         );
         c.converge_once().await.unwrap();
         assert_eq!(
-            c.runtime().log()[3..],
+            c.backend().runtime().log()[3..],
             ["remove db-0 primary", "create db-0 primary"]
         );
-        assert!(c.runtime().volumes().contains("acme-db-0-data"));
+        assert!(c.backend().runtime().volumes().contains("acme-db-0-data"));
         // Pruned with the resource, the volume still stays (delete_volumes is off).
         let without_db = STACK.replacen(
             "  - lifecycle: live\n    container:\n      name: db",
@@ -921,11 +990,12 @@ resources:
         );
         c.converge_once().await.unwrap();
         assert!(
-            c.runtime()
+            c.backend()
+                .runtime()
                 .log()
                 .contains(&"remove db-0 primary".to_string())
         );
-        assert!(c.runtime().volumes().contains("acme-db-0-data"));
+        assert!(c.backend().runtime().volumes().contains("acme-db-0-data"));
     }
 
     #[tokio::test]
@@ -933,11 +1003,15 @@ resources:
         let (_dir, c) = converger("");
         release(&c, STACK, "1.0.0", 1);
         c.converge_once().await.unwrap();
-        c.runtime().tamper(&ReplicaId::new("web", 1), true);
-        c.runtime().tamper(&ReplicaId::new("web", 0), false);
+        c.backend()
+            .runtime()
+            .tamper(&ReplicaId::new("web", 1), true);
+        c.backend()
+            .runtime()
+            .tamper(&ReplicaId::new("web", 0), false);
         c.converge_once().await.unwrap();
         assert_eq!(
-            c.runtime().log()[3..],
+            c.backend().runtime().log()[3..],
             ["start web-0", "create web-1 primary"]
         );
         assert_eq!(
@@ -957,7 +1031,7 @@ resources:
         );
         release(&c, &gpu, "1.1.0", 2);
         c.converge_once().await.unwrap();
-        assert_eq!(c.runtime().log().len(), 3);
+        assert_eq!(c.backend().runtime().log().len(), 3);
         let history = c.agent.store.history(10).unwrap();
         let rolled = history.iter().find(|e| e.kind == "rolled-back").unwrap();
         assert!(
@@ -1017,11 +1091,11 @@ resources:
         );
         release(&c, &text, "1.0.0", 1);
         c.converge_once().await.unwrap();
-        assert_eq!(c.runtime().images().len(), 2, "db-0 and web-0");
+        assert_eq!(c.backend().runtime().images().len(), 2, "db-0 and web-0");
         // web-0 at 120% of its CPU against a 50% target: 1 → 3 replicas.
-        c.runtime().set_usage(120.0, 10.0);
+        c.backend().runtime().set_usage(120.0, 10.0);
         c.converge_once().await.unwrap();
-        assert_eq!(c.runtime().images().len(), 4);
+        assert_eq!(c.backend().runtime().images().len(), 4);
         let history = c.agent.store.history(10).unwrap();
         assert!(
             history
@@ -1030,15 +1104,15 @@ resources:
             "{history:?}"
         );
         // Within the cool-down nothing changes, however busy.
-        c.runtime().set_usage(400.0, 10.0);
+        c.backend().runtime().set_usage(400.0, 10.0);
         c.converge_once().await.unwrap();
-        assert_eq!(c.runtime().images().len(), 4);
+        assert_eq!(c.backend().runtime().images().len(), 4);
     }
 
     #[tokio::test]
     async fn a_replica_that_never_becomes_healthy_is_not_left_to_pass_for_converged() {
         let (_dir, c) = converger("");
-        c.runtime().break_image(BROKEN);
+        c.backend().runtime().break_image(BROKEN);
         let broken = STACK.replace(
             "r.example/web@sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
             BROKEN,
@@ -1052,7 +1126,7 @@ resources:
                 error.contains("no earlier release to roll back to"),
                 "{error}"
             );
-            assert!(!c.runtime().images().contains_key("web-0"));
+            assert!(!c.backend().runtime().images().contains_key("web-0"));
         }
         assert_eq!(c.agent.store.converged().unwrap(), None);
     }
@@ -1061,7 +1135,7 @@ resources:
     async fn engine_errors_fail_the_rollout_not_the_agent() {
         let (_dir, c) = converger("");
         release(&c, STACK, "1.0.0", 1);
-        c.runtime().fail_next_steps(1);
+        c.backend().runtime().fail_next_steps(1);
         // Nothing to roll back to on a first install: the error is reported, and the next
         // pass converges.
         assert!(
@@ -1072,6 +1146,6 @@ resources:
                 .contains("engine unavailable")
         );
         c.converge_once().await.unwrap();
-        assert_eq!(c.runtime().images().len(), 3);
+        assert_eq!(c.backend().runtime().images().len(), 3);
     }
 }

@@ -65,7 +65,22 @@ impl Release {
             received_at: rfc3339::format(&now),
         }
     }
+
+    /// The stored stack, checked again on the way out of the store.
+    pub fn stack(
+        &self,
+    ) -> std::result::Result<outpost_bundle_format::stack::Stack, StoredStackError> {
+        let file: outpost_bundle_format::stack::StackFile =
+            serde_json::from_str(&self.stack).map_err(|e| StoredStackError(e.to_string()))?;
+        outpost_bundle_format::stack::Stack::from_file(&file)
+            .map_err(|e| StoredStackError(e.to_string()))
+    }
 }
+
+/// A stored stack that no longer reads back (a damaged state store).
+#[derive(Debug, thiserror::Error)]
+#[error("stored stack: {0}")]
+pub struct StoredStackError(String);
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Rejection {
@@ -425,6 +440,20 @@ impl Store {
                 [],
             )?;
             Ok(())
+        })
+    }
+
+    /// The latest `limit` journaled steps with their outcomes, oldest first.
+    #[cfg(test)]
+    pub fn journal(&self, limit: usize) -> Result<Vec<(String, String)>> {
+        self.with(|conn| {
+            let mut statement = conn.prepare(
+                "SELECT step, COALESCE(outcome, 'running') FROM (SELECT * FROM journal ORDER BY id DESC LIMIT ?1) ORDER BY id",
+            )?;
+            let steps = statement
+                .query_map([limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<rusqlite::Result<Vec<(String, String)>>>()?;
+            Ok(steps)
         })
     }
 

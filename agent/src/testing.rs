@@ -42,11 +42,16 @@ pub fn signed_stack(yaml: &str, version: &str, sequence: u64) -> Layout {
 
 /// A config trusting vendor-a for stack `acme`, with `extra` YAML appended.
 pub fn test_config(extra: &str) -> (tempfile::TempDir, PathBuf) {
+    test_config_granting("{execution: {}}", extra)
+}
+
+/// [`test_config`] with the customer's `permissions` grants spelled out.
+pub fn test_config_granting(permissions: &str, extra: &str) -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let key = testdata().join("keys/vendor-a.pub");
     let path = dir.path().join("agent.yaml");
     let text = format!(
-        "source: {{dir: {{path: drop}}}}\ntrust: {{keys: [{}]}}\nexpect: {{name: acme}}\npermissions: {{execution: {{}}}}\nstate_dir: state\napi: {{socket: agent.sock}}\n{extra}",
+        "source: {{dir: {{path: drop}}}}\ntrust: {{keys: [{}]}}\nexpect: {{name: acme}}\npermissions: {permissions}\nstate_dir: state\napi: {{socket: agent.sock}}\n{extra}",
         key.display()
     );
     std::fs::write(&path, text).unwrap();

@@ -1,10 +1,13 @@
 //! Runtime: what runs replicas. One small trait (observe, apply one step, probe health, remove,
-//! usage) that the Docker Engine runtime implements here and the Kubernetes and VM-pool runtimes
-//! will; the rollout (`crate::rollout`) drives it and never speaks an engine's API itself.
+//! usage) that the Docker Engine runtime implements; the rollout (`crate::rollout::Replicas`)
+//! drives it and never speaks an engine's API itself. Kubernetes runs its own replicas, so
+//! `kubernetes.rs` is a rollout backend over objects instead.
 
 pub mod docker;
 pub mod engine;
 pub mod fake;
+#[cfg(feature = "kubernetes")]
+pub mod kubernetes;
 
 use crate::plan::{ObservedReplica, ReplicaId};
 use std::collections::BTreeMap;

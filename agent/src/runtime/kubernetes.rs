@@ -1,0 +1,580 @@
+//! The Kubernetes runtime: a release as objects in the customer's one namespace. The cluster
+//! runs the replicas; the agent server-side-applies what `render` maps the release to (field
+//! manager `outpost`), waits for each workload's rollout status in `links` order, prunes the
+//! objects it owns and no longer wants, and on a converged release repairs drift found by a
+//! server-side dry-run apply.
+//!
+//! It never leaves its namespace: every object is checked against it before the first request,
+//! and every request goes through a namespaced API (the agent's Role grants nothing else). An
+//! object of the same name that the agent does not own is never taken over.
+
+use crate::pipeline::Agent;
+use crate::render::{MANAGED_BY, MANAGED_BY_LABEL, RESOURCE_LABEL, STACK_LABEL};
+use crate::rollout::{Backend, RolloutError, RuntimeView};
+use crate::state::Release;
+use kube::api::{
+    Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams,
+};
+use outpost_bundle_format::stack::Stack;
+use serde_json::{Value, json};
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub const FIELD_MANAGER: &str = "outpost";
+const POLL_EVERY: Duration = Duration::from_millis(500);
+
+/// A kind the runtime writes.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Kind {
+    group: &'static str,
+    version: &'static str,
+    pub kind: &'static str,
+    plural: &'static str,
+}
+
+impl Kind {
+    fn resource(&self) -> ApiResource {
+        ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk(self.group, self.version, self.kind),
+            self.plural,
+        )
+    }
+
+    fn api_version(&self) -> String {
+        if self.group.is_empty() {
+            self.version.to_string()
+        } else {
+            format!("{}/{}", self.group, self.version)
+        }
+    }
+
+    fn is_workload(&self) -> bool {
+        matches!(self.kind, "Deployment" | "StatefulSet")
+    }
+}
+
+const fn kind(
+    group: &'static str,
+    version: &'static str,
+    kind: &'static str,
+    plural: &'static str,
+) -> Kind {
+    Kind {
+        group,
+        version,
+        kind,
+        plural,
+    }
+}
+
+/// Every kind the runtime writes, in prune order: what routes to a workload goes first.
+pub const KINDS: [Kind; 5] = [
+    kind("networking.k8s.io", "v1", "Ingress", "ingresses"),
+    kind(
+        "autoscaling",
+        "v2",
+        "HorizontalPodAutoscaler",
+        "horizontalpodautoscalers",
+    ),
+    kind("", "v1", "Service", "services"),
+    kind("apps", "v1", "Deployment", "deployments"),
+    kind("apps", "v1", "StatefulSet", "statefulsets"),
+];
+const CLAIMS: Kind = kind("", "v1", "PersistentVolumeClaim", "persistentvolumeclaims");
+
+/// One rendered object, admitted: a kind we write, in our namespace.
+struct Admitted<'a> {
+    kind: &'static Kind,
+    name: &'a str,
+    resource: &'a str,
+    object: &'a Value,
+}
+
+impl Admitted<'_> {
+    fn id(&self) -> String {
+        format!("{}/{}", self.kind.kind, self.name)
+    }
+}
+
+/// Runs releases on a Kubernetes cluster, in one namespace.
+pub struct Cluster {
+    agent: Arc<Agent>,
+    client: kube::Client,
+    namespace: String,
+}
+
+impl Cluster {
+    pub fn new(agent: Arc<Agent>, client: kube::Client) -> Cluster {
+        let namespace = agent.config.kubernetes.namespace.clone();
+        Cluster {
+            agent,
+            client,
+            namespace,
+        }
+    }
+
+    /// A client from `kubernetes.kubeconfig`, else in-cluster or `$KUBECONFIG` /
+    /// `~/.kube/config`.
+    pub async fn connect(agent: Arc<Agent>) -> anyhow::Result<Cluster> {
+        let config = match &agent.config.kubernetes.kubeconfig {
+            Some(path) => {
+                let kubeconfig = kube::config::Kubeconfig::read_from(path).map_err(|e| {
+                    anyhow::anyhow!("kubernetes.kubeconfig {}: {e}", path.display())
+                })?;
+                kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+                    .await
+                    .map_err(|e| {
+                        anyhow::anyhow!("kubernetes.kubeconfig {}: {e}", path.display())
+                    })?
+            }
+            None => kube::Config::infer().await.map_err(|e| {
+                anyhow::anyhow!(
+                    "runtime kubernetes: no cluster to talk to ({e}); run in a pod with a ServiceAccount or set kubernetes.kubeconfig"
+                )
+            })?,
+        };
+        let client = kube::Client::try_from(config)
+            .map_err(|e| anyhow::anyhow!("runtime kubernetes: {e}"))?;
+        Ok(Cluster::new(agent, client))
+    }
+
+    fn view(&self) -> &RuntimeView {
+        &self.agent.runtime_view
+    }
+
+    fn api(&self, kind: &Kind) -> Api<DynamicObject> {
+        Api::namespaced_with(self.client.clone(), &self.namespace, &kind.resource())
+    }
+
+    /// Refuses, before anything is applied, an object outside our namespace or of a kind the
+    /// runtime does not write.
+    fn admit<'a>(&self, object: &'a Value) -> Result<Admitted<'a>, RolloutError> {
+        let text = |pointer: &str| object.pointer(pointer).and_then(Value::as_str);
+        let (api_version, kind_name) = (
+            text("/apiVersion").unwrap_or_default(),
+            text("/kind").unwrap_or_default(),
+        );
+        let name = text("/metadata/name").unwrap_or_default();
+        let kind = KINDS
+            .iter()
+            .find(|k| k.kind == kind_name && k.api_version() == api_version)
+            .ok_or_else(|| {
+                RolloutError(format!(
+                    "refusing {api_version} {kind_name}/{name}: not a kind the agent writes"
+                ))
+            })?;
+        let namespace = text("/metadata/namespace").unwrap_or_default();
+        if namespace != self.namespace {
+            return Err(RolloutError(format!(
+                "refusing {kind_name}/{name} in namespace {namespace:?}: the agent writes only to namespace {:?}",
+                self.namespace
+            )));
+        }
+        let resource = object
+            .pointer(&format!(
+                "/metadata/labels/{}",
+                RESOURCE_LABEL.replace('/', "~1")
+            ))
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        Ok(Admitted {
+            kind,
+            name,
+            resource,
+            object,
+        })
+    }
+
+    async fn get(&self, object: &Admitted<'_>) -> Result<Option<DynamicObject>, RolloutError> {
+        let live = self
+            .api(object.kind)
+            .get_opt(object.name)
+            .await
+            .map_err(|e| RolloutError(format!("reading {}: {e}", object.id())))?;
+        if let Some(live) = &live {
+            let owner = live
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(MANAGED_BY_LABEL));
+            if owner.map(String::as_str) != Some(MANAGED_BY) {
+                return Err(RolloutError(format!(
+                    "refusing to take over {} in namespace {}: it exists and is not managed by {MANAGED_BY}",
+                    object.id(),
+                    self.namespace
+                )));
+            }
+        }
+        Ok(live)
+    }
+
+    /// Server-side apply, taking over fields another manager changed.
+    async fn apply(
+        &self,
+        object: &Admitted<'_>,
+        dry_run: bool,
+    ) -> Result<DynamicObject, RolloutError> {
+        let mut params = PatchParams::apply(FIELD_MANAGER).force();
+        params.dry_run = dry_run;
+        self.api(object.kind)
+            .patch(object.name, &params, &Patch::Apply(object.object))
+            .await
+            .map_err(|e| RolloutError(format!("applying {}: {e}", object.id())))
+    }
+
+    /// A rollout: each resource's objects in `links` order, its workload rolled out before the
+    /// next resource starts; then what is no longer wanted is pruned.
+    async fn roll_out(
+        &self,
+        release: &Release,
+        objects: &[Admitted<'_>],
+    ) -> Result<(), RolloutError> {
+        let deadline = Duration::from_secs(self.agent.config.rollout.progress_deadline_seconds);
+        let mut index = 0;
+        while index < objects.len() {
+            let resource = objects[index].resource;
+            let group: Vec<&Admitted> = objects[index..]
+                .iter()
+                .take_while(|o| o.resource == resource)
+                .collect();
+            index += group.len();
+            let step = format!(
+                "apply {}",
+                group.iter().map(|o| o.id()).collect::<Vec<_>>().join(", ")
+            );
+            self.view().resource_step(resource, &step);
+            let journal = self.journal(&release.digest, &step)?;
+            let outcome = self.apply_and_wait(&group, deadline).await;
+            self.finish(journal, outcome.is_ok());
+            match &outcome {
+                Ok(status) => self
+                    .view()
+                    .resource_step(resource, &format!("{step}: done ({status})")),
+                Err(e) => self
+                    .view()
+                    .resource_step(resource, &format!("{step}: failed: {e}")),
+            }
+            outcome?;
+        }
+        self.prune(release, objects).await?;
+        Ok(())
+    }
+
+    async fn apply_and_wait(
+        &self,
+        group: &[&Admitted<'_>],
+        deadline: Duration,
+    ) -> Result<String, RolloutError> {
+        let mut status = String::from("applied");
+        for object in group {
+            self.get(object).await?;
+            let applied = self.apply(object, false).await?;
+            if object.kind.is_workload() {
+                let generation = applied.metadata.generation.unwrap_or(0);
+                status = self
+                    .wait_rolled_out(object, generation, Instant::now() + deadline)
+                    .await?;
+            }
+        }
+        Ok(status)
+    }
+
+    /// Waits until the workload's controller reports generation `generation` rolled out and
+    /// available, like `kubectl rollout status`.
+    async fn wait_rolled_out(
+        &self,
+        object: &Admitted<'_>,
+        generation: i64,
+        until: Instant,
+    ) -> Result<String, RolloutError> {
+        loop {
+            let last = match self.get(object).await? {
+                Some(live) => {
+                    let live = serde_json::to_value(&live)
+                        .map_err(|e| RolloutError(format!("{}: {e}", object.id())))?;
+                    match rollout_status(object.kind.kind, &live, generation) {
+                        RolloutStatus::Done(status) => return Ok(status),
+                        RolloutStatus::Failed(why) => {
+                            return Err(RolloutError(format!("{}: {why}", object.id())));
+                        }
+                        RolloutStatus::Progressing(why) => why,
+                    }
+                }
+                None => "deleted while rolling out".into(),
+            };
+            if Instant::now() >= until {
+                return Err(RolloutError(format!(
+                    "{}: not rolled out within the progress deadline ({}s): {last}",
+                    object.id(),
+                    self.agent.config.rollout.progress_deadline_seconds
+                )));
+            }
+            tokio::time::sleep(POLL_EVERY).await;
+        }
+    }
+
+    /// Deletes the stack's objects (by our labels, in our namespace) that the release no
+    /// longer has. A StatefulSet's claims go too only if the customer opted in.
+    async fn prune(
+        &self,
+        release: &Release,
+        wanted: &[Admitted<'_>],
+    ) -> Result<Vec<String>, RolloutError> {
+        let wanted: BTreeSet<(&str, &str)> = wanted.iter().map(|o| (o.kind.kind, o.name)).collect();
+        let owned = ListParams::default().labels(&format!(
+            "{MANAGED_BY_LABEL}={MANAGED_BY},{STACK_LABEL}={}",
+            release.name
+        ));
+        let mut pruned = Vec::new();
+        for kind in &KINDS {
+            let api = self.api(kind);
+            let list = api
+                .list(&owned)
+                .await
+                .map_err(|e| RolloutError(format!("listing {}s: {e}", kind.kind)))?;
+            for item in list.items {
+                let name = item.metadata.name.clone().unwrap_or_default();
+                if wanted.contains(&(kind.kind, name.as_str())) {
+                    continue;
+                }
+                let id = format!("{}/{name}", kind.kind);
+                let step = format!("prune {id}");
+                let journal = self.journal(&release.digest, &step)?;
+                let outcome = api
+                    .delete(&name, &DeleteParams::foreground())
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| RolloutError(format!("pruning {id}: {e}")));
+                let outcome = match outcome {
+                    Ok(()) if kind.kind == "StatefulSet" => self.prune_claims(&item).await,
+                    other => other,
+                };
+                self.finish(journal, outcome.is_ok());
+                outcome?;
+                pruned.push(step);
+            }
+        }
+        Ok(pruned)
+    }
+
+    /// The claims of a pruned StatefulSet: deleted only with `kubernetes.delete_volumes`.
+    async fn prune_claims(&self, statefulset: &DynamicObject) -> Result<(), RolloutError> {
+        if !self.agent.config.kubernetes.delete_volumes {
+            return Ok(());
+        }
+        let labels = statefulset.metadata.labels.clone().unwrap_or_default();
+        let (Some(stack), Some(resource)) = (labels.get(STACK_LABEL), labels.get(RESOURCE_LABEL))
+        else {
+            return Ok(());
+        };
+        let selector = format!(
+            "{MANAGED_BY_LABEL}={MANAGED_BY},{STACK_LABEL}={stack},{RESOURCE_LABEL}={resource}"
+        );
+        self.api(&CLAIMS)
+            .delete_collection(
+                &DeleteParams::default(),
+                &ListParams::default().labels(&selector),
+            )
+            .await
+            .map(|_| ())
+            .map_err(|e| RolloutError(format!("deleting the claims of {resource}: {e}")))
+    }
+
+    /// A drift pass: objects missing are re-created, fields changed by someone else are put
+    /// back (found by a dry-run apply against what is live), objects no longer wanted pruned.
+    async fn repair(
+        &self,
+        release: &Release,
+        objects: &[Admitted<'_>],
+    ) -> Result<Vec<String>, RolloutError> {
+        let mut repairs = Vec::new();
+        for object in objects {
+            let Some(live) = self.get(object).await? else {
+                self.apply(object, false).await?;
+                repairs.push(format!("re-created {}", object.id()));
+                continue;
+            };
+            let would_be = self.apply(object, true).await?;
+            let changed = changed_fields(&owned_fields(&live), &owned_fields(&would_be));
+            if !changed.is_empty() {
+                self.apply(object, false).await?;
+                repairs.push(format!("{}: put back {}", object.id(), changed.join(", ")));
+            }
+        }
+        repairs.extend(self.prune(release, objects).await?);
+        Ok(repairs)
+    }
+
+    /// Each workload's replica counts for `status`.
+    async fn show_workloads(&self, objects: &[Admitted<'_>]) {
+        for object in objects.iter().filter(|o| o.kind.is_workload()) {
+            let Ok(Some(live)) = self.api(object.kind).get_opt(object.name).await else {
+                continue;
+            };
+            let status = live.data.get("status").cloned().unwrap_or(Value::Null);
+            let count = |key: &str| status.get(key).and_then(Value::as_i64).unwrap_or(0);
+            self.view().edit(|s| {
+                s["resources"][object.resource]["workload"] = json!({
+                    "object": object.id(),
+                    "replicas": count("replicas"),
+                    "ready": count("readyReplicas"),
+                    "updated": count("updatedReplicas"),
+                    "available": count("availableReplicas"),
+                });
+            });
+        }
+    }
+
+    fn journal(&self, digest: &str, step: &str) -> Result<i64, RolloutError> {
+        self.agent
+            .store
+            .begin_step(digest, step, crate::config::now())
+            .map_err(|e| RolloutError(format!("journal: {e}")))
+    }
+
+    fn finish(&self, journal: i64, ok: bool) {
+        let outcome = if ok { "done" } else { "failed" };
+        let _ = self
+            .agent
+            .store
+            .finish_step(journal, outcome, crate::config::now());
+    }
+}
+
+impl Backend for Cluster {
+    async fn converge(
+        &self,
+        release: &Release,
+        stack: &Stack,
+        fresh: bool,
+    ) -> Result<Vec<String>, RolloutError> {
+        let rendered = crate::render::render(&self.agent.config, stack, &release.digest)
+            .map_err(|e| RolloutError(e.to_string()))?;
+        let objects = rendered
+            .iter()
+            .map(|o| self.admit(o))
+            .collect::<Result<Vec<_>, _>>()?;
+        let outcome = if fresh {
+            self.roll_out(release, &objects).await.map(|()| Vec::new())
+        } else {
+            self.repair(release, &objects).await
+        };
+        self.show_workloads(&objects).await;
+        outcome
+    }
+}
+
+#[cfg(test)]
+#[path = "kubernetes_tests.rs"]
+mod tests;
+
+/// What a workload's status says of the rollout of `generation`.
+#[derive(Debug, PartialEq)]
+pub enum RolloutStatus {
+    Done(String),
+    Progressing(String),
+    Failed(String),
+}
+
+/// Reads a Deployment's or StatefulSet's status the way `kubectl rollout status` does.
+pub fn rollout_status(kind: &str, live: &Value, generation: i64) -> RolloutStatus {
+    let status = &live["status"];
+    let count = |key: &str| status.get(key).and_then(Value::as_i64).unwrap_or(0);
+    let observed = count("observedGeneration");
+    if observed < generation {
+        return RolloutStatus::Progressing(format!(
+            "waiting for the controller to observe generation {generation} (at {observed})"
+        ));
+    }
+    let conditions = status["conditions"].as_array().cloned().unwrap_or_default();
+    if let Some(stuck) = conditions
+        .iter()
+        .find(|c| c["type"] == "Progressing" && c["reason"] == "ProgressDeadlineExceeded")
+    {
+        return RolloutStatus::Failed(format!(
+            "progress deadline exceeded: {}",
+            stuck["message"].as_str().unwrap_or("no message")
+        ));
+    }
+    let want = live["spec"]["replicas"].as_i64().unwrap_or(1);
+    let (updated, replicas, available) = (
+        count("updatedReplicas"),
+        count("replicas"),
+        count("availableReplicas"),
+    );
+    if updated < want {
+        return RolloutStatus::Progressing(format!("{updated} of {want} replicas updated"));
+    }
+    if kind == "Deployment" && replicas > updated {
+        return RolloutStatus::Progressing(format!(
+            "{} old replicas pending termination",
+            replicas - updated
+        ));
+    }
+    if kind == "StatefulSet" {
+        let (current, update) = (&status["currentRevision"], &status["updateRevision"]);
+        if count("readyReplicas") < want {
+            return RolloutStatus::Progressing(format!(
+                "{} of {want} replicas ready",
+                count("readyReplicas")
+            ));
+        }
+        if !update.is_null() && current != update {
+            return RolloutStatus::Progressing(format!(
+                "waiting for revision {} to replace {}",
+                update.as_str().unwrap_or("?"),
+                current.as_str().unwrap_or("?")
+            ));
+        }
+    }
+    if available < want {
+        return RolloutStatus::Progressing(format!("{available} of {want} replicas available"));
+    }
+    RolloutStatus::Done(format!("{available} of {want} available"))
+}
+
+/// The parts of an object the agent sets: labels, annotations and spec.
+fn owned_fields(object: &impl serde::Serialize) -> Value {
+    let object = serde_json::to_value(object).unwrap_or(Value::Null);
+    json!({
+        "labels": object["metadata"]["labels"],
+        "annotations": object["metadata"]["annotations"],
+        "spec": object["spec"],
+    })
+}
+
+/// Paths of the leaves that differ between `live` and `wanted`, at most ten.
+fn changed_fields(live: &Value, wanted: &Value) -> Vec<String> {
+    fn walk(path: &str, live: &Value, wanted: &Value, out: &mut Vec<String>) {
+        match (live, wanted) {
+            (Value::Object(a), Value::Object(b)) => {
+                let keys: BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+                for key in keys {
+                    let null = Value::Null;
+                    walk(
+                        &format!("{path}.{key}"),
+                        a.get(key).unwrap_or(&null),
+                        b.get(key).unwrap_or(&null),
+                        out,
+                    );
+                }
+            }
+            (Value::Array(a), Value::Array(b)) if a.len() == b.len() => {
+                for (i, (x, y)) in a.iter().zip(b).enumerate() {
+                    walk(&format!("{path}[{i}]"), x, y, out);
+                }
+            }
+            (a, b) if a != b => out.push(path.trim_start_matches('.').to_string()),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    walk("", live, wanted, &mut out);
+    if out.len() > 10 {
+        let more = out.len() - 10;
+        out.truncate(10);
+        out.push(format!("and {more} more"));
+    }
+    out
+}

@@ -1,0 +1,649 @@
+//! The Kubernetes runtime against stand-ins for a cluster (no kube-apiserver can run here):
+//! `kube-fake-client`, an in-memory API server with server-side apply and label selectors,
+//! with a small controller stand-in that reports rollouts as kube-controller-manager would;
+//! and `tower-test` for the exact requests of a drift pass.
+
+use super::*;
+use crate::config::Config;
+use crate::rollout::Converger;
+use crate::testing::{signed_stack, test_config_granting};
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use kube::api::PostParams;
+use kube_fake_client::ClientBuilder;
+use std::sync::atomic::Ordering;
+
+const NAMESPACE: &str = "shop";
+const IMAGE: &str =
+    "r.example/web@sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+const IMAGE_2: &str =
+    "r.example/web@sha256:2222222222222222222222222222222222222222222222222222222222222222";
+/// An image whose pods never become ready (the controller stand-in's rule).
+const BROKEN: &str =
+    "r.example/web@sha256:1111111111111111111111111111111111111111111111111111111111111111";
+
+fn stack(web_image: &str, web_scaling: &str, with_db: bool) -> String {
+    let db = if with_db {
+        r#"
+  - lifecycle: live
+    container:
+      name: db
+      code: {image: "r.example/db@sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"}
+      cpu: 1
+      memory: 1Gi
+      ports: [5432]
+      replicas: 1
+      persistentStorage: 1Gi
+      permissions: storage"#
+    } else {
+        ""
+    };
+    let links = if with_db { "[db]" } else { "[]" };
+    format!(
+        r#"
+name: acme
+permissionProfiles: {{execution: {{}}, storage: {{}}}}
+resources:{db}
+  - lifecycle: live
+    container:
+      name: web
+      code: {{image: "{web_image}"}}
+      cpu: {{min: 0.25, desired: 1}}
+      memory: 256Mi
+      ports: [8080]
+      {web_scaling}
+      links: {links}
+      publicEndpoints: [{{name: site, port: 8080, protocol: http}}]
+      healthCheck: {{path: /healthz, port: 8080, method: GET, timeoutSeconds: 2, failureThreshold: 3}}
+      permissions: execution
+"#
+    )
+}
+
+struct Harness {
+    _dir: tempfile::TempDir,
+    converger: Converger<Cluster>,
+    client: kube::Client,
+    controller: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self.controller.abort();
+    }
+}
+
+async fn harness(extra: &str) -> Harness {
+    let (dir, path) = test_config_granting(
+        "{execution: {service_account: web-runner, environment: {REGION: eu}}, storage: {service_account: db-runner}}",
+        &format!(
+            "runtime: kubernetes\nkubernetes: {{namespace: {NAMESPACE}, storage_class: fast, ingress_class: nginx{extra}}}\nrollout: {{progress_deadline_seconds: 3}}\n"
+        ),
+    );
+    let agent = Arc::new(Agent::new(Config::load(&path).unwrap()).unwrap());
+    let client = ClientBuilder::new()
+        .with_status_subresource::<Deployment>()
+        .with_status_subresource::<StatefulSet>()
+        .with_return_managed_fields()
+        .build()
+        .await
+        .unwrap();
+    let controller = tokio::spawn(controller_stand_in(client.clone()));
+    Harness {
+        _dir: dir,
+        converger: Converger::new(agent.clone(), Cluster::new(agent, client.clone())),
+        client,
+        controller,
+    }
+}
+
+impl Harness {
+    fn agent(&self) -> &Agent {
+        &self.converger.backend().agent
+    }
+
+    fn release(&self, yaml: &str, version: &str, sequence: u64) -> String {
+        let layout = signed_stack(yaml, version, sequence);
+        match self
+            .agent()
+            .ingest(&layout, "test", crate::config::now())
+            .unwrap()
+        {
+            crate::pipeline::Ingested::Accepted { digest, .. } => digest,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn current(&self) -> String {
+        self.agent()
+            .store
+            .positions()
+            .unwrap()
+            .current
+            .unwrap()
+            .digest
+    }
+
+    fn api(&self, kind: &str) -> Api<DynamicObject> {
+        let kind = KINDS
+            .iter()
+            .chain([&CLAIMS])
+            .find(|k| k.kind == kind)
+            .unwrap();
+        Api::namespaced_with(self.client.clone(), NAMESPACE, &kind.resource())
+    }
+
+    async fn get(&self, kind: &str, name: &str) -> Option<Value> {
+        let object = self.api(kind).get_opt(name).await.unwrap()?;
+        Some(serde_json::to_value(object).unwrap())
+    }
+
+    async fn names(&self, kind: &str) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .api(kind)
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .filter_map(|o| o.metadata.name)
+            .collect();
+        names.sort();
+        names
+    }
+
+    async fn web_image(&self) -> String {
+        let web = self.get("Deployment", "acme-web").await.unwrap();
+        web["spec"]["template"]["spec"]["containers"][0]["image"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+}
+
+/// What kube-controller-manager would report: pods of a workload become ready unless their
+/// image is [`BROKEN`] (a Deployment then exceeds its progress deadline); a StatefulSet's
+/// claims are created from its templates.
+async fn controller_stand_in(client: kube::Client) {
+    let deployments: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), NAMESPACE, &KINDS[3].resource());
+    let statefulsets: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), NAMESPACE, &KINDS[4].resource());
+    let claims: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), NAMESPACE, &CLAIMS.resource());
+    loop {
+        for (api, kind) in [(&deployments, "Deployment"), (&statefulsets, "StatefulSet")] {
+            let Ok(list) = api.list(&ListParams::default()).await else {
+                continue;
+            };
+            for item in list.items {
+                let name = item.metadata.name.clone().unwrap_or_default();
+                let generation = item.metadata.generation.unwrap_or(1);
+                let spec = &item.data["spec"];
+                let want = spec["replicas"].as_i64().unwrap_or(1);
+                let broken = spec["template"]["spec"]["containers"][0]["image"] == BROKEN;
+                let status = match (kind, broken) {
+                    ("Deployment", true) => json!({
+                        "observedGeneration": generation, "replicas": want + 1,
+                        "updatedReplicas": 1, "availableReplicas": want, "readyReplicas": want,
+                        "conditions": [{"type": "Progressing", "status": "False",
+                            "reason": "ProgressDeadlineExceeded",
+                            "message": format!("ReplicaSet \"{name}-2\" has timed out progressing.")}],
+                    }),
+                    ("Deployment", false) => json!({
+                        "observedGeneration": generation, "replicas": want,
+                        "updatedReplicas": want, "availableReplicas": want, "readyReplicas": want,
+                        "conditions": [{"type": "Progressing", "status": "True",
+                            "reason": "NewReplicaSetAvailable", "message": "ok"}],
+                    }),
+                    (_, broken) => {
+                        for ordinal in 0..want {
+                            let claim = json!({
+                                "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                                "metadata": {"name": format!("data-{name}-{ordinal}"),
+                                    "labels": spec["volumeClaimTemplates"][0]["metadata"]["labels"]},
+                                "spec": spec["volumeClaimTemplates"][0]["spec"],
+                            });
+                            let claim: DynamicObject = serde_json::from_value(claim).unwrap();
+                            let _ = claims.create(&PostParams::default(), &claim).await;
+                        }
+                        let ready = if broken { 0 } else { want };
+                        json!({
+                            "observedGeneration": generation, "replicas": want,
+                            "updatedReplicas": want, "readyReplicas": ready,
+                            "availableReplicas": ready,
+                            "currentRevision": format!("{name}-{generation}"),
+                            "updateRevision": format!("{name}-{generation}"),
+                        })
+                    }
+                };
+                if item.data.get("status") != Some(&status) {
+                    let _ = api
+                        .patch_status(
+                            &name,
+                            &PatchParams::default(),
+                            &Patch::Merge(json!({"status": status})),
+                        )
+                        .await;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn first_install_applies_everything_in_links_order_and_waits_for_rollout() {
+    let h = harness("").await;
+    let v1 = h.release(&stack(IMAGE, "replicas: 2", true), "1.0.0", 1);
+    h.converger.converge_once().await.unwrap();
+    assert_eq!(h.agent().store.converged().unwrap(), Some(v1));
+
+    assert_eq!(h.names("Service").await, ["acme-db", "acme-web"]);
+    assert_eq!(h.names("StatefulSet").await, ["acme-db"]);
+    assert_eq!(h.names("Deployment").await, ["acme-web"]);
+    assert_eq!(h.names("Ingress").await, ["acme-web-site"]);
+    assert!(h.names("HorizontalPodAutoscaler").await.is_empty());
+
+    let web = h.get("Deployment", "acme-web").await.unwrap();
+    assert_eq!(
+        web["metadata"]["managedFields"][0]["manager"],
+        FIELD_MANAGER
+    );
+    assert_eq!(web["metadata"]["managedFields"][0]["operation"], "Apply");
+    assert_eq!(web["spec"]["replicas"], 2);
+    let pod = &web["spec"]["template"]["spec"];
+    assert_eq!(pod["serviceAccountName"], "web-runner");
+    let env = &pod["containers"][0]["env"];
+    let value = |name: &str| {
+        env.as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == name)
+            .map(|e| e["value"].clone())
+    };
+    assert_eq!(value("DB_HOST"), Some(json!("acme-db.shop.svc")));
+    assert_eq!(value("REGION"), Some(json!("eu")), "the customer's grant");
+    let db = h.get("StatefulSet", "acme-db").await.unwrap();
+    assert_eq!(
+        db["spec"]["volumeClaimTemplates"][0]["spec"]["storageClassName"],
+        "fast"
+    );
+    assert_eq!(
+        db["spec"]["template"]["spec"]["serviceAccountName"],
+        "db-runner"
+    );
+
+    // Journaled in links order: the database before the web tier that links to it.
+    let steps: Vec<String> = h
+        .agent()
+        .store
+        .journal(10)
+        .unwrap()
+        .into_iter()
+        .map(|(step, outcome)| format!("{step}: {outcome}"))
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            "apply Service/acme-db, StatefulSet/acme-db: done",
+            "apply Service/acme-web, Deployment/acme-web, Ingress/acme-web-site: done",
+        ]
+    );
+    let status = h.agent().runtime_view.snapshot();
+    assert_eq!(status["phase"], "converged");
+    assert_eq!(status["resources"]["web"]["workload"]["available"], 2);
+
+    // Converged: a drift pass finds nothing to do.
+    h.converger.converge_once().await.unwrap();
+    assert_eq!(h.agent().store.journal(10).unwrap().len(), 2);
+    assert_eq!(
+        h.agent().runtime_view.drift_repairs.load(Ordering::Relaxed),
+        0
+    );
+}
+
+#[tokio::test]
+async fn an_update_rolls_only_what_changed_and_scaling_follows_the_release() {
+    let h = harness("").await;
+    h.release(&stack(IMAGE, "replicas: 2", true), "1.0.0", 1);
+    h.converger.converge_once().await.unwrap();
+    let db_template = h.get("StatefulSet", "acme-db").await.unwrap()["spec"]["template"].clone();
+
+    let v2 = h.release(&stack(IMAGE_2, "replicas: 4", true), "1.1.0", 2);
+    h.converger.converge_once().await.unwrap();
+    assert_eq!(h.agent().store.converged().unwrap(), Some(v2));
+    assert_eq!(h.web_image().await, IMAGE_2);
+    let web = h.get("Deployment", "acme-web").await.unwrap();
+    assert_eq!(web["spec"]["replicas"], 4);
+    assert_eq!(web["status"]["availableReplicas"], 4);
+    assert_eq!(
+        h.get("StatefulSet", "acme-db").await.unwrap()["spec"]["template"],
+        db_template,
+        "the database did not change, so its pods are not restarted"
+    );
+}
+
+#[tokio::test]
+async fn an_autoscaled_resource_gets_an_autoscaler_that_owns_the_replica_count() {
+    let h = harness("").await;
+    let scaling =
+        "autoScale: {min: 2, desired: 3, max: 6, targetCpuPercent: 70, targetMemoryPercent: 80}";
+    h.release(&stack(IMAGE, scaling, false), "1.0.0", 1);
+    h.converger.converge_once().await.unwrap();
+
+    let hpa = h.get("HorizontalPodAutoscaler", "acme-web").await.unwrap();
+    assert_eq!(hpa["spec"]["minReplicas"], 2);
+    assert_eq!(hpa["spec"]["maxReplicas"], 6);
+    assert_eq!(hpa["spec"]["scaleTargetRef"]["kind"], "Deployment");
+    assert_eq!(
+        hpa["spec"]["metrics"][0]["resource"]["target"]["averageUtilization"],
+        70
+    );
+    assert_eq!(
+        hpa["spec"]["metrics"][1]["resource"]["target"]["averageUtilization"],
+        80
+    );
+
+    // The autoscaler scales the Deployment; a drift pass must not fight it.
+    h.api("Deployment")
+        .patch(
+            "acme-web",
+            &PatchParams::apply("horizontal-pod-autoscaler").force(),
+            &Patch::Apply(
+                json!({"apiVersion": "apps/v1", "kind": "Deployment", "spec": {"replicas": 5}}),
+            ),
+        )
+        .await
+        .unwrap();
+    h.converger.converge_once().await.unwrap();
+    assert_eq!(
+        h.get("Deployment", "acme-web").await.unwrap()["spec"]["replicas"],
+        5
+    );
+    assert_eq!(
+        h.agent().runtime_view.drift_repairs.load(Ordering::Relaxed),
+        0
+    );
+}
+
+#[tokio::test]
+async fn a_failed_rollout_rolls_back_to_the_last_good_release() {
+    let h = harness("").await;
+    let v1 = h.release(&stack(IMAGE, "replicas: 2", false), "1.0.0", 1);
+    h.converger.converge_once().await.unwrap();
+
+    let v2 = h.release(&stack(BROKEN, "replicas: 2", false), "1.1.0", 2);
+    assert_eq!(h.current(), v2);
+    h.converger.converge_once().await.unwrap();
+    let status = h.agent().runtime_view.snapshot();
+    assert!(
+        status["last_rollback"]
+            .as_str()
+            .unwrap()
+            .contains("progress deadline exceeded"),
+        "{status}"
+    );
+    assert_eq!(h.current(), v1, "the last good release is current again");
+    assert_eq!(h.agent().runtime_view.rollbacks.load(Ordering::Relaxed), 1);
+
+    // The next pass re-applies the last good release.
+    h.converger.converge_once().await.unwrap();
+    assert_eq!(h.web_image().await, IMAGE);
+    assert_eq!(h.agent().store.converged().unwrap(), Some(v1));
+}
+
+#[tokio::test]
+async fn drift_is_found_by_a_dry_run_and_repaired() {
+    let h = harness("").await;
+    h.release(&stack(IMAGE, "replicas: 2", false), "1.0.0", 1);
+    h.converger.converge_once().await.unwrap();
+
+    // Someone edits the image by hand (read, change, replace) and deletes the Service.
+    let deployments = h.api("Deployment");
+    let mut edited = deployments.get("acme-web").await.unwrap();
+    edited.data["spec"]["template"]["spec"]["containers"][0]["image"] = json!(IMAGE_2);
+    deployments
+        .replace("acme-web", &PostParams::default(), &edited)
+        .await
+        .unwrap();
+    assert_eq!(h.web_image().await, IMAGE_2);
+    h.api("Service")
+        .delete("acme-web", &DeleteParams::default())
+        .await
+        .unwrap();
+
+    h.converger.converge_once().await.unwrap();
+    assert_eq!(h.web_image().await, IMAGE);
+    assert!(h.get("Service", "acme-web").await.is_some());
+    let drift = h.agent().runtime_view.snapshot()["last_drift"].clone();
+    assert_eq!(
+        drift,
+        json!([
+            "re-created Service/acme-web",
+            "Deployment/acme-web: put back spec.template.spec.containers[0].image"
+        ])
+    );
+    assert_eq!(
+        h.agent().runtime_view.drift_repairs.load(Ordering::Relaxed),
+        2
+    );
+}
+
+#[tokio::test]
+async fn pruning_removes_what_the_release_dropped_but_keeps_claims() {
+    let h = harness("").await;
+    h.release(&stack(IMAGE, "replicas: 1", true), "1.0.0", 1);
+    h.converger.converge_once().await.unwrap();
+    assert_eq!(h.names("PersistentVolumeClaim").await, ["data-acme-db-0"]);
+
+    h.release(&stack(IMAGE, "replicas: 1", false), "2.0.0", 2);
+    h.converger.converge_once().await.unwrap();
+    assert!(h.names("StatefulSet").await.is_empty());
+    assert_eq!(h.names("Service").await, ["acme-web"]);
+    assert_eq!(
+        h.names("PersistentVolumeClaim").await,
+        ["data-acme-db-0"],
+        "the data stays unless the customer opted in"
+    );
+}
+
+#[tokio::test]
+async fn claims_are_deleted_with_their_statefulset_only_when_the_customer_opted_in() {
+    let h = harness(", delete_volumes: true").await;
+    h.release(&stack(IMAGE, "replicas: 1", true), "1.0.0", 1);
+    h.converger.converge_once().await.unwrap();
+    assert_eq!(h.names("PersistentVolumeClaim").await, ["data-acme-db-0"]);
+    h.release(&stack(IMAGE, "replicas: 1", false), "2.0.0", 2);
+    h.converger.converge_once().await.unwrap();
+    assert!(h.names("PersistentVolumeClaim").await.is_empty());
+}
+
+#[tokio::test]
+async fn nothing_outside_the_namespace_or_not_ours_is_touched() {
+    let h = harness("").await;
+    // An object elsewhere carrying our labels, and one of ours by name that we do not own.
+    let labels = json!({MANAGED_BY_LABEL: MANAGED_BY, STACK_LABEL: "acme"});
+    let other: Api<DynamicObject> =
+        Api::namespaced_with(h.client.clone(), "other", &KINDS[2].resource());
+    let object = |name: &str, labels: Value| -> DynamicObject {
+        serde_json::from_value(json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": name, "labels": labels},
+            "spec": {"ports": [{"port": 80}]}}))
+        .unwrap()
+    };
+    other
+        .create(&PostParams::default(), &object("acme-old", labels))
+        .await
+        .unwrap();
+    h.api("Service")
+        .create(
+            &PostParams::default(),
+            &object("acme-web", json!({"team": "platform"})),
+        )
+        .await
+        .unwrap();
+
+    h.release(&stack(IMAGE, "replicas: 1", false), "1.0.0", 1);
+    let error = h.converger.converge_once().await.unwrap_err().to_string();
+    assert!(
+        error.contains("refusing to take over Service/acme-web in namespace shop: it exists and is not managed by outpost"),
+        "{error}"
+    );
+    assert!(h.names("Deployment").await.is_empty(), "nothing applied");
+    assert!(other.get_opt("acme-old").await.unwrap().is_some());
+
+    // A rendered object naming another namespace is refused before any request.
+    let cluster = h.converger.backend();
+    let escape = json!({"apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "acme-web", "namespace": "kube-system"}});
+    let refused = cluster.admit(&escape).err().unwrap().to_string();
+    assert_eq!(
+        refused,
+        "refusing Service/acme-web in namespace \"kube-system\": the agent writes only to namespace \"shop\""
+    );
+    let cluster_scoped = json!({"apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRoleBinding", "metadata": {"name": "x"}});
+    assert!(cluster.admit(&cluster_scoped).is_err());
+}
+
+#[test]
+fn rollout_status_reads_like_kubectl() {
+    let deployment = |status: Value| json!({"spec": {"replicas": 2}, "status": status});
+    let progressing = |s: RolloutStatus| matches!(s, RolloutStatus::Progressing(_));
+    assert!(progressing(rollout_status(
+        "Deployment",
+        &deployment(json!({"observedGeneration": 1})),
+        2
+    )));
+    assert!(progressing(rollout_status(
+        "Deployment",
+        &deployment(
+            json!({"observedGeneration": 2, "replicas": 3, "updatedReplicas": 2, "availableReplicas": 2})
+        ),
+        2
+    )));
+    assert_eq!(
+        rollout_status(
+            "Deployment",
+            &deployment(
+                json!({"observedGeneration": 2, "replicas": 2, "updatedReplicas": 2, "availableReplicas": 2})
+            ),
+            2
+        ),
+        RolloutStatus::Done("2 of 2 available".into())
+    );
+    assert!(matches!(
+        rollout_status(
+            "Deployment",
+            &deployment(json!({"observedGeneration": 2, "conditions": [{"type": "Progressing", "reason": "ProgressDeadlineExceeded", "message": "timed out"}]})),
+            2
+        ),
+        RolloutStatus::Failed(m) if m.contains("timed out")
+    ));
+    let statefulset = json!({"spec": {"replicas": 1}, "status": {"observedGeneration": 1,
+        "updatedReplicas": 1, "readyReplicas": 1, "availableReplicas": 1,
+        "currentRevision": "db-1", "updateRevision": "db-2"}});
+    assert!(progressing(rollout_status("StatefulSet", &statefulset, 1)));
+}
+
+/// The exact requests of a drift pass over an unchanged Service: read it, dry-run apply it
+/// (server-side, as `outpost`, forced), list what we own for pruning; and nothing written.
+#[tokio::test]
+async fn a_drift_pass_asks_the_server_with_a_dry_run_and_writes_nothing_when_nothing_changed() {
+    use http::{Request, Response};
+    use kube::client::Body;
+
+    let (dir, path) = test_config_granting(
+        "{execution: {service_account: web-runner}}",
+        &format!("runtime: kubernetes\nkubernetes: {{namespace: {NAMESPACE}}}\n"),
+    );
+    let agent = Arc::new(Agent::new(Config::load(&path).unwrap()).unwrap());
+    let yaml = r#"
+name: acme
+permissionProfiles: {execution: {}}
+resources:
+  - lifecycle: live
+    container:
+      name: jobs
+      code: {image: "r.example/jobs@sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"}
+      cpu: 1
+      memory: 1Gi
+      ports: [9000]
+      replicas: 1
+      permissions: execution
+"#;
+    let layout = signed_stack(yaml, "1.0.0", 1);
+    agent.ingest(&layout, "test", crate::config::now()).unwrap();
+    let release = agent.store.positions().unwrap().current.unwrap();
+    let objects =
+        crate::render::render(&agent.config, &release.stack().unwrap(), &release.digest).unwrap();
+
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let server = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        while let Some((request, respond)) = handle.next_request().await {
+            let line = format!(
+                "{} {} {}",
+                request.method(),
+                request.uri(),
+                request
+                    .headers()
+                    .get("content-type")
+                    .map(|v| v.to_str().unwrap_or_default().to_string())
+                    .unwrap_or_default()
+            );
+            let uri = request.uri().path().to_string();
+            let body = if request.method() == "GET" && uri.ends_with("/acme-jobs") {
+                let kind = if uri.contains("/services/") { 0 } else { 1 };
+                let mut live = objects[kind].clone();
+                live["metadata"]["generation"] = json!(1);
+                live["metadata"]["resourceVersion"] = json!("7");
+                live.to_string()
+            } else if request.method() == "PATCH" {
+                let bytes = http_body_util::BodyExt::collect(request.into_body())
+                    .await
+                    .unwrap()
+                    .to_bytes();
+                let mut applied: Value = serde_json::from_slice(&bytes).unwrap();
+                applied["metadata"]["resourceVersion"] = json!("7");
+                applied.to_string()
+            } else {
+                json!({"apiVersion": "v1", "kind": "List", "metadata": {}, "items": []}).to_string()
+            };
+            seen.push(line);
+            respond.send_response(
+                Response::builder()
+                    .status(200)
+                    .body(Body::from(body.into_bytes()))
+                    .unwrap(),
+            );
+        }
+        seen
+    });
+
+    let cluster = Cluster::new(agent.clone(), kube::Client::new(service, NAMESPACE));
+    let stack = release.stack().unwrap();
+    let repairs = cluster.converge(&release, &stack, false).await.unwrap();
+    assert!(repairs.is_empty(), "{repairs:?}");
+    drop(cluster);
+    let seen = server.await.unwrap();
+    let apply = "&dryRun=All&force=true&fieldManager=outpost application/apply-patch+yaml";
+    let owned =
+        "labelSelector=app.kubernetes.io%2Fmanaged-by%3Doutpost%2Coutpost.dev%2Fstack%3Dacme";
+    assert_eq!(
+        seen,
+        [
+            "GET /api/v1/namespaces/shop/services/acme-jobs ".to_string(),
+            format!("PATCH /api/v1/namespaces/shop/services/acme-jobs?{apply}"),
+            "GET /apis/apps/v1/namespaces/shop/deployments/acme-jobs ".to_string(),
+            format!("PATCH /apis/apps/v1/namespaces/shop/deployments/acme-jobs?{apply}"),
+            format!("GET /apis/networking.k8s.io/v1/namespaces/shop/ingresses?&{owned} "),
+            format!("GET /apis/autoscaling/v2/namespaces/shop/horizontalpodautoscalers?&{owned} "),
+            format!("GET /api/v1/namespaces/shop/services?&{owned} "),
+            format!("GET /apis/apps/v1/namespaces/shop/deployments?&{owned} "),
+            format!("GET /apis/apps/v1/namespaces/shop/statefulsets?&{owned} "),
+            "GET /apis/apps/v1/namespaces/shop/deployments/acme-jobs ".to_string(),
+        ]
+    );
+    drop(dir);
+}
