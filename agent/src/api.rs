@@ -1,5 +1,6 @@
-//! The local API: HTTP/1.1 on the unix socket from the config (never a TCP port). The
-//! customer's CLI is its client. `/healthz` and `/metrics` (Prometheus text) live here too.
+//! The local API: HTTP/1.1 on the unix socket from the config. The customer's CLI is its
+//! client. `/healthz` and `/metrics` (Prometheus text) live here too, and, when the customer
+//! sets `api.metrics_address`, also on that TCP address, which serves nothing else.
 
 use crate::pipeline::{Agent, HistoryView, Refused};
 use http_body_util::{BodyExt, Full, Limited};
@@ -60,6 +61,41 @@ pub async fn serve(agent: Arc<Agent>, shared: Arc<Shared>, socket: &Path) -> any
                 async move {
                     Ok::<_, std::convert::Infallible>(handle(request, &agent, &shared, uid).await)
                 }
+            });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, service)
+                .await;
+        });
+    }
+}
+
+/// Serves `GET /metrics` and `GET /healthz` on `address`, and nothing else: no decision and
+/// no status is reachable over TCP.
+pub async fn serve_metrics(
+    agent: Arc<Agent>,
+    shared: Arc<Shared>,
+    address: std::net::SocketAddr,
+) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(address)
+        .await
+        .map_err(|e| anyhow::anyhow!("api.metrics_address {address}: {e}"))?;
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let (agent, shared) = (agent.clone(), shared.clone());
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                let response = match (request.method(), request.uri().path()) {
+                    (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n".into()),
+                    (&Method::GET, "/metrics") => text(StatusCode::OK, metrics(&agent, &shared)),
+                    _ => text(
+                        StatusCode::NOT_FOUND,
+                        "only /metrics and /healthz here\n".into(),
+                    ),
+                };
+                async move { Ok::<_, std::convert::Infallible>(response) }
             });
             let io = hyper_util::rt::TokioIo::new(stream);
             let _ = hyper::server::conn::http1::Builder::new()

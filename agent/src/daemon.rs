@@ -62,6 +62,10 @@ pub async fn run(agent: Agent) -> anyhow::Result<()> {
         let (agent, shared, socket) = (agent.clone(), shared.clone(), socket.clone());
         tokio::spawn(async move { api::serve(agent, shared, &socket).await })
     };
+    let metrics_server = agent.config.api.metrics_address.map(|address| {
+        let (agent, shared) = (agent.clone(), shared.clone());
+        tokio::spawn(async move { api::serve_metrics(agent, shared, address).await })
+    });
     let converger = match agent.config.runtime {
         RuntimeKind::None => None,
         RuntimeKind::Docker => {
@@ -104,6 +108,12 @@ pub async fn run(agent: Agent) -> anyhow::Result<()> {
     let result = tokio::select! {
         result = drive(agent.clone(), source, shared.clone()) => result,
         result = server => result.map_err(anyhow::Error::from).and_then(|r| r),
+        result = async {
+            match metrics_server {
+                Some(server) => server.await,
+                None => std::future::pending().await,
+            }
+        } => result.map_err(anyhow::Error::from).and_then(|r| r),
         _ = tokio::signal::ctrl_c() => Ok(()),
         _ = terminate.recv() => Ok(()),
     };

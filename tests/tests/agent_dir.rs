@@ -408,3 +408,36 @@ fn root_rotation_survives_restarts_and_fails_closed() {
         .cli(&["run"])
         .fails(2, "refusing to fall back to older keys");
 }
+
+#[test]
+fn metrics_are_served_over_tcp_when_asked_and_nothing_else() {
+    use outpost_tests::engine::http_body;
+    let drop = tempfile::tempdir().unwrap();
+    let port = outpost_tests::free_port();
+    // Indented: it continues the `api:` mapping the harness writes.
+    let agent = dir_agent(
+        drop.path(),
+        &format!("  metrics_address: 127.0.0.1:{port}\n"),
+    );
+    drop_file(
+        drop.path(),
+        "v1.tar",
+        &tar(&signed(release("1.0.0", 1), &BOTH)),
+    );
+    agent.wait_current(1);
+    let metrics = outpost_tests::eventually("metrics over TCP", || {
+        http_body(port, "/metrics")
+            .filter(|m| m.contains("outpost_bundles_accepted_total 1"))
+            .ok_or_else(|| "no metrics yet".to_string())
+    });
+    assert!(metrics.contains("outpost_current_sequence 1"), "{metrics}");
+    assert_eq!(http_body(port, "/healthz").as_deref(), Some("ok\n"));
+    // Decisions and status stay on the unix socket.
+    for path in ["/status", "/approve", "/history"] {
+        assert_eq!(
+            http_body(port, path).as_deref(),
+            Some("only /metrics and /healthz here\n"),
+            "{path}"
+        );
+    }
+}
