@@ -1,15 +1,13 @@
 //! The Kubernetes runtime against stand-ins for a cluster (no kube-apiserver can run here):
-//! `kube-fake-client`, an in-memory API server with server-side apply and label selectors,
-//! with a small controller stand-in that reports rollouts as kube-controller-manager would;
-//! and `tower-test` for the exact requests of a drift pass.
+//! `outpost-kube-stand-in` (kube-fake-client's in-memory API server with server-side apply and
+//! label selectors, plus controllers that report rollouts), and `tower-test` for the exact
+//! requests of a drift pass.
 
 use super::*;
 use crate::config::Config;
 use crate::rollout::Converger;
 use crate::testing::{signed_stack, test_config_granting};
-use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use kube::api::PostParams;
-use kube_fake_client::ClientBuilder;
 use std::sync::atomic::Ordering;
 
 const NAMESPACE: &str = "shop";
@@ -17,9 +15,14 @@ const IMAGE: &str =
     "r.example/web@sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
 const IMAGE_2: &str =
     "r.example/web@sha256:2222222222222222222222222222222222222222222222222222222222222222";
+
 /// An image whose pods never become ready (the controller stand-in's rule).
-const BROKEN: &str =
-    "r.example/web@sha256:1111111111111111111111111111111111111111111111111111111111111111";
+fn broken() -> String {
+    format!(
+        "r.example/web@{}",
+        outpost_kube_stand_in::NEVER_READY_DIGEST
+    )
+}
 
 fn stack(web_image: &str, web_scaling: &str, with_db: bool) -> String {
     let db = if with_db {
@@ -80,14 +83,11 @@ async fn harness(extra: &str) -> Harness {
         ),
     );
     let agent = Arc::new(Agent::new(Config::load(&path).unwrap()).unwrap());
-    let client = ClientBuilder::new()
-        .with_status_subresource::<Deployment>()
-        .with_status_subresource::<StatefulSet>()
-        .with_return_managed_fields()
-        .build()
-        .await
-        .unwrap();
-    let controller = tokio::spawn(controller_stand_in(client.clone()));
+    let client = outpost_kube_stand_in::cluster().await;
+    let controller = tokio::spawn(outpost_kube_stand_in::run_controllers(
+        client.clone(),
+        NAMESPACE.into(),
+    ));
     Harness {
         _dir: dir,
         converger: Converger::new(agent.clone(), Cluster::new(agent, client.clone())),
@@ -157,77 +157,6 @@ impl Harness {
             .as_str()
             .unwrap()
             .to_string()
-    }
-}
-
-/// What kube-controller-manager would report: pods of a workload become ready unless their
-/// image is [`BROKEN`] (a Deployment then exceeds its progress deadline); a StatefulSet's
-/// claims are created from its templates.
-async fn controller_stand_in(client: kube::Client) {
-    let deployments: Api<DynamicObject> =
-        Api::namespaced_with(client.clone(), NAMESPACE, &KINDS[3].resource());
-    let statefulsets: Api<DynamicObject> =
-        Api::namespaced_with(client.clone(), NAMESPACE, &KINDS[4].resource());
-    let claims: Api<DynamicObject> =
-        Api::namespaced_with(client.clone(), NAMESPACE, &CLAIMS.resource());
-    loop {
-        for (api, kind) in [(&deployments, "Deployment"), (&statefulsets, "StatefulSet")] {
-            let Ok(list) = api.list(&ListParams::default()).await else {
-                continue;
-            };
-            for item in list.items {
-                let name = item.metadata.name.clone().unwrap_or_default();
-                let generation = item.metadata.generation.unwrap_or(1);
-                let spec = &item.data["spec"];
-                let want = spec["replicas"].as_i64().unwrap_or(1);
-                let broken = spec["template"]["spec"]["containers"][0]["image"] == BROKEN;
-                let status = match (kind, broken) {
-                    ("Deployment", true) => json!({
-                        "observedGeneration": generation, "replicas": want + 1,
-                        "updatedReplicas": 1, "availableReplicas": want, "readyReplicas": want,
-                        "conditions": [{"type": "Progressing", "status": "False",
-                            "reason": "ProgressDeadlineExceeded",
-                            "message": format!("ReplicaSet \"{name}-2\" has timed out progressing.")}],
-                    }),
-                    ("Deployment", false) => json!({
-                        "observedGeneration": generation, "replicas": want,
-                        "updatedReplicas": want, "availableReplicas": want, "readyReplicas": want,
-                        "conditions": [{"type": "Progressing", "status": "True",
-                            "reason": "NewReplicaSetAvailable", "message": "ok"}],
-                    }),
-                    (_, broken) => {
-                        for ordinal in 0..want {
-                            let claim = json!({
-                                "apiVersion": "v1", "kind": "PersistentVolumeClaim",
-                                "metadata": {"name": format!("data-{name}-{ordinal}"),
-                                    "labels": spec["volumeClaimTemplates"][0]["metadata"]["labels"]},
-                                "spec": spec["volumeClaimTemplates"][0]["spec"],
-                            });
-                            let claim: DynamicObject = serde_json::from_value(claim).unwrap();
-                            let _ = claims.create(&PostParams::default(), &claim).await;
-                        }
-                        let ready = if broken { 0 } else { want };
-                        json!({
-                            "observedGeneration": generation, "replicas": want,
-                            "updatedReplicas": want, "readyReplicas": ready,
-                            "availableReplicas": ready,
-                            "currentRevision": format!("{name}-{generation}"),
-                            "updateRevision": format!("{name}-{generation}"),
-                        })
-                    }
-                };
-                if item.data.get("status") != Some(&status) {
-                    let _ = api
-                        .patch_status(
-                            &name,
-                            &PatchParams::default(),
-                            &Patch::Merge(json!({"status": status})),
-                        )
-                        .await;
-                }
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -372,7 +301,7 @@ async fn a_failed_rollout_rolls_back_to_the_last_good_release() {
     let v1 = h.release(&stack(IMAGE, "replicas: 2", false), "1.0.0", 1);
     h.converger.converge_once().await.unwrap();
 
-    let v2 = h.release(&stack(BROKEN, "replicas: 2", false), "1.1.0", 2);
+    let v2 = h.release(&stack(&broken(), "replicas: 2", false), "1.1.0", 2);
     assert_eq!(h.current(), v2);
     h.converger.converge_once().await.unwrap();
     let status = h.agent().runtime_view.snapshot();

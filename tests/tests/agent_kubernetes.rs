@@ -1,0 +1,199 @@
+//! The agent binary with `runtime: kubernetes`, reaching its cluster through a kubeconfig, as a
+//! customer runs it. No kube-apiserver can run here: the cluster is `fake-apiserver`
+//! (`tests/kube-stand-in`), kube-fake-client's in-memory API served over HTTP with controller
+//! stand-ins. What is checked is the agent's side: install, a failed update rolled back, drift
+//! repaired, a manual rollback, and status, history and metrics as with the Docker runtime.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is a failed test
+
+use outpost_tests::agent::{AgentProcess, drop_file};
+use outpost_tests::engine::http_body;
+use outpost_tests::{binary, build_bundle, sign_with};
+use serde_json::Value;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+const NEVER_READY: &str = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
+
+struct FakeApiserver {
+    child: Child,
+    port: u16,
+}
+
+impl FakeApiserver {
+    fn start(namespace: &str) -> FakeApiserver {
+        let mut child = Command::new(binary("fake-apiserver"))
+            .args(["--listen", "127.0.0.1:0", "--namespace", namespace])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let port = line
+            .trim()
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("fake-apiserver said {line:?}"));
+        FakeApiserver { child, port }
+    }
+
+    fn get(&self, path: &str) -> Value {
+        let body = http_body(self.port, path).unwrap_or_default();
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: {e}: {body}"))
+    }
+
+    fn web_image(&self) -> String {
+        self.get("/apis/apps/v1/namespaces/shop/deployments/acme-web")["spec"]["template"]["spec"]
+            ["containers"][0]["image"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    fn kubeconfig(&self, dir: &Path) -> String {
+        let path = dir.join("kubeconfig");
+        std::fs::write(
+            &path,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters: [{{name: stand-in, cluster: {{server: \"http://127.0.0.1:{}\"}}}}]\nusers: [{{name: agent, user: {{}}}}]\ncontexts: [{{name: stand-in, context: {{cluster: stand-in, user: agent}}}}]\ncurrent-context: stand-in\n",
+                self.port
+            ),
+        )
+        .unwrap();
+        path.display().to_string()
+    }
+}
+
+impl Drop for FakeApiserver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn image(name: &str, digest: &str) -> String {
+    format!("r.example/{name}@{digest}")
+}
+
+const GOOD: &str = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+const GOOD_2: &str = "sha256:2222222222222222222222222222222222222222222222222222222222222222";
+
+fn publish(drop: &Path, web_image: &str, version: &str, sequence: u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let stack = dir.path().join("stack.yaml");
+    std::fs::write(
+        &stack,
+        format!(
+            r#"name: acme
+permissionProfiles: {{execution: {{}}, storage: {{}}}}
+resources:
+  - lifecycle: live
+    container:
+      name: db
+      code: {{image: "{db}"}}
+      cpu: 1
+      memory: 1Gi
+      ports: [5432]
+      replicas: 1
+      persistentStorage: 1Gi
+      permissions: storage
+  - lifecycle: live
+    container:
+      name: web
+      code: {{image: "{web_image}"}}
+      cpu: 0.5
+      memory: 256Mi
+      ports: [8080]
+      replicas: 2
+      links: [db]
+      publicEndpoints: [{{name: site, port: 8080, protocol: http}}]
+      permissions: execution
+"#,
+            db = image("db", GOOD)
+        ),
+    )
+    .unwrap();
+    let bundle = dir.path().join("bundle.tar");
+    build_bundle(
+        &stack,
+        version,
+        sequence,
+        &["--offline", "--expires", "2099-01-01T00:00:00Z"],
+        &bundle,
+    );
+    sign_with(&bundle, &["vendor-a", "vendor-b"]);
+    drop_file(
+        drop,
+        &format!("v{sequence}.tar"),
+        &std::fs::read(&bundle).unwrap(),
+    );
+}
+
+#[test]
+fn the_agent_runs_releases_on_a_cluster_with_the_same_status_history_and_metrics() {
+    let cluster = FakeApiserver::start("shop");
+    let drop = tempfile::tempdir().unwrap();
+    let agent = AgentProcess::start(
+        &format!("source:\n  dir:\n    path: {}\n", drop.path().display()),
+        &format!(
+            "runtime: kubernetes\npermissions:\n  execution: {{service_account: web-runner}}\n  storage: {{service_account: db-runner}}\nkubernetes:\n  namespace: shop\n  kubeconfig: {}\nrollout:\n  progress_deadline_seconds: 10\n  drift_interval_seconds: 1\n",
+            cluster.kubeconfig(drop.path().parent().unwrap_or(Path::new("/tmp")))
+        ),
+    );
+
+    // Install.
+    publish(drop.path(), &image("web", GOOD), "1.0.0", 1);
+    let status = agent.wait_converged(Some(1));
+    assert_eq!(status["runtime"]["kind"], "kubernetes", "{status:#}");
+    assert_eq!(
+        status["runtime"]["resources"]["web"]["workload"]["available"],
+        2
+    );
+    assert_eq!(cluster.web_image(), image("web", GOOD));
+    let claims = cluster.get("/api/v1/namespaces/shop/persistentvolumeclaims");
+    assert_eq!(claims["items"][0]["metadata"]["name"], "data-acme-db-0");
+
+    // An update.
+    publish(drop.path(), &image("web", GOOD_2), "1.1.0", 2);
+    agent.wait_converged(Some(2));
+    assert_eq!(cluster.web_image(), image("web", GOOD_2));
+
+    // An update whose pods never become ready is rolled back automatically.
+    publish(drop.path(), &image("web", NEVER_READY), "1.2.0", 3);
+    let status = agent.wait_within(60, "automatic rollback", |s| {
+        s["current"]["sequence"] == 2
+            && s["runtime"]["phase"] == "converged"
+            && !s["runtime"]["last_rollback"].is_null()
+    });
+    assert!(
+        status["runtime"]["last_rollback"]
+            .as_str()
+            .unwrap()
+            .contains("progress deadline exceeded"),
+        "{status:#}"
+    );
+    assert_eq!(cluster.web_image(), image("web", GOOD_2));
+    assert!(agent.cli(&["history"]).stdout.contains("rolled-back"));
+    assert_eq!(agent.metric("outpost_rollbacks_total"), 1);
+    assert_eq!(agent.metric("outpost_rollouts_total"), 4, "1.0.0, 1.1.0, 1.2.0, 1.1.0 again");
+
+    // A good update, then the customer rolls back by hand to the release before it.
+    publish(drop.path(), &image("web", GOOD), "1.3.0", 4);
+    agent.wait_converged(Some(4));
+    assert_eq!(cluster.web_image(), image("web", GOOD));
+    let rollback = agent.cli(&["rollback"]);
+    assert_eq!(rollback.code, 0, "{}{}", rollback.stdout, rollback.stderr);
+    agent.wait_converged(Some(2));
+    assert_eq!(cluster.web_image(), image("web", GOOD_2));
+    assert_eq!(
+        cluster.get("/api/v1/namespaces/shop/persistentvolumeclaims")["items"]
+            .as_array()
+            .map(Vec::len),
+        Some(1),
+        "the claim is kept throughout"
+    );
+}
