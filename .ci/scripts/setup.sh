@@ -11,7 +11,8 @@ set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 VENV="${OUTPOST_VENV:-$REPO/.work/venv}"
 APT_PKGS=(docker-registry apache2-utils skopeo openssl git curl docker.io podman runc busybox-static netavark aardvark-dns systemd)
-PY_PKGS=(cryptography oras kubernetes_validate)
+# IMPORT[=PIP_SPEC]: the module that must import, and what pip installs when it does not.
+PY_PKGS=(cryptography oras kubernetes_validate yaml=PyYAML helm_python=helm-python-sdk==0.2.2)
 
 export DEBIAN_FRONTEND=noninteractive
 SUDO=""
@@ -71,8 +72,8 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 
 py_missing=()
-for m in "${PY_PKGS[@]}"; do
-    "$VENV/bin/python" -c "import $m" >/dev/null 2>&1 || py_missing+=("$m")
+for p in "${PY_PKGS[@]}"; do
+    "$VENV/bin/python" -c "import ${p%%=*}" >/dev/null 2>&1 || py_missing+=("${p#*=}")
 done
 if [ "${#py_missing[@]}" -gt 0 ]; then
     log "pip install ${py_missing[*]}"
@@ -84,5 +85,6 @@ fi
 log "docker-registry $(/usr/bin/docker-registry --version 2>/dev/null | awk '{print $NF}')," \
     "$(skopeo --version 2>/dev/null)," \
     "oras $("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("oras"))')," \
-    "cryptography $("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("cryptography"))')"
+    "cryptography $("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("cryptography"))')," \
+    "helm-python-sdk $("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("helm-python-sdk"))')"
 log "venv: $VENV"

@@ -110,6 +110,9 @@ enum Command {
         #[command(flatten)]
         config: ConfigArg,
     },
+    /// Check the configuration file and the trust it pins (keys or root.json), starting and
+    /// changing nothing: exit 0, or 2 with what is wrong and where.
+    CheckConfig(ConfigArg),
     /// Print the JSON Schema of the configuration file.
     ConfigSchema,
 }
@@ -275,6 +278,12 @@ fn execute(command: Command) -> Result<(), Failure> {
         }
         Command::Verify { file, config } => verify(&file, &load(&config)?)?,
         Command::Render { bundle, config } => render(&bundle, &load(&config)?)?,
+        Command::CheckConfig(arg) => {
+            let config = load(&arg)?;
+            outpost_agent::pipeline::load_trust(&config)
+                .map_err(|e| Failure(2, format!("{}: {e:#}", arg.config.display())))?;
+            println!("{}: ok", arg.config.display());
+        }
         Command::ConfigSchema => print!("{}", config::json_schema()),
     }
     Ok(())

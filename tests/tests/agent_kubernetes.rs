@@ -179,7 +179,11 @@ fn the_agent_runs_releases_on_a_cluster_with_the_same_status_history_and_metrics
     assert_eq!(cluster.web_image(), image("web", GOOD_2));
     assert!(agent.cli(&["history"]).stdout.contains("rolled-back"));
     assert_eq!(agent.metric("outpost_rollbacks_total"), 1);
-    assert_eq!(agent.metric("outpost_rollouts_total"), 4, "1.0.0, 1.1.0, 1.2.0, 1.1.0 again");
+    assert_eq!(
+        agent.metric("outpost_rollouts_total"),
+        4,
+        "1.0.0, 1.1.0, 1.2.0, 1.1.0 again"
+    );
 
     // A good update, then the customer rolls back by hand to the release before it.
     publish(drop.path(), &image("web", GOOD), "1.3.0", 4);

@@ -449,6 +449,7 @@ fn agent_config_errors_are_one_line_with_exit_2() {
     let config = dir.path().join("agent.yaml");
     std::fs::write(&config, "source: {dir: {path: drop}}\ntrust: {keys: [a.pub]}\nexpect: {name: acme}\nstate_dir: state\napi: {socket: agent.sock}\nsurprise: 1\n").unwrap();
     run(agent().args(["status", "--config"]).arg(&config)).fails(2, "surprise");
+    run(agent().args(["check-config", "--config"]).arg(&config)).fails(2, "surprise");
     run(agent().args(["run", "--config"]).arg(&config)).fails(2, "agent.yaml");
     run(agent()
         .args(["status", "--config"])
@@ -457,8 +458,18 @@ fn agent_config_errors_are_one_line_with_exit_2() {
     // A valid config, but no agent running: exit 1 naming the socket.
     std::fs::write(&config, "source: {dir: {path: drop}}\ntrust: {keys: [a.pub]}\nexpect: {name: acme}\nstate_dir: state\napi: {socket: agent.sock}\n").unwrap();
     run(agent().args(["status", "--config"]).arg(&config)).fails(1, "cannot reach the agent at");
-    // A trust key that does not exist: the daemon refuses to start.
+    // A trust key that does not exist: the daemon refuses to start; check-config says so first.
     run(agent().args(["run", "--config"]).arg(&config)).fails(2, "a.pub");
+    run(agent().args(["check-config", "--config"]).arg(&config)).fails(2, "a.pub");
+    let key = outpost_tests::testdata().join("keys/vendor-a.pub");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("a.pub", &key.display().to_string());
+    std::fs::write(&config, text).unwrap();
+    let _ = std::fs::remove_dir_all(dir.path().join("state"));
+    let checked = run(agent().args(["check-config", "--config"]).arg(&config)).ok();
+    assert_eq!(checked.stdout, format!("{}: ok\n", config.display()));
+    assert!(!dir.path().join("state").exists(), "check-config changes nothing");
 }
 
 #[test]
