@@ -272,3 +272,29 @@ pub fn poll_within<T>(seconds: u64, mut check: impl FnMut() -> Option<T>) -> Opt
 pub fn sha256_hex(bytes: &[u8]) -> String {
     outpost_bundle_format::Digest::of(bytes).hex()
 }
+
+/// Kubernetes versions whose schemas every object we render must satisfy.
+pub const KUBERNETES: [&str; 2] = ["1.33.0", "1.37.0"];
+
+/// Validates every object in the YAML `file` strictly against the schemas of each of
+/// [`KUBERNETES`] with `kubernetes-validate` (PyPI): no kube-apiserver can run here.
+#[track_caller]
+pub fn assert_valid_for_kubernetes(file: &Path, what: &str) {
+    for version in KUBERNETES {
+        let result = run(python()
+            .args([
+                "-m",
+                "kubernetes_validate",
+                "--strict",
+                "--quiet",
+                "-k",
+                version,
+            ])
+            .arg(file));
+        assert_eq!(
+            result.code, 0,
+            "{what} on kubernetes {version}: {}{}",
+            result.stdout, result.stderr
+        );
+    }
+}

@@ -469,7 +469,10 @@ fn agent_config_errors_are_one_line_with_exit_2() {
     let _ = std::fs::remove_dir_all(dir.path().join("state"));
     let checked = run(agent().args(["check-config", "--config"]).arg(&config)).ok();
     assert_eq!(checked.stdout, format!("{}: ok\n", config.display()));
-    assert!(!dir.path().join("state").exists(), "check-config changes nothing");
+    assert!(
+        !dir.path().join("state").exists(),
+        "check-config changes nothing"
+    );
 }
 
 #[test]

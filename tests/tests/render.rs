@@ -4,12 +4,9 @@
 
 #![allow(clippy::unwrap_used)] // test code: a panic is a failed test
 
-use outpost_tests::{Run, binary, build_bundle, python, repo, run, sign_with, testdata};
+use outpost_tests::{Run, binary, build_bundle, repo, run, sign_with, testdata};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-
-/// Kubernetes versions the rendered objects must be valid for.
-const KUBERNETES: [&str; 2] = ["1.33.0", "1.37.0"];
 
 fn signed_bundle(dir: &Path) -> PathBuf {
     let bundle = dir.join("shop-1.0.0.tar");
@@ -72,23 +69,7 @@ fn render_matches_the_golden_file_and_the_kubernetes_schemas() {
 
     let rendered = dir.path().join("rendered.yaml");
     std::fs::write(&rendered, &yaml).unwrap();
-    for version in KUBERNETES {
-        let result = run(python()
-            .args([
-                "-m",
-                "kubernetes_validate",
-                "--strict",
-                "--quiet",
-                "-k",
-                version,
-            ])
-            .arg(&rendered));
-        assert_eq!(
-            result.code, 0,
-            "kubernetes {version}: {}{}",
-            result.stdout, result.stderr
-        );
-    }
+    outpost_tests::assert_valid_for_kubernetes(&rendered, "render");
 }
 
 #[test]
