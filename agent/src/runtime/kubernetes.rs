@@ -335,7 +335,10 @@ impl Cluster {
                 .map_err(|e| RolloutError(format!("listing {}s: {e}", kind.kind)))?;
             for item in list.items {
                 let name = item.metadata.name.clone().unwrap_or_default();
-                if wanted.contains(&(kind.kind, name.as_str())) {
+                // Already going (foreground deletion waits for its pods): pruned before.
+                if wanted.contains(&(kind.kind, name.as_str()))
+                    || item.metadata.deletion_timestamp.is_some()
+                {
                     continue;
                 }
                 let id = format!("{}/{name}", kind.kind);

@@ -76,6 +76,10 @@ impl Drop for Harness {
 }
 
 async fn harness(extra: &str) -> Harness {
+    harness_with(extra, Vec::new()).await
+}
+
+async fn harness_with(extra: &str, objects: Vec<Value>) -> Harness {
     let (dir, path) = test_config_granting(
         "{execution: {service_account: web-runner, environment: {REGION: eu}}, storage: {service_account: db-runner}}",
         &format!(
@@ -83,7 +87,7 @@ async fn harness(extra: &str) -> Harness {
         ),
     );
     let agent = Arc::new(Agent::new(Config::load(&path).unwrap()).unwrap());
-    let client = outpost_kube_stand_in::cluster().await;
+    let client = outpost_kube_stand_in::cluster_with(objects).await;
     let controller = tokio::spawn(outpost_kube_stand_in::run_controllers(
         client.clone(),
         NAMESPACE.into(),
@@ -575,4 +579,28 @@ resources:
         ]
     );
     drop(dir);
+}
+
+#[tokio::test]
+async fn an_object_already_being_deleted_is_not_pruned_again() {
+    // Ours, no longer wanted, and going: held by a finalizer as foreground deletion holds an
+    // object until its pods are gone.
+    let going = json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "acme-old", "namespace": NAMESPACE,
+            "finalizers": ["example.com/hold"], "deletionTimestamp": "2026-01-01T00:00:00Z",
+            "labels": {MANAGED_BY_LABEL: MANAGED_BY, STACK_LABEL: "acme"}},
+        "spec": {"ports": [{"port": 80}]},
+    });
+    let h = harness_with("", vec![going]).await;
+    h.release(&stack(IMAGE, "replicas: 1", false), "1.0.0", 1);
+    for _ in 0..3 {
+        h.converger.converge_once().await.unwrap();
+    }
+    let steps = h.agent().store.journal(10).unwrap();
+    assert!(
+        steps.iter().all(|(step, _)| !step.starts_with("prune")),
+        "{steps:?}"
+    );
+    assert!(h.get("Service", "acme-old").await.is_some());
 }

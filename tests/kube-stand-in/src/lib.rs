@@ -21,7 +21,14 @@ pub const NEVER_READY_DIGEST: &str =
 
 /// An empty in-memory cluster.
 pub async fn cluster() -> kube::Client {
+    cluster_with(Vec::new()).await
+}
+
+/// An in-memory cluster holding `objects` (JSON, each with its namespace), stored as given:
+/// also what the API would not let a client write, such as a `deletionTimestamp`.
+pub async fn cluster_with(objects: Vec<Value>) -> kube::Client {
     kube_fake_client::ClientBuilder::new()
+        .with_runtime_objects(objects)
         .with_status_subresource::<Deployment>()
         .with_status_subresource::<StatefulSet>()
         .with_return_managed_fields()
