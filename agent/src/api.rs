@@ -82,6 +82,8 @@ pub async fn serve_metrics(
         .map_err(|e| anyhow::anyhow!("api.metrics_address {address}: {e}"))?;
     loop {
         let Ok((stream, _)) = listener.accept().await else {
+            // Out of file descriptors, say: wait rather than spin.
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             continue;
         };
         let (agent, shared) = (agent.clone(), shared.clone());

@@ -415,6 +415,14 @@ fn runtime_text(runtime: &Value) -> String {
                 replica["health"].as_str().unwrap_or_default()
             ));
         }
+        // Kubernetes: the workload's counts, as its controller reports them.
+        let workload = &resource["workload"];
+        if let Some(object) = workload["object"].as_str() {
+            out.push_str(&format!(
+                "             {object}: {} replicas, {} ready, {} updated, {} available\n",
+                workload["replicas"], workload["ready"], workload["updated"], workload["available"]
+            ));
+        }
     }
     for finding in list("findings") {
         out.push_str(&format!("finding:   {finding}\n"));

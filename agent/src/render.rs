@@ -72,11 +72,58 @@ pub fn render(config: &Config, stack: &Stack, digest: &str) -> Result<Vec<Value>
         for endpoint in &c.public_endpoints {
             objects.push(match endpoint.protocol {
                 Protocol::Tcp => object.load_balancer(&endpoint.name, endpoint.port),
-                Protocol::Http => object.ingress(k8s, &endpoint.name, endpoint.port),
+                Protocol::Http => {
+                    // Without a host the rule would catch every unmatched host on the
+                    // IngressClass, other namespaces' traffic included.
+                    let host = k8s.hosts.get(&endpoint.name).ok_or_else(|| {
+                        RenderError(format!(
+                            "{at}: public endpoint {name} has no host (config key kubernetes.hosts.{name})",
+                            name = endpoint.name
+                        ))
+                    })?;
+                    object.ingress(k8s, &endpoint.name, host, endpoint.port)
+                }
             });
         }
     }
+    check_names(&objects)?;
     Ok(objects)
+}
+
+/// Every object's name is its own and one Kubernetes accepts: a resource's tcp endpoint and
+/// another resource could otherwise both map to `Service/<stack>-<a>-<b>`, and one would
+/// silently take the other over.
+fn check_names(objects: &[Value]) -> Result<(), RenderError> {
+    let mut seen = BTreeMap::new();
+    for object in objects {
+        let text = |pointer: &str| {
+            object
+                .pointer(pointer)
+                .and_then(Value::as_str)
+                .unwrap_or("")
+        };
+        let (kind, name) = (text("/kind"), text("/metadata/name"));
+        let resource = text("/metadata/labels/outpost.dev~1resource");
+        if let Some(other) = seen.insert((kind, name), resource) {
+            return Err(RenderError(format!(
+                "resources {other} and {resource} both map to {kind}/{name}: rename one of them or the endpoint"
+            )));
+        }
+        // A StatefulSet's pods carry a revision label of its name and a hash.
+        let most = if kind == "StatefulSet" { 52 } else { 63 };
+        if name.len() > most {
+            return Err(RenderError(format!(
+                "{kind}/{name}: {} characters, more than Kubernetes allows ({most}); shorten the stack, resource or endpoint name",
+                name.len()
+            )));
+        }
+        if kind == "Service" && !name.starts_with(|c: char| c.is_ascii_lowercase()) {
+            return Err(RenderError(format!(
+                "Service/{name}: a Service name must start with a letter; rename the stack"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Multi-document YAML of `objects`.
@@ -185,9 +232,9 @@ impl Object {
         })
     }
 
-    fn ingress(&self, k8s: &KubernetesConfig, endpoint: &str, port: u16) -> Value {
+    fn ingress(&self, k8s: &KubernetesConfig, endpoint: &str, host: &str, port: u16) -> Value {
         let mut spec = json!({
-            "rules": [{"http": {"paths": [{
+            "rules": [{"host": host, "http": {"paths": [{
                 "path": "/",
                 "pathType": "Prefix",
                 "backend": {"service": {"name": self.name, "port": {"number": port}}},
@@ -195,9 +242,6 @@ impl Object {
         });
         if let Some(class) = &k8s.ingress_class {
             spec["ingressClassName"] = json!(class);
-        }
-        if let Some(host) = k8s.hosts.get(endpoint) {
-            spec["rules"][0]["host"] = json!(host);
         }
         json!({
             "apiVersion": "networking.k8s.io/v1",
@@ -321,11 +365,20 @@ impl Object {
                     claim["spec"]["storageClassName"] = json!(class);
                 }
                 spec["volumeClaimTemplates"] = json!([claim]);
-                // PVCs stay when the StatefulSet is deleted or scaled down: data is the
-                // customer's to delete.
+                // Claims stay when the StatefulSet is deleted or scaled down (data is the
+                // customer's to delete), unless the customer opted in to deleting them.
+                let policy = if k8s.delete_volumes {
+                    "Delete"
+                } else {
+                    "Retain"
+                };
                 spec["persistentVolumeClaimRetentionPolicy"] =
-                    json!({"whenDeleted": "Retain", "whenScaled": "Retain"});
+                    json!({"whenDeleted": policy, "whenScaled": policy});
             }
+            // Owned by the agent, so a partition or OnDelete set by hand is drift, not a
+            // rollout that never finishes.
+            spec["updateStrategy"] =
+                json!({"type": "RollingUpdate", "rollingUpdate": {"partition": 0}});
         } else {
             spec["progressDeadlineSeconds"] = json!(config.rollout.progress_deadline_seconds);
             spec["strategy"] = json!({"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}});
@@ -368,7 +421,7 @@ mod tests {
         config
     }
 
-    const GRANTS: &str = "kubernetes:\n  namespace: shop-prod\n  storage_class: fast-ssd\n  ingress_class: nginx\n  pools:\n    general: {node_selector: {pool: general}}\n    gpu: {node_selector: {pool: gpu}}\n  gpus:\n    nvidia-l4: {node_selector: {gpu: l4}, tolerations: [{key: nvidia.com/gpu, operator: Exists, effect: NoSchedule}]}\n";
+    const GRANTS: &str = "kubernetes:\n  namespace: shop-prod\n  storage_class: fast-ssd\n  ingress_class: nginx\n  hosts: {site: shop.example.com}\n  pools:\n    general: {node_selector: {pool: general}}\n    gpu: {node_selector: {pool: gpu}}\n  gpus:\n    nvidia-l4: {node_selector: {gpu: l4}, tolerations: [{key: nvidia.com/gpu, operator: Exists, effect: NoSchedule}]}\n";
 
     fn everything() -> Stack {
         let text = std::fs::read_to_string(
@@ -477,6 +530,83 @@ mod tests {
         assert_eq!(
             error,
             "resource trainer: GPU type \"nvidia-l4\" is not mapped to nodes (config key kubernetes.gpus)"
+        );
+    }
+
+    #[test]
+    fn names_that_collide_or_that_kubernetes_refuses_are_clear_errors() {
+        let mut config = config(GRANTS);
+        with_service_accounts(&mut config);
+        let render_yaml = |config: &Config, yaml: &str| {
+            render(config, &Stack::from_yaml(yaml).unwrap().1, "sha256:00")
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        let resource = |name: &str, endpoints: &str| {
+            format!(
+                "  - lifecycle: live\n    container:\n      name: {name}\n      code: {{image: \"r.example/a@sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855\"}}\n      cpu: 1\n      memory: 1Gi\n      ports: [80]\n      replicas: 1\n      permissions: execution\n      publicEndpoints: [{endpoints}]\n"
+            )
+        };
+        let stack = |name: &str, resources: &[String]| {
+            format!(
+                "name: {name}\npermissionProfiles: {{execution: {{}}}}\nresources:\n{}",
+                resources.concat()
+            )
+        };
+        let collide = stack(
+            "shop",
+            &[
+                resource("web", "{name: api, port: 80, protocol: tcp}"),
+                resource("web-api", ""),
+            ],
+        );
+        assert_eq!(
+            render_yaml(&config, &collide),
+            Err("resources web and web-api both map to Service/shop-web-api: rename one of them or the endpoint".into())
+        );
+        let long = "a".repeat(60);
+        assert!(
+            render_yaml(&config, &stack("shop", &[resource(&long, "")]))
+                .unwrap_err()
+                .contains("characters, more than Kubernetes allows (63)")
+        );
+        assert_eq!(
+            render_yaml(&config, &stack("1shop", &[resource("web", "")])),
+            Err(
+                "Service/1shop-web: a Service name must start with a letter; rename the stack"
+                    .into()
+            )
+        );
+        let hostless = stack(
+            "shop",
+            &[resource("web", "{name: www, port: 80, protocol: http}")],
+        );
+        assert_eq!(
+            render_yaml(&config, &hostless),
+            Err(
+                "resource web: public endpoint www has no host (config key kubernetes.hosts.www)"
+                    .into()
+            )
+        );
+    }
+
+    #[test]
+    fn claims_follow_the_customers_choice_to_keep_or_delete_volumes() {
+        let mut config = config(GRANTS);
+        with_service_accounts(&mut config);
+        let policy = |config: &Config| {
+            let objects = render(config, &everything(), "sha256:00").unwrap();
+            let db = objects.iter().find(|o| o["kind"] == "StatefulSet").unwrap();
+            db["spec"]["persistentVolumeClaimRetentionPolicy"].clone()
+        };
+        assert_eq!(
+            policy(&config),
+            json!({"whenDeleted": "Retain", "whenScaled": "Retain"})
+        );
+        config.kubernetes.delete_volumes = true;
+        assert_eq!(
+            policy(&config),
+            json!({"whenDeleted": "Delete", "whenScaled": "Delete"})
         );
     }
 

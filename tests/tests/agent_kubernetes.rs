@@ -140,7 +140,7 @@ fn the_agent_runs_releases_on_a_cluster_with_the_same_status_history_and_metrics
     let agent = AgentProcess::start(
         &format!("source:\n  dir:\n    path: {}\n", drop.path().display()),
         &format!(
-            "runtime: kubernetes\npermissions:\n  execution: {{service_account: web-runner}}\n  storage: {{service_account: db-runner}}\nkubernetes:\n  namespace: shop\n  kubeconfig: {}\nrollout:\n  progress_deadline_seconds: 10\n  drift_interval_seconds: 1\n",
+            "runtime: kubernetes\npermissions:\n  execution: {{service_account: web-runner}}\n  storage: {{service_account: db-runner}}\nkubernetes:\n  namespace: shop\n  hosts: {{site: shop.example.com}}\n  kubeconfig: {}\nrollout:\n  progress_deadline_seconds: 10\n  drift_interval_seconds: 1\n",
             cluster.kubeconfig(drop.path().parent().unwrap_or(Path::new("/tmp")))
         ),
     );
@@ -154,6 +154,14 @@ fn the_agent_runs_releases_on_a_cluster_with_the_same_status_history_and_metrics
         2
     );
     assert_eq!(cluster.web_image(), image("web", GOOD));
+    let text = agent.cli(&["status"]).stdout;
+    for line in [
+        "runtime:   kubernetes (converged)",
+        "Deployment/acme-web: 2 replicas, 2 ready, 2 updated, 2 available",
+        "StatefulSet/acme-db: 1 replicas, 1 ready, 1 updated, 1 available",
+    ] {
+        assert!(text.contains(line), "{line:?} in\n{text}");
+    }
     let claims = cluster.get("/api/v1/namespaces/shop/persistentvolumeclaims");
     assert_eq!(claims["items"][0]["metadata"]["name"], "data-acme-db-0");
 

@@ -10,7 +10,7 @@
 
 use crate::pipeline::Agent;
 use crate::render::{MANAGED_BY, MANAGED_BY_LABEL, RESOURCE_LABEL, STACK_LABEL};
-use crate::rollout::{Backend, RolloutError, RuntimeView};
+use crate::rollout::{Backend, RolloutError, RuntimeView, event};
 use crate::state::Release;
 use kube::api::{
     Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams,
@@ -22,6 +22,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub const FIELD_MANAGER: &str = "outpost";
+/// Holds a replica count the agent gave up to an autoscaler.
+const HANDOVER_MANAGER: &str = "outpost-handover";
 const POLL_EVERY: Duration = Duration::from_millis(500);
 
 /// A kind the runtime writes.
@@ -81,12 +83,12 @@ pub const KINDS: [Kind; 5] = [
     kind("apps", "v1", "Deployment", "deployments"),
     kind("apps", "v1", "StatefulSet", "statefulsets"),
 ];
-const CLAIMS: Kind = kind("", "v1", "PersistentVolumeClaim", "persistentvolumeclaims");
 
 /// One rendered object, admitted: a kind we write, in our namespace.
 struct Admitted<'a> {
     kind: &'static Kind,
     name: &'a str,
+    stack: &'a str,
     resource: &'a str,
     object: &'a Value,
 }
@@ -171,17 +173,12 @@ impl Cluster {
                 self.namespace
             )));
         }
-        let resource = object
-            .pointer(&format!(
-                "/metadata/labels/{}",
-                RESOURCE_LABEL.replace('/', "~1")
-            ))
-            .and_then(Value::as_str)
-            .unwrap_or_default();
+        let label = |key: &str| text(&format!("/metadata/labels/{}", key.replace('/', "~1")));
         Ok(Admitted {
             kind,
             name,
-            resource,
+            stack: label(STACK_LABEL).unwrap_or_default(),
+            resource: label(RESOURCE_LABEL).unwrap_or_default(),
             object,
         })
     }
@@ -193,16 +190,21 @@ impl Cluster {
             .await
             .map_err(|e| RolloutError(format!("reading {}: {e}", object.id())))?;
         if let Some(live) = &live {
-            let owner = live
-                .metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(MANAGED_BY_LABEL));
-            if owner.map(String::as_str) != Some(MANAGED_BY) {
+            let label = |key: &str| {
+                live.metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(key))
+                    .map(String::as_str)
+            };
+            if label(MANAGED_BY_LABEL) != Some(MANAGED_BY)
+                || label(STACK_LABEL) != Some(object.stack)
+            {
                 return Err(RolloutError(format!(
-                    "refusing to take over {} in namespace {}: it exists and is not managed by {MANAGED_BY}",
+                    "refusing to take over {} in namespace {}: it exists without the labels of stack {stack} ({MANAGED_BY_LABEL}={MANAGED_BY}, {STACK_LABEL}={stack})",
                     object.id(),
-                    self.namespace
+                    self.namespace,
+                    stack = object.stack
                 )));
             }
         }
@@ -257,27 +259,86 @@ impl Cluster {
             }
             outcome?;
         }
-        self.prune(release, objects).await?;
+        // The release runs; what could not be pruned is retried by the next drift pass.
+        if let Err(e) = self.prune(release, objects).await {
+            event(
+                &self.agent,
+                "prune-failed",
+                Some(&release.digest),
+                &e.to_string(),
+            );
+        }
         Ok(())
     }
 
+    /// Applies one resource's objects (its autoscaler with its workload), then waits for the
+    /// workload's rollout.
     async fn apply_and_wait(
         &self,
         group: &[&Admitted<'_>],
         deadline: Duration,
     ) -> Result<String, RolloutError> {
-        let mut status = String::from("applied");
+        let mut workload = None;
         for object in group {
-            self.get(object).await?;
+            if let Some(live) = self.get(object).await? {
+                self.hand_over_replicas(object, &live).await?;
+            }
             let applied = self.apply(object, false).await?;
             if object.kind.is_workload() {
-                let generation = applied.metadata.generation.unwrap_or(0);
-                status = self
-                    .wait_rolled_out(object, generation, Instant::now() + deadline)
-                    .await?;
+                workload = Some((object, applied.metadata.generation.unwrap_or(0)));
             }
         }
-        Ok(status)
+        match workload {
+            Some((object, generation)) => {
+                self.wait_rolled_out(object, generation, Instant::now() + deadline)
+                    .await
+            }
+            None => Ok("applied".into()),
+        }
+    }
+
+    /// A workload that becomes autoscaled no longer carries a replica count. Applied as is,
+    /// the API server would drop the count the agent owned and fall back to 1 replica; so the
+    /// live count is first handed to another field manager, as Kubernetes advises for moving
+    /// a field to an autoscaler, and the autoscaler takes it from there.
+    async fn hand_over_replicas(
+        &self,
+        object: &Admitted<'_>,
+        live: &DynamicObject,
+    ) -> Result<(), RolloutError> {
+        if !object.kind.is_workload() || object.object.pointer("/spec/replicas").is_some() {
+            return Ok(());
+        }
+        let owned = live.metadata.managed_fields.iter().flatten().any(|entry| {
+            entry.manager.as_deref() == Some(FIELD_MANAGER)
+                && entry
+                    .fields_v1
+                    .as_ref()
+                    .is_some_and(|f| f.0.pointer("/f:spec/f:replicas").is_some())
+        });
+        let Some(replicas) = live.data.pointer("/spec/replicas").filter(|_| owned) else {
+            return Ok(());
+        };
+        let handover = json!({
+            "apiVersion": object.kind.api_version(),
+            "kind": object.kind.kind,
+            "metadata": {"name": object.name, "namespace": self.namespace},
+            "spec": {"replicas": replicas},
+        });
+        self.api(object.kind)
+            .patch(
+                object.name,
+                &PatchParams::apply(HANDOVER_MANAGER).force(),
+                &Patch::Apply(&handover),
+            )
+            .await
+            .map_err(|e| {
+                RolloutError(format!(
+                    "handing the replica count of {} to its autoscaler: {e}",
+                    object.id()
+                ))
+            })?;
+        Ok(())
     }
 
     /// Waits until the workload's controller reports generation `generation` rolled out and
@@ -315,7 +376,8 @@ impl Cluster {
     }
 
     /// Deletes the stack's objects (by our labels, in our namespace) that the release no
-    /// longer has. A StatefulSet's claims go too only if the customer opted in.
+    /// longer has. A StatefulSet's claims follow its retention policy (see `render`): kept
+    /// unless the customer opted in.
     async fn prune(
         &self,
         release: &Release,
@@ -349,39 +411,12 @@ impl Cluster {
                     .await
                     .map(|_| ())
                     .map_err(|e| RolloutError(format!("pruning {id}: {e}")));
-                let outcome = match outcome {
-                    Ok(()) if kind.kind == "StatefulSet" => self.prune_claims(&item).await,
-                    other => other,
-                };
                 self.finish(journal, outcome.is_ok());
                 outcome?;
                 pruned.push(step);
             }
         }
         Ok(pruned)
-    }
-
-    /// The claims of a pruned StatefulSet: deleted only with `kubernetes.delete_volumes`.
-    async fn prune_claims(&self, statefulset: &DynamicObject) -> Result<(), RolloutError> {
-        if !self.agent.config.kubernetes.delete_volumes {
-            return Ok(());
-        }
-        let labels = statefulset.metadata.labels.clone().unwrap_or_default();
-        let (Some(stack), Some(resource)) = (labels.get(STACK_LABEL), labels.get(RESOURCE_LABEL))
-        else {
-            return Ok(());
-        };
-        let selector = format!(
-            "{MANAGED_BY_LABEL}={MANAGED_BY},{STACK_LABEL}={stack},{RESOURCE_LABEL}={resource}"
-        );
-        self.api(&CLAIMS)
-            .delete_collection(
-                &DeleteParams::default(),
-                &ListParams::default().labels(&selector),
-            )
-            .await
-            .map(|_| ())
-            .map_err(|e| RolloutError(format!("deleting the claims of {resource}: {e}")))
     }
 
     /// A drift pass: objects missing are re-created, fields changed by someone else are put
@@ -500,6 +535,11 @@ pub fn rollout_status(kind: &str, live: &Value, generation: i64) -> RolloutStatu
             stuck["message"].as_str().unwrap_or("no message")
         ));
     }
+    let failure = conditions
+        .iter()
+        .find(|c| c["type"] == "ReplicaFailure" && c["status"] == "True")
+        .map(|c| format!(" ({})", c["message"].as_str().unwrap_or("replica failure")))
+        .unwrap_or_default();
     let want = live["spec"]["replicas"].as_i64().unwrap_or(1);
     let (updated, replicas, available) = (
         count("updatedReplicas"),
@@ -507,7 +547,9 @@ pub fn rollout_status(kind: &str, live: &Value, generation: i64) -> RolloutStatu
         count("availableReplicas"),
     );
     if updated < want {
-        return RolloutStatus::Progressing(format!("{updated} of {want} replicas updated"));
+        return RolloutStatus::Progressing(format!(
+            "{updated} of {want} replicas updated{failure}"
+        ));
     }
     if kind == "Deployment" && replicas > updated {
         return RolloutStatus::Progressing(format!(
@@ -532,7 +574,9 @@ pub fn rollout_status(kind: &str, live: &Value, generation: i64) -> RolloutStatu
         }
     }
     if available < want {
-        return RolloutStatus::Progressing(format!("{available} of {want} replicas available"));
+        return RolloutStatus::Progressing(format!(
+            "{available} of {want} replicas available{failure}"
+        ));
     }
     RolloutStatus::Done(format!("{available} of {want} available"))
 }

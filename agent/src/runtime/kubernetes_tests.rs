@@ -8,6 +8,8 @@ use crate::config::Config;
 use crate::rollout::Converger;
 use crate::testing::{signed_stack, test_config_granting};
 use kube::api::PostParams;
+
+const CLAIMS: Kind = kind("", "v1", "PersistentVolumeClaim", "persistentvolumeclaims");
 use std::sync::atomic::Ordering;
 
 const NAMESPACE: &str = "shop";
@@ -83,7 +85,7 @@ async fn harness_with(extra: &str, objects: Vec<Value>) -> Harness {
     let (dir, path) = test_config_granting(
         "{execution: {service_account: web-runner, environment: {REGION: eu}}, storage: {service_account: db-runner}}",
         &format!(
-            "runtime: kubernetes\nkubernetes: {{namespace: {NAMESPACE}, storage_class: fast, ingress_class: nginx{extra}}}\nrollout: {{progress_deadline_seconds: 3}}\n"
+            "runtime: kubernetes\nkubernetes: {{namespace: {NAMESPACE}, storage_class: fast, ingress_class: nginx, hosts: {{site: shop.example.com}}{extra}}}\nrollout: {{progress_deadline_seconds: 3}}\n"
         ),
     );
     let agent = Arc::new(Agent::new(Config::load(&path).unwrap()).unwrap());
@@ -419,7 +421,30 @@ async fn nothing_outside_the_namespace_or_not_ours_is_touched() {
     h.release(&stack(IMAGE, "replicas: 1", false), "1.0.0", 1);
     let error = h.converger.converge_once().await.unwrap_err().to_string();
     assert!(
-        error.contains("refusing to take over Service/acme-web in namespace shop: it exists and is not managed by outpost"),
+        error.contains("refusing to take over Service/acme-web in namespace shop: it exists without the labels of stack acme (app.kubernetes.io/managed-by=outpost, outpost.dev/stack=acme)"),
+        "{error}"
+    );
+
+    // Another stack's agent in the same namespace: the same tool, not the same stack.
+    let theirs = json!({MANAGED_BY_LABEL: MANAGED_BY, STACK_LABEL: "acme-2"});
+    h.api("Service")
+        .replace(
+            "acme-web",
+            &PostParams::default(),
+            &h.api("Service")
+                .get("acme-web")
+                .await
+                .map(|mut live| {
+                    live.metadata.labels = serde_json::from_value(theirs).ok();
+                    live
+                })
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let error = h.converger.converge_once().await.unwrap_err().to_string();
+    assert!(
+        error.contains("refusing to take over Service/acme-web in namespace shop: it exists without the labels of stack acme (app.kubernetes.io/managed-by=outpost, outpost.dev/stack=acme)"),
         "{error}"
     );
     assert!(h.names("Deployment").await.is_empty(), "nothing applied");
@@ -603,4 +628,28 @@ async fn an_object_already_being_deleted_is_not_pruned_again() {
         "{steps:?}"
     );
     assert!(h.get("Service", "acme-old").await.is_some());
+}
+
+#[tokio::test]
+async fn a_resource_that_becomes_autoscaled_keeps_its_replicas_for_the_autoscaler() {
+    let h = harness("").await;
+    h.release(&stack(IMAGE, "replicas: 4", false), "1.0.0", 1);
+    h.converger.converge_once().await.unwrap();
+    let scaling = "autoScale: {min: 2, desired: 3, max: 6, targetCpuPercent: 70}";
+    h.release(&stack(IMAGE, scaling, false), "1.1.0", 2);
+    h.converger.converge_once().await.unwrap();
+    let web = h.get("Deployment", "acme-web").await.unwrap();
+    assert_eq!(
+        web["spec"]["replicas"], 4,
+        "not dropped to the default of 1"
+    );
+    let managers: Vec<&str> = web["metadata"]["managedFields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["fieldsV1"].pointer("/f:spec/f:replicas").is_some())
+        .filter_map(|m| m["manager"].as_str())
+        .collect();
+    assert_eq!(managers, ["outpost-handover"]);
+    assert!(h.get("HorizontalPodAutoscaler", "acme-web").await.is_some());
 }

@@ -82,7 +82,7 @@ pub async fn run_controllers(client: kube::Client, namespace: String) {
                             .is_some_and(|i| i.ends_with(NEVER_READY_DIGEST))
                     });
                 let status = if stateful {
-                    create_claims(&claims, &name, spec, want).await;
+                    reconcile_claims(&claims, &item, want).await;
                     statefulset_status(&name, generation, want, ready)
                 } else {
                     deployment_status(&name, generation, want, ready)
@@ -132,8 +132,15 @@ fn statefulset_status(name: &str, generation: i64, want: i64, ready: bool) -> Va
     })
 }
 
-/// `<template>-<statefulset>-<ordinal>` per replica, labelled from the template.
-async fn create_claims(claims: &Api<DynamicObject>, name: &str, spec: &Value, want: i64) {
+/// What the StatefulSet controller does with claims: `<template>-<statefulset>-<ordinal>` per
+/// replica, labelled from the template; with the retention policy `Delete` they are owned by
+/// the StatefulSet (deleted with it) and those of replicas scaled away are deleted.
+async fn reconcile_claims(claims: &Api<DynamicObject>, statefulset: &DynamicObject, want: i64) {
+    let name = statefulset.metadata.name.clone().unwrap_or_default();
+    let spec = &statefulset.data["spec"];
+    let policy = &spec["persistentVolumeClaimRetentionPolicy"];
+    let owner = json!([{"apiVersion": "apps/v1", "kind": "StatefulSet", "name": name,
+        "uid": statefulset.metadata.uid, "controller": true}]);
     for template in spec["volumeClaimTemplates"]
         .as_array()
         .into_iter()
@@ -141,15 +148,25 @@ async fn create_claims(claims: &Api<DynamicObject>, name: &str, spec: &Value, wa
     {
         let prefix = template["metadata"]["name"].as_str().unwrap_or("data");
         for ordinal in 0..want {
-            let claim = json!({
+            let mut claim = json!({
                 "apiVersion": "v1", "kind": "PersistentVolumeClaim",
                 "metadata": {"name": format!("{prefix}-{name}-{ordinal}"),
                     "labels": template["metadata"]["labels"]},
                 "spec": template["spec"],
             });
+            if policy["whenDeleted"] == "Delete" {
+                claim["metadata"]["ownerReferences"] = owner.clone();
+            }
             if let Ok(claim) = serde_json::from_value::<DynamicObject>(claim) {
                 // Exists already: nothing to do, as with the real controller.
                 let _ = claims.create(&PostParams::default(), &claim).await;
+            }
+        }
+        if policy["whenScaled"] == "Delete" {
+            for ordinal in want..want + 16 {
+                let _ = claims
+                    .delete(&format!("{prefix}-{name}-{ordinal}"), &Default::default())
+                    .await;
             }
         }
     }

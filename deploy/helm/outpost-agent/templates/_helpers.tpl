@@ -47,6 +47,11 @@ start, in a crash loop). In lint mode `required` gives "", which is not checked.
 {{- end -}}
 {{- $_ := set $config.source.oci "credentials_file" (printf "%s/config.json" (include "outpost-agent.credentialsDir" $)) -}}
 {{- end -}}
+{{- range $profile, $grant := ($config.permissions | default dict) -}}
+{{- if and (kindIs "map" $grant) (eq (toString (get $grant "service_account")) (include "outpost-agent.fullname" $)) -}}
+{{- fail (printf "config.permissions.%s.service_account is the agent's own ServiceAccount: the vendor's pods would get the agent's Role" $profile) -}}
+{{- end -}}
+{{- end -}}
 {{- $api := dict "socket" (include "outpost-agent.socket" .) -}}
 {{- if .Values.metrics.enabled -}}
 {{- $_ := set $api "metrics_address" (printf "0.0.0.0:%d" (int .Values.metrics.port)) -}}
