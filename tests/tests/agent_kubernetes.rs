@@ -159,6 +159,7 @@ fn the_agent_runs_releases_on_a_cluster_with_the_same_status_history_and_metrics
         "runtime:   kubernetes (converged)",
         "Deployment/acme-web: 2 replicas, 2 ready, 2 updated, 2 available",
         "StatefulSet/acme-db: 1 replicas, 1 ready, 1 updated, 1 available",
+        "endpoint:  http://shop.example.com/ (Ingress/acme-web-site: no address yet)",
     ] {
         assert!(text.contains(line), "{line:?} in\n{text}");
     }

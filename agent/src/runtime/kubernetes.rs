@@ -285,12 +285,12 @@ impl Cluster {
             }
             let applied = self.apply(object, false).await?;
             if object.kind.is_workload() {
-                workload = Some((object, applied.metadata.generation.unwrap_or(0)));
+                workload = Some((object, Target::of(&applied)));
             }
         }
         match workload {
-            Some((object, generation)) => {
-                self.wait_rolled_out(object, generation, Instant::now() + deadline)
+            Some((object, target)) => {
+                self.wait_rolled_out(object, &target, Instant::now() + deadline)
                     .await
             }
             None => Ok("applied".into()),
@@ -341,12 +341,12 @@ impl Cluster {
         Ok(())
     }
 
-    /// Waits until the workload's controller reports generation `generation` rolled out and
+    /// Waits until the workload's controller reports the `target` generation rolled out and
     /// available, like `kubectl rollout status`.
     async fn wait_rolled_out(
         &self,
         object: &Admitted<'_>,
-        generation: i64,
+        target: &Target,
         until: Instant,
     ) -> Result<String, RolloutError> {
         loop {
@@ -354,7 +354,7 @@ impl Cluster {
                 Some(live) => {
                     let live = serde_json::to_value(&live)
                         .map_err(|e| RolloutError(format!("{}: {e}", object.id())))?;
-                    match rollout_status(object.kind.kind, &live, generation) {
+                    match rollout_status(object.kind.kind, &live, target) {
                         RolloutStatus::Done(status) => return Ok(status),
                         RolloutStatus::Failed(why) => {
                             return Err(RolloutError(format!("{}: {why}", object.id())));
@@ -444,13 +444,49 @@ impl Cluster {
         Ok(repairs)
     }
 
-    /// Each workload's replica counts for `status`.
-    async fn show_workloads(&self, objects: &[Admitted<'_>]) {
-        for object in objects.iter().filter(|o| o.kind.is_workload()) {
+    /// For `status`: each workload's replica counts, and where each public endpoint is
+    /// reachable (the Ingress host, the load balancer's address once the cluster gave one).
+    async fn show_status(&self, objects: &[Admitted<'_>]) {
+        let mut endpoints = Vec::new();
+        for object in objects {
+            let is_endpoint = object.kind.kind == "Ingress"
+                || object.object.pointer("/spec/type") == Some(&json!("LoadBalancer"));
+            if !object.kind.is_workload() && !is_endpoint {
+                continue;
+            }
             let Ok(Some(live)) = self.api(object.kind).get_opt(object.name).await else {
                 continue;
             };
             let status = live.data.get("status").cloned().unwrap_or(Value::Null);
+            if is_endpoint {
+                let addresses: Vec<&str> = status["loadBalancer"]["ingress"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|a| a["ip"].as_str().or(a["hostname"].as_str()))
+                    .collect();
+                let at = if addresses.is_empty() {
+                    "no address yet".to_string()
+                } else {
+                    addresses.join(", ")
+                };
+                let to = match object
+                    .object
+                    .pointer("/spec/rules/0/host")
+                    .and_then(Value::as_str)
+                {
+                    Some(host) => format!("http://{host}/"),
+                    None => format!(
+                        "tcp port {}",
+                        object
+                            .object
+                            .pointer("/spec/ports/0/port")
+                            .unwrap_or(&Value::Null)
+                    ),
+                };
+                endpoints.push(format!("{to} ({}: {at})", object.id()));
+                continue;
+            }
             let count = |key: &str| status.get(key).and_then(Value::as_i64).unwrap_or(0);
             self.view().edit(|s| {
                 s["resources"][object.resource]["workload"] = json!({
@@ -462,6 +498,7 @@ impl Cluster {
                 });
             });
         }
+        self.view().set("endpoints", json!(endpoints));
     }
 
     fn journal(&self, digest: &str, step: &str) -> Result<i64, RolloutError> {
@@ -498,7 +535,7 @@ impl Backend for Cluster {
         } else {
             self.repair(release, &objects).await
         };
-        self.show_workloads(&objects).await;
+        self.show_status(&objects).await;
         outcome
     }
 }
@@ -506,6 +543,36 @@ impl Backend for Cluster {
 #[cfg(test)]
 #[path = "kubernetes_tests.rs"]
 mod tests;
+
+/// The rollout a workload's status is read for: the generation our apply produced, and when
+/// the API server recorded our apply (its clock, from the object's managed fields).
+#[derive(Debug, Default)]
+pub struct Target {
+    pub generation: i64,
+    pub applied_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+impl Target {
+    fn of(applied: &DynamicObject) -> Target {
+        let fields = serde_json::to_value(&applied.metadata.managed_fields).unwrap_or_default();
+        let applied_at = fields
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|entry| entry["manager"] == FIELD_MANAGER && entry["operation"] == "Apply")
+            .find_map(|entry| entry["time"].as_str().and_then(server_time));
+        Target {
+            generation: applied.metadata.generation.unwrap_or(0),
+            applied_at,
+        }
+    }
+}
+
+fn server_time(text: &str) -> Option<chrono::DateTime<chrono::Utc>> {
+    chrono::DateTime::parse_from_rfc3339(text)
+        .ok()
+        .map(|t| t.with_timezone(&chrono::Utc))
+}
 
 /// What a workload's status says of the rollout of `generation`.
 #[derive(Debug, PartialEq)]
@@ -516,7 +583,8 @@ pub enum RolloutStatus {
 }
 
 /// Reads a Deployment's or StatefulSet's status the way `kubectl rollout status` does.
-pub fn rollout_status(kind: &str, live: &Value, generation: i64) -> RolloutStatus {
+pub fn rollout_status(kind: &str, live: &Value, target: &Target) -> RolloutStatus {
+    let generation = target.generation;
     let status = &live["status"];
     let count = |key: &str| status.get(key).and_then(Value::as_i64).unwrap_or(0);
     let observed = count("observedGeneration");
@@ -526,10 +594,15 @@ pub fn rollout_status(kind: &str, live: &Value, generation: i64) -> RolloutStatu
         ));
     }
     let conditions = status["conditions"].as_array().cloned().unwrap_or_default();
-    if let Some(stuck) = conditions
-        .iter()
-        .find(|c| c["type"] == "Progressing" && c["reason"] == "ProgressDeadlineExceeded")
-    {
+    // A deadline exceeded before our apply (a rollout this one replaces) is not this one's:
+    // the controller keeps that condition until the new rollout shows progress.
+    let stale = |c: &Value| {
+        let updated = c["lastUpdateTime"].as_str().and_then(server_time);
+        matches!((updated, target.applied_at), (Some(updated), Some(at)) if updated < at)
+    };
+    if let Some(stuck) = conditions.iter().find(|c| {
+        c["type"] == "Progressing" && c["reason"] == "ProgressDeadlineExceeded" && !stale(c)
+    }) {
         return RolloutStatus::Failed(format!(
             "progress deadline exceeded: {}",
             stuck["message"].as_str().unwrap_or("no message")

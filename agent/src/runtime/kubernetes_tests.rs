@@ -227,6 +227,10 @@ async fn first_install_applies_everything_in_links_order_and_waits_for_rollout()
     let status = h.agent().runtime_view.snapshot();
     assert_eq!(status["phase"], "converged");
     assert_eq!(status["resources"]["web"]["workload"]["available"], 2);
+    assert_eq!(
+        status["endpoints"],
+        json!(["http://shop.example.com/ (Ingress/acme-web-site: no address yet)"])
+    );
 
     // Converged: a drift pass finds nothing to do.
     h.converger.converge_once().await.unwrap();
@@ -467,18 +471,22 @@ async fn nothing_outside_the_namespace_or_not_ours_is_touched() {
 #[test]
 fn rollout_status_reads_like_kubectl() {
     let deployment = |status: Value| json!({"spec": {"replicas": 2}, "status": status});
+    let generation = |generation| Target {
+        generation,
+        applied_at: None,
+    };
     let progressing = |s: RolloutStatus| matches!(s, RolloutStatus::Progressing(_));
     assert!(progressing(rollout_status(
         "Deployment",
         &deployment(json!({"observedGeneration": 1})),
-        2
+        &generation(2)
     )));
     assert!(progressing(rollout_status(
         "Deployment",
         &deployment(
             json!({"observedGeneration": 2, "replicas": 3, "updatedReplicas": 2, "availableReplicas": 2})
         ),
-        2
+        &generation(2)
     )));
     assert_eq!(
         rollout_status(
@@ -486,22 +494,46 @@ fn rollout_status_reads_like_kubectl() {
             &deployment(
                 json!({"observedGeneration": 2, "replicas": 2, "updatedReplicas": 2, "availableReplicas": 2})
             ),
-            2
+            &generation(2)
         ),
         RolloutStatus::Done("2 of 2 available".into())
     );
+    let timed_out = deployment(json!({"observedGeneration": 2, "updatedReplicas": 1,
+        "conditions": [{"type": "Progressing", "reason": "ProgressDeadlineExceeded",
+            "message": "timed out", "lastUpdateTime": "2026-11-29T10:00:00Z"}]}));
     assert!(matches!(
-        rollout_status(
-            "Deployment",
-            &deployment(json!({"observedGeneration": 2, "conditions": [{"type": "Progressing", "reason": "ProgressDeadlineExceeded", "message": "timed out"}]})),
-            2
-        ),
+        rollout_status("Deployment", &timed_out, &generation(2)),
         RolloutStatus::Failed(m) if m.contains("timed out")
     ));
+    // The same condition left over from the rollout our apply replaced is not this one's.
+    let after = |at: &str| Target {
+        generation: 2,
+        applied_at: Some(at.parse().unwrap()),
+    };
+    assert!(progressing(rollout_status(
+        "Deployment",
+        &timed_out,
+        &after("2026-11-29T10:00:05Z")
+    )));
+    assert!(matches!(
+        rollout_status("Deployment", &timed_out, &after("2026-11-29T09:59:00Z")),
+        RolloutStatus::Failed(_)
+    ));
+    let quota = deployment(json!({"observedGeneration": 2, "updatedReplicas": 1,
+        "conditions": [{"type": "ReplicaFailure", "status": "True",
+            "message": "exceeded quota: compute"}]}));
+    assert_eq!(
+        rollout_status("Deployment", &quota, &generation(2)),
+        RolloutStatus::Progressing("1 of 2 replicas updated (exceeded quota: compute)".into())
+    );
     let statefulset = json!({"spec": {"replicas": 1}, "status": {"observedGeneration": 1,
         "updatedReplicas": 1, "readyReplicas": 1, "availableReplicas": 1,
         "currentRevision": "db-1", "updateRevision": "db-2"}});
-    assert!(progressing(rollout_status("StatefulSet", &statefulset, 1)));
+    assert!(progressing(rollout_status(
+        "StatefulSet",
+        &statefulset,
+        &generation(1)
+    )));
 }
 
 /// The exact requests of a drift pass over an unchanged Service: read it, dry-run apply it
