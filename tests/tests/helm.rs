@@ -149,8 +149,10 @@ fn the_agent_gets_its_namespace_only_and_a_locked_down_pod() {
         .into_iter()
         .map(|k| (k.to_string(), all()))
         .collect();
-        // Claims are never the agent's to touch: with delete_volumes their StatefulSet's
-        // retention policy deletes them.
+        // Pods only to replace one a StatefulSet is stuck on; claims never (with
+        // delete_volumes their StatefulSet's retention policy deletes them).
+        let pods = ["list", "delete"].map(String::from);
+        wanted.insert("/pods".into(), pods.into());
         assert_eq!(granted, wanted, "{:?}", variant.args);
 
         let binding = the(&objects, "RoleBinding");

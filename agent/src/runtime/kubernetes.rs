@@ -71,6 +71,9 @@ const fn kind(
 }
 
 /// Every kind the runtime writes, in prune order: what routes to a workload goes first.
+/// Pods are never written, only deleted when a StatefulSet is stuck on one.
+const PODS: Kind = kind("", "v1", "Pod", "pods");
+
 pub const KINDS: [Kind; 5] = [
     kind("networking.k8s.io", "v1", "Ingress", "ingresses"),
     kind(
@@ -359,7 +362,12 @@ impl Cluster {
                         RolloutStatus::Failed(why) => {
                             return Err(RolloutError(format!("{}: {why}", object.id())));
                         }
-                        RolloutStatus::Progressing(why) => why,
+                        RolloutStatus::Progressing(why) => {
+                            if object.kind.kind == "StatefulSet" {
+                                self.replace_stuck_pods(object, &live).await?;
+                            }
+                            why
+                        }
                     }
                 }
                 None => "deleted while rolling out".into(),
@@ -373,6 +381,62 @@ impl Cluster {
             }
             tokio::time::sleep(POLL_EVERY).await;
         }
+    }
+
+    /// The StatefulSet controller never replaces a pod that did not become ready, even once
+    /// the template is changed back (what Kubernetes calls a forced rollback): a pod of
+    /// another revision that is not ready is deleted, so the controller recreates it from the
+    /// current template. Its claim, and so its data, stays.
+    async fn replace_stuck_pods(
+        &self,
+        object: &Admitted<'_>,
+        live: &Value,
+    ) -> Result<(), RolloutError> {
+        let Some(update) = live
+            .pointer("/status/updateRevision")
+            .and_then(Value::as_str)
+        else {
+            return Ok(());
+        };
+        let selector = format!(
+            "{STACK_LABEL}={},{RESOURCE_LABEL}={}",
+            object.stack, object.resource
+        );
+        let api = self.api(&PODS);
+        let pods = api
+            .list(&ListParams::default().labels(&selector))
+            .await
+            .map_err(|e| RolloutError(format!("listing the pods of {}: {e}", object.id())))?;
+        for pod in pods.items {
+            let revision = pod
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get("controller-revision-hash"));
+            let ready = pod.data["status"]["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|c| c["type"] == "Ready" && c["status"] == "True");
+            if revision.map(String::as_str) == Some(update)
+                || ready
+                || pod.metadata.deletion_timestamp.is_some()
+            {
+                continue;
+            }
+            let name = pod.metadata.name.clone().unwrap_or_default();
+            api.delete(&name, &DeleteParams::default())
+                .await
+                .map_err(|e| RolloutError(format!("deleting stuck pod {name}: {e}")))?;
+            self.view().set(
+                "note",
+                json!(format!(
+                    "{}: deleted pod {name}, stuck unready at an older revision, so it is recreated from the current template",
+                    object.id()
+                )),
+            );
+        }
+        Ok(())
     }
 
     /// Deletes the stack's objects (by our labels, in our namespace) that the release no

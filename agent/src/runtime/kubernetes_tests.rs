@@ -132,7 +132,7 @@ impl Harness {
     fn api(&self, kind: &str) -> Api<DynamicObject> {
         let kind = KINDS
             .iter()
-            .chain([&CLAIMS])
+            .chain([&CLAIMS, &PODS])
             .find(|k| k.kind == kind)
             .unwrap();
         Api::namespaced_with(self.client.clone(), NAMESPACE, &kind.resource())
@@ -684,4 +684,33 @@ async fn a_resource_that_becomes_autoscaled_keeps_its_replicas_for_the_autoscale
         .collect();
     assert_eq!(managers, ["outpost-handover"]);
     assert!(h.get("HorizontalPodAutoscaler", "acme-web").await.is_some());
+}
+
+#[tokio::test]
+async fn a_statefulset_stuck_on_a_pod_that_never_became_ready_is_rolled_back() {
+    let h = harness("").await;
+    let good = stack(IMAGE, "replicas: 1", true);
+    let v1 = h.release(&good, "1.0.0", 1);
+    h.converger.converge_once().await.unwrap();
+    let db = "r.example/db@sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+    let broken = good.replace(
+        db,
+        &format!("r.example/db@{}", outpost_kube_stand_in::NEVER_READY_DIGEST),
+    );
+    h.release(&broken, "1.1.0", 2);
+    h.converger.converge_once().await.unwrap();
+    assert_eq!(h.current(), v1, "rolled back");
+
+    // The StatefulSet controller would wait forever on the unready pod of 1.1.0; the agent
+    // deletes it so that 1.0.0's pod comes back, on the same claim.
+    h.converger.converge_once().await.unwrap();
+    assert_eq!(h.agent().store.converged().unwrap(), Some(v1));
+    let pod = h.get("Pod", "acme-db-0").await.unwrap();
+    let db_set = h.get("StatefulSet", "acme-db").await.unwrap();
+    assert_eq!(
+        pod["metadata"]["labels"]["controller-revision-hash"],
+        db_set["status"]["updateRevision"]
+    );
+    assert_eq!(pod["spec"]["containers"][0]["image"], db);
+    assert_eq!(h.names("PersistentVolumeClaim").await, ["data-acme-db-0"]);
 }

@@ -49,57 +49,172 @@ fn api(
     Api::namespaced_with(client.clone(), namespace, &resource)
 }
 
-/// Reports the rollouts of Deployments and StatefulSets in `namespace` as their controllers
-/// would once their pods are ready, and creates a StatefulSet's claims from its templates.
+/// Plays the controllers' part in `namespace`: Deployments report their rollout as done once
+/// their pods would be ready; StatefulSets run pods one ordinal at a time (OrderedReady), each
+/// labelled with its revision, replace them in reverse order, and, like the real controller,
+/// stop at a pod that is not ready, whatever its revision; claims are made from the templates.
 /// Runs until dropped.
 pub async fn run_controllers(client: kube::Client, namespace: String) {
-    let deployments = api(&client, &namespace, "apps", "Deployment", "deployments");
-    let statefulsets = api(&client, &namespace, "apps", "StatefulSet", "statefulsets");
-    let claims = api(
-        &client,
-        &namespace,
-        "",
-        "PersistentVolumeClaim",
-        "persistentvolumeclaims",
-    );
+    let apis = Apis {
+        deployments: api(&client, &namespace, "apps", "Deployment", "deployments"),
+        statefulsets: api(&client, &namespace, "apps", "StatefulSet", "statefulsets"),
+        pods: api(&client, &namespace, "", "Pod", "pods"),
+        claims: api(
+            &client,
+            &namespace,
+            "",
+            "PersistentVolumeClaim",
+            "persistentvolumeclaims",
+        ),
+    };
     loop {
-        for (api, stateful) in [(&deployments, false), (&statefulsets, true)] {
-            let Ok(list) = api.list(&ListParams::default()).await else {
-                continue;
-            };
+        if let Ok(list) = apis.deployments.list(&ListParams::default()).await {
             for item in list.items {
                 let name = item.metadata.name.clone().unwrap_or_default();
-                let generation = item.metadata.generation.unwrap_or(1);
                 let spec = &item.data["spec"];
-                let want = spec["replicas"].as_i64().unwrap_or(1);
-                let ready = !spec["template"]["spec"]["containers"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .any(|c| {
-                        c["image"]
-                            .as_str()
-                            .is_some_and(|i| i.ends_with(NEVER_READY_DIGEST))
-                    });
-                let status = if stateful {
-                    reconcile_claims(&claims, &item, want).await;
-                    statefulset_status(&name, generation, want, ready)
-                } else {
-                    deployment_status(&name, generation, want, ready)
-                };
-                if item.data.get("status") != Some(&status) {
-                    let _ = api
-                        .patch_status(
-                            &name,
-                            &PatchParams::default(),
-                            &Patch::Merge(json!({"status": status})),
-                        )
-                        .await;
-                }
+                let status = deployment_status(
+                    &name,
+                    item.metadata.generation.unwrap_or(1),
+                    spec["replicas"].as_i64().unwrap_or(1),
+                    becomes_ready(&spec["template"]),
+                );
+                report(&apis.deployments, &item, status).await;
+            }
+        }
+        if let Ok(list) = apis.statefulsets.list(&ListParams::default()).await {
+            for item in list.items {
+                let want = item.data["spec"]["replicas"].as_i64().unwrap_or(1);
+                reconcile_claims(&apis.claims, &item, want).await;
+                let status = run_statefulset(&apis.pods, &item, want).await;
+                report(&apis.statefulsets, &item, status).await;
             }
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+struct Apis {
+    deployments: Api<DynamicObject>,
+    statefulsets: Api<DynamicObject>,
+    pods: Api<DynamicObject>,
+    claims: Api<DynamicObject>,
+}
+
+/// Whether pods of this template become ready.
+fn becomes_ready(template: &Value) -> bool {
+    !template["spec"]["containers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|c| {
+            c["image"]
+                .as_str()
+                .is_some_and(|i| i.ends_with(NEVER_READY_DIGEST))
+        })
+}
+
+async fn report(api: &Api<DynamicObject>, item: &DynamicObject, status: Value) {
+    if item.data.get("status") != Some(&status) {
+        let name = item.metadata.name.clone().unwrap_or_default();
+        let _ = api
+            .patch_status(
+                &name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"status": status})),
+            )
+            .await;
+    }
+}
+
+/// A revision names a pod template, as the real controller's hash does: the same template
+/// gives the same revision again.
+fn revision(name: &str, template: &Value) -> String {
+    let text = template.to_string();
+    let hash = text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    format!("{name}-{:08x}", hash as u32)
+}
+
+const REVISION_LABEL: &str = "controller-revision-hash";
+
+/// One step of the StatefulSet controller, OrderedReady: the first missing ordinal is
+/// created, else the highest pod of an older revision is replaced, else the extra ordinals
+/// go; nothing moves past a pod that is not ready. Returns the status it reports.
+async fn run_statefulset(
+    pods: &Api<DynamicObject>,
+    statefulset: &DynamicObject,
+    want: i64,
+) -> Value {
+    let name = statefulset.metadata.name.clone().unwrap_or_default();
+    let template = &statefulset.data["spec"]["template"];
+    let update = revision(&name, template);
+    let mut running = Vec::new();
+    for ordinal in 0.. {
+        match pods.get_opt(&format!("{name}-{ordinal}")).await {
+            Ok(Some(pod)) => running.push(pod),
+            _ => break,
+        }
+    }
+    let pod_revision = |pod: &DynamicObject| {
+        pod.metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(REVISION_LABEL))
+            .cloned()
+            .unwrap_or_default()
+    };
+    let is_ready = |pod: &DynamicObject| {
+        pod.data["status"]["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|c| c["type"] == "Ready" && c["status"] == "True")
+    };
+    let all_ready = running.iter().all(is_ready);
+    if all_ready && (running.len() as i64) < want {
+        let mut labels = template["metadata"]["labels"].clone();
+        labels[REVISION_LABEL] = json!(update);
+        let ready = if becomes_ready(template) {
+            "True"
+        } else {
+            "False"
+        };
+        let pod = json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": format!("{name}-{}", running.len()), "labels": labels},
+            "spec": template["spec"],
+            "status": {"conditions": [{"type": "Ready", "status": ready}]},
+        });
+        if let Ok(pod) = serde_json::from_value::<DynamicObject>(pod) {
+            let _ = pods.create(&PostParams::default(), &pod).await;
+        }
+    } else if all_ready {
+        let old = running.iter().rposition(|p| pod_revision(p) != update);
+        let extra = (running.len() as i64 > want).then(|| running.len() - 1);
+        if let Some(index) = extra.or(old) {
+            let _ = pods
+                .delete(&format!("{name}-{index}"), &Default::default())
+                .await;
+        }
+    }
+    let count = |f: &dyn Fn(&DynamicObject) -> bool| running.iter().filter(|p| f(p)).count();
+    let ready = count(&is_ready);
+    let updated = count(&|p| pod_revision(p) == update);
+    let current = if updated == running.len() {
+        update.clone()
+    } else {
+        running
+            .iter()
+            .map(pod_revision)
+            .find(|r| *r != update)
+            .unwrap_or_default()
+    };
+    json!({
+        "observedGeneration": statefulset.metadata.generation.unwrap_or(1),
+        "replicas": running.len(), "readyReplicas": ready, "availableReplicas": ready,
+        "updatedReplicas": updated, "currentRevision": current, "updateRevision": update,
+    })
 }
 
 fn deployment_status(name: &str, generation: i64, want: i64, ready: bool) -> Value {
@@ -120,16 +235,6 @@ fn deployment_status(name: &str, generation: i64, want: i64, ready: bool) -> Val
                 "message": format!("ReplicaSet \"{name}-new\" has timed out progressing.")}],
         })
     }
-}
-
-fn statefulset_status(name: &str, generation: i64, want: i64, ready: bool) -> Value {
-    let ready = if ready { want } else { 0 };
-    json!({
-        "observedGeneration": generation, "replicas": want, "updatedReplicas": want,
-        "readyReplicas": ready, "availableReplicas": ready,
-        "currentRevision": format!("{name}-{generation}"),
-        "updateRevision": format!("{name}-{generation}"),
-    })
 }
 
 /// What the StatefulSet controller does with claims: `<template>-<statefulset>-<ordinal>` per
