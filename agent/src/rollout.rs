@@ -85,6 +85,24 @@ pub struct Converger<B: Backend> {
     backend: B,
 }
 
+/// Runs `work` as a journaled step: begun in the store before it runs, finished with its
+/// outcome after, so that a crash mid-step is found at the next start.
+pub(crate) async fn journaled<T>(
+    agent: &Agent,
+    digest: &str,
+    step: &str,
+    work: impl Future<Output = Result<T, RolloutError>>,
+) -> Result<T, RolloutError> {
+    let id = agent
+        .store
+        .begin_step(digest, step, crate::config::now())
+        .map_err(|e| RolloutError(format!("journal: {e}")))?;
+    let outcome = work.await;
+    let finished = if outcome.is_ok() { "done" } else { "failed" };
+    let _ = agent.store.finish_step(id, finished, crate::config::now());
+    outcome
+}
+
 /// Records an event in the store and the log.
 pub(crate) fn event(agent: &Agent, kind: &str, digest: Option<&str>, message: &str) {
     crate::daemon::log(format!("{kind}: {message}"));
@@ -280,10 +298,6 @@ impl<R: Runtime> Replicas<R> {
         &self.agent.runtime_view
     }
 
-    fn event(&self, kind: &str, digest: Option<&str>, message: &str) {
-        event(&self.agent, kind, digest, message);
-    }
-
     /// Carries out the plan for `release`; returns the steps taken (drift repairs).
     async fn converge_to(
         &self,
@@ -323,20 +337,13 @@ impl<R: Runtime> Replicas<R> {
             let until = Instant::now() + deadline;
             let described = describe(action, &stack.name);
             self.view().resource_step(&resource, &described);
-            let journal = self
-                .agent
-                .store
-                .begin_step(&release.digest, &described, crate::config::now())
-                .map_err(|e| RolloutError(format!("journal: {e}")))?;
-            let outcome = self.carry_out(action, stack, &specs, until).await;
-            let _ = self.agent.store.finish_step(
-                journal,
-                match &outcome {
-                    Ok(()) => "done",
-                    Err(_) => "failed",
-                },
-                crate::config::now(),
-            );
+            let outcome = journaled(
+                &self.agent,
+                &release.digest,
+                &described,
+                self.carry_out(action, stack, &specs, until),
+            )
+            .await;
             self.refresh_routes(stack).await;
             match outcome {
                 Ok(()) => {
@@ -376,7 +383,8 @@ impl<R: Runtime> Replicas<R> {
                     .apply(Step::Promote { stack, replica: id }, &|_| {})
                     .await?;
             }
-            self.event(
+            event(
+                &self.agent,
                 "recovered",
                 Some(&surge.digest),
                 &format!(
@@ -679,7 +687,8 @@ impl<R: Runtime> Replicas<R> {
             if wanted != count {
                 scale.insert(container.name.clone(), (wanted, Instant::now()));
                 drop(scale);
-                self.event(
+                event(
+                    &self.agent,
                     "autoscale",
                     None,
                     &format!(

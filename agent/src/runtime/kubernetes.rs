@@ -10,7 +10,7 @@
 
 use crate::pipeline::Agent;
 use crate::render::{MANAGED_BY, MANAGED_BY_LABEL, RESOURCE_LABEL, STACK_LABEL};
-use crate::rollout::{Backend, RolloutError, RuntimeView, event};
+use crate::rollout::{Backend, RolloutError, RuntimeView, event, journaled};
 use crate::state::Release;
 use kube::api::{
     Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams,
@@ -249,9 +249,13 @@ impl Cluster {
                 group.iter().map(|o| o.id()).collect::<Vec<_>>().join(", ")
             );
             self.view().resource_step(resource, &step);
-            let journal = self.journal(&release.digest, &step)?;
-            let outcome = self.apply_and_wait(&group, deadline).await;
-            self.finish(journal, outcome.is_ok());
+            let outcome = journaled(
+                &self.agent,
+                &release.digest,
+                &step,
+                self.apply_and_wait(&group, deadline),
+            )
+            .await;
             match &outcome {
                 Ok(status) => self
                     .view()
@@ -469,14 +473,13 @@ impl Cluster {
                 }
                 let id = format!("{}/{name}", kind.kind);
                 let step = format!("prune {id}");
-                let journal = self.journal(&release.digest, &step)?;
-                let outcome = api
-                    .delete(&name, &DeleteParams::foreground())
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| RolloutError(format!("pruning {id}: {e}")));
-                self.finish(journal, outcome.is_ok());
-                outcome?;
+                journaled(&self.agent, &release.digest, &step, async {
+                    api.delete(&name, &DeleteParams::foreground())
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| RolloutError(format!("pruning {id}: {e}")))
+                })
+                .await?;
                 pruned.push(step);
             }
         }
@@ -563,21 +566,6 @@ impl Cluster {
             });
         }
         self.view().set("endpoints", json!(endpoints));
-    }
-
-    fn journal(&self, digest: &str, step: &str) -> Result<i64, RolloutError> {
-        self.agent
-            .store
-            .begin_step(digest, step, crate::config::now())
-            .map_err(|e| RolloutError(format!("journal: {e}")))
-    }
-
-    fn finish(&self, journal: i64, ok: bool) {
-        let outcome = if ok { "done" } else { "failed" };
-        let _ = self
-            .agent
-            .store
-            .finish_step(journal, outcome, crate::config::now());
     }
 }
 
