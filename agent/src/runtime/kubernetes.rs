@@ -285,10 +285,26 @@ impl Cluster {
         group: &[&Admitted<'_>],
         deadline: Duration,
     ) -> Result<String, RolloutError> {
+        let until = Instant::now() + deadline;
         let mut workload = None;
         for object in group {
-            if let Some(live) = self.get(object).await? {
-                self.hand_over_replicas(object, &live).await?;
+            let mut live = self.get(object).await?;
+            // Still going from a prune: applied now, it would vanish under the rollout.
+            while live
+                .as_ref()
+                .is_some_and(|l| l.metadata.deletion_timestamp.is_some())
+            {
+                if Instant::now() >= until {
+                    return Err(RolloutError(format!(
+                        "{} is still being deleted after the progress deadline",
+                        object.id()
+                    )));
+                }
+                tokio::time::sleep(POLL_EVERY).await;
+                live = self.get(object).await?;
+            }
+            if let Some(live) = &live {
+                self.hand_over_replicas(object, live).await?;
             }
             let applied = self.apply(object, false).await?;
             if object.kind.is_workload() {
@@ -296,10 +312,7 @@ impl Cluster {
             }
         }
         match workload {
-            Some((object, target)) => {
-                self.wait_rolled_out(object, &target, Instant::now() + deadline)
-                    .await
-            }
+            Some((object, target)) => self.wait_rolled_out(object, &target, until).await,
             None => Ok("applied".into()),
         }
     }

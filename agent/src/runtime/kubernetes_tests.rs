@@ -714,3 +714,38 @@ async fn a_statefulset_stuck_on_a_pod_that_never_became_ready_is_rolled_back() {
     assert_eq!(pod["spec"]["containers"][0]["image"], db);
     assert_eq!(h.names("PersistentVolumeClaim").await, ["data-acme-db-0"]);
 }
+
+#[tokio::test]
+async fn an_object_still_being_deleted_is_waited_for_before_it_is_applied_again() {
+    // The release wants acme-web back while a prune's foreground deletion still holds it.
+    let going = json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "acme-web", "namespace": NAMESPACE,
+            "finalizers": ["foregroundDeletion"], "deletionTimestamp": "2026-01-01T00:00:00Z",
+            "labels": {MANAGED_BY_LABEL: MANAGED_BY, STACK_LABEL: "acme"}},
+        "spec": {"ports": [{"port": 80}]},
+    });
+    let h = harness_with("", vec![going]).await;
+    h.release(&stack(IMAGE, "replicas: 1", false), "1.0.0", 1);
+    let services = h.api("Service");
+    let finish = async {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        // The garbage collector finishes: the finalizer goes, and with it the object.
+        services
+            .patch(
+                "acme-web",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+            )
+            .await
+            .unwrap();
+    };
+    let (converged, ()) = tokio::join!(h.converger.converge_once(), finish);
+    converged.unwrap();
+    let web = h.get("Service", "acme-web").await.unwrap();
+    assert!(web["metadata"]["deletionTimestamp"].is_null(), "{web}");
+    assert_eq!(
+        web["spec"]["ports"][0]["port"], 8080,
+        "the release's Service"
+    );
+}
