@@ -6,7 +6,8 @@
 //!
 //! It never leaves its namespace: every object is checked against it before the first request,
 //! and every request goes through a namespaced API (the agent's Role grants nothing else). An
-//! object of the same name that the agent does not own is never taken over.
+//! object of the same name that is not this stack's is never taken over. Pods are only ever
+//! deleted, to free a StatefulSet stuck on one (forced rollback).
 
 use crate::pipeline::Agent;
 use crate::render::{MANAGED_BY, MANAGED_BY_LABEL, RESOURCE_LABEL, STACK_LABEL};
@@ -70,10 +71,10 @@ const fn kind(
     }
 }
 
-/// Every kind the runtime writes, in prune order: what routes to a workload goes first.
 /// Pods are never written, only deleted when a StatefulSet is stuck on one.
 const PODS: Kind = kind("", "v1", "Pod", "pods");
 
+/// Every kind the runtime writes, in prune order: what routes to a workload goes first.
 pub const KINDS: [Kind; 5] = [
     kind("networking.k8s.io", "v1", "Ingress", "ingresses"),
     kind(
@@ -186,7 +187,8 @@ impl Cluster {
         })
     }
 
-    async fn get(&self, object: &Admitted<'_>) -> Result<Option<DynamicObject>, RolloutError> {
+    /// The live object, if any, refused unless it is this stack's.
+    async fn live(&self, object: &Admitted<'_>) -> Result<Option<DynamicObject>, RolloutError> {
         let live = self
             .api(object.kind)
             .get_opt(object.name)
@@ -288,7 +290,7 @@ impl Cluster {
         let until = Instant::now() + deadline;
         let mut workload = None;
         for object in group {
-            let mut live = self.get(object).await?;
+            let mut live = self.live(object).await?;
             // Still going from a prune: applied now, it would vanish under the rollout.
             while live
                 .as_ref()
@@ -301,7 +303,7 @@ impl Cluster {
                     )));
                 }
                 tokio::time::sleep(POLL_EVERY).await;
-                live = self.get(object).await?;
+                live = self.live(object).await?;
             }
             if let Some(live) = &live {
                 self.hand_over_replicas(object, live).await?;
@@ -370,7 +372,7 @@ impl Cluster {
         until: Instant,
     ) -> Result<String, RolloutError> {
         loop {
-            let last = match self.get(object).await? {
+            let last = match self.live(object).await? {
                 Some(live) => {
                     let live = serde_json::to_value(&live)
                         .map_err(|e| RolloutError(format!("{}: {e}", object.id())))?;
@@ -380,7 +382,12 @@ impl Cluster {
                             return Err(RolloutError(format!("{}: {why}", object.id())));
                         }
                         RolloutStatus::Progressing(why) => {
-                            if object.kind.kind == "StatefulSet" {
+                            // Only once the controller has seen our template is its
+                            // updateRevision the one pods must come back at.
+                            let observed = live["status"]["observedGeneration"].as_i64();
+                            if object.kind.kind == "StatefulSet"
+                                && observed >= Some(target.generation)
+                            {
                                 self.replace_stuck_pods(object, &live).await?;
                             }
                             why
@@ -508,7 +515,7 @@ impl Cluster {
     ) -> Result<Vec<String>, RolloutError> {
         let mut repairs = Vec::new();
         for object in objects {
-            let Some(live) = self.get(object).await? else {
+            let Some(live) = self.live(object).await? else {
                 self.apply(object, false).await?;
                 repairs.push(format!("re-created {}", object.id()));
                 continue;
