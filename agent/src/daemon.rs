@@ -66,7 +66,7 @@ pub async fn run(agent: Agent) -> anyhow::Result<()> {
         let (agent, shared) = (agent.clone(), shared.clone());
         tokio::spawn(async move { api::serve_metrics(agent, shared, address).await })
     });
-    let converger = match agent.config.runtime {
+    let mut converger = match agent.config.runtime {
         RuntimeKind::None => None,
         RuntimeKind::Docker => {
             let runtime =
@@ -114,6 +114,18 @@ pub async fn run(agent: Agent) -> anyhow::Result<()> {
                 None => std::future::pending().await,
             }
         } => result.map_err(anyhow::Error::from).and_then(|r| r),
+        // The converger loops forever; if it ends (a panic), the agent exits with an error so
+        // that its supervisor (systemd, the kubelet) restarts it rather than it running on
+        // without a rollout.
+        result = async {
+            match converger.as_mut() {
+                Some(converger) => converger.await,
+                None => std::future::pending().await,
+            }
+        } => Err(match result {
+            Ok(()) => anyhow::anyhow!("the rollout loop ended"),
+            Err(e) => anyhow::anyhow!("the rollout loop stopped: {e}"),
+        }),
         _ = tokio::signal::ctrl_c() => Ok(()),
         _ = terminate.recv() => Ok(()),
     };
