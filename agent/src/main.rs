@@ -337,7 +337,7 @@ fn verify(file: &Path, config: &Config) -> Result<(), Failure> {
             Ok(())
         }
         Ingested::Unchanged { digest } => {
-            println!("verified {digest}: already the current or pending release");
+            println!("verified {digest}: already current, pending or rolled back");
             Ok(())
         }
         Ingested::Rejected { check, reason, .. } => Err(Failure(

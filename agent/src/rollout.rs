@@ -54,12 +54,37 @@ impl RuntimeView {
 
 /// Why a rollout stopped, in one line.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct RolloutError(pub String);
+#[error("{message}")]
+pub struct RolloutError {
+    pub message: String,
+    /// The runtime (or the agent's own store) could not be reached: the pass is retried and
+    /// the release is not rolled back for it. Rolled back, it would never be taken again.
+    pub unavailable: bool,
+}
+
+impl RolloutError {
+    /// The release cannot run: unhealthy, refused, unplaceable.
+    pub fn new(message: impl Into<String>) -> Self {
+        RolloutError {
+            message: message.into(),
+            unavailable: false,
+        }
+    }
+
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        RolloutError {
+            message: message.into(),
+            unavailable: true,
+        }
+    }
+}
 
 impl From<crate::runtime::RuntimeError> for RolloutError {
     fn from(e: crate::runtime::RuntimeError) -> Self {
-        RolloutError(e.0)
+        RolloutError {
+            message: e.message,
+            unavailable: e.unavailable,
+        }
     }
 }
 
@@ -96,10 +121,13 @@ pub(crate) async fn journaled<T>(
     let id = agent
         .store
         .begin_step(digest, step, crate::config::now())
-        .map_err(|e| RolloutError(format!("journal: {e}")))?;
+        .map_err(|e| RolloutError::unavailable(format!("journal: {e}")))?;
     let outcome = work.await;
     let finished = if outcome.is_ok() { "done" } else { "failed" };
-    let _ = agent.store.finish_step(id, finished, crate::config::now());
+    if let Err(e) = agent.store.finish_step(id, finished, crate::config::now()) {
+        // The step happened; the next start will call it interrupted and look again.
+        crate::daemon::log(format!("journal: finishing {step:?}: {e}"));
+    }
     outcome
 }
 
@@ -190,7 +218,7 @@ impl<B: Backend> Converger<B> {
         }
         let outcome = match current.stack() {
             Ok(stack) => self.backend.converge(&current, &stack, fresh).await,
-            Err(e) => Err(RolloutError(e.to_string())),
+            Err(e) => Err(RolloutError::new(e.to_string())),
         };
         match outcome {
             Ok(repairs) => {
@@ -198,11 +226,15 @@ impl<B: Backend> Converger<B> {
                 self.view().set("note", Value::Null);
                 self.view().set("last_error", Value::Null);
                 if fresh {
-                    store.set_converged(
+                    let recorded = store.set_converged(
                         &current.digest,
                         &format!("{} {} runs, healthy", current.name, current.version),
                         crate::config::now(),
                     )?;
+                    if !recorded {
+                        // Superseded by the customer's decision: the next pass runs it.
+                        self.view().set("phase", json!("superseded"));
+                    }
                 } else if !repairs.is_empty() {
                     self.view()
                         .drift_repairs
@@ -221,6 +253,11 @@ impl<B: Backend> Converger<B> {
                 }
                 Ok(())
             }
+            Err(failure) if failure.unavailable => Err(anyhow::anyhow!(
+                "{} {}: {failure} (retrying; a runtime that cannot be reached is no reason to roll back)",
+                current.name,
+                current.version
+            )),
             Err(failure) if fresh => {
                 let reason = failure.to_string();
                 self.view().set("phase", json!("failed"));
@@ -232,12 +269,16 @@ impl<B: Backend> Converger<B> {
                             "{} {} failed: {reason}; rolling back to {}",
                             current.name, current.version, good.version
                         );
-                        store.roll_back(
+                        let rolled_back = store.roll_back(
                             &current.digest,
                             &good.digest,
                             &message,
                             crate::config::now(),
                         )?;
+                        if !rolled_back {
+                            // Superseded by the customer's decision: the next pass runs it.
+                            return Ok(());
+                        }
                         crate::daemon::log(&message);
                         self.view().set("last_rollback", json!(message));
                         self.agent.current_changed.notify_one();
@@ -319,7 +360,7 @@ impl<R: Runtime> Replicas<R> {
             .map(|s| s.iter().map(|(k, (n, _))| (k.clone(), *n)).collect())
             .unwrap_or_default();
         let digest = Digest::parse(&release.digest)
-            .map_err(|e| RolloutError(format!("stored digest: {e}")))?;
+            .map_err(|e| RolloutError::new(format!("stored digest: {e}")))?;
         let desired = Desired::new(stack, digest, &scale);
         let observed: Vec<_> = instances
             .iter()
@@ -546,7 +587,7 @@ impl<R: Runtime> Replicas<R> {
                 Health::Healthy => {}
                 Health::Starting(why) => last = why,
                 Health::Down(why) => {
-                    return Err(RolloutError(format!("{name}: {why}")));
+                    return Err(RolloutError::new(format!("{name}: {why}")));
                 }
                 Health::Unhealthy(why) => {
                     last = why.clone();
@@ -554,14 +595,14 @@ impl<R: Runtime> Replicas<R> {
                         failures += 1;
                     }
                     if failures >= threshold {
-                        return Err(RolloutError(format!(
+                        return Err(RolloutError::new(format!(
                             "{name}: health check failed {failures} times in a row: {why}"
                         )));
                     }
                 }
             }
             if Instant::now() >= until {
-                return Err(RolloutError(format!(
+                return Err(RolloutError::new(format!(
                     "{name}: not healthy within the progress deadline ({}s): {last}",
                     self.config().rollout.progress_deadline_seconds
                 )));
@@ -733,7 +774,7 @@ impl<'a> Specs<'a> {
             if let Some(pool) = &c.pool
                 && !config.pools.contains(pool)
             {
-                return Err(RolloutError(format!(
+                return Err(RolloutError::new(format!(
                     "{at}: pool {pool:?} is not one of this agent's pools ({}) (config key pools)",
                     if config.pools.is_empty() {
                         "none".to_string()
@@ -745,7 +786,7 @@ impl<'a> Specs<'a> {
             if let Some(gpu) = &c.gpu {
                 let have = config.docker.gpus.get(&gpu.kind).copied().unwrap_or(0);
                 if have < gpu.count {
-                    return Err(RolloutError(format!(
+                    return Err(RolloutError::new(format!(
                         "{at}: needs {} GPU of type {:?}; this host has {have} (config key docker.gpus)",
                         gpu.count, gpu.kind
                     )));
@@ -753,7 +794,7 @@ impl<'a> Specs<'a> {
             }
             let grant = config
                 .grant(&c.permissions)
-                .map_err(|e| RolloutError(format!("{at}: {e}")))?;
+                .map_err(|e| RolloutError::new(format!("{at}: {e}")))?;
             grants.insert(c.permissions.clone(), grant);
         }
         Ok(Specs {
@@ -769,7 +810,7 @@ impl<'a> Specs<'a> {
             .iter()
             .map(|r| &r.container)
             .find(|c| c.name == replica.resource)
-            .ok_or_else(|| RolloutError(format!("no resource {}", replica.resource)))
+            .ok_or_else(|| RolloutError::new(format!("no resource {}", replica.resource)))
     }
 
     fn probe(&self, replica: &ReplicaId) -> Option<&'a Probe> {
@@ -1138,6 +1179,49 @@ resources:
             assert!(!c.backend().runtime().images().contains_key("web-0"));
         }
         assert_eq!(c.agent.store.converged().unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn an_engine_that_cannot_be_reached_is_retried_not_rolled_back() {
+        let (_dir, c) = converger("");
+        release(&c, STACK, "1.0.0", 1);
+        c.converge_once().await.unwrap();
+        let v2 = release(&c, &STACK.replace("replicas: 2", "replicas: 3"), "1.1.0", 2);
+        c.backend().runtime().fail_next_steps(1);
+        let error = c.converge_once().await.unwrap_err().to_string();
+        assert!(error.contains("engine unavailable"), "{error}");
+        assert!(error.contains("retrying"), "{error}");
+        assert_eq!(current(&c), v2, "still the release to run");
+        assert_eq!(c.agent.runtime_view.rollbacks.load(Ordering::Relaxed), 0);
+        c.converge_once().await.unwrap();
+        assert_eq!(c.agent.store.converged().unwrap(), Some(v2));
+    }
+
+    #[tokio::test]
+    async fn a_rollout_overtaken_by_the_customers_rollback_records_nothing() {
+        let (_dir, c) = converger("");
+        let v1 = release(&c, STACK, "1.0.0", 1);
+        c.converge_once().await.unwrap();
+        let v2 = release(&c, &STACK.replace("replicas: 2", "replicas: 3"), "1.1.0", 2);
+        // The customer rolls back while 1.1.0 is still rolling out...
+        c.agent.rollback("test", crate::config::now()).unwrap();
+        assert_eq!(current(&c), v1);
+        // ... so 1.1.0 finishing, or failing, must not touch the positions.
+        let store = &c.agent.store;
+        assert!(
+            !store
+                .set_converged(&v2, "late", crate::config::now())
+                .unwrap()
+        );
+        assert!(
+            !store
+                .roll_back(&v2, &v1, "late", crate::config::now())
+                .unwrap()
+        );
+        assert_eq!(store.converged().unwrap(), None);
+        assert_eq!(current(&c), v1);
+        c.converge_once().await.unwrap();
+        assert_eq!(store.converged().unwrap(), Some(v1));
     }
 
     #[tokio::test]

@@ -388,24 +388,39 @@ impl Store {
     }
 
     /// Records that the runtime runs `digest`, healthy.
-    pub fn set_converged(&self, digest: &str, message: &str, at: DateTime<Utc>) -> Result<()> {
+    /// Records that the runtime runs `digest`, healthy; false (nothing recorded) if `digest`
+    /// is no longer current: the customer rolled back while it rolled out.
+    pub fn set_converged(&self, digest: &str, message: &str, at: DateTime<Utc>) -> Result<bool> {
         self.with(|conn| {
             let tx = conn.transaction()?;
+            if position(&tx, "current")?.as_deref() != Some(digest) {
+                return Ok(false);
+            }
             set(&tx, "converged", Some(digest))?;
             event(&tx, at, "converged", Some(digest), message)?;
             tx.commit()?;
-            Ok(())
+            Ok(true)
         })
     }
 
-    /// Makes `to` current again in place of `from` (a failed rollout, or the customer's
-    /// `rollback`). `from` stays known, so the source offering it again is not a rollback attack.
-    pub fn roll_back(&self, from: &str, to: &str, message: &str, at: DateTime<Utc>) -> Result<()> {
+    /// Makes `to` current again in place of `from` after `from` failed to roll out; false
+    /// (nothing done) if `from` is no longer current: a decision came first. `from` stays
+    /// known, so the source offering it again is not a rollback attack.
+    pub fn roll_back(
+        &self,
+        from: &str,
+        to: &str,
+        message: &str,
+        at: DateTime<Utc>,
+    ) -> Result<bool> {
         self.with(|conn| {
             let tx = conn.transaction()?;
+            if position(&tx, "current")?.as_deref() != Some(from) {
+                return Ok(false);
+            }
             roll_back_in(&tx, from, to, message, at)?;
             tx.commit()?;
-            Ok(())
+            Ok(true)
         })
     }
 

@@ -68,7 +68,7 @@ impl DockerRuntime {
             Ok(()) => Ok(()),
             // Created by a concurrent step meanwhile.
             Err(_) if self.engine.inspect_network(&name).await?.is_some() => Ok(()),
-            Err(e) => Err(RuntimeError(format!("creating network {name}: {e}"))),
+            Err(e) => Err(RuntimeError::during(format!("creating network {name}"), e)),
         }
     }
 
@@ -82,10 +82,9 @@ impl DockerRuntime {
             if !self.engine.image_exists(&id).await? {
                 notes(format!("loading {image} from the bundle"));
                 let archive = self.bundled_images.join(format!("{hex}.tar"));
-                self.engine
-                    .load(&archive)
-                    .await
-                    .map_err(|e| RuntimeError(format!("loading {image} from the bundle: {e}")))?;
+                self.engine.load(&archive).await.map_err(|e| {
+                    RuntimeError::during(format!("loading {image} from the bundle"), e)
+                })?;
             }
             return Ok(id);
         }
@@ -100,7 +99,7 @@ impl DockerRuntime {
             .map(|credentials| -> RuntimeResult<String> {
                 let password =
                     std::fs::read_to_string(&credentials.password_file).map_err(|e| {
-                        RuntimeError(format!(
+                        RuntimeError::new(format!(
                             "docker.registries.{registry}.password_file {}: {e}",
                             credentials.password_file.display()
                         ))
@@ -144,7 +143,7 @@ impl DockerRuntime {
         self.engine
             .pull(image, auth, &mut progress)
             .await
-            .map_err(|e| RuntimeError(format!("pulling {image}: {e}")))?;
+            .map_err(|e| RuntimeError::during(format!("pulling {image}"), e))?;
         notes(format!("pulled {image}"));
         Ok(image.to_string())
     }
@@ -329,18 +328,18 @@ impl Runtime for DockerRuntime {
                 self.engine
                     .create_container(&name, &self.create_body(spec, &image))
                     .await
-                    .map_err(|e| RuntimeError(format!("creating {name}: {e}")))?;
+                    .map_err(|e| RuntimeError::during(format!("creating {name}"), e))?;
                 self.engine
                     .start_container(&name)
                     .await
-                    .map_err(|e| RuntimeError(format!("starting {name}: {e}")))?;
+                    .map_err(|e| RuntimeError::during(format!("starting {name}"), e))?;
             }
             Step::Start { stack, replica } => {
                 let name = container_name(stack, replica, Slot::Primary);
                 self.engine
                     .start_container(&name)
                     .await
-                    .map_err(|e| RuntimeError(format!("starting {name}: {e}")))?;
+                    .map_err(|e| RuntimeError::during(format!("starting {name}"), e))?;
             }
             Step::Promote { stack, replica } => {
                 let surge = container_name(stack, replica, Slot::Surge);
@@ -348,7 +347,9 @@ impl Runtime for DockerRuntime {
                 self.engine
                     .rename_container(&surge, &primary)
                     .await
-                    .map_err(|e| RuntimeError(format!("renaming {surge} to {primary}: {e}")))?;
+                    .map_err(|e| {
+                        RuntimeError::during(format!("renaming {surge} to {primary}"), e)
+                    })?;
             }
         }
         Ok(())
@@ -391,7 +392,7 @@ impl Runtime for DockerRuntime {
         self.engine
             .remove_container(&name)
             .await
-            .map_err(|e| RuntimeError(format!("removing {name}: {e}")))?;
+            .map_err(|e| RuntimeError::during(format!("removing {name}"), e))?;
         if delete_volume {
             self.engine
                 .remove_volume(&volume_name(stack, replica))

@@ -165,8 +165,9 @@ impl Engine {
             let status = response.status();
             let mut body = response.into_body();
             let mut answer = Vec::new();
-            let streamed = on_line.is_some();
-            // Streamed answers are JSON lines: each is handed over as it comes.
+            // Streamed answers are JSON lines: each is handed over as it comes. An error
+            // status is one JSON document whose message is the reason: kept whole.
+            let streamed = on_line.is_some() && status.is_success();
             let mut take_line = |line: &[u8]| -> Result<(), EngineError> {
                 let Some(on_line) = on_line.as_deref_mut() else {
                     return Ok(());
@@ -442,4 +443,65 @@ fn encode(text: &str) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// An engine socket that answers every request with `response`.
+    fn engine_answering(response: String) -> (tempfile::TempDir, Engine) {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("engine.sock");
+        let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+        tokio::spawn(async move {
+            let response = response.into_bytes();
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let mut request = [0u8; 4096];
+                let _ = stream.read(&mut request).await;
+                let _ = stream.write_all(&response).await;
+            }
+        });
+        (dir, Engine::new(&socket))
+    }
+
+    #[tokio::test]
+    async fn a_refused_pull_keeps_the_engines_reason() {
+        let body =
+            r#"{"message":"pull access denied for r.example/web, repository does not exist"}"#;
+        let response = format!(
+            "HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let (_dir, engine) = engine_answering(response);
+        let error = engine
+            .pull("r.example/web@sha256:00", None, &mut |_| {})
+            .await
+            .unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "container engine: POST /images/create?fromImage=r.example%2Fweb%40sha256%3A00: 404: pull access denied for r.example/web, repository does not exist"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_error_line_in_a_streamed_pull_fails_it() {
+        let (_dir, engine) = engine_answering(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 69\r\n\r\n{\"status\":\"Pulling\"}\n{\"error\":\"toomanyrequests: rate limit reached\"}\n"
+                .to_string(),
+        );
+        let mut lines = 0;
+        let error = engine
+            .pull("r.example/web@sha256:00", None, &mut |_| lines += 1)
+            .await
+            .unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .ends_with("200: toomanyrequests: rate limit reached"),
+            "{error}"
+        );
+        assert_eq!(lines, 1, "the progress line before it");
+    }
 }

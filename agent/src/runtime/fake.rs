@@ -124,13 +124,16 @@ impl Runtime for FakeRuntime {
         let mut state = self.lock();
         if state.fail_steps > 0 {
             state.fail_steps -= 1;
-            return Err(RuntimeError("engine unavailable (fake)".into()));
+            return Err(RuntimeError {
+                message: "engine unavailable (fake)".into(),
+                unavailable: true,
+            });
         }
         match step {
             Step::Create { spec, slot } => {
                 let key = (spec.replica.clone(), slot);
                 if state.replicas.contains_key(&key) {
-                    return Err(RuntimeError(format!(
+                    return Err(RuntimeError::new(format!(
                         "{}: already exists",
                         super::container_name(&spec.stack, &spec.replica, slot)
                     )));
@@ -153,7 +156,7 @@ impl Runtime for FakeRuntime {
                     .push(format!("start {}-{}", replica.resource, replica.ordinal));
                 match state.replicas.get_mut(&(replica.clone(), Slot::Primary)) {
                     Some(entry) => entry.1 = true,
-                    None => return Err(RuntimeError("no such replica".into())),
+                    None => return Err(RuntimeError::new("no such replica")),
                 }
             }
             Step::Promote { replica, .. } => {
@@ -163,7 +166,7 @@ impl Runtime for FakeRuntime {
                 let surge = state
                     .replicas
                     .remove(&(replica.clone(), Slot::Surge))
-                    .ok_or_else(|| RuntimeError("no surge replica".into()))?;
+                    .ok_or_else(|| RuntimeError::new("no surge replica"))?;
                 state
                     .replicas
                     .insert((replica.clone(), Slot::Primary), surge);

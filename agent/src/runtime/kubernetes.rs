@@ -166,13 +166,13 @@ impl Cluster {
             .iter()
             .find(|k| k.kind == kind_name && k.api_version() == api_version)
             .ok_or_else(|| {
-                RolloutError(format!(
+                RolloutError::new(format!(
                     "refusing {api_version} {kind_name}/{name}: not a kind the agent writes"
                 ))
             })?;
         let namespace = text("/metadata/namespace").unwrap_or_default();
         if namespace != self.namespace {
-            return Err(RolloutError(format!(
+            return Err(RolloutError::new(format!(
                 "refusing {kind_name}/{name} in namespace {namespace:?}: the agent writes only to namespace {:?}",
                 self.namespace
             )));
@@ -193,7 +193,7 @@ impl Cluster {
             .api(object.kind)
             .get_opt(object.name)
             .await
-            .map_err(|e| RolloutError(format!("reading {}: {e}", object.id())))?;
+            .map_err(|e| kube_error(format!("reading {}", object.id()), e))?;
         if let Some(live) = &live {
             let label = |key: &str| {
                 live.metadata
@@ -205,7 +205,7 @@ impl Cluster {
             if label(MANAGED_BY_LABEL) != Some(MANAGED_BY)
                 || label(STACK_LABEL) != Some(object.stack)
             {
-                return Err(RolloutError(format!(
+                return Err(RolloutError::new(format!(
                     "refusing to take over {} in namespace {}: it exists without the labels of stack {stack} ({MANAGED_BY_LABEL}={MANAGED_BY}, {STACK_LABEL}={stack})",
                     object.id(),
                     self.namespace,
@@ -227,7 +227,7 @@ impl Cluster {
         self.api(object.kind)
             .patch(object.name, &params, &Patch::Apply(object.object))
             .await
-            .map_err(|e| RolloutError(format!("applying {}: {e}", object.id())))
+            .map_err(|e| kube_error(format!("applying {}", object.id()), e))
     }
 
     /// A rollout: each resource's objects in `links` order, its workload rolled out before the
@@ -297,7 +297,7 @@ impl Cluster {
                 .is_some_and(|l| l.metadata.deletion_timestamp.is_some())
             {
                 if Instant::now() >= until {
-                    return Err(RolloutError(format!(
+                    return Err(RolloutError::new(format!(
                         "{} is still being deleted after the progress deadline",
                         object.id()
                     )));
@@ -355,10 +355,13 @@ impl Cluster {
             )
             .await
             .map_err(|e| {
-                RolloutError(format!(
-                    "handing the replica count of {} to its autoscaler: {e}",
-                    object.id()
-                ))
+                kube_error(
+                    format!(
+                        "handing the replica count of {} to its autoscaler",
+                        object.id()
+                    ),
+                    e,
+                )
             })?;
         Ok(())
     }
@@ -375,11 +378,11 @@ impl Cluster {
             let last = match self.live(object).await? {
                 Some(live) => {
                     let live = serde_json::to_value(&live)
-                        .map_err(|e| RolloutError(format!("{}: {e}", object.id())))?;
+                        .map_err(|e| RolloutError::new(format!("{}: {e}", object.id())))?;
                     match rollout_status(object.kind.kind, &live, target) {
                         RolloutStatus::Done(status) => return Ok(status),
                         RolloutStatus::Failed(why) => {
-                            return Err(RolloutError(format!("{}: {why}", object.id())));
+                            return Err(RolloutError::new(format!("{}: {why}", object.id())));
                         }
                         RolloutStatus::Progressing(why) => {
                             // Only once the controller has seen our template is its
@@ -397,7 +400,7 @@ impl Cluster {
                 None => "deleted while rolling out".into(),
             };
             if Instant::now() >= until {
-                return Err(RolloutError(format!(
+                return Err(RolloutError::new(format!(
                     "{}: not rolled out within the progress deadline ({}s): {last}",
                     object.id(),
                     self.agent.config.rollout.progress_deadline_seconds
@@ -430,7 +433,7 @@ impl Cluster {
         let pods = api
             .list(&ListParams::default().labels(&selector))
             .await
-            .map_err(|e| RolloutError(format!("listing the pods of {}: {e}", object.id())))?;
+            .map_err(|e| kube_error(format!("listing the pods of {}", object.id()), e))?;
         for pod in pods.items {
             let revision = pod
                 .metadata
@@ -451,7 +454,7 @@ impl Cluster {
             let name = pod.metadata.name.clone().unwrap_or_default();
             api.delete(&name, &DeleteParams::default())
                 .await
-                .map_err(|e| RolloutError(format!("deleting stuck pod {name}: {e}")))?;
+                .map_err(|e| kube_error(format!("deleting stuck pod {name}"), e))?;
             self.view().set(
                 "note",
                 json!(format!(
@@ -482,7 +485,7 @@ impl Cluster {
             let list = api
                 .list(&owned)
                 .await
-                .map_err(|e| RolloutError(format!("listing {}s: {e}", kind.kind)))?;
+                .map_err(|e| kube_error(format!("listing {}s", kind.kind), e))?;
             for item in list.items {
                 let name = item.metadata.name.clone().unwrap_or_default();
                 // Already going (foreground deletion waits for its pods): pruned before.
@@ -497,7 +500,7 @@ impl Cluster {
                     api.delete(&name, &DeleteParams::foreground())
                         .await
                         .map(|_| ())
-                        .map_err(|e| RolloutError(format!("pruning {id}: {e}")))
+                        .map_err(|e| kube_error(format!("pruning {id}"), e))
                 })
                 .await?;
                 pruned.push(step);
@@ -597,7 +600,7 @@ impl Backend for Cluster {
         fresh: bool,
     ) -> Result<Vec<String>, RolloutError> {
         let rendered = crate::render::render(&self.agent.config, stack, &release.digest)
-            .map_err(|e| RolloutError(e.to_string()))?;
+            .map_err(|e| RolloutError::new(e.to_string()))?;
         let objects = rendered
             .iter()
             .map(|o| self.admit(o))
@@ -615,6 +618,28 @@ impl Backend for Cluster {
 #[cfg(test)]
 #[path = "kubernetes_tests.rs"]
 mod tests;
+
+/// A failed API call, in one line: the server's own reason for a refusal; unreachable, timed
+/// out, overloaded or failing servers are marked unavailable (retried, never rolled back for).
+fn kube_error(what: String, e: kube::Error) -> RolloutError {
+    match e {
+        kube::Error::Api(status) => {
+            let message = format!(
+                "{what}: {} {}: {}",
+                status.code, status.reason, status.message
+            );
+            if status.code >= 500 || status.code == 429 {
+                RolloutError::unavailable(message)
+            } else {
+                RolloutError::new(message)
+            }
+        }
+        e @ (kube::Error::HyperError(_) | kube::Error::Service(_)) => {
+            RolloutError::unavailable(format!("{what}: {e}"))
+        }
+        e => RolloutError::new(format!("{what}: {e}")),
+    }
+}
 
 /// The rollout a workload's status is read for: the generation our apply produced, and when
 /// the API server recorded our apply (its clock, from the object's managed fields).

@@ -749,3 +749,24 @@ async fn an_object_still_being_deleted_is_waited_for_before_it_is_applied_again(
         "the release's Service"
     );
 }
+
+#[test]
+fn api_errors_say_why_and_outages_are_not_blamed_on_the_release() {
+    let api = |code: u16, reason: &str| {
+        kube::Error::Api(Box::new(
+            serde_json::from_value(json!({"code": code, "reason": reason,
+                "message": "services \"acme-web\" is forbidden: User cannot patch"}))
+            .unwrap(),
+        ))
+    };
+    let refused = kube_error("applying Service/acme-web".into(), api(403, "Forbidden"));
+    assert_eq!(
+        refused.to_string(),
+        "applying Service/acme-web: 403 Forbidden: services \"acme-web\" is forbidden: User cannot patch"
+    );
+    assert!(!refused.unavailable);
+    assert!(kube_error("x".into(), api(503, "ServiceUnavailable")).unavailable);
+    assert!(kube_error("x".into(), api(429, "TooManyRequests")).unavailable);
+    let down = kube::Error::Service(Box::new(std::io::Error::other("connection refused")));
+    assert!(kube_error("x".into(), down).unavailable);
+}

@@ -100,12 +100,37 @@ pub struct Usage {
 pub type RuntimeResult<T> = Result<T, RuntimeError>;
 
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct RuntimeError(pub String);
+#[error("{message}")]
+pub struct RuntimeError {
+    pub message: String,
+    /// The engine could not be reached or did not answer in time: worth retrying, never a
+    /// reason to give up on a release.
+    pub unavailable: bool,
+}
+
+impl RuntimeError {
+    pub fn new(message: impl Into<String>) -> Self {
+        RuntimeError {
+            message: message.into(),
+            unavailable: false,
+        }
+    }
+
+    /// `e` while doing `what`, still saying whether the engine was unreachable.
+    pub fn during(what: impl std::fmt::Display, e: engine::EngineError) -> Self {
+        RuntimeError {
+            message: format!("{what}: {e}"),
+            ..e.into()
+        }
+    }
+}
 
 impl From<engine::EngineError> for RuntimeError {
     fn from(e: engine::EngineError) -> Self {
-        RuntimeError(e.to_string())
+        RuntimeError {
+            unavailable: matches!(e, engine::EngineError::Transport { .. }),
+            message: e.to_string(),
+        }
     }
 }
 
