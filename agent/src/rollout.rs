@@ -302,8 +302,8 @@ pub struct Replicas<R: Runtime> {
     agent: Arc<Agent>,
     runtime: R,
     forwarder: Forwarder,
-    /// The autoscaler's choice per resource and when it last changed.
-    scale: std::sync::Mutex<BTreeMap<String, (u32, Instant)>>,
+    /// The autoscaler's choice per resource and when it last changed it.
+    scale: std::sync::Mutex<BTreeMap<String, (u32, Option<Instant>)>>,
 }
 
 impl<R: Runtime> Backend for Replicas<R> {
@@ -688,10 +688,10 @@ impl<R: Runtime> Replicas<R> {
             let container = &resource.container;
             let Scaling::Auto {
                 min,
-                desired,
                 max,
                 target_cpu_percent,
                 target_memory_percent,
+                ..
             } = container.scaling
             else {
                 continue;
@@ -701,20 +701,26 @@ impl<R: Runtime> Replicas<R> {
                 .filter(|i| i.replica.id.resource == container.name && i.slot == Slot::Primary)
                 .filter(|i| i.replica.state == ReplicaState::Running)
                 .collect();
+            // With no choice made yet (say, after a restart) the count is what runs, not
+            // `desired`: a busy service must not shrink because the agent restarted.
+            let (count, changed) = match self.scale.lock() {
+                Ok(mut scale) => *scale
+                    .entry(container.name.clone())
+                    .or_insert(((running.len() as u32).clamp(min, max), None)),
+                Err(_) => return,
+            };
+            // Sampled only once the cool-down allows a change: each sample takes the engine
+            // about a second.
+            if changed.is_some_and(|at| at.elapsed() < cooldown) {
+                continue;
+            }
             let mut samples = Vec::new();
             for instance in &running {
                 if let Some(usage) = self.runtime.usage(instance, container.cpu.desired).await {
                     samples.push(usage);
                 }
             }
-            let Ok(mut scale) = self.scale.lock() else {
-                return;
-            };
-            let (count, changed) = scale
-                .get(&container.name)
-                .copied()
-                .unwrap_or((desired, Instant::now() - cooldown));
-            if samples.is_empty() || changed.elapsed() < cooldown {
+            if samples.is_empty() {
                 continue;
             }
             let n = samples.len() as f64;
@@ -726,8 +732,9 @@ impl<R: Runtime> Replicas<R> {
             }
             let wanted = ((f64::from(count) * ratio).ceil() as u32).clamp(min, max);
             if wanted != count {
-                scale.insert(container.name.clone(), (wanted, Instant::now()));
-                drop(scale);
+                if let Ok(mut scale) = self.scale.lock() {
+                    scale.insert(container.name.clone(), (wanted, Some(Instant::now())));
+                }
                 event(
                     &self.agent,
                     "autoscale",
@@ -1157,6 +1164,19 @@ resources:
         c.backend().runtime().set_usage(400.0, 10.0);
         c.converge_once().await.unwrap();
         assert_eq!(c.backend().runtime().images().len(), 4);
+
+        // An agent restarted (its choices lost) starts from what runs, not from `desired`.
+        let restarted = Converger::new(
+            c.agent.clone(),
+            Replicas::new(c.agent.clone(), c.backend().runtime().clone()),
+        );
+        c.backend().runtime().set_usage(50.0, 10.0);
+        restarted.converge_once().await.unwrap();
+        assert_eq!(
+            restarted.backend().runtime().images().len(),
+            4,
+            "3 web and db"
+        );
     }
 
     #[tokio::test]

@@ -415,9 +415,14 @@ impl Runtime for DockerRuntime {
         } else {
             0.0
         };
+        // As `docker stats` counts it: page cache the kernel can drop is not use.
         let memory = &stats["memory_stats"];
+        let cache = memory["stats"]["inactive_file"]
+            .as_f64()
+            .or(memory["stats"]["total_inactive_file"].as_f64())
+            .unwrap_or(0.0);
         let memory_percent = match (memory["usage"].as_f64(), memory["limit"].as_f64()) {
-            (Some(usage), Some(limit)) if limit > 0.0 => usage / limit * 100.0,
+            (Some(usage), Some(limit)) if limit > 0.0 => (usage - cache).max(0.0) / limit * 100.0,
             _ => 0.0,
         };
         Some(Usage {

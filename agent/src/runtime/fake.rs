@@ -6,11 +6,12 @@ use super::{
 };
 use crate::plan::{ObservedReplica, ReplicaId, ReplicaState};
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
-#[derive(Default)]
+/// Clones share one engine, as a restarted agent finds the containers it left.
+#[derive(Default, Clone)]
 pub struct FakeRuntime {
-    state: Mutex<FakeState>,
+    state: Arc<Mutex<FakeState>>,
 }
 
 #[derive(Default)]
