@@ -661,6 +661,11 @@ impl Config {
         Ok(grant)
     }
 
+    /// Where images carried in bundles are kept for the container engine.
+    pub fn images_dir(&self) -> PathBuf {
+        self.state_dir.join("images")
+    }
+
     pub fn limits(&self) -> outpost_bundle_format::Limits {
         let max = self.limits.max_bundle_mib.saturating_mul(1 << 20);
         outpost_bundle_format::Limits {
@@ -683,6 +688,13 @@ fn is_cidr(text: &str) -> bool {
 }
 
 /// `500ms`, `30s`, `5m`, `2h`, `1d`.
+/// A secret kept in a file (config key `key`), without its trailing newline.
+pub fn read_secret(key: &str, path: &Path) -> Result<String, String> {
+    std::fs::read_to_string(path)
+        .map(|text| text.trim_end().to_string())
+        .map_err(|e| format!("{key} {}: {e}", path.display()))
+}
+
 pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
     let split = text
         .find(|c: char| !c.is_ascii_digit())

@@ -69,8 +69,7 @@ pub async fn run(agent: Agent) -> anyhow::Result<()> {
     let mut converger = match agent.config.runtime {
         RuntimeKind::None => None,
         RuntimeKind::Docker => {
-            let runtime =
-                DockerRuntime::new(&agent.config.docker, &agent.config.state_dir.join("images"));
+            let runtime = DockerRuntime::new(&agent.config.docker, &agent.config.images_dir());
             let backend = crate::rollout::Replicas::new(agent.clone(), runtime);
             let converger = crate::rollout::Converger::new(agent.clone(), backend);
             Some(tokio::spawn(async move { converger.run().await }))

@@ -337,7 +337,7 @@ impl Agent {
         if self.config.runtime == RuntimeKind::Docker {
             // Kept before acceptance: an accepted air-gapped release always has its images.
             // Archives no release the agent may still run refers to go.
-            let images = self.config.state_dir.join("images");
+            let images = self.config.images_dir();
             if let Err(e) = crate::runtime::docker::keep_bundled_images(layout, &images) {
                 let rejection = Rejection {
                     digest: Some(verified.digest().to_string()),

@@ -141,7 +141,7 @@ pub fn link_environment(
 ) -> BTreeMap<String, String> {
     let mut environment = container.environment.clone();
     for link in &container.links {
-        let Some(linked) = stack.resources.iter().find(|r| r.container.name == *link) else {
+        let Some(linked) = stack.resource(link) else {
             continue;
         };
         let prefix = link.to_uppercase().replace('-', "_");

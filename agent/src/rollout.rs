@@ -373,6 +373,7 @@ impl<R: Runtime> Replicas<R> {
         // Like a Deployment's progressDeadlineSeconds: each step must make progress in time,
         // however many replicas the resource has.
         let deadline = Duration::from_secs(self.config().rollout.progress_deadline_seconds);
+        let mut latest = None;
         for action in &plan.actions {
             let resource = action.replica().resource.clone();
             let until = Instant::now() + deadline;
@@ -385,7 +386,7 @@ impl<R: Runtime> Replicas<R> {
                 self.carry_out(action, stack, &specs, until),
             )
             .await;
-            self.refresh_routes(stack).await;
+            latest = self.refresh_routes(stack).await;
             match outcome {
                 Ok(()) => {
                     self.view()
@@ -399,8 +400,16 @@ impl<R: Runtime> Replicas<R> {
                 }
             }
         }
-        self.refresh_routes(stack).await;
-        self.show_resources(stack).await;
+        // What the last step saw, or (nothing done) what the pass began with.
+        let seen = if plan.actions.is_empty() {
+            self.route(stack, &instances).await;
+            Some(instances)
+        } else {
+            latest
+        };
+        if let Some(seen) = seen {
+            self.show_resources(stack, &seen).await;
+        }
         Ok(taken)
     }
 
@@ -611,11 +620,15 @@ impl<R: Runtime> Replicas<R> {
         }
     }
 
-    /// Points each public endpoint at the running replicas of its resource.
-    async fn refresh_routes(&self, stack: &Stack) {
-        let Ok(instances) = self.runtime.observe(&stack.name).await else {
-            return;
-        };
+    /// Observes the stack and points its endpoints at what runs; returns what it saw.
+    async fn refresh_routes(&self, stack: &Stack) -> Option<Vec<Instance>> {
+        let instances = self.runtime.observe(&stack.name).await.ok()?;
+        self.route(stack, &instances).await;
+        Some(instances)
+    }
+
+    /// Points each public endpoint at the running replicas among `instances`.
+    async fn route(&self, stack: &Stack, instances: &[Instance]) {
         let publish = &self.config().docker.publish;
         let mut routes: BTreeMap<SocketAddr, Vec<SocketAddr>> = BTreeMap::new();
         for resource in &stack.resources {
@@ -651,16 +664,11 @@ impl<R: Runtime> Replicas<R> {
     }
 
     /// Each replica's state and health for `status`.
-    async fn show_resources(&self, stack: &Stack) {
-        let Ok(instances) = self.runtime.observe(&stack.name).await else {
-            return;
-        };
+    async fn show_resources(&self, stack: &Stack, instances: &[Instance]) {
         let mut replicas: BTreeMap<String, Vec<Value>> = BTreeMap::new();
-        for instance in &instances {
+        for instance in instances {
             let check = stack
-                .resources
-                .iter()
-                .find(|r| r.container.name == instance.replica.id.resource)
+                .resource(&instance.replica.id.resource)
                 .and_then(|r| r.container.health_check.as_ref());
             let health = match self.runtime.probe(instance, check).await {
                 Health::Healthy => "healthy".to_string(),
@@ -804,6 +812,24 @@ impl<'a> Specs<'a> {
                 .map_err(|e| RolloutError::new(format!("{at}: {e}")))?;
             grants.insert(c.permissions.clone(), grant);
         }
+        // One listener per host port: two endpoints on one port would silently share it.
+        let publish = &config.docker.publish;
+        let mut ports: BTreeMap<u16, String> = BTreeMap::new();
+        for resource in &stack.resources {
+            for endpoint in &resource.container.public_endpoints {
+                let port = publish
+                    .ports
+                    .get(&endpoint.name)
+                    .copied()
+                    .unwrap_or(endpoint.port);
+                let this = format!("{}.{}", resource.container.name, endpoint.name);
+                if let Some(other) = ports.insert(port, this.clone()) {
+                    return Err(RolloutError::new(format!(
+                        "public endpoints {other} and {this} both listen on port {port}: give one another port (config key docker.publish.ports)"
+                    )));
+                }
+            }
+        }
         Ok(Specs {
             stack,
             digest,
@@ -813,10 +839,8 @@ impl<'a> Specs<'a> {
 
     fn container(&self, replica: &ReplicaId) -> Result<&'a Container, RolloutError> {
         self.stack
-            .resources
-            .iter()
+            .resource(&replica.resource)
             .map(|r| &r.container)
-            .find(|c| c.name == replica.resource)
             .ok_or_else(|| RolloutError::new(format!("no resource {}", replica.resource)))
     }
 
@@ -1107,6 +1131,28 @@ resources:
                 .message
                 .contains("pool \"gpu-large\" is not one of this agent's pools (general)")),
             "{history:?}"
+        );
+    }
+
+    #[test]
+    fn two_endpoints_on_one_host_port_are_refused() {
+        let (_dir, path) =
+            test_config("runtime: docker\ndocker: {publish: {ports: {admin: 9000, site: 9000}}}\n");
+        let config = Config::load(&path).unwrap();
+        let text = STACK
+            .replace(
+                "ports: [5432]\n",
+                "ports: [5432]\n      publicEndpoints: [{name: admin, port: 5432, protocol: tcp}]\n",
+            )
+            .replace(
+                "ports: [8080]\n",
+                "ports: [8080]\n      publicEndpoints: [{name: site, port: 8080, protocol: http}]\n",
+            );
+        let stack = Stack::from_yaml(&text).unwrap().1;
+        let error = Specs::new(&config, &stack, "sha256:00").err().unwrap();
+        assert_eq!(
+            error.to_string(),
+            "public endpoints db.admin and web.site both listen on port 9000: give one another port (config key docker.publish.ports)"
         );
     }
 

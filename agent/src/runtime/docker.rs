@@ -97,16 +97,14 @@ impl DockerRuntime {
             .registries
             .get(registry)
             .map(|credentials| -> RuntimeResult<String> {
-                let password =
-                    std::fs::read_to_string(&credentials.password_file).map_err(|e| {
-                        RuntimeError::new(format!(
-                            "docker.registries.{registry}.password_file {}: {e}",
-                            credentials.password_file.display()
-                        ))
-                    })?;
+                let password = crate::config::read_secret(
+                    &format!("docker.registries.{registry}.password_file"),
+                    &credentials.password_file,
+                )
+                .map_err(RuntimeError::new)?;
                 let document = json!({
                     "username": credentials.username,
-                    "password": password.trim_end(),
+                    "password": password,
                     "serveraddress": registry,
                 });
                 Ok(base64::engine::general_purpose::URL_SAFE.encode(document.to_string()))

@@ -30,10 +30,8 @@ impl GitSource {
     ) -> Result<GitSource, SourceError> {
         let password = match &config.password_file {
             Some(file) => Some(
-                std::fs::read_to_string(file)
-                    .map_err(|e| SourceError(format!("{}: {e}", file.display())))?
-                    .trim_end()
-                    .to_string(),
+                crate::config::read_secret("source.git.password_file", file)
+                    .map_err(SourceError)?,
             ),
             None => None,
         };

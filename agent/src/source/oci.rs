@@ -48,14 +48,11 @@ impl OciSource {
         let reference =
             Reference::parse(&config.reference).map_err(|e| SourceError(e.to_string()))?;
         let credentials = match (&config.username, &config.password_file) {
-            (Some(username), Some(file)) => {
-                let password = std::fs::read_to_string(file)
-                    .map_err(|e| SourceError(format!("{}: {e}", file.display())))?;
-                Credentials::Basic {
-                    username: username.clone(),
-                    password: password.trim_end().to_string(),
-                }
-            }
+            (Some(username), Some(file)) => Credentials::Basic {
+                username: username.clone(),
+                password: crate::config::read_secret("source.oci.password_file", file)
+                    .map_err(SourceError)?,
+            },
             _ => docker_config_credentials(&reference.host, config.credentials_file.as_deref())
                 .map_err(SourceError)?,
         };
