@@ -35,7 +35,9 @@ RUSTFLAGS="-C target-feature=+crt-static" OPENSSL_STATIC=1 LIBZ_SYS_STATIC=1 \
     cargo build --release --locked -p outpost-agent --features kubernetes --target "$TARGET"
 BINARY="target/$TARGET/release/outpost-agent"
 # A program interpreter (ld.so) means dynamic linking, which an empty image cannot serve.
-if readelf -l "$BINARY" | grep -q 'program interpreter'; then
+command -v readelf >/dev/null 2>&1 || fail "readelf is missing (apt-get install binutils)"
+headers="$(readelf -l "$BINARY")" || fail "readelf could not read $BINARY"
+if [[ "$headers" == *"program interpreter"* ]]; then
     fail "$BINARY is dynamically linked; it would not start in an empty image"
 fi
 

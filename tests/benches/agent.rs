@@ -246,7 +246,7 @@ fn rollout() {
             &format!("v{sequence}.tar"),
             &tar(&signed(layout, &BOTH)),
         );
-        agent.wait_converged_within(900, Some(sequence));
+        agent.wait_converged_within(900, sequence);
         println!(
             "{} {replicas} containers: {:.1} s wall, agent peak RSS {} KiB",
             if sequence == 1 {

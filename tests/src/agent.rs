@@ -169,16 +169,16 @@ impl AgentProcess {
     }
 
     /// Waits (2 min at most) until the runtime runs the current release, healthy, and the
-    /// current release is `sequence` when one is given.
+    /// current release is `sequence`.
     #[track_caller]
-    pub fn wait_converged(&self, sequence: Option<u64>) -> Value {
+    pub fn wait_converged(&self, sequence: u64) -> Value {
         self.wait_converged_within(120, sequence)
     }
 
     #[track_caller]
-    pub fn wait_converged_within(&self, seconds: u64, sequence: Option<u64>) -> Value {
-        self.wait_within(seconds, &format!("converged ({sequence:?})"), |s| {
-            sequence.is_none_or(|n| s["current"]["sequence"] == n)
+    pub fn wait_converged_within(&self, seconds: u64, sequence: u64) -> Value {
+        self.wait_within(seconds, &format!("converged at sequence {sequence}"), |s| {
+            s["current"]["sequence"] == sequence
                 && s["runtime"]["converged"] == s["current"]["digest"]
                 && s["runtime"]["phase"] == "converged"
         })

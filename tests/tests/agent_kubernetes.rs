@@ -6,73 +6,26 @@
 
 #![allow(clippy::unwrap_used)] // test code: a panic is a failed test
 
+use outpost_kube_stand_in::{FakeApiserver, NEVER_READY_DIGEST as NEVER_READY};
 use outpost_tests::agent::{AgentProcess, drop_file};
 use outpost_tests::engine::http_body;
 use outpost_tests::{binary, build_bundle, sign_with};
 use serde_json::Value;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 
-const NEVER_READY: &str = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
-
-struct FakeApiserver {
-    child: Child,
-    port: u16,
+fn get(cluster: &FakeApiserver, path: &str) -> Value {
+    let body = http_body(cluster.address.port(), path).unwrap_or_default();
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: {e}: {body}"))
 }
 
-impl FakeApiserver {
-    fn start(namespace: &str) -> FakeApiserver {
-        let mut child = Command::new(binary("fake-apiserver"))
-            .args(["--listen", "127.0.0.1:0", "--namespace", namespace])
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let port = line
-            .trim()
-            .rsplit(':')
-            .next()
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("fake-apiserver said {line:?}"));
-        FakeApiserver { child, port }
-    }
-
-    fn get(&self, path: &str) -> Value {
-        let body = http_body(self.port, path).unwrap_or_default();
-        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: {e}: {body}"))
-    }
-
-    fn web_image(&self) -> String {
-        self.get("/apis/apps/v1/namespaces/shop/deployments/acme-web")["spec"]["template"]["spec"]
-            ["containers"][0]["image"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string()
-    }
-
-    fn kubeconfig(&self, dir: &Path) -> String {
-        let path = dir.join("kubeconfig");
-        std::fs::write(
-            &path,
-            format!(
-                "apiVersion: v1\nkind: Config\nclusters: [{{name: stand-in, cluster: {{server: \"http://127.0.0.1:{}\"}}}}]\nusers: [{{name: agent, user: {{}}}}]\ncontexts: [{{name: stand-in, context: {{cluster: stand-in, user: agent}}}}]\ncurrent-context: stand-in\n",
-                self.port
-            ),
-        )
-        .unwrap();
-        path.display().to_string()
-    }
-}
-
-impl Drop for FakeApiserver {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+fn web_image(cluster: &FakeApiserver) -> String {
+    get(
+        cluster,
+        "/apis/apps/v1/namespaces/shop/deployments/acme-web",
+    )["spec"]["template"]["spec"]["containers"][0]["image"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
 }
 
 fn image(name: &str, digest: &str) -> String {
@@ -135,25 +88,25 @@ resources:
 
 #[test]
 fn the_agent_runs_releases_on_a_cluster_with_the_same_status_history_and_metrics() {
-    let cluster = FakeApiserver::start("shop");
+    let cluster = FakeApiserver::start(&binary("fake-apiserver"), "shop").unwrap();
     let drop = tempfile::tempdir().unwrap();
     let agent = AgentProcess::start(
         &format!("source:\n  dir:\n    path: {}\n", drop.path().display()),
         &format!(
             "runtime: kubernetes\npermissions:\n  execution: {{service_account: web-runner}}\n  storage: {{service_account: db-runner}}\nkubernetes:\n  namespace: shop\n  hosts: {{site: shop.example.com}}\n  kubeconfig: {}\nrollout:\n  progress_deadline_seconds: 10\n  drift_interval_seconds: 1\n",
-            cluster.kubeconfig(drop.path().parent().unwrap_or(Path::new("/tmp")))
+            cluster.kubeconfig().display()
         ),
     );
 
     // Install.
     publish(drop.path(), &image("web", GOOD), "1.0.0", 1);
-    let status = agent.wait_converged(Some(1));
+    let status = agent.wait_converged(1);
     assert_eq!(status["runtime"]["kind"], "kubernetes", "{status:#}");
     assert_eq!(
         status["runtime"]["resources"]["web"]["workload"]["available"],
         2
     );
-    assert_eq!(cluster.web_image(), image("web", GOOD));
+    assert_eq!(web_image(&cluster), image("web", GOOD));
     let text = agent.cli(&["status"]).stdout;
     for line in [
         "runtime:   kubernetes (converged)",
@@ -163,13 +116,13 @@ fn the_agent_runs_releases_on_a_cluster_with_the_same_status_history_and_metrics
     ] {
         assert!(text.contains(line), "{line:?} in\n{text}");
     }
-    let claims = cluster.get("/api/v1/namespaces/shop/persistentvolumeclaims");
+    let claims = get(&cluster, "/api/v1/namespaces/shop/persistentvolumeclaims");
     assert_eq!(claims["items"][0]["metadata"]["name"], "data-acme-db-0");
 
     // An update.
     publish(drop.path(), &image("web", GOOD_2), "1.1.0", 2);
-    agent.wait_converged(Some(2));
-    assert_eq!(cluster.web_image(), image("web", GOOD_2));
+    agent.wait_converged(2);
+    assert_eq!(web_image(&cluster), image("web", GOOD_2));
 
     // An update whose pods never become ready is rolled back automatically.
     publish(drop.path(), &image("web", NEVER_READY), "1.2.0", 3);
@@ -185,7 +138,7 @@ fn the_agent_runs_releases_on_a_cluster_with_the_same_status_history_and_metrics
             .contains("progress deadline exceeded"),
         "{status:#}"
     );
-    assert_eq!(cluster.web_image(), image("web", GOOD_2));
+    assert_eq!(web_image(&cluster), image("web", GOOD_2));
     assert!(agent.cli(&["history"]).stdout.contains("rolled-back"));
     assert_eq!(agent.metric("outpost_rollbacks_total"), 1);
     assert_eq!(
@@ -196,14 +149,13 @@ fn the_agent_runs_releases_on_a_cluster_with_the_same_status_history_and_metrics
 
     // A good update, then the customer rolls back by hand to the release before it.
     publish(drop.path(), &image("web", GOOD), "1.3.0", 4);
-    agent.wait_converged(Some(4));
-    assert_eq!(cluster.web_image(), image("web", GOOD));
-    let rollback = agent.cli(&["rollback"]);
-    assert_eq!(rollback.code, 0, "{}{}", rollback.stdout, rollback.stderr);
-    agent.wait_converged(Some(2));
-    assert_eq!(cluster.web_image(), image("web", GOOD_2));
+    agent.wait_converged(4);
+    assert_eq!(web_image(&cluster), image("web", GOOD));
+    agent.cli(&["rollback"]).ok();
+    agent.wait_converged(2);
+    assert_eq!(web_image(&cluster), image("web", GOOD_2));
     assert_eq!(
-        cluster.get("/api/v1/namespaces/shop/persistentvolumeclaims")["items"]
+        get(&cluster, "/api/v1/namespaces/shop/persistentvolumeclaims")["items"]
             .as_array()
             .map(Vec::len),
         Some(1),

@@ -14,6 +14,62 @@ use kube::api::{PatchParams, PostParams};
 use serde_json::{Value, json};
 use std::time::Duration;
 
+/// A running `fake-apiserver` (the binary at the given path), with a kubeconfig that points
+/// at it; stopped when dropped.
+pub struct FakeApiserver {
+    child: std::process::Child,
+    pub address: std::net::SocketAddr,
+    dir: tempfile::TempDir,
+}
+
+impl FakeApiserver {
+    pub fn start(binary: &std::path::Path, namespace: &str) -> std::io::Result<FakeApiserver> {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(binary)
+            .args(["--listen", "127.0.0.1:0", "--namespace", namespace])
+            .stdout(std::process::Stdio::piped())
+            .spawn()?;
+        let mut line = String::new();
+        if let Some(stdout) = child.stdout.take() {
+            std::io::BufReader::new(stdout).read_line(&mut line)?;
+        }
+        let address = match line.trim().trim_start_matches("listening on ").parse() {
+            Ok(address) => address,
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(std::io::Error::other(format!(
+                    "{} said {line:?}, not `listening on ADDRESS`",
+                    binary.display()
+                )));
+            }
+        };
+        let dir = tempfile::tempdir()?;
+        std::fs::write(
+            dir.path().join("kubeconfig"),
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters: [{{name: stand-in, cluster: {{server: \"http://{address}\"}}}}]\nusers: [{{name: agent, user: {{}}}}]\ncontexts: [{{name: stand-in, context: {{cluster: stand-in, user: agent}}}}]\ncurrent-context: stand-in\n"
+            ),
+        )?;
+        Ok(FakeApiserver {
+            child,
+            address,
+            dir,
+        })
+    }
+
+    pub fn kubeconfig(&self) -> std::path::PathBuf {
+        self.dir.path().join("kubeconfig")
+    }
+}
+
+impl Drop for FakeApiserver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Pods of an image with this digest never become ready: a Deployment of it exceeds its
 /// progress deadline, a StatefulSet of it stays unready.
 pub const NEVER_READY_DIGEST: &str =
@@ -268,10 +324,18 @@ async fn reconcile_claims(claims: &Api<DynamicObject>, statefulset: &DynamicObje
             }
         }
         if policy["whenScaled"] == "Delete" {
-            for ordinal in want..want + 16 {
-                let _ = claims
-                    .delete(&format!("{prefix}-{name}-{ordinal}"), &Default::default())
-                    .await;
+            let Ok(list) = claims.list(&ListParams::default()).await else {
+                continue;
+            };
+            let stem = format!("{prefix}-{name}-");
+            for claim in list.items {
+                let claim = claim.metadata.name.unwrap_or_default();
+                let ordinal = claim
+                    .strip_prefix(&stem)
+                    .and_then(|o| o.parse::<i64>().ok());
+                if ordinal.is_some_and(|o| o >= want) {
+                    let _ = claims.delete(&claim, &Default::default()).await;
+                }
             }
         }
     }

@@ -3,23 +3,15 @@
 
 #![allow(clippy::unwrap_used)] // test code: a panic is a failed test
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::process::{Command, Stdio};
+use outpost_kube_stand_in::FakeApiserver;
+use std::io::{Read, Write};
+use std::path::Path;
 
 #[test]
 fn serves_the_in_memory_api_over_http() {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_fake-apiserver"))
-        .args(["--listen", "127.0.0.1:0", "--namespace", "shop"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let address = line.trim().trim_start_matches("listening on ").to_string();
-
-    let mut stream = std::net::TcpStream::connect(&address).unwrap();
+    let server =
+        FakeApiserver::start(Path::new(env!("CARGO_BIN_EXE_fake-apiserver")), "shop").unwrap();
+    let mut stream = std::net::TcpStream::connect(server.address).unwrap();
     write!(
         stream,
         "GET /api/v1/namespaces/shop/services HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
@@ -27,11 +19,11 @@ fn serves_the_in_memory_api_over_http() {
     .unwrap();
     let mut response = String::new();
     stream.read_to_string(&mut response).unwrap();
-    let _ = child.kill();
-    let _ = child.wait();
 
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
     let body = response.split_once("\r\n\r\n").unwrap().1;
     let list: serde_json::Value = serde_json::from_str(body).unwrap();
     assert_eq!(list["items"], serde_json::json!([]), "{body}");
+    let kubeconfig = std::fs::read_to_string(server.kubeconfig()).unwrap();
+    assert!(kubeconfig.contains(&format!("http://{}", server.address)));
 }
