@@ -442,7 +442,7 @@ impl Agent {
             .into_iter()
             .flatten()
             .map(|r| r.digest.clone())
-            .chain(self.store.rolled_back()?)
+            .chain(positions.rolled_back.clone())
             .collect();
         let checks = AgentChecks {
             name: &self.config.expect.name,
@@ -741,7 +741,7 @@ impl Agent {
                         view = json!({});
                     }
                     view["kind"] = json!(kind);
-                    view["converged"] = json!(self.store.converged()?);
+                    view["converged"] = json!(p.converged);
                     view
                 }
             },

@@ -200,7 +200,7 @@ impl<B: Backend> Converger<B> {
             self.view().set("phase", json!("nothing to run yet"));
             return Ok(());
         };
-        let fresh = store.converged()?.as_deref() != Some(current.digest.as_str());
+        let fresh = positions.converged.as_deref() != Some(current.digest.as_str());
         self.view().set(
             "target",
             json!({"version": current.version, "digest": current.digest}),
@@ -961,7 +961,7 @@ resources:
                 "create web-1 primary"
             ]
         );
-        assert_eq!(c.agent.store.converged().unwrap(), Some(v1));
+        assert_eq!(c.agent.store.positions().unwrap().converged, Some(v1));
         assert!(
             c.agent
                 .store
@@ -1244,7 +1244,7 @@ resources:
             );
             assert!(!c.backend().runtime().images().contains_key("web-0"));
         }
-        assert_eq!(c.agent.store.converged().unwrap(), None);
+        assert_eq!(c.agent.store.positions().unwrap().converged, None);
     }
 
     #[tokio::test]
@@ -1260,7 +1260,7 @@ resources:
         assert_eq!(current(&c), v2, "still the release to run");
         assert_eq!(c.agent.runtime_view.rollbacks.load(Ordering::Relaxed), 0);
         c.converge_once().await.unwrap();
-        assert_eq!(c.agent.store.converged().unwrap(), Some(v2));
+        assert_eq!(c.agent.store.positions().unwrap().converged, Some(v2));
     }
 
     #[tokio::test]
@@ -1284,10 +1284,10 @@ resources:
                 .roll_back(&v2, &v1, "late", crate::config::now())
                 .unwrap()
         );
-        assert_eq!(store.converged().unwrap(), None);
+        assert_eq!(store.positions().unwrap().converged, None);
         assert_eq!(current(&c), v1);
         c.converge_once().await.unwrap();
-        assert_eq!(store.converged().unwrap(), Some(v1));
+        assert_eq!(store.positions().unwrap().converged, Some(v1));
     }
 
     #[tokio::test]

@@ -119,6 +119,10 @@ pub struct Positions {
     pub pinned: Option<String>,
     pub highest_sequence: Option<u64>,
     pub last_rejection: Option<Rejection>,
+    /// The release the runtime last converged to and found healthy.
+    pub converged: Option<String>,
+    /// The release last rolled back away from.
+    pub rolled_back: Option<String>,
 }
 
 pub struct Store {
@@ -227,6 +231,8 @@ impl Store {
                 pinned: position("pinned")?,
                 highest_sequence: position("highest_sequence")?.and_then(|s| s.parse().ok()),
                 last_rejection,
+                converged: position("converged")?,
+                rolled_back: position("rolled_back")?,
             })
         })
     }
@@ -379,15 +385,6 @@ impl Store {
         })
     }
 
-    /// The release the runtime last converged to and found healthy.
-    pub fn converged(&self) -> Result<Option<String>> {
-        self.with(|conn| {
-            let tx = conn.transaction()?;
-            position(&tx, "converged")
-        })
-    }
-
-    /// Records that the runtime runs `digest`, healthy.
     /// Records that the runtime runs `digest`, healthy; false (nothing recorded) if `digest`
     /// is no longer current: the customer rolled back while it rolled out.
     pub fn set_converged(&self, digest: &str, message: &str, at: DateTime<Utc>) -> Result<bool> {
@@ -421,14 +418,6 @@ impl Store {
             roll_back_in(&tx, from, to, message, at)?;
             tx.commit()?;
             Ok(true)
-        })
-    }
-
-    /// The release last rolled back away from, if any.
-    pub fn rolled_back(&self) -> Result<Option<String>> {
-        self.with(|conn| {
-            let tx = conn.transaction()?;
-            position(&tx, "rolled_back")
         })
     }
 

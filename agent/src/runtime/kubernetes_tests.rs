@@ -171,7 +171,7 @@ async fn first_install_applies_everything_in_links_order_and_waits_for_rollout()
     let h = harness("").await;
     let v1 = h.release(&stack(IMAGE, "replicas: 2", true), "1.0.0", 1);
     h.converger.converge_once().await.unwrap();
-    assert_eq!(h.agent().store.converged().unwrap(), Some(v1));
+    assert_eq!(h.agent().store.positions().unwrap().converged, Some(v1));
 
     assert_eq!(h.names("Service").await, ["acme-db", "acme-web"]);
     assert_eq!(h.names("StatefulSet").await, ["acme-db"]);
@@ -250,7 +250,7 @@ async fn an_update_rolls_only_what_changed_and_scaling_follows_the_release() {
 
     let v2 = h.release(&stack(IMAGE_2, "replicas: 4", true), "1.1.0", 2);
     h.converger.converge_once().await.unwrap();
-    assert_eq!(h.agent().store.converged().unwrap(), Some(v2));
+    assert_eq!(h.agent().store.positions().unwrap().converged, Some(v2));
     assert_eq!(h.web_image().await, IMAGE_2);
     let web = h.get("Deployment", "acme-web").await.unwrap();
     assert_eq!(web["spec"]["replicas"], 4);
@@ -328,7 +328,7 @@ async fn a_failed_rollout_rolls_back_to_the_last_good_release() {
     // The next pass re-applies the last good release.
     h.converger.converge_once().await.unwrap();
     assert_eq!(h.web_image().await, IMAGE);
-    assert_eq!(h.agent().store.converged().unwrap(), Some(v1));
+    assert_eq!(h.agent().store.positions().unwrap().converged, Some(v1));
 }
 
 #[tokio::test]
@@ -704,7 +704,7 @@ async fn a_statefulset_stuck_on_a_pod_that_never_became_ready_is_rolled_back() {
     // The StatefulSet controller would wait forever on the unready pod of 1.1.0; the agent
     // deletes it so that 1.0.0's pod comes back, on the same claim.
     h.converger.converge_once().await.unwrap();
-    assert_eq!(h.agent().store.converged().unwrap(), Some(v1));
+    assert_eq!(h.agent().store.positions().unwrap().converged, Some(v1));
     let pod = h.get("Pod", "acme-db-0").await.unwrap();
     let db_set = h.get("StatefulSet", "acme-db").await.unwrap();
     assert_eq!(
