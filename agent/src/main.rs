@@ -289,20 +289,34 @@ fn execute(command: Command) -> Result<(), Failure> {
     Ok(())
 }
 
-fn render(file: &Path, config: &Config) -> Result<(), Failure> {
+/// A bundle file opened for an offline check, beside the running agent or without one: the
+/// read-only agent, and the layout (its spool lives as long as it does) or why it is unreadable.
+type Opened = (
+    Agent,
+    tempfile::TempDir,
+    Result<Layout, outpost_bundle_format::layout::LayoutError>,
+);
+
+fn open_bundle(file: &Path, config: &Config) -> Result<Opened, Failure> {
     let agent = Agent::read_only(config.clone()).map_err(|e| Failure(2, format!("{e:#}")))?;
     let spool = tempfile::tempdir().context("creating a spool directory")?;
-    let failed = |check: &str, reason: String| {
-        Failure(
-            1,
-            format!("{}: verification failed: {check}: {reason}", file.display()),
-        )
-    };
-    let layout = Layout::read(file, agent.limits(), Some(spool.path()))
-        .map_err(|e| failed(e.check(), e.to_string()))?;
+    let layout = Layout::read(file, agent.limits(), Some(spool.path()));
+    Ok((agent, spool, layout))
+}
+
+fn verification_failed(file: &Path, check: &str, reason: impl std::fmt::Display) -> Failure {
+    Failure(
+        1,
+        format!("{}: verification failed: {check}: {reason}", file.display()),
+    )
+}
+
+fn render(file: &Path, config: &Config) -> Result<(), Failure> {
+    let (agent, _spool, layout) = open_bundle(file, config)?;
+    let layout = layout.map_err(|e| verification_failed(file, e.check(), &e))?;
     let verified = agent
         .verify_for_review(&layout, config::now())
-        .map_err(|e| failed(e.check(), e.to_string()))?;
+        .map_err(|e| verification_failed(file, e.check(), &e))?;
     let objects =
         outpost_agent::render::render(config, verified.stack(), &verified.digest().to_string())
             .map_err(|e| Failure(1, format!("{}: {e}", file.display())))?;
@@ -313,9 +327,8 @@ fn render(file: &Path, config: &Config) -> Result<(), Failure> {
 }
 
 fn verify(file: &Path, config: &Config) -> Result<(), Failure> {
-    let agent = Agent::read_only(config.clone()).map_err(|e| Failure(2, format!("{e:#}")))?;
-    let spool = tempfile::tempdir().context("creating a spool directory")?;
-    let outcome = match Layout::read(file, agent.limits(), Some(spool.path())) {
+    let (agent, _spool, layout) = open_bundle(file, config)?;
+    let outcome = match layout {
         Ok(layout) => agent.dry_run(&layout, &file.display().to_string(), config::now())?,
         Err(e) => Ingested::Rejected {
             digest: None,
@@ -340,10 +353,7 @@ fn verify(file: &Path, config: &Config) -> Result<(), Failure> {
             println!("verified {digest}: already current, pending or rolled back");
             Ok(())
         }
-        Ingested::Rejected { check, reason, .. } => Err(Failure(
-            1,
-            format!("{}: verification failed: {check}: {reason}", file.display()),
-        )),
+        Ingested::Rejected { check, reason, .. } => Err(verification_failed(file, &check, reason)),
     }
 }
 

@@ -307,40 +307,8 @@ pub struct Replicas<R: Runtime> {
 }
 
 impl<R: Runtime> Backend for Replicas<R> {
-    async fn converge(
-        &self,
-        release: &Release,
-        stack: &Stack,
-        fresh: bool,
-    ) -> Result<Vec<String>, RolloutError> {
-        self.converge_to(release, stack, fresh).await
-    }
-}
-
-impl<R: Runtime> Replicas<R> {
-    pub fn new(agent: Arc<Agent>, runtime: R) -> Replicas<R> {
-        Replicas {
-            agent,
-            runtime,
-            forwarder: Forwarder::default(),
-            scale: Default::default(),
-        }
-    }
-
-    pub fn runtime(&self) -> &R {
-        &self.runtime
-    }
-
-    fn config(&self) -> &Config {
-        &self.agent.config
-    }
-
-    fn view(&self) -> &RuntimeView {
-        &self.agent.runtime_view
-    }
-
     /// Carries out the plan for `release`; returns the steps taken (drift repairs).
-    async fn converge_to(
+    async fn converge(
         &self,
         release: &Release,
         stack: &Stack,
@@ -411,6 +379,29 @@ impl<R: Runtime> Replicas<R> {
             self.show_resources(stack, &seen).await;
         }
         Ok(taken)
+    }
+}
+
+impl<R: Runtime> Replicas<R> {
+    pub fn new(agent: Arc<Agent>, runtime: R) -> Replicas<R> {
+        Replicas {
+            agent,
+            runtime,
+            forwarder: Forwarder::default(),
+            scale: Default::default(),
+        }
+    }
+
+    pub fn runtime(&self) -> &R {
+        &self.runtime
+    }
+
+    fn config(&self) -> &Config {
+        &self.agent.config
+    }
+
+    fn view(&self) -> &RuntimeView {
+        &self.agent.runtime_view
     }
 
     /// A surge replica left by an interrupted replace: promoted if its primary is gone, else

@@ -64,12 +64,10 @@ impl DockerRuntime {
         if let Some(subnet) = &self.config.network.subnet {
             body["IPAM"] = json!({"Config": [{"Subnet": subnet}]});
         }
-        match self.engine.create_network(&body).await {
-            Ok(()) => Ok(()),
-            // Created by a concurrent step meanwhile.
-            Err(_) if self.engine.inspect_network(&name).await?.is_some() => Ok(()),
-            Err(e) => Err(RuntimeError::during(format!("creating network {name}"), e)),
-        }
+        self.engine
+            .create_network(&body)
+            .await
+            .map_err(|e| RuntimeError::during(format!("creating network {name}"), e))
     }
 
     /// Makes `image` present: loaded from the bundle that carried it, else pulled by digest.

@@ -30,11 +30,20 @@ pub enum EngineError {
 }
 
 impl EngineError {
-    pub fn status(&self) -> Option<u16> {
+    fn status(&self) -> Option<u16> {
         match self {
             EngineError::Api { status, .. } => Some(*status),
             EngineError::Transport { .. } => None,
         }
+    }
+}
+
+/// An answer, or `None` where the engine says there is no such thing (404).
+fn absent_ok(answer: Result<Value, EngineError>) -> Result<Option<Value>, EngineError> {
+    match answer {
+        Ok(value) => Ok(Some(value)),
+        Err(e) if e.status() == Some(404) => Ok(None),
+        Err(e) => Err(e),
     }
 }
 
@@ -250,18 +259,8 @@ impl Engine {
     }
 
     pub async fn inspect_container(&self, name: &str) -> Result<Option<Value>, EngineError> {
-        match self
-            .json(
-                Method::GET,
-                &format!("/containers/{}/json", encode(name)),
-                None,
-            )
-            .await
-        {
-            Ok(value) => Ok(Some(value)),
-            Err(e) if e.status() == Some(404) => Ok(None),
-            Err(e) => Err(e),
-        }
+        let path = format!("/containers/{}/json", encode(name));
+        absent_ok(self.json(Method::GET, &path, None).await)
     }
 
     pub async fn create_container(&self, name: &str, body: &Value) -> Result<(), EngineError> {
@@ -298,18 +297,8 @@ impl Engine {
     /// Removes a container (killing it if it runs); anonymous volumes go with it, named ones stay.
     /// Already gone is fine.
     pub async fn remove_container(&self, name: &str) -> Result<(), EngineError> {
-        match self
-            .json(
-                Method::DELETE,
-                &format!("/containers/{}?force=true&v=true", encode(name)),
-                None,
-            )
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(e) if e.status() == Some(404) => Ok(()),
-            Err(e) => Err(e),
-        }
+        let path = format!("/containers/{}?force=true&v=true", encode(name));
+        absent_ok(self.json(Method::DELETE, &path, None).await).map(|_| ())
     }
 
     pub async fn rename_container(&self, name: &str, to: &str) -> Result<(), EngineError> {
@@ -333,18 +322,15 @@ impl Engine {
     }
 
     pub async fn image_exists(&self, reference: &str) -> Result<bool, EngineError> {
-        match self
-            .json(
+        absent_ok(
+            self.json(
                 Method::GET,
                 &format!("/images/{}/json", encode(reference)),
                 None,
             )
-            .await
-        {
-            Ok(_) => Ok(true),
-            Err(e) if e.status() == Some(404) => Ok(false),
-            Err(e) => Err(e),
-        }
+            .await,
+        )
+        .map(|found| found.is_some())
     }
 
     /// Pulls `reference`; `progress` sees the engine's progress lines.
@@ -384,14 +370,8 @@ impl Engine {
     }
 
     pub async fn inspect_network(&self, name: &str) -> Result<Option<Value>, EngineError> {
-        match self
-            .json(Method::GET, &format!("/networks/{}", encode(name)), None)
-            .await
-        {
-            Ok(value) => Ok(Some(value)),
-            Err(e) if e.status() == Some(404) => Ok(None),
-            Err(e) => Err(e),
-        }
+        let path = format!("/networks/{}", encode(name));
+        absent_ok(self.json(Method::GET, &path, None).await)
     }
 
     pub async fn create_network(&self, body: &Value) -> Result<(), EngineError> {
@@ -407,14 +387,8 @@ impl Engine {
     }
 
     pub async fn remove_volume(&self, name: &str) -> Result<(), EngineError> {
-        match self
-            .json(Method::DELETE, &format!("/volumes/{}", encode(name)), None)
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(e) if e.status() == Some(404) => Ok(()),
-            Err(e) => Err(e),
-        }
+        let path = format!("/volumes/{}", encode(name));
+        absent_ok(self.json(Method::DELETE, &path, None).await).map(|_| ())
     }
 }
 
