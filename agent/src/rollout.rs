@@ -853,7 +853,7 @@ impl<'a> Specs<'a> {
             replica: replica.clone(),
             digest: self.digest.to_string(),
             config_hash: config_hash.to_string(),
-            image: c.image.to_string(),
+            image: c.image.clone(),
             command: c.command.clone(),
             environment,
             cpu: c.cpu.desired,

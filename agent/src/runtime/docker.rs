@@ -13,6 +13,7 @@ use base64::Engine as _;
 use chrono::{DateTime, Utc};
 use outpost_bundle_format::Layout;
 use outpost_bundle_format::bundle::ANNOTATION_IMAGE;
+use outpost_bundle_format::image_ref::ImageRef;
 use outpost_bundle_format::layout::oci::ImageManifest;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
@@ -72,10 +73,12 @@ impl DockerRuntime {
 
     /// Makes `image` present: loaded from the bundle that carried it, else pulled by digest.
     /// Returns the reference to create containers with.
-    async fn ensure_image(&self, image: &str, notes: Notes<'_>) -> RuntimeResult<String> {
-        if let Some((_, hex)) = image.split_once("@sha256:")
-            && let Ok(id) = std::fs::read_to_string(self.bundled_images.join(format!("{hex}.id")))
+    async fn ensure_image(&self, image: &ImageRef, notes: Notes<'_>) -> RuntimeResult<String> {
+        if let Some(digest) = image.digest()
+            && let Ok(id) =
+                std::fs::read_to_string(self.bundled_images.join(format!("{}.id", digest.hex())))
         {
+            let hex = digest.hex();
             let id = id.trim().to_string();
             if !self.engine.image_exists(&id).await? {
                 notes(format!("loading {image} from the bundle"));
@@ -86,10 +89,11 @@ impl DockerRuntime {
             }
             return Ok(id);
         }
-        if self.engine.image_exists(image).await? {
-            return Ok(image.to_string());
+        let reference = image.to_string();
+        if self.engine.image_exists(&reference).await? {
+            return Ok(reference);
         }
-        let registry = image.split('/').next().unwrap_or_default();
+        let registry = image.registry();
         let auth = self
             .config
             .registries
@@ -137,11 +141,11 @@ impl DockerRuntime {
             }
         };
         self.engine
-            .pull(image, auth, &mut progress)
+            .pull(&reference, auth, &mut progress)
             .await
             .map_err(|e| RuntimeError::during(format!("pulling {image}"), e))?;
         notes(format!("pulled {image}"));
-        Ok(image.to_string())
+        Ok(reference)
     }
 
     fn create_body(&self, spec: &ReplicaSpec, image: &str) -> Value {
@@ -453,14 +457,10 @@ pub fn keep_bundled_images(layout: &Layout, dir: &Path) -> anyhow::Result<usize>
         let manifest = platform_manifest(layout, &descriptor.digest)
             .with_context(|| format!("bundled image {reference}"))?;
         let config = layout.read_blob(&manifest.config.digest, 16 << 20)?;
-        let repository = reference
-            .split(['@', ':'])
-            .next()
-            .unwrap_or("image")
-            .rsplit('/')
-            .next()
-            .unwrap_or("image")
-            .to_string();
+        let repository = ImageRef::parse(reference)
+            .ok()
+            .and_then(|r| r.repository().rsplit('/').next().map(str::to_string))
+            .unwrap_or_else(|| "image".into());
         let archive_manifest = json!([{
             "Config": format!("{}.json", manifest.config.digest.hex()),
             "RepoTags": [format!("outpost-bundled/{repository}:{}", &hex[..16])],

@@ -74,7 +74,7 @@ impl FakeRuntime {
                         id.ordinal,
                         if *slot == Slot::Surge { "-surge" } else { "" }
                     ),
-                    spec.image.clone(),
+                    spec.image.to_string(),
                 )
             })
             .collect()
@@ -188,7 +188,7 @@ impl Runtime for FakeRuntime {
         {
             None => Health::Down("gone".into()),
             Some((_, false)) => Health::Down("stopped".into()),
-            Some((spec, true)) if state.broken_images.contains(&spec.image) => {
+            Some((spec, true)) if state.broken_images.contains(&spec.image.to_string()) => {
                 Health::Unhealthy("GET /healthz answered 500".into())
             }
             Some(_) => Health::Healthy,

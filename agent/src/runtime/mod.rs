@@ -47,7 +47,7 @@ pub struct ReplicaSpec {
     pub digest: String,
     pub config_hash: String,
     /// Pinned by digest.
-    pub image: String,
+    pub image: outpost_bundle_format::image_ref::ImageRef,
     pub command: Vec<String>,
     /// The vendor's environment, then links, then the customer's credentials (which win).
     pub environment: BTreeMap<String, String>,
