@@ -267,6 +267,13 @@ pub struct PublishConfig {
     pub ports: BTreeMap<String, u16>,
 }
 
+impl PublishConfig {
+    /// The host port the endpoint `name` (on `container_port`) listens on.
+    pub fn port(&self, name: &str, container_port: u16) -> u16 {
+        self.ports.get(name).copied().unwrap_or(container_port)
+    }
+}
+
 impl Default for PublishConfig {
     fn default() -> Self {
         PublishConfig {

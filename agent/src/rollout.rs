@@ -624,11 +624,7 @@ impl<R: Runtime> Replicas<R> {
         let mut routes: BTreeMap<SocketAddr, Vec<SocketAddr>> = BTreeMap::new();
         for resource in &stack.resources {
             for endpoint in &resource.container.public_endpoints {
-                let port = publish
-                    .ports
-                    .get(&endpoint.name)
-                    .copied()
-                    .unwrap_or(endpoint.port);
+                let port = publish.port(&endpoint.name, endpoint.port);
                 let backends = instances
                     .iter()
                     .filter(|i| {
@@ -808,11 +804,7 @@ impl<'a> Specs<'a> {
         let mut ports: BTreeMap<u16, String> = BTreeMap::new();
         for resource in &stack.resources {
             for endpoint in &resource.container.public_endpoints {
-                let port = publish
-                    .ports
-                    .get(&endpoint.name)
-                    .copied()
-                    .unwrap_or(endpoint.port);
+                let port = publish.port(&endpoint.name, endpoint.port);
                 let this = format!("{}.{}", resource.container.name, endpoint.name);
                 if let Some(other) = ports.insert(port, this.clone()) {
                     return Err(RolloutError::new(format!(
