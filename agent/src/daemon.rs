@@ -32,9 +32,12 @@ pub fn make_source(config: &Config, agent: &Agent) -> anyhow::Result<Box<dyn Sou
     let spool = config.state_dir.join("tmp");
     std::fs::create_dir_all(&spool)?;
     Ok(match &config.source {
-        SourceConfig::Dir { path } => {
-            Box::new(source::dir::DirSource::new(path, *agent.limits(), spool)?)
-        }
+        SourceConfig::Dir { path } => Box::new(source::dir::DirSource::new(
+            path,
+            *agent.limits(),
+            spool,
+            config.state_dir.join("dir-source.reading"),
+        )?),
         SourceConfig::Oci(oci) => Box::new(source::oci::OciSource::new(oci, *agent.limits())?),
         SourceConfig::Git(git) => Box::new(source::git::GitSource::new(
             git,
@@ -249,6 +252,8 @@ mod tests {
             spool: None,
             digest: None,
             key: key.into(),
+            reading: None,
+            file: None,
         }
     }
 

@@ -180,7 +180,14 @@ pub fn load_trust(config: &Config) -> anyhow::Result<Trust> {
         let fail =
             |e: &dyn std::fmt::Display| anyhow::anyhow!("trust.keys {}: {e}", path.display());
         let pem = std::fs::read(path).map_err(|e| fail(&e))?;
-        keys.push(PublicKey::from_pem(&pem).map_err(|e| fail(&e))?);
+        let key = PublicKey::from_pem(&pem).map_err(|e| fail(&e))?;
+        // Identity is canonical: the same key in another encoding is the same key.
+        if keys.contains(&key) {
+            return Err(fail(
+                &"the same key as another trust.keys entry (a key counts once)",
+            ));
+        }
+        keys.push(key);
     }
     Ok(Trust::Keys {
         keys,

@@ -95,8 +95,20 @@ pub fn build(
 
 /// The bundle manifest's descriptor: the one index entry whose manifest has the bundle
 /// artifact type. Tools that rewrite index.json (skopeo, oras) drop the descriptor's
-/// `artifactType`, so the manifest itself is consulted when the index does not say.
+/// `artifactType`, so the manifest itself is consulted when the index does not say (each
+/// candidate read once, without building its layer list).
 pub fn bundle_descriptor(layout: &Layout) -> Result<&Descriptor, LayoutError> {
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Peek {
+        artifact_type: Option<String>,
+        config: PeekConfig,
+    }
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct PeekConfig {
+        media_type: String,
+    }
     let limits = Limits::default();
     let is_bundle = |d: &&Descriptor| {
         if d.artifact_type.as_deref() == Some(ARTIFACT_TYPE) {
@@ -110,7 +122,7 @@ pub fn bundle_descriptor(layout: &Layout) -> Result<&Descriptor, LayoutError> {
         layout
             .read_blob(&d.digest, limits.max_metadata_bytes)
             .ok()
-            .and_then(|bytes| serde_json::from_slice::<ImageManifest>(&bytes).ok())
+            .and_then(|bytes| crate::json::from_slice::<Peek>(&bytes).ok())
             .is_some_and(|m| {
                 m.artifact_type.as_deref() == Some(ARTIFACT_TYPE)
                     || m.config.media_type == MEDIA_TYPE_RELEASE
@@ -154,7 +166,7 @@ pub fn read_parts(layout: &Layout, limits: &Limits) -> Result<BundleParts, Layou
     }
     let digest = descriptor.digest;
     let manifest_bytes = layout.read_blob(&digest, limits.max_metadata_bytes)?;
-    let manifest: ImageManifest = serde_json::from_slice(&manifest_bytes)
+    let manifest: ImageManifest = crate::json::from_slice(&manifest_bytes)
         .map_err(|e| LayoutError::malformed("bundle manifest", e.to_string()))?;
     if manifest.config.media_type != MEDIA_TYPE_RELEASE {
         return Err(LayoutError::malformed(
@@ -188,32 +200,7 @@ pub fn read_parts(layout: &Layout, limits: &Limits) -> Result<BundleParts, Layou
         }
         roots.push(read_described(layout, layer, limits)?);
     }
-    let mut signatures = Vec::new();
-    let tag = digest.signature_tag();
-    for sig_descriptor in layout
-        .index()
-        .manifests
-        .iter()
-        .filter(|d| d.ref_name() == Some(tag.as_str()))
-    {
-        let bytes = read_described(layout, sig_descriptor, limits)?;
-        let sig_manifest: ImageManifest = serde_json::from_slice(&bytes)
-            .map_err(|e| LayoutError::malformed("signature manifest", e.to_string()))?;
-        for layer in sig_manifest.layers {
-            if layer.media_type != signature::MEDIA_TYPE_SIMPLE_SIGNING {
-                continue;
-            }
-            let payload = read_described(
-                layout,
-                &layer,
-                &Limits {
-                    max_metadata_bytes: signature::MAX_PAYLOAD_BYTES,
-                    ..*limits
-                },
-            )?;
-            signatures.push((payload, layer));
-        }
-    }
+    let signatures = read_signatures(layout, &digest, limits)?;
     Ok(BundleParts {
         digest,
         manifest_bytes,
@@ -223,6 +210,71 @@ pub fn read_parts(layout: &Layout, limits: &Limits) -> Result<BundleParts, Layou
         roots,
         signatures,
     })
+}
+
+/// Signature manifests one bundle may have (one per signing tool or referrer).
+pub const MAX_SIGNATURE_MANIFESTS: usize = 16;
+/// Signature layers read over all of a bundle's signature manifests: each is a payload to
+/// parse and a signature to check against every trusted key, so the work is bounded here.
+pub const MAX_SIGNATURE_LAYERS: usize = 256;
+
+/// The simple-signing layers of the signature manifests under the `sha256-<hex>.sig` ref:
+/// at most [`MAX_SIGNATURE_MANIFESTS`] manifests and [`MAX_SIGNATURE_LAYERS`] layers, no layer
+/// listed twice, every payload strict JSON.
+fn read_signatures(
+    layout: &Layout,
+    digest: &Digest,
+    limits: &Limits,
+) -> Result<Vec<(Vec<u8>, Descriptor)>, LayoutError> {
+    let tag = digest.signature_tag();
+    let manifests: Vec<&Descriptor> = layout
+        .index()
+        .manifests
+        .iter()
+        .filter(|d| d.ref_name() == Some(tag.as_str()))
+        .collect();
+    if manifests.len() > MAX_SIGNATURE_MANIFESTS {
+        return Err(LayoutError::CountLimit {
+            what: format!("index.json under {tag}"),
+            limit: MAX_SIGNATURE_MANIFESTS,
+            unit: "signature manifests",
+        });
+    }
+    let payload_limits = Limits {
+        max_metadata_bytes: signature::MAX_PAYLOAD_BYTES,
+        ..*limits
+    };
+    let mut signatures: Vec<(Vec<u8>, Descriptor)> = Vec::new();
+    for sig_descriptor in manifests {
+        let bytes = read_described(layout, sig_descriptor, limits)?;
+        let what = format!("signature manifest {}", sig_descriptor.digest);
+        let sig_manifest: ImageManifest = crate::json::from_slice(&bytes)
+            .map_err(|e| LayoutError::malformed(&what, e.to_string()))?;
+        for layer in sig_manifest.layers {
+            if layer.media_type != signature::MEDIA_TYPE_SIMPLE_SIGNING {
+                continue;
+            }
+            if signatures.len() == MAX_SIGNATURE_LAYERS {
+                return Err(LayoutError::CountLimit {
+                    what: format!("the signatures of {digest}"),
+                    limit: MAX_SIGNATURE_LAYERS,
+                    unit: "signature layers",
+                });
+            }
+            if signatures.iter().any(|(_, seen)| *seen == layer) {
+                return Err(LayoutError::malformed(
+                    &what,
+                    format!("lists the signature layer {} twice", layer.digest),
+                ));
+            }
+            let payload = read_described(layout, &layer, &payload_limits)?;
+            crate::json::check_unique_members(&payload).map_err(|e| {
+                LayoutError::malformed(format!("signature payload {}", layer.digest), e.to_string())
+            })?;
+            signatures.push((payload, layer));
+        }
+    }
+    Ok(signatures)
 }
 
 /// A blob's bytes, checked against its descriptor's size (the digest was checked on read).
@@ -253,6 +305,7 @@ pub fn add_signature(
     docker_reference: &str,
 ) -> Result<bool, BuildError> {
     let parts = read_parts(layout, &Limits::default())?;
+    check_content(&parts).map_err(BuildError::Invalid)?;
     let already = parts.signatures.iter().any(|(payload, layer)| {
         signature::payload_digest(payload).is_ok_and(|d| d == parts.digest)
             && signature::layer_signature(layer)
@@ -278,6 +331,7 @@ pub fn attach_signature(
     signature_der: &[u8],
 ) -> Result<(), BuildError> {
     let parts = read_parts(layout, &Limits::default())?;
+    check_content(&parts).map_err(BuildError::Invalid)?;
     let claimed = signature::payload_digest(&payload).map_err(BuildError::Invalid)?;
     if claimed != parts.digest {
         return Err(BuildError::Invalid(format!(
@@ -312,11 +366,32 @@ pub fn attach_signature(
     Ok(())
 }
 
+/// What a reader refuses whatever it trusts, checked before anything is signed so that a vendor
+/// learns it at signing time: metadata and stack parse and obey their rules, their names
+/// agree, every image is pinned, and carried roots form a verified chain.
+pub fn check_content(parts: &BundleParts) -> Result<(), String> {
+    let metadata = parse_metadata(&parts.metadata_bytes)?;
+    let (_, stack) = parse_stack(&parts.stack_bytes)?;
+    if metadata.name != stack.name {
+        return Err(format!(
+            "release name {:?} differs from the stack's name {:?}",
+            metadata.name, stack.name
+        ));
+    }
+    if let Some((resource, image)) = stack.unpinned_images().first() {
+        return Err(format!(
+            "resource {resource}: image {image} is not pinned by digest"
+        ));
+    }
+    crate::root::check_carried_chain(&parts.roots, None)
+        .map_err(|e| format!("carried trust root: {e}"))
+}
+
 /// Release metadata parsed from its bytes (untrusted until verified).
 pub fn parse_metadata(bytes: &[u8]) -> Result<ReleaseMetadata, String> {
     // The version is read first so a newer format fails as "unsupported", not "unknown field".
     let value: serde_json::Value =
-        serde_json::from_slice(bytes).map_err(|e| format!("release metadata: {e}"))?;
+        crate::json::from_slice(bytes).map_err(|e| format!("release metadata: {e}"))?;
     let version = value
         .get("formatVersion")
         .and_then(serde_json::Value::as_u64);
@@ -343,7 +418,7 @@ pub fn parse_metadata(bytes: &[u8]) -> Result<ReleaseMetadata, String> {
 
 /// Parses a stored stack (JSON) and checks every rule.
 pub fn parse_stack(bytes: &[u8]) -> Result<(StackFile, Stack), String> {
-    let file: StackFile = serde_json::from_slice(bytes).map_err(|e| format!("stack: {e}"))?;
+    let file: StackFile = crate::json::from_slice(bytes).map_err(|e| format!("stack: {e}"))?;
     let stack = Stack::from_file(&file).map_err(|e| e.to_string())?;
     Ok((file, stack))
 }

@@ -70,17 +70,35 @@ impl PartialEq for PublicKey {
 
 impl PublicKey {
     /// Reads a PEM public key; only ECDSA P-256 is accepted (the format's only scheme).
+    ///
+    /// The key is kept in one canonical encoding (SubjectPublicKeyInfo with the uncompressed
+    /// point, as cosign writes it), so the same key given compressed or uncompressed is one
+    /// key: one key id, counted once.
     pub fn from_pem(pem: &[u8]) -> Result<Self, KeyError> {
         let key = CosignVerificationKey::try_from_pem(pem)
             .map_err(|e| KeyError::new("not a PEM public key", e))?;
-        match &key {
-            CosignVerificationKey::ECDSA_P256_SHA256_ASN1(der) => Ok(PublicKey {
-                spki_der: der.clone(),
-                key,
-            }),
-            _ => Err(KeyError(
+        let CosignVerificationKey::ECDSA_P256_SHA256_ASN1(der) = &key else {
+            return Err(KeyError(
                 "unsupported key type: only ECDSA P-256 keys are accepted".into(),
-            )),
+            ));
+        };
+        let spki_der = canonical_p256_spki(der)?;
+        let key = if spki_der == *der {
+            key
+        } else {
+            CosignVerificationKey::try_from_der(&spki_der)
+                .map_err(|e| KeyError::new("not a P-256 public key", e))?
+        };
+        Ok(PublicKey { spki_der, key })
+    }
+
+    /// The key id as `root.json` files made before ids were canonical may spell it: the hash
+    /// of the DER exactly as written in `pem` (equal to [`key_id`](Self::key_id) for keys
+    /// written uncompressed, as every tool here writes them).
+    pub fn written_key_id(pem: &[u8]) -> Option<String> {
+        match CosignVerificationKey::try_from_pem(pem).ok()? {
+            CosignVerificationKey::ECDSA_P256_SHA256_ASN1(der) => Some(hex::encode(sha256(&der))),
+            _ => None,
         }
     }
 
@@ -106,6 +124,18 @@ impl PublicKey {
             .verify_signature(Signature::Raw(signature_der), message)
             .is_ok()
     }
+}
+
+/// The SubjectPublicKeyInfo of a P-256 key with its point uncompressed (the encoding cosign,
+/// openssl and this crate write), whatever point encoding `spki_der` used.
+fn canonical_p256_spki(spki_der: &[u8]) -> Result<Vec<u8>, KeyError> {
+    use aws_lc_rs::encoding::AsDer;
+    use aws_lc_rs::signature::{ECDSA_P256_SHA256_ASN1, ParsedPublicKey};
+    let invalid = |e: &dyn std::fmt::Display| KeyError::new("not a valid P-256 public key", e);
+    let parsed =
+        ParsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, spki_der).map_err(|e| invalid(&e))?;
+    let der = parsed.as_der().map_err(|e| invalid(&e))?;
+    Ok(der.as_ref().to_vec())
 }
 
 /// An ECDSA P-256 private key.
@@ -174,7 +204,7 @@ impl SigningKey {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -192,6 +222,36 @@ mod tests {
 
         let public = PublicKey::from_pem(key.public_key().to_pem().as_bytes()).unwrap();
         assert_eq!(&public, key.public_key());
+    }
+
+    /// The key's SubjectPublicKeyInfo with the point compressed (02/03 + x), as PEM.
+    pub(crate) fn compressed_pem(key: &PublicKey) -> String {
+        let der = &key.spki_der;
+        let (x, y) = (&der[27..59], &der[59..91]);
+        let mut compressed = vec![
+            0x30, 0x39, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06,
+            0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x22, 0x00,
+        ];
+        compressed.push(0x02 | (y[31] & 1));
+        compressed.extend_from_slice(x);
+        let body = base64::engine::general_purpose::STANDARD.encode(&compressed);
+        format!("-----BEGIN PUBLIC KEY-----\n{body}\n-----END PUBLIC KEY-----\n")
+    }
+
+    #[test]
+    fn one_key_in_any_point_encoding_is_one_key() {
+        let key = SigningKey::generate().unwrap();
+        let pem = compressed_pem(key.public_key());
+        let compressed = PublicKey::from_pem(pem.as_bytes()).unwrap();
+        assert_eq!(&compressed, key.public_key());
+        assert_eq!(compressed.key_id(), key.public_key().key_id());
+        assert_eq!(compressed.to_pem(), key.public_key().to_pem());
+        assert_ne!(
+            PublicKey::written_key_id(pem.as_bytes()).unwrap(),
+            key.public_key().key_id()
+        );
+        let signature = key.sign(b"hello").unwrap();
+        assert!(compressed.verify(b"hello", &signature));
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod bundle;
 pub mod crypto;
 pub mod digest;
 pub mod image_ref;
+pub mod json;
 pub mod layout;
 pub mod quantity;
 pub mod release;

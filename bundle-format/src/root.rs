@@ -36,6 +36,7 @@ pub struct TrustRoot {
     pub expires: DateTime<Utc>,
     pub threshold: usize,
     keys: BTreeMap<String, PublicKey>,
+    ids: BTreeMap<String, String>,
     raw: Vec<u8>,
 }
 
@@ -44,7 +45,10 @@ struct RootDocument {
     version: u64,
     expires: DateTime<Utc>,
     threshold: usize,
+    /// By canonical key id ([`PublicKey::key_id`]).
     keys: BTreeMap<String, PublicKey>,
+    /// Every id the document uses for a key (canonical, or as written) → its canonical id.
+    ids: BTreeMap<String, String>,
     signed_bytes: Vec<u8>,
     signatures: Vec<(String, Vec<u8>)>,
     raw: Vec<u8>,
@@ -58,8 +62,8 @@ impl RootDocument {
                 raw.len()
             ));
         }
-        let value: Value =
-            serde_json::from_slice(raw).map_err(|e| RootError(format!("root is not JSON: {e}")))?;
+        let value: Value = crate::json::from_slice(raw)
+            .map_err(|e| RootError(format!("root is not valid JSON: {e}")))?;
         let signed = value
             .get("signed")
             .ok_or_else(|| RootError("root has no `signed` section".into()))?;
@@ -83,6 +87,7 @@ impl RootDocument {
             .ok_or_else(|| RootError("root `threshold` must be at least 1".into()))?
             as usize;
         let mut keys = BTreeMap::new();
+        let mut ids = BTreeMap::new();
         let key_map = signed
             .get("keys")
             .and_then(Value::as_object)
@@ -99,12 +104,24 @@ impl RootDocument {
             }
             let key = PublicKey::from_pem(pem.as_bytes())
                 .map_err(|e| RootError(format!("key {key_id}: {e}")))?;
-            if &key.key_id() != key_id {
+            // The canonical id; or, for roots written before ids were canonical, the hash of
+            // the key's DER as written there.
+            let canonical = key.key_id();
+            if *key_id != canonical
+                && PublicKey::written_key_id(pem.as_bytes()).as_ref() != Some(key_id)
+            {
                 return fail(format!(
                     "key {key_id}: the id is not the SHA-256 of the key"
                 ));
             }
-            keys.insert(key_id.clone(), key);
+            if let Some((other, _)) = ids.iter().find(|(_, c)| **c == canonical) {
+                return fail(format!(
+                    "keys {other} and {key_id} are the same key (in another encoding): a key counts once"
+                ));
+            }
+            ids.insert(key_id.clone(), canonical.clone());
+            ids.insert(canonical.clone(), canonical.clone());
+            keys.insert(canonical, key);
         }
         if threshold > keys.len() {
             return fail(format!(
@@ -136,21 +153,29 @@ impl RootDocument {
             expires,
             threshold,
             keys,
+            ids,
             signed_bytes: canonical_json(signed),
             signatures,
             raw: raw.to_vec(),
         })
     }
 
-    /// Distinct key ids among `keys` with a valid signature over the signed section.
-    fn signers(&self, keys: &BTreeMap<String, PublicKey>) -> BTreeSet<String> {
+    /// Distinct keys among `keys` (by canonical id) with a valid signature over the signed
+    /// section. A signature is checked against the key its `keyid` names, whichever id the
+    /// entry uses for it.
+    fn signers(
+        &self,
+        keys: &BTreeMap<String, PublicKey>,
+        ids: &BTreeMap<String, String>,
+    ) -> BTreeSet<String> {
         self.signatures
             .iter()
-            .filter(|(key_id, sig)| {
-                keys.get(key_id)
-                    .is_some_and(|k| k.verify(&self.signed_bytes, sig))
+            .filter_map(|(key_id, sig)| {
+                let canonical = ids.get(key_id).unwrap_or(key_id);
+                keys.get(canonical)
+                    .filter(|k| k.verify(&self.signed_bytes, sig))
+                    .map(|_| canonical.clone())
             })
-            .map(|(key_id, _)| key_id.clone())
             .collect()
     }
 
@@ -160,6 +185,7 @@ impl RootDocument {
             expires: self.expires,
             threshold: self.threshold,
             keys: self.keys,
+            ids: self.ids,
             raw: self.raw,
         }
     }
@@ -169,7 +195,7 @@ impl TrustRoot {
     /// Loads a pinned root: it must be signed by a threshold of its own keys.
     pub fn from_pinned(raw: &[u8]) -> Result<TrustRoot, RootError> {
         let document = RootDocument::parse(raw)?;
-        let signers = document.signers(&document.keys);
+        let signers = document.signers(&document.keys, &document.ids);
         if signers.len() < document.threshold {
             return fail(format!(
                 "root v{} is signed by {} of its keys, threshold is {}",
@@ -190,7 +216,7 @@ impl TrustRoot {
                 document.version, self.version
             ));
         }
-        let by_old = document.signers(&self.keys);
+        let by_old = document.signers(&self.keys, &self.ids);
         if by_old.len() < self.threshold {
             return fail(format!(
                 "root v{} is signed by {} of v{}'s keys, threshold is {}",
@@ -200,7 +226,7 @@ impl TrustRoot {
                 self.threshold
             ));
         }
-        let by_new = document.signers(&document.keys);
+        let by_new = document.signers(&document.keys, &document.ids);
         if by_new.len() < document.threshold {
             return fail(format!(
                 "root v{} is signed by {} of its own keys, threshold is {}",
@@ -210,6 +236,26 @@ impl TrustRoot {
             ));
         }
         Ok(document.into_root())
+    }
+
+    /// Rotates through the roots a bundle carries (TUF 5.3): those not newer than this one are
+    /// skipped, the rest applied in version order, one version at a time. Two documents with
+    /// one version are refused (which of them was meant?). Returns the resulting root and the
+    /// documents applied: the only ones anybody may persist as part of the chain.
+    pub fn rotate_through(
+        &self,
+        carried: &[Vec<u8>],
+    ) -> Result<(TrustRoot, Vec<Vec<u8>>), RootError> {
+        let mut root = self.clone();
+        let mut applied = Vec::new();
+        for (version, raw) in ordered_by_version(carried)? {
+            if version <= root.version {
+                continue;
+            }
+            root = root.rotate(raw)?;
+            applied.push(raw.clone());
+        }
+        Ok((root, applied))
     }
 
     pub fn keys(&self) -> impl Iterator<Item = &PublicKey> {
@@ -269,7 +315,7 @@ pub fn new_root(
 /// The same document with `key`'s signature added (replacing an earlier one by the same key).
 pub fn sign_root(raw: &[u8], key: &SigningKey) -> Result<Vec<u8>, RootError> {
     let document = RootDocument::parse(raw)?;
-    let mut value: Value = serde_json::from_slice(raw).map_err(|e| RootError(e.to_string()))?;
+    let mut value: Value = crate::json::from_slice(raw).map_err(|e| RootError(e.to_string()))?;
     let signature = key
         .sign(&document.signed_bytes)
         .map_err(|e| RootError(e.to_string()))?;
@@ -290,6 +336,44 @@ pub fn sign_root(raw: &[u8], key: &SigningKey) -> Result<Vec<u8>, RootError> {
 /// Version of an unverified root document (to order a chain).
 pub fn peek_version(raw: &[u8]) -> Result<u64, RootError> {
     RootDocument::parse(raw).map(|d| d.version)
+}
+
+/// Carried roots parsed and sorted by version; two with one version are refused.
+fn ordered_by_version(carried: &[Vec<u8>]) -> Result<Vec<(u64, &Vec<u8>)>, RootError> {
+    let mut chain: Vec<(u64, &Vec<u8>)> = carried
+        .iter()
+        .map(|raw| peek_version(raw).map(|v| (v, raw)))
+        .collect::<Result<_, _>>()?;
+    chain.sort_by_key(|(version, _)| *version);
+    if let Some(pair) = chain.windows(2).find(|pair| pair[0].0 == pair[1].0) {
+        return fail(format!(
+            "two carried roots have version {}: a chain has one document per version",
+            pair[0].0
+        ));
+    }
+    Ok(chain)
+}
+
+/// What a writer checks before carrying roots in a bundle (`build --root-update`): versions
+/// distinct and consecutive, each a valid rotation of the one before; the first a valid
+/// rotation of `previous` when given, else at least signed by a threshold of its own keys. An
+/// unsigned or half-signed draft is refused here, at build time, not by every agent later.
+pub fn check_carried_chain(
+    carried: &[Vec<u8>],
+    previous: Option<&TrustRoot>,
+) -> Result<(), RootError> {
+    let mut before: Option<TrustRoot> = previous.cloned();
+    for (version, raw) in ordered_by_version(carried)? {
+        let root = match &before {
+            Some(before) => before
+                .rotate(raw)
+                .map_err(|e| RootError(format!("root v{version}: {}", e.0)))?,
+            None => TrustRoot::from_pinned(raw)
+                .map_err(|e| RootError(format!("root v{version}: {}", e.0)))?,
+        };
+        before = Some(root);
+    }
+    Ok(())
 }
 
 fn pretty(value: &Value) -> Vec<u8> {
@@ -426,6 +510,119 @@ mod tests {
         .unwrap();
         let tampered = String::from_utf8(root).unwrap().replace("2099", "2098");
         assert!(TrustRoot::from_pinned(tampered.as_bytes()).is_err());
+    }
+
+    /// A root listing `key` twice: once as written by `new_root`, once compressed (another
+    /// key id for the same key).
+    fn root_listing_one_key_twice(key: &SigningKey) -> Vec<u8> {
+        let mut value: Value = serde_json::from_slice(
+            &new_root(
+                1,
+                expires(),
+                2,
+                &[
+                    key.public_key().clone(),
+                    SigningKey::generate().unwrap().public_key().clone(),
+                ],
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        let keys = value["signed"]["keys"].as_object_mut().unwrap();
+        let other = keys
+            .keys()
+            .find(|id| **id != key.public_key().key_id())
+            .unwrap()
+            .clone();
+        keys.remove(&other);
+        let pem = crate::crypto::tests::compressed_pem(key.public_key());
+        let written = PublicKey::written_key_id(pem.as_bytes()).unwrap();
+        keys.insert(
+            written,
+            json!({"keytype": "ecdsa", "scheme": "ecdsa-sha2-nistp256", "keyval": {"public": pem}}),
+        );
+        pretty(&value)
+    }
+
+    #[test]
+    fn one_key_in_two_encodings_is_one_key() {
+        let key = SigningKey::generate().unwrap();
+        let twice = sign_root(&root_listing_one_key_twice(&key), &key);
+        let err = twice.unwrap_err().0;
+        assert!(err.contains("are the same key"), "{err}");
+        // A key listed (once) under the id of its compressed form still counts, once.
+        let mut value: Value = serde_json::from_slice(
+            &new_root(1, expires(), 1, &[key.public_key().clone()]).unwrap(),
+        )
+        .unwrap();
+        let keys = value["signed"]["keys"].as_object_mut().unwrap();
+        keys.clear();
+        let pem = crate::crypto::tests::compressed_pem(key.public_key());
+        keys.insert(
+            PublicKey::written_key_id(pem.as_bytes()).unwrap(),
+            json!({"keytype": "ecdsa", "scheme": "ecdsa-sha2-nistp256", "keyval": {"public": pem}}),
+        );
+        let signed = sign_root(&pretty(&value), &key).unwrap();
+        let root = TrustRoot::from_pinned(&signed).unwrap();
+        assert_eq!(root.keys().count(), 1);
+        assert_eq!(root.keys().next().unwrap(), key.public_key());
+    }
+
+    #[test]
+    fn only_verified_links_of_a_carried_chain_are_applied() {
+        let (old, new) = (
+            SigningKey::generate().unwrap(),
+            SigningKey::generate().unwrap(),
+        );
+        let v1 = TrustRoot::from_pinned(
+            &sign_root(
+                &new_root(1, expires(), 1, &[old.public_key().clone()]).unwrap(),
+                &old,
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        let draft = new_root(2, expires(), 1, &[new.public_key().clone()]).unwrap();
+        let v2 = sign_root(&sign_root(&draft, &old).unwrap(), &new).unwrap();
+        // The verified v2 and the unsigned draft of v2: which one is meant? Refused.
+        let err = v1
+            .rotate_through(&[v2.clone(), draft.clone()])
+            .unwrap_err()
+            .0;
+        assert!(err.contains("two carried roots have version 2"), "{err}");
+        // Roots not newer than the trust are skipped and never returned for saving.
+        let (root, applied) = v1.rotate_through(&[v2.clone()]).unwrap();
+        assert_eq!((root.version, applied), (2, vec![v2.clone()]));
+        let (root, applied) = root.rotate_through(&[v2.clone()]).unwrap();
+        assert_eq!((root.version, applied.len()), (2, 0));
+
+        // Writers refuse the draft at build time, with or without the previous root.
+        assert!(
+            check_carried_chain(&[draft.clone()], None)
+                .unwrap_err()
+                .0
+                .contains("root v2")
+        );
+        assert!(check_carried_chain(&[draft], Some(&v1)).is_err());
+        check_carried_chain(&[v2.clone()], None).unwrap();
+        check_carried_chain(&[v2], Some(&v1)).unwrap();
+    }
+
+    #[test]
+    fn duplicate_members_in_a_root_are_refused() {
+        let key = SigningKey::generate().unwrap();
+        let root = String::from_utf8(
+            sign_root(
+                &new_root(1, expires(), 1, &[key.public_key().clone()]).unwrap(),
+                &key,
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        let doubled = root.replacen("\"threshold\": 1", "\"threshold\": 1, \"threshold\": 0", 1);
+        assert_ne!(doubled, root);
+        let err = TrustRoot::from_pinned(doubled.as_bytes()).unwrap_err().0;
+        assert!(err.contains("duplicate member \"threshold\""), "{err}");
     }
 
     #[test]

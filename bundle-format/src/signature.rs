@@ -32,7 +32,7 @@ pub fn payload(docker_reference: &str, digest: &Digest) -> Vec<u8> {
 /// The digest a payload claims to sign, after checking its type.
 pub fn payload_digest(payload: &[u8]) -> Result<Digest, String> {
     let value: serde_json::Value =
-        serde_json::from_slice(payload).map_err(|e| format!("payload is not JSON: {e}"))?;
+        crate::json::from_slice(payload).map_err(|e| format!("payload is not valid JSON: {e}"))?;
     let critical = value
         .get("critical")
         .ok_or("payload has no `critical` section")?;

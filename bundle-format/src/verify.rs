@@ -145,8 +145,10 @@ impl VerifiedBundle {
     pub fn root(&self) -> Option<&TrustRoot> {
         self.root.as_ref()
     }
-    /// The raw `root.json` versions the bundle carried (verified as a chain when a root was
-    /// given), for an agent to persist so it can replay the rotation.
+    /// The raw `root.json` documents this verification rotated through, in version order: the
+    /// verified links of the chain, for an agent to persist so it can replay the rotation.
+    /// Carried roots not newer than the trust it started from are not among them (they were
+    /// not verified), and with raw keys there are none.
     pub fn carried_roots(&self) -> &[Vec<u8>] {
         &self.carried_roots
     }
@@ -181,10 +183,20 @@ pub fn verify_parts(
     now: DateTime<Utc>,
     policy: &dyn ReleasePolicy,
 ) -> Result<VerifiedBundle, VerifyError> {
-    let (keys, threshold, root) = match trust {
-        Trust::Keys { keys, threshold } => (keys.clone(), *threshold, None),
+    let (keys, threshold, root, carried_roots) = match trust {
+        Trust::Keys { keys, threshold } => {
+            let distinct: BTreeSet<String> = keys.iter().map(PublicKey::key_id).collect();
+            if distinct.len() != keys.len() {
+                return Err(VerifyError::Root(
+                    "the same key is trusted twice (a key counts once, in any encoding)".into(),
+                ));
+            }
+            (keys.clone(), *threshold, None, Vec::new())
+        }
         Trust::Root(pinned) => {
-            let root = rotate_root(pinned, &parts.roots)?;
+            let (root, applied) = pinned
+                .rotate_through(&parts.roots)
+                .map_err(|e| VerifyError::Root(e.0))?;
             if root.is_expired(now) {
                 return Err(VerifyError::Root(format!(
                     "root v{} expired at {}",
@@ -192,7 +204,12 @@ pub fn verify_parts(
                     rfc3339::format(&root.expires)
                 )));
             }
-            (root.keys().cloned().collect(), root.threshold, Some(root))
+            (
+                root.keys().cloned().collect(),
+                root.threshold,
+                Some(root),
+                applied,
+            )
         }
     };
     if threshold == 0 || threshold > keys.len() {
@@ -231,31 +248,9 @@ pub fn verify_parts(
         stack_file,
         stack,
         signers,
-        carried_roots: if root.is_some() {
-            parts.roots.clone()
-        } else {
-            Vec::new()
-        },
+        carried_roots,
         root,
     })
-}
-
-/// Applies the roots a bundle carries, in version order, skipping those not newer than pinned.
-fn rotate_root(pinned: &TrustRoot, carried: &[Vec<u8>]) -> Result<TrustRoot, VerifyError> {
-    let mut chain: Vec<(u64, &Vec<u8>)> = carried
-        .iter()
-        .map(|raw| crate::root::peek_version(raw).map(|v| (v, raw)))
-        .collect::<Result<_, _>>()
-        .map_err(|e| VerifyError::Root(e.0))?;
-    chain.sort_by_key(|(version, _)| *version);
-    let mut root = pinned.clone();
-    for (version, raw) in chain {
-        if version <= root.version {
-            continue;
-        }
-        root = root.rotate(raw).map_err(|e| VerifyError::Root(e.0))?;
-    }
-    Ok(root)
 }
 
 fn check_signatures(

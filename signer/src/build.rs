@@ -40,6 +40,16 @@ pub fn run(args: BuildArgs) -> Outcome {
             .map_err(|e| Failure::invalid(format!("{}: {e}", path.display())))?;
         roots.push(raw);
     }
+    let previous = match &args.root_previous {
+        Some(path) => Some(
+            root::TrustRoot::from_pinned(&read_input(path, root::MAX_ROOT_BYTES)?).map_err(
+                |e| Failure::invalid(format!("--root-previous {}: {e}", path.display())),
+            )?,
+        ),
+        None => None,
+    };
+    root::check_carried_chain(&roots, previous.as_ref())
+        .map_err(|e| Failure::invalid(format!("--root-update: {e}")))?;
 
     let spool =
         tempfile::tempdir().map_err(|e| Failure::usage(format!("temporary directory: {e}")))?;

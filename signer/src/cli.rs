@@ -88,9 +88,14 @@ pub struct BuildArgs {
     /// Never contact a registry: unpinned images are an error.
     #[arg(long)]
     pub offline: bool,
-    /// A newer root.json for agents to rotate to (repeat for a chain).
+    /// A newer root.json for agents to rotate to (repeat for a chain). Each must be a valid
+    /// rotation of the one before; an unsigned draft is refused.
     #[arg(long = "root-update")]
     pub root_updates: Vec<PathBuf>,
+    /// The root agents trust now: the first --root-update must be a valid rotation of it.
+    /// Without it the first must at least be signed by a threshold of its own keys.
+    #[arg(long, requires = "root_updates")]
+    pub root_previous: Option<PathBuf>,
     /// Write a tar layout to FILE.
     #[arg(long, conflicts_with = "out_dir", required_unless_present = "out_dir")]
     pub out: Option<PathBuf>,

@@ -105,24 +105,28 @@ pub struct OpenBundle {
     _spool: Option<tempfile::TempDir>,
 }
 
-/// Reads a bundle (tar or directory) with default limits, keeping every blob available.
-pub fn open_bundle(path: &Path) -> Result<OpenBundle, Failure> {
+/// A spool for the blobs of a tar bundle that are not held in memory, beside the bundle (a
+/// directory's blobs stay where they are).
+fn spool_for(path: &Path) -> Result<Option<tempfile::TempDir>, Failure> {
     let meta =
         std::fs::metadata(path).map_err(|e| Failure::usage(format!("{}: {e}", path.display())))?;
-    let spool = if meta.is_dir() {
-        None
-    } else {
-        let parent = path
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        Some(
-            tempfile::Builder::new()
-                .prefix(".outpost-spool")
-                .tempdir_in(parent)
-                .map_err(|e| Failure::usage(format!("{}: {e}", parent.display())))?,
-        )
-    };
+    if meta.is_dir() {
+        return Ok(None);
+    }
+    let parent = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    tempfile::Builder::new()
+        .prefix(".outpost-spool")
+        .tempdir_in(parent)
+        .map(Some)
+        .map_err(|e| Failure::usage(format!("{}: {e}", parent.display())))
+}
+
+/// Reads a bundle (tar or directory) with default limits, keeping every blob available.
+pub fn open_bundle(path: &Path) -> Result<OpenBundle, Failure> {
+    let spool = spool_for(path)?;
     let layout = Layout::read(path, &Limits::default(), spool.as_ref().map(|s| s.path()))
         .map_err(|e| Failure::invalid(format!("{}: {}: {e}", path.display(), e.check())))?;
     Ok(OpenBundle {
@@ -247,7 +251,8 @@ pub fn verify(args: VerifyArgs) -> Outcome {
         )));
     }
     let limits = Limits::default();
-    let verified = Layout::read(&args.bundle, &limits, None)
+    let spool = spool_for(&args.bundle)?;
+    let verified = Layout::read(&args.bundle, &limits, spool.as_ref().map(|s| s.path()))
         .map_err(outpost_bundle_format::VerifyError::from)
         .and_then(|layout| verify_bundle(&layout, &trust, chrono::Utc::now(), &limits))
         .map_err(|e| Failure::invalid(format!("verification failed: {}: {e}", e.check())))?;

@@ -167,6 +167,7 @@ pub enum EntryKind {
     File,
     Symlink,
     Hardlink,
+    Directory,
 }
 
 /// A tar with hostile entries (paths the tar crate's builder refuses to write).
@@ -184,6 +185,7 @@ pub fn raw_tar(entries: &[(&str, EntryKind, &[u8], Option<&str>)]) -> Vec<u8> {
             EntryKind::File => b'0',
             EntryKind::Symlink => b'2',
             EntryKind::Hardlink => b'1',
+            EntryKind::Directory => b'5',
         };
         if let Some(link) = link {
             header[157..157 + link.len()].copy_from_slice(link.as_bytes());
@@ -199,6 +201,196 @@ pub fn raw_tar(entries: &[(&str, EntryKind, &[u8], Option<&str>)]) -> Vec<u8> {
     }
     out.resize(out.len() + 1024, 0);
     out
+}
+
+/// A layout tar written entry by entry (`oci-layout`, `index.json`, then `blobs`), for layouts
+/// the library would refuse to write (an index listing one manifest twice).
+pub fn layout_tar(index: &[u8], blobs: &[&[u8]]) -> Vec<u8> {
+    let names: Vec<String> = blobs
+        .iter()
+        .map(|b| format!("blobs/sha256/{}", Digest::of(b).hex()))
+        .collect();
+    let mut entries: Vec<(&str, EntryKind, &[u8], Option<&str>)> = vec![
+        (
+            "oci-layout",
+            EntryKind::File,
+            oci::LAYOUT_FILE_CONTENT,
+            None,
+        ),
+        ("index.json", EntryKind::File, index, None),
+    ];
+    entries.extend(
+        names
+            .iter()
+            .zip(blobs)
+            .map(|(name, blob)| (name.as_str(), EntryKind::File, *blob, None)),
+    );
+    raw_tar(&entries)
+}
+
+/// `layout`'s index and every blob it holds, as `(index entries, blobs)` to rearrange.
+fn parts_of(layout: &Layout) -> (Vec<Descriptor>, Vec<Vec<u8>>) {
+    let blobs = layout
+        .reachable(&Default::default())
+        .unwrap()
+        .iter()
+        .map(|d| layout.read_blob(d, 1 << 30).unwrap())
+        .collect();
+    (layout.index().manifests.clone(), blobs)
+}
+
+fn index_json(manifests: Vec<Descriptor>) -> Vec<u8> {
+    serde_json::to_vec(&oci::ImageIndex::new(manifests)).unwrap()
+}
+
+/// The review's signature amplification, at `copies`: the index names the bundle's signature
+/// manifest `copies` times, and that manifest lists its signature layer `copies` times.
+pub fn signature_amplification(layout: &Layout, copies: usize) -> Vec<u8> {
+    let (mut manifests, mut blobs) = parts_of(layout);
+    let tag = digest(layout).signature_tag();
+    let sig = manifests
+        .iter()
+        .position(|d| d.ref_name() == Some(tag.as_str()))
+        .unwrap();
+    let sig_bytes = layout.read_blob(&manifests[sig].digest, 1 << 20).unwrap();
+    let mut sig_manifest: serde_json::Value = serde_json::from_slice(&sig_bytes).unwrap();
+    let layer = sig_manifest["layers"][0].clone();
+    sig_manifest["layers"] = serde_json::Value::Array(vec![layer; copies]);
+    let amplified = serde_json::to_vec(&sig_manifest).unwrap();
+    let mut descriptor = Descriptor::of(oci::MEDIA_TYPE_MANIFEST, &amplified);
+    descriptor.annotations = manifests[sig].annotations.clone();
+    manifests.remove(sig);
+    manifests.extend(std::iter::repeat_n(descriptor, copies));
+    blobs.push(amplified);
+    let index = index_json(manifests);
+    layout_tar(&index, &blobs.iter().map(Vec::as_slice).collect::<Vec<_>>())
+}
+
+/// The review's re-parse shape: `copies` index entries naming one large manifest that is not a
+/// bundle (`filler` layer descriptors long), beside the genuine bundle.
+pub fn reparse_amplification(layout: &Layout, copies: usize, filler: usize) -> Vec<u8> {
+    let (mut manifests, mut blobs) = parts_of(layout);
+    let config = b"{}".to_vec();
+    let layer = Descriptor::of("application/octet-stream", &config);
+    let big = oci::ImageManifest {
+        schema_version: 2,
+        media_type: Some(oci::MEDIA_TYPE_MANIFEST.into()),
+        artifact_type: None,
+        config: Descriptor::of(oci::MEDIA_TYPE_IMAGE_CONFIG, &config),
+        layers: vec![layer; filler],
+        subject: None,
+        annotations: Default::default(),
+    };
+    let big = oci::to_bytes(&big);
+    let descriptor = Descriptor::of(oci::MEDIA_TYPE_MANIFEST, &big);
+    manifests.extend(std::iter::repeat_n(descriptor, copies));
+    blobs.push(big);
+    blobs.push(config);
+    let index = index_json(manifests);
+    layout_tar(&index, &blobs.iter().map(Vec::as_slice).collect::<Vec<_>>())
+}
+
+/// `layout` with `manifests` distinct signature manifests of `layers` distinct layers each
+/// (payloads that differ in `optional`), all under the bundle's signature tag.
+pub fn many_signatures(layout: &Layout, manifests: usize, layers: usize) -> Vec<u8> {
+    let (mut index, mut blobs) = parts_of(layout);
+    let bundle = digest(layout);
+    let tag = bundle.signature_tag();
+    index.retain(|d| d.ref_name() != Some(tag.as_str()));
+    for m in 0..manifests {
+        let mut descriptors = Vec::new();
+        for l in 0..layers {
+            let payload = format!(
+                r#"{{"critical":{{"identity":{{"docker-reference":"acme"}},"image":{{"docker-manifest-digest":"{bundle}"}},"type":"cosign container image signature"}},"optional":{{"n":"{m}-{l}"}}}}"#
+            )
+            .into_bytes();
+            descriptors.push(outpost_bundle_format::signature::signature_layer(
+                &payload, b"0",
+            ));
+            blobs.push(payload);
+        }
+        let (manifest, config) = outpost_bundle_format::signature::signature_manifest(descriptors);
+        let mut descriptor = Descriptor::of(oci::MEDIA_TYPE_MANIFEST, &manifest);
+        descriptor
+            .annotations
+            .insert(oci::ANNOTATION_REF_NAME.into(), tag.clone());
+        index.push(descriptor);
+        blobs.push(manifest);
+        blobs.push(config);
+    }
+    blobs.sort();
+    blobs.dedup();
+    layout_tar(
+        &index_json(index),
+        &blobs.iter().map(Vec::as_slice).collect::<Vec<_>>(),
+    )
+}
+
+/// A tar of `layout` whose `blobs/` directory entry carries `size` bytes of data.
+pub fn directory_with_data(layout: &Layout, size: usize) -> Vec<u8> {
+    let (index, blobs) = parts_of(layout);
+    let index = index_json(index);
+    let data = vec![0u8; size];
+    let names: Vec<String> = blobs
+        .iter()
+        .map(|b| format!("blobs/sha256/{}", Digest::of(b).hex()))
+        .collect();
+    let mut entries: Vec<(&str, EntryKind, &[u8], Option<&str>)> = vec![
+        (
+            "oci-layout",
+            EntryKind::File,
+            oci::LAYOUT_FILE_CONTENT,
+            None,
+        ),
+        ("index.json", EntryKind::File, &index, None),
+        ("blobs/", EntryKind::Directory, &data, None),
+    ];
+    entries.extend(
+        names
+            .iter()
+            .zip(&blobs)
+            .map(|(name, blob)| (name.as_str(), EntryKind::File, blob.as_slice(), None)),
+    );
+    raw_tar(&entries)
+}
+
+/// A release whose signed metadata is `json` (e.g. with a member given twice).
+pub fn with_metadata_json(json: &str) -> Layout {
+    let mut layout = release("9.9.9", 99);
+    let bytes = json.as_bytes().to_vec();
+    let config = Descriptor::of(bundle::MEDIA_TYPE_RELEASE, &bytes);
+    layout.add_blob(bytes);
+    edit_manifest(&mut layout, |m| {
+        m["config"] = serde_json::to_value(&config).unwrap()
+    });
+    layout
+}
+
+/// `layout` signed by `keys` over a payload of the caller's spelling (the library would refuse
+/// to attach one with duplicate members).
+pub fn signed_payload(layout: &Layout, payload: &str, keys: &[&str]) -> Vec<u8> {
+    let (mut index, mut blobs) = parts_of(layout);
+    let tag = digest(layout).signature_tag();
+    index.retain(|d| d.ref_name() != Some(tag.as_str()));
+    let payload = payload.as_bytes().to_vec();
+    let layers = keys
+        .iter()
+        .map(|name| {
+            let signature = key(name).sign(&payload).unwrap();
+            outpost_bundle_format::signature::signature_layer(&payload, &signature)
+        })
+        .collect();
+    let (manifest, config) = outpost_bundle_format::signature::signature_manifest(layers);
+    let mut descriptor = Descriptor::of(oci::MEDIA_TYPE_MANIFEST, &manifest);
+    descriptor
+        .annotations
+        .insert(oci::ANNOTATION_REF_NAME.into(), tag);
+    index.push(descriptor);
+    blobs.extend([payload, manifest, config]);
+    layout_tar(
+        &index_json(index),
+        &blobs.iter().map(Vec::as_slice).collect::<Vec<_>>(),
+    )
 }
 
 pub fn garbage() -> Vec<u8> {
@@ -326,7 +518,101 @@ pub fn attacks(next: u64, replay: &Layout) -> Vec<Attack> {
             "malformed",
         ),
         tar_only("garbage", garbage(), "malformed"),
+        // Outsiders, no key needed (the outside review of issue 10, by class).
+        tar_only(
+            "signature-amplification",
+            signature_amplification(&signed(release(&version(next), next), &both), 64),
+            "malformed",
+        ),
+        tar_only(
+            "reparse-amplification",
+            reparse_amplification(&signed(release(&version(next), next), &both), 64, 64),
+            "malformed",
+        ),
+        tar_only(
+            "too-many-signature-manifests",
+            many_signatures(&release(&version(next), next), 17, 1),
+            "size-limit",
+        ),
+        tar_only(
+            "too-many-signature-layers",
+            many_signatures(&release(&version(next), next), 2, 129),
+            "size-limit",
+        ),
+        tar_only(
+            "directory-with-data",
+            directory_with_data(&signed(release(&version(next), next), &both), 4096),
+            "malformed",
+        ),
+        tar_only(
+            "second-descriptor-lies-about-size",
+            lying_second_descriptor(&signed(release(&version(next), next), &both)),
+            "malformed",
+        ),
+        // Signed by trusted keys, and still refused.
+        tar_only(
+            "duplicate-sequence-in-metadata",
+            tar(&signed(
+                with_metadata_json(&format!(
+                    r#"{{"formatVersion":1,"name":"acme","version":"{}","sequence":{next},"sequence":18446744073709551615,"channel":"stable","created":"2026-01-01T00:00:00Z","expires":"2099-01-01T00:00:00Z"}}"#,
+                    version(next)
+                )),
+                &both,
+            )),
+            "metadata",
+        ),
+        tar_only(
+            "duplicate-channel-in-metadata",
+            tar(&signed(
+                with_metadata_json(&format!(
+                    r#"{{"formatVersion":1,"name":"acme","version":"{}","sequence":{next},"channel":"beta","channel":"stable","created":"2026-01-01T00:00:00Z","expires":"2099-01-01T00:00:00Z"}}"#,
+                    version(next)
+                )),
+                &both,
+            )),
+            "metadata",
+        ),
+        tar_only(
+            "duplicate-digest-in-payload",
+            {
+                let target = release(&version(next), next);
+                let innocent = digest(&release("0.0.1", 1));
+                let payload = format!(
+                    r#"{{"critical":{{"identity":{{"docker-reference":"acme"}},"image":{{"docker-manifest-digest":"{innocent}","docker-manifest-digest":"{}"}},"type":"cosign container image signature"}},"optional":null}}"#,
+                    digest(&target)
+                );
+                signed_payload(&target, &payload, &both)
+            },
+            "malformed",
+        ),
     ]
+}
+
+/// `layout` whose signature manifest names the stack blob again with a size that lies (the
+/// first descriptor of that digest, in the bundle manifest, tells the truth).
+pub fn lying_second_descriptor(layout: &Layout) -> Vec<u8> {
+    let (mut index, mut blobs) = parts_of(layout);
+    let parts = bundle::read_parts(layout, &Default::default()).unwrap();
+    let stack = parts.manifest.layers[0].clone();
+    let tag = parts.digest.signature_tag();
+    let sig = index
+        .iter()
+        .position(|d| d.ref_name() == Some(tag.as_str()))
+        .unwrap();
+    let sig_bytes = layout.read_blob(&index[sig].digest, 1 << 20).unwrap();
+    let mut manifest: serde_json::Value = serde_json::from_slice(&sig_bytes).unwrap();
+    let mut lying = serde_json::to_value(&stack).unwrap();
+    lying["size"] = (stack.size + 1000).into();
+    manifest["layers"].as_array_mut().unwrap().push(lying);
+    let bytes = serde_json::to_vec(&manifest).unwrap();
+    let mut descriptor = Descriptor::of(oci::MEDIA_TYPE_MANIFEST, &bytes);
+    descriptor.annotations = index[sig].annotations.clone();
+    index[sig] = descriptor;
+    blobs.push(bytes);
+    layout_tar(
+        &index_json(index),
+        &blobs.iter().map(Vec::as_slice).collect::<Vec<_>>(),
+    )
 }
 
 /// Adds a single-layer container image to `layout` under `ref_name`; returns its manifest digest.

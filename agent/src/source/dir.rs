@@ -3,20 +3,32 @@
 //! Only complete files count: a file is considered when it is renamed into the directory or
 //! closed after writing, never while it is being written; names starting with `.` and ending in
 //! `.partial`, `.tmp` or `.reason` are ignored. Each processed file moves to `accepted/` or
-//! `rejected/` with a `<name>.reason` file beside it.
+//! `rejected/` with a `<name>.reason` file beside it, whatever bytes its name is made of.
+//!
+//! While a file is read and judged, a marker in the state directory names it. A marker found at
+//! start means the agent died reading that file: it is filed as rejected ("the agent stopped
+//! while reading this file") instead of read again, so one file cannot crash-loop the agent.
 
-use super::{BoxFuture, Candidate, Source, SourceError};
+use super::{BoxFuture, Candidate, ReadingMarker, Source, SourceError};
 use crate::pipeline::Ingested;
 use notify::{EventKind, RecursiveMode, Watcher};
-use outpost_bundle_format::layout::{Layout, Limits};
+use outpost_bundle_format::layout::{Layout, LayoutError, Limits};
 use std::collections::VecDeque;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use tokio::sync::mpsc;
+
+/// Why a file named by a marker left at start is filed without being read.
+pub const INTERRUPTED: &str = "the agent stopped while reading this file";
 
 pub struct DirSource {
     dir: PathBuf,
     limits: Limits,
     spool_root: PathBuf,
+    /// The crash marker (see the module docs).
+    marker: PathBuf,
+    /// A file the previous run died reading, filed first.
+    interrupted: Option<PathBuf>,
     queue: VecDeque<PathBuf>,
     events: mpsc::UnboundedReceiver<PathBuf>,
     _watcher: notify::RecommendedWatcher,
@@ -32,7 +44,12 @@ pub fn eligible(name: &str) -> bool {
 }
 
 impl DirSource {
-    pub fn new(dir: &Path, limits: Limits, spool_root: PathBuf) -> Result<DirSource, SourceError> {
+    pub fn new(
+        dir: &Path,
+        limits: Limits,
+        spool_root: PathBuf,
+        marker: PathBuf,
+    ) -> Result<DirSource, SourceError> {
         for sub in ["accepted", "rejected"] {
             let path = dir.join(sub);
             std::fs::create_dir_all(&path)
@@ -79,10 +96,16 @@ impl DirSource {
             .filter(|p| p.is_file())
             .collect();
         queue.sort();
+        let interrupted = ReadingMarker::left_behind(&marker)
+            .map(|name| dir.join(std::ffi::OsStr::from_bytes(&name)))
+            .filter(|path| queue.contains(path));
+        queue.retain(|path| Some(path) != interrupted.as_ref());
         Ok(DirSource {
             dir: dir.to_path_buf(),
             limits,
             spool_root,
+            marker,
+            interrupted,
             queue: queue.into(),
             events,
             _watcher: watcher,
@@ -90,10 +113,22 @@ impl DirSource {
     }
 
     fn candidate(&self, path: PathBuf) -> Option<Candidate> {
-        let name = path.file_name()?.to_string_lossy().into_owned();
+        let file_name = path.file_name()?;
+        let name = file_name.to_string_lossy().into_owned();
         if !eligible(&name) {
             return None;
         }
+        let unreadable = |layout| {
+            Some(Candidate {
+                origin: path.display().to_string(),
+                layout: Err(layout),
+                digest: None,
+                spool: None,
+                key: name.clone(),
+                reading: None,
+                file: Some(path.clone()),
+            })
+        };
         // Opened without following links and without blocking (a FIFO must not hang the
         // agent); the checks below are on the opened file itself, so nothing can be swapped in
         // between.
@@ -102,46 +137,66 @@ impl DirSource {
             .read(true)
             .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
             .open(&path);
-        let layout = match opened {
+        let file = match opened {
             Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
-                Err(outpost_bundle_format::layout::LayoutError::UnsafeEntry {
+                return unreadable(LayoutError::UnsafeEntry {
                     path: name.clone(),
                     reason: "a link, not a file".into(),
-                })
+                });
             }
             // Gone already: nothing to file away.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
             // Unreadable (permissions...): rejected with the reason, not left there unnoticed.
-            Err(e) => Err(outpost_bundle_format::layout::LayoutError::Malformed {
-                what: name.clone(),
-                reason: format!("cannot open: {e}"),
-            }),
-            Ok(file) => {
-                if !file.metadata().ok()?.is_file() {
-                    return None;
-                }
-                let spool = tempfile::Builder::new()
-                    .prefix("spool")
-                    .tempdir_in(&self.spool_root)
-                    .ok();
-                let reader = std::io::BufReader::with_capacity(1 << 20, file);
-                let layout =
-                    Layout::read_tar(reader, &self.limits, spool.as_ref().map(|s| s.path()));
-                return Some(Candidate {
-                    origin: path.display().to_string(),
-                    layout,
-                    digest: None,
-                    spool,
-                    key: name,
+            Err(e) => {
+                return unreadable(LayoutError::Malformed {
+                    what: name.clone(),
+                    reason: format!("cannot open: {e}"),
                 });
             }
+            Ok(file) => file,
         };
+        if !file.metadata().ok()?.is_file() {
+            return None;
+        }
+        let reading = match ReadingMarker::begin(&self.marker, file_name.as_bytes()) {
+            Ok(marker) => Some(marker),
+            Err(e) => {
+                crate::daemon::log(format!("{e}: reading {name} without a crash marker"));
+                None
+            }
+        };
+        let spool = tempfile::Builder::new()
+            .prefix("spool")
+            .tempdir_in(&self.spool_root)
+            .ok();
+        let reader = std::io::BufReader::with_capacity(1 << 20, file);
+        let layout = Layout::read_tar(reader, &self.limits, spool.as_ref().map(|s| s.path()));
         Some(Candidate {
             origin: path.display().to_string(),
             layout,
             digest: None,
+            spool,
+            key: name,
+            reading,
+            file: Some(path),
+        })
+    }
+
+    /// The file the previous run died reading, as a rejection that reads nothing.
+    fn interrupted_candidate(&mut self) -> Option<Candidate> {
+        let path = self.interrupted.take()?;
+        let name = path.file_name()?.to_string_lossy().into_owned();
+        Some(Candidate {
+            origin: path.display().to_string(),
+            layout: Err(LayoutError::Interrupted {
+                what: name.clone(),
+                reason: INTERRUPTED.into(),
+            }),
+            digest: None,
             spool: None,
             key: name,
+            reading: None,
+            file: Some(path),
         })
     }
 }
@@ -153,6 +208,9 @@ impl Source for DirSource {
 
     fn next(&mut self) -> BoxFuture<'_, Result<Candidate, SourceError>> {
         Box::pin(async move {
+            if let Some(candidate) = self.interrupted_candidate() {
+                return Ok(candidate);
+            }
             loop {
                 while let Some(path) = self.queue.pop_front() {
                     if let Some(candidate) = self.candidate(path) {
@@ -189,28 +247,36 @@ impl Source for DirSource {
         };
         let reason = format!("{}\n", outcome.describe());
         Box::pin(async move {
-            let from = self.dir.join(&candidate.key);
+            // The file's own path: its name may not be UTF-8 (the key is only for records).
+            let from = candidate
+                .file
+                .clone()
+                .unwrap_or_else(|| self.dir.join(&candidate.key));
+            let Some(name) = from.file_name().map(std::ffi::OsStr::to_os_string) else {
+                return;
+            };
             let target_dir = self.dir.join(folder);
-            let mut target = target_dir.join(&candidate.key);
+            let mut target = target_dir.join(&name);
             if target.exists() {
                 let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%S%.3f");
-                target = target_dir.join(format!("{}.{stamp}", candidate.key));
+                let mut stamped = name.clone();
+                stamped.push(format!(".{stamp}"));
+                target = target_dir.join(stamped);
             }
-            let reason_path = target.with_file_name(format!(
-                "{}.reason",
-                target
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default()
-            ));
-            let _ = outpost_bundle_format::layout::write_atomic(&reason_path, reason.as_bytes());
+            let mut reason_name = target.file_name().unwrap_or_default().to_os_string();
+            reason_name.push(".reason");
+            let _ = outpost_bundle_format::layout::write_atomic(
+                &target.with_file_name(reason_name),
+                reason.as_bytes(),
+            );
             if let Err(e) = std::fs::rename(&from, &target) {
-                eprintln!(
-                    "outpost-agent: cannot move {} to {}: {e}",
+                crate::daemon::log(format!(
+                    "cannot move {} to {}: {e}",
                     from.display(),
                     target.display()
-                );
+                ));
             }
+            // Filed: the crash marker goes with the candidate.
             drop(candidate);
         })
     }

@@ -275,6 +275,8 @@ impl Source for GitSource {
                             digest: None,
                             spool: Some(spool),
                             key: commit.to_string(),
+                            reading: None,
+                            file: None,
                         }))
                     },
                 )

@@ -27,6 +27,42 @@ pub struct Candidate {
     pub digest: Option<outpost_bundle_format::Digest>,
     /// Source-specific identity (file name, manifest digest, commit id).
     pub key: String,
+    /// Set while an input is read and judged; gone once the candidate is settled or dropped.
+    pub reading: Option<ReadingMarker>,
+    /// The dropped file itself (the file-drop source), by its real name.
+    pub file: Option<std::path::PathBuf>,
+}
+
+/// A crash marker: a small file naming the input being read, removed when its candidate is
+/// dropped. One found at start names an input its reader died on (a crash, a kill), which is
+/// then filed rather than read again, so an input that kills the agent cannot do so at every
+/// restart.
+pub struct ReadingMarker {
+    path: std::path::PathBuf,
+}
+
+impl ReadingMarker {
+    /// Records (fsynced) that `input` is about to be read.
+    pub fn begin(path: &std::path::Path, input: &[u8]) -> Result<ReadingMarker, SourceError> {
+        outpost_bundle_format::layout::write_atomic(path, input)
+            .map_err(|e| SourceError(format!("{}: {e}", path.display())))?;
+        Ok(ReadingMarker {
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// The input a previous run was reading when it died, if any; the marker is removed.
+    pub fn left_behind(path: &std::path::Path) -> Option<Vec<u8>> {
+        let input = std::fs::read(path).ok()?;
+        let _ = std::fs::remove_file(path);
+        Some(input)
+    }
+}
+
+impl Drop for ReadingMarker {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
 
 /// Paces a polling source: the first poll at once, then one per interval.

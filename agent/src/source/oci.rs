@@ -15,8 +15,8 @@ use outpost_registry_client::{
 
 /// Layers accepted in one bundle or signature manifest.
 const MAX_LAYERS: usize = 64;
-/// Signature manifests (referrers) fetched per bundle.
-const MAX_SIGNATURE_MANIFESTS: usize = 16;
+/// Signature manifests (referrers) fetched per bundle: as many as a reader accepts.
+use outpost_bundle_format::bundle::MAX_SIGNATURE_MANIFESTS;
 
 /// Why a fetch failed: the registry could not be reached (retried with backoff), or what it
 /// served is wrong (a rejection, recorded like any other).
@@ -123,7 +123,7 @@ impl OciSource {
             .await
             .map_err(|e| self.classify(e))?;
         let mut layout = Layout::default();
-        let manifest: ImageManifest = serde_json::from_slice(&bytes)
+        let manifest: ImageManifest = outpost_bundle_format::json::from_slice(&bytes)
             .map_err(|e| malformed(format!("manifest {digest}"), e))?;
         let mut descriptor = Descriptor::of(oci::MEDIA_TYPE_MANIFEST, &bytes);
         descriptor.artifact_type = manifest.artifact_type.clone();
@@ -140,7 +140,7 @@ impl OciSource {
                 .get_manifest(repository, &signature_manifest.to_string(), max)
                 .await
                 .map_err(|e| self.classify(e))?;
-            let manifest: ImageManifest = serde_json::from_slice(&bytes)
+            let manifest: ImageManifest = outpost_bundle_format::json::from_slice(&bytes)
                 .map_err(|e| malformed(format!("signature manifest {signature_manifest}"), e))?;
             self.fetch_blobs(&manifest, &mut layout).await?;
             let mut descriptor = Descriptor::of(oci::MEDIA_TYPE_MANIFEST, &bytes);
@@ -181,7 +181,9 @@ impl OciSource {
         {
             found.push(tagged);
         }
-        // Anyone who can push may add referrers; only so many are looked at.
+        // Anyone who can push may add referrers; each is looked at once, and only so many.
+        found.sort();
+        found.dedup();
         found.truncate(MAX_SIGNATURE_MANIFESTS);
         Ok(found)
     }
@@ -278,6 +280,8 @@ impl Source for OciSource {
                     layout,
                     spool: None,
                     key: head.digest.to_string(),
+                    reading: None,
+                    file: None,
                 });
             }
         })

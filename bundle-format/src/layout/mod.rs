@@ -26,8 +26,12 @@ pub struct Limits {
     pub max_blob_bytes: u64,
     /// All blobs together.
     pub max_total_bytes: u64,
-    /// Entries in a tar or files in a directory.
+    /// Entries in a tar or files in a directory (directories included).
     pub max_entries: usize,
+    /// Small blobs are kept in memory until they add up to this; later ones are read from
+    /// disk when needed (a directory's own files, or the spool a tar is read with), so memory
+    /// does not grow with the number of small blobs an archive holds.
+    pub max_held_bytes: u64,
 }
 
 impl Default for Limits {
@@ -37,6 +41,7 @@ impl Default for Limits {
             max_blob_bytes: 16 << 30,
             max_total_bytes: 64 << 30,
             max_entries: 100_000,
+            max_held_bytes: 64 << 20,
         }
     }
 }
@@ -48,6 +53,12 @@ pub enum LayoutError {
     Io { path: String, source: io::Error },
     #[error("{what} is {size} bytes, over the {limit}-byte limit")]
     SizeLimit { what: String, size: u64, limit: u64 },
+    #[error("{what} has more than {limit} {unit}")]
+    CountLimit {
+        what: String,
+        limit: usize,
+        unit: &'static str,
+    },
     #[error("{what} has digest {actual}, not {expected}")]
     DigestMismatch {
         what: String,
@@ -60,6 +71,10 @@ pub enum LayoutError {
     Malformed { what: String, reason: String },
     #[error("blob {0} is referenced but missing from the layout")]
     MissingBlob(Digest),
+    /// A reader that died while reading this input (a crash, a kill): it is filed, not read
+    /// again, so an input that kills its reader cannot do it at every restart.
+    #[error("{what}: {reason}")]
+    Interrupted { what: String, reason: String },
 }
 
 impl LayoutError {
@@ -67,11 +82,12 @@ impl LayoutError {
     pub fn check(&self) -> &'static str {
         match self {
             LayoutError::Io { .. } => "io",
-            LayoutError::SizeLimit { .. } => "size-limit",
+            LayoutError::SizeLimit { .. } | LayoutError::CountLimit { .. } => "size-limit",
             LayoutError::DigestMismatch { .. } => "digest-mismatch",
             LayoutError::UnsafeEntry { .. } => "unsafe-path",
             LayoutError::Malformed { .. } => "malformed",
             LayoutError::MissingBlob(_) => "missing-blob",
+            LayoutError::Interrupted { .. } => "interrupted",
         }
     }
 
@@ -223,7 +239,11 @@ impl Layout {
     }
 
     /// Digests reachable from index.json (manifests, their configs and layers, nested indexes).
+    ///
+    /// Linear in the layout: every descriptor's size is checked however often its digest is
+    /// referenced, and each manifest or index is parsed once.
     pub fn reachable(&self, limits: &Limits) -> Result<BTreeSet<Digest>, LayoutError> {
+        check_listed_once(&self.index)?;
         let mut seen = BTreeSet::new();
         let mut stack: Vec<(oci::Descriptor, usize)> = self
             .index
@@ -233,9 +253,6 @@ impl Layout {
             .map(|d| (d, 0))
             .collect();
         while let Some((descriptor, depth)) = stack.pop() {
-            if !seen.insert(descriptor.digest) {
-                continue;
-            }
             let size = self
                 .blob_size(&descriptor.digest)
                 .ok_or(LayoutError::MissingBlob(descriptor.digest))?;
@@ -245,29 +262,39 @@ impl Layout {
                     format!("says {} bytes, blob has {size}", descriptor.size),
                 ));
             }
-            let media = descriptor.media_type.as_str();
+            if !seen.insert(descriptor.digest) {
+                continue;
+            }
             if depth > 4 {
                 return Err(LayoutError::malformed(
                     "layout",
                     "manifests nested deeper than 4",
                 ));
             }
+            let media = descriptor.media_type.as_str();
             if media == oci::MEDIA_TYPE_MANIFEST || media == oci::MEDIA_TYPE_DOCKER_MANIFEST {
-                let bytes = self.read_blob(&descriptor.digest, limits.max_metadata_bytes)?;
-                let manifest: ImageManifest = serde_json::from_slice(&bytes).map_err(|e| {
-                    LayoutError::malformed(format!("manifest {}", descriptor.digest), e.to_string())
-                })?;
+                let manifest: ImageManifest =
+                    self.read_json(&descriptor.digest, "manifest", limits)?;
                 stack.push((manifest.config, depth + 1));
                 stack.extend(manifest.layers.into_iter().map(|l| (l, depth + 1)));
             } else if media == oci::MEDIA_TYPE_INDEX || media == oci::MEDIA_TYPE_DOCKER_LIST {
-                let bytes = self.read_blob(&descriptor.digest, limits.max_metadata_bytes)?;
-                let index: ImageIndex = serde_json::from_slice(&bytes).map_err(|e| {
-                    LayoutError::malformed(format!("index {}", descriptor.digest), e.to_string())
-                })?;
+                let index: ImageIndex = self.read_json(&descriptor.digest, "index", limits)?;
                 stack.extend(index.manifests.into_iter().map(|m| (m, depth + 1)));
             }
         }
         Ok(seen)
+    }
+
+    /// A metadata blob parsed as strict JSON (duplicate members refused).
+    pub fn read_json<T: serde::de::DeserializeOwned>(
+        &self,
+        digest: &Digest,
+        what: &str,
+        limits: &Limits,
+    ) -> Result<T, LayoutError> {
+        let bytes = self.read_blob(digest, limits.max_metadata_bytes)?;
+        crate::json::from_slice(&bytes)
+            .map_err(|e| LayoutError::malformed(format!("{what} {digest}"), e.to_string()))
     }
 
     /// Reads a layout from a directory or a tar file.
@@ -365,19 +392,9 @@ impl Layout {
         for entry in entries {
             let entry = entry.map_err(tar_error)?;
             let raw_path = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
-            // `tar -C layout -cf x.tar .` starts with the directory itself.
-            if (raw_path == "." || raw_path == "./") && entry.header().entry_type().is_dir() {
-                continue;
-            }
-            let name = safe_tar_path(&raw_path)?;
-            reader.count_entry(&name)?;
+            // Every header counts, whatever it turns out to be.
+            reader.count_entry(&raw_path)?;
             let kind = entry.header().entry_type();
-            if kind.is_dir() {
-                if name == "blobs" || name == "blobs/sha256" {
-                    continue;
-                }
-                return Err(unexpected(&name));
-            }
             if kind.is_pax_global_extensions()
                 || kind.is_pax_local_extensions()
                 || kind.is_gnu_longname()
@@ -388,6 +405,27 @@ impl Layout {
                     "extended headers (PAX, GNU long names) are not allowed in a bundle",
                 ));
             }
+            if kind.is_dir() {
+                // A directory's data would be skipped unread and uncounted: refuse it.
+                let size = entry.header().size().map_err(tar_error)?;
+                if size != 0 {
+                    return Err(LayoutError::malformed(
+                        raw_path,
+                        format!("a directory entry carrying {size} bytes of data"),
+                    ));
+                }
+                // `tar -C layout -cf x.tar .` starts with the directory itself.
+                let name = match raw_path.as_str() {
+                    "." | "./" => ".".to_string(),
+                    _ => safe_tar_path(&raw_path)?,
+                };
+                if !matches!(name.as_str(), "." | "blobs" | "blobs/sha256") {
+                    return Err(unexpected(&name));
+                }
+                reader.directory(&name)?;
+                continue;
+            }
+            let name = safe_tar_path(&raw_path)?;
             if !(kind.is_file() || kind == tar::EntryType::Continuous) {
                 return Err(LayoutError::UnsafeEntry {
                     path: raw_path,
@@ -518,6 +556,19 @@ impl Layout {
     }
 }
 
+/// One index.json entry per manifest: a digest listed again could only make readers do the
+/// same work again (thousands of entries naming one large manifest or signature manifest).
+fn check_listed_once(index: &ImageIndex) -> Result<(), LayoutError> {
+    let mut listed = BTreeSet::new();
+    match index.manifests.iter().find(|d| !listed.insert(d.digest)) {
+        Some(again) => Err(LayoutError::malformed(
+            "index.json",
+            format!("lists {} more than once", again.digest),
+        )),
+        None => Ok(()),
+    }
+}
+
 fn unexpected(name: &str) -> LayoutError {
     LayoutError::UnsafeEntry {
         path: name.to_string(),
@@ -569,7 +620,10 @@ struct LayoutReader<'a> {
     limits: &'a Limits,
     entries: usize,
     total: u64,
+    /// Bytes of small blobs held in memory (bounded by `max_held_bytes`).
+    held: u64,
     saw_layout_file: bool,
+    directories: BTreeSet<String>,
     index: Option<Vec<u8>>,
     blobs: BTreeMap<Digest, Blob>,
     spool: Option<PathBuf>,
@@ -581,7 +635,9 @@ impl<'a> LayoutReader<'a> {
             limits,
             entries: 0,
             total: 0,
+            held: 0,
             saw_layout_file: false,
+            directories: BTreeSet::new(),
             index: None,
             blobs: BTreeMap::new(),
             spool: None,
@@ -591,13 +647,22 @@ impl<'a> LayoutReader<'a> {
     fn count_entry(&mut self, name: &str) -> Result<(), LayoutError> {
         self.entries += 1;
         if self.entries > self.limits.max_entries {
-            return Err(LayoutError::SizeLimit {
-                what: format!("layout (at {name})"),
-                size: self.entries as u64,
-                limit: self.limits.max_entries as u64,
+            return Err(LayoutError::CountLimit {
+                what: format!("layout (at {name:?})"),
+                limit: self.limits.max_entries,
+                unit: "entries",
             });
         }
         Ok(())
+    }
+
+    /// One of the layout's directories (`.`, `blobs`, `blobs/sha256`), each at most once.
+    fn directory(&mut self, name: &str) -> Result<(), LayoutError> {
+        if self.directories.insert(name.to_string()) {
+            Ok(())
+        } else {
+            Err(LayoutError::malformed(name, "directory appears twice"))
+        }
     }
 
     /// One regular file of the layout. `on_disk` is its path when it is already a file we can
@@ -609,10 +674,18 @@ impl<'a> LayoutReader<'a> {
         content: impl Read,
         on_disk: Option<&Path>,
     ) -> Result<(), LayoutError> {
+        self.total = self.total.saturating_add(size);
+        if self.total > self.limits.max_total_bytes {
+            return Err(LayoutError::SizeLimit {
+                what: "layout".into(),
+                size: self.total,
+                limit: self.limits.max_total_bytes,
+            });
+        }
         match name {
             oci::LAYOUT_FILE => {
                 let bytes = read_limited(content, size, 1024, name)?;
-                let value: serde_json::Value = serde_json::from_slice(&bytes)
+                let value: serde_json::Value = crate::json::from_slice(&bytes)
                     .map_err(|e| LayoutError::malformed(name, e.to_string()))?;
                 if value.get("imageLayoutVersion").and_then(|v| v.as_str()) != Some("1.0.0") {
                     return Err(LayoutError::malformed(
@@ -649,17 +722,13 @@ impl<'a> LayoutReader<'a> {
                         limit: self.limits.max_blob_bytes,
                     });
                 }
-                self.total = self.total.saturating_add(size);
-                if self.total > self.limits.max_total_bytes {
-                    return Err(LayoutError::SizeLimit {
-                        what: "layout".into(),
-                        size: self.total,
-                        limit: self.limits.max_total_bytes,
-                    });
-                }
-                let blob = if size <= self.limits.max_metadata_bytes {
+                let held = self.held.saturating_add(size);
+                let blob = if size <= self.limits.max_metadata_bytes
+                    && held <= self.limits.max_held_bytes
+                {
                     let bytes = read_limited(content, size, self.limits.max_metadata_bytes, name)?;
                     check_digest(name, expected, Digest::of(&bytes))?;
+                    self.held = held;
                     Blob {
                         size,
                         data: BlobData::Memory(bytes),
@@ -674,6 +743,8 @@ impl<'a> LayoutReader<'a> {
         Ok(())
     }
 
+    /// A blob not held in memory: left where it is (a directory's file), written to the spool
+    /// while hashed (a tar read with one), or only hashed.
     fn stream_large(
         &self,
         name: &str,
@@ -720,7 +791,7 @@ impl<'a> LayoutReader<'a> {
         let index_bytes = self
             .index
             .ok_or_else(|| LayoutError::malformed("layout", "index.json is missing"))?;
-        let index: ImageIndex = serde_json::from_slice(&index_bytes)
+        let index: ImageIndex = crate::json::from_slice(&index_bytes)
             .map_err(|e| LayoutError::malformed("index.json", e.to_string()))?;
         if index.schema_version != 2 {
             return Err(LayoutError::malformed(
@@ -728,6 +799,7 @@ impl<'a> LayoutReader<'a> {
                 "schemaVersion must be 2",
             ));
         }
+        check_listed_once(&index)?;
         Ok(Layout {
             index,
             blobs: self.blobs,
