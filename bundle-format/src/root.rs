@@ -591,20 +591,20 @@ mod tests {
             .0;
         assert!(err.contains("two carried roots have version 2"), "{err}");
         // Roots not newer than the trust are skipped and never returned for saving.
-        let (root, applied) = v1.rotate_through(&[v2.clone()]).unwrap();
+        let (root, applied) = v1.rotate_through(std::slice::from_ref(&v2)).unwrap();
         assert_eq!((root.version, applied), (2, vec![v2.clone()]));
-        let (root, applied) = root.rotate_through(&[v2.clone()]).unwrap();
+        let (root, applied) = root.rotate_through(std::slice::from_ref(&v2)).unwrap();
         assert_eq!((root.version, applied.len()), (2, 0));
 
         // Writers refuse the draft at build time, with or without the previous root.
         assert!(
-            check_carried_chain(&[draft.clone()], None)
+            check_carried_chain(std::slice::from_ref(&draft), None)
                 .unwrap_err()
                 .0
                 .contains("root v2")
         );
         assert!(check_carried_chain(&[draft], Some(&v1)).is_err());
-        check_carried_chain(&[v2.clone()], None).unwrap();
+        check_carried_chain(std::slice::from_ref(&v2), None).unwrap();
         check_carried_chain(&[v2], Some(&v1)).unwrap();
     }
 

@@ -368,10 +368,8 @@ pub fn with_metadata_json(json: &str) -> Layout {
 
 /// `layout` signed by `keys` over a payload of the caller's spelling (the library would refuse
 /// to attach one with duplicate members).
-pub fn signed_payload(layout: &Layout, payload: &str, keys: &[&str]) -> Vec<u8> {
-    let (mut index, mut blobs) = parts_of(layout);
-    let tag = digest(layout).signature_tag();
-    index.retain(|d| d.ref_name() != Some(tag.as_str()));
+pub fn signed_payload(mut layout: Layout, payload: &str, keys: &[&str]) -> Layout {
+    let tag = digest(&layout).signature_tag();
     let payload = payload.as_bytes().to_vec();
     let layers = keys
         .iter()
@@ -384,13 +382,21 @@ pub fn signed_payload(layout: &Layout, payload: &str, keys: &[&str]) -> Vec<u8> 
     let mut descriptor = Descriptor::of(oci::MEDIA_TYPE_MANIFEST, &manifest);
     descriptor
         .annotations
-        .insert(oci::ANNOTATION_REF_NAME.into(), tag);
-    index.push(descriptor);
-    blobs.extend([payload, manifest, config]);
-    layout_tar(
-        &index_json(index),
-        &blobs.iter().map(Vec::as_slice).collect::<Vec<_>>(),
-    )
+        .insert(oci::ANNOTATION_REF_NAME.into(), tag.clone());
+    let index = layout.index_mut();
+    index.manifests.retain(|d| d.ref_name() != Some(tag.as_str()));
+    index.manifests.push(descriptor);
+    for blob in [payload, manifest, config] {
+        layout.add_blob(blob);
+    }
+    layout
+}
+
+/// `layout` signed by `keys` the way any tool can, without the library's check that the content
+/// is valid (which `bundle::add_signature` makes): for signed content a reader must refuse.
+pub fn signed_unchecked(layout: Layout, keys: &[&str]) -> Layout {
+    let payload = outpost_bundle_format::signature::payload("acme", &digest(&layout));
+    signed_payload(layout, std::str::from_utf8(&payload).unwrap(), keys)
 }
 
 pub fn garbage() -> Vec<u8> {
@@ -489,7 +495,7 @@ pub fn attacks(next: u64, replay: &Layout) -> Vec<Attack> {
         with_layout("replayed-older-sequence", replay.clone(), "rollback"),
         with_layout(
             "unpinned-image",
-            signed(unpinned(&version(next), next), &both),
+            signed_unchecked(unpinned(&version(next), next), &both),
             "unpinned-image",
         ),
         tar_only(
@@ -581,7 +587,7 @@ pub fn attacks(next: u64, replay: &Layout) -> Vec<Attack> {
                     r#"{{"critical":{{"identity":{{"docker-reference":"acme"}},"image":{{"docker-manifest-digest":"{innocent}","docker-manifest-digest":"{}"}},"type":"cosign container image signature"}},"optional":null}}"#,
                     digest(&target)
                 );
-                signed_payload(&target, &payload, &both)
+                tar(&signed_payload(target, &payload, &both))
             },
             "malformed",
         ),

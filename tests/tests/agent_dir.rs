@@ -335,9 +335,34 @@ fn kill_9_at_any_moment_keeps_state_intact() {
         std::thread::sleep(Duration::from_micros(rng % 300_000));
         agent.kill();
         agent.restart();
+        // Killed while reading or judging the file, the agent files it rather than read it
+        // blindly again (an input that killed it would otherwise do so at every start); the
+        // customer drops it again.
+        let name = format!("v{sequence}.tar");
+        let filed = drop.path().join("rejected").join(&name);
+        let interrupted = outpost_tests::eventually("the release current, or its file filed", || {
+            if agent.status()["current"]["sequence"] == sequence {
+                return Ok(false);
+            }
+            match std::fs::read_to_string(filed.with_file_name(format!("{name}.reason"))) {
+                Ok(reason) if filed.exists() => Ok(reason.starts_with("rejected: interrupted: ")),
+                _ => Err("neither yet".to_string()),
+            }
+        });
+        if interrupted {
+            let reason = wait_file(&filed.with_file_name(format!("{name}.reason")));
+            assert!(reason.contains("the agent stopped while reading this file"), "{reason}");
+            std::fs::remove_file(filed.with_file_name(format!("{name}.reason"))).unwrap();
+            std::fs::rename(&filed, drop.path().join(&name)).unwrap();
+            agent.restart();
+        }
         let status = agent.wait_current(sequence);
         assert_eq!(status["highest_sequence"], sequence);
-        assert_eq!(status["last_rejection"], Value::Null, "{status:#}");
+        let rejection = &status["last_rejection"];
+        assert!(
+            rejection.is_null() || rejection["check"] == "interrupted",
+            "{status:#}"
+        );
     }
     // Rollback protection survived every restart, and a deleted download cache.
     let _ = std::fs::remove_dir_all(agent.path("state/tmp"));
@@ -357,6 +382,60 @@ fn kill_9_at_any_moment_keeps_state_intact() {
         .map(|d| d.count())
         .unwrap_or(0);
     assert_eq!(leftovers, 0);
+}
+
+/// The crash marker: a file the agent died reading is filed at the next start, with the
+/// reason, and nothing else changes; the marker is gone once the file is settled.
+#[test]
+fn a_file_the_agent_died_reading_is_filed_not_read_again() {
+    let drop = tempfile::tempdir().unwrap();
+    let mut agent = dir_agent(drop.path(), "");
+    drop_file(drop.path(), "v1.tar", &tar(&signed(release("1.0.0", 1), &BOTH)));
+    let before = agent.wait_current(1)["current"].clone();
+    assert!(!agent.path("state/dir-source.reading").exists());
+    // As if the agent had died while reading v2.tar (what a crash or a kill -9 leaves).
+    agent.kill();
+    let v2 = tar(&signed(release("1.1.0", 2), &BOTH));
+    drop_file(drop.path(), "v2.tar", &v2);
+    std::fs::write(agent.path("state/dir-source.reading"), "v2.tar").unwrap();
+    agent.restart();
+    let reason = wait_file(&drop.path().join("rejected/v2.tar.reason"));
+    assert_eq!(
+        reason,
+        "rejected: interrupted: v2.tar: the agent stopped while reading this file\n"
+    );
+    assert!(drop.path().join("rejected/v2.tar").exists());
+    let status = agent.status();
+    assert_eq!(status["current"], before);
+    assert_eq!(status["last_rejection"]["check"], "interrupted");
+    assert!(!agent.path("state/dir-source.reading").exists());
+    // Dropped again by the customer, it is read and accepted.
+    drop_file(drop.path(), "v2-again.tar", &v2);
+    agent.wait_current(2);
+    // A restart finds no marker and files nothing more.
+    agent.restart();
+    assert_eq!(agent.status()["last_rejection"], Value::Null);
+}
+
+/// A file whose name is not UTF-8 is filed under its own bytes, once, not read at every start.
+#[test]
+fn a_file_with_a_non_utf8_name_is_filed_once() {
+    use std::os::unix::ffi::OsStrExt;
+    let drop = tempfile::tempdir().unwrap();
+    let mut agent = dir_agent(drop.path(), "");
+    let name = std::ffi::OsStr::from_bytes(b"bundle-\xff\xfe.tar");
+    let partial = drop.path().join(".partial-name.partial");
+    std::fs::write(&partial, outpost_tests::forge::garbage()).unwrap();
+    std::fs::rename(&partial, drop.path().join(name)).unwrap();
+    let mut reason_name = name.to_os_string();
+    reason_name.push(".reason");
+    let reason = wait_file(&drop.path().join("rejected").join(&reason_name));
+    assert!(reason.starts_with("rejected: malformed: "), "{reason}");
+    assert!(drop.path().join("rejected").join(name).exists());
+    assert!(!drop.path().join(name).exists());
+    agent.restart();
+    assert_eq!(agent.status()["last_rejection"], Value::Null);
+    assert_eq!(agent.rejected_total(), 0);
 }
 
 #[test]
@@ -382,8 +461,28 @@ fn root_rotation_survives_restarts_and_fails_closed() {
         .unwrap(),
         &["vendor-b"],
     );
+    // The verified v2 beside the unsigned draft of v2 (`root rotate`'s output): refused, so
+    // the draft can never be saved as the chain's v2 and brick the next start.
+    let with_draft = outpost_tests::forge::signed_unchecked(
+        bundle::build(
+            &quickstart(),
+            &metadata("0.9.0", 1),
+            &[rotated_root(&v2_unsigned), v2_unsigned.clone()],
+        )
+        .unwrap(),
+        &["vendor-b"],
+    );
+    drop_file(drop.path(), "draft.tar", &tar(&with_draft));
+    let reason = wait_file(&drop.path().join("rejected/draft.tar.reason"));
+    assert!(
+        reason.starts_with("rejected: trust-root: two carried roots have version 2"),
+        "{reason}"
+    );
+    agent.restart();
     drop_file(drop.path(), "v1.tar", &tar(&carrying));
     agent.wait_current(1);
+    let saved = std::fs::read(agent.path("state/roots/2.root.json")).unwrap();
+    assert_eq!(saved, rotated_root(&v2_unsigned));
     // After a restart trust stands at v2: vendor-b alone signs, vendor-a alone no longer does.
     agent.restart();
     drop_file(

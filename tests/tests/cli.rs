@@ -368,6 +368,49 @@ fn root_rotation_through_the_cli() {
         .arg(&v1))
     .ok();
 
+    // A draft is refused at build time: unsigned (what `root rotate` writes), half-signed
+    // against the previous root, or two documents of one version.
+    let draft = dir.path().join("root-v2-draft.json");
+    run(signer()
+        .args(["root", "rotate"])
+        .arg(&v1)
+        .arg("--out")
+        .arg(&draft)
+        .arg("--key")
+        .arg(keys.join("vendor-b.pub")))
+    .ok();
+    let refused = dir.path().join("refused.tar");
+    let build_carrying = |roots: &[&Path], previous: Option<&Path>| {
+        let mut command = signer();
+        command.arg("build").arg(quickstart()).args([
+            "--version",
+            "2.0.0",
+            "--sequence",
+            "2",
+            "--offline",
+        ]);
+        for root in roots {
+            command.arg("--root-update").arg(root);
+        }
+        if let Some(previous) = previous {
+            command.arg("--root-previous").arg(previous);
+        }
+        run(command.arg("--out").arg(&refused))
+    };
+    build_carrying(&[&draft], None).fails(1, "--root-update: root v2: root v2 is signed by 0 of its keys");
+    build_carrying(&[&v2, &draft], None).fails(1, "two carried roots have version 2");
+    let half = dir.path().join("root-v2-half.json");
+    std::fs::copy(&draft, &half).unwrap();
+    run(signer()
+        .args(["root", "sign"])
+        .arg(&half)
+        .arg("--key")
+        .arg(keys.join("vendor-b.key")))
+    .ok();
+    build_carrying(&[&half], Some(&v1)).fails(1, "of v1's keys");
+    assert!(!refused.exists(), "a refused build wrote a bundle");
+    build_carrying(&[&v2], Some(&v1)).ok();
+
     // A bundle carrying v2 and signed only by the new key verifies against the pinned v1.
     let bundle = dir.path().join("b.tar");
     run(signer()
@@ -402,6 +445,39 @@ fn root_rotation_through_the_cli() {
         .arg(keys.join("vendor-b.key")))
     .ok();
     run(signer().arg("verify").arg(&plain).arg("--root").arg(&v1)).fails(1, "untrusted-signature");
+}
+
+/// What a reader refuses is refused at signing time, so the vendor learns it there.
+#[test]
+fn sign_refuses_what_every_reader_refuses() {
+    use outpost_tests::forge;
+    let dir = tempfile::tempdir().unwrap();
+    let key = testdata().join("keys/vendor-a.key");
+    let sign = |layout: &outpost_bundle_format::Layout, name: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, forge::tar(layout)).unwrap();
+        run(signer().arg("sign").arg(&path).arg("--key").arg(&key))
+    };
+    let mut stack = serde_json::to_value(forge::quickstart()).unwrap();
+    stack["resources"][0]["container"]["cpu"] = (-1).into();
+    let invalid_stack = forge::with_stack(serde_json::to_vec(&stack).unwrap(), "1.0.0", 1);
+    sign(&invalid_stack, "invalid-stack.tar").fails(1, "cpu");
+    let doubled = r#"{"name":"acme","name":"other","permissionProfiles":{},"resources":[]}"#;
+    sign(&forge::with_stack(doubled.as_bytes().to_vec(), "1.0.0", 1), "doubled-stack.tar")
+        .fails(1, "duplicate member \"name\"");
+    let metadata = r#"{"formatVersion":1,"name":"acme","version":"1.0.0","sequence":1,"sequence":2,"channel":"stable","created":"2026-01-01T00:00:00Z","expires":"2099-01-01T00:00:00Z"}"#;
+    sign(&forge::with_metadata_json(metadata), "doubled-metadata.tar")
+        .fails(1, "duplicate member \"sequence\"");
+    sign(&forge::unpinned("1.0.0", 1), "unpinned.tar").fails(1, "not pinned by digest");
+    let (_, draft) = forge::roots();
+    let carrying = outpost_bundle_format::bundle::build(
+        &forge::quickstart(),
+        &forge::metadata("1.0.0", 1),
+        &[draft],
+    )
+    .unwrap();
+    sign(&carrying, "draft-root.tar").fails(1, "carried trust root: root v2");
+    sign(&forge::release("1.0.0", 1), "good.tar").ok();
 }
 
 #[test]
