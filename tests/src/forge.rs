@@ -384,7 +384,9 @@ pub fn signed_payload(mut layout: Layout, payload: &str, keys: &[&str]) -> Layou
         .annotations
         .insert(oci::ANNOTATION_REF_NAME.into(), tag.clone());
     let index = layout.index_mut();
-    index.manifests.retain(|d| d.ref_name() != Some(tag.as_str()));
+    index
+        .manifests
+        .retain(|d| d.ref_name() != Some(tag.as_str()));
     index.manifests.push(descriptor);
     for blob in [payload, manifest, config] {
         layout.add_blob(blob);
@@ -558,7 +560,7 @@ pub fn attacks(next: u64, replay: &Layout) -> Vec<Attack> {
         // Signed by trusted keys, and still refused.
         tar_only(
             "duplicate-sequence-in-metadata",
-            tar(&signed(
+            tar(&signed_unchecked(
                 with_metadata_json(&format!(
                     r#"{{"formatVersion":1,"name":"acme","version":"{}","sequence":{next},"sequence":18446744073709551615,"channel":"stable","created":"2026-01-01T00:00:00Z","expires":"2099-01-01T00:00:00Z"}}"#,
                     version(next)
@@ -569,7 +571,7 @@ pub fn attacks(next: u64, replay: &Layout) -> Vec<Attack> {
         ),
         tar_only(
             "duplicate-channel-in-metadata",
-            tar(&signed(
+            tar(&signed_unchecked(
                 with_metadata_json(&format!(
                     r#"{{"formatVersion":1,"name":"acme","version":"{}","sequence":{next},"channel":"beta","channel":"stable","created":"2026-01-01T00:00:00Z","expires":"2099-01-01T00:00:00Z"}}"#,
                     version(next)

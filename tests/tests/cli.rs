@@ -397,7 +397,10 @@ fn root_rotation_through_the_cli() {
         }
         run(command.arg("--out").arg(&refused))
     };
-    build_carrying(&[&draft], None).fails(1, "--root-update: root v2: root v2 is signed by 0 of its keys");
+    build_carrying(&[&draft], None).fails(
+        1,
+        "--root-update: root v2: root v2 is signed by 0 of its keys",
+    );
     build_carrying(&[&v2, &draft], None).fails(1, "two carried roots have version 2");
     let half = dir.path().join("root-v2-half.json");
     std::fs::copy(&draft, &half).unwrap();
@@ -463,8 +466,11 @@ fn sign_refuses_what_every_reader_refuses() {
     let invalid_stack = forge::with_stack(serde_json::to_vec(&stack).unwrap(), "1.0.0", 1);
     sign(&invalid_stack, "invalid-stack.tar").fails(1, "cpu");
     let doubled = r#"{"name":"acme","name":"other","permissionProfiles":{},"resources":[]}"#;
-    sign(&forge::with_stack(doubled.as_bytes().to_vec(), "1.0.0", 1), "doubled-stack.tar")
-        .fails(1, "duplicate member \"name\"");
+    sign(
+        &forge::with_stack(doubled.as_bytes().to_vec(), "1.0.0", 1),
+        "doubled-stack.tar",
+    )
+    .fails(1, "duplicate member \"name\"");
     let metadata = r#"{"formatVersion":1,"name":"acme","version":"1.0.0","sequence":1,"sequence":2,"channel":"stable","created":"2026-01-01T00:00:00Z","expires":"2099-01-01T00:00:00Z"}"#;
     sign(&forge::with_metadata_json(metadata), "doubled-metadata.tar")
         .fails(1, "duplicate member \"sequence\"");

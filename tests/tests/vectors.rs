@@ -269,7 +269,10 @@ fn generate() {
     let doubled = r#"{"formatVersion":1,"name":"acme","version":"1.0.0","sequence":1,"sequence":18446744073709551615,"channel":"stable","created":"2026-01-01T00:00:00Z","expires":"2099-01-01T00:00:00Z"}"#;
     write(
         "duplicate-member-in-metadata",
-        &tar(&signed_unchecked(with_metadata_json(doubled), &["vendor-a"])),
+        &tar(&signed_unchecked(
+            with_metadata_json(doubled),
+            &["vendor-a"],
+        )),
         key_a,
         "metadata",
     );

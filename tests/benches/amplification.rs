@@ -1,0 +1,130 @@
+//! Reading hostile layouts shaped to amplify work (issue 10), each at two sizes: wall time and
+//! peak RSS of reading and verifying the file as the agent does (`Layout::read_tar` with a spool,
+//! then `verify`), with the agent's default limits. Each case runs in a child process of this
+//! bench so that its peak RSS (VmHWM) is its own.
+//!
+//! `cargo bench -p outpost-tests --bench amplification` (or `tests/bench.sh amplification`).
+
+#![allow(clippy::unwrap_used)] // bench code: a panic is a failed run
+
+use outpost_bundle_format::layout::{Layout, Limits};
+use outpost_bundle_format::{Trust, verify};
+use outpost_tests::forge::{
+    key, many_signatures, release, reparse_amplification, signature_amplification, signed, tar,
+    with_image,
+};
+use std::time::Instant;
+
+const CHILD: &str = "OUTPOST_AMPLIFICATION_FILE";
+
+fn main() {
+    if let Some(file) = std::env::var_os(CHILD) {
+        return measure(std::path::Path::new(&file));
+    }
+    let genuine = || signed(release("1.0.0", 1), &["vendor-a", "vendor-b"]);
+    let cases: Vec<(String, Box<dyn Fn() -> Vec<u8>>)> = vec![
+        (
+            "genuine, 16 MiB image".into(),
+            Box::new(move || {
+                tar(&signed(
+                    with_image(release("1.0.0", 1), 16 << 20),
+                    &["vendor-a"],
+                ))
+            }),
+        ),
+        (
+            "genuine, 256 MiB image".into(),
+            Box::new(move || {
+                tar(&signed(
+                    with_image(release("1.0.0", 1), 256 << 20),
+                    &["vendor-a"],
+                ))
+            }),
+        ),
+        (
+            "signature amplification x2048".into(),
+            Box::new(move || signature_amplification(&genuine(), 2048)),
+        ),
+        (
+            "signature amplification x16384".into(),
+            Box::new(move || signature_amplification(&genuine(), 16384)),
+        ),
+        (
+            "re-parse x4096 of a 1 MB manifest".into(),
+            Box::new(move || reparse_amplification(&genuine(), 4096, 8000)),
+        ),
+        (
+            "re-parse x16384 of a 1 MB manifest".into(),
+            Box::new(move || reparse_amplification(&genuine(), 16384, 8000)),
+        ),
+        (
+            "signatures at the cap: 4 manifests x 64 layers".into(),
+            Box::new(|| many_signatures(&release("1.0.0", 1), 4, 64)),
+        ),
+        (
+            "signatures over the cap: 16 manifests x 4096 layers".into(),
+            Box::new(|| many_signatures(&release("1.0.0", 1), 16, 4096)),
+        ),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    println!(
+        "{:<52} {:>10} {:>10} {:>12}  outcome",
+        "case", "tar MiB", "time ms", "peak RSS MiB"
+    );
+    for (name, make) in cases {
+        let path = dir.path().join("case.tar");
+        std::fs::write(&path, make()).unwrap();
+        let size = std::fs::metadata(&path).unwrap().len() as f64 / (1 << 20) as f64;
+        let output = std::process::Command::new(std::env::current_exe().unwrap())
+            .env(CHILD, &path)
+            .output()
+            .unwrap();
+        let report = String::from_utf8_lossy(&output.stdout);
+        let mut fields = report.trim().splitn(3, ' ');
+        let (ms, rss, outcome) = (
+            fields.next().unwrap_or("?"),
+            fields.next().unwrap_or("?"),
+            fields.next().unwrap_or("?"),
+        );
+        println!("{name:<52} {size:>10.1} {ms:>10} {rss:>12}  {outcome}");
+    }
+}
+
+/// In the child: read and verify one file, print `<ms> <peak RSS MiB> <outcome>`.
+fn measure(file: &std::path::Path) {
+    let limits = Limits {
+        max_blob_bytes: 16 << 30,
+        max_total_bytes: 16 << 30,
+        ..Limits::default()
+    };
+    let trust = Trust::Keys {
+        keys: vec![key("vendor-a").public_key().clone()],
+        threshold: 1,
+    };
+    let spool = tempfile::tempdir().unwrap();
+    let start = Instant::now();
+    let reader = std::io::BufReader::new(std::fs::File::open(file).unwrap());
+    let outcome = Layout::read_tar(reader, &limits, Some(spool.path()))
+        .map_err(outpost_bundle_format::VerifyError::from)
+        .and_then(|layout| verify(&layout, &trust, chrono::Utc::now(), &limits));
+    let elapsed = start.elapsed();
+    let outcome = match outcome {
+        Ok(verified) => format!("verified {}", verified.metadata().version),
+        Err(e) => format!("refused: {}: {}", e.check(), first_words(&e.to_string())),
+    };
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let peak_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    println!(
+        "{:.0} {:.1} {outcome}",
+        elapsed.as_secs_f64() * 1e3,
+        peak_kib as f64 / 1024.0
+    );
+}
+
+fn first_words(text: &str) -> String {
+    text.chars().take(70).collect()
+}
