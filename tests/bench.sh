@@ -2,8 +2,12 @@
 # Agent benchmarks, one command: builds the release binaries, then runs tests/benches/agent.rs.
 #   tests/bench.sh            # all: dir, oci, idle (idle takes OUTPOST_BENCH_IDLE_SECS, default 600), rollout
 #   tests/bench.sh dir|oci|idle|rollout   (rollout: OUTPOST_BENCH_REPLICAS containers, default 50)
+#   tests/bench.sh amplification          # hostile layouts: time and peak RSS at two sizes
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ "${1:-}" = amplification ]; then
+    exec cargo bench --locked -p outpost-tests --bench amplification
+fi
 bash .ci/scripts/setup.sh >/dev/null
 cargo build --release --locked -p outpost-agent -p outpost-signer
 cargo bench --locked -p outpost-tests --bench agent -- "${1:-}"

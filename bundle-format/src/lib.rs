@@ -6,7 +6,8 @@
 //! its own (the `sigstore` dependency links tokio's runtime types but nothing here uses them).
 //! All cryptography is in [`crypto`]. Untrusted bytes become domain types only through checked
 //! constructors ([`stack::Stack::from_file`], [`digest::Digest::parse`],
-//! [`verify::verify`] → [`verify::VerifiedBundle`]). The format is specified in `SPEC.md`.
+//! [`verify::verify`] → [`verify::VerifiedBundle`]); every JSON document from outside is read
+//! through [`json`], which refuses duplicate members. The format is specified in `SPEC.md`.
 
 pub mod bundle;
 pub mod crypto;
