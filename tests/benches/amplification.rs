@@ -7,11 +7,12 @@
 
 #![allow(clippy::unwrap_used)] // bench code: a panic is a failed run
 
+use outpost_bundle_format::crypto::PublicKey;
 use outpost_bundle_format::layout::{Layout, Limits};
 use outpost_bundle_format::{Trust, verify};
 use outpost_tests::forge::{
-    key, many_signatures, release, reparse_amplification, signature_amplification, signed, tar,
-    with_image,
+    layout_tar, many_signatures, release, reparse_amplification, signature_amplification, signed,
+    tar, with_image,
 };
 use std::time::Instant;
 
@@ -58,6 +59,14 @@ fn main() {
             Box::new(move || reparse_amplification(&genuine(), 16384, 8000)),
         ),
         (
+            "64 MiB of 4 KiB blobs beside a bundle".into(),
+            Box::new(move || small_blobs(&genuine(), 16 << 10)),
+        ),
+        (
+            "256 MiB of 4 KiB blobs beside a bundle".into(),
+            Box::new(move || small_blobs(&genuine(), 64 << 10)),
+        ),
+        (
             "signatures at the cap: 4 manifests x 64 layers".into(),
             Box::new(|| many_signatures(&release("1.0.0", 1), 4, 64)),
         ),
@@ -90,6 +99,22 @@ fn main() {
     }
 }
 
+/// `layout`'s tar with `count` distinct unreferenced 4 KiB blobs (digest-checked, then ignored).
+fn small_blobs(layout: &Layout, count: u32) -> Vec<u8> {
+    let mut blobs: Vec<Vec<u8>> = (0..count)
+        .map(|i| {
+            let mut blob = vec![0u8; 4096];
+            blob[..4].copy_from_slice(&i.to_le_bytes());
+            blob
+        })
+        .collect();
+    for digest in layout.reachable(&Limits::default()).unwrap() {
+        blobs.push(layout.read_blob(&digest, 1 << 20).unwrap());
+    }
+    let index = serde_json::to_vec(layout.index()).unwrap();
+    layout_tar(&index, &blobs.iter().map(Vec::as_slice).collect::<Vec<_>>())
+}
+
 /// In the child: read and verify one file, print `<ms> <peak RSS MiB> <outcome>`.
 fn measure(file: &std::path::Path) {
     let limits = Limits {
@@ -97,8 +122,10 @@ fn measure(file: &std::path::Path) {
         max_total_bytes: 16 << 30,
         ..Limits::default()
     };
+    // The public key only: decrypting a private key (scrypt) would dwarf what is measured.
+    let pem = std::fs::read(outpost_tests::testdata().join("keys/vendor-a.pub")).unwrap();
     let trust = Trust::Keys {
-        keys: vec![key("vendor-a").public_key().clone()],
+        keys: vec![PublicKey::from_pem(&pem).unwrap()],
         threshold: 1,
     };
     let spool = tempfile::tempdir().unwrap();

@@ -41,7 +41,7 @@ impl Default for Limits {
             max_blob_bytes: 16 << 30,
             max_total_bytes: 64 << 30,
             max_entries: 100_000,
-            max_held_bytes: 64 << 20,
+            max_held_bytes: 16 << 20,
         }
     }
 }
@@ -108,8 +108,13 @@ impl LayoutError {
 #[derive(Debug, Clone)]
 enum BlobData {
     Memory(Vec<u8>),
-    /// A file whose content was verified when read (or written by us).
-    File(PathBuf),
+    /// Bytes at `offset` of a file, verified when read (or written by us): a whole file (a
+    /// directory layout's blob, a large blob spooled from a tar), or one of the small blobs
+    /// past the memory budget, appended to one spool file so they cost no file each.
+    File {
+        path: PathBuf,
+        offset: u64,
+    },
     /// Verified while streaming through a tar, not retained.
     Discarded,
 }
@@ -164,7 +169,7 @@ impl Layout {
             digest,
             Blob {
                 size,
-                data: BlobData::File(path),
+                data: BlobData::File { path, offset: 0 },
             },
         );
     }
@@ -192,8 +197,9 @@ impl Layout {
         }
         match &blob.data {
             BlobData::Memory(bytes) => Ok(bytes.clone()),
-            BlobData::File(path) => {
-                let bytes = read_bounded(path, limit)?;
+            BlobData::File { path, offset } => {
+                let file = open_at(path, *offset)?.take(blob.size);
+                let bytes = read_limited(file, blob.size, limit, &path.display().to_string())?;
                 // The file was verified when read; check again in case it changed since.
                 let actual = Digest::of(&bytes);
                 if actual != *digest {
@@ -223,10 +229,10 @@ impl Layout {
                 out.write_all(bytes).map_err(LayoutError::io("output"))?;
                 Ok(bytes.len() as u64)
             }
-            BlobData::File(path) => {
+            BlobData::File { path, offset } => {
                 // Hash again while copying: the file may have changed since it was verified.
                 let what = path.display().to_string();
-                let file = File::open(path).map_err(LayoutError::io(path))?;
+                let file = open_at(path, *offset)?;
                 let actual = hash_stream(file, blob.size, &what, |chunk| out.write_all(chunk))?;
                 check_digest(&what, *digest, actual)?;
                 Ok(blob.size)
@@ -449,7 +455,7 @@ impl Layout {
         for digest in &reachable {
             let path = blob_dir.join(digest.hex());
             // A blob read from this very directory is already in place (and was verified).
-            let in_place = matches!(&self.blobs.get(digest), Some(Blob { data: BlobData::File(source), .. }) if source == &path);
+            let in_place = matches!(&self.blobs.get(digest), Some(Blob { data: BlobData::File { path: source, offset: 0 }, .. }) if source == &path);
             if !in_place {
                 self.write_blob_file(digest, &path)?;
             }
@@ -517,9 +523,9 @@ impl Layout {
                 BlobData::Memory(bytes) => {
                     append_file(&mut builder, &name, size, bytes.as_slice())?
                 }
-                BlobData::File(path) => {
-                    let file = File::open(path).map_err(LayoutError::io(path))?;
-                    append_file(&mut builder, &name, size, file)?
+                BlobData::File { path, offset } => {
+                    let file = open_at(path, *offset)?;
+                    append_file(&mut builder, &name, size, file.take(size))?
                 }
                 BlobData::Discarded => {
                     return Err(LayoutError::malformed(
@@ -627,6 +633,8 @@ struct LayoutReader<'a> {
     index: Option<Vec<u8>>,
     blobs: BTreeMap<Digest, Blob>,
     spool: Option<PathBuf>,
+    /// The spool file small blobs past the memory budget are appended to, and its length.
+    small_spool: Option<(File, PathBuf, u64)>,
 }
 
 impl<'a> LayoutReader<'a> {
@@ -641,6 +649,7 @@ impl<'a> LayoutReader<'a> {
             index: None,
             blobs: BTreeMap::new(),
             spool: None,
+            small_spool: None,
         }
     }
 
@@ -733,6 +742,12 @@ impl<'a> LayoutReader<'a> {
                         size,
                         data: BlobData::Memory(bytes),
                     }
+                } else if size <= self.limits.max_metadata_bytes
+                    && on_disk.is_none()
+                    && self.spool.is_some()
+                {
+                    let data = self.append_small(name, expected, size, content)?;
+                    Blob { size, data }
                 } else {
                     let data = self.stream_large(name, expected, size, content, on_disk)?;
                     Blob { size, data }
@@ -741,6 +756,37 @@ impl<'a> LayoutReader<'a> {
             }
         }
         Ok(())
+    }
+
+    /// A small blob past the memory budget, from a tar: appended to the one small-blob spool
+    /// file while hashed.
+    fn append_small(
+        &mut self,
+        name: &str,
+        expected: Digest,
+        size: u64,
+        content: impl Read,
+    ) -> Result<BlobData, LayoutError> {
+        if self.small_spool.is_none() {
+            let spool = self.spool.as_deref().unwrap_or(Path::new("."));
+            fs::create_dir_all(spool).map_err(LayoutError::io(spool))?;
+            let path = spool.join("small-blobs");
+            let file = File::create(&path).map_err(LayoutError::io(&path))?;
+            self.small_spool = Some((file, path, 0));
+        }
+        let Some((file, path, length)) = self.small_spool.as_mut() else {
+            return Err(LayoutError::malformed(name, "no spool"));
+        };
+        let offset = *length;
+        let mut out = io::BufWriter::new(&*file);
+        let actual = hash_stream(content, size, name, |chunk| out.write_all(chunk))?;
+        out.flush().map_err(LayoutError::io(&*path))?;
+        check_digest(name, expected, actual)?;
+        *length += size;
+        Ok(BlobData::File {
+            path: path.clone(),
+            offset,
+        })
     }
 
     /// A blob not held in memory: left where it is (a directory's file), written to the spool
@@ -771,11 +817,14 @@ impl<'a> LayoutReader<'a> {
         })?;
         check_digest(name, expected, actual)?;
         Ok(match (on_disk, spool_path) {
-            (Some(path), _) => BlobData::File(path.to_path_buf()),
+            (Some(path), _) => BlobData::File {
+                path: path.to_path_buf(),
+                offset: 0,
+            },
             (None, Some(path)) => {
                 fs::rename(path.with_extension("partial"), &path)
                     .map_err(LayoutError::io(&path))?;
-                BlobData::File(path)
+                BlobData::File { path, offset: 0 }
             }
             (None, None) => BlobData::Discarded,
         })
@@ -855,7 +904,8 @@ fn hash_stream(
     mut sink: impl FnMut(&[u8]) -> io::Result<()>,
 ) -> Result<Digest, LayoutError> {
     let mut hasher = Sha256::default();
-    let mut buffer = vec![0u8; 1 << 20];
+    // No bigger than the blob: thousands of small blobs must not each cost a 1 MiB buffer.
+    let mut buffer = vec![0u8; size.min(1 << 20) as usize];
     let mut remaining = size;
     while remaining > 0 {
         let want = buffer.len().min(remaining as usize);
@@ -870,10 +920,13 @@ fn hash_stream(
     Ok(Digest::from_sha256(hasher.finish()))
 }
 
-fn read_bounded(path: &Path, limit: u64) -> Result<Vec<u8>, LayoutError> {
-    let file = File::open(path).map_err(LayoutError::io(path))?;
-    let size = file.metadata().map_err(LayoutError::io(path))?.len();
-    read_limited(file, size, limit, &path.display().to_string())
+/// `path` opened and positioned at `offset`.
+fn open_at(path: &Path, offset: u64) -> Result<File, LayoutError> {
+    use io::Seek;
+    let mut file = File::open(path).map_err(LayoutError::io(path))?;
+    file.seek(io::SeekFrom::Start(offset))
+        .map_err(LayoutError::io(path))?;
+    Ok(file)
 }
 
 fn append_file(

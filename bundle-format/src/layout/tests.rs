@@ -445,10 +445,21 @@ fn small_blobs_beyond_the_memory_budget_stay_on_disk() {
         ..Limits::default()
     };
     let read = Layout::read_tar(Cursor::new(&bytes), &budget, Some(spool.path())).unwrap();
-    // The 4 KiB layer is small (metadata-sized) but over the budget: spooled, still readable.
+    // The 4 KiB layer is small (metadata-sized) but over the budget: appended to the one
+    // small-blob spool file with the blobs after it, and still readable (and copyable).
     let layer = Digest::of(&[7u8; 4096]);
-    assert!(spool.path().join(layer.hex()).exists());
+    assert!(!spool.path().join(layer.hex()).exists());
+    assert!(
+        std::fs::metadata(spool.path().join("small-blobs"))
+            .unwrap()
+            .len()
+            > 4096
+    );
     assert_eq!(read.read_blob(&layer, 1 << 20).unwrap(), vec![7u8; 4096]);
+    let mut copied = Vec::new();
+    read.copy_blob(&layer, &mut copied).unwrap();
+    assert_eq!(copied, vec![7u8; 4096]);
+    assert_eq!(tar_bytes(&read), bytes);
     read.reachable(&budget).unwrap();
     // Without a spool it is verified, not kept, and saying so is the error.
     let read = Layout::read_tar(Cursor::new(&bytes), &budget, None).unwrap();
