@@ -1,52 +1,9 @@
 //! Approve: whether a verified release may be applied now. Pure functions of the policy, the
 //! releases, the customer's decisions and the time (passed in).
 
-use crate::config::{ApprovalConfig, ApprovalMode, Change, MaintenanceWindow, chrono_duration};
-use chrono::{DateTime, Duration, Utc};
-use croner::Cron;
+use crate::config::{ApprovalConfig, ApprovalMode, Change, Window};
+use chrono::{DateTime, Utc};
 use std::collections::BTreeMap;
-
-/// A maintenance window: opens at each cron match (in its time zone) for `duration`.
-#[derive(Debug, Clone)]
-pub struct Window {
-    cron: Cron,
-    duration: Duration,
-    timezone: chrono_tz::Tz,
-}
-
-impl Window {
-    pub fn parse(window: &MaintenanceWindow) -> Result<Window, String> {
-        let cron: Cron = window
-            .cron
-            .parse()
-            .map_err(|e| format!("cron {:?}: {e}", window.cron))?;
-        let duration = chrono_duration(&window.duration).map_err(|e| format!("duration: {e}"))?;
-        let timezone: chrono_tz::Tz = window
-            .timezone
-            .parse()
-            .map_err(|_| format!("unknown time zone {:?}", window.timezone))?;
-        Ok(Window {
-            cron,
-            duration,
-            timezone,
-        })
-    }
-
-    pub fn is_open(&self, now: DateTime<Utc>) -> bool {
-        let local = now.with_timezone(&self.timezone);
-        self.cron
-            .find_previous_occurrence(&local, true)
-            .is_ok_and(|start| now < start.with_timezone(&Utc) + self.duration)
-    }
-
-    pub fn next_open(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
-        let local = now.with_timezone(&self.timezone);
-        self.cron
-            .find_next_occurrence(&local, false)
-            .ok()
-            .map(|t| t.with_timezone(&Utc))
-    }
-}
 
 /// The semver change from `current` to `next`.
 pub fn change(current: Option<&semver::Version>, next: &semver::Version) -> Change {
@@ -132,6 +89,7 @@ pub fn gate(input: &GateInput) -> Gate {
 mod tests {
     use super::*;
     use crate::config::ApprovalRule;
+    use crate::config::MaintenanceWindow;
     use chrono::TimeZone;
 
     fn v(s: &str) -> semver::Version {

@@ -4,9 +4,12 @@
 
 use crate::api::{self, Shared};
 use crate::config::{Config, RuntimeKind, SourceConfig};
-use crate::pipeline::{Agent, Ingested};
+use crate::pipeline::{Admission, Agent, Ingested};
+use crate::rollout::Converger;
 use crate::runtime::docker::DockerRuntime;
 use crate::source::{self, Source};
+use outpost_bundle_format::{Layout, VerifiedBundle};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -14,18 +17,32 @@ use std::time::Duration;
 /// How often pending releases are re-evaluated (maintenance windows open by the clock).
 const RECONSIDER_EVERY: Duration = Duration::from_secs(30);
 
-pub fn log(message: impl std::fmt::Display) {
-    eprintln!(
-        "{} {message}",
-        outpost_bundle_format::release::rfc3339::format(&crate::config::now())
-    );
+/// Keeps the images a verified bundle carries (`--with-images`) in the images directory before it
+/// is accepted, so an accepted air-gapped release always has them (container engines only).
+struct KeepCarriedImages {
+    dir: PathBuf,
 }
 
-/// Exponential backoff from 1 s to 5 min, with ±50% jitter so fleets do not poll in step.
-pub fn backoff(failures: u32) -> Duration {
-    let base = Duration::from_secs(1).saturating_mul(1u32 << failures.saturating_sub(1).min(9));
-    let capped = base.min(Duration::from_secs(300));
-    capped.mul_f64(0.5 + fastrand::f64())
+impl Admission for KeepCarriedImages {
+    fn check(&self) -> &'static str {
+        "bundled-image"
+    }
+
+    fn admit(&self, layout: &Layout, _: &VerifiedBundle) -> Result<(), String> {
+        crate::runtime::docker::keep_bundled_images(layout, &self.dir)
+            .map(|_| ())
+            .map_err(|e| format!("{e:#}"))
+    }
+}
+
+impl KeepCarriedImages {
+    /// Archives no release the agent may still run refers to go, after each acceptance.
+    fn prune_unused(&self, agent: &Agent) {
+        match agent.images_in_use() {
+            Ok(in_use) => crate::runtime::docker::prune_bundled_images(&self.dir, &in_use),
+            Err(e) => tracing::warn!("carried images: {e:#}"),
+        }
+    }
 }
 
 pub fn make_source(config: &Config, agent: &Agent) -> anyhow::Result<Box<dyn Source>> {
@@ -71,16 +88,21 @@ pub async fn run(agent: Agent) -> anyhow::Result<()> {
     });
     let mut converger = match agent.config.runtime {
         RuntimeKind::None => None,
+        // The one place backends are built: each from the rollout context and its own section.
         RuntimeKind::Docker => {
             let runtime = DockerRuntime::new(&agent.config.docker, &agent.config.images_dir());
-            let backend = crate::rollout::Replicas::new(agent.clone(), runtime);
-            let converger = crate::rollout::Converger::new(agent.clone(), backend);
+            let settings = crate::rollout::replicas::Settings::of(&agent.config);
+            let backend = crate::rollout::Replicas::new(agent.rollout_context(), settings, runtime);
+            let converger = Converger::new(agent.rollout_context(), backend);
             Some(tokio::spawn(async move { converger.run().await }))
         }
         #[cfg(feature = "kubernetes")]
         RuntimeKind::Kubernetes => {
-            let cluster = crate::runtime::kubernetes::Cluster::connect(agent.clone()).await?;
-            let converger = crate::rollout::Converger::new(agent.clone(), cluster);
+            let settings = crate::rollout::kubernetes::render::Settings::of(&agent.config);
+            let cluster =
+                crate::rollout::kubernetes::Cluster::connect(agent.rollout_context(), settings)
+                    .await?;
+            let converger = Converger::new(agent.rollout_context(), cluster);
             Some(tokio::spawn(async move { converger.run().await }))
         }
         #[cfg(not(feature = "kubernetes"))]
@@ -94,16 +116,16 @@ pub async fn run(agent: Agent) -> anyhow::Result<()> {
             loop {
                 tokio::time::sleep(RECONSIDER_EVERY).await;
                 if let Err(e) = agent.reconsider(crate::config::now()) {
-                    log(format!("reconsider: {e}"));
+                    tracing::warn!("reconsider: {e}");
                 }
             }
         })
     };
-    log(format!(
+    tracing::info!(
         "outpost-agent running: {}, api {}",
         shared.source,
         socket.display()
-    ));
+    );
     notify_ready();
 
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -136,7 +158,7 @@ pub async fn run(agent: Agent) -> anyhow::Result<()> {
         converger.abort();
     }
     let _ = std::fs::remove_file(&socket);
-    log("outpost-agent stopped");
+    tracing::info!("outpost-agent stopped");
     result
 }
 
@@ -146,6 +168,12 @@ pub async fn drive(
     mut source: Box<dyn Source>,
     shared: Arc<Shared>,
 ) -> anyhow::Result<()> {
+    // Container engines load carried images from the agent's own archive of them.
+    let carried = (agent.config.runtime == RuntimeKind::Docker).then(|| {
+        Arc::new(KeepCarriedImages {
+            dir: agent.config.images_dir(),
+        })
+    });
     let mut failures = 0u32;
     loop {
         let mut candidate = match source.next().await {
@@ -167,10 +195,16 @@ pub async fn drive(
         }
         let (agent_for_task, origin) = (agent.clone(), candidate.origin.clone());
         let digest = candidate.digest.map(|d| d.to_string());
+        let admission = carried.clone();
         let outcome = {
             let layout = std::mem::replace(&mut candidate.layout, Ok(Default::default()));
             tokio::task::spawn_blocking(move || match layout {
-                Ok(layout) => agent_for_task.ingest(&layout, &origin, crate::config::now()),
+                Ok(layout) => agent_for_task.ingest_admitting(
+                    &layout,
+                    &origin,
+                    crate::config::now(),
+                    admission.as_deref().map(|a| a as &dyn Admission),
+                ),
                 Err(e) => {
                     agent_for_task.reject_unreadable(&origin, digest, &e, crate::config::now())
                 }
@@ -200,7 +234,23 @@ pub async fn drive(
             Ingested::Rejected { .. } => shared.rejected.fetch_add(1, Ordering::Relaxed),
             Ingested::Unchanged { .. } => shared.unchanged.fetch_add(1, Ordering::Relaxed),
         };
-        log(format!("{}: {}", candidate.origin, outcome.describe()));
+        match &outcome {
+            Ingested::Accepted { digest, .. } => {
+                tracing::info!(%digest, origin = %candidate.origin, "{}", outcome.describe());
+                if let Some(carried) = &carried {
+                    carried.prune_unused(&agent);
+                }
+            }
+            Ingested::Unchanged { digest } => {
+                tracing::info!(%digest, origin = %candidate.origin, "{}", outcome.describe())
+            }
+            Ingested::Rejected { digest, .. } => tracing::warn!(
+                digest = digest.as_deref().unwrap_or(""),
+                origin = %candidate.origin,
+                "{}",
+                outcome.describe()
+            ),
+        }
         source.settle(candidate, &outcome).await;
     }
 }
@@ -208,8 +258,8 @@ pub async fn drive(
 /// Counts the error, shows it in `status`, logs it and waits out the backoff.
 async fn back_off(shared: &Shared, failures: u32, error: String) {
     shared.poll_errors.fetch_add(1, Ordering::Relaxed);
-    let wait = backoff(failures);
-    log(format!("{error} (retry in {:.1}s)", wait.as_secs_f64()));
+    let wait = crate::backoff::delay(failures);
+    tracing::warn!("{error} (retry in {:.1}s)", wait.as_secs_f64());
     if let Ok(mut last) = shared.last_error.lock() {
         *last = Some(error);
     }
@@ -231,16 +281,6 @@ fn notify_ready() {
 mod tests {
     use super::*;
     use crate::testing::{signed_release, test_config};
-
-    #[test]
-    fn backoff_grows_caps_and_jitters() {
-        for failures in 1..20 {
-            let d = backoff(failures);
-            assert!(d <= Duration::from_secs(450), "{failures}: {d:?}");
-            assert!(d >= Duration::from_millis(500));
-        }
-        assert!(backoff(10) > Duration::from_secs(100));
-    }
 
     fn candidate(
         key: &str,

@@ -6,8 +6,8 @@
 //! tool, and WAL gives readers (`outpost-agent verify`) a consistent view while the daemon writes.
 
 use chrono::{DateTime, Utc};
+use outpost_bundle_format::VerifiedBundle;
 use outpost_bundle_format::release::rfc3339;
-use outpost_bundle_format::{Digest, ReleaseMetadata};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use serde::Serialize;
 use std::path::Path;
@@ -27,7 +27,9 @@ impl From<rusqlite::Error> for StateError {
 
 pub type Result<T> = std::result::Result<T, StateError>;
 
-/// A release the agent accepted (verified and recorded).
+/// A release the agent accepted (verified and recorded). Made only from a [`VerifiedBundle`]
+/// ([`Release::verified`]) or read back from the store that recorded one: the private
+/// `_verified` field keeps anything else from building one.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Release {
     pub digest: String,
@@ -42,28 +44,31 @@ pub struct Release {
     pub stack: String,
     pub origin: String,
     pub received_at: String,
+    #[serde(skip)]
+    _verified: (),
 }
 
 impl Release {
-    pub fn new(
-        digest: Digest,
-        metadata: &ReleaseMetadata,
-        stack: String,
+    /// The release a verified bundle is, received from `origin` at `now`.
+    pub fn verified(
+        bundle: &VerifiedBundle,
         origin: &str,
         now: DateTime<Utc>,
-    ) -> Release {
-        Release {
-            digest: digest.to_string(),
+    ) -> std::result::Result<Release, serde_json::Error> {
+        let metadata = bundle.metadata();
+        Ok(Release {
+            digest: bundle.digest().to_string(),
             name: metadata.name.clone(),
             channel: metadata.channel.clone(),
             version: metadata.version.to_string(),
             sequence: metadata.sequence,
             created: rfc3339::format(&metadata.created),
             expires: rfc3339::format(&metadata.expires),
-            stack,
+            stack: serde_json::to_string(bundle.stack_file())?,
             origin: origin.to_string(),
             received_at: rfc3339::format(&now),
-        }
+            _verified: (),
+        })
     }
 
     /// The stored stack, checked again on the way out of the store.
@@ -547,6 +552,7 @@ fn release_by_digest(conn: &Connection, digest: &str) -> Result<Option<Release>>
                     stack: r.get(7)?,
                     origin: r.get(8)?,
                     received_at: r.get(9)?,
+                    _verified: (),
                 })
             },
         )

@@ -57,3 +57,12 @@ pub fn test_config_granting(permissions: &str, extra: &str) -> (tempfile::TempDi
     std::fs::write(&path, text).unwrap();
     (dir, path)
 }
+
+/// What the test configs trust: vendor-a's key.
+pub fn trust() -> outpost_bundle_format::Trust {
+    let pem = std::fs::read(testdata().join("keys/vendor-a.pub")).unwrap();
+    outpost_bundle_format::Trust::Keys {
+        keys: vec![outpost_bundle_format::crypto::PublicKey::from_pem(&pem).unwrap()],
+        threshold: 1,
+    }
+}

@@ -395,7 +395,7 @@ impl Runtime for DockerRuntime {
             .map_err(|e| RuntimeError::during(format!("removing {name}"), e))?;
         if delete_volume {
             self.engine
-                .remove_volume(&volume_name(stack, replica))
+                .remove_volume(&super::volume_name(stack, replica))
                 .await?;
         }
         Ok(())
@@ -430,11 +430,6 @@ impl Runtime for DockerRuntime {
             memory_percent,
         })
     }
-}
-
-/// The named volume behind a stateful replica's /data.
-pub fn volume_name(stack: &str, replica: &ReplicaId) -> String {
-    format!("{}-data", replica.name(stack))
 }
 
 /// Keeps the images an air-gapped bundle carries (`--with-images`) in `dir`, one

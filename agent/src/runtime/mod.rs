@@ -1,18 +1,22 @@
-//! Runtime: what runs replicas. One small trait (observe, apply one step, probe health, remove,
-//! usage) that the Docker Engine runtime implements; the rollout (`crate::rollout::Replicas`)
-//! drives it and never speaks an engine's API itself. Kubernetes runs its own replicas, so
-//! `kubernetes.rs` is a rollout backend over objects instead.
+//! Runtime: container engines, what runs replicas on a host. One small trait (observe, apply one
+//! step, probe health, remove, usage) that the Docker Engine API runtime implements (dockerd and
+//! Podman) and `fake.rs` imitates in memory. The container-engine rollout backend drives it and
+//! never speaks an engine's API itself; nothing here knows the pipeline or the rollout.
+//! (Kubernetes runs its own replicas: it is a rollout backend over objects, not a runtime.)
 
 pub mod docker;
 pub mod engine;
 pub mod fake;
-#[cfg(feature = "kubernetes")]
-pub mod kubernetes;
 
 use crate::plan::{ObservedReplica, ReplicaId};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+
+/// The volume that holds a stateful replica's `/data`, on any engine.
+pub fn volume_name(stack: &str, replica: &ReplicaId) -> String {
+    format!("{}-data", replica.name(stack))
+}
 
 /// Where a replica's container sits. A stateless replace starts the new container in the
 /// `Surge` slot beside the old one, and promotes it once the old one is gone.

@@ -9,8 +9,7 @@
 //! start means the agent died reading that file: it is filed as rejected ("the agent stopped
 //! while reading this file") instead of read again, so one file cannot crash-loop the agent.
 
-use super::{BoxFuture, Candidate, ReadingMarker, Source, SourceError};
-use crate::pipeline::Ingested;
+use super::{BoxFuture, Candidate, Ingested, ReadingMarker, Source, SourceError};
 use notify::{EventKind, RecursiveMode, Watcher};
 use outpost_bundle_format::layout::{Layout, LayoutError, Limits};
 use std::collections::VecDeque;
@@ -161,7 +160,7 @@ impl DirSource {
         let reading = match ReadingMarker::begin(&self.marker, file_name.as_bytes()) {
             Ok(marker) => Some(marker),
             Err(e) => {
-                crate::daemon::log(format!("{e}: reading {name} without a crash marker"));
+                tracing::warn!("{e}: reading {name} without a crash marker");
                 None
             }
         };
@@ -270,11 +269,11 @@ impl Source for DirSource {
                 reason.as_bytes(),
             );
             if let Err(e) = std::fs::rename(&from, &target) {
-                crate::daemon::log(format!(
+                tracing::warn!(
                     "cannot move {} to {}: {e}",
                     from.display(),
                     target.display()
-                ));
+                );
             }
             // Filed: the crash marker goes with the candidate.
             drop(candidate);

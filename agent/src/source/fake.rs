@@ -1,7 +1,6 @@
 //! A source fed by the test: candidates are layouts pushed into a channel.
 
-use super::{BoxFuture, Candidate, Source, SourceError};
-use crate::pipeline::Ingested;
+use super::{BoxFuture, Candidate, Ingested, Source, SourceError};
 use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
 

@@ -2,9 +2,8 @@
 //! directory, acts only on a new commit, and reads the bundle at `path` (a layout tar file or a
 //! layout directory) straight from the commit's tree, within the size limits.
 
-use super::{BoxFuture, Candidate, Pace, Source, SourceError};
+use super::{BoxFuture, Candidate, Ingested, Pace, Source, SourceError};
 use crate::config::{GitSource as GitConfig, parse_duration};
-use crate::pipeline::Ingested;
 use outpost_bundle_format::layout::{Layout, LayoutError, Limits};
 use std::path::{Path, PathBuf};
 

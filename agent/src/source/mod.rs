@@ -8,10 +8,53 @@ pub mod fake;
 pub mod git;
 pub mod oci;
 
-use crate::pipeline::Ingested;
 use outpost_bundle_format::layout::Layout;
 use std::future::Future;
 use std::pin::Pin;
+
+/// What became of a candidate: the pipeline's verdict, which the source is told (`settle`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Ingested {
+    Accepted {
+        digest: String,
+        version: String,
+        waiting_for: Option<String>,
+    },
+    /// The current or pending release again: nothing to do.
+    Unchanged { digest: String },
+    Rejected {
+        digest: Option<String>,
+        check: String,
+        reason: String,
+    },
+}
+
+impl Ingested {
+    /// One line for logs and `.reason` files.
+    pub fn describe(&self) -> String {
+        match self {
+            Ingested::Accepted {
+                digest,
+                version,
+                waiting_for: None,
+            } => format!("accepted {version} {digest}"),
+            Ingested::Accepted {
+                digest,
+                version,
+                waiting_for: Some(w),
+            } => format!("accepted {version} {digest}, waiting for {w}"),
+            Ingested::Unchanged { digest } => {
+                format!("unchanged: {digest} is already current, pending or rolled back")
+            }
+            Ingested::Rejected { check, reason, .. } => format!("rejected: {check}: {reason}"),
+        }
+    }
+
+    /// Signature-related rejections may be cured by more signatures under the same digest.
+    pub fn wants_more_signatures(&self) -> bool {
+        matches!(self, Ingested::Rejected { check, .. } if ["unsigned", "untrusted-signature", "threshold-unmet", "signature-mismatch"].contains(&check.as_str()))
+    }
+}
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 

@@ -2,9 +2,8 @@
 //! new digest is fetched: the manifest by digest, its config and layers, and the signatures
 //! from the OCI 1.1 referrers API when the registry has it, else from the `sha256-<hex>.sig` tag.
 
-use super::{BoxFuture, Candidate, Pace, Source, SourceError};
+use super::{BoxFuture, Candidate, Ingested, Pace, Source, SourceError};
 use crate::config::{OciSource as OciConfig, parse_duration};
-use crate::pipeline::Ingested;
 use outpost_bundle_format::Digest;
 use outpost_bundle_format::layout::LayoutError;
 use outpost_bundle_format::layout::oci::{self, Descriptor, ImageIndex, ImageManifest};

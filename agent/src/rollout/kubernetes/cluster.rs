@@ -9,17 +9,16 @@
 //! object of the same name that is not this stack's is never taken over. Pods are only ever
 //! deleted, to free a StatefulSet stuck on one (forced rollback).
 
-use crate::pipeline::Agent;
-use crate::render::{MANAGED_BY, MANAGED_BY_LABEL, RESOURCE_LABEL, STACK_LABEL};
-use crate::rollout::{Backend, RolloutError, RuntimeView, event, journaled};
+use super::render::{self, MANAGED_BY, MANAGED_BY_LABEL, RESOURCE_LABEL, STACK_LABEL, Settings};
+use crate::rollout::{Backend, Context, RolloutError, event, journaled};
 use crate::state::Release;
+use crate::status::RuntimeView;
 use kube::api::{
     Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams,
 };
 use outpost_bundle_format::stack::Stack;
 use serde_json::{Value, json};
 use std::collections::BTreeSet;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub const FIELD_MANAGER: &str = "outpost";
@@ -105,16 +104,18 @@ impl Admitted<'_> {
 
 /// Runs releases on a Kubernetes cluster, in one namespace.
 pub struct Cluster {
-    agent: Arc<Agent>,
+    context: Context,
+    settings: Settings,
     client: kube::Client,
     namespace: String,
 }
 
 impl Cluster {
-    pub fn new(agent: Arc<Agent>, client: kube::Client) -> Cluster {
-        let namespace = agent.config.kubernetes.namespace.clone();
+    pub fn new(context: Context, settings: Settings, client: kube::Client) -> Cluster {
+        let namespace = settings.kubernetes.namespace.clone();
         Cluster {
-            agent,
+            context,
+            settings,
             client,
             namespace,
         }
@@ -122,8 +123,8 @@ impl Cluster {
 
     /// A client from `kubernetes.kubeconfig`, else in-cluster or `$KUBECONFIG` /
     /// `~/.kube/config`.
-    pub async fn connect(agent: Arc<Agent>) -> anyhow::Result<Cluster> {
-        let config = match &agent.config.kubernetes.kubeconfig {
+    pub async fn connect(context: Context, settings: Settings) -> anyhow::Result<Cluster> {
+        let config = match &settings.kubernetes.kubeconfig {
             Some(path) => {
                 let kubeconfig = kube::config::Kubeconfig::read_from(path).map_err(|e| {
                     anyhow::anyhow!("kubernetes.kubeconfig {}: {e}", path.display())
@@ -142,11 +143,11 @@ impl Cluster {
         };
         let client = kube::Client::try_from(config)
             .map_err(|e| anyhow::anyhow!("runtime kubernetes: {e}"))?;
-        Ok(Cluster::new(agent, client))
+        Ok(Cluster::new(context, settings, client))
     }
 
     fn view(&self) -> &RuntimeView {
-        &self.agent.runtime_view
+        &self.context.status
     }
 
     fn api(&self, kind: &Kind) -> Api<DynamicObject> {
@@ -237,7 +238,7 @@ impl Cluster {
         release: &Release,
         objects: &[Admitted<'_>],
     ) -> Result<(), RolloutError> {
-        let deadline = Duration::from_secs(self.agent.config.rollout.progress_deadline_seconds);
+        let deadline = Duration::from_secs(self.context.rollout.progress_deadline_seconds);
         let mut index = 0;
         while index < objects.len() {
             let resource = objects[index].resource;
@@ -252,7 +253,7 @@ impl Cluster {
             );
             self.view().resource_step(resource, &step);
             let outcome = journaled(
-                &self.agent,
+                &self.context.store,
                 &release.digest,
                 &step,
                 self.apply_and_wait(&group, deadline),
@@ -271,7 +272,7 @@ impl Cluster {
         // The release runs; what could not be pruned is retried by the next drift pass.
         if let Err(e) = self.prune(release, objects).await {
             event(
-                &self.agent,
+                &self.context.store,
                 "prune-failed",
                 Some(&release.digest),
                 &e.to_string(),
@@ -403,7 +404,7 @@ impl Cluster {
                 return Err(RolloutError::new(format!(
                     "{}: not rolled out within the progress deadline ({}s): {last}",
                     object.id(),
-                    self.agent.config.rollout.progress_deadline_seconds
+                    self.context.rollout.progress_deadline_seconds
                 )));
             }
             tokio::time::sleep(POLL_EVERY).await;
@@ -496,7 +497,7 @@ impl Cluster {
                 }
                 let id = format!("{}/{name}", kind.kind);
                 let step = format!("prune {id}");
-                journaled(&self.agent, &release.digest, &step, async {
+                journaled(&self.context.store, &release.digest, &step, async {
                     api.delete(&name, &DeleteParams::foreground())
                         .await
                         .map(|_| ())
@@ -599,7 +600,7 @@ impl Backend for Cluster {
         stack: &Stack,
         fresh: bool,
     ) -> Result<Vec<String>, RolloutError> {
-        let rendered = crate::render::render(&self.agent.config, stack, &release.digest)
+        let rendered = render::render_with(&self.settings, stack, &release.digest)
             .map_err(|e| RolloutError::new(e.to_string()))?;
         let objects = rendered
             .iter()
@@ -616,7 +617,7 @@ impl Backend for Cluster {
 }
 
 #[cfg(test)]
-#[path = "kubernetes_tests.rs"]
+#[path = "tests.rs"]
 mod tests;
 
 /// A failed API call, in one line: the server's own reason for a refusal; unreachable, timed

@@ -7,7 +7,7 @@
 //! (node selectors, tolerations) and classes (storage, ingress) come from the customer's
 //! config, never from the vendor's stack.
 
-use crate::config::{Config, KubernetesConfig, Placement};
+use crate::config::{Config, KubernetesConfig, Permissions, Placement, RolloutConfig};
 use crate::plan::{config_hash, dependency_order, link_environment};
 use outpost_bundle_format::stack::{Container, Protocol, Scaling, Stack};
 use serde_json::{Map, Value, json};
@@ -24,9 +24,37 @@ const HASH_ANNOTATION: &str = "outpost.dev/config-hash";
 #[error("{0}")]
 pub struct RenderError(pub String);
 
+/// What rendering takes from the configuration: the `kubernetes` section, the grants and the
+/// rollout deadline.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub kubernetes: KubernetesConfig,
+    pub permissions: Permissions,
+    pub rollout: RolloutConfig,
+}
+
+impl Settings {
+    pub fn of(config: &Config) -> Settings {
+        Settings {
+            kubernetes: config.kubernetes.clone(),
+            permissions: config.permissions.clone(),
+            rollout: config.rollout.clone(),
+        }
+    }
+}
+
 /// The objects for `stack` (bundle `digest`) in `config.kubernetes.namespace`, in apply order:
 /// per resource in `links` order its Service, workload, autoscaler and public endpoints.
 pub fn render(config: &Config, stack: &Stack, digest: &str) -> Result<Vec<Value>, RenderError> {
+    render_with(&Settings::of(config), stack, digest)
+}
+
+/// [`render`] from the settings alone (what the cluster backend holds).
+pub fn render_with(
+    config: &Settings,
+    stack: &Stack,
+    digest: &str,
+) -> Result<Vec<Value>, RenderError> {
     let k8s = &config.kubernetes;
     let mut objects = Vec::new();
     for index in dependency_order(stack) {
@@ -34,6 +62,7 @@ pub fn render(config: &Config, stack: &Stack, digest: &str) -> Result<Vec<Value>
         let c = &resource.container;
         let at = format!("resource {}", c.name);
         let grant = config
+            .permissions
             .grant(&c.permissions)
             .map_err(|e| RenderError(format!("{at}: {e}")))?;
         let service_account = grant.service_account.ok_or_else(|| {
@@ -270,7 +299,7 @@ impl Object {
 
     fn workload(
         &self,
-        config: &Config,
+        config: &Settings,
         stack: &Stack,
         c: &Container,
         (service_account, granted): (&str, &BTreeMap<String, String>),

@@ -5,9 +5,11 @@
 
 use super::*;
 use crate::config::Config;
+use crate::pipeline::Agent;
 use crate::rollout::Converger;
 use crate::testing::{signed_stack, test_config_granting};
 use kube::api::PostParams;
+use std::sync::Arc;
 
 const CLAIMS: Kind = kind("", "v1", "PersistentVolumeClaim", "persistentvolumeclaims");
 use std::sync::atomic::Ordering;
@@ -66,6 +68,7 @@ resources:{db}
 
 struct Harness {
     _dir: tempfile::TempDir,
+    agent: Arc<Agent>,
     converger: Converger<Cluster>,
     client: kube::Client,
     controller: tokio::task::JoinHandle<()>,
@@ -96,15 +99,22 @@ async fn harness_with(extra: &str, objects: Vec<Value>) -> Harness {
     ));
     Harness {
         _dir: dir,
-        converger: Converger::new(agent.clone(), Cluster::new(agent, client.clone())),
+        converger: Converger::new(agent.rollout_context(), cluster_of(&agent, client.clone())),
+        agent,
         client,
         controller,
     }
 }
 
+/// The Kubernetes backend of `agent`, on `client`.
+fn cluster_of(agent: &Agent, client: kube::Client) -> Cluster {
+    let settings = render::Settings::of(&agent.config);
+    Cluster::new(agent.rollout_context(), settings, client)
+}
+
 impl Harness {
     fn agent(&self) -> &Agent {
-        &self.converger.backend().agent
+        &self.agent
     }
 
     fn release(&self, yaml: &str, version: &str, sequence: u64) -> String {
@@ -566,7 +576,7 @@ resources:
     agent.ingest(&layout, "test", crate::config::now()).unwrap();
     let release = agent.store.positions().unwrap().current.unwrap();
     let objects =
-        crate::render::render(&agent.config, &release.stack().unwrap(), &release.digest).unwrap();
+        render::render(&agent.config, &release.stack().unwrap(), &release.digest).unwrap();
 
     let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let server = tokio::spawn(async move {
@@ -611,7 +621,7 @@ resources:
         seen
     });
 
-    let cluster = Cluster::new(agent.clone(), kube::Client::new(service, NAMESPACE));
+    let cluster = cluster_of(&agent, kube::Client::new(service, NAMESPACE));
     let stack = release.stack().unwrap();
     let repairs = cluster.converge(&release, &stack, false).await.unwrap();
     assert!(repairs.is_empty(), "{repairs:?}");

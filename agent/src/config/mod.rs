@@ -1,6 +1,12 @@
 //! The agent's configuration file (YAML, strict: unknown keys are errors). Its doc comments are
 //! the user documentation; `outpost-agent config-schema` prints the JSON Schema generated from it.
 
+mod runtime;
+mod window;
+
+pub use runtime::*;
+pub use window::Window;
+
 use chrono::{DateTime, Duration, Utc};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -22,7 +28,7 @@ pub struct Config {
     /// The customer's grant for each permission profile a bundle may request, by profile name.
     /// With `runtime: none`, an empty grant `{}` approves the profile.
     #[serde(default)]
-    pub permissions: BTreeMap<String, serde_json::Value>,
+    pub permissions: Permissions,
     /// Directory for the state database, downloads and processed bundles.
     pub state_dir: PathBuf,
     pub api: ApiConfig,
@@ -45,6 +51,54 @@ pub struct Config {
     /// Size limits for downloads and extraction.
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// What the agent logs, and how.
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+/// Logging: `RUST_LOG`, when set, overrides `level` with its own filter directives.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// The least severe level written (default `info`).
+    #[serde(default)]
+    pub level: LogLevel,
+    /// `text` (one line per event, without the time under systemd, whose journal stamps it) or
+    /// `json` (one object per line with `timestamp`, `level`, `message` and the release's
+    /// `digest` on lines about a release).
+    #[serde(default)]
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    Error,
+    Warn,
+    #[default]
+    Info,
+    Debug,
+    Trace,
+}
+
+impl LogLevel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogLevel::Error => "error",
+            LogLevel::Warn => "warn",
+            LogLevel::Info => "info",
+            LogLevel::Debug => "debug",
+            LogLevel::Trace => "trace",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
@@ -208,175 +262,14 @@ pub enum RuntimeKind {
     Kubernetes,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct DockerConfig {
-    /// The engine's API socket (default /var/run/docker.sock; Podman: its service socket).
-    #[serde(default = "default_docker_socket")]
-    pub socket: PathBuf,
-    /// The per-stack network `outpost-<stack>` (resources find each other by name on it).
-    #[serde(default)]
-    pub network: NetworkConfig,
-    /// Where public endpoints are served on the host.
-    #[serde(default)]
-    pub publish: PublishConfig,
-    /// Credentials for pulling images, by registry host (`ghcr.io`, `127.0.0.1:5000`).
-    #[serde(default)]
-    pub registries: BTreeMap<String, RegistryCredentials>,
-    /// Delete a stateful replica's volume when the replica is pruned or scaled away. Off by
-    /// default: data outlives updates, rollbacks and prunes unless the customer opts in here.
-    #[serde(default)]
-    pub delete_volumes: bool,
-    /// The GPUs this host has, by type, as the stack's `gpu.type` names them (`{a100: 2}`).
-    #[serde(default)]
-    pub gpus: BTreeMap<String, u32>,
-    /// Seconds between SIGTERM and SIGKILL when a replica stops (default 10).
-    #[serde(default = "default_stop_timeout")]
-    pub stop_timeout_seconds: u32,
-}
-
-impl Default for DockerConfig {
-    fn default() -> Self {
-        DockerConfig {
-            socket: default_docker_socket(),
-            network: NetworkConfig::default(),
-            publish: PublishConfig::default(),
-            registries: BTreeMap::new(),
-            delete_volumes: false,
-            gpus: BTreeMap::new(),
-            stop_timeout_seconds: default_stop_timeout(),
+impl RuntimeKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RuntimeKind::None => "none",
+            RuntimeKind::Docker => "docker",
+            RuntimeKind::Kubernetes => "kubernetes",
         }
     }
-}
-
-#[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct NetworkConfig {
-    /// The network's subnet (`10.213.0.0/24`); the engine picks one when absent.
-    pub subnet: Option<String>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct PublishConfig {
-    /// The host address public endpoints listen on (default 127.0.0.1; 0.0.0.0 for all).
-    #[serde(default = "default_publish_address")]
-    pub address: std::net::IpAddr,
-    /// Host port per endpoint name; an endpoint not listed listens on its container port.
-    #[serde(default)]
-    pub ports: BTreeMap<String, u16>,
-}
-
-impl PublishConfig {
-    /// The host port the endpoint `name` (on `container_port`) listens on.
-    pub fn port(&self, name: &str, container_port: u16) -> u16 {
-        self.ports.get(name).copied().unwrap_or(container_port)
-    }
-}
-
-impl Default for PublishConfig {
-    fn default() -> Self {
-        PublishConfig {
-            address: default_publish_address(),
-            ports: BTreeMap::new(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct RegistryCredentials {
-    pub username: String,
-    /// A file holding the password or token.
-    pub password_file: PathBuf,
-}
-
-/// What the customer grants a permission profile: credentials handed to the containers that
-/// ask for it, never anything the vendor supplied. Docker uses `environment` and `files`;
-/// Kubernetes runs the pods as `service_account`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct Grant {
-    /// Environment variables set in the container (they override the vendor's).
-    #[serde(default)]
-    pub environment: BTreeMap<String, String>,
-    /// Host files mounted read-only: container path → host path.
-    #[serde(default)]
-    pub files: BTreeMap<String, PathBuf>,
-    /// The ServiceAccount (the customer's, with its workload-identity annotations) pods of
-    /// this profile run as on Kubernetes.
-    #[serde(default)]
-    pub service_account: Option<String>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct KubernetesConfig {
-    /// The one namespace everything is applied to (default `outpost`).
-    #[serde(default = "default_namespace")]
-    pub namespace: String,
-    /// StorageClass of the volume claims for `persistentStorage` (the cluster's default when
-    /// absent).
-    #[serde(default)]
-    pub storage_class: Option<String>,
-    /// IngressClass of the Ingresses for http public endpoints.
-    #[serde(default)]
-    pub ingress_class: Option<String>,
-    /// Host name per http endpoint name (`{web: shop.example.com}`).
-    #[serde(default)]
-    pub hosts: BTreeMap<String, String>,
-    /// Node placement per capacity pool name.
-    #[serde(default)]
-    pub pools: BTreeMap<String, Placement>,
-    /// Node placement per GPU type.
-    #[serde(default)]
-    pub gpus: BTreeMap<String, Placement>,
-    /// A kubeconfig file to reach the cluster with; absent: the pod's ServiceAccount
-    /// (in-cluster), else `$KUBECONFIG` or `~/.kube/config`.
-    #[serde(default)]
-    pub kubeconfig: Option<PathBuf>,
-    /// Delete the PersistentVolumeClaims of a pruned stateful resource. Off: data is kept.
-    #[serde(default)]
-    pub delete_volumes: bool,
-}
-
-impl Default for KubernetesConfig {
-    fn default() -> Self {
-        KubernetesConfig {
-            kubeconfig: None,
-            delete_volumes: false,
-            namespace: default_namespace(),
-            storage_class: None,
-            ingress_class: None,
-            hosts: BTreeMap::new(),
-            pools: BTreeMap::new(),
-            gpus: BTreeMap::new(),
-        }
-    }
-}
-
-/// Where pods may run: node labels to match and taints to tolerate.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct Placement {
-    #[serde(default)]
-    pub node_selector: BTreeMap<String, String>,
-    #[serde(default)]
-    pub tolerations: Vec<Toleration>,
-}
-
-#[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct Toleration {
-    pub key: String,
-    /// `Equal` (default) or `Exists`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub operator: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub value: Option<String>,
-    /// `NoSchedule`, `PreferNoSchedule` or `NoExecute`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub effect: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
@@ -408,18 +301,6 @@ impl Default for RolloutConfig {
     }
 }
 
-fn default_namespace() -> String {
-    "outpost".into()
-}
-fn default_docker_socket() -> PathBuf {
-    PathBuf::from("/var/run/docker.sock")
-}
-fn default_stop_timeout() -> u32 {
-    10
-}
-fn default_publish_address() -> std::net::IpAddr {
-    std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)
-}
 fn default_progress_deadline() -> u64 {
     300
 }
@@ -487,6 +368,23 @@ impl Config {
         options.with_snippet = false;
         let mut config: Config = serde_saphyr::from_str_with_options(&text, options)
             .map_err(|e| fail(e.to_string().replace('\n', " ")))?;
+        // A runtime's section is accepted only with that runtime: a `docker:` block under
+        // `runtime: kubernetes` would be silently ignored otherwise.
+        let sections: BTreeMap<String, serde::de::IgnoredAny> =
+            serde_saphyr::from_str(&text).map_err(|e| fail(e.to_string().replace('\n', " ")))?;
+        // (`kubernetes:` also configures `outpost-agent render`, so runtime none takes it.)
+        for (section, runtime, also) in [
+            ("docker", RuntimeKind::Docker, RuntimeKind::Docker),
+            ("kubernetes", RuntimeKind::Kubernetes, RuntimeKind::None),
+        ] {
+            if sections.contains_key(section) && config.runtime != runtime && config.runtime != also
+            {
+                return Err(fail(format!(
+                    "{section}: this section configures runtime {section}, but runtime is {}; remove it or set runtime: {section}",
+                    config.runtime.as_str()
+                )));
+            }
+        }
         // Relative paths are relative to the config file (made absolute, so messages and the
         // socket path do not depend on the working directory).
         let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
@@ -578,8 +476,7 @@ impl Config {
             }
         }
         for (i, window) in self.approval.maintenance_windows.iter().enumerate() {
-            crate::approval::Window::parse(window)
-                .map_err(|e| format!("approval.maintenance_windows[{i}]: {e}"))?;
+            Window::parse(window).map_err(|e| format!("approval.maintenance_windows[{i}]: {e}"))?;
         }
         if !outpost_bundle_format::stack::is_dns_label(&self.kubernetes.namespace) {
             return Err(format!(
@@ -587,25 +484,31 @@ impl Config {
                 self.kubernetes.namespace
             ));
         }
-        match self.runtime {
-            RuntimeKind::None => {
-                for (profile, grant) in &self.permissions {
-                    if !grant.is_object() {
-                        return Err(format!(
-                            "permissions.{profile}: with runtime none a grant is a map (use {{}})"
-                        ));
-                    }
-                }
+        // Every grant is typed (unknown keys refused) whatever the runtime.
+        for (profile, grant) in &self.permissions.0 {
+            if !grant.is_object() {
+                return Err(format!(
+                    "permissions.{profile}: a grant is a map (use {{}} to grant nothing)"
+                ));
             }
+            self.permissions.grant(profile)?;
+        }
+        match self.runtime {
+            RuntimeKind::None => {}
             RuntimeKind::Docker => {
-                for profile in self.permissions.keys() {
-                    let grant = self.grant(profile)?;
+                for profile in self.permissions.profiles() {
+                    let grant = self.permissions.grant(profile)?;
                     for path in grant.files.keys() {
                         if !path.starts_with('/') {
                             return Err(format!(
                                 "permissions.{profile}.files: {path:?} must be an absolute path in the container"
                             ));
                         }
+                    }
+                    if grant.service_account.is_some() {
+                        return Err(format!(
+                            "permissions.{profile}.service_account: a ServiceAccount is for runtime kubernetes; on docker a grant is environment and files"
+                        ));
                     }
                 }
                 if let Some(subnet) = &self.docker.network.subnet
@@ -617,8 +520,8 @@ impl Config {
                 }
             }
             RuntimeKind::Kubernetes => {
-                for profile in self.permissions.keys() {
-                    let grant = self.grant(profile)?;
+                for profile in self.permissions.profiles() {
+                    let grant = self.permissions.grant(profile)?;
                     if !grant.files.is_empty() {
                         return Err(format!(
                             "permissions.{profile}.files: files are for runtime docker; on Kubernetes the profile's ServiceAccount carries the identity"
@@ -647,25 +550,6 @@ impl Config {
             }
         }
         Ok(())
-    }
-
-    /// The customer's grant for `profile`.
-    pub fn grant(&self, profile: &str) -> Result<Grant, String> {
-        let Some(grant) = self.permissions.get(profile) else {
-            return Err(format!("permission profile {profile:?} is not granted"));
-        };
-        let grant: Grant = serde_json::from_value(grant.clone()).map_err(|e| {
-            format!("permissions.{profile}: {e} (a grant is {{environment: {{}}, files: {{}}, service_account: NAME}})")
-        })?;
-        for source in grant.files.values() {
-            if source.is_relative() {
-                return Err(format!(
-                    "permissions.{profile}.files: host path {} must be absolute",
-                    source.display()
-                ));
-            }
-        }
-        Ok(grant)
     }
 
     /// Where images carried in bundles are kept for the container engine.
@@ -763,6 +647,45 @@ mod tests {
         assert_eq!(config.expect.channel, "stable");
         assert_eq!(config.approval.maintenance_windows.len(), 1);
         assert!(matches!(config.source, SourceConfig::Oci(_)));
+        assert_eq!(config.runtime, RuntimeKind::Docker);
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/agent.kubernetes.example.yaml");
+        let config = Config::load(&path).unwrap();
+        assert_eq!(config.runtime, RuntimeKind::Kubernetes);
+        assert_eq!(config.kubernetes.namespace, "outpost");
+    }
+
+    #[test]
+    fn a_section_is_accepted_only_with_its_runtime() {
+        for (text, needle) in [
+            (
+                "runtime: kubernetes\npermissions: {execution: {service_account: sa}}\ndocker: {socket: /d.sock}\n",
+                "docker: this section configures runtime docker, but runtime is kubernetes",
+            ),
+            (
+                "docker: {socket: /d.sock}\n",
+                "docker: this section configures runtime docker, but runtime is none",
+            ),
+            (
+                "runtime: docker\nkubernetes: {namespace: x}\n",
+                "kubernetes: this section configures runtime kubernetes, but runtime is docker",
+            ),
+            (
+                "runtime: docker\npermissions: {execution: {service_account: sa}}\n",
+                "permissions.execution.service_account: a ServiceAccount is for runtime kubernetes",
+            ),
+            (
+                "permissions: {execution: {surprise: 1}}\n",
+                "permissions.execution: unknown field `surprise`",
+            ),
+        ] {
+            let error = load_text(&format!("{MINIMAL}{text}"))
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains(needle), "{text}: {error}");
+        }
+        // With runtime none the kubernetes section configures `outpost-agent render`.
+        load_text(&format!("{MINIMAL}kubernetes: {{namespace: x}}\n")).unwrap();
     }
 
     #[test]

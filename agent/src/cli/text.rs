@@ -1,0 +1,167 @@
+//! The CLI's text rendering of what the agent answers: `status`, `history`, releases.
+
+use serde_json::Value;
+
+pub(super) fn release_line(release: &Value) -> String {
+    let field = |name: &str| {
+        release
+            .get(name)
+            .map(|v| {
+                v.as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| v.to_string())
+            })
+            .unwrap_or_default()
+    };
+    format!(
+        "{} (sequence {}, {})",
+        field("version"),
+        field("sequence"),
+        field("digest")
+    )
+}
+
+/// The runtime part of `status`: phase, each resource's rollout step and replicas' health.
+pub(super) fn runtime_text(runtime: &Value) -> String {
+    let Some(view) = runtime.as_object() else {
+        return format!("runtime:   {}\n", runtime.as_str().unwrap_or("none"));
+    };
+    let get = |k: &str| view.get(k).and_then(Value::as_str);
+    let mut out = format!(
+        "runtime:   {} ({})\n",
+        get("kind").unwrap_or("?"),
+        get("phase").unwrap_or("starting")
+    );
+    if let Some(note) = get("note") {
+        out.push_str(&format!("           {note}\n"));
+    }
+    for (key, label) in [
+        ("last_error", "last error"),
+        ("last_rollback", "last rollback"),
+    ] {
+        if let Some(text) = get(key) {
+            out.push_str(&format!("           {label}: {text}\n"));
+        }
+    }
+    let list = |key: &str| {
+        view.get(key)
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+    };
+    for line in list("endpoints").chain(list("endpoint_errors")) {
+        out.push_str(&format!("endpoint:  {line}\n"));
+    }
+    for (name, resource) in view
+        .get("resources")
+        .and_then(Value::as_object)
+        .into_iter()
+        .flatten()
+    {
+        out.push_str(&format!(
+            "resource:  {name}: {}\n",
+            resource["step"].as_str().unwrap_or("-")
+        ));
+        for replica in resource["replicas"].as_array().into_iter().flatten() {
+            out.push_str(&format!(
+                "             {} {}\n",
+                replica["name"].as_str().unwrap_or_default(),
+                replica["health"].as_str().unwrap_or_default()
+            ));
+        }
+        // Kubernetes: the workload's counts, as its controller reports them.
+        let workload = &resource["workload"];
+        if let Some(object) = workload["object"].as_str() {
+            out.push_str(&format!(
+                "             {object}: {} replicas, {} ready, {} updated, {} available\n",
+                workload["replicas"], workload["ready"], workload["updated"], workload["available"]
+            ));
+        }
+    }
+    for finding in list("findings") {
+        out.push_str(&format!("finding:   {finding}\n"));
+    }
+    out
+}
+
+pub(super) fn status_text(status: &Value) -> String {
+    let mut out = String::new();
+    let stack = &status["stack"];
+    out.push_str(&format!(
+        "stack:     {} (channel {})\n",
+        stack["name"].as_str().unwrap_or_default(),
+        stack["channel"].as_str().unwrap_or_default()
+    ));
+    if let Some(source) = status["source"]["describe"].as_str() {
+        out.push_str(&format!("source:    {source}"));
+        if let Some(error) = status["source"]["last_error"].as_str() {
+            out.push_str(&format!(" (last error: {error})"));
+        }
+        out.push('\n');
+    }
+    match &status["current"] {
+        Value::Null => out.push_str("current:   none\n"),
+        current => out.push_str(&format!("current:   {}\n", release_line(current))),
+    }
+    match &status["pending"] {
+        Value::Null => out.push_str("pending:   none\n"),
+        pending => out.push_str(&format!(
+            "pending:   {}\n           waiting for {}\n",
+            release_line(pending),
+            pending["waiting_for"].as_str().unwrap_or("nothing")
+        )),
+    }
+    if let Some(pinned) = status["pinned"].as_str() {
+        out.push_str(&format!("pinned:    {pinned}\n"));
+    }
+    out.push_str(&runtime_text(&status["runtime"]));
+    if let Some(r) = status["last_rejection"].as_object() {
+        let get = |k: &str| r.get(k).and_then(Value::as_str).unwrap_or("-");
+        out.push_str(&format!(
+            "rejected:  {} at {} ({}): {}\n",
+            get("digest"),
+            get("at"),
+            get("check"),
+            get("reason")
+        ));
+    }
+    out
+}
+
+pub(super) fn history_text(history: &Value) -> String {
+    let mut out = String::new();
+    for event in history["events"].as_array().into_iter().flatten() {
+        let get = |k: &str| event.get(k).and_then(Value::as_str).unwrap_or("");
+        out.push_str(&format!(
+            "{}  {:<10} {}\n",
+            get("at"),
+            get("kind"),
+            get("message")
+        ));
+    }
+    let decisions = history["decisions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>();
+    if !decisions.is_empty() {
+        out.push_str("\ndecisions:\n");
+        for d in decisions {
+            let get = |k: &str| d.get(k).and_then(Value::as_str).unwrap_or("");
+            let reason = d
+                .get("reason")
+                .and_then(Value::as_str)
+                .map(|r| format!(": {r}"))
+                .unwrap_or_default();
+            out.push_str(&format!(
+                "{}  {:<8} {} by {}{reason}\n",
+                get("at"),
+                get("decision"),
+                get("version"),
+                get("who")
+            ));
+        }
+    }
+    out
+}

@@ -1,0 +1,615 @@
+//! The container-engine backend: a release as replicas on the host's engine (dockerd or
+//! Podman), planned by `plan.rs` against what runs, each step journaled, health-checked before
+//! the old replica goes, public endpoints forwarded by the agent, autoscaled by measured load.
+
+use super::{Backend, Context, RolloutError, event, journaled};
+use crate::config::{DockerConfig, Grant, Permissions, RolloutConfig};
+use crate::forward::Forwarder;
+use crate::plan::{Action, Desired, ReplicaId, ReplicaState, plan};
+use crate::runtime::{Health, Instance, ReplicaSpec, Runtime, Slot, Step};
+use crate::state::Release;
+use crate::status::RuntimeView;
+use outpost_bundle_format::Digest;
+use outpost_bundle_format::stack::{Container, Probe, Scaling, Stack};
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+const PROBE_EVERY: Duration = Duration::from_millis(500);
+
+/// What this backend takes from the configuration: its `docker` section, the host's pools and
+/// the customer's grants.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub docker: DockerConfig,
+    pub pools: Vec<String>,
+    pub permissions: Permissions,
+}
+
+impl Settings {
+    pub fn of(config: &crate::config::Config) -> Settings {
+        Settings {
+            docker: config.docker.clone(),
+            pools: config.pools.clone(),
+            permissions: config.permissions.clone(),
+        }
+    }
+}
+
+/// Runs releases on a container engine: replicas planned by `plan.rs`, each step journaled,
+/// public endpoints forwarded by the agent.
+pub struct Replicas<R: Runtime> {
+    context: Context,
+    settings: Settings,
+    runtime: R,
+    forwarder: Forwarder,
+    /// The autoscaler's choice per resource and when it last changed it.
+    scale: std::sync::Mutex<BTreeMap<String, (u32, Option<Instant>)>>,
+}
+
+impl<R: Runtime> Backend for Replicas<R> {
+    /// Carries out the plan for `release`; returns the steps taken (drift repairs).
+    async fn converge(
+        &self,
+        release: &Release,
+        stack: &Stack,
+        fresh: bool,
+    ) -> Result<Vec<String>, RolloutError> {
+        let specs = Specs::new(&self.settings, stack, &release.digest)?;
+        let mut instances = self.runtime.observe(&stack.name).await?;
+        if self.settle_surges(&stack.name, &instances).await? {
+            instances = self.runtime.observe(&stack.name).await?;
+        }
+        if !fresh {
+            self.autoscale(stack, &instances).await;
+        }
+        let scale: BTreeMap<String, u32> = self
+            .scale
+            .lock()
+            .map(|s| s.iter().map(|(k, (n, _))| (k.clone(), *n)).collect())
+            .unwrap_or_default();
+        let digest = Digest::parse(&release.digest)
+            .map_err(|e| RolloutError::new(format!("stored digest: {e}")))?;
+        let desired = Desired::new(stack, digest, &scale);
+        let observed: Vec<_> = instances
+            .iter()
+            .filter(|i| i.slot == Slot::Primary)
+            .map(|i| i.replica.clone())
+            .collect();
+        let plan = plan(&desired, &observed, crate::config::now());
+        self.view().set("findings", json!(plan.findings));
+        let mut taken = Vec::new();
+        // Like a Deployment's progressDeadlineSeconds: each step must make progress in time,
+        // however many replicas the resource has.
+        let deadline = Duration::from_secs(self.rollout().progress_deadline_seconds);
+        let mut latest = None;
+        for action in &plan.actions {
+            let resource = action.replica().resource.clone();
+            let until = Instant::now() + deadline;
+            let described = describe(action, &stack.name);
+            self.view().resource_step(&resource, &described);
+            let outcome = journaled(
+                &self.context.store,
+                &release.digest,
+                &described,
+                self.carry_out(action, stack, &specs, until),
+            )
+            .await;
+            latest = self.refresh_routes(stack).await;
+            match outcome {
+                Ok(()) => {
+                    self.view()
+                        .resource_step(&resource, &format!("{described}: done"));
+                    taken.push(described);
+                }
+                Err(e) => {
+                    self.view()
+                        .resource_step(&resource, &format!("{described}: failed: {e}"));
+                    return Err(e);
+                }
+            }
+        }
+        // What the last step saw, or (nothing done) what the pass began with.
+        let seen = if plan.actions.is_empty() {
+            self.route(stack, &instances).await;
+            Some(instances)
+        } else {
+            latest
+        };
+        if let Some(seen) = seen {
+            self.show_resources(stack, &seen).await;
+        }
+        Ok(taken)
+    }
+}
+
+impl<R: Runtime> Replicas<R> {
+    pub fn new(context: Context, settings: Settings, runtime: R) -> Replicas<R> {
+        Replicas {
+            context,
+            settings,
+            runtime,
+            forwarder: Forwarder::default(),
+            scale: Default::default(),
+        }
+    }
+
+    pub fn runtime(&self) -> &R {
+        &self.runtime
+    }
+
+    fn rollout(&self) -> &RolloutConfig {
+        &self.context.rollout
+    }
+
+    fn view(&self) -> &RuntimeView {
+        &self.context.status
+    }
+
+    /// A surge replica left by an interrupted replace: promoted if its primary is gone, else
+    /// removed (the plan then replaces the primary again). Returns whether anything changed.
+    async fn settle_surges(
+        &self,
+        stack: &str,
+        instances: &[Instance],
+    ) -> crate::runtime::RuntimeResult<bool> {
+        let mut changed = false;
+        for surge in instances.iter().filter(|i| i.slot == Slot::Surge) {
+            let id = &surge.replica.id;
+            let has_primary = instances
+                .iter()
+                .any(|i| i.slot == Slot::Primary && i.replica.id == *id);
+            if has_primary {
+                self.runtime.remove(stack, id, Slot::Surge, false).await?;
+            } else {
+                self.runtime
+                    .apply(Step::Promote { stack, replica: id }, &|_| {})
+                    .await?;
+            }
+            event(
+                &self.context.store,
+                "recovered",
+                Some(&surge.digest),
+                &format!(
+                    "{} of an interrupted replace {}",
+                    surge.name,
+                    if has_primary { "removed" } else { "promoted" }
+                ),
+            );
+            changed = true;
+        }
+        Ok(changed)
+    }
+
+    async fn carry_out(
+        &self,
+        action: &Action,
+        stack: &Stack,
+        specs: &Specs<'_>,
+        until: Instant,
+    ) -> Result<(), RolloutError> {
+        let name = stack.name.as_str();
+        let view = self.view();
+        let notes = |note: String| view.set("note", json!(note));
+        match action {
+            Action::Create {
+                replica,
+                config_hash,
+            } => {
+                let spec = specs.spec(replica, config_hash)?;
+                self.create_healthy(&spec, specs, Slot::Primary, until, &notes)
+                    .await
+            }
+            Action::Replace {
+                replica,
+                config_hash,
+                stop_first: false,
+                ..
+            } => {
+                let spec = specs.spec(replica, config_hash)?;
+                // The old replica serves until the new one is healthy.
+                self.create_healthy(&spec, specs, Slot::Surge, until, &notes)
+                    .await?;
+                self.refresh_routes(stack).await;
+                self.runtime
+                    .remove(name, replica, Slot::Primary, false)
+                    .await?;
+                self.runtime
+                    .apply(
+                        Step::Promote {
+                            stack: name,
+                            replica,
+                        },
+                        &notes,
+                    )
+                    .await
+                    .map_err(RolloutError::from)
+            }
+            Action::Replace {
+                replica,
+                config_hash,
+                stop_first: true,
+                ..
+            } => {
+                // Stateful: one at a time on the same volume, never two writers.
+                let spec = specs.spec(replica, config_hash)?;
+                self.runtime
+                    .remove(name, replica, Slot::Primary, false)
+                    .await?;
+                self.create_healthy(&spec, specs, Slot::Primary, until, &notes)
+                    .await
+            }
+            Action::Start { replica } => {
+                self.runtime
+                    .apply(
+                        Step::Start {
+                            stack: name,
+                            replica,
+                        },
+                        &notes,
+                    )
+                    .await?;
+                self.wait_healthy(name, replica, Slot::Primary, specs.probe(replica), until)
+                    .await
+            }
+            Action::Remove { replica, .. } => self
+                .runtime
+                .remove(
+                    name,
+                    replica,
+                    Slot::Primary,
+                    self.settings.docker.delete_volumes,
+                )
+                .await
+                .map_err(RolloutError::from),
+        }
+    }
+
+    /// Creates the replica in `slot` and waits until it is healthy. One that never becomes
+    /// healthy is removed (its volume stays): left running, the next pass would find it in
+    /// place with the right config and take it for converged.
+    async fn create_healthy(
+        &self,
+        spec: &ReplicaSpec,
+        specs: &Specs<'_>,
+        slot: Slot,
+        until: Instant,
+        notes: crate::runtime::Notes<'_>,
+    ) -> Result<(), RolloutError> {
+        self.runtime
+            .apply(Step::Create { spec, slot }, notes)
+            .await?;
+        let healthy = self
+            .wait_healthy(
+                &spec.stack,
+                &spec.replica,
+                slot,
+                specs.probe(&spec.replica),
+                until,
+            )
+            .await;
+        if healthy.is_err() {
+            let _ = self
+                .runtime
+                .remove(&spec.stack, &spec.replica, slot, false)
+                .await;
+        }
+        healthy
+    }
+
+    /// Waits until the replica is healthy: its HTTP check passes, or (without one) it has run
+    /// for the grace period. A replica still starting (nothing listens yet) is waited for up to
+    /// the progress deadline; one that answers wrongly fails after `failureThreshold` answers in
+    /// a row past the grace period; one that stops fails at once.
+    async fn wait_healthy(
+        &self,
+        stack: &str,
+        replica: &ReplicaId,
+        slot: Slot,
+        check: Option<&Probe>,
+        until: Instant,
+    ) -> Result<(), RolloutError> {
+        let started = Instant::now();
+        let grace = Duration::from_secs(self.rollout().grace_seconds);
+        let threshold = check.map_or(1, |c| c.failure_threshold.max(1));
+        let mut failures = 0;
+        let mut last = String::from("no health observation yet");
+        let name = crate::runtime::container_name(stack, replica, slot);
+        loop {
+            let instances = self.runtime.observe(stack).await?;
+            let health = match instances
+                .iter()
+                .find(|i| i.replica.id == *replica && i.slot == slot)
+            {
+                Some(instance) => self.runtime.probe(instance, check).await,
+                None => Health::Down("removed".into()),
+            };
+            match health {
+                Health::Healthy if check.is_some() || started.elapsed() >= grace => return Ok(()),
+                Health::Healthy => {}
+                Health::Starting(why) => last = why,
+                Health::Down(why) => {
+                    return Err(RolloutError::new(format!("{name}: {why}")));
+                }
+                Health::Unhealthy(why) => {
+                    last = why.clone();
+                    if started.elapsed() >= grace {
+                        failures += 1;
+                    }
+                    if failures >= threshold {
+                        return Err(RolloutError::new(format!(
+                            "{name}: health check failed {failures} times in a row: {why}"
+                        )));
+                    }
+                }
+            }
+            if Instant::now() >= until {
+                return Err(RolloutError::new(format!(
+                    "{name}: not healthy within the progress deadline ({}s): {last}",
+                    self.rollout().progress_deadline_seconds
+                )));
+            }
+            tokio::time::sleep(PROBE_EVERY).await;
+        }
+    }
+
+    /// Observes the stack and points its endpoints at what runs; returns what it saw.
+    async fn refresh_routes(&self, stack: &Stack) -> Option<Vec<Instance>> {
+        let instances = self.runtime.observe(&stack.name).await.ok()?;
+        self.route(stack, &instances).await;
+        Some(instances)
+    }
+
+    /// Points each public endpoint at the running replicas among `instances`.
+    async fn route(&self, stack: &Stack, instances: &[Instance]) {
+        let publish = &self.settings.docker.publish;
+        let mut routes: BTreeMap<SocketAddr, Vec<SocketAddr>> = BTreeMap::new();
+        for resource in &stack.resources {
+            for endpoint in &resource.container.public_endpoints {
+                let port = publish.port(&endpoint.name, endpoint.port);
+                let backends = instances
+                    .iter()
+                    .filter(|i| {
+                        i.replica.id.resource == resource.container.name
+                            && i.replica.state == ReplicaState::Running
+                    })
+                    .filter_map(|i| i.addresses.get(&endpoint.port).copied())
+                    .collect();
+                routes.insert(SocketAddr::new(publish.address, port), backends);
+            }
+        }
+        let errors = self.forwarder.update(routes).await;
+        self.view().set("endpoint_errors", json!(errors));
+        self.view().set(
+            "endpoints",
+            json!(
+                self.forwarder
+                    .listening()
+                    .iter()
+                    .map(|a| a.to_string())
+                    .collect::<Vec<_>>()
+            ),
+        );
+    }
+
+    /// Each replica's state and health for `status`.
+    async fn show_resources(&self, stack: &Stack, instances: &[Instance]) {
+        let mut replicas: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+        for instance in instances {
+            let check = stack
+                .resource(&instance.replica.id.resource)
+                .and_then(|r| r.container.health_check.as_ref());
+            let health = match self.runtime.probe(instance, check).await {
+                Health::Healthy => "healthy".to_string(),
+                Health::Starting(why) => format!("starting: {why}"),
+                Health::Unhealthy(why) => format!("unhealthy: {why}"),
+                Health::Down(why) => format!("down: {why}"),
+            };
+            replicas
+                .entry(instance.replica.id.resource.clone())
+                .or_default()
+                .push(json!({"name": instance.name, "health": health, "config_hash": instance.replica.config_hash}));
+        }
+        self.view().edit(|s| {
+            for (resource, list) in replicas {
+                s["resources"][&resource]["replicas"] = json!(list);
+            }
+        });
+    }
+
+    /// Moves autoscaled resources toward their CPU (and memory) targets, one change per
+    /// cool-down.
+    async fn autoscale(&self, stack: &Stack, instances: &[Instance]) {
+        let cooldown = Duration::from_secs(self.rollout().autoscale_cooldown_seconds);
+        for resource in &stack.resources {
+            let container = &resource.container;
+            let Scaling::Auto {
+                min,
+                max,
+                target_cpu_percent,
+                target_memory_percent,
+                ..
+            } = container.scaling
+            else {
+                continue;
+            };
+            let running: Vec<&Instance> = instances
+                .iter()
+                .filter(|i| i.replica.id.resource == container.name && i.slot == Slot::Primary)
+                .filter(|i| i.replica.state == ReplicaState::Running)
+                .collect();
+            // With no choice made yet (say, after a restart) the count is what runs, not
+            // `desired`: a busy service must not shrink because the agent restarted.
+            let (count, changed) = match self.scale.lock() {
+                Ok(mut scale) => *scale
+                    .entry(container.name.clone())
+                    .or_insert(((running.len() as u32).clamp(min, max), None)),
+                Err(_) => return,
+            };
+            // Sampled only once the cool-down allows a change: each sample takes the engine
+            // about a second.
+            if changed.is_some_and(|at| at.elapsed() < cooldown) {
+                continue;
+            }
+            let mut samples = Vec::new();
+            for instance in &running {
+                if let Some(usage) = self.runtime.usage(instance, container.cpu.desired).await {
+                    samples.push(usage);
+                }
+            }
+            if samples.is_empty() {
+                continue;
+            }
+            let n = samples.len() as f64;
+            let cpu = samples.iter().map(|u| u.cpu_percent).sum::<f64>() / n;
+            let memory = samples.iter().map(|u| u.memory_percent).sum::<f64>() / n;
+            let mut ratio = cpu / f64::from(target_cpu_percent.max(1));
+            if let Some(target) = target_memory_percent {
+                ratio = ratio.max(memory / f64::from(target.max(1)));
+            }
+            let wanted = ((f64::from(count) * ratio).ceil() as u32).clamp(min, max);
+            if wanted != count {
+                if let Ok(mut scale) = self.scale.lock() {
+                    scale.insert(container.name.clone(), (wanted, Some(Instant::now())));
+                }
+                event(
+                    &self.context.store,
+                    "autoscale",
+                    None,
+                    &format!(
+                        "{}: {count} -> {wanted} replicas (cpu {cpu:.0}%, memory {memory:.0}%)",
+                        container.name
+                    ),
+                );
+            }
+        }
+    }
+}
+
+fn describe(action: &Action, stack: &str) -> String {
+    let name = action.replica().name(stack);
+    match action {
+        Action::Create { .. } => format!("create {name}"),
+        Action::Replace {
+            stop_first: false, ..
+        } => format!("replace {name} (start new, then stop old)"),
+        Action::Replace {
+            stop_first: true, ..
+        } => format!("replace {name} (stop old, then start new on its volume)"),
+        Action::Start { .. } => format!("start {name} (found stopped)"),
+        Action::Remove { reason, .. } => format!("remove {name} ({reason:?})").to_lowercase(),
+    }
+}
+
+/// The customer-side mapping of a release onto this host: what each replica gets. Everything
+/// that cannot run here is refused before any replica is touched.
+struct Specs<'a> {
+    stack: &'a Stack,
+    digest: &'a str,
+    grants: BTreeMap<String, Grant>,
+}
+
+impl<'a> Specs<'a> {
+    fn new(
+        config: &Settings,
+        stack: &'a Stack,
+        digest: &'a str,
+    ) -> Result<Specs<'a>, RolloutError> {
+        let mut grants = BTreeMap::new();
+        for resource in &stack.resources {
+            let c = &resource.container;
+            let at = format!("resource {}", c.name);
+            if let Some(pool) = &c.pool
+                && !config.pools.contains(pool)
+            {
+                return Err(RolloutError::new(format!(
+                    "{at}: pool {pool:?} is not one of this agent's pools ({}) (config key pools)",
+                    if config.pools.is_empty() {
+                        "none".to_string()
+                    } else {
+                        config.pools.join(", ")
+                    }
+                )));
+            }
+            if let Some(gpu) = &c.gpu {
+                let have = config.docker.gpus.get(&gpu.kind).copied().unwrap_or(0);
+                if have < gpu.count {
+                    return Err(RolloutError::new(format!(
+                        "{at}: needs {} GPU of type {:?}; this host has {have} (config key docker.gpus)",
+                        gpu.count, gpu.kind
+                    )));
+                }
+            }
+            let grant = config
+                .permissions
+                .grant(&c.permissions)
+                .map_err(|e| RolloutError::new(format!("{at}: {e}")))?;
+            grants.insert(c.permissions.clone(), grant);
+        }
+        // One listener per host port: two endpoints on one port would silently share it.
+        let publish = &config.docker.publish;
+        let mut ports: BTreeMap<u16, String> = BTreeMap::new();
+        for resource in &stack.resources {
+            for endpoint in &resource.container.public_endpoints {
+                let port = publish.port(&endpoint.name, endpoint.port);
+                let this = format!("{}.{}", resource.container.name, endpoint.name);
+                if let Some(other) = ports.insert(port, this.clone()) {
+                    return Err(RolloutError::new(format!(
+                        "public endpoints {other} and {this} both listen on port {port}: give one another port (config key docker.publish.ports)"
+                    )));
+                }
+            }
+        }
+        Ok(Specs {
+            stack,
+            digest,
+            grants,
+        })
+    }
+
+    fn container(&self, replica: &ReplicaId) -> Result<&'a Container, RolloutError> {
+        self.stack
+            .resource(&replica.resource)
+            .map(|r| &r.container)
+            .ok_or_else(|| RolloutError::new(format!("no resource {}", replica.resource)))
+    }
+
+    fn probe(&self, replica: &ReplicaId) -> Option<&'a Probe> {
+        self.container(replica)
+            .ok()
+            .and_then(|c| c.health_check.as_ref())
+    }
+
+    /// What `replica` gets at `config_hash` (the plan's hash of its resource).
+    fn spec(&self, replica: &ReplicaId, config_hash: &str) -> Result<ReplicaSpec, RolloutError> {
+        let c = self.container(replica)?;
+        // Resources find each other by name on the stack's network.
+        let mut environment = crate::plan::link_environment(self.stack, c, |link| link.to_string());
+        let grant = self.grants.get(&c.permissions).cloned().unwrap_or_default();
+        environment.extend(grant.environment);
+        Ok(ReplicaSpec {
+            stack: self.stack.name.clone(),
+            replica: replica.clone(),
+            digest: self.digest.to_string(),
+            config_hash: config_hash.to_string(),
+            image: c.image.clone(),
+            command: c.command.clone(),
+            environment,
+            cpu: c.cpu.desired,
+            memory_bytes: c.memory.bytes(),
+            ephemeral_storage_bytes: c.ephemeral_storage.as_ref().map(|q| q.bytes()),
+            ports: c.ports.clone(),
+            volume: c
+                .persistent_storage
+                .as_ref()
+                .map(|_| crate::runtime::volume_name(&self.stack.name, replica)),
+            gpu: c.gpu.as_ref().map(|g| (g.kind.clone(), g.count)),
+            files: grant.files.into_iter().collect(),
+        })
+    }
+}
+
+#[cfg(test)]
+#[path = "replicas_tests.rs"]
+mod tests;

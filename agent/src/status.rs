@@ -1,0 +1,211 @@
+//! The `status` document, typed, in one place: what the agent holds (`Status`) and what its
+//! runtime shows (`RuntimeView`, the sink a rollout backend writes to). Serialised to the JSON
+//! contract the README lists; `tests::the_keys_are_the_contract` pins the keys.
+
+use crate::state::{Positions, Rejection, Release};
+use serde::Serialize;
+use serde_json::{Value, json};
+use std::sync::atomic::AtomicU64;
+
+/// `GET /status` (and `outpost-agent status --output json`), less `source`, which the API adds.
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub stack: StackStatus,
+    /// `"none"`, or the runtime's view with `kind` and `converged`.
+    pub runtime: Value,
+    pub current: Option<ReleaseStatus>,
+    pub pending: Option<PendingStatus>,
+    pub last_good: Option<ReleaseStatus>,
+    pub pinned: Option<String>,
+    pub highest_sequence: Option<u64>,
+    pub last_rejection: Option<RejectionStatus>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct StackStatus {
+    pub name: String,
+    pub channel: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ReleaseStatus {
+    pub version: String,
+    pub sequence: u64,
+    pub digest: String,
+    pub created: String,
+    pub expires: String,
+    pub origin: String,
+    pub received_at: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PendingStatus {
+    #[serde(flatten)]
+    pub release: ReleaseStatus,
+    pub waiting_for: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RejectionStatus {
+    pub digest: Option<String>,
+    pub reason: String,
+    pub check: String,
+    pub at: String,
+    pub origin: String,
+}
+
+impl From<&Release> for ReleaseStatus {
+    fn from(r: &Release) -> Self {
+        ReleaseStatus {
+            version: r.version.clone(),
+            sequence: r.sequence,
+            digest: r.digest.to_string(),
+            created: r.created.clone(),
+            expires: r.expires.clone(),
+            origin: r.origin.clone(),
+            received_at: r.received_at.clone(),
+        }
+    }
+}
+
+impl From<&Rejection> for RejectionStatus {
+    fn from(r: &Rejection) -> Self {
+        RejectionStatus {
+            digest: r.digest.clone(),
+            reason: r.reason.clone(),
+            check: r.check.clone(),
+            at: r.at.clone(),
+            origin: r.origin.clone(),
+        }
+    }
+}
+
+impl Status {
+    /// The document for `positions`; `runtime` is the runtime's part (see [`RuntimeView`]).
+    pub fn new(stack: StackStatus, positions: &Positions, runtime: Value) -> Status {
+        Status {
+            stack,
+            runtime,
+            current: positions.current.as_ref().map(ReleaseStatus::from),
+            pending: positions.pending.as_ref().map(|r| PendingStatus {
+                release: r.into(),
+                waiting_for: positions.waiting_for.clone(),
+            }),
+            last_good: positions.last_good.as_ref().map(ReleaseStatus::from),
+            pinned: positions.pinned.clone(),
+            highest_sequence: positions.highest_sequence,
+            last_rejection: positions.last_rejection.as_ref().map(RejectionStatus::from),
+        }
+    }
+
+    pub fn to_json(&self) -> Value {
+        serde_json::to_value(self).unwrap_or(Value::Null)
+    }
+}
+
+/// What `status` shows of the runtime (`runtime.*`), and the counters `/metrics` exports.
+/// Backends write their own keys under it (`phase`, `target`, `resources.<name>.step`, ...).
+#[derive(Default)]
+pub struct RuntimeView {
+    state: std::sync::Mutex<Value>,
+    pub rollouts: AtomicU64,
+    pub rollbacks: AtomicU64,
+    pub drift_repairs: AtomicU64,
+}
+
+impl RuntimeView {
+    pub fn snapshot(&self) -> Value {
+        self.state.lock().map(|s| s.clone()).unwrap_or(Value::Null)
+    }
+
+    pub(crate) fn edit(&self, change: impl FnOnce(&mut Value)) {
+        if let Ok(mut state) = self.state.lock() {
+            if !state.is_object() {
+                *state = json!({});
+            }
+            change(&mut state);
+        }
+    }
+
+    pub(crate) fn set(&self, key: &str, value: Value) {
+        self.edit(|s| s[key] = value);
+    }
+
+    pub(crate) fn resource_step(&self, resource: &str, step: &str) {
+        self.edit(|s| s["resources"][resource]["step"] = json!(step));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The README's status keys: renaming one breaks every script that reads them.
+    #[test]
+    fn the_keys_are_the_contract() {
+        let bundle = outpost_bundle_format::verify(
+            &crate::testing::signed_release("1.0.0", 1),
+            &crate::testing::trust(),
+            chrono::Utc::now(),
+            &Default::default(),
+        )
+        .unwrap();
+        let release = Release::verified(&bundle, "test", chrono::Utc::now()).unwrap();
+        let positions = Positions {
+            current: Some(release.clone()),
+            pending: Some(release.clone()),
+            last_good: Some(release),
+            waiting_for: Some("approval".into()),
+            pinned: None,
+            highest_sequence: Some(1),
+            last_rejection: Some(Rejection {
+                digest: None,
+                origin: "o".into(),
+                check: "rollback".into(),
+                reason: "r".into(),
+                at: "t".into(),
+            }),
+            converged: None,
+            rolled_back: None,
+        };
+        let stack = StackStatus {
+            name: "acme".into(),
+            channel: "stable".into(),
+        };
+        let status = Status::new(stack, &positions, json!("none")).to_json();
+        let keys = |v: &Value| v.as_object().unwrap().keys().cloned().collect::<Vec<_>>();
+        assert_eq!(
+            keys(&status),
+            [
+                "current",
+                "highest_sequence",
+                "last_good",
+                "last_rejection",
+                "pending",
+                "pinned",
+                "runtime",
+                "stack"
+            ]
+        );
+        let release_keys = [
+            "created",
+            "digest",
+            "expires",
+            "origin",
+            "received_at",
+            "sequence",
+            "version",
+        ];
+        assert_eq!(keys(&status["current"]), release_keys);
+        assert_eq!(keys(&status["last_good"]), release_keys);
+        let mut pending_keys = release_keys.to_vec();
+        pending_keys.push("waiting_for");
+        pending_keys.sort();
+        assert_eq!(keys(&status["pending"]), pending_keys);
+        assert_eq!(
+            keys(&status["last_rejection"]),
+            ["at", "check", "digest", "origin", "reason"]
+        );
+        assert_eq!(keys(&status["stack"]), ["channel", "name"]);
+    }
+}
