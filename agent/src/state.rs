@@ -29,7 +29,7 @@ pub type Result<T> = std::result::Result<T, StateError>;
 
 /// A release the agent accepted (verified and recorded). Made only from a [`VerifiedBundle`]
 /// ([`Release::verified`]) or read back from the store that recorded one: the private
-/// `_verified` field keeps anything else from building one.
+/// `sealed` field keeps any other module from building one.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Release {
     pub digest: String,
@@ -45,8 +45,12 @@ pub struct Release {
     pub origin: String,
     pub received_at: String,
     #[serde(skip)]
-    _verified: (),
+    sealed: Sealed,
 }
+
+/// Only this module can make one (so only it can make a [`Release`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct Sealed;
 
 impl Release {
     /// The release a verified bundle is, received from `origin` at `now`.
@@ -67,7 +71,7 @@ impl Release {
             stack: serde_json::to_string(bundle.stack_file())?,
             origin: origin.to_string(),
             received_at: rfc3339::format(&now),
-            _verified: (),
+            sealed: Sealed,
         })
     }
 
@@ -552,7 +556,7 @@ fn release_by_digest(conn: &Connection, digest: &str) -> Result<Option<Release>>
                     stack: r.get(7)?,
                     origin: r.get(8)?,
                     received_at: r.get(9)?,
-                    _verified: (),
+                    sealed: Sealed,
                 })
             },
         )

@@ -18,12 +18,15 @@ use std::time::Instant;
 
 const CHILD: &str = "OUTPOST_AMPLIFICATION_FILE";
 
+/// A case: its name and how to make its file.
+type Case = (String, Box<dyn Fn() -> Vec<u8>>);
+
 fn main() {
     if let Some(file) = std::env::var_os(CHILD) {
         return measure(std::path::Path::new(&file));
     }
     let genuine = || signed(release("1.0.0", 1), &["vendor-a", "vendor-b"]);
-    let cases: Vec<(String, Box<dyn Fn() -> Vec<u8>>)> = vec![
+    let cases: Vec<Case> = vec![
         (
             "genuine, 16 MiB image".into(),
             Box::new(move || {

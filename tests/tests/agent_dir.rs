@@ -171,7 +171,15 @@ fn partial_and_dot_files_are_never_read() {
     writing.write_all(&bytes[bytes.len() / 2..]).unwrap();
     std::mem::drop(writing);
     agent.wait_current(1);
-    assert!(drop.path().join("accepted/slow.tar").exists());
+    // Filed once verified and recorded (the `.reason` is written before the move).
+    wait_file(&drop.path().join("accepted/slow.tar.reason"));
+    outpost_tests::eventually("slow.tar filed under accepted/", || {
+        drop.path()
+            .join("accepted/slow.tar")
+            .exists()
+            .then_some(())
+            .ok_or_else(|| "not yet".to_string())
+    });
 }
 
 fn post(agent: &AgentProcess, args: &[&str]) -> String {
@@ -555,4 +563,48 @@ fn metrics_are_served_over_tcp_when_asked_and_nothing_else() {
             "{path}"
         );
     }
+}
+
+/// `log.format: json`: every line one JSON object with level and message, and lines about a
+/// release carry its digest.
+#[test]
+fn json_logs_are_one_object_per_line_with_the_release_digest() {
+    let drop = tempfile::tempdir().unwrap();
+    let agent = dir_agent(drop.path(), "log: {format: json, level: debug}\n");
+    let v1 = signed(release("1.0.0", 1), &BOTH);
+    drop_file(drop.path(), "v1.tar", &tar(&v1));
+    let digest = agent.wait_current(1)["current"]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    drop_file(drop.path(), "junk.tar", b"junk");
+    wait_file(&drop.path().join("rejected/junk.tar.reason"));
+    let log = agent.log();
+    let lines: Vec<Value> = log
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert!(lines.len() >= 3, "{log}");
+    for line in &lines {
+        assert!(line["level"].is_string(), "{line}");
+        assert!(line["message"].is_string(), "{line}");
+        assert!(line["timestamp"].is_string(), "{line}");
+    }
+    let accepted = lines
+        .iter()
+        .find(|l| l["message"].as_str().unwrap().starts_with("accepted 1.0.0"))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert_eq!(accepted["digest"], digest.as_str(), "{accepted}");
+    assert_eq!(accepted["level"], "INFO");
+    let rejected = lines
+        .iter()
+        .find(|l| {
+            l["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("rejected: malformed")
+        })
+        .unwrap_or_else(|| panic!("{log}"));
+    assert_eq!(rejected["level"], "WARN");
 }

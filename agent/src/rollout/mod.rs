@@ -104,7 +104,8 @@ pub(crate) async fn journaled<T>(
     let id = store
         .begin_step(digest, step, crate::config::now())
         .map_err(|e| RolloutError::unavailable(format!("journal: {e}")))?;
-    let outcome = work.await;
+    let span = tracing::info_span!("step", step = %step);
+    let outcome = tracing::Instrument::instrument(work, span).await;
     let finished = if outcome.is_ok() { "done" } else { "failed" };
     if let Err(e) = store.finish_step(id, finished, crate::config::now()) {
         // The step happened; the next start will call it interrupted and look again.
@@ -115,7 +116,10 @@ pub(crate) async fn journaled<T>(
 
 /// Records an event in the store and the log.
 pub(crate) fn event(store: &Store, kind: &str, digest: Option<&str>, message: &str) {
-    tracing::info!(event = kind, "{message}");
+    match digest {
+        Some(digest) => tracing::info!(event = kind, digest, "{message}"),
+        None => tracing::info!(event = kind, "{message}"),
+    }
     if let Err(e) = store.event(crate::config::now(), kind, digest, message) {
         tracing::warn!("recording {kind}: {e}");
     }
@@ -195,8 +199,14 @@ impl<B: Backend> Converger<B> {
                 &format!("rolling out {} {}", current.name, current.version),
             );
         }
+        // Every line the backend logs for this pass says which release it belongs to.
+        let span =
+            tracing::info_span!("release", digest = %current.digest, version = %current.version);
         let outcome = match current.stack() {
-            Ok(stack) => self.backend.converge(&current, &stack, fresh).await,
+            Ok(stack) => {
+                let pass = self.backend.converge(&current, &stack, fresh);
+                tracing::Instrument::instrument(pass, span).await
+            }
             Err(e) => Err(RolloutError::new(e.to_string())),
         };
         match outcome {
@@ -258,7 +268,7 @@ impl<B: Backend> Converger<B> {
                             // Superseded by the customer's decision: the next pass runs it.
                             return Ok(());
                         }
-                        tracing::warn!("{message}");
+                        tracing::warn!(digest = %current.digest, "{message}");
                         self.view().set("last_rollback", json!(message));
                         self.context.changed.notify_one();
                         Ok(())

@@ -461,43 +461,33 @@ pub fn keep_bundled_images(layout: &Layout, dir: &Path) -> anyhow::Result<usize>
             "RepoTags": [format!("outpost-bundled/{repository}:{}", &hex[..16])],
             "Layers": manifest.layers.iter().map(|l| format!("{}.tar", l.digest.hex())).collect::<Vec<_>>(),
         }]);
-        let partial = dir.join(format!(".{hex}.tar.partial"));
-        let mut out = std::io::BufWriter::new(
-            std::fs::File::create(&partial).with_context(|| partial.display().to_string())?,
-        );
         let manifest_bytes = serde_json::to_vec(&archive_manifest)?;
-        tar_entry(
-            &mut out,
-            "manifest.json",
-            manifest_bytes.len() as u64,
-            |w| w.write_all(&manifest_bytes).map_err(Into::into),
-        )?;
-        tar_entry(
-            &mut out,
-            &format!("{}.json", manifest.config.digest.hex()),
-            config.len() as u64,
-            |w| w.write_all(&config).map_err(Into::into),
-        )?;
-        for layer in &manifest.layers {
-            let size = layout.blob_size(&layer.digest).with_context(|| {
-                format!("bundled image {reference}: layer {} missing", layer.digest)
+        let archive = dir.join(format!("{hex}.tar"));
+        outpost_bundle_format::layout::write_atomic_with(&archive, |out| -> anyhow::Result<()> {
+            tar_entry(out, "manifest.json", manifest_bytes.len() as u64, |w| {
+                w.write_all(&manifest_bytes).map_err(Into::into)
             })?;
             tar_entry(
-                &mut out,
-                &format!("{}.tar", layer.digest.hex()),
-                size,
-                |w| {
+                out,
+                &format!("{}.json", manifest.config.digest.hex()),
+                config.len() as u64,
+                |w| w.write_all(&config).map_err(Into::into),
+            )?;
+            for layer in &manifest.layers {
+                let size = layout.blob_size(&layer.digest).with_context(|| {
+                    format!("bundled image {reference}: layer {} missing", layer.digest)
+                })?;
+                tar_entry(out, &format!("{}.tar", layer.digest.hex()), size, |w| {
                     layout
                         .copy_blob(&layer.digest, w)
                         .map(|_| ())
                         .map_err(Into::into)
-                },
-            )?;
-        }
-        out.write_all(&[0u8; 1024])?;
-        let file = out.into_inner().map_err(|e| e.into_error())?;
-        file.sync_all()?;
-        std::fs::rename(&partial, dir.join(format!("{hex}.tar")))?;
+                })?;
+            }
+            out.write_all(&[0u8; 1024])?;
+            Ok(())
+        })
+        .with_context(|| archive.display().to_string())?;
         outpost_bundle_format::layout::write_atomic(
             &id_file,
             format!("sha256:{}", manifest.config.digest.hex()).as_bytes(),

@@ -38,8 +38,10 @@ pub struct OciSource {
     limits: Limits,
     /// The manifest digest last handed over, and whether it may improve with more signatures.
     last: Option<(Digest, bool)>,
-    /// Digest of the signature tag when `last` was settled (re-fetch when it changes).
+    /// Digest of the signature tag when `last` was fetched (re-fetch when it changes).
     last_signatures: Option<Digest>,
+    /// The signature tag's digest just before the candidate in flight was fetched.
+    fetched_signatures: Option<Digest>,
 }
 
 impl OciSource {
@@ -70,6 +72,7 @@ impl OciSource {
             limits,
             last: None,
             last_signatures: None,
+            fetched_signatures: None,
         })
     }
 
@@ -265,6 +268,9 @@ impl Source for OciSource {
                 if !changed {
                     continue;
                 }
+                // The signature tag as it was before the fetch: a signature pushed while this
+                // candidate is fetched or judged changes it, so the release is looked at again.
+                self.fetched_signatures = self.signature_head(&head.digest).await?;
                 let layout = match self.fetch(head.digest).await {
                     Ok(layout) => Ok(layout),
                     Err(FetchError::Content(e)) => Err(e),
@@ -292,7 +298,7 @@ impl Source for OciSource {
             if let Ok(digest) = Digest::parse(&candidate.key) {
                 self.last = Some((digest, wants_signatures));
                 self.last_signatures = if wants_signatures {
-                    self.signature_head(&digest).await.ok().flatten()
+                    self.fetched_signatures.take()
                 } else {
                     None
                 };
