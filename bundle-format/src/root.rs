@@ -32,9 +32,9 @@ fn fail<T>(message: impl Into<String>) -> Result<T, RootError> {
 /// A trust root whose own signatures met its threshold (or that was verified by rotation).
 #[derive(Debug, Clone)]
 pub struct TrustRoot {
-    pub version: u64,
-    pub expires: DateTime<Utc>,
-    pub threshold: usize,
+    version: u64,
+    expires: DateTime<Utc>,
+    threshold: usize,
     keys: BTreeMap<String, PublicKey>,
     ids: BTreeMap<String, String>,
     raw: Vec<u8>,
@@ -256,6 +256,19 @@ impl TrustRoot {
             applied.push(raw.clone());
         }
         Ok((root, applied))
+    }
+
+    /// Read-only once verified: nothing downstream can change what was checked.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    pub fn expires(&self) -> DateTime<Utc> {
+        self.expires
+    }
+
+    pub fn threshold(&self) -> usize {
+        self.threshold
     }
 
     pub fn keys(&self) -> impl Iterator<Item = &PublicKey> {

@@ -200,13 +200,13 @@ pub fn verify_parts(
             if root.is_expired(now) {
                 return Err(VerifyError::Root(format!(
                     "root v{} expired at {}",
-                    root.version,
-                    rfc3339::format(&root.expires)
+                    root.version(),
+                    rfc3339::format(&root.expires())
                 )));
             }
             (
                 root.keys().cloned().collect(),
-                root.threshold,
+                root.threshold(),
                 Some(root),
                 applied,
             )

@@ -68,15 +68,15 @@ pub fn run(command: RootCommand) -> Outcome {
                 return Err(Failure::invalid(format!(
                     "{}: trust-root: expired at {}",
                     args.root.display(),
-                    rfc3339::format(&trusted.expires)
+                    rfc3339::format(&trusted.expires())
                 )));
             }
             println!(
                 "root v{} ok: {} key(s), threshold {}, expires {}",
-                trusted.version,
+                trusted.version(),
                 trusted.keys().count(),
-                trusted.threshold,
-                rfc3339::format(&trusted.expires)
+                trusted.threshold(),
+                rfc3339::format(&trusted.expires())
             );
             Ok(())
         }

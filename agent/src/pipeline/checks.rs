@@ -107,7 +107,7 @@ impl Agent {
             return pinned.clone();
         };
         let mut root = root.clone();
-        let mut version = root.version + 1;
+        let mut version = root.version() + 1;
         while let Ok(raw) =
             std::fs::read(state_dir.join("roots").join(format!("{version}.root.json")))
         {
@@ -129,10 +129,10 @@ impl Agent {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
         {
-            Trust::Root(old) => old.version,
+            Trust::Root(old) => old.version(),
             Trust::Keys { .. } => return Ok(()),
         };
-        let Some(new_root) = verified.root().filter(|r| r.version > old) else {
+        let Some(new_root) = verified.root().filter(|r| r.version() > old) else {
             return Ok(());
         };
         let dir = self.config.state_dir.join("roots");
@@ -147,7 +147,7 @@ impl Agent {
         std::fs::File::open(&dir)
             .and_then(|d| d.sync_all())
             .map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
-        self.store.set_root_version(new_root.version)?;
+        self.store.set_root_version(new_root.version())?;
         *self
             .trust
             .lock()

@@ -106,12 +106,12 @@ impl Agent {
             .map_err(|e| anyhow::anyhow!(e))?;
         let trust = Self::rotated_trust(&pinned_trust, &config.state_dir);
         if let (Trust::Root(root), Some(recorded)) = (&trust, store.root_version()?)
-            && root.version < recorded
+            && root.version() < recorded
         {
             anyhow::bail!(
                 "{}: the trust root chain replays only to version {} but version {recorded} was accepted; refusing to fall back to older keys",
                 config.state_dir.join("roots").display(),
-                root.version
+                root.version()
             );
         }
         let limits = config.limits();
