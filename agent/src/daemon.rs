@@ -194,7 +194,7 @@ pub async fn drive(
             *last = None;
         }
         let (agent_for_task, origin) = (agent.clone(), candidate.origin.clone());
-        let digest = candidate.digest.map(|d| d.to_string());
+        let digest = candidate.digest;
         let admission = carried.clone();
         let outcome = {
             let layout = std::mem::replace(&mut candidate.layout, Ok(Default::default()));
@@ -245,7 +245,7 @@ pub async fn drive(
                 tracing::info!(%digest, origin = %candidate.origin, "{}", outcome.describe())
             }
             Ingested::Rejected { digest, .. } => tracing::warn!(
-                digest = digest.as_deref().unwrap_or(""),
+                digest = digest.map(|d| d.to_string()).unwrap_or_default(),
                 origin = %candidate.origin,
                 "{}",
                 outcome.describe()

@@ -31,7 +31,7 @@ pub struct StackStatus {
 pub struct ReleaseStatus {
     pub version: String,
     pub sequence: u64,
-    pub digest: String,
+    pub digest: outpost_bundle_format::Digest,
     pub created: String,
     pub expires: String,
     pub origin: String,
@@ -47,7 +47,7 @@ pub struct PendingStatus {
 
 #[derive(Debug, Serialize)]
 pub struct RejectionStatus {
-    pub digest: Option<String>,
+    pub digest: Option<outpost_bundle_format::Digest>,
     pub reason: String,
     pub check: String,
     pub at: String,
@@ -59,7 +59,7 @@ impl From<&Release> for ReleaseStatus {
         ReleaseStatus {
             version: r.version.clone(),
             sequence: r.sequence,
-            digest: r.digest.to_string(),
+            digest: r.digest,
             created: r.created.clone(),
             expires: r.expires.clone(),
             origin: r.origin.clone(),
@@ -71,7 +71,7 @@ impl From<&Release> for ReleaseStatus {
 impl From<&Rejection> for RejectionStatus {
     fn from(r: &Rejection) -> Self {
         RejectionStatus {
-            digest: r.digest.clone(),
+            digest: r.digest,
             reason: r.reason.clone(),
             check: r.check.clone(),
             at: r.at.clone(),

@@ -18,7 +18,7 @@ pub(super) struct AgentChecks<'a> {
     channel: &'a str,
     highest: Option<u64>,
     /// The current and pending digests: seeing them again is a no-op, not a rollback.
-    known: Vec<String>,
+    known: Vec<Digest>,
 }
 
 impl ReleasePolicy for AgentChecks<'_> {
@@ -49,7 +49,7 @@ impl ReleasePolicy for AgentChecks<'_> {
         metadata: &ReleaseMetadata,
         digest: Digest,
     ) -> Result<(), VerifyError> {
-        if self.known.contains(&digest.to_string()) {
+        if self.known.contains(&digest) {
             return Ok(());
         }
         match self.highest {
@@ -96,7 +96,7 @@ pub fn load_trust(config: &Config) -> anyhow::Result<Trust> {
 
 pub(super) enum Examined {
     Verified(Box<VerifiedBundle>),
-    Unchanged(String),
+    Unchanged(Digest),
     Rejected(Rejection),
 }
 
@@ -184,18 +184,16 @@ impl Agent {
         now: DateTime<Utc>,
     ) -> anyhow::Result<Examined> {
         let positions = self.store.positions()?;
-        let digest = bundle::bundle_descriptor(layout)
-            .map(|d| d.digest.to_string())
-            .ok();
+        let digest = bundle::bundle_descriptor(layout).map(|d| d.digest).ok();
         // "Unchanged" is decided after full verification: an index merely naming the current
         // digest proves nothing.
         // The release last rolled back from is known too: a source still offering it is not
         // replaying an old release at us.
-        let known: Vec<String> = [&positions.current, &positions.pending]
+        let known: Vec<Digest> = [&positions.current, &positions.pending]
             .into_iter()
             .flatten()
-            .map(|r| r.digest.clone())
-            .chain(positions.rolled_back.clone())
+            .map(|r| r.digest)
+            .chain(positions.rolled_back)
             .collect();
         let checks = AgentChecks {
             name: &self.config.expect.name,
@@ -210,8 +208,8 @@ impl Agent {
             .clone();
         Ok(
             match verify_with(layout, &trust, now, &self.limits, &checks) {
-                Ok(verified) if known.contains(&verified.digest().to_string()) => {
-                    Examined::Unchanged(verified.digest().to_string())
+                Ok(verified) if known.contains(&verified.digest()) => {
+                    Examined::Unchanged(verified.digest())
                 }
                 Ok(verified) => Examined::Verified(Box::new(verified)),
                 Err(e) => Examined::Rejected(Rejection {

@@ -7,6 +7,7 @@ use crate::approval::{Gate, GateInput, gate};
 use crate::config::RuntimeKind;
 use crate::state::{Decision, Effect, Positions, Release};
 use chrono::{DateTime, Utc};
+use outpost_bundle_format::Digest;
 use outpost_bundle_format::release::rfc3339;
 use serde_json::Value;
 
@@ -48,7 +49,7 @@ impl Agent {
 
     /// Re-evaluates the pending release (approval, windows, pins); applies it when nothing is
     /// left to wait for. Returns the applied digest.
-    pub fn reconsider(&self, now: DateTime<Utc>) -> anyhow::Result<Option<String>> {
+    pub fn reconsider(&self, now: DateTime<Utc>) -> anyhow::Result<Option<Digest>> {
         let _decisions = self.lock_decisions();
         self.reconsider_locked(now)
     }
@@ -60,7 +61,7 @@ impl Agent {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    pub(super) fn reconsider_locked(&self, now: DateTime<Utc>) -> anyhow::Result<Option<String>> {
+    pub(super) fn reconsider_locked(&self, now: DateTime<Utc>) -> anyhow::Result<Option<Digest>> {
         let positions = self.store.positions()?;
         let Some(pending) = positions.pending.clone() else {
             return Ok(None);
@@ -105,7 +106,7 @@ impl Agent {
     fn pending_named(&self, version: &str, digest: Option<&str>) -> anyhow::Result<Release> {
         match self.store.positions()?.pending {
             Some(p) if p.version != version => Err(Refused(format!("the pending release is {}, not {version}", p.version)).into()),
-            Some(p) if digest.is_some_and(|d| d != p.digest) => Err(Refused(format!("the pending {version} is now {}, not the digest given: review `outpost-agent plan` again", p.digest)).into()),
+            Some(p) if digest.is_some_and(|d| d != p.digest.to_string()) => Err(Refused(format!("the pending {version} is now {}, not the digest given: review `outpost-agent plan` again", p.digest)).into()),
             Some(p) => Ok(p),
             None => Err(Refused(format!("no release is pending (asked for {version})")).into()),
         }
@@ -123,7 +124,7 @@ impl Agent {
         let _decisions = self.lock_decisions();
         let pending = self.pending_named(version, digest)?;
         self.store.record_decision(
-            &Decision::new(now, &pending.digest, version, "approve", who),
+            &Decision::new(now, Some(&pending.digest), version, "approve", who),
             Effect::None,
         )?;
         Ok(match self.reconsider_locked(now)? {
@@ -147,7 +148,7 @@ impl Agent {
         let pending = self.pending_named(version, digest)?;
         let message = format!("rejected by {who}: {reason}");
         self.store.record_decision(
-            &Decision::new(now, &pending.digest, version, "reject", who).because(reason),
+            &Decision::new(now, Some(&pending.digest), version, "reject", who).because(reason),
             Effect::DropPending { message: &message },
         )?;
         Ok(format!(
@@ -165,7 +166,7 @@ impl Agent {
             return Err(Refused(format!("only the current release ({}) can be pinned; older releases are refused by rollback protection", current.version)).into());
         }
         self.store.record_decision(
-            &Decision::new(now, &current.digest, version, "pin", who),
+            &Decision::new(now, Some(&current.digest), version, "pin", who),
             Effect::Pin(Some(version)),
         )?;
         self.reconsider_locked(now)?;
@@ -180,9 +181,9 @@ impl Agent {
         let Some(pinned) = positions.pinned else {
             return Err(Refused("nothing is pinned".into()).into());
         };
-        let digest = positions.current.map(|c| c.digest).unwrap_or_default();
+        let digest = positions.current.map(|c| c.digest);
         self.store.record_decision(
-            &Decision::new(now, &digest, &pinned, "unpin", who),
+            &Decision::new(now, digest.as_ref(), &pinned, "unpin", who),
             Effect::Pin(None),
         )?;
         self.reconsider_locked(now)?;
@@ -212,7 +213,13 @@ impl Agent {
             current.name, current.version, good.version
         );
         self.store.record_decision(
-            &Decision::new(now, &current.digest, &current.version, "rollback", who),
+            &Decision::new(
+                now,
+                Some(&current.digest),
+                &current.version,
+                "rollback",
+                who,
+            ),
             Effect::RollBack {
                 to: &good.digest,
                 message: &message,

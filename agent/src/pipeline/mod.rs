@@ -193,7 +193,7 @@ impl Agent {
             && let Err(reason) = admission.admit(layout, &verified)
         {
             let rejection = Rejection {
-                digest: Some(verified.digest().to_string()),
+                digest: Some(verified.digest()),
                 origin: origin.to_string(),
                 check: admission.check().into(),
                 reason,
@@ -250,7 +250,7 @@ impl Agent {
     pub fn reject_unreadable(
         &self,
         origin: &str,
-        digest: Option<String>,
+        digest: Option<outpost_bundle_format::Digest>,
         error: &LayoutError,
         now: DateTime<Utc>,
     ) -> anyhow::Result<Ingested> {

@@ -16,6 +16,7 @@ pub use replicas::Replicas;
 use crate::config::RolloutConfig;
 use crate::state::{Release, Store};
 use crate::status::RuntimeView;
+use outpost_bundle_format::Digest;
 use outpost_bundle_format::stack::Stack;
 use serde_json::{Value, json};
 use std::sync::Arc;
@@ -97,7 +98,7 @@ pub struct Converger<B: Backend> {
 /// outcome after, so that a crash mid-step is found at the next start.
 pub(crate) async fn journaled<T>(
     store: &Store,
-    digest: &str,
+    digest: &Digest,
     step: &str,
     work: impl Future<Output = Result<T, RolloutError>>,
 ) -> Result<T, RolloutError> {
@@ -115,9 +116,9 @@ pub(crate) async fn journaled<T>(
 }
 
 /// Records an event in the store and the log.
-pub(crate) fn event(store: &Store, kind: &str, digest: Option<&str>, message: &str) {
+pub(crate) fn event(store: &Store, kind: &str, digest: Option<&Digest>, message: &str) {
     match digest {
-        Some(digest) => tracing::info!(event = kind, digest, "{message}"),
+        Some(digest) => tracing::info!(event = kind, %digest, "{message}"),
         None => tracing::info!(event = kind, "{message}"),
     }
     if let Err(e) = store.event(crate::config::now(), kind, digest, message) {
@@ -183,7 +184,7 @@ impl<B: Backend> Converger<B> {
             self.view().set("phase", json!("nothing to run yet"));
             return Ok(());
         };
-        let fresh = positions.converged.as_deref() != Some(current.digest.as_str());
+        let fresh = positions.converged != Some(current.digest);
         self.view().set(
             "target",
             json!({"version": current.version, "digest": current.digest}),

@@ -56,7 +56,7 @@ impl<R: Runtime> Backend for Replicas<R> {
         stack: &Stack,
         fresh: bool,
     ) -> Result<Vec<String>, RolloutError> {
-        let specs = Specs::new(&self.settings, stack, &release.digest)?;
+        let specs = Specs::new(&self.settings, stack, release.digest)?;
         let mut instances = self.runtime.observe(&stack.name).await?;
         if self.settle_surges(&stack.name, &instances).await? {
             instances = self.runtime.observe(&stack.name).await?;
@@ -69,9 +69,7 @@ impl<R: Runtime> Backend for Replicas<R> {
             .lock()
             .map(|s| s.iter().map(|(k, (n, _))| (k.clone(), *n)).collect())
             .unwrap_or_default();
-        let digest = Digest::parse(&release.digest)
-            .map_err(|e| RolloutError::new(format!("stored digest: {e}")))?;
-        let desired = Desired::new(stack, digest, &scale);
+        let desired = Desired::new(stack, release.digest, &scale);
         let observed: Vec<_> = instances
             .iter()
             .filter(|i| i.slot == Slot::Primary)
@@ -170,7 +168,7 @@ impl<R: Runtime> Replicas<R> {
             event(
                 &self.context.store,
                 "recovered",
-                Some(&surge.digest),
+                Digest::parse(&surge.digest).ok().as_ref(),
                 &format!(
                     "{} of an interrupted replace {}",
                     surge.name,
@@ -506,16 +504,12 @@ fn describe(action: &Action, stack: &str) -> String {
 /// that cannot run here is refused before any replica is touched.
 struct Specs<'a> {
     stack: &'a Stack,
-    digest: &'a str,
+    digest: Digest,
     grants: BTreeMap<String, Grant>,
 }
 
 impl<'a> Specs<'a> {
-    fn new(
-        config: &Settings,
-        stack: &'a Stack,
-        digest: &'a str,
-    ) -> Result<Specs<'a>, RolloutError> {
+    fn new(config: &Settings, stack: &'a Stack, digest: Digest) -> Result<Specs<'a>, RolloutError> {
         let mut grants = BTreeMap::new();
         for resource in &stack.resources {
             let c = &resource.container;

@@ -4,6 +4,7 @@ use crate::pipeline::Agent;
 use crate::rollout::Converger;
 use crate::runtime::fake::FakeRuntime;
 use crate::testing::{signed_stack, test_config};
+use outpost_bundle_format::Digest;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -72,7 +73,7 @@ fn converger_with(extra: &str, rollout: &str) -> (tempfile::TempDir, Test) {
     (dir, Test { agent, converger })
 }
 
-fn release(c: &Test, yaml: &str, version: &str, sequence: u64) -> String {
+fn release(c: &Test, yaml: &str, version: &str, sequence: u64) -> Digest {
     let layout = signed_stack(yaml, version, sequence);
     let outcome = c
         .agent
@@ -84,7 +85,7 @@ fn release(c: &Test, yaml: &str, version: &str, sequence: u64) -> String {
     }
 }
 
-fn current(c: &Test) -> String {
+fn current(c: &Test) -> Digest {
     c.agent.store.positions().unwrap().current.unwrap().digest
 }
 
@@ -289,7 +290,7 @@ fn two_endpoints_on_one_host_port_are_refused() {
             "ports: [8080]\n      publicEndpoints: [{name: site, port: 8080, protocol: http}]\n",
         );
     let stack = Stack::from_yaml(&text).unwrap().1;
-    let error = Specs::new(&Settings::of(&config), &stack, "sha256:00")
+    let error = Specs::new(&Settings::of(&config), &stack, Digest::of(b""))
         .err()
         .unwrap();
     assert_eq!(
@@ -312,7 +313,7 @@ fn replicas_get_links_and_the_customers_credentials_never_the_vendors() {
         "links: [db]\n      environment: {TOKEN: from-vendor, MODE: fast}",
     );
     let (_, stack) = Stack::from_yaml(&vendor).unwrap();
-    let specs = Specs::new(&Settings::of(&config), &stack, "sha256:00").unwrap();
+    let specs = Specs::new(&Settings::of(&config), &stack, Digest::of(b"")).unwrap();
     let spec = specs.spec(&ReplicaId::new("web", 1), "hash").unwrap();
     assert_eq!(spec.environment["TOKEN"], "from-customer");
     assert_eq!(spec.environment["MODE"], "fast");

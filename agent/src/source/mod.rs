@@ -16,14 +16,16 @@ use std::pin::Pin;
 #[derive(Debug, Clone, PartialEq)]
 pub enum Ingested {
     Accepted {
-        digest: String,
+        digest: outpost_bundle_format::Digest,
         version: String,
         waiting_for: Option<String>,
     },
     /// The current or pending release again: nothing to do.
-    Unchanged { digest: String },
+    Unchanged {
+        digest: outpost_bundle_format::Digest,
+    },
     Rejected {
-        digest: Option<String>,
+        digest: Option<outpost_bundle_format::Digest>,
         check: String,
         reason: String,
     },

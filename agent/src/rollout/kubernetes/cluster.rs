@@ -600,7 +600,7 @@ impl Backend for Cluster {
         stack: &Stack,
         fresh: bool,
     ) -> Result<Vec<String>, RolloutError> {
-        let rendered = render::render_with(&self.settings, stack, &release.digest)
+        let rendered = render::render_with(&self.settings, stack, &release.digest.to_string())
             .map_err(|e| RolloutError::new(e.to_string()))?;
         let objects = rendered
             .iter()

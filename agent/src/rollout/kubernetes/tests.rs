@@ -9,6 +9,7 @@ use crate::pipeline::Agent;
 use crate::rollout::Converger;
 use crate::testing::{signed_stack, test_config_granting};
 use kube::api::PostParams;
+use outpost_bundle_format::Digest;
 use std::sync::Arc;
 
 const CLAIMS: Kind = kind("", "v1", "PersistentVolumeClaim", "persistentvolumeclaims");
@@ -117,7 +118,7 @@ impl Harness {
         &self.agent
     }
 
-    fn release(&self, yaml: &str, version: &str, sequence: u64) -> String {
+    fn release(&self, yaml: &str, version: &str, sequence: u64) -> Digest {
         let layout = signed_stack(yaml, version, sequence);
         match self
             .agent()
@@ -129,7 +130,7 @@ impl Harness {
         }
     }
 
-    fn current(&self) -> String {
+    fn current(&self) -> Digest {
         self.agent()
             .store
             .positions()
@@ -575,8 +576,12 @@ resources:
     let layout = signed_stack(yaml, "1.0.0", 1);
     agent.ingest(&layout, "test", crate::config::now()).unwrap();
     let release = agent.store.positions().unwrap().current.unwrap();
-    let objects =
-        render::render(&agent.config, &release.stack().unwrap(), &release.digest).unwrap();
+    let objects = render::render(
+        &agent.config,
+        &release.stack().unwrap(),
+        &release.digest.to_string(),
+    )
+    .unwrap();
 
     let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let server = tokio::spawn(async move {

@@ -6,10 +6,9 @@
 //! tool, and WAL gives readers (`outpost-agent verify`) a consistent view while the daemon writes.
 
 use chrono::{DateTime, Utc};
-use outpost_bundle_format::VerifiedBundle;
+use outpost_bundle_format::Digest;
 use outpost_bundle_format::release::rfc3339;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
-use serde::Serialize;
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -27,112 +26,10 @@ impl From<rusqlite::Error> for StateError {
 
 pub type Result<T> = std::result::Result<T, StateError>;
 
-/// A release the agent accepted (verified and recorded). Made only from a [`VerifiedBundle`]
-/// ([`Release::verified`]) or read back from the store that recorded one: the private
-/// `sealed` field keeps any other module from building one.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub struct Release {
-    pub digest: String,
-    pub name: String,
-    pub channel: String,
-    pub version: String,
-    pub sequence: u64,
-    pub created: String,
-    pub expires: String,
-    /// The stack as stored in the bundle (JSON).
-    #[serde(skip)]
-    pub stack: String,
-    pub origin: String,
-    pub received_at: String,
-    #[serde(skip)]
-    sealed: Sealed,
-}
+mod records;
 
-/// Only this module can make one (so only it can make a [`Release`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-struct Sealed;
-
-impl Release {
-    /// The release a verified bundle is, received from `origin` at `now`.
-    pub fn verified(
-        bundle: &VerifiedBundle,
-        origin: &str,
-        now: DateTime<Utc>,
-    ) -> std::result::Result<Release, serde_json::Error> {
-        let metadata = bundle.metadata();
-        Ok(Release {
-            digest: bundle.digest().to_string(),
-            name: metadata.name.clone(),
-            channel: metadata.channel.clone(),
-            version: metadata.version.to_string(),
-            sequence: metadata.sequence,
-            created: rfc3339::format(&metadata.created),
-            expires: rfc3339::format(&metadata.expires),
-            stack: serde_json::to_string(bundle.stack_file())?,
-            origin: origin.to_string(),
-            received_at: rfc3339::format(&now),
-            sealed: Sealed,
-        })
-    }
-
-    /// The stored stack, checked again on the way out of the store.
-    pub fn stack(
-        &self,
-    ) -> std::result::Result<outpost_bundle_format::stack::Stack, StoredStackError> {
-        let file: outpost_bundle_format::stack::StackFile =
-            serde_json::from_str(&self.stack).map_err(|e| StoredStackError(e.to_string()))?;
-        outpost_bundle_format::stack::Stack::from_file(&file)
-            .map_err(|e| StoredStackError(e.to_string()))
-    }
-}
-
-/// A stored stack that no longer reads back (a damaged state store).
-#[derive(Debug, thiserror::Error)]
-#[error("stored stack: {0}")]
-pub struct StoredStackError(String);
-
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub struct Rejection {
-    pub digest: Option<String>,
-    pub origin: String,
-    pub check: String,
-    pub reason: String,
-    pub at: String,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct Event {
-    pub at: String,
-    pub kind: String,
-    pub digest: Option<String>,
-    pub message: String,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct Decision {
-    pub at: String,
-    pub digest: String,
-    pub version: String,
-    pub decision: String,
-    pub who: String,
-    pub reason: Option<String>,
-}
-
-/// Where the releases stand.
-#[derive(Debug, Clone, Default)]
-pub struct Positions {
-    pub current: Option<Release>,
-    pub pending: Option<Release>,
-    pub last_good: Option<Release>,
-    pub waiting_for: Option<String>,
-    pub pinned: Option<String>,
-    pub highest_sequence: Option<u64>,
-    pub last_rejection: Option<Rejection>,
-    /// The release the runtime last converged to and found healthy.
-    pub converged: Option<String>,
-    /// The release last rolled back away from.
-    pub rolled_back: Option<String>,
-}
+use records::Sealed;
+pub use records::{Decision, Effect, Event, Positions, Rejection, Release, StoredStackError};
 
 pub struct Store {
     conn: Mutex<Connection>,
@@ -225,11 +122,14 @@ impl Store {
                     None => Ok(None),
                 }
             };
+            let digest = |key: &str| -> Result<Option<Digest>> {
+                position(key)?.map(|d| parse_digest(&d)).transpose()
+            };
             let last_rejection = conn
                 .query_row(
                     "SELECT digest, origin, check_name, reason, at FROM rejections ORDER BY id DESC LIMIT 1",
                     [],
-                    |r| Ok(Rejection { digest: r.get(0)?, origin: r.get(1)?, check: r.get(2)?, reason: r.get(3)?, at: r.get(4)? }),
+                    |r| Ok(Rejection { digest: optional_digest_column(r, 0)?, origin: r.get(1)?, check: r.get(2)?, reason: r.get(3)?, at: r.get(4)? }),
                 )
                 .optional()?;
             Ok(Positions {
@@ -240,14 +140,14 @@ impl Store {
                 pinned: position("pinned")?,
                 highest_sequence: position("highest_sequence")?.and_then(|s| s.parse().ok()),
                 last_rejection,
-                converged: position("converged")?,
-                rolled_back: position("rolled_back")?,
+                converged: digest("converged")?,
+                rolled_back: digest("rolled_back")?,
             })
         })
     }
 
-    pub fn release(&self, digest: &str) -> Result<Option<Release>> {
-        self.with(|conn| release_by_digest(conn, digest))
+    pub fn release(&self, digest: &Digest) -> Result<Option<Release>> {
+        self.with(|conn| release_by_digest(conn, &digest.to_string()))
     }
 
     /// Records a verified release as pending, with what it waits for, and raises the highest
@@ -270,16 +170,17 @@ impl Store {
             tx.execute(
                 "INSERT OR IGNORE INTO bundles(digest, name, channel, version, sequence, created, expires, stack, origin, received_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-                params![release.digest, release.name, release.channel, release.version, release.sequence as i64, release.created, release.expires, release.stack, release.origin, release.received_at],
+                params![release.digest.to_string(), release.name, release.channel, release.version, release.sequence as i64, release.created, release.expires, release.stack, release.origin, release.received_at],
             )?;
             let superseded: Option<String> = position(&tx, "pending")?;
-            set(&tx, "pending", Some(&release.digest))?;
+            let digest = release.digest.to_string();
+            set(&tx, "pending", Some(&digest))?;
             set(&tx, "waiting_for", waiting_for)?;
             set(&tx, "highest_sequence", Some(&release.sequence.to_string()))?;
-            if let Some(old) = superseded.filter(|d| d != &release.digest) {
+            if let Some(old) = superseded.filter(|d| d != &digest) {
                 event(&tx, at, "superseded", Some(&old), "a newer release replaced this pending one")?;
             }
-            event(&tx, at, "accepted", Some(&release.digest), &format!("{} {} sequence {} from {}", release.name, release.version, release.sequence, release.origin))?;
+            event(&tx, at, "accepted", Some(&digest), &format!("{} {} sequence {} from {}", release.name, release.version, release.sequence, release.origin))?;
             tx.commit()?;
             Ok(())
         })
@@ -303,7 +204,8 @@ impl Store {
 
     /// Makes the pending release `digest` current. Refused when `digest` is no longer pending
     /// (a decision or a newer release got there first).
-    pub fn promote(&self, digest: &str, message: &str, at: DateTime<Utc>) -> Result<()> {
+    pub fn promote(&self, digest: &Digest, message: &str, at: DateTime<Utc>) -> Result<()> {
+        let digest = &digest.to_string();
         self.with(|conn| {
             let tx = conn.transaction()?;
             expect_pending(&tx, digest)?;
@@ -324,7 +226,8 @@ impl Store {
     }
 
     /// Drops the pending release `digest` (rejected by the customer, or expired while waiting).
-    pub fn drop_pending(&self, digest: &str, at: DateTime<Utc>, message: &str) -> Result<()> {
+    pub fn drop_pending(&self, digest: &Digest, at: DateTime<Utc>, message: &str) -> Result<()> {
+        let digest = &digest.to_string();
         self.with(|conn| {
             let tx = conn.transaction()?;
             drop_pending_in(&tx, digest, at, message)?;
@@ -338,11 +241,11 @@ impl Store {
             let tx = conn.transaction()?;
             tx.execute(
                 "INSERT INTO rejections(digest, origin, check_name, reason, at) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![rejection.digest, rejection.origin, rejection.check, rejection.reason, rejection.at],
+                params![rejection.digest.map(|d| d.to_string()), rejection.origin, rejection.check, rejection.reason, rejection.at],
             )?;
             tx.execute(
                 "INSERT INTO events(at, kind, digest, message) VALUES (?1, 'rejected', ?2, ?3)",
-                params![rejection.at, rejection.digest, format!("{}: {} ({})", rejection.check, rejection.reason, rejection.origin)],
+                params![rejection.at, rejection.digest.map(|d| d.to_string()), format!("{}: {} ({})", rejection.check, rejection.reason, rejection.origin)],
             )?;
             tx.commit()?;
             Ok(())
@@ -360,20 +263,20 @@ impl Store {
                     set(&tx, "pinned", version)?;
                 }
                 Effect::DropPending { message } => {
-                    drop_pending_in(&tx, &decision.digest, decision_time(decision)?, message)?;
+                    drop_pending_in(&tx, &decision_digest(decision)?, decision_time(decision)?, message)?;
                 }
                 Effect::RollBack { to, message } => {
-                    roll_back_in(&tx, &decision.digest, to, message, decision_time(decision)?)?;
+                    roll_back_in(&tx, &decision_digest(decision)?, &to.to_string(), message, decision_time(decision)?)?;
                 }
             }
             tx.execute(
                 "INSERT INTO decisions(digest, version, decision, who, reason, at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![decision.digest, decision.version, decision.decision, decision.who, decision.reason, decision.at],
+                params![stored(decision.digest), decision.version, decision.decision, decision.who, decision.reason, decision.at],
             )?;
             let reason = decision.reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default();
             tx.execute(
                 "INSERT INTO events(at, kind, digest, message) VALUES (?1, ?2, ?3, ?4)",
-                params![decision.at, decision.decision, decision.digest, format!("{} {} by {}{reason}", decision.decision, decision.version, decision.who)],
+                params![decision.at, decision.decision, decision.digest.map(|d| d.to_string()), format!("{} {} by {}{reason}", decision.decision, decision.version, decision.who)],
             )?;
             tx.commit()?;
             Ok(())
@@ -381,7 +284,8 @@ impl Store {
     }
 
     /// Whether the customer approved this digest (and did not reject it since).
-    pub fn approved(&self, digest: &str) -> Result<bool> {
+    pub fn approved(&self, digest: &Digest) -> Result<bool> {
+        let digest = digest.to_string();
         self.with(|conn| {
             let last: Option<String> = conn
                 .query_row(
@@ -396,7 +300,8 @@ impl Store {
 
     /// Records that the runtime runs `digest`, healthy; false (nothing recorded) if `digest`
     /// is no longer current: the customer rolled back while it rolled out.
-    pub fn set_converged(&self, digest: &str, message: &str, at: DateTime<Utc>) -> Result<bool> {
+    pub fn set_converged(&self, digest: &Digest, message: &str, at: DateTime<Utc>) -> Result<bool> {
+        let digest = &digest.to_string();
         self.with(|conn| {
             let tx = conn.transaction()?;
             if position(&tx, "current")?.as_deref() != Some(digest) {
@@ -414,11 +319,12 @@ impl Store {
     /// known, so the source offering it again is not a rollback attack.
     pub fn roll_back(
         &self,
-        from: &str,
-        to: &str,
+        from: &Digest,
+        to: &Digest,
         message: &str,
         at: DateTime<Utc>,
     ) -> Result<bool> {
+        let (from, to) = (&from.to_string(), &to.to_string());
         self.with(|conn| {
             let tx = conn.transaction()?;
             if position(&tx, "current")?.as_deref() != Some(from) {
@@ -431,7 +337,8 @@ impl Store {
     }
 
     /// Journals a rollout step before it runs; `finish_step` records how it ended.
-    pub fn begin_step(&self, digest: &str, step: &str, at: DateTime<Utc>) -> Result<i64> {
+    pub fn begin_step(&self, digest: &Digest, step: &str, at: DateTime<Utc>) -> Result<i64> {
+        let digest = digest.to_string();
         self.with(|conn| {
             conn.execute(
                 "INSERT INTO journal(digest, step, started_at) VALUES (?1, ?2, ?3)",
@@ -471,7 +378,7 @@ impl Store {
     }
 
     /// Steps begun and never finished (the agent stopped mid-step): marked interrupted.
-    pub fn interrupted_steps(&self, at: DateTime<Utc>) -> Result<Vec<(String, String)>> {
+    pub fn interrupted_steps(&self, at: DateTime<Utc>) -> Result<Vec<(Digest, String)>> {
         self.with(|conn| {
             let tx = conn.transaction()?;
             let steps = {
@@ -479,8 +386,8 @@ impl Store {
                     "SELECT digest, step FROM journal WHERE outcome IS NULL ORDER BY id",
                 )?;
                 statement
-                    .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
-                    .collect::<rusqlite::Result<Vec<(String, String)>>>()?
+                    .query_map([], |r| Ok((digest_column(r, 0)?, r.get(1)?)))?
+                    .collect::<rusqlite::Result<Vec<(Digest, String)>>>()?
             };
             tx.execute(
                 "UPDATE journal SET outcome = 'interrupted', finished_at = ?1 WHERE outcome IS NULL",
@@ -495,10 +402,11 @@ impl Store {
         &self,
         at: DateTime<Utc>,
         kind: &str,
-        digest: Option<&str>,
+        digest: Option<&Digest>,
         message: &str,
     ) -> Result<()> {
-        self.with(|conn| event(conn, at, kind, digest, message))
+        let digest = digest.map(Digest::to_string);
+        self.with(|conn| event(conn, at, kind, digest.as_deref(), message))
     }
 
     /// Newest first.
@@ -523,7 +431,7 @@ impl Store {
         self.with(|conn| {
             let mut statement = conn.prepare("SELECT at, digest, version, decision, who, reason FROM decisions ORDER BY id DESC LIMIT ?1")?;
             let rows = statement.query_map([limit as i64], |r| {
-                Ok(Decision { at: r.get(0)?, digest: r.get(1)?, version: r.get(2)?, decision: r.get(3)?, who: r.get(4)?, reason: r.get(5)? })
+                Ok(Decision { at: r.get(0)?, digest: optional_digest_column(r, 1)?, version: r.get(2)?, decision: r.get(3)?, who: r.get(4)?, reason: r.get(5)? })
             })?;
             Ok(rows.collect::<std::result::Result<Vec<_>, _>>()?)
         })
@@ -546,7 +454,7 @@ fn release_by_digest(conn: &Connection, digest: &str) -> Result<Option<Release>>
             [digest],
             |r| {
                 Ok(Release {
-                    digest: r.get(0)?,
+                    digest: digest_column(r, 0)?,
                     name: r.get(1)?,
                     channel: r.get(2)?,
                     version: r.get(3)?,
@@ -615,45 +523,17 @@ fn position(tx: &rusqlite::Transaction<'_>, key: &str) -> Result<Option<String>>
         .flatten())
 }
 
-impl Decision {
-    /// `decision` (approve, reject, pin, unpin) about `digest`, made `at` by `who`.
-    pub fn new(
-        at: DateTime<Utc>,
-        digest: &str,
-        version: &str,
-        decision: &str,
-        who: &str,
-    ) -> Decision {
-        Decision {
-            at: outpost_bundle_format::release::rfc3339::format(&at),
-            digest: digest.into(),
-            version: version.into(),
-            decision: decision.into(),
-            who: who.into(),
-            reason: None,
-        }
-    }
-
-    pub fn because(mut self, reason: &str) -> Decision {
-        self.reason = Some(reason.into());
-        self
-    }
+/// A decision's digest as stored: the empty text when it names no release (the column is NOT NULL).
+fn stored(digest: Option<Digest>) -> String {
+    digest.map(|d| d.to_string()).unwrap_or_default()
 }
 
-/// What a decision changes besides being recorded.
-pub enum Effect<'a> {
-    None,
-    /// Set (`Some`) or clear the pin.
-    Pin(Option<&'a str>),
-    /// Drop the pending release the decision names.
-    DropPending {
-        message: &'a str,
-    },
-    /// Make `to` current again in place of the release the decision names.
-    RollBack {
-        to: &'a str,
-        message: &'a str,
-    },
+/// The release a decision that changes positions is about.
+fn decision_digest(decision: &Decision) -> Result<String> {
+    decision
+        .digest
+        .map(|d| d.to_string())
+        .ok_or_else(|| StateError(format!("a {} decision names no release", decision.decision)))
 }
 
 fn decision_time(decision: &Decision) -> Result<DateTime<Utc>> {
@@ -681,4 +561,26 @@ fn expect_pending(tx: &rusqlite::Transaction<'_>, digest: &str) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// A digest as stored (text), checked on the way out of the store.
+fn parse_digest(text: &str) -> Result<Digest> {
+    Digest::parse(text).map_err(|e| StateError(format!("stored digest {text:?}: {e}")))
+}
+
+fn digest_column(row: &rusqlite::Row<'_>, index: usize) -> rusqlite::Result<Digest> {
+    let text: String = row.get(index)?;
+    Digest::parse(&text).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(index, rusqlite::types::Type::Text, Box::new(e))
+    })
+}
+
+fn optional_digest_column(
+    row: &rusqlite::Row<'_>,
+    index: usize,
+) -> rusqlite::Result<Option<Digest>> {
+    match row.get::<_, Option<String>>(index)? {
+        Some(text) if !text.is_empty() => digest_column(row, index).map(Some),
+        _ => Ok(None),
+    }
 }
