@@ -3,8 +3,10 @@
 //! contract the README lists; `tests::the_keys_are_the_contract` pins the keys.
 
 use crate::state::{Positions, Rejection, Release};
+use outpost_bundle_format::Digest;
 use serde::Serialize;
 use serde_json::{Value, json};
+use std::collections::BTreeMap;
 use std::sync::atomic::AtomicU64;
 
 /// `GET /status` (and `outpost-agent status --output json`), less `source`, which the API adds.
@@ -103,11 +105,65 @@ impl Status {
     }
 }
 
-/// What `status` shows of the runtime (`runtime.*`), and the counters `/metrics` exports.
-/// Backends write their own keys under it (`phase`, `target`, `resources.<name>.step`, ...).
+/// `runtime.*` in `status`: where the rollout stands, written by the rollout loop and its
+/// backend. `kind` and `converged` are added from the agent's positions.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RuntimeStatus {
+    /// `nothing to run yet`, `rolling out`, `converged`, `superseded`, `failed`.
+    pub phase: Option<String>,
+    /// The release being run.
+    pub target: Option<Target>,
+    pub resources: BTreeMap<String, ResourceStatus>,
+    /// What the plan could not do (frozen resources, crash-loop waits).
+    pub findings: Vec<String>,
+    /// The last thing worth knowing about a step (a stop-first replace, a forced pod delete).
+    pub note: Option<String>,
+    pub last_error: Option<String>,
+    pub last_rollback: Option<String>,
+    /// The drift the last pass repaired (at most ten, then a count).
+    pub last_drift: Vec<String>,
+    /// Where public endpoints are reachable.
+    pub endpoints: Vec<String>,
+    pub endpoint_errors: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Target {
+    pub version: String,
+    pub digest: Digest,
+}
+
+/// One resource: its current step, and what runs (replicas on an engine, or the workload's
+/// counts on a cluster).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ResourceStatus {
+    pub step: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<Vec<ReplicaStatus>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workload: Option<WorkloadStatus>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ReplicaStatus {
+    pub name: String,
+    pub health: String,
+    pub config_hash: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct WorkloadStatus {
+    pub object: String,
+    pub replicas: i64,
+    pub ready: i64,
+    pub updated: i64,
+    pub available: i64,
+}
+
+/// The sink a rollout writes [`RuntimeStatus`] to, and the counters `/metrics` exports.
 #[derive(Default)]
 pub struct RuntimeView {
-    state: std::sync::Mutex<Value>,
+    state: std::sync::Mutex<RuntimeStatus>,
     pub rollouts: AtomicU64,
     pub rollbacks: AtomicU64,
     pub drift_repairs: AtomicU64,
@@ -115,24 +171,23 @@ pub struct RuntimeView {
 
 impl RuntimeView {
     pub fn snapshot(&self) -> Value {
-        self.state.lock().map(|s| s.clone()).unwrap_or(Value::Null)
+        self.state
+            .lock()
+            .ok()
+            .and_then(|s| serde_json::to_value(&*s).ok())
+            .unwrap_or_else(|| json!({}))
     }
 
-    pub(crate) fn edit(&self, change: impl FnOnce(&mut Value)) {
+    pub(crate) fn update(&self, change: impl FnOnce(&mut RuntimeStatus)) {
         if let Ok(mut state) = self.state.lock() {
-            if !state.is_object() {
-                *state = json!({});
-            }
             change(&mut state);
         }
     }
 
-    pub(crate) fn set(&self, key: &str, value: Value) {
-        self.edit(|s| s[key] = value);
-    }
-
     pub(crate) fn resource_step(&self, resource: &str, step: &str) {
-        self.edit(|s| s["resources"][resource]["step"] = json!(step));
+        self.update(|s| {
+            s.resources.entry(resource.to_string()).or_default().step = Some(step.to_string())
+        });
     }
 }
 

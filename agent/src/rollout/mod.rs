@@ -15,10 +15,9 @@ pub use replicas::Replicas;
 
 use crate::config::RolloutConfig;
 use crate::state::{Release, Store};
-use crate::status::RuntimeView;
+use crate::status::{RuntimeView, Target};
 use outpost_bundle_format::Digest;
 use outpost_bundle_format::stack::Stack;
-use serde_json::{Value, json};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -164,7 +163,7 @@ impl<B: Backend> Converger<B> {
                 }
                 Err(e) => {
                     failures += 1;
-                    self.view().set("last_error", json!(e.to_string()));
+                    self.view().update(|s| s.last_error = Some(e.to_string()));
                     tracing::warn!("runtime: {e:#}");
                     crate::backoff::delay(failures).min(interval)
                 }
@@ -181,17 +180,22 @@ impl<B: Backend> Converger<B> {
         let store = &*self.context.store;
         let positions = store.positions()?;
         let Some(current) = positions.current else {
-            self.view().set("phase", json!("nothing to run yet"));
+            self.view()
+                .update(|s| s.phase = Some("nothing to run yet".into()));
             return Ok(());
         };
         let fresh = positions.converged != Some(current.digest);
-        self.view().set(
-            "target",
-            json!({"version": current.version, "digest": current.digest}),
-        );
+        self.view().update(|s| {
+            s.target = Some(Target {
+                version: current.version.clone(),
+                digest: current.digest,
+            })
+        });
         if fresh {
-            self.view().set("phase", json!("rolling out"));
-            self.view().set("resources", json!({}));
+            self.view().update(|s| {
+                s.phase = Some("rolling out".into());
+                s.resources.clear();
+            });
             self.view().rollouts.fetch_add(1, Ordering::Relaxed);
             event(
                 store,
@@ -212,9 +216,11 @@ impl<B: Backend> Converger<B> {
         };
         match outcome {
             Ok(repairs) => {
-                self.view().set("phase", json!("converged"));
-                self.view().set("note", Value::Null);
-                self.view().set("last_error", Value::Null);
+                self.view().update(|s| {
+                    s.phase = Some("converged".into());
+                    s.note = None;
+                    s.last_error = None;
+                });
                 if fresh {
                     let recorded = store.set_converged(
                         &current.digest,
@@ -223,7 +229,7 @@ impl<B: Backend> Converger<B> {
                     )?;
                     if !recorded {
                         // Superseded by the customer's decision: the next pass runs it.
-                        self.view().set("phase", json!("superseded"));
+                        self.view().update(|s| s.phase = Some("superseded".into()));
                     }
                 } else if !repairs.is_empty() {
                     self.view()
@@ -233,7 +239,7 @@ impl<B: Backend> Converger<B> {
                     if repairs.len() > 10 {
                         summary.push(format!("and {} more", repairs.len() - 10));
                     }
-                    self.view().set("last_drift", json!(summary));
+                    self.view().update(|s| s.last_drift = summary.clone());
                     event(
                         store,
                         "drift",
@@ -250,7 +256,7 @@ impl<B: Backend> Converger<B> {
             )),
             Err(failure) if fresh => {
                 let reason = failure.to_string();
-                self.view().set("phase", json!("failed"));
+                self.view().update(|s| s.phase = Some("failed".into()));
                 let good = positions.last_good.filter(|g| g.digest != current.digest);
                 match good {
                     Some(good) => {
@@ -270,7 +276,8 @@ impl<B: Backend> Converger<B> {
                             return Ok(());
                         }
                         tracing::warn!(digest = %current.digest, "{message}");
-                        self.view().set("last_rollback", json!(message));
+                        self.view()
+                            .update(|s| s.last_rollback = Some(message.clone()));
                         self.context.changed.notify_one();
                         Ok(())
                     }

@@ -8,10 +8,9 @@ use crate::forward::Forwarder;
 use crate::plan::{Action, Desired, ReplicaId, ReplicaState, plan};
 use crate::runtime::{Health, Instance, ReplicaSpec, Runtime, Slot, Step};
 use crate::state::Release;
-use crate::status::RuntimeView;
+use crate::status::{ReplicaStatus, RuntimeView};
 use outpost_bundle_format::Digest;
 use outpost_bundle_format::stack::{Container, Probe, Scaling, Stack};
-use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -76,7 +75,7 @@ impl<R: Runtime> Backend for Replicas<R> {
             .map(|i| i.replica.clone())
             .collect();
         let plan = plan(&desired, &observed, crate::config::now());
-        self.view().set("findings", json!(plan.findings));
+        self.view().update(|s| s.findings = plan.findings.clone());
         let mut taken = Vec::new();
         // Like a Deployment's progressDeadlineSeconds: each step must make progress in time,
         // however many replicas the resource has.
@@ -189,7 +188,7 @@ impl<R: Runtime> Replicas<R> {
     ) -> Result<(), RolloutError> {
         let name = stack.name.as_str();
         let view = self.view();
-        let notes = |note: String| view.set("note", json!(note));
+        let notes = |note: String| view.update(|s| s.note = Some(note));
         match action {
             Action::Create {
                 replica,
@@ -378,22 +377,21 @@ impl<R: Runtime> Replicas<R> {
             }
         }
         let errors = self.forwarder.update(routes).await;
-        self.view().set("endpoint_errors", json!(errors));
-        self.view().set(
-            "endpoints",
-            json!(
-                self.forwarder
-                    .listening()
-                    .iter()
-                    .map(|a| a.to_string())
-                    .collect::<Vec<_>>()
-            ),
-        );
+        let endpoints = self
+            .forwarder
+            .listening()
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+        self.view().update(|s| {
+            s.endpoint_errors = errors;
+            s.endpoints = endpoints;
+        });
     }
 
     /// Each replica's state and health for `status`.
     async fn show_resources(&self, stack: &Stack, instances: &[Instance]) {
-        let mut replicas: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+        let mut replicas: BTreeMap<String, Vec<ReplicaStatus>> = BTreeMap::new();
         for instance in instances {
             let check = stack
                 .resource(&instance.replica.id.resource)
@@ -407,11 +405,15 @@ impl<R: Runtime> Replicas<R> {
             replicas
                 .entry(instance.replica.id.resource.clone())
                 .or_default()
-                .push(json!({"name": instance.name, "health": health, "config_hash": instance.replica.config_hash}));
+                .push(ReplicaStatus {
+                    name: instance.name.clone(),
+                    health,
+                    config_hash: instance.replica.config_hash.clone(),
+                });
         }
-        self.view().edit(|s| {
+        self.view().update(|s| {
             for (resource, list) in replicas {
-                s["resources"][&resource]["replicas"] = json!(list);
+                s.resources.entry(resource).or_default().replicas = Some(list);
             }
         });
     }

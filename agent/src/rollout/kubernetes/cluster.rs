@@ -12,7 +12,7 @@
 use super::render::{self, MANAGED_BY, MANAGED_BY_LABEL, RESOURCE_LABEL, STACK_LABEL, Settings};
 use crate::rollout::{Backend, Context, RolloutError, event, journaled};
 use crate::state::Release;
-use crate::status::RuntimeView;
+use crate::status::{RuntimeView, WorkloadStatus};
 use kube::api::{
     Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams,
 };
@@ -456,13 +456,11 @@ impl Cluster {
             api.delete(&name, &DeleteParams::default())
                 .await
                 .map_err(|e| kube_error(format!("deleting stuck pod {name}"), e))?;
-            self.view().set(
-                "note",
-                json!(format!(
-                    "{}: deleted pod {name}, stuck unready at an older revision, so it is recreated from the current template",
-                    object.id()
-                )),
+            let note = format!(
+                "{}: deleted pod {name}, stuck unready at an older revision, so it is recreated from the current template",
+                object.id()
             );
+            self.view().update(|s| s.note = Some(note));
         }
         Ok(())
     }
@@ -579,17 +577,21 @@ impl Cluster {
                 continue;
             }
             let count = |key: &str| status.get(key).and_then(Value::as_i64).unwrap_or(0);
-            self.view().edit(|s| {
-                s["resources"][object.resource]["workload"] = json!({
-                    "object": object.id(),
-                    "replicas": count("replicas"),
-                    "ready": count("readyReplicas"),
-                    "updated": count("updatedReplicas"),
-                    "available": count("availableReplicas"),
-                });
+            let workload = WorkloadStatus {
+                object: object.id(),
+                replicas: count("replicas"),
+                ready: count("readyReplicas"),
+                updated: count("updatedReplicas"),
+                available: count("availableReplicas"),
+            };
+            self.view().update(|s| {
+                s.resources
+                    .entry(object.resource.to_string())
+                    .or_default()
+                    .workload = Some(workload)
             });
         }
-        self.view().set("endpoints", json!(endpoints));
+        self.view().update(|s| s.endpoints = endpoints);
     }
 }
 
