@@ -3,7 +3,7 @@
 //! back off with jitter and never touch the current release.
 
 use crate::api::{self, Shared};
-use crate::config::{Config, RuntimeKind, SourceConfig};
+use crate::config::RuntimeKind;
 use crate::pipeline::{Admission, Agent, Ingested};
 use crate::rollout::Converger;
 use crate::runtime::docker::DockerRuntime;
@@ -45,25 +45,6 @@ impl KeepCarriedImages {
     }
 }
 
-pub fn make_source(config: &Config, agent: &Agent) -> anyhow::Result<Box<dyn Source>> {
-    let spool = config.state_dir.join("tmp");
-    std::fs::create_dir_all(&spool)?;
-    Ok(match &config.source {
-        SourceConfig::Dir { path } => Box::new(source::dir::DirSource::new(
-            path,
-            *agent.limits(),
-            spool,
-            config.state_dir.join("dir-source.reading"),
-        )?),
-        SourceConfig::Oci(oci) => Box::new(source::oci::OciSource::new(oci, *agent.limits())?),
-        SourceConfig::Git(git) => Box::new(source::git::GitSource::new(
-            git,
-            &config.state_dir,
-            *agent.limits(),
-        )?),
-    })
-}
-
 /// Runs the agent until SIGTERM or Ctrl-C.
 pub async fn run(agent: Agent) -> anyhow::Result<()> {
     let socket = agent.config.api.socket.clone();
@@ -71,7 +52,7 @@ pub async fn run(agent: Agent) -> anyhow::Result<()> {
     // Leftovers of a download interrupted by a crash.
     let tmp = agent.config.state_dir.join("tmp");
     let _ = std::fs::remove_dir_all(&tmp);
-    let source = make_source(&agent.config, &agent)?;
+    let source = source::from_config(&agent.config, *agent.limits())?;
     let shared = Arc::new(Shared {
         source: source.describe(),
         ..Default::default()
@@ -280,6 +261,7 @@ fn notify_ready() {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Config;
     use crate::testing::{signed_release, test_config};
 
     fn candidate(

@@ -398,6 +398,15 @@ fn kill_9_at_any_moment_keeps_state_intact() {
     assert_eq!(leftovers, 0);
 }
 
+/// Restarts the agent and checks that it files nothing again (no file is read twice).
+fn restart_files_nothing(agent: &mut AgentProcess) {
+    let last = agent.status()["last_rejection"].clone();
+    agent.restart();
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(agent.rejected_total(), 0);
+    assert_eq!(agent.status()["last_rejection"], last);
+}
+
 /// The crash marker: a file the agent died reading is filed at the next start, with the
 /// reason, and nothing else changes; the marker is gone once the file is settled.
 #[test]
@@ -431,11 +440,7 @@ fn a_file_the_agent_died_reading_is_filed_not_read_again() {
     drop_file(drop.path(), "v2-again.tar", &v2);
     agent.wait_current(2);
     // A restart finds no marker and files nothing more.
-    let last = agent.status()["last_rejection"].clone();
-    agent.restart();
-    std::thread::sleep(Duration::from_secs(1));
-    assert_eq!(agent.rejected_total(), 0);
-    assert_eq!(agent.status()["last_rejection"], last);
+    restart_files_nothing(&mut agent);
 }
 
 /// A file whose name is not UTF-8 is filed under its own bytes, once, not read at every start.
@@ -454,11 +459,7 @@ fn a_file_with_a_non_utf8_name_is_filed_once() {
     assert!(reason.starts_with("rejected: malformed: "), "{reason}");
     assert!(drop.path().join("rejected").join(name).exists());
     assert!(!drop.path().join(name).exists());
-    let last = agent.status()["last_rejection"].clone();
-    agent.restart();
-    std::thread::sleep(Duration::from_secs(1));
-    assert_eq!(agent.rejected_total(), 0);
-    assert_eq!(agent.status()["last_rejection"], last);
+    restart_files_nothing(&mut agent);
 }
 
 #[test]

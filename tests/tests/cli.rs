@@ -3,7 +3,7 @@
 
 #![allow(clippy::unwrap_used)] // test code: a panic is a failed test
 
-use outpost_tests::{run, signer, testdata};
+use outpost_tests::{run, sign_with, signer, testdata};
 use std::fs;
 use std::path::Path;
 
@@ -236,12 +236,7 @@ fn sign_verify_inspect_round_trip_with_k_of_n() {
         .arg("--key")
         .arg(keys.join("vendor-a.pub")))
     .fails(1, "verification failed: unsigned:");
-    run(signer()
-        .arg("sign")
-        .arg(&bundle)
-        .arg("--key")
-        .arg(keys.join("vendor-a.key")))
-    .ok();
+    sign_with(&bundle, &["vendor-a"]);
     let verified = run(signer()
         .arg("verify")
         .arg(&bundle)
@@ -265,12 +260,7 @@ fn sign_verify_inspect_round_trip_with_k_of_n() {
             .arg(keys.join("vendor-c.pub")))
     };
     two_of_three(&bundle).fails(1, "threshold-unmet");
-    run(signer()
-        .arg("sign")
-        .arg(&bundle)
-        .arg("--key")
-        .arg(keys.join("vendor-b.key")))
-    .ok();
+    sign_with(&bundle, &["vendor-b"]);
     two_of_three(&bundle).ok();
 
     let inspect = run(signer()
@@ -431,22 +421,12 @@ fn root_rotation_through_the_cli() {
         .arg("--out")
         .arg(&bundle))
     .ok();
-    run(signer()
-        .arg("sign")
-        .arg(&bundle)
-        .arg("--key")
-        .arg(keys.join("vendor-b.key")))
-    .ok();
+    sign_with(&bundle, &["vendor-b"]);
     run(signer().arg("verify").arg(&bundle).arg("--root").arg(&v1)).ok();
     // Without the rotation, the new key is not trusted by v1.
     let plain = dir.path().join("plain.tar");
     build(&plain, "2.0.0", 2);
-    run(signer()
-        .arg("sign")
-        .arg(&plain)
-        .arg("--key")
-        .arg(keys.join("vendor-b.key")))
-    .ok();
+    sign_with(&plain, &["vendor-b"]);
     run(signer().arg("verify").arg(&plain).arg("--root").arg(&v1)).fails(1, "untrusted-signature");
 }
 

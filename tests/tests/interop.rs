@@ -600,12 +600,7 @@ fn a_layout_tarred_by_gnu_tar_verifies() {
         ])
         .arg(&layout))
     .ok();
-    run(signer()
-        .arg("sign")
-        .arg(&layout)
-        .arg("--key")
-        .arg(testdata().join("keys/vendor-a.key")))
-    .ok();
+    sign_with(&layout, &["vendor-a"]);
     let tarred = dir.path().join("gnu.tar");
     run(tool("tar")
         .arg("-C")

@@ -295,7 +295,7 @@ impl Source for OciSource {
     fn settle(&mut self, candidate: Candidate, outcome: &Ingested) -> BoxFuture<'_, ()> {
         let wants_signatures = outcome.wants_more_signatures();
         Box::pin(async move {
-            if let Ok(digest) = Digest::parse(&candidate.key) {
+            if let Some(digest) = candidate.digest {
                 self.last = Some((digest, wants_signatures));
                 self.last_signatures = if wants_signatures {
                     self.fetched_signatures.take()
