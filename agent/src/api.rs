@@ -8,19 +8,12 @@ use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::{Value, json};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-/// Counters and the source's health, shared by the loop and the API.
+/// The source's health, shared by the loop and the API (its counters are in the metrics).
 #[derive(Default)]
 pub struct Shared {
     pub source: String,
-    pub polls: AtomicU64,
-    pub poll_errors: AtomicU64,
-    pub accepted: AtomicU64,
-    pub rejected: AtomicU64,
-    pub unchanged: AtomicU64,
-    pub last_poll_unix: AtomicU64,
     pub last_error: Mutex<Option<String>>,
 }
 
@@ -72,11 +65,7 @@ pub async fn serve(agent: Arc<Agent>, shared: Arc<Shared>, socket: &Path) -> any
 
 /// Serves `GET /metrics` and `GET /healthz` on `address`, and nothing else: no decision and
 /// no status is reachable over TCP.
-pub async fn serve_metrics(
-    agent: Arc<Agent>,
-    shared: Arc<Shared>,
-    address: std::net::SocketAddr,
-) -> anyhow::Result<()> {
+pub async fn serve_metrics(agent: Arc<Agent>, address: std::net::SocketAddr) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(address)
         .await
         .map_err(|e| anyhow::anyhow!("api.metrics_address {address}: {e}"))?;
@@ -86,12 +75,12 @@ pub async fn serve_metrics(
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             continue;
         };
-        let (agent, shared) = (agent.clone(), shared.clone());
+        let agent = agent.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |request: Request<Incoming>| {
                 let response = match (request.method(), request.uri().path()) {
                     (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n".into()),
-                    (&Method::GET, "/metrics") => text(StatusCode::OK, metrics(&agent, &shared)),
+                    (&Method::GET, "/metrics") => metrics(&agent, request.headers()),
                     _ => text(
                         StatusCode::NOT_FOUND,
                         "only /metrics and /healthz here\n".into(),
@@ -188,14 +177,14 @@ async fn handle(
     };
     match (parts.method, parts.uri.path()) {
         (Method::GET, "/healthz") => text(StatusCode::OK, "ok\n".into()),
-        (Method::GET, "/metrics") => text(StatusCode::OK, metrics(agent, shared)),
+        (Method::GET, "/metrics") => metrics(agent, &parts.headers),
         (Method::GET, "/status") => match agent.status() {
             Ok(mut status) => {
                 status["source"] = json!({
                     "describe": shared.source,
-                    "polls": shared.polls.load(Ordering::Relaxed),
-                    "errors": shared.poll_errors.load(Ordering::Relaxed),
-                    "last_poll_unix": shared.last_poll_unix.load(Ordering::Relaxed),
+                    "polls": agent.metrics.polls("ok") + agent.metrics.polls("error"),
+                    "errors": agent.metrics.polls("error"),
+                    "last_poll_unix": agent.metrics.last_poll_unix(),
                     "last_error": shared.last_error.lock().ok().and_then(|e| e.clone()),
                 });
                 reply(StatusCode::OK, status)
@@ -271,89 +260,46 @@ fn one_line(text: &str, max: usize) -> String {
         .collect()
 }
 
-fn metrics(agent: &Agent, shared: &Shared) -> String {
+/// `/metrics`: the Prometheus text format, or OpenMetrics when the scraper asks for it.
+fn metrics(agent: &Agent, headers: &hyper::HeaderMap) -> Response<Full<Bytes>> {
     let positions = agent.store.positions().unwrap_or_default();
-    let counter = |c: &AtomicU64| c.load(Ordering::Relaxed);
-    let metrics: [(&str, &str, &str, u64); 12] = [
-        (
-            "outpost_source_polls_total",
-            "counter",
-            "Candidates looked at or polls made by the source.",
-            counter(&shared.polls),
-        ),
-        (
-            "outpost_source_errors_total",
-            "counter",
-            "Source errors (each followed by a backoff).",
-            counter(&shared.poll_errors),
-        ),
-        (
-            "outpost_bundles_accepted_total",
-            "counter",
-            "Bundles that passed verification.",
-            counter(&shared.accepted),
-        ),
-        (
-            "outpost_bundles_rejected_total",
-            "counter",
-            "Bundles refused by verification.",
-            counter(&shared.rejected),
-        ),
-        (
-            "outpost_bundles_unchanged_total",
-            "counter",
-            "Candidates that were the current or pending release again.",
-            counter(&shared.unchanged),
-        ),
-        (
-            "outpost_last_poll_timestamp_seconds",
-            "gauge",
-            "Unix time of the last successful source poll.",
-            counter(&shared.last_poll_unix),
-        ),
-        (
-            "outpost_current_sequence",
-            "gauge",
-            "Sequence of the current release (0: none).",
-            positions.current.as_ref().map_or(0, |c| c.sequence),
-        ),
-        (
-            "outpost_highest_accepted_sequence",
-            "gauge",
-            "Rollback floor: the highest accepted sequence.",
-            positions.highest_sequence.unwrap_or(0),
-        ),
-        (
-            "outpost_pending_release",
-            "gauge",
-            "1 while a release waits (approval, permissions, window, pin).",
-            u64::from(positions.pending.is_some()),
-        ),
-        (
-            "outpost_rollouts_total",
-            "counter",
-            "Rollouts of a new current release started.",
-            agent.runtime_view.rollouts.load(Ordering::Relaxed),
-        ),
-        (
-            "outpost_rollbacks_total",
-            "counter",
-            "Failed rollouts rolled back automatically.",
-            agent.runtime_view.rollbacks.load(Ordering::Relaxed),
-        ),
-        (
-            "outpost_drift_repairs_total",
-            "counter",
-            "Steps taken to repair replicas changed behind the agent's back.",
-            agent.runtime_view.drift_repairs.load(Ordering::Relaxed),
-        ),
-    ];
-    metrics
+    let runtime = agent.runtime_view.current();
+    let replicas = runtime
+        .resources
         .iter()
-        .map(|(name, kind, help, value)| {
-            format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n")
+        .filter_map(|(name, r)| {
+            let ready = match (&r.replicas, &r.workload) {
+                (Some(replicas), _) => {
+                    replicas.iter().filter(|r| r.health == "healthy").count() as u64
+                }
+                (None, Some(workload)) => u64::try_from(workload.ready).unwrap_or(0),
+                (None, None) => return None,
+            };
+            Some((name.clone(), r.desired.unwrap_or(0), ready))
         })
-        .collect()
+        .collect();
+    let snapshot = crate::metrics::Snapshot {
+        current_sequence: positions.current.as_ref().map(|c| c.sequence),
+        pending_sequence: positions.pending.as_ref().map(|p| p.sequence),
+        highest_sequence: positions.highest_sequence,
+        replicas,
+        now_unix: crate::config::now().timestamp() as f64,
+    };
+    let openmetrics = headers
+        .get(hyper::header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|accept| accept.contains("application/openmetrics-text"));
+    let mut response = text(StatusCode::OK, agent.metrics.encode(&snapshot, openmetrics));
+    let content_type = if openmetrics {
+        crate::metrics::OPENMETRICS
+    } else {
+        crate::metrics::PROMETHEUS_TEXT
+    };
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(content_type),
+    );
+    response
 }
 
 /// The CLI side: one request to the agent's socket. Returns the status code and JSON body.

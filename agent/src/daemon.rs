@@ -11,7 +11,6 @@ use crate::source::{self, Source};
 use outpost_bundle_format::{Layout, VerifiedBundle};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 /// How often pending releases are re-evaluated (maintenance windows open by the clock).
@@ -52,7 +51,7 @@ pub async fn run(agent: Agent) -> anyhow::Result<()> {
     // Leftovers of a download interrupted by a crash.
     let tmp = agent.config.state_dir.join("tmp");
     let _ = std::fs::remove_dir_all(&tmp);
-    let source = source::from_config(&agent.config, *agent.limits())?;
+    let source = source::from_config(&agent.config, *agent.limits(), agent.metrics.clone())?;
     let shared = Arc::new(Shared {
         source: source.describe(),
         ..Default::default()
@@ -64,8 +63,8 @@ pub async fn run(agent: Agent) -> anyhow::Result<()> {
         tokio::spawn(async move { api::serve(agent, shared, &socket).await })
     };
     let metrics_server = agent.config.api.metrics_address.map(|address| {
-        let (agent, shared) = (agent.clone(), shared.clone());
-        tokio::spawn(async move { api::serve_metrics(agent, shared, address).await })
+        let agent = agent.clone();
+        tokio::spawn(async move { api::serve_metrics(agent, address).await })
     });
     let mut converger = match agent.config.runtime {
         RuntimeKind::None => None,
@@ -166,17 +165,13 @@ pub async fn drive(
             }
         };
         failures = 0;
-        shared.polls.fetch_add(1, Ordering::Relaxed);
-        shared.last_poll_unix.store(
-            crate::config::now().timestamp().max(0) as u64,
-            Ordering::Relaxed,
-        );
         if let Ok(mut last) = shared.last_error.lock() {
             *last = None;
         }
         let (agent_for_task, origin) = (agent.clone(), candidate.origin.clone());
         let digest = candidate.digest;
         let admission = carried.clone();
+        let started = std::time::Instant::now();
         let outcome = {
             let layout = std::mem::replace(&mut candidate.layout, Ok(Default::default()));
             tokio::task::spawn_blocking(move || match layout {
@@ -210,10 +205,17 @@ pub async fn drive(
                 continue;
             }
         };
+        let metrics = &agent.metrics;
+        metrics
+            .verification_seconds
+            .observe(started.elapsed().as_secs_f64());
         match &outcome {
-            Ingested::Accepted { .. } => shared.accepted.fetch_add(1, Ordering::Relaxed),
-            Ingested::Rejected { .. } => shared.rejected.fetch_add(1, Ordering::Relaxed),
-            Ingested::Unchanged { .. } => shared.unchanged.fetch_add(1, Ordering::Relaxed),
+            Ingested::Accepted { .. } => metrics.accepted.inc(),
+            Ingested::Rejected { check, .. } => {
+                metrics.rejection(check);
+                0
+            }
+            Ingested::Unchanged { .. } => metrics.unchanged.inc(),
         };
         match &outcome {
             Ingested::Accepted { digest, .. } => {
@@ -238,7 +240,6 @@ pub async fn drive(
 
 /// Counts the error, shows it in `status`, logs it and waits out the backoff.
 async fn back_off(shared: &Shared, failures: u32, error: String) {
-    shared.poll_errors.fetch_add(1, Ordering::Relaxed);
     let wait = crate::backoff::delay(failures);
     tracing::warn!("{error} (retry in {:.1}s)", wait.as_secs_f64());
     if let Ok(mut last) = shared.last_error.lock() {
@@ -318,8 +319,19 @@ mod tests {
         assert!(matches!(&outcomes[1].1, Ingested::Unchanged { .. }));
         assert!(matches!(&outcomes[2].1, Ingested::Rejected { check, .. } if check == "malformed"));
         assert!(matches!(&outcomes[3].1, Ingested::Accepted { version, .. } if version == "1.0.1"));
-        assert_eq!(shared.poll_errors.load(Ordering::Relaxed), 1);
-        assert_eq!(shared.rejected.load(Ordering::Relaxed), 1);
+        assert!(shared.last_error.lock().unwrap().is_none());
+        assert_eq!(
+            agent
+                .metrics
+                .rejected
+                .get_or_create(&crate::metrics::CheckLabel {
+                    check: "malformed".into()
+                })
+                .get(),
+            1
+        );
+        assert_eq!(agent.metrics.accepted.get(), 2);
+        assert_eq!(agent.metrics.unchanged.get(), 1);
         let status = agent.status().unwrap();
         assert_eq!(status["current"]["sequence"], 2);
         assert_eq!(status["last_good"]["sequence"], 1);

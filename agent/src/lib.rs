@@ -21,6 +21,7 @@ pub mod daemon;
 pub mod diff;
 pub mod forward;
 pub mod logging;
+pub mod metrics;
 pub mod pipeline;
 pub mod plan;
 pub mod rollout;

@@ -7,7 +7,6 @@ use outpost_bundle_format::Digest;
 use serde::Serialize;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
-use std::sync::atomic::AtomicU64;
 
 /// `GET /status` (and `outpost-agent status --output json`), less `source`, which the API adds.
 #[derive(Debug, Serialize)]
@@ -138,6 +137,9 @@ pub struct Target {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ResourceStatus {
     pub step: Option<String>,
+    /// Replicas the release wants (the autoscaler's choice included).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub desired: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub replicas: Option<Vec<ReplicaStatus>>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -160,13 +162,10 @@ pub struct WorkloadStatus {
     pub available: i64,
 }
 
-/// The sink a rollout writes [`RuntimeStatus`] to, and the counters `/metrics` exports.
+/// The sink a rollout writes [`RuntimeStatus`] to.
 #[derive(Default)]
 pub struct RuntimeView {
     state: std::sync::Mutex<RuntimeStatus>,
-    pub rollouts: AtomicU64,
-    pub rollbacks: AtomicU64,
-    pub drift_repairs: AtomicU64,
 }
 
 impl RuntimeView {
@@ -176,6 +175,11 @@ impl RuntimeView {
             .ok()
             .and_then(|s| serde_json::to_value(&*s).ok())
             .unwrap_or_else(|| json!({}))
+    }
+
+    /// A copy of the typed status (for `/metrics`).
+    pub fn current(&self) -> RuntimeStatus {
+        self.state.lock().map(|s| s.clone()).unwrap_or_default()
     }
 
     pub(crate) fn update(&self, change: impl FnOnce(&mut RuntimeStatus)) {

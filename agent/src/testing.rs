@@ -66,3 +66,12 @@ pub fn trust() -> outpost_bundle_format::Trust {
         threshold: 1,
     }
 }
+
+/// The sum of every series of the metric `name` (a counter's `_total` included), as scraped.
+pub fn metric_total(metrics: &crate::metrics::Metrics, name: &str) -> u64 {
+    let text = metrics.encode(&Default::default(), false);
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name} ")) || l.starts_with(&format!("{name}{{")))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}

@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 
 /// Each module may use the modules before it, never one after it.
 const ORDER: &[&str] = &[
-    "config", "state", "plan", "diff", "status", "backoff", "forward", "logging", "runtime",
-    "source", "approval", "rollout", "pipeline", "api", "daemon", "cli",
+    "config", "state", "plan", "diff", "status", "metrics", "backoff", "forward", "logging",
+    "runtime", "source", "approval", "rollout", "pipeline", "api", "daemon", "cli",
 ];
 
 const MAX_LINES: usize = 700;

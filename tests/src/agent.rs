@@ -210,11 +210,13 @@ impl AgentProcess {
         self.metric("outpost_bundles_rejected_total")
     }
 
+    /// The sum of every series of metric `name` (all its label sets).
     pub fn metric(&self, name: &str) -> u64 {
         let text = crate::agent::http_get(&self.socket(), "/metrics");
         text.lines()
-            .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
-            .unwrap_or(0)
+            .filter(|l| l.starts_with(&format!("{name} ")) || l.starts_with(&format!("{name}{{")))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64
     }
 
     pub fn socket(&self) -> PathBuf {

@@ -7,6 +7,7 @@
 pub mod agent;
 pub mod engine;
 pub mod forge;
+pub mod prometheus;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

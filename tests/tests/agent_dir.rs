@@ -609,3 +609,55 @@ fn json_logs_are_one_object_per_line_with_the_release_digest() {
         .unwrap_or_else(|| panic!("{log}"));
     assert_eq!(rejected["level"], "WARN");
 }
+
+/// The exposition passes `promtool check metrics` with nothing to lint, a real Prometheus server
+/// scrapes it and answers PromQL about the agent, and the example alert rules are valid.
+#[test]
+fn a_real_prometheus_scrapes_the_agent() {
+    use outpost_tests::engine::http_body;
+    use outpost_tests::prometheus::{TestPrometheus, promtool};
+    let drop = tempfile::tempdir().unwrap();
+    let port = outpost_tests::free_port();
+    let agent = dir_agent(
+        drop.path(),
+        &format!("  metrics_address: 127.0.0.1:{port}\n"),
+    );
+    drop_file(
+        drop.path(),
+        "v1.tar",
+        &tar(&signed(release("1.0.0", 1), &BOTH)),
+    );
+    agent.wait_current(1);
+    drop_file(drop.path(), "junk.tar", b"junk");
+    wait_file(&drop.path().join("rejected/junk.tar.reason"));
+    let metrics = http_body(port, "/metrics").unwrap();
+    for line in [
+        "outpost_bundles_rejected_total{check=\"malformed\"} 1",
+        "outpost_current_sequence 1",
+        "outpost_source_polls_total{result=\"ok\"} 2",
+        "# TYPE outpost_verification_seconds histogram",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "{line} not in:\n{metrics}"
+        );
+    }
+    assert!(metrics.contains("outpost_build_info{"), "{metrics}");
+    let (code, lint) = promtool(&["check", "metrics"], &metrics);
+    assert_eq!((code, lint.as_str()), (0, ""), "{metrics}");
+
+    let prometheus = TestPrometheus::start(&[format!("127.0.0.1:{port}")]);
+    let sequence =
+        outpost_tests::poll_within(30, || prometheus.query_value("outpost_current_sequence"));
+    assert_eq!(sequence, Some(1.0), "{}", prometheus.log());
+    let rejected =
+        prometheus.query_value("sum(outpost_bundles_rejected_total{check=\"malformed\"})");
+    assert_eq!(rejected, Some(1.0));
+    let up = prometheus.query_value("up{job=\"outpost\"}");
+    assert_eq!(up, Some(1.0));
+
+    let rules = outpost_tests::repo().join("deploy/prometheus/outpost-alerts.yaml");
+    let (code, output) = promtool(&["check", "rules", rules.to_str().unwrap()], "");
+    assert_eq!(code, 0, "{output}");
+    assert!(output.contains("SUCCESS: 5 rules found"), "{output}");
+}

@@ -225,6 +225,7 @@ impl Agent {
                 message: &message,
             },
         )?;
+        self.metrics.rollback("manual");
         self.current_changed.notify_one();
         Ok(format!(
             "rolled back to {} (from {}); the runtime converges to it now",

@@ -50,8 +50,10 @@ pub struct Agent {
     decisions: Mutex<()>,
     /// Woken whenever the current release changes (the rollout converges to it).
     pub current_changed: Arc<tokio::sync::Notify>,
-    /// What the runtime shows in `status` and `/metrics`.
+    /// What the runtime shows in `status`.
     pub runtime_view: Arc<RuntimeView>,
+    /// What `/metrics` exports.
+    pub metrics: Arc<crate::metrics::Metrics>,
     _state_lock: Option<std::fs::File>,
 }
 
@@ -124,6 +126,7 @@ impl Agent {
             decisions: Mutex::new(()),
             current_changed: Default::default(),
             runtime_view: Default::default(),
+            metrics: Default::default(),
             _state_lock: None,
         })
     }
@@ -139,6 +142,7 @@ impl Agent {
             status: self.runtime_view.clone(),
             changed: self.current_changed.clone(),
             rollout: self.config.rollout.clone(),
+            metrics: self.metrics.clone(),
         }
     }
 

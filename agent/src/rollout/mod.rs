@@ -14,12 +14,13 @@ pub mod replicas;
 pub use replicas::Replicas;
 
 use crate::config::RolloutConfig;
+use crate::metrics::Metrics;
 use crate::state::{Release, Store};
 use crate::status::{RuntimeView, Target};
 use outpost_bundle_format::Digest;
+use outpost_bundle_format::release::rfc3339;
 use outpost_bundle_format::stack::Stack;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio::sync::Notify;
 
@@ -33,6 +34,14 @@ pub struct Context {
     /// Notified when the current release changes.
     pub changed: Arc<Notify>,
     pub rollout: RolloutConfig,
+    pub metrics: Arc<Metrics>,
+}
+
+/// One thing a drift pass put right, and the resource it belongs to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Repair {
+    pub resource: String,
+    pub what: String,
 }
 
 /// Why a rollout stopped, in one line.
@@ -83,7 +92,7 @@ pub trait Backend: Send + Sync {
         release: &Release,
         stack: &Stack,
         fresh: bool,
-    ) -> Result<Vec<String>, RolloutError>;
+    ) -> Result<Vec<Repair>, RolloutError>;
 }
 
 /// The rollout loop, whatever the runtime: rolls out a new current release (rolling back to
@@ -95,18 +104,22 @@ pub struct Converger<B: Backend> {
 
 /// Runs `work` as a journaled step: begun in the store before it runs, finished with its
 /// outcome after, so that a crash mid-step is found at the next start.
+/// `backend` names it in the `outpost_rollout_steps_total` it counts.
 pub(crate) async fn journaled<T>(
-    store: &Store,
+    context: &Context,
+    backend: &str,
     digest: &Digest,
     step: &str,
     work: impl Future<Output = Result<T, RolloutError>>,
 ) -> Result<T, RolloutError> {
+    let store = &context.store;
     let id = store
         .begin_step(digest, step, crate::config::now())
         .map_err(|e| RolloutError::unavailable(format!("journal: {e}")))?;
     let span = tracing::info_span!("step", step = %step);
     let outcome = tracing::Instrument::instrument(work, span).await;
     let finished = if outcome.is_ok() { "done" } else { "failed" };
+    context.metrics.step(backend, outcome.is_ok());
     if let Err(e) = store.finish_step(id, finished, crate::config::now()) {
         // The step happened; the next start will call it interrupted and look again.
         tracing::warn!("journal: finishing {step:?}: {e}");
@@ -196,7 +209,7 @@ impl<B: Backend> Converger<B> {
                 s.phase = Some("rolling out".into());
                 s.resources.clear();
             });
-            self.view().rollouts.fetch_add(1, Ordering::Relaxed);
+            self.context.metrics.rollouts.inc();
             event(
                 store,
                 "rollout",
@@ -230,12 +243,22 @@ impl<B: Backend> Converger<B> {
                     if !recorded {
                         // Superseded by the customer's decision: the next pass runs it.
                         self.view().update(|s| s.phase = Some("superseded".into()));
+                    } else if let Ok(accepted) = rfc3339::parse(&current.received_at) {
+                        let took = crate::config::now() - accepted;
+                        self.context
+                            .metrics
+                            .accepted_to_converged_seconds
+                            .observe(took.num_milliseconds().max(0) as f64 / 1000.0);
                     }
                 } else if !repairs.is_empty() {
-                    self.view()
-                        .drift_repairs
-                        .fetch_add(repairs.len() as u64, Ordering::Relaxed);
-                    let mut summary = repairs.iter().take(10).cloned().collect::<Vec<_>>();
+                    for repair in &repairs {
+                        self.context.metrics.drift_repair(&repair.resource);
+                    }
+                    let mut summary = repairs
+                        .iter()
+                        .take(10)
+                        .map(|r| r.what.clone())
+                        .collect::<Vec<_>>();
                     if repairs.len() > 10 {
                         summary.push(format!("and {} more", repairs.len() - 10));
                     }
@@ -260,7 +283,7 @@ impl<B: Backend> Converger<B> {
                 let good = positions.last_good.filter(|g| g.digest != current.digest);
                 match good {
                     Some(good) => {
-                        self.view().rollbacks.fetch_add(1, Ordering::Relaxed);
+                        self.context.metrics.rollback("failed");
                         let message = format!(
                             "{} {} failed: {reason}; rolling back to {}",
                             current.name, current.version, good.version

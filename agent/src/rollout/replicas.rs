@@ -2,7 +2,7 @@
 //! Podman), planned by `plan.rs` against what runs, each step journaled, health-checked before
 //! the old replica goes, public endpoints forwarded by the agent, autoscaled by measured load.
 
-use super::{Backend, Context, RolloutError, event, journaled};
+use super::{Backend, Context, Repair, RolloutError, event, journaled};
 use crate::config::{DockerConfig, Grant, Permissions, RolloutConfig};
 use crate::forward::Forwarder;
 use crate::plan::{Action, Desired, ReplicaId, ReplicaState, plan};
@@ -54,7 +54,7 @@ impl<R: Runtime> Backend for Replicas<R> {
         release: &Release,
         stack: &Stack,
         fresh: bool,
-    ) -> Result<Vec<String>, RolloutError> {
+    ) -> Result<Vec<Repair>, RolloutError> {
         let specs = Specs::new(&self.settings, stack, release.digest)?;
         let mut instances = self.runtime.observe(&stack.name).await?;
         if self.settle_surges(&stack.name, &instances).await? {
@@ -75,7 +75,15 @@ impl<R: Runtime> Backend for Replicas<R> {
             .map(|i| i.replica.clone())
             .collect();
         let plan = plan(&desired, &observed, crate::config::now());
-        self.view().update(|s| s.findings = plan.findings.clone());
+        self.view().update(|s| {
+            s.findings = plan.findings.clone();
+            for resource in &desired.resources {
+                s.resources
+                    .entry(resource.container.name.clone())
+                    .or_default()
+                    .desired = Some(u64::from(resource.replicas));
+            }
+        });
         let mut taken = Vec::new();
         // Like a Deployment's progressDeadlineSeconds: each step must make progress in time,
         // however many replicas the resource has.
@@ -87,7 +95,8 @@ impl<R: Runtime> Backend for Replicas<R> {
             let described = describe(action, &stack.name);
             self.view().resource_step(&resource, &described);
             let outcome = journaled(
-                &self.context.store,
+                &self.context,
+                "replicas",
                 &release.digest,
                 &described,
                 self.carry_out(action, stack, &specs, until),
@@ -98,7 +107,10 @@ impl<R: Runtime> Backend for Replicas<R> {
                 Ok(()) => {
                     self.view()
                         .resource_step(&resource, &format!("{described}: done"));
-                    taken.push(described);
+                    taken.push(Repair {
+                        resource,
+                        what: described,
+                    });
                 }
                 Err(e) => {
                     self.view()

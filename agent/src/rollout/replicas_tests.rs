@@ -6,7 +6,6 @@ use crate::runtime::fake::FakeRuntime;
 use crate::testing::{signed_stack, test_config};
 use outpost_bundle_format::Digest;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 const STACK: &str = r#"
 name: acme
@@ -134,7 +133,10 @@ async fn a_failed_update_rolls_back_and_keeps_the_old_replicas_serving() {
         ["create web-0 surge", "remove web-0 surge"]
     );
     assert_eq!(current(&c), v1);
-    assert_eq!(c.agent.runtime_view.rollbacks.load(Ordering::Relaxed), 1);
+    assert_eq!(
+        crate::testing::metric_total(&c.agent.metrics, "outpost_rollbacks_total"),
+        1
+    );
     assert!(
         c.backend()
             .runtime()
@@ -237,7 +239,7 @@ async fn drift_is_repaired_and_counted() {
         ["start web-0", "create web-1 primary"]
     );
     assert_eq!(
-        c.agent.runtime_view.drift_repairs.load(Ordering::Relaxed),
+        crate::testing::metric_total(&c.agent.metrics, "outpost_drift_repairs_total"),
         2
     );
 }
@@ -398,7 +400,10 @@ async fn an_engine_that_cannot_be_reached_is_retried_not_rolled_back() {
     assert!(error.contains("engine unavailable"), "{error}");
     assert!(error.contains("retrying"), "{error}");
     assert_eq!(current(&c), v2, "still the release to run");
-    assert_eq!(c.agent.runtime_view.rollbacks.load(Ordering::Relaxed), 0);
+    assert_eq!(
+        crate::testing::metric_total(&c.agent.metrics, "outpost_rollbacks_total"),
+        0
+    );
     c.converge_once().await.unwrap();
     assert_eq!(c.agent.store.positions().unwrap().converged, Some(v2));
 }

@@ -29,6 +29,7 @@ pub struct DirSource {
     /// A file the previous run died reading, filed first.
     interrupted: Option<PathBuf>,
     queue: VecDeque<PathBuf>,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
     events: mpsc::UnboundedReceiver<PathBuf>,
     _watcher: notify::RecommendedWatcher,
 }
@@ -106,6 +107,7 @@ impl DirSource {
             marker,
             interrupted,
             queue: queue.into(),
+            metrics: Default::default(),
             events,
             _watcher: watcher,
         })
@@ -169,7 +171,14 @@ impl DirSource {
             .tempdir_in(&self.spool_root)
             .ok();
         let reader = std::io::BufReader::with_capacity(1 << 20, file);
+        let started = std::time::Instant::now();
         let layout = Layout::read_tar(reader, &self.limits, spool.as_ref().map(|s| s.path()));
+        // A file read is this source's poll: it answered, whatever the file held.
+        self.metrics.poll(
+            true,
+            started.elapsed().as_secs_f64(),
+            crate::config::now().timestamp().max(0) as u64,
+        );
         Some(Candidate {
             origin: path.display().to_string(),
             layout,
@@ -197,6 +206,14 @@ impl DirSource {
             reading: None,
             file: Some(path),
         })
+    }
+}
+
+impl DirSource {
+    /// Counts its polls (files read) in `metrics`.
+    pub fn with_metrics(mut self, metrics: std::sync::Arc<crate::metrics::Metrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 }
 

@@ -19,6 +19,7 @@ pub struct GitSource {
     pace: Pace,
     limits: Limits,
     last_commit: Option<String>,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
 }
 
 impl GitSource {
@@ -42,7 +43,14 @@ impl GitSource {
             pace: Pace::new(parse_duration(&config.interval).map_err(SourceError)?),
             limits,
             last_commit: None,
+            metrics: Default::default(),
         })
+    }
+
+    /// Counts its polls (fetches) in `metrics`.
+    pub fn with_metrics(mut self, metrics: std::sync::Arc<crate::metrics::Metrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     fn refspec(&self) -> (String, String) {
@@ -249,6 +257,7 @@ impl Source for GitSource {
                     self.limits,
                     self.spool_root.clone(),
                 );
+                let started = std::time::Instant::now();
                 let found = tokio::task::spawn_blocking(
                     move || -> Result<Option<Candidate>, SourceError> {
                         let (repo, commit) = fetch(
@@ -280,8 +289,14 @@ impl Source for GitSource {
                     },
                 )
                 .await
-                .map_err(|e| SourceError(format!("git fetch task: {e}")))??;
-                if let Some(candidate) = found {
+                .map_err(|e| SourceError(format!("git fetch task: {e}")))
+                .and_then(|found| found);
+                self.metrics.poll(
+                    found.is_ok(),
+                    started.elapsed().as_secs_f64(),
+                    crate::config::now().timestamp().max(0) as u64,
+                );
+                if let Some(candidate) = found? {
                     return Ok(candidate);
                 }
             }

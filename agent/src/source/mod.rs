@@ -58,24 +58,31 @@ impl Ingested {
     }
 }
 
-/// The source `config.source` describes, with downloads spooled under `state_dir/tmp`.
+/// The source `config.source` describes, with downloads spooled under `state_dir/tmp`, counting
+/// its polls in `metrics`.
 pub fn from_config(
     config: &crate::config::Config,
     limits: outpost_bundle_format::Limits,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
 ) -> Result<Box<dyn Source>, SourceError> {
     use crate::config::SourceConfig;
     let spool = config.state_dir.join("tmp");
     std::fs::create_dir_all(&spool)
         .map_err(|e| SourceError(format!("{}: {e}", spool.display())))?;
     Ok(match &config.source {
-        SourceConfig::Dir { path } => Box::new(dir::DirSource::new(
-            path,
-            limits,
-            spool,
-            config.state_dir.join("dir-source.reading"),
-        )?),
-        SourceConfig::Oci(oci) => Box::new(oci::OciSource::new(oci, limits)?),
-        SourceConfig::Git(git) => Box::new(git::GitSource::new(git, &config.state_dir, limits)?),
+        SourceConfig::Dir { path } => Box::new(
+            dir::DirSource::new(
+                path,
+                limits,
+                spool,
+                config.state_dir.join("dir-source.reading"),
+            )?
+            .with_metrics(metrics),
+        ),
+        SourceConfig::Oci(oci) => Box::new(oci::OciSource::new(oci, limits)?.with_metrics(metrics)),
+        SourceConfig::Git(git) => {
+            Box::new(git::GitSource::new(git, &config.state_dir, limits)?.with_metrics(metrics))
+        }
     })
 }
 

@@ -42,9 +42,16 @@ pub struct OciSource {
     last_signatures: Option<Digest>,
     /// The signature tag's digest just before the candidate in flight was fetched.
     fetched_signatures: Option<Digest>,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
 }
 
 impl OciSource {
+    /// Counts its polls in `metrics`.
+    pub fn with_metrics(mut self, metrics: std::sync::Arc<crate::metrics::Metrics>) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
     pub fn new(config: &OciConfig, limits: Limits) -> Result<OciSource, SourceError> {
         let reference =
             Reference::parse(&config.reference).map_err(|e| SourceError(e.to_string()))?;
@@ -73,6 +80,7 @@ impl OciSource {
             last: None,
             last_signatures: None,
             fetched_signatures: None,
+            metrics: Default::default(),
         })
     }
 
@@ -235,6 +243,48 @@ impl OciSource {
         }
         Ok(())
     }
+
+    /// One poll: a HEAD of the tag, and a fetch when it names something new.
+    async fn poll_once(&mut self) -> Result<Option<Candidate>, SourceError> {
+        let head = self
+            .registry
+            .head_manifest(&self.reference.repository, &self.tag)
+            .await
+            .map_err(|e| self.fail(e))?;
+        // Nothing published yet: keep polling at the interval, not with backoff.
+        let Some(head) = head else { return Ok(None) };
+        let changed = match self.last {
+            Some((digest, _)) if digest != head.digest => true,
+            None => true,
+            // Same digest: only worth another look if more signatures may have arrived.
+            Some((_, wants_signatures)) => {
+                wants_signatures && self.signature_head(&head.digest).await? != self.last_signatures
+            }
+        };
+        if !changed {
+            return Ok(None);
+        }
+        // The signature tag as it was before the fetch: a signature pushed while this
+        // candidate is fetched or judged changes it, so the release is looked at again.
+        self.fetched_signatures = self.signature_head(&head.digest).await?;
+        let layout = match self.fetch(head.digest).await {
+            Ok(layout) => Ok(layout),
+            Err(FetchError::Content(e)) => Err(e),
+            Err(FetchError::Transport(e)) => return Err(e),
+        };
+        Ok(Some(Candidate {
+            digest: Some(head.digest),
+            origin: format!(
+                "oci://{}/{}@{}",
+                self.reference.host, self.reference.repository, head.digest
+            ),
+            layout,
+            spool: None,
+            key: head.digest.to_string(),
+            reading: None,
+            file: None,
+        }))
+    }
 }
 
 impl Source for OciSource {
@@ -249,45 +299,16 @@ impl Source for OciSource {
         Box::pin(async move {
             loop {
                 self.pace.wait().await;
-                let head = self
-                    .registry
-                    .head_manifest(&self.reference.repository, &self.tag)
-                    .await
-                    .map_err(|e| self.fail(e))?;
-                // Nothing published yet: keep polling at the interval, not with backoff.
-                let Some(head) = head else { continue };
-                let changed = match self.last {
-                    Some((digest, _)) if digest != head.digest => true,
-                    None => true,
-                    // Same digest: only worth another look if more signatures may have arrived.
-                    Some((_, wants_signatures)) => {
-                        wants_signatures
-                            && self.signature_head(&head.digest).await? != self.last_signatures
-                    }
-                };
-                if !changed {
-                    continue;
+                let started = std::time::Instant::now();
+                let polled = self.poll_once().await;
+                self.metrics.poll(
+                    polled.is_ok(),
+                    started.elapsed().as_secs_f64(),
+                    crate::config::now().timestamp().max(0) as u64,
+                );
+                if let Some(candidate) = polled? {
+                    return Ok(candidate);
                 }
-                // The signature tag as it was before the fetch: a signature pushed while this
-                // candidate is fetched or judged changes it, so the release is looked at again.
-                self.fetched_signatures = self.signature_head(&head.digest).await?;
-                let layout = match self.fetch(head.digest).await {
-                    Ok(layout) => Ok(layout),
-                    Err(FetchError::Content(e)) => Err(e),
-                    Err(FetchError::Transport(e)) => return Err(e),
-                };
-                return Ok(Candidate {
-                    digest: Some(head.digest),
-                    origin: format!(
-                        "oci://{}/{}@{}",
-                        self.reference.host, self.reference.repository, head.digest
-                    ),
-                    layout,
-                    spool: None,
-                    key: head.digest.to_string(),
-                    reading: None,
-                    file: None,
-                });
             }
         })
     }

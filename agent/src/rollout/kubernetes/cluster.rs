@@ -10,7 +10,7 @@
 //! deleted, to free a StatefulSet stuck on one (forced rollback).
 
 use super::render::{self, MANAGED_BY, MANAGED_BY_LABEL, RESOURCE_LABEL, STACK_LABEL, Settings};
-use crate::rollout::{Backend, Context, RolloutError, event, journaled};
+use crate::rollout::{Backend, Context, Repair, RolloutError, event, journaled};
 use crate::state::Release;
 use crate::status::{RuntimeView, WorkloadStatus};
 use kube::api::{
@@ -253,7 +253,8 @@ impl Cluster {
             );
             self.view().resource_step(resource, &step);
             let outcome = journaled(
-                &self.context.store,
+                &self.context,
+                "kubernetes",
                 &release.digest,
                 &step,
                 self.apply_and_wait(&group, deadline),
@@ -472,7 +473,7 @@ impl Cluster {
         &self,
         release: &Release,
         wanted: &[Admitted<'_>],
-    ) -> Result<Vec<String>, RolloutError> {
+    ) -> Result<Vec<Repair>, RolloutError> {
         let wanted: BTreeSet<(&str, &str)> = wanted.iter().map(|o| (o.kind.kind, o.name)).collect();
         let owned = ListParams::default().labels(&format!(
             "{MANAGED_BY_LABEL}={MANAGED_BY},{STACK_LABEL}={}",
@@ -495,14 +496,24 @@ impl Cluster {
                 }
                 let id = format!("{}/{name}", kind.kind);
                 let step = format!("prune {id}");
-                journaled(&self.context.store, &release.digest, &step, async {
+                journaled(&self.context, "kubernetes", &release.digest, &step, async {
                     api.delete(&name, &DeleteParams::foreground())
                         .await
                         .map(|_| ())
                         .map_err(|e| kube_error(format!("pruning {id}"), e))
                 })
                 .await?;
-                pruned.push(step);
+                let resource = item
+                    .metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(RESOURCE_LABEL))
+                    .cloned()
+                    .unwrap_or_default();
+                pruned.push(Repair {
+                    resource,
+                    what: step,
+                });
             }
         }
         Ok(pruned)
@@ -514,19 +525,27 @@ impl Cluster {
         &self,
         release: &Release,
         objects: &[Admitted<'_>],
-    ) -> Result<Vec<String>, RolloutError> {
+    ) -> Result<Vec<Repair>, RolloutError> {
         let mut repairs = Vec::new();
         for object in objects {
+            let repair = |what: String| Repair {
+                resource: object.resource.to_string(),
+                what,
+            };
             let Some(live) = self.live(object).await? else {
                 self.apply(object, false).await?;
-                repairs.push(format!("re-created {}", object.id()));
+                repairs.push(repair(format!("re-created {}", object.id())));
                 continue;
             };
             let would_be = self.apply(object, true).await?;
             let changed = changed_fields(&owned_fields(&live), &owned_fields(&would_be));
             if !changed.is_empty() {
                 self.apply(object, false).await?;
-                repairs.push(format!("{}: put back {}", object.id(), changed.join(", ")));
+                repairs.push(repair(format!(
+                    "{}: put back {}",
+                    object.id(),
+                    changed.join(", ")
+                )));
             }
         }
         repairs.extend(self.prune(release, objects).await?);
@@ -584,11 +603,16 @@ impl Cluster {
                 updated: count("updatedReplicas"),
                 available: count("availableReplicas"),
             };
+            // What the workload wants: its spec's count (an autoscaler's, when it owns it).
+            let desired = live
+                .data
+                .pointer("/spec/replicas")
+                .and_then(Value::as_u64)
+                .or_else(|| u64::try_from(workload.replicas).ok());
             self.view().update(|s| {
-                s.resources
-                    .entry(object.resource.to_string())
-                    .or_default()
-                    .workload = Some(workload)
+                let resource = s.resources.entry(object.resource.to_string()).or_default();
+                resource.workload = Some(workload);
+                resource.desired = desired;
             });
         }
         self.view().update(|s| s.endpoints = endpoints);
@@ -601,7 +625,7 @@ impl Backend for Cluster {
         release: &Release,
         stack: &Stack,
         fresh: bool,
-    ) -> Result<Vec<String>, RolloutError> {
+    ) -> Result<Vec<Repair>, RolloutError> {
         let rendered = render::render_with(&self.settings, stack, &release.digest.to_string())
             .map_err(|e| RolloutError::new(e.to_string()))?;
         let objects = rendered

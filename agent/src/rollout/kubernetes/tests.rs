@@ -13,7 +13,6 @@ use outpost_bundle_format::Digest;
 use std::sync::Arc;
 
 const CLAIMS: Kind = kind("", "v1", "PersistentVolumeClaim", "persistentvolumeclaims");
-use std::sync::atomic::Ordering;
 
 const NAMESPACE: &str = "shop";
 const IMAGE: &str =
@@ -247,7 +246,7 @@ async fn first_install_applies_everything_in_links_order_and_waits_for_rollout()
     h.converger.converge_once().await.unwrap();
     assert_eq!(h.agent().store.journal(10).unwrap().len(), 2);
     assert_eq!(
-        h.agent().runtime_view.drift_repairs.load(Ordering::Relaxed),
+        crate::testing::metric_total(&h.agent().metrics, "outpost_drift_repairs_total"),
         0
     );
 }
@@ -311,7 +310,7 @@ async fn an_autoscaled_resource_gets_an_autoscaler_that_owns_the_replica_count()
         5
     );
     assert_eq!(
-        h.agent().runtime_view.drift_repairs.load(Ordering::Relaxed),
+        crate::testing::metric_total(&h.agent().metrics, "outpost_drift_repairs_total"),
         0
     );
 }
@@ -334,7 +333,10 @@ async fn a_failed_rollout_rolls_back_to_the_last_good_release() {
         "{status}"
     );
     assert_eq!(h.current(), v1, "the last good release is current again");
-    assert_eq!(h.agent().runtime_view.rollbacks.load(Ordering::Relaxed), 1);
+    assert_eq!(
+        crate::testing::metric_total(&h.agent().metrics, "outpost_rollbacks_total"),
+        1
+    );
 
     // The next pass re-applies the last good release.
     h.converger.converge_once().await.unwrap();
@@ -374,7 +376,7 @@ async fn drift_is_found_by_a_dry_run_and_repaired() {
         ])
     );
     assert_eq!(
-        h.agent().runtime_view.drift_repairs.load(Ordering::Relaxed),
+        crate::testing::metric_total(&h.agent().metrics, "outpost_drift_repairs_total"),
         2
     );
 }
