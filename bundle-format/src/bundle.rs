@@ -443,6 +443,7 @@ mod tests {
         ContainerSpec {
             name,
             code: Code {
+                kind: None,
                 image: IMAGE.into(),
             },
             cpu: Cpu::Cores(0.5),

@@ -61,6 +61,8 @@ pub fn run(args: BuildArgs) -> Outcome {
         let Some(resource) = stack.resource(&entry.container.name) else {
             continue;
         };
+        // The pinned stack spells code the one way every reader of format version 1 knows.
+        entry.container.code.kind = None;
         let image = &resource.container.image;
         if image.digest().is_some() {
             entry.container.code.image = image.to_string();

@@ -544,3 +544,22 @@ fn agent_config_schema_is_the_published_one() {
         std::fs::read_to_string(outpost_tests::repo().join("agent/config.schema.json")).unwrap();
     assert_eq!(out.stdout, published);
 }
+
+/// A stack written from Alien's documentation (`code: {type: image, image: ...}`) builds, and
+/// the bundle stores the short spelling every format-1 reader knows.
+#[test]
+fn alien_spelling_of_code_builds_and_is_stored_short() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = fs::read_to_string(quickstart()).unwrap();
+    let long = text.replace("code: {image:", "code: {type: image, image:");
+    assert_ne!(long, text);
+    let stack = dir.path().join("stack.yaml");
+    fs::write(&stack, long).unwrap();
+    let bundle = dir.path().join("b.tar");
+    outpost_tests::build_bundle(&stack, "1.0.0", 1, &["--offline"], &bundle);
+    let layout = outpost_bundle_format::Layout::read(&bundle, &Default::default(), None).unwrap();
+    let parts = outpost_bundle_format::bundle::read_parts(&layout, &Default::default()).unwrap();
+    let stored = String::from_utf8(parts.stack_bytes).unwrap();
+    assert!(stored.contains("\"code\":{\"image\":"), "{stored}");
+    assert!(!stored.contains("\"type\""), "{stored}");
+}

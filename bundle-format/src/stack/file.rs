@@ -95,11 +95,24 @@ pub struct ContainerSpec {
     pub command: Vec<String>,
 }
 
+/// Where a container's code comes from: `{image: REF}`, or as Alien's builder spells it,
+/// `{type: image, image: REF}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Code {
+    /// `image` (the default). Writers leave it out of a bundle's stack layer, which readers of
+    /// format version 1 take without it.
+    #[serde(rename = "type", default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<CodeKind>,
     /// Image reference; pinned by digest in a built bundle.
     pub image: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum CodeKind {
+    /// An existing image, by reference.
+    Image,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, JsonSchema)]

@@ -4,7 +4,7 @@
 mod file;
 
 pub use file::{
-    AutoScale, Code, ContainerSpec, Cpu, CpuRange, Gpu, HealthCheck, Lifecycle, Protocol,
+    AutoScale, Code, CodeKind, ContainerSpec, Cpu, CpuRange, Gpu, HealthCheck, Lifecycle, Protocol,
     PublicEndpoint, ResourceEntry, StackFile,
 };
 

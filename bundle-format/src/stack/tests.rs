@@ -109,3 +109,20 @@ fn persistent_storage_implies_stateful() {
     assert!(db.stateful);
     assert_eq!(db.persistent_storage.as_ref().unwrap().bytes(), 10 << 30);
 }
+
+/// Alien's builder spells code `{type: image, image: ...}`: accepted beside the short form, with
+/// the same meaning; another type is refused by name.
+#[test]
+fn code_may_name_its_type_as_alien_spells_it() {
+    let long = VALID.replace("code: {image:", "code: {type: image, image:");
+    let (file, stack) = Stack::from_yaml(&long).unwrap();
+    assert_eq!(file.resources[0].container.code.kind, Some(CodeKind::Image));
+    let (_, short) = Stack::from_yaml(VALID).unwrap();
+    assert_eq!(
+        stack.resources[0].container.image,
+        short.resources[0].container.image
+    );
+    let other = VALID.replace("code: {image:", "code: {type: source, image:");
+    let error = Stack::from_yaml(&other).unwrap_err().to_string();
+    assert!(error.contains("unknown variant `source`"), "{error}");
+}
