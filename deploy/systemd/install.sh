@@ -5,8 +5,9 @@
 #
 # Places the binary at /usr/local/bin/outpost-agent, the config at /etc/outpost/agent.yaml and
 # the pinned trust root at /etc/outpost/root.json (the config's trust.root should name it) and
-# the unit at /etc/systemd/system/outpost-agent.service, then enables and starts the service
-# unless --no-start. DESTDIR=DIR installs under DIR instead of / (packaging, tests).
+# the unit at /etc/systemd/system/outpost-agent.service, shell completions (bash, zsh, fish) and
+# the man page under /usr/local/share, then enables and starts the service unless --no-start.
+# DESTDIR=DIR installs under DIR instead of / (packaging, tests).
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 DESTDIR="${DESTDIR:-}"
@@ -39,7 +40,17 @@ install -d -m 0750 "$DESTDIR/etc/outpost"
 install -m 0640 "$config" "$DESTDIR/etc/outpost/agent.yaml"
 install -m 0644 "$root" "$DESTDIR/etc/outpost/root.json"
 install -D -m 0644 "$HERE/outpost-agent.service" "$DESTDIR/etc/systemd/system/outpost-agent.service"
-echo "installed: /usr/local/bin/outpost-agent, /etc/outpost/{agent.yaml,root.json}, outpost-agent.service${DESTDIR:+ (under $DESTDIR)}"
+# Completions and the man page, generated from the binary's own command definitions.
+share="$DESTDIR/usr/local/share"
+install -d "$share/bash-completion/completions" "$share/zsh/site-functions" \
+    "$share/fish/vendor_completions.d" "$share/man/man1"
+"$binary" completions bash >"$share/bash-completion/completions/outpost-agent"
+"$binary" completions zsh >"$share/zsh/site-functions/_outpost-agent"
+"$binary" completions fish >"$share/fish/vendor_completions.d/outpost-agent.fish"
+"$binary" man | gzip -n -9 >"$share/man/man1/outpost-agent.1.gz"
+chmod 0644 "$share/bash-completion/completions/outpost-agent" "$share/zsh/site-functions/_outpost-agent" \
+    "$share/fish/vendor_completions.d/outpost-agent.fish" "$share/man/man1/outpost-agent.1.gz"
+echo "installed: /usr/local/bin/outpost-agent, /etc/outpost/{agent.yaml,root.json}, outpost-agent.service, completions and man page${DESTDIR:+ (under $DESTDIR)}"
 
 if [ "$start" -eq 1 ] && [ -z "$DESTDIR" ]; then
     systemctl daemon-reload

@@ -37,6 +37,13 @@ pub enum Command {
     Root(RootCommand),
     /// Print the JSON Schema of the stack file.
     Schema,
+    /// Print shell completions (bash, zsh or fish) for outpost-signer.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff) for outpost-signer.
+    Man,
 }
 
 #[derive(Args)]

@@ -58,6 +58,23 @@ fn main() -> ExitCode {
             print!("{}", outpost_bundle_format::stack::json_schema());
             Ok(())
         }
+        cli::Command::Completions { shell } => {
+            use clap::CommandFactory;
+            let mut command = cli::Cli::command();
+            clap_complete::generate(
+                shell,
+                &mut command,
+                "outpost-signer",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
+        cli::Command::Man => {
+            use clap::CommandFactory;
+            clap_mangen::Man::new(cli::Cli::command())
+                .render(&mut std::io::stdout())
+                .map_err(|e| Failure::usage(format!("stdout: {e}")))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -563,3 +563,31 @@ fn alien_spelling_of_code_builds_and_is_stored_short() {
     assert!(stored.contains("\"code\":{\"image\":"), "{stored}");
     assert!(!stored.contains("\"type\""), "{stored}");
 }
+
+/// Completions and the man page come from the command definitions.
+#[test]
+fn signer_completions_and_man_page() {
+    for (shell, needle) in [
+        ("bash", "outpost-signer"),
+        ("zsh", "#compdef outpost-signer"),
+        ("fish", "complete -c outpost-signer"),
+    ] {
+        let out = run(signer().args(["completions", shell])).ok();
+        assert!(out.stdout.contains(needle), "{shell}: {}", out.stdout);
+        assert!(out.stdout.contains("attach-signature"), "{shell}");
+    }
+    let page = run(signer().arg("man")).ok();
+    assert!(
+        page.stdout.contains(".TH outpost-signer 1"),
+        "{}",
+        page.stdout
+    );
+    assert!(
+        page.stdout.contains("attach\\-signature"),
+        "{}",
+        page.stdout
+    );
+    let unknown = run(signer().args(["completions", "tcsh"]));
+    assert_eq!(unknown.code, 2, "{}", unknown.stderr);
+    assert!(unknown.stderr.contains("invalid value 'tcsh'"), "{}", unknown.stderr);
+}

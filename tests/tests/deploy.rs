@@ -59,10 +59,47 @@ fn the_install_script_places_everything() {
         ("etc/outpost/agent.yaml", 0o640),
         ("etc/outpost/root.json", 0o644),
         ("etc/systemd/system/outpost-agent.service", 0o644),
+        (
+            "usr/local/share/bash-completion/completions/outpost-agent",
+            0o644,
+        ),
+        ("usr/local/share/zsh/site-functions/_outpost-agent", 0o644),
+        (
+            "usr/local/share/fish/vendor_completions.d/outpost-agent.fish",
+            0o644,
+        ),
+        ("usr/local/share/man/man1/outpost-agent.1.gz", 0o644),
     ] {
         let metadata = std::fs::metadata(dest.join(path)).unwrap();
         assert_eq!(metadata.permissions().mode() & 0o777, mode, "{path}");
     }
+    // The completions know the commands; bash accepts the script; man renders the page.
+    let share = dest.join("usr/local/share");
+    let bash =
+        std::fs::read_to_string(share.join("bash-completion/completions/outpost-agent")).unwrap();
+    for command in ["approve", "rollback", "check-config", "completions"] {
+        assert!(
+            bash.contains(command),
+            "{command} missing from the bash completions"
+        );
+    }
+    run(Command::new("bash")
+        .arg("-n")
+        .arg(share.join("bash-completion/completions/outpost-agent")))
+    .ok();
+    let fish = std::fs::read_to_string(share.join("fish/vendor_completions.d/outpost-agent.fish"))
+        .unwrap();
+    assert!(fish.contains("complete -c outpost-agent"), "{fish}");
+    let page = run(Command::new("sh").arg("-c").arg(format!(
+        "gzip -dc {} | head -20",
+        share.join("man/man1/outpost-agent.1.gz").display()
+    )))
+    .ok();
+    assert!(
+        page.stdout.contains(".TH outpost-agent 1"),
+        "{}",
+        page.stdout
+    );
     // Missing inputs are refused with a one-line reason.
     run(Command::new("bash")
         .arg(repo().join("deploy/systemd/install.sh"))

@@ -121,6 +121,13 @@ enum Command {
     CheckConfig(ConfigArg),
     /// Print the JSON Schema of the configuration file.
     ConfigSchema,
+    /// Print shell completions (bash, zsh or fish) for outpost-agent.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff) for outpost-agent.
+    Man,
 }
 
 /// A failure with its exit code.
@@ -273,6 +280,17 @@ fn execute(command: Command) -> Result<(), Failure> {
             println!("{}: ok", arg.config.display());
         }
         Command::ConfigSchema => print!("{}", config::json_schema()),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            let mut command = Cli::command();
+            clap_complete::generate(shell, &mut command, "outpost-agent", &mut std::io::stdout());
+        }
+        Command::Man => {
+            use clap::CommandFactory;
+            clap_mangen::Man::new(Cli::command())
+                .render(&mut std::io::stdout())
+                .map_err(|e| Failure(1, format!("stdout: {e}")))?;
+        }
     }
     Ok(())
 }
