@@ -589,5 +589,9 @@ fn signer_completions_and_man_page() {
     );
     let unknown = run(signer().args(["completions", "tcsh"]));
     assert_eq!(unknown.code, 2, "{}", unknown.stderr);
-    assert!(unknown.stderr.contains("invalid value 'tcsh'"), "{}", unknown.stderr);
+    assert!(
+        unknown.stderr.contains("invalid value 'tcsh'"),
+        "{}",
+        unknown.stderr
+    );
 }
