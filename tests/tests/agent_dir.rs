@@ -419,7 +419,13 @@ fn a_file_the_agent_died_reading_is_filed_not_read_again() {
         &tar(&signed(release("1.0.0", 1), &BOTH)),
     );
     let before = agent.wait_current(1)["current"].clone();
-    assert!(!agent.path("state/dir-source.reading").exists());
+    // Settled (filed, then the marker removed) just after it became current.
+    wait_file(&drop.path().join("accepted/v1.tar.reason"));
+    outpost_tests::eventually("the crash marker removed", || {
+        (!agent.path("state/dir-source.reading").exists())
+            .then_some(())
+            .ok_or_else(|| "still there".to_string())
+    });
     // As if the agent had died while reading v2.tar (what a crash or a kill -9 leaves).
     agent.kill();
     let v2 = tar(&signed(release("1.1.0", 2), &BOTH));
@@ -660,4 +666,160 @@ fn a_real_prometheus_scrapes_the_agent() {
     let (code, output) = promtool(&["check", "rules", rules.to_str().unwrap()], "");
     assert_eq!(code, 0, "{output}");
     assert!(output.contains("SUCCESS: 5 rules found"), "{output}");
+}
+
+/// `support-bundle`: a .tar.gz tar can read, with status, history and the redacted config of a
+/// running agent; no secret from a config holding every kind appears anywhere in it.
+#[test]
+fn a_support_bundle_holds_no_secret() {
+    let drop = tempfile::tempdir().unwrap();
+    let secrets = tempfile::tempdir().unwrap();
+    for (file, secret) in [
+        ("registry.pw", "SECRET-REGISTRY-PASSWORD"),
+        ("creds", "SECRET-GRANTED-FILE"),
+    ] {
+        std::fs::write(secrets.path().join(file), secret).unwrap();
+    }
+    let mut agent = dir_agent(
+        drop.path(),
+        &format!(
+            "permissions:\n  execution:\n    environment: {{API_TOKEN: SECRET-GRANT-ENV}}\n    files: {{/run/creds: {}}}\n",
+            secrets.path().join("creds").display()
+        ),
+    );
+    drop_file(
+        drop.path(),
+        "v1.tar",
+        &tar(&signed(release("1.0.0", 1), &BOTH)),
+    );
+    agent.wait_current(1);
+    let out = agent.path("support.tar.gz");
+    let dry = agent
+        .cli(&[
+            "support-bundle",
+            "--dry-run",
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .ok();
+    assert!(dry.stdout.contains("status.json"), "{}", dry.stdout);
+    assert!(
+        dry.stdout
+            .contains("permissions.execution.environment.API_TOKEN: value masked"),
+        "{}",
+        dry.stdout
+    );
+    assert!(!out.exists(), "a dry run wrote the bundle");
+    let log = agent.path("agent.log");
+    agent
+        .cli(&[
+            "support-bundle",
+            "--out",
+            out.to_str().unwrap(),
+            "--log",
+            log.to_str().unwrap(),
+        ])
+        .ok();
+    let listing = outpost_tests::run(std::process::Command::new("tar").arg("-tzf").arg(&out)).ok();
+    for name in [
+        "version.txt",
+        "config.json",
+        "status.json",
+        "history.json",
+        "plan.json",
+        "runtime.json",
+        "current-release.json",
+        "logs.txt",
+    ] {
+        assert!(
+            listing.stdout.contains(&format!("outpost-support/{name}")),
+            "{}",
+            listing.stdout
+        );
+    }
+    let unpacked = tempfile::tempdir().unwrap();
+    outpost_tests::run(
+        std::process::Command::new("tar")
+            .arg("-xzf")
+            .arg(&out)
+            .arg("-C")
+            .arg(unpacked.path()),
+    )
+    .ok();
+    let read = |name: &str| {
+        std::fs::read_to_string(unpacked.path().join("outpost-support").join(name)).unwrap()
+    };
+    let status: Value = serde_json::from_str(&read("status.json")).unwrap();
+    assert_eq!(status["current"]["sequence"], 1, "{status}");
+    assert!(read("current-release.json").contains("\"kind\": \"accepted\""));
+    assert!(read("logs.txt").contains("accepted 1.0.0"));
+    // No secret anywhere, compressed or not.
+    let raw = outpost_tests::run(
+        std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("gzip -dc {}", out.display())),
+    )
+    .ok()
+    .stdout;
+    for secret in [
+        "SECRET-GRANT-ENV",
+        "SECRET-REGISTRY-PASSWORD",
+        "SECRET-GRANTED-FILE",
+    ] {
+        assert!(
+            !raw.contains(secret),
+            "{secret} leaked into the support bundle"
+        );
+    }
+    agent.stop();
+    // Without a running agent, on a config naming every password file there is: the store's
+    // records are still there, the agent's answers say why they are missing, no secret is read.
+    let config = agent.path("docker.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "source: {{oci: {{reference: 127.0.0.1:1/acme/shop:stable, username: u, password_file: {pw}}}}}\n{}expect: {{name: acme}}\npermissions: {{execution: {{environment: {{API_TOKEN: SECRET-GRANT-ENV}}, files: {{/run/creds: {creds}}}}}}}\nstate_dir: state\napi: {{socket: agent.sock}}\nruntime: docker\ndocker: {{registries: {{ghcr.io: {{username: u, password_file: {pw}}}}}}}\n",
+            outpost_tests::agent::trust_two_of_two(),
+            pw = secrets.path().join("registry.pw").display(),
+            creds = secrets.path().join("creds").display(),
+        ),
+    )
+    .unwrap();
+    let offline = agent.path("offline.tar.gz");
+    let run = outpost_tests::run(
+        std::process::Command::new(outpost_tests::binary("outpost-agent"))
+            .args(["support-bundle", "--config"])
+            .arg(&config)
+            .arg("--out")
+            .arg(&offline)
+            .arg("--log")
+            .arg(&log),
+    )
+    .ok();
+    assert!(run.stdout.contains("wrote "), "{}", run.stdout);
+    let raw = outpost_tests::run(
+        std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("gzip -dc {}", offline.display())),
+    )
+    .ok()
+    .stdout;
+    assert!(
+        raw.contains("the agent did not answer"),
+        "no note of the missing agent"
+    );
+    assert!(
+        raw.contains("\"sequence\": 1"),
+        "the store's records are missing"
+    );
+    for secret in [
+        "SECRET-GRANT-ENV",
+        "SECRET-REGISTRY-PASSWORD",
+        "SECRET-GRANTED-FILE",
+    ] {
+        assert!(
+            !raw.contains(secret),
+            "{secret} leaked into the offline support bundle"
+        );
+    }
 }

@@ -6,6 +6,7 @@
 //! made), 2 bad usage or configuration.
 
 mod client;
+mod support;
 mod text;
 
 use anyhow::Context;
@@ -119,6 +120,23 @@ enum Command {
     /// Check the configuration file and the trust it pins (keys or root.json), starting and
     /// changing nothing: exit 0, or 2 with what is wrong and where.
     CheckConfig(ConfigArg),
+    /// Collect what a vendor's support engineer needs into a .tar.gz for the customer to review
+    /// and send: version, status, history, plan, the configuration with secrets redacted,
+    /// recent logs, the runtime's view and the current release's records. Prints what is
+    /// included and what was redacted first.
+    SupportBundle {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Where to write it (default outpost-support.tar.gz).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// The agent's log file (default: the journal of outpost-agent.service).
+        #[arg(long)]
+        log: Option<PathBuf>,
+        /// Only say what would be included and redacted.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Print the JSON Schema of the configuration file.
     ConfigSchema,
     /// Print shell completions (bash, zsh or fish) for outpost-agent.
@@ -278,6 +296,21 @@ fn execute(command: Command) -> Result<(), Failure> {
             outpost_agent::pipeline::load_trust(&config)
                 .map_err(|e| Failure(2, format!("{}: {e:#}", arg.config.display())))?;
             println!("{}: ok", arg.config.display());
+        }
+        Command::SupportBundle {
+            config: arg,
+            out,
+            log,
+            dry_run,
+        } => {
+            let config = load(&arg)?;
+            support::run(
+                &arg.config,
+                &config,
+                out.as_deref(),
+                log.as_deref(),
+                dry_run,
+            )?;
         }
         Command::ConfigSchema => print!("{}", config::json_schema()),
         Command::Completions { shell } => {
