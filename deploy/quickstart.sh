@@ -22,8 +22,12 @@ PORT="${OUTPOST_QUICKSTART_PORT:-5000}"
 DEMO_PORT="${OUTPOST_DEMO_PORT:-8080}"
 REGISTRY="127.0.0.1:$PORT"
 export OUTPOST_PASSWORD="${OUTPOST_PASSWORD:-demo}"
-SIGNER="$REPO/target/debug/outpost-signer"
-AGENT="$REPO/target/debug/outpost-agent"
+# The binaries are where cargo puts them: CARGO_TARGET_DIR when set (relative to the repository,
+# as cargo takes it from here), else target/.
+TARGET="${CARGO_TARGET_DIR:-target}"
+case "$TARGET" in /*) ;; *) TARGET="$REPO/$TARGET" ;; esac
+SIGNER="$TARGET/debug/outpost-signer"
+AGENT="$TARGET/debug/outpost-agent"
 CONFIG=(--config "$WORK/customer/agent.yaml")
 
 step() { printf '\n== %s\n' "$*"; }
@@ -90,8 +94,8 @@ converged() { # VERSION
 step "installing what the demo uses (docker.io, podman, docker-registry, skopeo, busybox-static, ...)"
 .ci/scripts/setup.sh
 
-step "building outpost-signer and outpost-agent"
-cargo build --locked -q -p outpost-signer -p outpost-agent
+step "building outpost-signer and outpost-agent (a few minutes the first time; cargo shows its progress)"
+cargo build --locked -p outpost-signer -p outpost-agent
 
 stop_all
 rm -rf "$WORK"

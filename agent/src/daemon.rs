@@ -160,7 +160,7 @@ pub async fn drive(
             Ok(candidate) => candidate,
             Err(e) => {
                 failures += 1;
-                back_off(&shared, failures, format!("source error: {e}")).await;
+                back_off(&agent, &shared, failures, format!("source error: {e}")).await;
                 continue;
             }
         };
@@ -197,6 +197,7 @@ pub async fn drive(
             Err(e) => {
                 failures += 1;
                 back_off(
+                    &agent,
                     &shared,
                     failures,
                     format!("recording {}: {e:#}", candidate.origin),
@@ -239,7 +240,8 @@ pub async fn drive(
 }
 
 /// Counts the error, shows it in `status`, logs it and waits out the backoff.
-async fn back_off(shared: &Shared, failures: u32, error: String) {
+async fn back_off(agent: &Agent, shared: &Shared, failures: u32, error: String) {
+    agent.metrics.source_errors.inc();
     let wait = crate::backoff::delay(failures);
     tracing::warn!("{error} (retry in {:.1}s)", wait.as_secs_f64());
     if let Ok(mut last) = shared.last_error.lock() {

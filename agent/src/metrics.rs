@@ -56,6 +56,8 @@ struct BuildLabels {
 pub struct Metrics {
     registry: Registry,
     pub source_polls: Family<ResultLabel, Counter>,
+    /// Source errors, each followed by a backoff (kept from the first exposition).
+    pub source_errors: Counter,
     pub poll_seconds: Histogram,
     pub accepted: Counter,
     pub rejected: Family<CheckLabel, Counter>,
@@ -68,6 +70,7 @@ pub struct Metrics {
     pub accepted_to_converged_seconds: Histogram,
     current_sequence: Gauge,
     pending_sequence: Gauge,
+    pending_release: Gauge,
     highest_sequence: Gauge,
     last_poll_timestamp: Gauge,
     seconds_since_last_poll: Gauge<f64, AtomicU64>,
@@ -100,6 +103,7 @@ impl Metrics {
         let seconds = || Histogram::new(exponential_buckets(0.01, 2.0, 16));
         let metrics = Metrics {
             source_polls: Family::default(),
+            source_errors: Counter::default(),
             poll_seconds: seconds(),
             accepted: Counter::default(),
             rejected: Family::default(),
@@ -112,6 +116,7 @@ impl Metrics {
             accepted_to_converged_seconds: Histogram::new(exponential_buckets(1.0, 2.0, 14)),
             current_sequence: Gauge::default(),
             pending_sequence: Gauge::default(),
+            pending_release: Gauge::default(),
             highest_sequence: Gauge::default(),
             last_poll_timestamp: Gauge::default(),
             seconds_since_last_poll: Gauge::default(),
@@ -125,6 +130,11 @@ impl Metrics {
             "source_polls",
             "Polls of the source (a registry HEAD, a git fetch, a dropped file read) by result",
             m.source_polls.clone(),
+        );
+        registry.register(
+            "source_errors",
+            "Source errors (each followed by a backoff)",
+            m.source_errors.clone(),
         );
         registry.register(
             "source_poll_seconds",
@@ -187,6 +197,11 @@ impl Metrics {
             m.pending_sequence.clone(),
         );
         registry.register(
+            "pending_release",
+            "1 while a release waits (approval, permissions, window, pin)",
+            m.pending_release.clone(),
+        );
+        registry.register(
             "highest_accepted_sequence",
             "Rollback floor: the highest sequence ever accepted",
             m.highest_sequence.clone(),
@@ -223,6 +238,19 @@ impl Metrics {
             "The agent's version and the commit it was built from (always 1)",
             build,
         );
+        // Series that exist from the start, at 0, as they did before labels (a dashboard's
+        // `rate()` then has a first sample). Per-resource and per-check series appear with
+        // their first event.
+        for result in ["ok", "error"] {
+            let _ = metrics.source_polls.get_or_create(&ResultLabel {
+                result: result.into(),
+            });
+        }
+        for reason in ["failed", "manual"] {
+            let _ = metrics.rollbacks.get_or_create(&ReasonLabel {
+                reason: reason.into(),
+            });
+        }
         Metrics {
             registry,
             ..metrics
@@ -294,6 +322,8 @@ impl Metrics {
         let gauge = |value: Option<u64>| i64::try_from(value.unwrap_or(0)).unwrap_or(i64::MAX);
         self.current_sequence.set(gauge(snapshot.current_sequence));
         self.pending_sequence.set(gauge(snapshot.pending_sequence));
+        self.pending_release
+            .set(i64::from(snapshot.pending_sequence.is_some()));
         self.highest_sequence.set(gauge(snapshot.highest_sequence));
         let last = self.last_poll_unix();
         self.last_poll_timestamp.set(gauge(Some(last)));

@@ -649,6 +649,25 @@ fn a_real_prometheus_scrapes_the_agent() {
         );
     }
     assert!(metrics.contains("outpost_build_info{"), "{metrics}");
+    // Every name of the first, hand-written exposition is still there.
+    for name in [
+        "outpost_source_polls_total",
+        "outpost_source_errors_total",
+        "outpost_bundles_accepted_total",
+        "outpost_bundles_rejected_total",
+        "outpost_bundles_unchanged_total",
+        "outpost_last_poll_timestamp_seconds",
+        "outpost_current_sequence",
+        "outpost_highest_accepted_sequence",
+        "outpost_pending_release",
+        "outpost_rollouts_total",
+        "outpost_rollbacks_total",
+    ] {
+        assert!(
+            metrics.contains(&format!("# TYPE {name} ")),
+            "{name} missing"
+        );
+    }
     let (code, lint) = promtool(&["check", "metrics"], &metrics);
     assert_eq!((code, lint.as_str()), (0, ""), "{metrics}");
 
