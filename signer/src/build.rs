@@ -54,6 +54,7 @@ pub fn run(args: BuildArgs) -> Outcome {
     let spool =
         tempfile::tempdir().map_err(|e| Failure::usage(format!("temporary directory: {e}")))?;
     let mut registries = Registries::new(&args.registry);
+    let progress = crate::progress::Progress::new(args.quiet);
     let rt = if args.offline { None } else { Some(runtime()?) };
 
     // Pin every image by digest.
@@ -106,7 +107,7 @@ pub fn run(args: BuildArgs) -> Outcome {
         images.sort();
         images.dedup();
         for image in &images {
-            rt.block_on(registries.copy_into(image, &mut layout, spool.path()))?;
+            rt.block_on(registries.copy_into(image, &mut layout, spool.path(), &progress))?;
         }
     }
 

@@ -109,6 +109,9 @@ pub struct BuildArgs {
     /// Write a directory layout to DIR.
     #[arg(long)]
     pub out_dir: Option<PathBuf>,
+    /// No progress output (bars on a terminal, else a line per blob; on stderr).
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
     #[command(flatten)]
     pub registry: RegistryArgs,
 }
@@ -191,6 +194,9 @@ pub struct PushArgs {
     /// Branch to commit to.
     #[arg(long, default_value = "main")]
     pub git_branch: String,
+    /// No progress output (bars on a terminal, else a line per blob; on stderr).
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
     #[command(flatten)]
     pub registry: RegistryArgs,
 }

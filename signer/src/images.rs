@@ -81,6 +81,7 @@ impl<'a> Registries<'a> {
         image: &ImageRef,
         layout: &mut Layout,
         spool: &Path,
+        progress: &crate::progress::Progress,
     ) -> Result<(), Failure> {
         let digest = image
             .digest()
@@ -123,11 +124,14 @@ impl<'a> Registries<'a> {
                 if layout.has_blob(&blob.digest) {
                     continue;
                 }
+                let short = &blob.digest.hex()[..12];
+                let mut transfer = progress.transfer(&format!("{repository} {short}"), blob.size);
                 if blob.size <= limits.max_metadata_bytes {
                     let mut content = Vec::new();
                     registry
                         .get_blob(&repository, &blob.digest, blob.size, |chunk| {
                             content.extend_from_slice(chunk);
+                            transfer.advance(chunk.len() as u64);
                             Ok(())
                         })
                         .await
@@ -143,13 +147,17 @@ impl<'a> Registries<'a> {
                             &repository,
                             &blob.digest,
                             blob.size.min(limits.max_blob_bytes),
-                            |chunk| file.write_all(chunk),
+                            |chunk| {
+                                transfer.advance(chunk.len() as u64);
+                                file.write_all(chunk)
+                            },
                         )
                         .await
                         .map_err(|e| fail(&e))?;
                     file.flush().map_err(|e| fail(&e))?;
                     layout.add_verified_file(blob.digest, size, path);
                 }
+                transfer.finish();
             }
         }
         descriptor

@@ -10,6 +10,7 @@ mod cli;
 mod images;
 mod inspect;
 mod keys;
+mod progress;
 mod publish;
 mod root_cmd;
 

@@ -48,6 +48,8 @@ pub fn run(args: PushArgs) -> Outcome {
             return Err(Failure::usage("push to a tag, not a digest"));
         }
         let rt = runtime()?;
+        let progress = crate::progress::Progress::new(args.quiet);
+        let progress = &progress;
         let mut registries = Registries::new(&args.registry);
         let registry = registries.client(&reference.host)?;
         let repository = reference.repository.as_str();
@@ -59,10 +61,16 @@ pub fn run(args: PushArgs) -> Outcome {
                 serde_json::from_slice(&bytes).map_err(Failure::invalid)?;
             for blob in std::iter::once(&manifest.config).chain(&manifest.layers) {
                 let content = blob_bytes(layout, blob)?;
+                let size = content.len() as u64;
+                let short = &blob.digest.hex()[..12];
+                let transfer = progress.transfer(&format!("{repository} {short}"), size);
                 registry
                     .push_blob(repository, &blob.digest, content)
                     .await
                     .map_err(Failure::invalid)?;
+                let mut transfer = transfer;
+                transfer.advance(size);
+                transfer.finish();
             }
             registry
                 .push_manifest(repository, &tag, bytes, oci::MEDIA_TYPE_MANIFEST)

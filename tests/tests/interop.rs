@@ -492,7 +492,7 @@ fn build_resolves_tags_and_bundles_images_for_air_gapped_sites() {
     fs::write(&stack, format!("{}{image}{}", &text[..at], &text[end..])).unwrap();
 
     let bundle = d.join("b.tar");
-    run(signer()
+    let built = run(signer()
         .arg("build")
         .arg(&stack)
         .args([
@@ -505,6 +505,33 @@ fn build_resolves_tags_and_bundles_images_for_air_gapped_sites() {
         ])
         .arg(&bundle))
     .ok();
+    // Not a terminal: a plain line as each blob starts and one when it is done, on stderr.
+    let starts = built
+        .stderr
+        .lines()
+        .filter(|l| l.ends_with(" bytes"))
+        .count();
+    let done = built
+        .stderr
+        .lines()
+        .filter(|l| l.contains(": done, ") && l.contains(" MiB/s)"))
+        .count();
+    assert!(starts >= 2 && starts == done, "{}", built.stderr);
+    let quiet = run(signer()
+        .arg("build")
+        .arg(&stack)
+        .args([
+            "--version",
+            "1.0.0",
+            "--sequence",
+            "1",
+            "--with-images",
+            "--quiet",
+            "--out",
+        ])
+        .arg(d.join("quiet.tar")))
+    .ok();
+    assert_eq!(quiet.stderr, "", "--quiet printed progress");
     let report: serde_json::Value = serde_json::from_str(
         &run(signer()
             .arg("inspect")
