@@ -185,6 +185,7 @@ async fn handle(
                     "polls": agent.metrics.polls("ok") + agent.metrics.polls("error"),
                     "errors": agent.metrics.polls("error"),
                     "last_poll_unix": agent.metrics.last_poll_unix(),
+                    "download": agent.metrics.download(),
                     "last_error": shared.last_error.lock().ok().and_then(|e| e.clone()),
                 });
                 reply(StatusCode::OK, status)

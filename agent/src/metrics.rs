@@ -78,6 +78,18 @@ pub struct Metrics {
     replicas_ready: Family<ResourceLabel, Gauge>,
     /// Unix time of the last poll that reached the source (0: none yet).
     last_poll_unix: AtomicU64,
+    /// The download in progress, if any (`status` shows it).
+    download: std::sync::Mutex<Option<Download>>,
+    download_bytes: Gauge,
+    download_total_bytes: Gauge,
+}
+
+/// A bundle or carried image being fetched or read: how far along it is.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Download {
+    pub what: String,
+    pub bytes: u64,
+    pub total: u64,
 }
 
 /// What the gauges show, read from the agent's state when scraped.
@@ -123,6 +135,9 @@ impl Metrics {
             replicas_desired: Family::default(),
             replicas_ready: Family::default(),
             last_poll_unix: AtomicU64::new(0),
+            download: std::sync::Mutex::new(None),
+            download_bytes: Gauge::default(),
+            download_total_bytes: Gauge::default(),
             registry: Registry::default(),
         };
         let m = &metrics;
@@ -226,6 +241,16 @@ impl Metrics {
             "Replicas running healthy, by resource",
             m.replicas_ready.clone(),
         );
+        registry.register(
+            "download_bytes",
+            "Bytes of the bundle being fetched or read so far (0: none in progress)",
+            m.download_bytes.clone(),
+        );
+        registry.register(
+            "download_total_bytes",
+            "Size of the bundle being fetched or read (0: none in progress)",
+            m.download_total_bytes.clone(),
+        );
         let build = Family::<BuildLabels, Gauge>::default();
         build
             .get_or_create(&BuildLabels {
@@ -269,6 +294,35 @@ impl Metrics {
         if ok {
             self.last_poll_unix.store(now_unix, Ordering::Relaxed);
         }
+    }
+
+    /// A download of `total` bytes starts (replacing any other).
+    pub fn download_started(&self, what: &str, total: u64) {
+        if let Ok(mut download) = self.download.lock() {
+            *download = Some(Download {
+                what: what.to_string(),
+                bytes: 0,
+                total,
+            });
+        }
+    }
+
+    pub fn download_advanced(&self, bytes: u64) {
+        if let Ok(mut download) = self.download.lock()
+            && let Some(download) = download.as_mut()
+        {
+            download.bytes = download.bytes.saturating_add(bytes);
+        }
+    }
+
+    pub fn download_finished(&self) {
+        if let Ok(mut download) = self.download.lock() {
+            *download = None;
+        }
+    }
+
+    pub fn download(&self) -> Option<Download> {
+        self.download.lock().ok().and_then(|d| d.clone())
     }
 
     pub fn polls(&self, result: &str) -> u64 {
@@ -325,6 +379,11 @@ impl Metrics {
         self.pending_release
             .set(i64::from(snapshot.pending_sequence.is_some()));
         self.highest_sequence.set(gauge(snapshot.highest_sequence));
+        let download = self.download();
+        self.download_bytes
+            .set(gauge(download.as_ref().map(|d| d.bytes)));
+        self.download_total_bytes
+            .set(gauge(download.as_ref().map(|d| d.total)));
         let last = self.last_poll_unix();
         self.last_poll_timestamp.set(gauge(Some(last)));
         self.seconds_since_last_poll.set(if last == 0 {

@@ -842,3 +842,41 @@ fn a_support_bundle_holds_no_secret() {
         );
     }
 }
+
+/// A large bundle being read shows in `status` (bytes so far of the file's size), and
+/// `status --watch` shows it again every second.
+#[test]
+fn a_download_in_progress_shows_in_status_and_watch_refreshes() {
+    let drop = tempfile::tempdir().unwrap();
+    let agent = dir_agent(drop.path(), "");
+    let big = tar(&signed(with_image(release("1.0.0", 1), 256 << 20), &BOTH));
+    let size = big.len() as u64;
+    drop_file(drop.path(), "big.tar", &big);
+    let seen = outpost_tests::poll_within(60, || {
+        let status = agent.status();
+        let download = &status["source"]["download"];
+        download["total"]
+            .as_u64()
+            .map(|total| (download.clone(), total))
+    });
+    let (download, total) = seen.expect("the download never showed in status");
+    assert_eq!(total, size, "{download}");
+    assert_eq!(download["what"], "big.tar");
+    assert!(download["bytes"].as_u64().unwrap() <= size, "{download}");
+    agent.wait_current(1);
+    assert_eq!(agent.status()["source"]["download"], Value::Null);
+    // --watch: a new status every second until stopped.
+    let watched = outpost_tests::run(
+        std::process::Command::new("timeout")
+            .arg("2.5")
+            .arg(outpost_tests::binary("outpost-agent"))
+            .args(["status", "--watch", "--config"])
+            .arg(&agent.config),
+    );
+    assert_eq!(watched.code, 124, "{}", watched.stderr);
+    assert!(
+        watched.stdout.matches("current:   1.0.0").count() >= 2,
+        "{}",
+        watched.stdout
+    );
+}

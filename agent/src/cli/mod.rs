@@ -56,6 +56,10 @@ enum Command {
         config: ConfigArg,
         #[arg(long, short = 'o', value_enum, default_value = "text")]
         output: Output,
+        /// Show it again every second (a download's progress, a rollout's steps) until
+        /// interrupted.
+        #[arg(long, short = 'w')]
+        watch: bool,
     },
     /// What the pending release changes against the current one.
     Plan {
@@ -212,13 +216,35 @@ fn execute(command: Command) -> Result<(), Failure> {
             let agent = Agent::new(config).map_err(|e| Failure(2, format!("{e:#}")))?;
             runtime()?.block_on(daemon::run(agent))?;
         }
-        Command::Status { config, output } => {
+        Command::Status {
+            config,
+            output,
+            watch,
+        } => loop {
             let status = request(&config, Method::GET, "/status", None)?;
+            if watch && std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+                // Clear the screen and go home: the new status replaces the old.
+                print!("\x1b[2J\x1b[H");
+            }
             match output {
+                // Watching: one JSON object per line, for tools that follow it.
+                Output::Json if watch => println!(
+                    "{}",
+                    serde_json::to_string(&status).map_err(|e| Failure(1, e.to_string()))?
+                ),
                 Output::Json => print_json(&status)?,
                 Output::Text => print!("{}", status_text(&status)),
             }
-        }
+            if !watch {
+                break;
+            }
+            use std::io::Write;
+            let _ = std::io::stdout().flush();
+            std::thread::sleep(std::time::Duration::from_secs(1));
+            if matches!(output, Output::Text) {
+                println!();
+            }
+        },
         Command::Plan { config, output } => {
             let plan = request(&config, Method::GET, "/plan", None)?;
             match output {

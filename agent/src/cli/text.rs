@@ -100,6 +100,20 @@ pub(super) fn status_text(status: &Value) -> String {
         }
         out.push('\n');
     }
+    let download = &status["source"]["download"];
+    if let (Some(what), Some(bytes), Some(total)) = (
+        download["what"].as_str(),
+        download["bytes"].as_u64(),
+        download["total"].as_u64(),
+    ) {
+        let mib = |b: u64| b as f64 / (1 << 20) as f64;
+        let percent = (bytes * 100).checked_div(total).unwrap_or(0);
+        out.push_str(&format!(
+            "download:  {what}: {:.1} of {:.1} MiB ({percent}%)\n",
+            mib(bytes),
+            mib(total)
+        ));
+    }
     match &status["current"] {
         Value::Null => out.push_str("current:   none\n"),
         current => out.push_str(&format!("current:   {}\n", release_line(current))),

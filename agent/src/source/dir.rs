@@ -22,14 +22,10 @@ pub const INTERRUPTED: &str = "the agent stopped while reading this file";
 
 pub struct DirSource {
     dir: PathBuf,
-    limits: Limits,
-    spool_root: PathBuf,
-    /// The crash marker (see the module docs).
-    marker: PathBuf,
+    reader: Reader,
     /// A file the previous run died reading, filed first.
     interrupted: Option<PathBuf>,
     queue: VecDeque<PathBuf>,
-    metrics: std::sync::Arc<crate::metrics::Metrics>,
     events: mpsc::UnboundedReceiver<PathBuf>,
     _watcher: notify::RecommendedWatcher,
 }
@@ -102,17 +98,31 @@ impl DirSource {
         queue.retain(|path| Some(path) != interrupted.as_ref());
         Ok(DirSource {
             dir: dir.to_path_buf(),
-            limits,
-            spool_root,
-            marker,
+            reader: Reader {
+                limits,
+                spool_root,
+                marker,
+                metrics: Default::default(),
+            },
             interrupted,
             queue: queue.into(),
-            metrics: Default::default(),
             events,
             _watcher: watcher,
         })
     }
+}
 
+/// Reads dropped files (on a blocking thread: a large file must not hold up the agent's API).
+#[derive(Clone)]
+struct Reader {
+    limits: Limits,
+    spool_root: PathBuf,
+    /// The crash marker (see the module docs).
+    marker: PathBuf,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
+}
+
+impl Reader {
     fn candidate(&self, path: PathBuf) -> Option<Candidate> {
         let file_name = path.file_name()?;
         let name = file_name.to_string_lossy().into_owned();
@@ -170,9 +180,18 @@ impl DirSource {
             .prefix("spool")
             .tempdir_in(&self.spool_root)
             .ok();
-        let reader = std::io::BufReader::with_capacity(1 << 20, file);
+        let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+        self.metrics.download_started(&name, size);
+        let reader = std::io::BufReader::with_capacity(
+            1 << 20,
+            super::Counted {
+                inner: file,
+                metrics: &self.metrics,
+            },
+        );
         let started = std::time::Instant::now();
         let layout = Layout::read_tar(reader, &self.limits, spool.as_ref().map(|s| s.path()));
+        self.metrics.download_finished();
         // A file read is this source's poll: it answered, whatever the file held.
         self.metrics.poll(
             true,
@@ -188,6 +207,14 @@ impl DirSource {
             reading,
             file: Some(path),
         })
+    }
+}
+
+impl DirSource {
+    /// Counts its polls (files read) in `metrics`.
+    pub fn with_metrics(mut self, metrics: std::sync::Arc<crate::metrics::Metrics>) -> Self {
+        self.reader.metrics = metrics;
+        self
     }
 
     /// The file the previous run died reading, as a rejection that reads nothing.
@@ -209,14 +236,6 @@ impl DirSource {
     }
 }
 
-impl DirSource {
-    /// Counts its polls (files read) in `metrics`.
-    pub fn with_metrics(mut self, metrics: std::sync::Arc<crate::metrics::Metrics>) -> Self {
-        self.metrics = metrics;
-        self
-    }
-}
-
 impl Source for DirSource {
     fn describe(&self) -> String {
         format!("dir {}", self.dir.display())
@@ -229,8 +248,12 @@ impl Source for DirSource {
             }
             loop {
                 while let Some(path) = self.queue.pop_front() {
-                    if let Some(candidate) = self.candidate(path) {
-                        return Ok(candidate);
+                    let reader = self.reader.clone();
+                    let read = tokio::task::spawn_blocking(move || reader.candidate(path)).await;
+                    match read {
+                        Ok(Some(candidate)) => return Ok(candidate),
+                        Ok(None) => {}
+                        Err(e) => return Err(SourceError(format!("reading a dropped file: {e}"))),
                     }
                 }
                 match self.events.recv().await {

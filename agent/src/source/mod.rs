@@ -86,6 +86,20 @@ pub fn from_config(
     })
 }
 
+/// A reader that reports the bytes read through it as the download in progress.
+pub struct Counted<'a, R> {
+    pub inner: R,
+    pub metrics: &'a crate::metrics::Metrics,
+}
+
+impl<R: std::io::Read> std::io::Read for Counted<'_, R> {
+    fn read(&mut self, buffer: &mut [u8]) -> std::io::Result<usize> {
+        let read = self.inner.read(buffer)?;
+        self.metrics.download_advanced(read as u64);
+        Ok(read)
+    }
+}
+
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// A bundle a source found, not yet verified.

@@ -215,6 +215,20 @@ impl OciSource {
                 limit: self.limits.max_total_bytes,
             }));
         }
+        self.metrics.download_started(
+            &format!("{}/{}", self.reference.host, self.reference.repository),
+            declared,
+        );
+        let fetched = self.fetch_each(manifest, layout).await;
+        self.metrics.download_finished();
+        fetched
+    }
+
+    async fn fetch_each(
+        &self,
+        manifest: &ImageManifest,
+        layout: &mut Layout,
+    ) -> Result<(), FetchError> {
         for blob in std::iter::once(&manifest.config).chain(&manifest.layers) {
             if layout.has_blob(&blob.digest) {
                 continue;
@@ -234,6 +248,7 @@ impl OciSource {
                     blob.size,
                     |chunk| {
                         content.extend_from_slice(chunk);
+                        self.metrics.download_advanced(chunk.len() as u64);
                         Ok(())
                     },
                 )
