@@ -1,10 +1,14 @@
 //! Progress of long transfers (`build --with-images`, `push`): on a terminal, a bar per blob
-//! with bytes, rate and time left; otherwise one plain line when a blob starts and one when it
-//! is done; with `--quiet`, nothing. Always on stderr, so stdout stays what scripts read.
+//! with bytes, rate and time left; otherwise one plain line when a large blob (over 1 MiB)
+//! starts and one when it is done, so a log shows the long waits and small blobs stay quiet;
+//! with `--quiet`, nothing. Always on stderr, so stdout stays what scripts read.
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::io::IsTerminal;
 use std::time::Instant;
+
+/// Blobs up to this size get no plain lines (they take no time worth reporting).
+const LINE_THRESHOLD: u64 = 1 << 20;
 
 pub struct Progress {
     bars: Option<MultiProgress>,
@@ -34,12 +38,13 @@ impl Progress {
             bar.set_message(what.to_string());
             bar
         });
-        if self.lines {
+        let lines = self.lines && total > LINE_THRESHOLD;
+        if lines {
             eprintln!("{what}: {total} bytes");
         }
         Transfer {
             bar,
-            lines: self.lines,
+            lines,
             what: what.to_string(),
             done: 0,
             started: Instant::now(),
