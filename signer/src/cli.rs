@@ -109,7 +109,8 @@ pub struct BuildArgs {
     /// Write a directory layout to DIR.
     #[arg(long)]
     pub out_dir: Option<PathBuf>,
-    /// No progress output (bars on a terminal, else a line per blob; on stderr).
+    /// Plain progress lines instead of bars on a terminal (a line as each large blob starts and
+    /// when it is done; on stderr).
     #[arg(long, short = 'q')]
     pub quiet: bool,
     #[command(flatten)]
@@ -194,7 +195,8 @@ pub struct PushArgs {
     /// Branch to commit to.
     #[arg(long, default_value = "main")]
     pub git_branch: String,
-    /// No progress output (bars on a terminal, else a line per blob; on stderr).
+    /// Plain progress lines instead of bars on a terminal (a line as each large blob starts and
+    /// when it is done; on stderr).
     #[arg(long, short = 'q')]
     pub quiet: bool,
     #[command(flatten)]

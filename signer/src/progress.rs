@@ -1,7 +1,8 @@
 //! Progress of long transfers (`build --with-images`, `push`): on a terminal, a bar per blob
 //! with bytes, rate and time left; otherwise one plain line when a large blob (over 1 MiB)
 //! starts and one when it is done, so a log shows the long waits and small blobs stay quiet;
-//! with `--quiet`, nothing. Always on stderr, so stdout stays what scripts read.
+//! `--quiet` asks for those plain lines on a terminal too. Always on stderr, so stdout stays
+//! what scripts read.
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::io::IsTerminal;
@@ -21,7 +22,7 @@ impl Progress {
         Progress {
             bars: (!quiet && terminal)
                 .then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr())),
-            lines: !quiet && !terminal,
+            lines: quiet || !terminal,
         }
     }
 

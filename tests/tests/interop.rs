@@ -518,21 +518,28 @@ fn build_resolves_tags_and_bundles_images_for_air_gapped_sites() {
         .filter(|l| l.contains(": done, ") && l.contains(" MiB/s)"))
         .count();
     assert!(starts == 1 && done == 1, "{}", built.stderr);
-    let quiet = run(signer()
-        .arg("build")
-        .arg(&stack)
-        .args([
-            "--version",
-            "1.0.0",
-            "--sequence",
-            "1",
-            "--with-images",
-            "--quiet",
-            "--out",
-        ])
-        .arg(d.join("quiet.tar")))
-    .ok();
-    assert_eq!(quiet.stderr, "", "--quiet printed progress");
+    // On a terminal (a pty from `script`): bars with rate and time left; with --quiet, the
+    // plain lines instead.
+    let on_terminal = |quiet: &str| {
+        let command = format!(
+            "{} build {} --version 1.0.0 --sequence 1 --with-images {quiet} --out {}",
+            outpost_tests::binary("outpost-signer").display(),
+            stack.display(),
+            d.join("tty.tar").display()
+        );
+        run(tool("script")
+            .args(["-qec", &command, "/dev/null"])
+            .env("OUTPOST_PASSWORD", "test"))
+        .ok()
+        .stdout
+    };
+    let bars = on_terminal("");
+    assert!(bars.contains("eta") && !bars.contains(": done, "), "{bars}");
+    let lines = on_terminal("--quiet");
+    assert!(
+        lines.contains(": done, ") && !lines.contains("eta"),
+        "{lines}"
+    );
     let report: serde_json::Value = serde_json::from_str(
         &run(signer()
             .arg("inspect")
