@@ -206,6 +206,15 @@ pub fn raw_tar(entries: &[(&str, EntryKind, &[u8], Option<&str>)]) -> Vec<u8> {
 /// A layout tar written entry by entry (`oci-layout`, `index.json`, then `blobs`), for layouts
 /// the library would refuse to write (an index listing one manifest twice).
 pub fn layout_tar(index: &[u8], blobs: &[&[u8]]) -> Vec<u8> {
+    layout_tar_with(index, &[], blobs)
+}
+
+/// [`layout_tar`] with `extra` entries between `index.json` and the blobs.
+fn layout_tar_with(
+    index: &[u8],
+    extra: &[(&str, EntryKind, &[u8], Option<&str>)],
+    blobs: &[&[u8]],
+) -> Vec<u8> {
     let names: Vec<String> = blobs
         .iter()
         .map(|b| format!("blobs/sha256/{}", Digest::of(b).hex()))
@@ -219,6 +228,7 @@ pub fn layout_tar(index: &[u8], blobs: &[&[u8]]) -> Vec<u8> {
         ),
         ("index.json", EntryKind::File, index, None),
     ];
+    entries.extend_from_slice(extra);
     entries.extend(
         names
             .iter()
@@ -329,29 +339,12 @@ pub fn many_signatures(layout: &Layout, manifests: usize, layers: usize) -> Vec<
 /// A tar of `layout` whose `blobs/` directory entry carries `size` bytes of data.
 pub fn directory_with_data(layout: &Layout, size: usize) -> Vec<u8> {
     let (index, blobs) = parts_of(layout);
-    let index = index_json(index);
     let data = vec![0u8; size];
-    let names: Vec<String> = blobs
-        .iter()
-        .map(|b| format!("blobs/sha256/{}", Digest::of(b).hex()))
-        .collect();
-    let mut entries: Vec<(&str, EntryKind, &[u8], Option<&str>)> = vec![
-        (
-            "oci-layout",
-            EntryKind::File,
-            oci::LAYOUT_FILE_CONTENT,
-            None,
-        ),
-        ("index.json", EntryKind::File, &index, None),
-        ("blobs/", EntryKind::Directory, &data, None),
-    ];
-    entries.extend(
-        names
-            .iter()
-            .zip(&blobs)
-            .map(|(name, blob)| (name.as_str(), EntryKind::File, blob.as_slice(), None)),
-    );
-    raw_tar(&entries)
+    layout_tar_with(
+        &index_json(index),
+        &[("blobs/", EntryKind::Directory, &data, None)],
+        &blobs.iter().map(Vec::as_slice).collect::<Vec<_>>(),
+    )
 }
 
 /// A release whose signed metadata is `json` (e.g. with a member given twice).

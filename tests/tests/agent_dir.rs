@@ -539,22 +539,21 @@ fn root_rotation_survives_restarts_and_fails_closed() {
         .fails(2, "refusing to fall back to older keys");
 }
 
+/// An agent serving metrics on a free TCP port, with release 1 current.
+fn metrics_agent(drop: &Path) -> (AgentProcess, u16) {
+    let port = outpost_tests::free_port();
+    // Indented: it continues the `api:` mapping the harness writes.
+    let agent = dir_agent(drop, &format!("  metrics_address: 127.0.0.1:{port}\n"));
+    drop_file(drop, "v1.tar", &tar(&signed(release("1.0.0", 1), &BOTH)));
+    agent.wait_current(1);
+    (agent, port)
+}
+
 #[test]
 fn metrics_are_served_over_tcp_when_asked_and_nothing_else() {
     use outpost_tests::engine::http_body;
     let drop = tempfile::tempdir().unwrap();
-    let port = outpost_tests::free_port();
-    // Indented: it continues the `api:` mapping the harness writes.
-    let agent = dir_agent(
-        drop.path(),
-        &format!("  metrics_address: 127.0.0.1:{port}\n"),
-    );
-    drop_file(
-        drop.path(),
-        "v1.tar",
-        &tar(&signed(release("1.0.0", 1), &BOTH)),
-    );
-    agent.wait_current(1);
+    let (_agent, port) = metrics_agent(drop.path());
     let metrics = outpost_tests::eventually("metrics over TCP", || {
         http_body(port, "/metrics")
             .filter(|m| m.contains("outpost_bundles_accepted_total 1"))
@@ -623,17 +622,7 @@ fn a_real_prometheus_scrapes_the_agent() {
     use outpost_tests::engine::http_body;
     use outpost_tests::prometheus::{TestPrometheus, promtool};
     let drop = tempfile::tempdir().unwrap();
-    let port = outpost_tests::free_port();
-    let agent = dir_agent(
-        drop.path(),
-        &format!("  metrics_address: 127.0.0.1:{port}\n"),
-    );
-    drop_file(
-        drop.path(),
-        "v1.tar",
-        &tar(&signed(release("1.0.0", 1), &BOTH)),
-    );
-    agent.wait_current(1);
+    let (_agent, port) = metrics_agent(drop.path());
     drop_file(drop.path(), "junk.tar", b"junk");
     wait_file(&drop.path().join("rejected/junk.tar.reason"));
     let metrics = http_body(port, "/metrics").unwrap();
