@@ -268,16 +268,7 @@ fn metrics(agent: &Agent, headers: &hyper::HeaderMap) -> Response<Full<Bytes>> {
     let replicas = runtime
         .resources
         .iter()
-        .filter_map(|(name, r)| {
-            let ready = match (&r.replicas, &r.workload) {
-                (Some(replicas), _) => {
-                    replicas.iter().filter(|r| r.health == "healthy").count() as u64
-                }
-                (None, Some(workload)) => u64::try_from(workload.ready).unwrap_or(0),
-                (None, None) => return None,
-            };
-            Some((name.clone(), r.desired.unwrap_or(0), ready))
-        })
+        .filter_map(|(name, r)| Some((name.clone(), r.desired.unwrap_or(0), r.ready?)))
         .collect();
     let snapshot = crate::metrics::Snapshot {
         current_sequence: positions.current.as_ref().map(|c| c.sequence),

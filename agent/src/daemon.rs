@@ -175,12 +175,20 @@ pub async fn drive(
         let outcome = {
             let layout = std::mem::replace(&mut candidate.layout, Ok(Default::default()));
             tokio::task::spawn_blocking(move || match layout {
-                Ok(layout) => agent_for_task.ingest_admitting(
-                    &layout,
-                    &origin,
-                    crate::config::now(),
-                    admission.as_deref().map(|a| a as &dyn Admission),
-                ),
+                Ok(layout) => {
+                    let outcome = agent_for_task.ingest_admitting(
+                        &layout,
+                        &origin,
+                        crate::config::now(),
+                        admission.as_deref().map(|a| a as &dyn Admission),
+                    );
+                    // Archives the accepted release made unused go (file I/O: here, not on
+                    // the loop's thread).
+                    if let (Ok(Ingested::Accepted { .. }), Some(carried)) = (&outcome, &admission) {
+                        carried.prune_unused(&agent_for_task);
+                    }
+                    outcome
+                }
                 Err(e) => {
                     agent_for_task.reject_unreadable(&origin, digest, &e, crate::config::now())
                 }
@@ -210,30 +218,21 @@ pub async fn drive(
         metrics
             .verification_seconds
             .observe(started.elapsed().as_secs_f64());
-        match &outcome {
-            Ingested::Accepted { .. } => metrics.accepted.inc(),
-            Ingested::Rejected { check, .. } => {
-                metrics.rejection(check);
-                0
-            }
-            Ingested::Unchanged { .. } => metrics.unchanged.inc(),
-        };
+        let origin = &candidate.origin;
         match &outcome {
             Ingested::Accepted { digest, .. } => {
-                tracing::info!(%digest, origin = %candidate.origin, "{}", outcome.describe());
-                if let Some(carried) = &carried {
-                    carried.prune_unused(&agent);
-                }
+                metrics.accepted.inc();
+                tracing::info!(%digest, %origin, "{}", outcome.describe());
             }
             Ingested::Unchanged { digest } => {
-                tracing::info!(%digest, origin = %candidate.origin, "{}", outcome.describe())
+                metrics.unchanged.inc();
+                tracing::info!(%digest, %origin, "{}", outcome.describe());
             }
-            Ingested::Rejected { digest, .. } => tracing::warn!(
-                digest = digest.map(|d| d.to_string()).unwrap_or_default(),
-                origin = %candidate.origin,
-                "{}",
-                outcome.describe()
-            ),
+            Ingested::Rejected { digest, check, .. } => {
+                metrics.rejection(check);
+                let digest = digest.map(|d| d.to_string()).unwrap_or_default();
+                tracing::warn!(%digest, %origin, "{}", outcome.describe());
+            }
         }
         source.settle(candidate, &outcome).await;
     }

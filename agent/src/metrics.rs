@@ -282,8 +282,13 @@ impl Metrics {
         }
     }
 
-    /// A poll of the source: `ok` (it answered) or not, and how long it took.
-    pub fn poll(&self, ok: bool, seconds: f64, now_unix: u64) {
+    /// A poll of the source that began at `started`: `ok` (it answered) or not.
+    pub fn poll(&self, ok: bool, started: std::time::Instant) {
+        let now = crate::config::now().timestamp().max(0) as u64;
+        self.record_poll(ok, started.elapsed().as_secs_f64(), now);
+    }
+
+    fn record_poll(&self, ok: bool, seconds: f64, now_unix: u64) {
         let result = if ok { "ok" } else { "error" };
         self.source_polls
             .get_or_create(&ResultLabel {
@@ -459,7 +464,7 @@ mod tests {
         metrics.rejection("digest-mismatch");
         metrics.step("replicas", true);
         metrics.rollback("failed");
-        metrics.poll(true, 0.2, 100);
+        metrics.record_poll(true, 0.2, 100);
         let snapshot = Snapshot {
             current_sequence: Some(3),
             replicas: vec![("web".into(), 2, 1)],

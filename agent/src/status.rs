@@ -19,7 +19,8 @@ pub struct Status {
     pub last_good: Option<ReleaseStatus>,
     pub pinned: Option<String>,
     pub highest_sequence: Option<u64>,
-    pub last_rejection: Option<RejectionStatus>,
+    /// As recorded (its keys are the contract's: digest, origin, check, reason, at).
+    pub last_rejection: Option<Rejection>,
 }
 
 #[derive(Debug, Serialize)]
@@ -46,15 +47,6 @@ pub struct PendingStatus {
     pub waiting_for: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
-pub struct RejectionStatus {
-    pub digest: Option<outpost_bundle_format::Digest>,
-    pub reason: String,
-    pub check: String,
-    pub at: String,
-    pub origin: String,
-}
-
 impl From<&Release> for ReleaseStatus {
     fn from(r: &Release) -> Self {
         ReleaseStatus {
@@ -65,18 +57,6 @@ impl From<&Release> for ReleaseStatus {
             expires: r.expires.clone(),
             origin: r.origin.clone(),
             received_at: r.received_at.clone(),
-        }
-    }
-}
-
-impl From<&Rejection> for RejectionStatus {
-    fn from(r: &Rejection) -> Self {
-        RejectionStatus {
-            digest: r.digest,
-            reason: r.reason.clone(),
-            check: r.check.clone(),
-            at: r.at.clone(),
-            origin: r.origin.clone(),
         }
     }
 }
@@ -95,7 +75,7 @@ impl Status {
             last_good: positions.last_good.as_ref().map(ReleaseStatus::from),
             pinned: positions.pinned.clone(),
             highest_sequence: positions.highest_sequence,
-            last_rejection: positions.last_rejection.as_ref().map(RejectionStatus::from),
+            last_rejection: positions.last_rejection.clone(),
         }
     }
 
@@ -137,9 +117,12 @@ pub struct Target {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ResourceStatus {
     pub step: Option<String>,
-    /// Replicas the release wants (the autoscaler's choice included).
+    /// Replicas the release wants (the autoscaler's choice included), and those running
+    /// healthy.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub desired: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ready: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub replicas: Option<Vec<ReplicaStatus>>,
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -64,6 +64,26 @@ shell_files() { # BINARY NAME ROOT
     printf 'Files: *\nCopyright: the Outpost authors\nLicense: Apache-2.0\n' >"$root/usr/share/doc/$name/copyright"
 }
 
+# The stripped binary, its completions, man page and copyright, and the control fields every
+# package has; the caller appends its own (Section, Description, ...).
+stage() { # BINARY NAME ROOT
+    local binary="$1" name="$2" root="$3"
+    install -D -m 0755 "$binary" "$root/usr/bin/$name"
+    strip --strip-debug "$root/usr/bin/$name"
+    install -d "$root/DEBIAN"
+    shell_files "$binary" "$name" "$root"
+    cat >"$root/DEBIAN/control" <<EOF
+Package: $name
+Version: $version
+Architecture: $arch
+Maintainer: Outpost <outpost@example.com>
+Installed-Size: 0
+Depends: libc6, libssl3, zlib1g, libgcc-s1
+Priority: optional
+Homepage: https://github.com/outpost/outpost
+EOF
+}
+
 # Modes and times fixed, so the archive's bytes depend only on the content.
 finish() { # ROOT NAME DEB
     local root="$1" deb="$3"
@@ -80,24 +100,14 @@ finish() { # ROOT NAME DEB
 
 # --- outpost-agent
 root="$work/agent"
-install -D -m 0755 "$agent" "$root/usr/bin/outpost-agent"
-strip --strip-debug "$root/usr/bin/outpost-agent"
-install -d "$root/lib/systemd/system" "$root/etc/outpost" "$root/DEBIAN"
+stage "$agent" outpost-agent "$root"
+install -d "$root/lib/systemd/system" "$root/etc/outpost"
 sed 's|/usr/local/bin/outpost-agent|/usr/bin/outpost-agent|; s|Install with deploy/systemd/install.sh, which places|Installed by the outpost-agent package; place|; s|the binary, /etc/outpost/agent.yaml and the pinned root.json, then enables this unit.|/etc/outpost/agent.yaml and the pinned root.json, then `systemctl enable --now outpost-agent`.|' \
     "$REPO/deploy/systemd/outpost-agent.service" >"$root/lib/systemd/system/outpost-agent.service"
 install -m 0644 "$REPO/deploy/agent.example.yaml" "$root/etc/outpost/agent.example.yaml"
-shell_files "$agent" outpost-agent "$root"
-cat >"$root/DEBIAN/control" <<EOF
-Package: outpost-agent
-Version: $version
-Architecture: $arch
-Maintainer: Outpost <outpost@example.com>
-Installed-Size: 0
-Depends: libc6, libssl3, zlib1g, libgcc-s1
+cat >>"$root/DEBIAN/control" <<EOF
 Recommends: systemd
 Section: admin
-Priority: optional
-Homepage: https://github.com/outpost/outpost
 Description: pull-based deployment agent for vendor software in customer clouds
  Pulls signed release bundles from a registry, git or a file drop, verifies them against the
  keys pinned at install, holds them for approval and runs them on a container engine or a
@@ -149,20 +159,9 @@ finish "$root" outpost-agent "$out/outpost-agent_${version}_${arch}.deb"
 
 # --- outpost-signer
 root="$work/signer"
-install -D -m 0755 "$signer" "$root/usr/bin/outpost-signer"
-strip --strip-debug "$root/usr/bin/outpost-signer"
-install -d "$root/DEBIAN"
-shell_files "$signer" outpost-signer "$root"
-cat >"$root/DEBIAN/control" <<EOF
-Package: outpost-signer
-Version: $version
-Architecture: $arch
-Maintainer: Outpost <outpost@example.com>
-Installed-Size: 0
-Depends: libc6, libssl3, zlib1g, libgcc-s1
+stage "$signer" outpost-signer "$root"
+cat >>"$root/DEBIAN/control" <<EOF
 Section: devel
-Priority: optional
-Homepage: https://github.com/outpost/outpost
 Description: build, sign and publish Outpost release bundles
  The vendor's tool: builds a release bundle from a stack file, signs it with cosign-format
  keys, manages the trust root and publishes to an OCI registry, a git repository or a file.

@@ -403,29 +403,34 @@ impl<R: Runtime> Replicas<R> {
 
     /// Each replica's state and health for `status`.
     async fn show_resources(&self, stack: &Stack, instances: &[Instance]) {
-        let mut replicas: BTreeMap<String, Vec<ReplicaStatus>> = BTreeMap::new();
+        // Per resource: its replicas, and how many are healthy.
+        let mut replicas: BTreeMap<String, (Vec<ReplicaStatus>, u64)> = BTreeMap::new();
         for instance in instances {
             let check = stack
                 .resource(&instance.replica.id.resource)
                 .and_then(|r| r.container.health_check.as_ref());
-            let health = match self.runtime.probe(instance, check).await {
+            let probed = self.runtime.probe(instance, check).await;
+            let entry = replicas
+                .entry(instance.replica.id.resource.clone())
+                .or_default();
+            entry.1 += u64::from(probed == Health::Healthy);
+            let health = match probed {
                 Health::Healthy => "healthy".to_string(),
                 Health::Starting(why) => format!("starting: {why}"),
                 Health::Unhealthy(why) => format!("unhealthy: {why}"),
                 Health::Down(why) => format!("down: {why}"),
             };
-            replicas
-                .entry(instance.replica.id.resource.clone())
-                .or_default()
-                .push(ReplicaStatus {
-                    name: instance.name.clone(),
-                    health,
-                    config_hash: instance.replica.config_hash.clone(),
-                });
+            entry.0.push(ReplicaStatus {
+                name: instance.name.clone(),
+                health,
+                config_hash: instance.replica.config_hash.clone(),
+            });
         }
         self.view().update(|s| {
-            for (resource, list) in replicas {
-                s.resources.entry(resource).or_default().replicas = Some(list);
+            for (resource, (list, ready)) in replicas {
+                let status = s.resources.entry(resource).or_default();
+                status.ready = Some(ready);
+                status.replicas = Some(list);
             }
         });
     }

@@ -112,6 +112,23 @@ impl DirSource {
     }
 }
 
+/// The candidate a dropped file is: known by its name for records, settled by its own path.
+fn filed(path: PathBuf, layout: Result<Layout, LayoutError>) -> Candidate {
+    let key = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    Candidate {
+        origin: path.display().to_string(),
+        layout,
+        digest: None,
+        spool: None,
+        key,
+        reading: None,
+        file: Some(path),
+    }
+}
+
 /// Reads dropped files (on a blocking thread: a large file must not hold up the agent's API).
 #[derive(Clone)]
 struct Reader {
@@ -129,17 +146,7 @@ impl Reader {
         if !eligible(&name) {
             return None;
         }
-        let unreadable = |layout| {
-            Some(Candidate {
-                origin: path.display().to_string(),
-                layout: Err(layout),
-                digest: None,
-                spool: None,
-                key: name.clone(),
-                reading: None,
-                file: Some(path.clone()),
-            })
-        };
+        let unreadable = |error| Some(filed(path.clone(), Err(error)));
         // Opened without following links and without blocking (a FIFO must not hang the
         // agent); the checks below are on the opened file itself, so nothing can be swapped in
         // between.
@@ -166,7 +173,8 @@ impl Reader {
             }
             Ok(file) => file,
         };
-        if !file.metadata().ok()?.is_file() {
+        let metadata = file.metadata().ok()?;
+        if !metadata.is_file() {
             return None;
         }
         let reading = match ReadingMarker::begin(&self.marker, file_name.as_bytes()) {
@@ -180,8 +188,7 @@ impl Reader {
             .prefix("spool")
             .tempdir_in(&self.spool_root)
             .ok();
-        let size = file.metadata().map(|m| m.len()).unwrap_or(0);
-        self.metrics.download_started(&name, size);
+        self.metrics.download_started(&name, metadata.len());
         let reader = std::io::BufReader::with_capacity(
             1 << 20,
             super::Counted {
@@ -193,19 +200,11 @@ impl Reader {
         let layout = Layout::read_tar(reader, &self.limits, spool.as_ref().map(|s| s.path()));
         self.metrics.download_finished();
         // A file read is this source's poll: it answered, whatever the file held.
-        self.metrics.poll(
-            true,
-            started.elapsed().as_secs_f64(),
-            crate::config::now().timestamp().max(0) as u64,
-        );
+        self.metrics.poll(true, started);
         Some(Candidate {
-            origin: path.display().to_string(),
-            layout,
-            digest: None,
             spool,
-            key: name,
             reading,
-            file: Some(path),
+            ..filed(path, layout)
         })
     }
 }
@@ -221,18 +220,11 @@ impl DirSource {
     fn interrupted_candidate(&mut self) -> Option<Candidate> {
         let path = self.interrupted.take()?;
         let name = path.file_name()?.to_string_lossy().into_owned();
-        Some(Candidate {
-            origin: path.display().to_string(),
-            layout: Err(LayoutError::Interrupted {
-                what: name.clone(),
-                reason: INTERRUPTED.into(),
-            }),
-            digest: None,
-            spool: None,
-            key: name,
-            reading: None,
-            file: Some(path),
-        })
+        let layout = Err(LayoutError::Interrupted {
+            what: name,
+            reason: INTERRUPTED.into(),
+        });
+        Some(filed(path, layout))
     }
 }
 

@@ -291,11 +291,7 @@ impl Source for GitSource {
                 .await
                 .map_err(|e| SourceError(format!("git fetch task: {e}")))
                 .and_then(|found| found);
-                self.metrics.poll(
-                    found.is_ok(),
-                    started.elapsed().as_secs_f64(),
-                    crate::config::now().timestamp().max(0) as u64,
-                );
+                self.metrics.poll(found.is_ok(), started);
                 if let Some(candidate) = found? {
                     return Ok(candidate);
                 }

@@ -316,11 +316,7 @@ impl Source for OciSource {
                 self.pace.wait().await;
                 let started = std::time::Instant::now();
                 let polled = self.poll_once().await;
-                self.metrics.poll(
-                    polled.is_ok(),
-                    started.elapsed().as_secs_f64(),
-                    crate::config::now().timestamp().max(0) as u64,
-                );
+                self.metrics.poll(polled.is_ok(), started);
                 if let Some(candidate) = polled? {
                     return Ok(candidate);
                 }

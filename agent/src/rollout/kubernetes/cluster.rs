@@ -611,6 +611,7 @@ impl Cluster {
                 .or_else(|| u64::try_from(workload.replicas).ok());
             self.view().update(|s| {
                 let resource = s.resources.entry(object.resource.to_string()).or_default();
+                resource.ready = u64::try_from(workload.ready).ok();
                 resource.workload = Some(workload);
                 resource.desired = desired;
             });
