@@ -202,6 +202,13 @@ async fn handle(
                 json!({"error": e.to_string()}),
             ),
         },
+        (Method::GET, "/snapshots") => match agent.store.snapshots() {
+            Ok(snapshots) => reply(StatusCode::OK, json!({ "snapshots": snapshots })),
+            Err(e) => reply(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                json!({"error": e.to_string()}),
+            ),
+        },
         (Method::GET, "/history") => {
             let limit = parts
                 .uri
@@ -245,7 +252,10 @@ async fn handle(
             None => missing("version"),
         },
         (Method::POST, "/unpin") => outcome(agent.unpin(&who, now)),
-        (Method::POST, "/rollback") => outcome(agent.rollback(&who, now)),
+        (Method::POST, "/rollback") => {
+            let restore_data = body.get("restore_data").and_then(Value::as_bool) == Some(true);
+            outcome(agent.rollback(&who, restore_data, now))
+        }
         (method, path) => reply(
             StatusCode::NOT_FOUND,
             json!({"error": format!("no route {method} {path}")}),

@@ -17,17 +17,29 @@ pub fn signed_release(version: &str, sequence: u64) -> Layout {
 
 /// The stack `yaml`, signed by vendor-a, as release `version` / `sequence`.
 pub fn signed_stack(yaml: &str, version: &str, sequence: u64) -> Layout {
+    signed_stack_irreversible(yaml, version, sequence, &[])
+}
+
+/// [`signed_stack`] declaring the `irreversible` resources.
+pub fn signed_stack_irreversible(
+    yaml: &str,
+    version: &str,
+    sequence: u64,
+    irreversible: &[&str],
+) -> Layout {
     use outpost_bundle_format::{bundle, crypto::SigningKey, release::*, stack::Stack};
+    let irreversible: Vec<String> = irreversible.iter().map(|r| r.to_string()).collect();
     let (stack, _) = Stack::from_yaml(yaml).unwrap();
     let now = chrono::Utc::now();
     let metadata = ReleaseMetadata {
-        format_version: FORMAT_VERSION,
+        format_version: format_version_for(&irreversible),
         name: "acme".into(),
         version: semver::Version::parse(version).unwrap(),
         sequence,
         channel: "stable".into(),
         created: now,
         expires: now + chrono::Duration::days(1),
+        irreversible,
     };
     let mut layout = bundle::build(&stack, &metadata, &[]).unwrap();
     let pem = std::fs::read(testdata().join("keys/vendor-a.key")).unwrap();

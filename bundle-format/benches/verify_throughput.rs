@@ -38,6 +38,7 @@ fn main() {
         channel: "stable".into(),
         created: Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap(),
         expires: Utc.with_ymd_and_hms(2099, 1, 1, 0, 0, 0).unwrap(),
+        irreversible: Vec::new(),
     };
     let mut layout = bundle::build(&stack_file, &metadata, &[]).expect("build");
     let key = SigningKey::generate().expect("key");

@@ -41,12 +41,9 @@ pub fn build(
             "resource {resource}: image {image} is not pinned by digest"
         )));
     }
-    if metadata.name != stack.name {
-        return Err(BuildError::Invalid(format!(
-            "release name {:?} differs from the stack's name {:?}",
-            metadata.name, stack.name
-        )));
-    }
+    metadata
+        .check_against(&stack)
+        .map_err(BuildError::Invalid)?;
     if !release::is_valid_channel(&metadata.channel) {
         return Err(BuildError::Invalid(format!(
             "channel {:?} must be a DNS-1123 label",
@@ -372,12 +369,7 @@ pub fn attach_signature(
 pub fn check_content(parts: &BundleParts) -> Result<(), String> {
     let metadata = parse_metadata(&parts.metadata_bytes)?;
     let (_, stack) = parse_stack(&parts.stack_bytes)?;
-    if metadata.name != stack.name {
-        return Err(format!(
-            "release name {:?} differs from the stack's name {:?}",
-            metadata.name, stack.name
-        ));
-    }
+    metadata.check_against(&stack)?;
     if let Some((resource, image)) = stack.unpinned_images().first() {
         return Err(format!(
             "resource {resource}: image {image} is not pinned by digest"
@@ -395,11 +387,16 @@ pub fn parse_metadata(bytes: &[u8]) -> Result<ReleaseMetadata, String> {
     let version = value
         .get("formatVersion")
         .and_then(serde_json::Value::as_u64);
-    if version != Some(u64::from(release::FORMAT_VERSION)) {
+    let known = [
+        release::FORMAT_VERSION,
+        release::FORMAT_VERSION_IRREVERSIBLE,
+    ];
+    if !version.is_some_and(|v| known.iter().any(|k| u64::from(*k) == v)) {
         return Err(format!(
-            "release metadata: format version {} is not supported (this build reads version {})",
+            "release metadata: format version {} is not supported (this build reads versions {} and {})",
             version.map_or("missing".to_string(), |v| v.to_string()),
-            release::FORMAT_VERSION
+            known[0],
+            known[1]
         ));
     }
     let metadata: ReleaseMetadata =
@@ -504,6 +501,7 @@ mod tests {
             channel: "stable".into(),
             created: Utc.timestamp_opt(created, 0).unwrap(),
             expires: Utc.with_ymd_and_hms(2099, 1, 1, 0, 0, 0).unwrap(),
+            irreversible: Vec::new(),
         }
     }
 

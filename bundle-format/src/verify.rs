@@ -223,12 +223,9 @@ pub fn verify_parts(
     let metadata = bundle::parse_metadata(&parts.metadata_bytes).map_err(VerifyError::Metadata)?;
     let (stack_file, stack) =
         bundle::parse_stack(&parts.stack_bytes).map_err(VerifyError::Stack)?;
-    if stack.name != metadata.name {
-        return Err(VerifyError::Metadata(format!(
-            "release name {:?} differs from the stack's name {:?}",
-            metadata.name, stack.name
-        )));
-    }
+    metadata
+        .check_against(&stack)
+        .map_err(VerifyError::Metadata)?;
     policy.check_identity(&metadata)?;
     if now >= metadata.expires {
         return Err(VerifyError::Expired {

@@ -5,7 +5,7 @@ use crate::images::Registries;
 use crate::{Failure, Outcome, read_input, runtime};
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use outpost_bundle_format::bundle;
-use outpost_bundle_format::release::{FORMAT_VERSION, ReleaseMetadata, rfc3339};
+use outpost_bundle_format::release::{ReleaseMetadata, format_version_for, rfc3339};
 use outpost_bundle_format::root;
 use outpost_bundle_format::stack::{MAX_STACK_FILE_BYTES, Stack};
 
@@ -86,13 +86,14 @@ pub fn run(args: BuildArgs) -> Outcome {
     }
 
     let metadata = ReleaseMetadata {
-        format_version: FORMAT_VERSION,
+        format_version: format_version_for(&args.irreversible),
         name: file.name.clone(),
         version,
         sequence: args.sequence,
         channel: args.channel.clone(),
         created,
         expires,
+        irreversible: args.irreversible.clone(),
     };
     let mut layout = bundle::build(&file, &metadata, &roots)
         .map_err(|e| Failure::invalid(format!("{}: {e}", args.stack.display())))?;

@@ -92,6 +92,11 @@ pub struct BuildArgs {
     /// Put the referenced container images into the bundle (air-gapped sites).
     #[arg(long)]
     pub with_images: bool,
+    /// A stateful resource this release migrates in a way the previous release cannot read
+    /// (repeatable). Agents show it before approval and, rolling back past this release,
+    /// restore the resource's data to the snapshot taken before it.
+    #[arg(long = "irreversible", value_name = "RESOURCE")]
+    pub irreversible: Vec<String>,
     /// Never contact a registry: unpinned images are an error.
     #[arg(long)]
     pub offline: bool,

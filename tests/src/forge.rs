@@ -39,6 +39,7 @@ pub fn metadata(version: &str, sequence: u64) -> ReleaseMetadata {
         channel: "stable".into(),
         created: Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap(),
         expires: Utc.with_ymd_and_hms(2099, 1, 1, 0, 0, 0).unwrap(),
+        irreversible: Vec::new(),
     }
 }
 

@@ -97,7 +97,21 @@ enum Command {
     /// Let new releases through again.
     Unpin(ConfigArg),
     /// Make the last good release current again; the runtime converges to it.
-    Rollback(ConfigArg),
+    Rollback {
+        /// Leaving a release that declared resources irreversible: restore their data to the
+        /// snapshots taken before it (writes made since are lost). Refused without it.
+        #[arg(long)]
+        restore_data: bool,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// The snapshots of stateful data kept for rollbacks: release, resource, ordinal, size, age.
+    Snapshots {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[arg(long, short = 'o', value_enum, default_value = "text")]
+        output: Output,
+    },
     /// Events and decisions, newest first.
     History {
         #[command(flatten)]
@@ -287,11 +301,14 @@ fn execute(command: Command) -> Result<(), Failure> {
             "/pin",
             Some(json!({"version": version, "who": who()})),
         )?),
-        Command::Rollback(config) => print_message(&request(
+        Command::Rollback {
+            restore_data,
+            config,
+        } => print_message(&request(
             &config,
             Method::POST,
             "/rollback",
-            Some(json!({"who": who()})),
+            Some(json!({"who": who(), "restore_data": restore_data})),
         )?),
         Command::Unpin(config) => print_message(&request(
             &config,
@@ -299,6 +316,13 @@ fn execute(command: Command) -> Result<(), Failure> {
             "/unpin",
             Some(json!({"who": who()})),
         )?),
+        Command::Snapshots { config, output } => {
+            let snapshots = request(&config, Method::GET, "/snapshots", None)?;
+            match output {
+                Output::Json => print_json(&snapshots)?,
+                Output::Text => print!("{}", snapshots_text(&snapshots, chrono::Utc::now())),
+            }
+        }
         Command::History {
             config,
             limit,

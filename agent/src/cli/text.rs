@@ -179,3 +179,67 @@ pub(super) fn history_text(history: &Value) -> String {
     }
     out
 }
+
+/// `snapshots` as a table: release, resource, ordinal, size, age; the newest last.
+pub(super) fn snapshots_text(answer: &Value, now: chrono::DateTime<chrono::Utc>) -> String {
+    let list = answer["snapshots"].as_array().cloned().unwrap_or_default();
+    if list.is_empty() {
+        return "no snapshots\n".to_string();
+    }
+    let mut out = format!(
+        "{:<14} {:<16} {:>7} {:>10} {:>8}  {}\n",
+        "RELEASE", "RESOURCE", "ORDINAL", "SIZE", "AGE", "STATE"
+    );
+    for s in &list {
+        let release = s["version"]
+            .as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| {
+                s["release"]
+                    .as_str()
+                    .unwrap_or("?")
+                    .chars()
+                    .take(19)
+                    .collect()
+            });
+        let size = s["bytes"].as_u64().map_or("-".to_string(), human_size);
+        let age = s["taken_at"]
+            .as_str()
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+            .map_or("-".to_string(), |t| {
+                human_age((now - t.with_timezone(&chrono::Utc)).num_seconds())
+            });
+        out.push_str(&format!(
+            "{:<14} {:<16} {:>7} {:>10} {:>8}  {}\n",
+            release,
+            s["resource"].as_str().unwrap_or("?"),
+            s["ordinal"],
+            size,
+            age,
+            if s["ready"].as_bool() == Some(true) {
+                "ready"
+            } else {
+                "incomplete"
+            }
+        ));
+    }
+    out
+}
+
+fn human_size(bytes: u64) -> String {
+    match bytes {
+        b if b >= 1 << 30 => format!("{:.1} GiB", b as f64 / f64::from(1u32 << 30)),
+        b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / f64::from(1u32 << 20)),
+        b if b >= 1 << 10 => format!("{:.1} KiB", b as f64 / 1024.0),
+        b => format!("{b} B"),
+    }
+}
+
+fn human_age(seconds: i64) -> String {
+    match seconds.max(0) {
+        s if s >= 86_400 => format!("{}d", s / 86_400),
+        s if s >= 3_600 => format!("{}h", s / 3_600),
+        s if s >= 60 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
+}

@@ -45,6 +45,9 @@ pub struct Config {
     /// How releases roll out and how drift is repaired.
     #[serde(default)]
     pub rollout: RolloutConfig,
+    /// Snapshots of stateful data before a release changes it, and how many are kept.
+    #[serde(default)]
+    pub snapshots: SnapshotsConfig,
     /// The capacity pools this host offers; a resource naming a `pool` must name one of them.
     #[serde(default)]
     pub pools: Vec<String>,
@@ -420,6 +423,7 @@ impl Config {
 
     /// Rules serde cannot express.
     fn check(&self) -> Result<(), String> {
+        self.snapshots.check()?;
         if !outpost_bundle_format::stack::is_dns_label(&self.expect.name) {
             return Err(format!(
                 "expect.name {:?} must be a DNS-1123 label",

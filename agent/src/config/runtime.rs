@@ -136,6 +136,10 @@ pub struct KubernetesConfig {
     /// Delete the PersistentVolumeClaims of a pruned stateful resource. Off: data is kept.
     #[serde(default)]
     pub delete_volumes: bool,
+    /// VolumeSnapshotClass of the snapshots taken of claims before a release changes their
+    /// resource (the cluster's default class when absent).
+    #[serde(default)]
+    pub volume_snapshot_class: Option<String>,
 }
 
 impl Default for KubernetesConfig {
@@ -143,6 +147,7 @@ impl Default for KubernetesConfig {
         KubernetesConfig {
             kubeconfig: None,
             delete_volumes: false,
+            volume_snapshot_class: None,
             namespace: default_namespace(),
             storage_class: None,
             ingress_class: None,
@@ -224,4 +229,52 @@ impl Permissions {
     pub fn contains(&self, profile: &str) -> bool {
         self.0.contains_key(profile)
     }
+}
+
+/// Snapshots of stateful replicas' data, taken before a release changes them (`snapshots:`).
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotsConfig {
+    /// The most snapshots kept of each replica's data (default 3); the oldest beyond go first,
+    /// never one that rolling back from the current release needs. 0: take none.
+    #[serde(default = "default_keep")]
+    pub keep: u32,
+    /// The most space all snapshots may take together, in GiB (default 20): the oldest go first
+    /// (never one a rollback needs), and a volume larger than this is not snapshotted but
+    /// refused, its release rolled back.
+    #[serde(default = "default_max_gib")]
+    pub max_gib: f64,
+}
+
+impl Default for SnapshotsConfig {
+    fn default() -> Self {
+        SnapshotsConfig {
+            keep: default_keep(),
+            max_gib: default_max_gib(),
+        }
+    }
+}
+
+impl SnapshotsConfig {
+    pub fn max_bytes(&self) -> u64 {
+        (self.max_gib * f64::from(1u32 << 30)) as u64
+    }
+
+    pub(super) fn check(&self) -> Result<(), String> {
+        if !(self.max_gib.is_finite() && self.max_gib > 0.0) {
+            return Err(format!(
+                "snapshots.max_gib must be a positive number of GiB, not {}",
+                self.max_gib
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn default_keep() -> u32 {
+    3
+}
+
+fn default_max_gib() -> f64 {
+    20.0
 }

@@ -193,7 +193,15 @@ impl Agent {
     /// The customer's `rollback`: the last good release becomes current again; the rollout
     /// converges to it. The release rolled back from is not offered again by rollback
     /// protection; the vendor's next sequence moves on.
-    pub fn rollback(&self, who: &str, now: DateTime<Utc>) -> anyhow::Result<String> {
+    /// Leaving a release that declared resources irreversible restores their data to the
+    /// snapshots taken before it, which the customer must ask for (`restore_data`): refused
+    /// without, saying what would be lost.
+    pub fn rollback(
+        &self,
+        who: &str,
+        restore_data: bool,
+        now: DateTime<Utc>,
+    ) -> anyhow::Result<String> {
         let _decisions = self.lock_decisions();
         let positions = self.store.positions()?;
         let current = positions
@@ -208,9 +216,28 @@ impl Agent {
                     current.version
                 ))
             })?;
+        let restores = self.store.irreversible_snapshots(&current.digest)?;
+        if !restores.is_empty() && !restore_data {
+            return Err(Refused(format!(
+                "{} {} declared {} irreversible: rolling back restores {} to the snapshots taken before it ({}); writes made since are lost. Run `outpost-agent rollback --restore-data` to roll back and restore",
+                current.name,
+                current.version,
+                current.irreversible.join(", "),
+                if restores.len() == 1 { "its data" } else { "their data" },
+                describe_snapshots(&restores)
+            ))
+            .into());
+        }
         let message = format!(
-            "{} rolled back by {who} from {} to {}",
-            current.name, current.version, good.version
+            "{} rolled back by {who} from {} to {}{}",
+            current.name,
+            current.version,
+            good.version,
+            if restores.is_empty() {
+                String::new()
+            } else {
+                format!(", restoring {}", describe_snapshots(&restores))
+            }
         );
         self.store.record_decision(
             &Decision::new(
@@ -223,13 +250,29 @@ impl Agent {
             Effect::RollBack {
                 to: &good.digest,
                 message: &message,
+                restore_data,
             },
         )?;
         self.metrics.rollback("manual");
         self.current_changed.notify_one();
         Ok(format!(
-            "rolled back to {} (from {}); the runtime converges to it now",
-            good.version, current.version
+            "rolled back to {} (from {}){}; the runtime converges to it now",
+            good.version,
+            current.version,
+            if restores.is_empty() {
+                String::new()
+            } else {
+                format!(" restoring {}", describe_snapshots(&restores))
+            }
         ))
     }
+}
+
+/// `db-0 (taken 2026-12-01T10:00:00Z)`, for each snapshot.
+fn describe_snapshots(snapshots: &[crate::state::Snapshot]) -> String {
+    snapshots
+        .iter()
+        .map(|s| format!("{}-{} (taken {})", s.resource, s.ordinal, s.taken_at))
+        .collect::<Vec<_>>()
+        .join(", ")
 }

@@ -318,12 +318,22 @@ impl Agent {
             pending.digest,
             p.waiting_for.as_deref().unwrap_or("nothing"),
         );
+        let mut warnings = String::new();
+        for resource in &pending.irreversible {
+            warnings.push_str(&format!(
+                "irreversible: rolling back past this release restores {resource}'s data to the snapshot taken before it; writes made after are lost\n"
+            ));
+        }
+        if !pending.irreversible.is_empty() && self.config.snapshots.keep == 0 {
+            warnings.push_str("irreversible: snapshots are off (snapshots.keep: 0): no rollback past this release can restore the data\n");
+        }
         Ok(json!({
             "current": p.current.as_ref().map(|c| c.version.clone()),
             "pending": pending.version,
             "waiting_for": p.waiting_for,
+            "irreversible": pending.irreversible,
             "diff": serde_json::to_value(&d)?,
-            "text": format!("{header}{}", diff::render(&d)),
+            "text": format!("{header}{warnings}{}", diff::render(&d)),
         }))
     }
 }

@@ -10,6 +10,7 @@
 
 pub mod kubernetes;
 pub mod replicas;
+pub mod snapshots;
 
 pub use replicas::Replicas;
 

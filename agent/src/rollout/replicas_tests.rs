@@ -84,6 +84,18 @@ fn release(c: &Test, yaml: &str, version: &str, sequence: u64) -> Digest {
     }
 }
 
+fn release_irreversible(c: &Test, yaml: &str, version: &str, sequence: u64) -> Digest {
+    let layout = crate::testing::signed_stack_irreversible(yaml, version, sequence, &["db"]);
+    match c
+        .agent
+        .ingest(&layout, "test", crate::config::now())
+        .unwrap()
+    {
+        crate::pipeline::Ingested::Accepted { digest, .. } => digest,
+        other => panic!("{other:?}"),
+    }
+}
+
 fn current(c: &Test) -> Digest {
     c.agent.store.positions().unwrap().current.unwrap().digest
 }
@@ -415,7 +427,9 @@ async fn a_rollout_overtaken_by_the_customers_rollback_records_nothing() {
     c.converge_once().await.unwrap();
     let v2 = release(&c, &STACK.replace("replicas: 2", "replicas: 3"), "1.1.0", 2);
     // The customer rolls back while 1.1.0 is still rolling out...
-    c.agent.rollback("test", crate::config::now()).unwrap();
+    c.agent
+        .rollback("test", false, crate::config::now())
+        .unwrap();
     assert_eq!(current(&c), v1);
     // ... so 1.1.0 finishing, or failing, must not touch the positions.
     let store = &c.agent.store;
@@ -451,4 +465,99 @@ async fn engine_errors_fail_the_rollout_not_the_agent() {
     );
     c.converge_once().await.unwrap();
     assert_eq!(c.backend().runtime().images().len(), 3);
+}
+
+const DB_B: &str =
+    "r.example/db@sha256:2222222222222222222222222222222222222222222222222222222222222222";
+
+fn migrating_stack() -> String {
+    STACK.replacen(
+        "r.example/db@sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+        DB_B,
+        1,
+    )
+}
+
+#[tokio::test]
+async fn a_failed_irreversible_release_is_rolled_back_onto_the_data_snapshotted_before_it() {
+    let (_dir, c) = converger("");
+    let runtime = c.backend().runtime().clone();
+    let v1 = release(&c, STACK, "1.0.0", 1);
+    c.converge_once().await.unwrap();
+    runtime.write_volume("acme-db-0-data", "format A");
+    let v2 = release_irreversible(&c, &migrating_stack(), "2.0.0", 2);
+    runtime.break_image(DB_B);
+    c.converge_once().await.unwrap();
+    assert_eq!(current(&c), v1, "rolled back");
+    // Release 2 migrated the data before it failed.
+    runtime.write_volume("acme-db-0-data", "format B");
+    let snapshot = c
+        .agent
+        .store
+        .snapshot_before(&v2, "db", 0)
+        .unwrap()
+        .unwrap();
+    assert_eq!(snapshot.bytes, Some(8));
+    assert_eq!(
+        c.agent.store.pending_restores().unwrap(),
+        std::slice::from_ref(&snapshot)
+    );
+    c.converge_once().await.unwrap();
+    assert_eq!(c.agent.store.positions().unwrap().converged, Some(v1));
+    assert_eq!(
+        runtime.volume("acme-db-0-data").as_deref(),
+        Some("format A")
+    );
+    let log = runtime.log();
+    let restore = log.iter().position(|l| l == "restore db-0").unwrap();
+    assert_eq!(log[restore + 1], "create db-0 primary", "{log:?}");
+    assert_eq!(
+        log.iter().filter(|l| *l == "snapshot db-0").count(),
+        1,
+        "taken before 2.0.0; none of data a restore replaces: {log:?}"
+    );
+    assert!(c.agent.store.pending_restores().unwrap().is_empty());
+    // Kept: the current release's snapshot and the one a rollback from 2.0.0 would need.
+    assert!(
+        c.agent
+            .store
+            .snapshot_before(&v2, "db", 0)
+            .unwrap()
+            .is_some()
+    );
+}
+
+#[tokio::test]
+async fn leaving_an_irreversible_release_by_hand_needs_restore_data() {
+    let (_dir, c) = converger("");
+    let runtime = c.backend().runtime().clone();
+    let v1 = release(&c, STACK, "1.0.0", 1);
+    c.converge_once().await.unwrap();
+    runtime.write_volume("acme-db-0-data", "format A");
+    let v2 = release_irreversible(&c, &migrating_stack(), "2.0.0", 2);
+    c.converge_once().await.unwrap();
+    assert_eq!(c.agent.store.positions().unwrap().converged, Some(v2));
+    runtime.write_volume("acme-db-0-data", "format B");
+
+    let refused = c
+        .agent
+        .rollback("test", false, crate::config::now())
+        .unwrap_err()
+        .to_string();
+    assert!(refused.contains("declared db irreversible"), "{refused}");
+    assert!(refused.contains("writes made since are lost"), "{refused}");
+    assert!(refused.contains("--restore-data"), "{refused}");
+    assert_eq!(current(&c), v2, "nothing changed");
+
+    let done = c
+        .agent
+        .rollback("test", true, crate::config::now())
+        .unwrap();
+    assert!(done.contains("restoring db-0"), "{done}");
+    c.converge_once().await.unwrap();
+    assert_eq!(c.agent.store.positions().unwrap().converged, Some(v1));
+    assert_eq!(
+        runtime.volume("acme-db-0-data").as_deref(),
+        Some("format A")
+    );
 }

@@ -214,6 +214,18 @@ impl DockerRuntime {
     }
 
     /// Details only `inspect` has: when it started, how it exited.
+    async fn create_volume(&self, spec: &ReplicaSpec) -> RuntimeResult<()> {
+        if let Some(volume) = &spec.volume {
+            self.engine
+                .create_volume(&json!({
+                    "Name": volume,
+                    "Labels": {OWNER_LABEL: OWNER, STACK_LABEL: spec.stack, RESOURCE_LABEL: spec.replica.resource},
+                }))
+                .await?;
+        }
+        Ok(())
+    }
+
     async fn inspect_stopped(&self, name: &str) -> (Option<DateTime<Utc>>, Option<String>) {
         let Ok(Some(details)) = self.engine.inspect_container(name).await else {
             return (None, None);
@@ -317,14 +329,7 @@ impl Runtime for DockerRuntime {
                 let name = container_name(&spec.stack, &spec.replica, slot);
                 self.ensure_network(&spec.stack).await?;
                 let image = self.ensure_image(&spec.image, notes).await?;
-                if let Some(volume) = &spec.volume {
-                    self.engine
-                        .create_volume(&json!({
-                            "Name": volume,
-                            "Labels": {OWNER_LABEL: OWNER, STACK_LABEL: spec.stack, RESOURCE_LABEL: spec.replica.resource},
-                        }))
-                        .await?;
-                }
+                self.create_volume(spec).await?;
                 self.engine
                     .create_container(&name, &self.create_body(spec, &image))
                     .await
@@ -399,6 +404,74 @@ impl Runtime for DockerRuntime {
                 .await?;
         }
         Ok(())
+    }
+
+    async fn snapshot(
+        &self,
+        stack: &str,
+        replica: &ReplicaId,
+        into: &Path,
+        max_bytes: u64,
+    ) -> RuntimeResult<u64> {
+        let name = container_name(stack, replica, Slot::Primary);
+        self.engine
+            .stop_container(&name, self.config.stop_timeout_seconds)
+            .await
+            .map_err(|e| RuntimeError::during(format!("stopping {name}"), e))?;
+        let (sender, receiver) = tokio::sync::mpsc::channel(8);
+        let into = into.to_path_buf();
+        let writer = tokio::task::spawn_blocking(move || {
+            super::archive::normalize(
+                super::archive::ChannelReader::new(receiver),
+                &into,
+                max_bytes,
+            )
+        });
+        let fetched = self.engine.get_archive(&name, "/data", sender).await;
+        let written = writer
+            .await
+            .map_err(|e| RuntimeError::new(format!("snapshot of {name}: {e}")))?;
+        // The writer's refusal (too large) ends the download too: its reason comes first.
+        let size = written.map_err(|e| RuntimeError::new(format!("snapshot of {name}: {e}")))?;
+        fetched.map_err(|e| RuntimeError::during(format!("copying /data of {name}"), e))?;
+        Ok(size)
+    }
+
+    async fn restore(
+        &self,
+        spec: &ReplicaSpec,
+        from: &Path,
+        notes: Notes<'_>,
+    ) -> RuntimeResult<()> {
+        let Some(volume) = &spec.volume else {
+            return Err(RuntimeError::new(format!(
+                "{}: no volume to restore",
+                spec.replica.name(&spec.stack)
+            )));
+        };
+        let image = self.ensure_image(&spec.image, notes).await?;
+        let helper = format!("{}-restore", spec.replica.name(&spec.stack));
+        // Left by an interrupted restore, or not there: either way it goes first.
+        self.engine.remove_container(&helper).await?;
+        self.engine
+            .remove_volume(volume)
+            .await
+            .map_err(|e| RuntimeError::during(format!("emptying volume {volume}"), e))?;
+        self.create_volume(spec).await?;
+        let body = json!({
+            "Image": image,
+            "Cmd": ["true"],
+            "NetworkDisabled": true,
+            "Labels": {OWNER_LABEL: format!("{OWNER}-restore"), STACK_LABEL: spec.stack},
+            "HostConfig": {"Mounts": [{"Type": "volume", "Source": volume, "Target": "/data"}]},
+        });
+        self.engine
+            .create_container(&helper, &body)
+            .await
+            .map_err(|e| RuntimeError::during(format!("creating {helper}"), e))?;
+        let filled = self.engine.put_archive(&helper, "/data", from).await;
+        self.engine.remove_container(&helper).await?;
+        filled.map_err(|e| RuntimeError::during(format!("restoring volume {volume}"), e))
     }
 
     async fn usage(&self, instance: &Instance, cpu_limit: f64) -> Option<Usage> {

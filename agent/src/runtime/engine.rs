@@ -47,6 +47,17 @@ fn absent_ok(answer: Result<Value, EngineError>) -> Result<Option<Value>, Engine
     }
 }
 
+/// What is done with a successful answer's body.
+enum Answer<'a> {
+    /// Kept whole (a JSON document, at most `MAX_ANSWER`).
+    Whole,
+    /// JSON lines, each handed over as it comes (image pulls, loads); a line carrying `error`
+    /// fails the request.
+    Lines(&'a mut (dyn FnMut(&Value) + Send)),
+    /// Raw bytes of any length (a volume's archive), sent on as they come.
+    Stream(tokio::sync::mpsc::Sender<Bytes>),
+}
+
 /// A request body.
 enum Payload<'a> {
     None,
@@ -121,15 +132,15 @@ impl Engine {
         }
     }
 
-    /// Sends one request; `on_line` sees each line of a streamed answer (image pulls, loads),
-    /// and a line carrying `error` fails the request.
+    /// Sends one request; a successful answer's body goes where `answer` says (an error's is
+    /// always kept whole, for its message).
     async fn send(
         &self,
         method: Method,
         path: &str,
         body: Payload<'_>,
         headers: &[(&str, String)],
-        mut on_line: Option<&mut (dyn FnMut(&Value) + Send)>,
+        mut answer_to: Answer<'_>,
     ) -> Result<Vec<u8>, EngineError> {
         let stream = tokio::net::UnixStream::connect(&self.socket)
             .await
@@ -176,9 +187,13 @@ impl Engine {
             let mut answer = Vec::new();
             // Streamed answers are JSON lines: each is handed over as it comes. An error
             // status is one JSON document whose message is the reason: kept whole.
-            let streamed = on_line.is_some() && status.is_success();
+            let streamed = matches!(answer_to, Answer::Lines(_)) && status.is_success();
+            let raw = match &answer_to {
+                Answer::Stream(sink) if status.is_success() => Some(sink.clone()),
+                _ => None,
+            };
             let mut take_line = |line: &[u8]| -> Result<(), EngineError> {
-                let Some(on_line) = on_line.as_deref_mut() else {
+                let Answer::Lines(on_line) = &mut answer_to else {
                     return Ok(());
                 };
                 let Ok(value) = serde_json::from_slice::<Value>(line) else {
@@ -200,6 +215,16 @@ impl Engine {
                 .map_err(|_| silent("progress"))?
             {
                 let frame = frame.map_err(|e| self.transport(e))?;
+                if let Some(sink) = &raw {
+                    if let Ok(data) = frame.into_data()
+                        && sink.send(data).await.is_err()
+                    {
+                        return Err(
+                            self.transport(format!("{method} {path}: the answer's reader stopped"))
+                        );
+                    }
+                    continue;
+                }
                 if let Some(data) = frame.data_ref() {
                     if answer.len() + data.len() > MAX_ANSWER {
                         return Err(self.transport(format!(
@@ -241,7 +266,7 @@ impl Engine {
         body: Option<&Value>,
     ) -> Result<Value, EngineError> {
         let payload = body.map_or(Payload::None, Payload::Json);
-        let answer = self.send(method, path, payload, &[], None).await?;
+        let answer = self.send(method, path, payload, &[], Answer::Whole).await?;
         if answer.is_empty() {
             return Ok(Value::Null);
         }
@@ -347,7 +372,7 @@ impl Engine {
             &format!("/images/create?fromImage={}", encode(reference)),
             Payload::None,
             &headers,
-            Some(progress),
+            Answer::Lines(progress),
         )
         .await
         .map(|_| ())
@@ -363,7 +388,42 @@ impl Engine {
             "/images/load?quiet=true",
             Payload::TarFile(body),
             &[],
-            Some(&mut |_| {}),
+            Answer::Lines(&mut |_| {}),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Streams the tar archive of `path` in container `name` (running or not) into `sink`.
+    pub async fn get_archive(
+        &self,
+        name: &str,
+        path: &str,
+        sink: tokio::sync::mpsc::Sender<Bytes>,
+    ) -> Result<(), EngineError> {
+        let path = format!("/containers/{}/archive?path={}", encode(name), encode(path));
+        self.send(Method::GET, &path, Payload::None, &[], Answer::Stream(sink))
+            .await
+            .map(|_| ())
+    }
+
+    /// Extracts the tar archive `archive` into `path` of container `name` (running or not).
+    pub async fn put_archive(
+        &self,
+        name: &str,
+        path: &str,
+        archive: &Path,
+    ) -> Result<(), EngineError> {
+        let body = FileBody::open(archive)
+            .await
+            .map_err(|e| self.transport(format!("{}: {e}", archive.display())))?;
+        let path = format!("/containers/{}/archive?path={}", encode(name), encode(path));
+        self.send(
+            Method::PUT,
+            &path,
+            Payload::TarFile(body),
+            &[],
+            Answer::Whole,
         )
         .await
         .map(|_| ())

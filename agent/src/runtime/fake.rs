@@ -19,7 +19,8 @@ struct FakeState {
     replicas: BTreeMap<(ReplicaId, Slot), (ReplicaSpec, bool)>,
     /// Images whose replicas never become healthy.
     broken_images: BTreeSet<String>,
-    volumes: BTreeSet<String>,
+    /// Volume name → its content.
+    volumes: BTreeMap<String, String>,
     log: Vec<String>,
     /// Fail the next N steps with an engine error.
     fail_steps: u32,
@@ -49,7 +50,18 @@ impl FakeRuntime {
     }
 
     pub fn volumes(&self) -> BTreeSet<String> {
-        self.lock().volumes.clone()
+        self.lock().volumes.keys().cloned().collect()
+    }
+
+    /// What the replica's workload wrote to `volume` (a snapshot and a restore carry it).
+    pub fn write_volume(&self, volume: &str, content: &str) {
+        self.lock()
+            .volumes
+            .insert(volume.to_string(), content.to_string());
+    }
+
+    pub fn volume(&self, volume: &str) -> Option<String> {
+        self.lock().volumes.get(volume).cloned()
     }
 
     /// Drift: stop a replica or remove it behind the agent's back.
@@ -140,7 +152,7 @@ impl Runtime for FakeRuntime {
                     )));
                 }
                 if let Some(volume) = &spec.volume {
-                    state.volumes.insert(volume.clone());
+                    state.volumes.entry(volume.clone()).or_default();
                 }
                 let line = format!(
                     "create {}-{} {}",
@@ -220,5 +232,52 @@ impl Runtime for FakeRuntime {
 
     async fn usage(&self, _instance: &Instance, _cpu_limit: f64) -> Option<Usage> {
         self.lock().usage
+    }
+
+    async fn snapshot(
+        &self,
+        stack: &str,
+        replica: &ReplicaId,
+        into: &std::path::Path,
+        max_bytes: u64,
+    ) -> RuntimeResult<u64> {
+        let mut state = self.lock();
+        state
+            .log
+            .push(format!("snapshot {}-{}", replica.resource, replica.ordinal));
+        if let Some(entry) = state.replicas.get_mut(&(replica.clone(), Slot::Primary)) {
+            entry.1 = false;
+        }
+        let volume = super::volume_name(stack, replica);
+        let content = state.volumes.get(&volume).cloned().unwrap_or_default();
+        if content.len() as u64 > max_bytes {
+            return Err(RuntimeError::new(format!(
+                "{volume} holds more than {max_bytes} bytes"
+            )));
+        }
+        outpost_bundle_format::layout::write_atomic(into, content.as_bytes())
+            .map_err(|e| RuntimeError::new(e.to_string()))?;
+        Ok(content.len() as u64)
+    }
+
+    async fn restore(
+        &self,
+        spec: &ReplicaSpec,
+        from: &std::path::Path,
+        _notes: Notes<'_>,
+    ) -> RuntimeResult<()> {
+        let content = std::fs::read_to_string(from)
+            .map_err(|e| RuntimeError::new(format!("{}: {e}", from.display())))?;
+        let mut state = self.lock();
+        state.log.push(format!(
+            "restore {}-{}",
+            spec.replica.resource, spec.replica.ordinal
+        ));
+        let volume = spec
+            .volume
+            .clone()
+            .ok_or_else(|| RuntimeError::new("no volume to restore"))?;
+        state.volumes.insert(volume, content);
+        Ok(())
     }
 }

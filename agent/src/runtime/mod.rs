@@ -4,6 +4,7 @@
 //! never speaks an engine's API itself; nothing here knows the pipeline or the rollout.
 //! (Kubernetes runs its own replicas: it is a rollout backend over objects, not a runtime.)
 
+pub mod archive;
 pub mod docker;
 pub mod engine;
 pub mod fake;
@@ -166,6 +167,26 @@ pub trait Runtime: Send + Sync {
 
     /// A sample of the replica's CPU and memory use, for the autoscaler.
     async fn usage(&self, instance: &Instance, cpu_limit: f64) -> Option<Usage>;
+
+    /// Stops the replica (gracefully) and copies its volume's content into `into`: a tar with
+    /// entries relative to the volume, written atomically, of at most `max_bytes` content.
+    /// Returns the archive's size.
+    async fn snapshot(
+        &self,
+        stack: &str,
+        replica: &ReplicaId,
+        into: &std::path::Path,
+        max_bytes: u64,
+    ) -> RuntimeResult<u64>;
+
+    /// Replaces the content of `spec`'s volume with the snapshot at `from`: the volume is made
+    /// anew and filled through a container that is never started. The replica must be gone.
+    async fn restore(
+        &self,
+        spec: &ReplicaSpec,
+        from: &std::path::Path,
+        notes: Notes<'_>,
+    ) -> RuntimeResult<()>;
 }
 
 /// The container name: `<stack>-<resource>-<ordinal>`, with `-surge` for the surge slot.

@@ -12,7 +12,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use std::path::Path;
 use std::sync::Mutex;
 
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 #[derive(Debug, thiserror::Error)]
 #[error("state store: {0}")]
@@ -27,9 +27,11 @@ impl From<rusqlite::Error> for StateError {
 pub type Result<T> = std::result::Result<T, StateError>;
 
 mod records;
+mod snapshots;
 
 use records::Sealed;
 pub use records::{Decision, Effect, Event, Positions, Rejection, Release, StoredStackError};
+pub use snapshots::Snapshot;
 
 pub struct Store {
     conn: Mutex<Connection>,
@@ -59,13 +61,19 @@ impl Store {
                 "state.db has schema version {version}; this agent knows {SCHEMA_VERSION} (downgrade?)"
             )));
         }
+        // Version 2 added the releases' irreversible resources, snapshots and restores.
+        if version == 1 {
+            conn.execute_batch(
+                "ALTER TABLE bundles ADD COLUMN irreversible TEXT NOT NULL DEFAULT '[]';",
+            )?;
+        }
         conn.execute_batch(
             "BEGIN;
              CREATE TABLE IF NOT EXISTS bundles(
                  digest TEXT PRIMARY KEY, name TEXT NOT NULL, channel TEXT NOT NULL,
                  version TEXT NOT NULL, sequence INTEGER NOT NULL, created TEXT NOT NULL,
                  expires TEXT NOT NULL, stack TEXT NOT NULL, origin TEXT NOT NULL,
-                 received_at TEXT NOT NULL);
+                 received_at TEXT NOT NULL, irreversible TEXT NOT NULL DEFAULT '[]');
              CREATE TABLE IF NOT EXISTS rejections(
                  id INTEGER PRIMARY KEY, digest TEXT, origin TEXT NOT NULL,
                  check_name TEXT NOT NULL, reason TEXT NOT NULL, at TEXT NOT NULL);
@@ -79,7 +87,14 @@ impl Store {
              CREATE TABLE IF NOT EXISTS journal(
                  id INTEGER PRIMARY KEY, digest TEXT NOT NULL, step TEXT NOT NULL,
                  started_at TEXT NOT NULL, outcome TEXT, finished_at TEXT);
-             PRAGMA user_version = 1;
+             CREATE TABLE IF NOT EXISTS snapshots(
+                 id INTEGER PRIMARY KEY, release TEXT NOT NULL, resource TEXT NOT NULL,
+                 ordinal INTEGER NOT NULL, location TEXT NOT NULL, bytes INTEGER,
+                 taken_at TEXT NOT NULL, ready INTEGER NOT NULL DEFAULT 0);
+             CREATE TABLE IF NOT EXISTS restores(
+                 resource TEXT NOT NULL, ordinal INTEGER NOT NULL, snapshot INTEGER NOT NULL,
+                 queued_at TEXT NOT NULL, PRIMARY KEY(resource, ordinal));
+             PRAGMA user_version = 2;
              COMMIT;",
         )?;
         Ok(Store {
@@ -158,6 +173,8 @@ impl Store {
         waiting_for: Option<&str>,
         at: DateTime<Utc>,
     ) -> Result<()> {
+        let irreversible =
+            serde_json::to_string(&release.irreversible).map_err(|e| StateError(e.to_string()))?;
         self.with(|conn| {
             let tx = conn.transaction()?;
             // The rollback floor is enforced here too, inside the transaction that raises it.
@@ -168,9 +185,9 @@ impl Store {
                 return Err(StateError(format!("sequence {} is not above the highest accepted sequence {highest}", release.sequence)));
             }
             tx.execute(
-                "INSERT OR IGNORE INTO bundles(digest, name, channel, version, sequence, created, expires, stack, origin, received_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-                params![release.digest.to_string(), release.name, release.channel, release.version, release.sequence as i64, release.created, release.expires, release.stack, release.origin, release.received_at],
+                "INSERT OR IGNORE INTO bundles(digest, name, channel, version, sequence, created, expires, stack, origin, received_at, irreversible)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                params![release.digest.to_string(), release.name, release.channel, release.version, release.sequence as i64, release.created, release.expires, release.stack, release.origin, release.received_at, irreversible],
             )?;
             let superseded: Option<String> = position(&tx, "pending")?;
             let digest = release.digest.to_string();
@@ -265,8 +282,8 @@ impl Store {
                 Effect::DropPending { message } => {
                     drop_pending_in(&tx, &decision_digest(decision)?, decision_time(decision)?, message)?;
                 }
-                Effect::RollBack { to, message } => {
-                    roll_back_in(&tx, &decision_digest(decision)?, &to.to_string(), message, decision_time(decision)?)?;
+                Effect::RollBack { to, message, restore_data } => {
+                    roll_back_in(&tx, &decision_digest(decision)?, &to.to_string(), message, decision_time(decision)?, restore_data)?;
                 }
             }
             tx.execute(
@@ -317,6 +334,8 @@ impl Store {
     /// Makes `to` current again in place of `from` after `from` failed to roll out; false
     /// (nothing done) if `from` is no longer current: a decision came first. `from` stays
     /// known, so the source offering it again is not a rollback attack.
+    /// The data of the resources `from` declared irreversible is restored to the snapshots
+    /// taken before it: they are queued in the same transaction.
     pub fn roll_back(
         &self,
         from: &Digest,
@@ -330,7 +349,7 @@ impl Store {
             if position(&tx, "current")?.as_deref() != Some(from) {
                 return Ok(false);
             }
-            roll_back_in(&tx, from, to, message, at)?;
+            roll_back_in(&tx, from, to, message, at, true)?;
             tx.commit()?;
             Ok(true)
         })
@@ -450,7 +469,7 @@ impl Store {
 fn release_by_digest(conn: &Connection, digest: &str) -> Result<Option<Release>> {
     Ok(conn
         .query_row(
-            "SELECT digest, name, channel, version, sequence, created, expires, stack, origin, received_at FROM bundles WHERE digest = ?1",
+            "SELECT digest, name, channel, version, sequence, created, expires, stack, origin, received_at, irreversible FROM bundles WHERE digest = ?1",
             [digest],
             |r| {
                 Ok(Release {
@@ -464,6 +483,15 @@ fn release_by_digest(conn: &Connection, digest: &str) -> Result<Option<Release>>
                     stack: r.get(7)?,
                     origin: r.get(8)?,
                     received_at: r.get(9)?,
+                    irreversible: serde_json::from_str(&r.get::<_, String>(10)?).map_err(
+                        |e| {
+                            rusqlite::Error::FromSqlConversionFailure(
+                                10,
+                                rusqlite::types::Type::Text,
+                                Box::new(e),
+                            )
+                        },
+                    )?,
                     sealed: Sealed,
                 })
             },
@@ -471,12 +499,15 @@ fn release_by_digest(conn: &Connection, digest: &str) -> Result<Option<Release>>
         .optional()?)
 }
 
+/// Makes `to` current in place of `from`; with `restore_data`, queues the restores of what
+/// `from` declared irreversible.
 fn roll_back_in(
     tx: &rusqlite::Transaction<'_>,
     from: &str,
     to: &str,
     message: &str,
     at: DateTime<Utc>,
+    restore_data: bool,
 ) -> Result<()> {
     let current: Option<String> = position(tx, "current")?;
     if current.as_deref() != Some(from) {
@@ -489,6 +520,15 @@ fn roll_back_in(
     // What runs is a mix of both releases now: converging back is a rollout of its own.
     set(tx, "converged", None)?;
     event(tx, at, "rolled-back", Some(from), message)?;
+    if restore_data {
+        for snapshot in snapshots::queue_restores(tx, from, at)? {
+            let message = format!(
+                "{}-{}: data to be restored to the snapshot of {}",
+                snapshot.resource, snapshot.ordinal, snapshot.taken_at
+            );
+            event(tx, at, "restore-queued", Some(from), &message)?;
+        }
+    }
     Ok(())
 }
 

@@ -23,6 +23,9 @@ pub struct Release {
     pub stack: String,
     pub origin: String,
     pub received_at: String,
+    /// Stateful resources this release migrates irreversibly (its signed metadata says so).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub irreversible: Vec<String>,
     #[serde(skip)]
     pub(super) sealed: Sealed,
 }
@@ -50,6 +53,7 @@ impl Release {
             stack: serde_json::to_string(bundle.stack_file())?,
             origin: origin.to_string(),
             received_at: rfc3339::format(&now),
+            irreversible: metadata.irreversible.clone(),
             sealed: Sealed,
         })
     }
@@ -148,9 +152,11 @@ pub enum Effect<'a> {
     DropPending {
         message: &'a str,
     },
-    /// Make `to` current again in place of the release the decision names.
+    /// Make `to` current again in place of the release the decision names; with
+    /// `restore_data`, restore what it declared irreversible to the snapshots taken before it.
     RollBack {
         to: &'a Digest,
         message: &'a str,
+        restore_data: bool,
     },
 }

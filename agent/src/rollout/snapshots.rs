@@ -1,0 +1,346 @@
+//! Snapshots before change, restores on rollback. Before a release changes a stateful
+//! replica, the data its previous release left is copied (once per release and replica) and
+//! recorded in the store; a rollback past a release that declared the resource irreversible
+//! queues the restore of that copy, done before the replica starts again. Retention keeps at
+//! most `snapshots.keep` per replica and `snapshots.max_gib` in all, never deleting one that a
+//! rollback from the current (or pending) release could need.
+//!
+//! On container engines a snapshot is a volume-relative tar under `<state_dir>/snapshots`,
+//! taken while the replica is stopped for its stop-first replace.
+
+use super::{Context, RolloutError, event};
+use crate::config::SnapshotsConfig;
+use crate::plan::ReplicaId;
+use crate::runtime::{ReplicaSpec, Runtime};
+use crate::state::Snapshot;
+use outpost_bundle_format::Digest;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+
+fn journal_error(e: crate::state::StateError) -> RolloutError {
+    RolloutError::unavailable(format!("journal: {e}"))
+}
+
+/// Where a container-engine backend keeps its snapshots, and how many.
+#[derive(Debug, Clone)]
+pub struct Snapshots {
+    pub dir: PathBuf,
+    pub config: SnapshotsConfig,
+}
+
+impl Snapshots {
+    pub fn of(config: &crate::config::Config) -> Snapshots {
+        Snapshots {
+            dir: config.state_dir.join("snapshots"),
+            config: config.snapshots.clone(),
+        }
+    }
+
+    /// Copies `replica`'s data before the release `digest` changes it, unless that release
+    /// already has its copy (a retried or resumed step) or snapshots are off (`keep: 0`).
+    /// The runtime stops the replica for it.
+    pub async fn take_before<R: Runtime>(
+        &self,
+        context: &Context,
+        runtime: &R,
+        digest: &Digest,
+        stack: &str,
+        replica: &ReplicaId,
+    ) -> Result<(), RolloutError> {
+        let store = &context.store;
+        if self.config.keep == 0
+            || store
+                .snapshot_before(digest, &replica.resource, replica.ordinal)
+                .map_err(journal_error)?
+                .is_some()
+        {
+            return Ok(());
+        }
+        let location = format!("{}-{}.tar", replica.name(stack), &digest.hex()[..12]);
+        std::fs::create_dir_all(&self.dir).map_err(|e| {
+            RolloutError::unavailable(format!("snapshots: {}: {e}", self.dir.display()))
+        })?;
+        let id = store
+            .begin_snapshot(
+                digest,
+                &replica.resource,
+                replica.ordinal,
+                &location,
+                crate::config::now(),
+            )
+            .map_err(journal_error)?;
+        let started = std::time::Instant::now();
+        let bytes = runtime
+            .snapshot(
+                stack,
+                replica,
+                &self.dir.join(&location),
+                self.config.max_bytes(),
+            )
+            .await?;
+        store
+            .snapshot_taken(id, bytes, crate::config::now())
+            .map_err(journal_error)?;
+        event(
+            store,
+            "snapshot",
+            Some(digest),
+            &format!(
+                "{}: data snapshotted before this release ({bytes} bytes in {} ms)",
+                replica.name(stack),
+                started.elapsed().as_millis()
+            ),
+        );
+        self.prune(context);
+        Ok(())
+    }
+
+    /// Restores the snapshot a rollback queued for `spec`'s replica into its volume, then
+    /// records the restore done. The replica must be gone; it is started only after this.
+    pub async fn restore<R: Runtime>(
+        &self,
+        context: &Context,
+        runtime: &R,
+        spec: &ReplicaSpec,
+        snapshot: &Snapshot,
+        notes: crate::runtime::Notes<'_>,
+    ) -> Result<(), RolloutError> {
+        let name = spec.replica.name(&spec.stack);
+        let file = self.dir.join(&snapshot.location);
+        if !file.is_file() {
+            // Nothing to restore from: the replica must not start on data its release cannot read.
+            return Err(RolloutError::new(format!(
+                "{name}: the snapshot to restore ({}) is missing",
+                file.display()
+            )));
+        }
+        notes(format!(
+            "{name}: restoring its data to the snapshot of {}",
+            snapshot.taken_at
+        ));
+        runtime.restore(spec, &file, notes).await?;
+        context
+            .store
+            .restore_finished(
+                snapshot,
+                &format!(
+                    "{name}: data restored to the snapshot taken {} (before {})",
+                    snapshot.taken_at,
+                    snapshot
+                        .version
+                        .as_deref()
+                        .unwrap_or("the release rolled back from")
+                ),
+                crate::config::now(),
+            )
+            .map_err(journal_error)
+    }
+
+    /// Deletes what retention no longer keeps, and files no record names (a copy a crash
+    /// interrupted). Failures are logged: retention is retried after the next snapshot.
+    pub fn prune(&self, context: &Context) {
+        let store = &context.store;
+        let (all, needed, restoring) = match (|| {
+            let positions = store.positions()?;
+            let needed: BTreeSet<Digest> = [positions.current, positions.pending]
+                .into_iter()
+                .flatten()
+                .map(|r| r.digest)
+                .collect();
+            let restoring = store
+                .pending_restores()?
+                .into_iter()
+                .map(|s| s.id)
+                .collect();
+            Ok::<_, crate::state::StateError>((store.snapshots()?, needed, restoring))
+        })() {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::warn!("snapshot retention: {e}");
+                return;
+            }
+        };
+        for snapshot in beyond_retention(
+            &all,
+            self.config.keep,
+            self.config.max_bytes(),
+            &needed,
+            &restoring,
+        ) {
+            let file = self.dir.join(&snapshot.location);
+            match std::fs::remove_file(&file) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!("snapshot retention: {}: {e}", file.display());
+                    continue;
+                }
+            }
+            if let Err(e) = store.forget_snapshot(snapshot.id) {
+                tracing::warn!("snapshot retention: {e}");
+                continue;
+            }
+            if snapshot.ready {
+                event(
+                    store,
+                    "snapshot-deleted",
+                    Some(&snapshot.release),
+                    &format!(
+                        "{}-{}: snapshot of {} deleted by retention",
+                        snapshot.resource, snapshot.ordinal, snapshot.taken_at
+                    ),
+                );
+            }
+        }
+        let named: BTreeSet<String> = match store.snapshots() {
+            Ok(left) => left.into_iter().map(|s| s.location).collect(),
+            Err(_) => return,
+        };
+        if let Ok(entries) = std::fs::read_dir(&self.dir) {
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if !named.contains(&name) {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            }
+        }
+    }
+}
+
+/// The snapshots retention deletes, oldest first: those left half-taken by a release that is no
+/// longer in play; per replica those beyond the newest `keep`; then, while all together take
+/// more than `max_bytes`, the oldest. Never one of a `needed` release (a rollback from it
+/// restores it) nor one a queued restore (`restoring`) reads.
+pub fn beyond_retention(
+    all: &[Snapshot],
+    keep: u32,
+    max_bytes: u64,
+    needed: &BTreeSet<Digest>,
+    restoring: &BTreeSet<i64>,
+) -> Vec<Snapshot> {
+    let kept = |s: &Snapshot| needed.contains(&s.release) || restoring.contains(&s.id);
+    let mut doomed: BTreeSet<i64> = all
+        .iter()
+        .filter(|s| !s.ready && !kept(s))
+        .map(|s| s.id)
+        .collect();
+    let mut per_replica: BTreeMap<(&str, u32), Vec<&Snapshot>> = BTreeMap::new();
+    for snapshot in all.iter().filter(|s| s.ready) {
+        per_replica
+            .entry((&snapshot.resource, snapshot.ordinal))
+            .or_default()
+            .push(snapshot);
+    }
+    for snapshots in per_replica.values() {
+        // Oldest first (ids grow with time): all but the newest `keep`.
+        let beyond = snapshots.len().saturating_sub(keep as usize);
+        doomed.extend(
+            snapshots[..beyond]
+                .iter()
+                .filter(|s| !kept(s))
+                .map(|s| s.id),
+        );
+    }
+    let mut total: u64 = all
+        .iter()
+        .filter(|s| s.ready && !doomed.contains(&s.id))
+        .map(|s| s.bytes.unwrap_or(0))
+        .sum();
+    for snapshot in all.iter().filter(|s| s.ready) {
+        if total <= max_bytes {
+            break;
+        }
+        if !kept(snapshot) && doomed.insert(snapshot.id) {
+            total -= snapshot.bytes.unwrap_or(0);
+        }
+    }
+    all.iter()
+        .filter(|s| doomed.contains(&s.id))
+        .cloned()
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn digest(n: u8) -> Digest {
+        Digest::parse(&format!("sha256:{}", format!("{n:02x}").repeat(32))).unwrap()
+    }
+
+    fn snapshot(id: i64, release: u8, ordinal: u32, bytes: u64, ready: bool) -> Snapshot {
+        Snapshot {
+            id,
+            release: digest(release),
+            version: None,
+            resource: "db".into(),
+            ordinal,
+            location: format!("{id}.tar"),
+            bytes: Some(bytes),
+            taken_at: String::new(),
+            ready,
+        }
+    }
+
+    fn ids(doomed: Vec<Snapshot>) -> Vec<i64> {
+        doomed.into_iter().map(|s| s.id).collect()
+    }
+
+    #[test]
+    fn retention_keeps_the_newest_per_replica_and_what_a_rollback_needs() {
+        let all: Vec<_> = (1..=5).map(|n| snapshot(n, n as u8, 0, 10, true)).collect();
+        let (none, no_ids) = (BTreeSet::new(), BTreeSet::new());
+        assert_eq!(
+            ids(beyond_retention(&all, 2, 1 << 30, &none, &no_ids)),
+            [1, 2, 3]
+        );
+        // Release 1 is current: its snapshot stays whatever the count.
+        let current = BTreeSet::from([digest(1)]);
+        assert_eq!(
+            ids(beyond_retention(&all, 2, 1 << 30, &current, &no_ids)),
+            [2, 3]
+        );
+        // A queued restore reads snapshot 2.
+        let restoring = BTreeSet::from([2]);
+        assert_eq!(
+            ids(beyond_retention(&all, 2, 1 << 30, &current, &restoring)),
+            [3]
+        );
+        // Each replica counts on its own.
+        let mut two = all.clone();
+        two.push(snapshot(6, 6, 1, 10, true));
+        assert_eq!(
+            ids(beyond_retention(&two, 2, 1 << 30, &none, &no_ids)),
+            [1, 2, 3]
+        );
+    }
+
+    #[test]
+    fn retention_by_space_deletes_the_oldest_until_the_rest_fit() {
+        let all: Vec<_> = (1..=4).map(|n| snapshot(n, n as u8, 0, 40, true)).collect();
+        let (none, no_ids) = (BTreeSet::new(), BTreeSet::new());
+        assert_eq!(ids(beyond_retention(&all, 10, 100, &none, &no_ids)), [1, 2]);
+        // The oldest is needed: the next oldest go instead, even past the bound.
+        let needed = BTreeSet::from([digest(1), digest(4)]);
+        assert_eq!(
+            ids(beyond_retention(&all, 10, 50, &needed, &no_ids)),
+            [2, 3]
+        );
+    }
+
+    #[test]
+    fn half_taken_snapshots_go_unless_their_release_is_in_play() {
+        let all = vec![snapshot(1, 1, 0, 0, false), snapshot(2, 2, 0, 0, false)];
+        let current = BTreeSet::from([digest(2)]);
+        assert_eq!(
+            ids(beyond_retention(
+                &all,
+                3,
+                1 << 30,
+                &current,
+                &BTreeSet::new()
+            )),
+            [1]
+        );
+    }
+}
