@@ -4,7 +4,9 @@
 //! - bytes on the wire per unchanged OCI poll (through a counting TCP proxy);
 //! - idle RSS of the agent after a run of 1 s polls (`OUTPOST_BENCH_IDLE_SECS`, default 600);
 //! - a 50-container rollout on a real dockerd: first install and a rolling update, wall time
-//!   and the agent's peak RSS (`OUTPOST_BENCH_REPLICAS`, default 50).
+//!   and the agent's peak RSS (`OUTPOST_BENCH_REPLICAS`, default 50);
+//! - the downtime a snapshot adds to a stateful replica's stop-first replace on a real dockerd,
+//!   for 100 MiB and 1 GiB volumes (`OUTPOST_BENCH_SNAPSHOT_MIB`, default "100 1024").
 
 #![allow(clippy::unwrap_used)] // bench code: a panic is a failed run
 
@@ -261,6 +263,94 @@ fn rollout() {
     assert_eq!(engine.containers().len(), replicas as usize);
 }
 
+/// The longest time the stateful replica answered nothing during its update, with snapshots
+/// on and off, per volume size.
+fn snapshot_downtime() {
+    use outpost_tests::engine::{Kind, TestEngine, demo_image, http_body};
+    let sizes: Vec<u64> = std::env::var("OUTPOST_BENCH_SNAPSHOT_MIB")
+        .unwrap_or_else(|_| "100 1024".into())
+        .split_whitespace()
+        .filter_map(|s| s.parse().ok())
+        .collect();
+    let engine = TestEngine::start(Kind::Docker);
+    let registry = TestRegistry::start(None);
+    let image = demo_image(&registry, "one");
+    let db = r#"trap 'exit 0' TERM; [ -f /data/bulk ] || dd if=/dev/zero of=/data/bulk bs=1M count="$MIB" 2>/dev/null; mkdir -p /www; echo ok > /www/healthz; httpd -f -p 5432 -h /www & wait"#;
+    for mib in sizes {
+        let mut downtime = Vec::new();
+        for keep in [0, 3] {
+            let drop = tempfile::tempdir().unwrap();
+            let port = outpost_tests::free_port();
+            let mut agent = AgentProcess::start(
+                &format!("source:\n  dir:\n    path: {}\n", drop.path().display()),
+                &format!(
+                    "{}snapshots: {{keep: {keep}, max_gib: 4}}\n",
+                    engine.agent_config(&[("db", port)])
+                ),
+            );
+            for sequence in [1u64, 2] {
+                let stack: outpost_bundle_format::stack::StackFile =
+                    serde_json::from_value(serde_json::json!({
+                        "name": "acme",
+                        "permissionProfiles": {"execution": {}},
+                        "resources": [{"lifecycle": "live", "container": {
+                            "name": "db", "code": {"image": image}, "cpu": 1, "memory": "64Mi",
+                            "ports": [5432], "replicas": 1, "persistentStorage": "2Gi",
+                            "publicEndpoints": [{"name": "db", "port": 5432, "protocol": "http"}],
+                            "healthCheck": {"path": "/healthz", "port": 5432},
+                            "environment": {"MIB": mib.to_string(), "RELEASE": sequence.to_string()},
+                            "permissions": "execution", "command": ["sh", "-c", db]}}],
+                    }))
+                    .unwrap();
+                let layout = outpost_bundle_format::bundle::build(
+                    &stack,
+                    &outpost_tests::forge::metadata(&format!("1.{sequence}.0"), sequence),
+                    &[],
+                )
+                .unwrap();
+                drop_file(
+                    drop.path(),
+                    &format!("v{sequence}.tar"),
+                    &tar(&signed(layout, &BOTH)),
+                );
+                if sequence == 1 {
+                    agent.wait_converged_within(900, 1);
+                    continue;
+                }
+                // The longest gap between two answers while the update runs.
+                let (mut last_answer, mut longest) = (Instant::now(), Duration::ZERO);
+                let converged = |s: &serde_json::Value| {
+                    s["current"]["sequence"] == 2
+                        && s["runtime"]["converged"] == s["current"]["digest"]
+                };
+                while !converged(&agent.status()) {
+                    if http_body(port, "/healthz").is_some_and(|b| b.trim() == "ok") {
+                        longest = longest.max(last_answer.elapsed());
+                        last_answer = Instant::now();
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                // Converged: the gap ends at its first answer (the endpoint's route follows).
+                while http_body(port, "/healthz").is_none_or(|b| b.trim() != "ok") {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                downtime.push(longest.max(last_answer.elapsed()));
+            }
+            agent.stop();
+            for container in engine.containers() {
+                engine.api("DELETE", &format!("/containers/{container}?force=true"));
+            }
+            engine.api("DELETE", "/volumes/acme-db-0-data");
+        }
+        println!(
+            "stop-first replace of a {mib} MiB volume: {:.2} s without a snapshot, {:.2} s with one: {:.2} s extra downtime",
+            downtime[0].as_secs_f64(),
+            downtime[1].as_secs_f64(),
+            downtime[1].as_secs_f64() - downtime[0].as_secs_f64()
+        );
+    }
+}
+
 fn idle_rss() {
     let seconds: u64 = std::env::var("OUTPOST_BENCH_IDLE_SECS")
         .ok()
@@ -305,11 +395,12 @@ fn main() {
         .skip(1)
         .find(|a| !a.starts_with("--"))
         .unwrap_or_default();
-    let parts: [(&str, fn()); 4] = [
+    let parts: [(&str, fn()); 5] = [
         ("dir", dir_latency),
         ("oci", oci_latency_and_bytes),
         ("idle", idle_rss),
         ("rollout", rollout),
+        ("snapshot", snapshot_downtime),
     ];
     for (name, part) in parts {
         if name.contains(&filter) {

@@ -324,8 +324,15 @@ impl Agent {
                 "irreversible: rolling back past this release restores {resource}'s data to the snapshot taken before it; writes made after are lost\n"
             ));
         }
-        if !pending.irreversible.is_empty() && self.config.snapshots.keep == 0 {
-            warnings.push_str("irreversible: snapshots are off (snapshots.keep: 0): no rollback past this release can restore the data\n");
+        if !pending.irreversible.is_empty() {
+            if self.config.runtime != crate::config::RuntimeKind::Docker {
+                warnings.push_str(&format!(
+                    "irreversible: runtime {} takes no snapshots yet: no rollback past this release can restore the data\n",
+                    self.config.runtime.as_str()
+                ));
+            } else if self.config.snapshots.keep == 0 {
+                warnings.push_str("irreversible: snapshots are off (snapshots.keep: 0): no rollback past this release can restore the data\n");
+            }
         }
         Ok(json!({
             "current": p.current.as_ref().map(|c| c.version.clone()),

@@ -78,7 +78,12 @@ impl<R: Runtime> Backend for Replicas<R> {
             .map(|i| i.replica.clone())
             .collect();
         let mut plan = plan(&desired, &observed, crate::config::now());
-        self.plan_restores(&desired, &observed, &mut plan.actions)?;
+        super::snapshots::plan_restores(
+            &self.context.store,
+            &desired,
+            &observed,
+            &mut plan.actions,
+        )?;
         self.view().update(|s| {
             s.findings = plan.findings.clone();
             for resource in &desired.resources {
@@ -216,7 +221,9 @@ impl<R: Runtime> Replicas<R> {
             } => {
                 let spec = specs.spec(replica, config_hash)?;
                 // Gone with a restore queued (an interrupted restore, say): restored first.
-                if let Some(snapshot) = self.pending_restore(&spec)? {
+                if let Some(snapshot) =
+                    super::snapshots::pending_restore(&self.context.store, &spec)?
+                {
                     self.settings
                         .snapshots
                         .restore(&self.context, &self.runtime, &spec, &snapshot, &notes)
@@ -259,10 +266,15 @@ impl<R: Runtime> Replicas<R> {
                 // Stateful: one at a time on the same volume, never two writers. Its data is
                 // copied while it is stopped, unless a rollback restores it instead.
                 let spec = specs.spec(replica, config_hash)?;
-                let restore = self.pending_restore(&spec)?;
+                let restore = super::snapshots::pending_restore(&self.context.store, &spec)?;
                 if restore.is_none()
                     && spec.volume.is_some()
-                    && self.changes_data(instances, replica, specs.container(replica)?)
+                    && super::snapshots::changes_data(
+                        &self.context.store,
+                        instances,
+                        replica,
+                        specs.container(replica)?,
+                    )
                 {
                     self.settings
                         .snapshots
@@ -305,87 +317,6 @@ impl<R: Runtime> Replicas<R> {
                 .await
                 .map_err(RolloutError::from),
         }
-    }
-
-    /// A queued restore happens when its replica is replaced or created: a replica the plan
-    /// leaves alone (its configuration is the same in both releases) is replaced for it, first,
-    /// before what depends on its data; one the release no longer has is dropped.
-    fn plan_restores(
-        &self,
-        desired: &Desired<'_>,
-        observed: &[crate::plan::ObservedReplica],
-        actions: &mut Vec<Action>,
-    ) -> Result<(), RolloutError> {
-        let store = &self.context.store;
-        let journal =
-            |e: crate::state::StateError| RolloutError::unavailable(format!("journal: {e}"));
-        for snapshot in store.pending_restores().map_err(journal)? {
-            let replica = ReplicaId {
-                resource: snapshot.resource.clone(),
-                ordinal: snapshot.ordinal,
-            };
-            let wanted = desired.resources.iter().find(|r| {
-                r.container.name == replica.resource
-                    && r.container.persistent_storage.is_some()
-                    && replica.ordinal < r.replicas
-            });
-            let Some(wanted) = wanted else {
-                let message = format!(
-                    "{}: not restored: this release does not run it",
-                    replica.name(desired.stack)
-                );
-                store
-                    .restore_finished(&snapshot, &message, crate::config::now())
-                    .map_err(journal)?;
-                continue;
-            };
-            if actions.iter().any(|a| *a.replica() == replica) {
-                continue;
-            }
-            if let Some(running) = observed.iter().find(|o| o.id == replica) {
-                actions.insert(
-                    0,
-                    Action::Replace {
-                        replica,
-                        from_hash: running.config_hash.clone(),
-                        config_hash: wanted.config_hash.clone(),
-                        stop_first: true,
-                    },
-                );
-            }
-        }
-        Ok(())
-    }
-
-    /// Whether replacing the replica changes what runs on its data (image, command or
-    /// environment), as against a change of limits; true when the release it runs from is
-    /// not known.
-    fn changes_data(&self, instances: &[Instance], replica: &ReplicaId, new: &Container) -> bool {
-        let old = instances
-            .iter()
-            .find(|i| i.replica.id == *replica && i.slot == Slot::Primary)
-            .and_then(|i| Digest::parse(&i.digest).ok())
-            .and_then(|digest| self.context.store.release(&digest).ok().flatten())
-            .and_then(|release| release.stack().ok());
-        let Some(old) = old.as_ref().and_then(|s| s.resource(&replica.resource)) else {
-            return true;
-        };
-        let old = &old.container;
-        old.image != new.image || old.command != new.command || old.environment != new.environment
-    }
-
-    /// The restore a rollback queued for a stateful replica.
-    fn pending_restore(
-        &self,
-        spec: &ReplicaSpec,
-    ) -> Result<Option<crate::state::Snapshot>, RolloutError> {
-        if spec.volume.is_none() {
-            return Ok(None);
-        }
-        self.context
-            .store
-            .pending_restore(&spec.replica.resource, spec.replica.ordinal)
-            .map_err(|e| RolloutError::unavailable(format!("journal: {e}")))
     }
 
     /// Creates the replica in `slot` and waits until it is healthy. One that never becomes

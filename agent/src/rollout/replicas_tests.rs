@@ -561,3 +561,20 @@ async fn leaving_an_irreversible_release_by_hand_needs_restore_data() {
         Some("format A")
     );
 }
+
+#[tokio::test]
+async fn plan_shows_an_irreversible_release_before_approval() {
+    let (_dir, c) = converger("approval: {mode: manual}\n");
+    release(&c, STACK, "1.0.0", 1);
+    c.agent
+        .approve("1.0.0", None, "test", crate::config::now())
+        .unwrap();
+    release_irreversible(&c, &migrating_stack(), "2.0.0", 2);
+    let plan = c.agent.plan().unwrap();
+    assert_eq!(plan["irreversible"], serde_json::json!(["db"]));
+    let text = plan["text"].as_str().unwrap();
+    assert!(
+        text.contains("irreversible: rolling back past this release restores db's data to the snapshot taken before it; writes made after are lost"),
+        "{text}"
+    );
+}

@@ -10,10 +10,11 @@
 
 use super::{Context, RolloutError, event};
 use crate::config::SnapshotsConfig;
-use crate::plan::ReplicaId;
-use crate::runtime::{ReplicaSpec, Runtime};
-use crate::state::Snapshot;
+use crate::plan::{Action, Desired, ObservedReplica, ReplicaId};
+use crate::runtime::{Instance, ReplicaSpec, Runtime, Slot};
+use crate::state::{Snapshot, Store};
 use outpost_bundle_format::Digest;
+use outpost_bundle_format::stack::Container;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
@@ -205,6 +206,88 @@ impl Snapshots {
             }
         }
     }
+}
+
+/// A queued restore happens when its replica is replaced or created: a replica the plan
+/// leaves alone (its configuration is the same in both releases) is replaced for it, first,
+/// before what depends on its data; one the release no longer has is dropped.
+pub fn plan_restores(
+    store: &Store,
+    desired: &Desired<'_>,
+    observed: &[ObservedReplica],
+    actions: &mut Vec<Action>,
+) -> Result<(), RolloutError> {
+    for snapshot in store.pending_restores().map_err(journal_error)? {
+        let replica = ReplicaId {
+            resource: snapshot.resource.clone(),
+            ordinal: snapshot.ordinal,
+        };
+        let wanted = desired.resources.iter().find(|r| {
+            r.container.name == replica.resource
+                && r.container.persistent_storage.is_some()
+                && replica.ordinal < r.replicas
+        });
+        let Some(wanted) = wanted else {
+            let message = format!(
+                "{}: not restored: this release does not run it",
+                replica.name(desired.stack)
+            );
+            store
+                .restore_finished(&snapshot, &message, crate::config::now())
+                .map_err(journal_error)?;
+            continue;
+        };
+        if actions.iter().any(|a| *a.replica() == replica) {
+            continue;
+        }
+        if let Some(running) = observed.iter().find(|o| o.id == replica) {
+            actions.insert(
+                0,
+                Action::Replace {
+                    replica,
+                    from_hash: running.config_hash.clone(),
+                    config_hash: wanted.config_hash.clone(),
+                    stop_first: true,
+                },
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Whether replacing the replica changes what runs on its data (image, command or
+/// environment), as against a change of limits; true when the release it runs from is
+/// not known.
+pub fn changes_data(
+    store: &Store,
+    instances: &[Instance],
+    replica: &ReplicaId,
+    new: &Container,
+) -> bool {
+    let old = instances
+        .iter()
+        .find(|i| i.replica.id == *replica && i.slot == Slot::Primary)
+        .and_then(|i| Digest::parse(&i.digest).ok())
+        .and_then(|digest| store.release(&digest).ok().flatten())
+        .and_then(|release| release.stack().ok());
+    let Some(old) = old.as_ref().and_then(|s| s.resource(&replica.resource)) else {
+        return true;
+    };
+    let old = &old.container;
+    old.image != new.image || old.command != new.command || old.environment != new.environment
+}
+
+/// The restore a rollback queued for a stateful replica.
+pub fn pending_restore(
+    store: &Store,
+    spec: &ReplicaSpec,
+) -> Result<Option<Snapshot>, RolloutError> {
+    if spec.volume.is_none() {
+        return Ok(None);
+    }
+    store
+        .pending_restore(&spec.replica.resource, spec.replica.ordinal)
+        .map_err(|e| RolloutError::unavailable(format!("journal: {e}")))
 }
 
 /// The snapshots retention deletes, oldest first: those left half-taken by a release that is no
