@@ -221,12 +221,7 @@ fn kill_9_during_snapshot_and_restore(kind: Kind) {
         healthy: true,
     };
     s.publish(&migrating, "2.0.0", 2, &["db"]);
-    let copying = poll_within(60, || {
-        s.snapshot_files()
-            .iter()
-            .any(|f| f.starts_with('.'))
-            .then_some(())
-    });
+    let copying = watch(60, || s.snapshot_files().iter().any(|f| f.starts_with('.')));
     assert!(copying.is_some(), "no copy seen\nlog: {}", s.agent.log());
     s.agent.kill();
     s.agent.restart();
@@ -263,6 +258,18 @@ fn kill_9_during_snapshot_and_restore(kind: Kind) {
         s.engine.api("GET", helper)["Id"].is_null(),
         "helper removed"
     );
+}
+
+/// Watches closely (every 5 ms) for a moment that lasts only a fraction of a second.
+fn watch(seconds: u64, mut seen: impl FnMut() -> bool) -> Option<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(seconds);
+    while std::time::Instant::now() < deadline {
+        if seen() {
+            return Some(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    None
 }
 
 #[test]
