@@ -155,8 +155,11 @@ fn failed_migration_restores_and_manual_rollback_asks(kind: Kind) {
         healthy: false,
     };
     s.publish(&failing, "2.0.0", 2, &["db"]);
-    let status = s.agent.wait_for("the rollback of 2.0.0", |s| {
-        s["current"]["sequence"] == 1 && s["runtime"]["phase"] == "converged"
+    let status = s.agent.wait_within(120, "the rollback of 2.0.0", |s| {
+        s["highest_sequence"] == 2
+            && s["current"]["sequence"] == 1
+            && s["runtime"]["converged"] == s["current"]["digest"]
+            && s["runtime"]["phase"] == "converged"
     });
     assert!(
         status["runtime"]["last_rollback"]
