@@ -207,6 +207,29 @@ fn status_kib(pid: u32, key: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Drops release `1.<sequence>.0` of stack `acme`, one live resource of `container`, signed
+/// by both vendors, into `drop`.
+fn drop_release(drop: &std::path::Path, container: serde_json::Value, sequence: u64) {
+    let stack: outpost_bundle_format::stack::StackFile =
+        serde_json::from_value(serde_json::json!({
+            "name": "acme",
+            "permissionProfiles": {"execution": {}},
+            "resources": [{"lifecycle": "live", "container": container}],
+        }))
+        .unwrap();
+    let layout = outpost_bundle_format::bundle::build(
+        &stack,
+        &outpost_tests::forge::metadata(&format!("1.{sequence}.0"), sequence),
+        &[],
+    )
+    .unwrap();
+    drop_file(
+        drop,
+        &format!("v{sequence}.tar"),
+        &tar(&signed(layout, &BOTH)),
+    );
+}
+
 fn rollout() {
     use outpost_tests::engine::{Kind, TestEngine, demo_image};
     let replicas: u32 = std::env::var("OUTPOST_BENCH_REPLICAS")
@@ -224,29 +247,16 @@ fn rollout() {
     let pid = agent.pid().unwrap();
     let web = r#"trap 'exit 0' TERM; echo ok > /www/healthz; httpd -f -p 8080 -h /www & wait"#;
     for (sequence, image) in [(1u64, &images[0]), (2, &images[1])] {
-        let stack: outpost_bundle_format::stack::StackFile =
-            serde_json::from_value(serde_json::json!({
-                "name": "acme",
-                "permissionProfiles": {"execution": {}},
-                "resources": [{"lifecycle": "live", "container": {
-                    "name": "web", "code": {"image": image}, "cpu": 0.05, "memory": "16Mi",
-                    "ports": [8080], "replicas": replicas,
-                    "publicEndpoints": [{"name": "web", "port": 8080, "protocol": "http"}],
-                    "healthCheck": {"path": "/healthz", "port": 8080},
-                    "permissions": "execution", "command": ["sh", "-c", web]}}],
-            }))
-            .unwrap();
-        let layout = outpost_bundle_format::bundle::build(
-            &stack,
-            &outpost_tests::forge::metadata(&format!("1.{sequence}.0"), sequence),
-            &[],
-        )
-        .unwrap();
         let start = Instant::now();
-        drop_file(
+        drop_release(
             drop.path(),
-            &format!("v{sequence}.tar"),
-            &tar(&signed(layout, &BOTH)),
+            serde_json::json!({
+                "name": "web", "code": {"image": image}, "cpu": 0.05, "memory": "16Mi",
+                "ports": [8080], "replicas": replicas,
+                "publicEndpoints": [{"name": "web", "port": 8080, "protocol": "http"}],
+                "healthCheck": {"path": "/healthz", "port": 8080},
+                "permissions": "execution", "command": ["sh", "-c", web]}),
+            sequence,
         );
         agent.wait_converged_within(900, sequence);
         println!(
@@ -289,29 +299,16 @@ fn snapshot_downtime() {
                 ),
             );
             for sequence in [1u64, 2] {
-                let stack: outpost_bundle_format::stack::StackFile =
-                    serde_json::from_value(serde_json::json!({
-                        "name": "acme",
-                        "permissionProfiles": {"execution": {}},
-                        "resources": [{"lifecycle": "live", "container": {
-                            "name": "db", "code": {"image": image}, "cpu": 1, "memory": "64Mi",
-                            "ports": [5432], "replicas": 1, "persistentStorage": "2Gi",
-                            "publicEndpoints": [{"name": "db", "port": 5432, "protocol": "http"}],
-                            "healthCheck": {"path": "/healthz", "port": 5432},
-                            "environment": {"MIB": mib.to_string(), "RELEASE": sequence.to_string()},
-                            "permissions": "execution", "command": ["sh", "-c", db]}}],
-                    }))
-                    .unwrap();
-                let layout = outpost_bundle_format::bundle::build(
-                    &stack,
-                    &outpost_tests::forge::metadata(&format!("1.{sequence}.0"), sequence),
-                    &[],
-                )
-                .unwrap();
-                drop_file(
+                drop_release(
                     drop.path(),
-                    &format!("v{sequence}.tar"),
-                    &tar(&signed(layout, &BOTH)),
+                    serde_json::json!({
+                        "name": "db", "code": {"image": image}, "cpu": 1, "memory": "64Mi",
+                        "ports": [5432], "replicas": 1, "persistentStorage": "2Gi",
+                        "publicEndpoints": [{"name": "db", "port": 5432, "protocol": "http"}],
+                        "healthCheck": {"path": "/healthz", "port": 5432},
+                        "environment": {"MIB": mib.to_string(), "RELEASE": sequence.to_string()},
+                        "permissions": "execution", "command": ["sh", "-c", db]}),
+                    sequence,
                 );
                 if sequence == 1 {
                     agent.wait_converged_within(900, 1);

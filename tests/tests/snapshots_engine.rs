@@ -131,11 +131,21 @@ impl Setup {
     }
 }
 
+/// Release 1's database: writes format A, refuses any other.
 const A: Db = Db {
     format: "A",
     migrate: false,
     healthy: true,
 };
+
+/// The migrating release: moves the data to format B, then passes its health check or not.
+const fn to_b(healthy: bool) -> Db<'static> {
+    Db {
+        format: "B",
+        migrate: true,
+        healthy,
+    }
+}
 
 fn failed_migration_restores_and_manual_rollback_asks(kind: Kind) {
     // keep 1: each replica keeps only its newest snapshot, unless a rollback still needs it.
@@ -149,12 +159,7 @@ fn failed_migration_restores_and_manual_rollback_asks(kind: Kind) {
     );
 
     // 2.0.0 migrates to B and fails its health check: rolled back onto the data as it was.
-    let failing = Db {
-        format: "B",
-        migrate: true,
-        healthy: false,
-    };
-    s.publish(&failing, "2.0.0", 2, &["db"]);
+    s.publish(&to_b(false), "2.0.0", 2, &["db"]);
     let status = s.agent.wait_within(120, "the rollback of 2.0.0", |s| {
         s["highest_sequence"] == 2
             && s["current"]["sequence"] == 1
@@ -178,12 +183,7 @@ fn failed_migration_restores_and_manual_rollback_asks(kind: Kind) {
     );
 
     // 3.0.0 migrates and runs: its snapshot holds format A; 2.0.0's is beyond retention.
-    let migrating = Db {
-        format: "B",
-        migrate: true,
-        healthy: true,
-    };
-    s.publish(&migrating, "3.0.0", 3, &["db"]);
+    s.publish(&to_b(true), "3.0.0", 3, &["db"]);
     s.agent.wait_converged(3);
     s.expect_format("B");
     let files = s.snapshot_files();
@@ -218,12 +218,7 @@ fn kill_9_during_snapshot_and_restore(kind: Kind) {
     let mut s = setup(kind, 48 << 10, "{keep: 2}");
     s.publish(&A, "1.0.0", 1, &[]);
     s.agent.wait_converged_within(180, 1);
-    let migrating = Db {
-        format: "B",
-        migrate: true,
-        healthy: true,
-    };
-    s.publish(&migrating, "2.0.0", 2, &["db"]);
+    s.publish(&to_b(true), "2.0.0", 2, &["db"]);
     let copying = watch(60, || s.snapshot_files().iter().any(|f| f.starts_with('.')));
     assert!(copying.is_some(), "no copy seen\nlog: {}", s.agent.log());
     s.agent.kill();

@@ -217,27 +217,24 @@ impl Agent {
                 ))
             })?;
         let restores = self.store.irreversible_snapshots(&current.digest)?;
+        let taken = describe_snapshots(&restores);
+        let restoring = if taken.is_empty() {
+            String::new()
+        } else {
+            format!(", restoring {taken}")
+        };
         if !restores.is_empty() && !restore_data {
             return Err(Refused(format!(
-                "{} {} declared {} irreversible: rolling back restores {} to the snapshots taken before it ({}); writes made since are lost. Run `outpost-agent rollback --restore-data` to roll back and restore",
+                "{} {} declared {} irreversible: rolling back restores the data of {taken} from the snapshots taken before it; writes made since are lost. Run `outpost-agent rollback --restore-data` to roll back and restore",
                 current.name,
                 current.version,
                 current.irreversible.join(", "),
-                if restores.len() == 1 { "its data" } else { "their data" },
-                describe_snapshots(&restores)
             ))
             .into());
         }
         let message = format!(
-            "{} rolled back by {who} from {} to {}{}",
-            current.name,
-            current.version,
-            good.version,
-            if restores.is_empty() {
-                String::new()
-            } else {
-                format!(", restoring {}", describe_snapshots(&restores))
-            }
+            "{} rolled back by {who} from {} to {}{restoring}",
+            current.name, current.version, good.version,
         );
         self.store.record_decision(
             &Decision::new(
@@ -256,14 +253,8 @@ impl Agent {
         self.metrics.rollback("manual");
         self.current_changed.notify_one();
         Ok(format!(
-            "rolled back to {} (from {}){}; the runtime converges to it now",
-            good.version,
-            current.version,
-            if restores.is_empty() {
-                String::new()
-            } else {
-                format!(" restoring {}", describe_snapshots(&restores))
-            }
+            "rolled back to {} (from {}){restoring}; the runtime converges to it now",
+            good.version, current.version,
         ))
     }
 }

@@ -72,6 +72,13 @@ impl RolloutError {
     }
 }
 
+/// The agent's own store failed: retried like an unreachable runtime, never rolled back for.
+impl From<crate::state::StateError> for RolloutError {
+    fn from(e: crate::state::StateError) -> Self {
+        RolloutError::unavailable(format!("journal: {e}"))
+    }
+}
+
 impl From<crate::runtime::RuntimeError> for RolloutError {
     fn from(e: crate::runtime::RuntimeError) -> Self {
         RolloutError {
@@ -114,9 +121,7 @@ pub(crate) async fn journaled<T>(
     work: impl Future<Output = Result<T, RolloutError>>,
 ) -> Result<T, RolloutError> {
     let store = &context.store;
-    let id = store
-        .begin_step(digest, step, crate::config::now())
-        .map_err(|e| RolloutError::unavailable(format!("journal: {e}")))?;
+    let id = store.begin_step(digest, step, crate::config::now())?;
     let span = tracing::info_span!("step", step = %step);
     let outcome = tracing::Instrument::instrument(work, span).await;
     let finished = if outcome.is_ok() { "done" } else { "failed" };

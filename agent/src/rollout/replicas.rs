@@ -220,17 +220,7 @@ impl<R: Runtime> Replicas<R> {
                 config_hash,
             } => {
                 let spec = specs.spec(replica, config_hash)?;
-                // Gone with a restore queued (an interrupted restore, say): restored first.
-                if let Some(snapshot) =
-                    super::snapshots::pending_restore(&self.context.store, &spec)?
-                {
-                    self.settings
-                        .snapshots
-                        .restore(&self.context, &self.runtime, &spec, &snapshot, &notes)
-                        .await?;
-                }
-                self.create_healthy(&spec, specs, Slot::Primary, until, &notes)
-                    .await
+                self.create_primary(&spec, specs, until, &notes).await
             }
             Action::Replace {
                 replica,
@@ -266,32 +256,21 @@ impl<R: Runtime> Replicas<R> {
                 // Stateful: one at a time on the same volume, never two writers. Its data is
                 // copied while it is stopped, unless a rollback restores it instead.
                 let spec = specs.spec(replica, config_hash)?;
-                let restore = super::snapshots::pending_restore(&self.context.store, &spec)?;
-                if restore.is_none()
-                    && spec.volume.is_some()
-                    && super::snapshots::changes_data(
-                        &self.context.store,
+                self.settings
+                    .snapshots
+                    .take_before(
+                        &self.context,
+                        &self.runtime,
+                        &specs.digest,
+                        &spec,
                         instances,
-                        replica,
                         specs.container(replica)?,
                     )
-                {
-                    self.settings
-                        .snapshots
-                        .take_before(&self.context, &self.runtime, &specs.digest, name, replica)
-                        .await?;
-                }
+                    .await?;
                 self.runtime
                     .remove(name, replica, Slot::Primary, false)
                     .await?;
-                if let Some(snapshot) = restore {
-                    self.settings
-                        .snapshots
-                        .restore(&self.context, &self.runtime, &spec, &snapshot, &notes)
-                        .await?;
-                }
-                self.create_healthy(&spec, specs, Slot::Primary, until, &notes)
-                    .await
+                self.create_primary(&spec, specs, until, &notes).await
             }
             Action::Start { replica } => {
                 self.runtime
@@ -317,6 +296,23 @@ impl<R: Runtime> Replicas<R> {
                 .await
                 .map_err(RolloutError::from),
         }
+    }
+
+    /// Creates a primary replica and waits until it is healthy; a restore a rollback queued
+    /// for its volume (an interrupted one included) is done first.
+    async fn create_primary(
+        &self,
+        spec: &ReplicaSpec,
+        specs: &Specs<'_>,
+        until: Instant,
+        notes: crate::runtime::Notes<'_>,
+    ) -> Result<(), RolloutError> {
+        self.settings
+            .snapshots
+            .restore_if_queued(&self.context, &self.runtime, spec, notes)
+            .await?;
+        self.create_healthy(spec, specs, Slot::Primary, until, notes)
+            .await
     }
 
     /// Creates the replica in `slot` and waits until it is healthy. One that never becomes

@@ -73,19 +73,16 @@ fn converger_with(extra: &str, rollout: &str) -> (tempfile::TempDir, Test) {
 }
 
 fn release(c: &Test, yaml: &str, version: &str, sequence: u64) -> Digest {
-    let layout = signed_stack(yaml, version, sequence);
-    let outcome = c
-        .agent
-        .ingest(&layout, "test", crate::config::now())
-        .unwrap();
-    match outcome {
-        crate::pipeline::Ingested::Accepted { digest, .. } => digest,
-        other => panic!("{other:?}"),
-    }
+    accept(c, signed_stack(yaml, version, sequence))
 }
 
+/// A release declaring db irreversible.
 fn release_irreversible(c: &Test, yaml: &str, version: &str, sequence: u64) -> Digest {
     let layout = crate::testing::signed_stack_irreversible(yaml, version, sequence, &["db"]);
+    accept(c, layout)
+}
+
+fn accept(c: &Test, layout: outpost_bundle_format::Layout) -> Digest {
     match c
         .agent
         .ingest(&layout, "test", crate::config::now())
@@ -478,16 +475,25 @@ fn migrating_stack() -> String {
     )
 }
 
+/// Release 1.0.0 runs and writes format A; then 2.0.0, declaring db irreversible, rolls out
+/// (and fails, when its image is broken).
+async fn migrate(c: &Test) -> (Digest, Digest) {
+    let v1 = release(c, STACK, "1.0.0", 1);
+    c.converge_once().await.unwrap();
+    c.backend()
+        .runtime()
+        .write_volume("acme-db-0-data", "format A");
+    let v2 = release_irreversible(c, &migrating_stack(), "2.0.0", 2);
+    c.converge_once().await.unwrap();
+    (v1, v2)
+}
+
 #[tokio::test]
 async fn a_failed_irreversible_release_is_rolled_back_onto_the_data_snapshotted_before_it() {
     let (_dir, c) = converger("");
     let runtime = c.backend().runtime().clone();
-    let v1 = release(&c, STACK, "1.0.0", 1);
-    c.converge_once().await.unwrap();
-    runtime.write_volume("acme-db-0-data", "format A");
-    let v2 = release_irreversible(&c, &migrating_stack(), "2.0.0", 2);
     runtime.break_image(DB_B);
-    c.converge_once().await.unwrap();
+    let (v1, v2) = migrate(&c).await;
     assert_eq!(current(&c), v1, "rolled back");
     // Release 2 migrated the data before it failed.
     runtime.write_volume("acme-db-0-data", "format B");
@@ -531,11 +537,7 @@ async fn a_failed_irreversible_release_is_rolled_back_onto_the_data_snapshotted_
 async fn leaving_an_irreversible_release_by_hand_needs_restore_data() {
     let (_dir, c) = converger("");
     let runtime = c.backend().runtime().clone();
-    let v1 = release(&c, STACK, "1.0.0", 1);
-    c.converge_once().await.unwrap();
-    runtime.write_volume("acme-db-0-data", "format A");
-    let v2 = release_irreversible(&c, &migrating_stack(), "2.0.0", 2);
-    c.converge_once().await.unwrap();
+    let (v1, v2) = migrate(&c).await;
     assert_eq!(c.agent.store.positions().unwrap().converged, Some(v2));
     runtime.write_volume("acme-db-0-data", "format B");
 

@@ -18,10 +18,6 @@ use outpost_bundle_format::stack::Container;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
-fn journal_error(e: crate::state::StateError) -> RolloutError {
-    RolloutError::unavailable(format!("journal: {e}"))
-}
-
 /// Where a container-engine backend keeps its snapshots, and how many.
 #[derive(Debug, Clone)]
 pub struct Snapshots {
@@ -37,23 +33,30 @@ impl Snapshots {
         }
     }
 
-    /// Copies `replica`'s data before the release `digest` changes it, unless that release
-    /// already has its copy (a retried or resumed step) or snapshots are off (`keep: 0`).
-    /// The runtime stops the replica for it.
+    /// Copies the replica's data before the release `digest` replaces it with `new`, unless
+    /// no copy is wanted: snapshots are off (`keep: 0`), it has no volume, the release changes
+    /// only its limits (see [`changes_data`]), a rollback is about to restore the volume
+    /// anyway, or the release already has its copy (a retried or resumed step). The runtime
+    /// stops the replica for it.
     pub async fn take_before<R: Runtime>(
         &self,
         context: &Context,
         runtime: &R,
         digest: &Digest,
-        stack: &str,
-        replica: &ReplicaId,
+        spec: &ReplicaSpec,
+        running: &[Instance],
+        new: &Container,
     ) -> Result<(), RolloutError> {
-        let store = &context.store;
+        let (store, replica, stack) = (&context.store, &spec.replica, spec.stack.as_str());
         if self.config.keep == 0
+            || spec.volume.is_none()
             || store
-                .snapshot_before(digest, &replica.resource, replica.ordinal)
-                .map_err(journal_error)?
+                .pending_restore(&replica.resource, replica.ordinal)?
                 .is_some()
+            || store
+                .snapshot_before(digest, &replica.resource, replica.ordinal)?
+                .is_some()
+            || !changes_data(store, running, replica, new)
         {
             return Ok(());
         }
@@ -61,15 +64,13 @@ impl Snapshots {
         std::fs::create_dir_all(&self.dir).map_err(|e| {
             RolloutError::unavailable(format!("snapshots: {}: {e}", self.dir.display()))
         })?;
-        let id = store
-            .begin_snapshot(
-                digest,
-                &replica.resource,
-                replica.ordinal,
-                &location,
-                crate::config::now(),
-            )
-            .map_err(journal_error)?;
+        let id = store.begin_snapshot(
+            digest,
+            &replica.resource,
+            replica.ordinal,
+            &location,
+            crate::config::now(),
+        )?;
         let started = std::time::Instant::now();
         let bytes = runtime
             .snapshot(
@@ -79,9 +80,7 @@ impl Snapshots {
                 self.config.max_bytes(),
             )
             .await?;
-        store
-            .snapshot_taken(id, bytes, crate::config::now())
-            .map_err(journal_error)?;
+        store.snapshot_taken(id, bytes, crate::config::now())?;
         event(
             store,
             "snapshot",
@@ -96,22 +95,30 @@ impl Snapshots {
         Ok(())
     }
 
-    /// Restores the snapshot a rollback queued for `spec`'s replica into its volume, then
-    /// records the restore done. The replica must be gone; it is started only after this.
-    pub async fn restore<R: Runtime>(
+    /// Restores the snapshot a rollback queued for `spec`'s replica, if any, into its volume,
+    /// then records the restore done. The replica must be gone; it is started only after this.
+    pub async fn restore_if_queued<R: Runtime>(
         &self,
         context: &Context,
         runtime: &R,
         spec: &ReplicaSpec,
-        snapshot: &Snapshot,
         notes: crate::runtime::Notes<'_>,
     ) -> Result<(), RolloutError> {
+        if spec.volume.is_none() {
+            return Ok(());
+        }
+        let Some(snapshot) = context
+            .store
+            .pending_restore(&spec.replica.resource, spec.replica.ordinal)?
+        else {
+            return Ok(());
+        };
         let name = spec.replica.name(&spec.stack);
         let file = self.dir.join(&snapshot.location);
         if !file.is_file() {
             // Nothing to restore from: the replica must not start on data its release cannot read.
             return Err(RolloutError::new(format!(
-                "{name}: the snapshot to restore ({}) is missing",
+                "{name}: the snapshot to restore ({}) is missing; {name} stays stopped rather than start on data its release may not read",
                 file.display()
             )));
         }
@@ -123,7 +130,7 @@ impl Snapshots {
         context
             .store
             .restore_finished(
-                snapshot,
+                &snapshot,
                 &format!(
                     "{name}: data restored to the snapshot taken {} (before {})",
                     snapshot.taken_at,
@@ -134,27 +141,16 @@ impl Snapshots {
                 ),
                 crate::config::now(),
             )
-            .map_err(journal_error)
+            .map_err(RolloutError::from)
     }
 
     /// Deletes what retention no longer keeps, and files no record names (a copy a crash
     /// interrupted). Failures are logged: retention is retried after the next snapshot.
     pub fn prune(&self, context: &Context) {
         let store = &context.store;
-        let (all, needed, restoring) = match (|| {
-            let positions = store.positions()?;
-            let needed: BTreeSet<Digest> = [positions.current, positions.pending]
-                .into_iter()
-                .flatten()
-                .map(|r| r.digest)
-                .collect();
-            let restoring = store
-                .pending_restores()?
-                .into_iter()
-                .map(|s| s.id)
-                .collect();
-            Ok::<_, crate::state::StateError>((store.snapshots()?, needed, restoring))
-        })() {
+        let found = protected(store)
+            .and_then(|(needed, restoring)| Ok((store.snapshots()?, needed, restoring)));
+        let (all, needed, restoring) = match found {
             Ok(found) => found,
             Err(e) => {
                 tracing::warn!("snapshot retention: {e}");
@@ -217,7 +213,7 @@ pub fn plan_restores(
     observed: &[ObservedReplica],
     actions: &mut Vec<Action>,
 ) -> Result<(), RolloutError> {
-    for snapshot in store.pending_restores().map_err(journal_error)? {
+    for snapshot in store.pending_restores()? {
         let replica = ReplicaId {
             resource: snapshot.resource.clone(),
             ordinal: snapshot.ordinal,
@@ -232,9 +228,7 @@ pub fn plan_restores(
                 "{}: not restored: this release does not run it",
                 replica.name(desired.stack)
             );
-            store
-                .restore_finished(&snapshot, &message, crate::config::now())
-                .map_err(journal_error)?;
+            store.restore_finished(&snapshot, &message, crate::config::now())?;
             continue;
         };
         if actions.iter().any(|a| *a.replica() == replica) {
@@ -258,7 +252,7 @@ pub fn plan_restores(
 /// Whether replacing the replica changes what runs on its data (image, command or
 /// environment), as against a change of limits; true when the release it runs from is
 /// not known.
-pub fn changes_data(
+fn changes_data(
     store: &Store,
     instances: &[Instance],
     replica: &ReplicaId,
@@ -277,17 +271,21 @@ pub fn changes_data(
     old.image != new.image || old.command != new.command || old.environment != new.environment
 }
 
-/// The restore a rollback queued for a stateful replica.
-pub fn pending_restore(
-    store: &Store,
-    spec: &ReplicaSpec,
-) -> Result<Option<Snapshot>, RolloutError> {
-    if spec.volume.is_none() {
-        return Ok(None);
-    }
-    store
-        .pending_restore(&spec.replica.resource, spec.replica.ordinal)
-        .map_err(|e| RolloutError::unavailable(format!("journal: {e}")))
+/// What retention must keep: the releases a rollback could need restored (current, pending),
+/// and the snapshots queued restores read.
+fn protected(store: &Store) -> Result<(BTreeSet<Digest>, BTreeSet<i64>), crate::state::StateError> {
+    let positions = store.positions()?;
+    let needed = [positions.current, positions.pending]
+        .into_iter()
+        .flatten()
+        .map(|r| r.digest)
+        .collect();
+    let restoring = store
+        .pending_restores()?
+        .into_iter()
+        .map(|s| s.id)
+        .collect();
+    Ok((needed, restoring))
 }
 
 /// The snapshots retention deletes, oldest first: those left half-taken by a release that is no

@@ -40,9 +40,8 @@ impl Read for ChannelReader {
 /// the archive written.
 pub fn normalize(from: impl Read, to: &Path, max_bytes: u64) -> io::Result<u64> {
     let mut archive = tar::Archive::new(from);
-    let mut written = 0u64;
     outpost_bundle_format::layout::write_atomic_with(to, |out| -> Result<(), Failure> {
-        let mut builder = tar::Builder::new(Counted::new(out, &mut written));
+        let mut builder = tar::Builder::new(out);
         builder.follow_symlinks(false);
         // The first entry is the volume itself: `data/` from dockerd, `/` from Podman.
         let mut root: Option<PathBuf> = None;
@@ -84,7 +83,7 @@ pub fn normalize(from: impl Read, to: &Path, max_bytes: u64) -> io::Result<u64> 
         Ok(builder.into_inner()?.flush()?)
     })
     .map_err(|Failure(e)| e)?;
-    Ok(written)
+    Ok(std::fs::metadata(to)?.len())
 }
 
 /// An error while writing a snapshot, whichever layer it came from.
@@ -135,30 +134,6 @@ fn relative_to(root: &Path, path: &Path) -> io::Result<PathBuf> {
 
 fn invalid(message: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, message.to_string())
-}
-
-/// A writer that counts what passes through it.
-struct Counted<'a, W> {
-    inner: W,
-    count: &'a mut u64,
-}
-
-impl<'a, W> Counted<'a, W> {
-    fn new(inner: W, count: &'a mut u64) -> Self {
-        Counted { inner, count }
-    }
-}
-
-impl<W: Write> Write for Counted<'_, W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        *self.count += n as u64;
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
-    }
 }
 
 #[cfg(test)]

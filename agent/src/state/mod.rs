@@ -61,14 +61,17 @@ impl Store {
                 "state.db has schema version {version}; this agent knows {SCHEMA_VERSION} (downgrade?)"
             )));
         }
-        // Version 2 added the releases' irreversible resources, snapshots and restores.
-        if version == 1 {
-            conn.execute_batch(
-                "ALTER TABLE bundles ADD COLUMN irreversible TEXT NOT NULL DEFAULT '[]';",
-            )?;
-        }
-        conn.execute_batch(
+        // Version 2 added the releases' irreversible resources, snapshots and restores. The
+        // column is added in the same transaction as the version, so a crash cannot leave it
+        // added under version 1 (and the next start adding it twice).
+        let upgrade = if version == 1 {
+            "ALTER TABLE bundles ADD COLUMN irreversible TEXT NOT NULL DEFAULT '[]';"
+        } else {
+            ""
+        };
+        conn.execute_batch(&format!(
             "BEGIN;
+             {upgrade}
              CREATE TABLE IF NOT EXISTS bundles(
                  digest TEXT PRIMARY KEY, name TEXT NOT NULL, channel TEXT NOT NULL,
                  version TEXT NOT NULL, sequence INTEGER NOT NULL, created TEXT NOT NULL,
@@ -95,8 +98,8 @@ impl Store {
                  resource TEXT NOT NULL, ordinal INTEGER NOT NULL, snapshot INTEGER NOT NULL,
                  queued_at TEXT NOT NULL, PRIMARY KEY(resource, ordinal));
              PRAGMA user_version = 2;
-             COMMIT;",
-        )?;
+             COMMIT;"
+        ))?;
         Ok(Store {
             conn: Mutex::new(conn),
         })

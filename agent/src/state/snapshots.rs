@@ -3,7 +3,7 @@
 //! is taken and marked ready after, so a crash mid-copy leaves a record that is retaken, never
 //! one that is restored from.
 
-use super::{Result, StateError, Store, digest_column, event};
+use super::{Result, Store, digest_column, event, release_by_digest};
 use chrono::{DateTime, Utc};
 use outpost_bundle_format::Digest;
 use outpost_bundle_format::release::rfc3339;
@@ -78,12 +78,10 @@ impl Store {
     /// Marks snapshot `id` complete, `bytes` large.
     pub fn snapshot_taken(&self, id: i64, bytes: u64, at: DateTime<Utc>) -> Result<()> {
         self.with(|conn| {
-            let tx = conn.transaction()?;
-            tx.execute(
+            conn.execute(
                 "UPDATE snapshots SET ready = 1, bytes = ?2, taken_at = ?3 WHERE id = ?1",
                 params![id, bytes as i64, rfc3339::format(&at)],
             )?;
-            tx.commit()?;
             Ok(())
         })
     }
@@ -179,18 +177,9 @@ pub(super) fn irreversible_snapshots(
     conn: &rusqlite::Connection,
     release: &str,
 ) -> Result<Vec<Snapshot>> {
-    let declared: Option<String> = conn
-        .query_row(
-            "SELECT irreversible FROM bundles WHERE digest = ?1",
-            [release],
-            |r| r.get(0),
-        )
-        .optional()?;
-    let declared: Vec<String> = match declared {
-        Some(text) => serde_json::from_str(&text)
-            .map_err(|e| StateError(format!("irreversible resources of {release}: {e}")))?,
-        None => Vec::new(),
-    };
+    let declared = release_by_digest(conn, release)?
+        .map(|r| r.irreversible)
+        .unwrap_or_default();
     let mut statement = conn.prepare(&format!(
         "SELECT {COLUMNS} WHERE s.release = ?1 AND s.ready = 1 ORDER BY s.resource, s.ordinal"
     ))?;
@@ -216,4 +205,45 @@ pub(super) fn queue_restores(
         )?;
     }
     Ok(snapshots)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_version_1_store_is_upgraded_in_place_and_keeps_its_releases() {
+        let dir = tempfile::tempdir().unwrap();
+        let digest = format!("sha256:{}", "ab".repeat(32));
+        {
+            let conn = rusqlite::Connection::open(dir.path().join("state.db")).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE bundles(
+                     digest TEXT PRIMARY KEY, name TEXT NOT NULL, channel TEXT NOT NULL,
+                     version TEXT NOT NULL, sequence INTEGER NOT NULL, created TEXT NOT NULL,
+                     expires TEXT NOT NULL, stack TEXT NOT NULL, origin TEXT NOT NULL,
+                     received_at TEXT NOT NULL);
+                 PRAGMA user_version = 1;",
+            )
+            .unwrap();
+            conn.execute(
+                "INSERT INTO bundles VALUES (?1, 'acme', 'stable', '1.0.0', 1, 'c', 'e', '{}', 'o', 'r')",
+                [&digest],
+            )
+            .unwrap();
+        }
+        for _ in 0..2 {
+            let store = Store::open(dir.path()).unwrap();
+            let digest = Digest::parse(&digest).unwrap();
+            let release = store.release(&digest).unwrap().unwrap();
+            assert_eq!(release.version, "1.0.0");
+            assert!(release.irreversible.is_empty());
+            assert!(store.irreversible_snapshots(&digest).unwrap().is_empty());
+            let version: i64 = store
+                .with(|c| Ok(c.pragma_query_value(None, "user_version", |r| r.get(0))?))
+                .unwrap();
+            assert_eq!(version, 2);
+        }
+    }
 }
