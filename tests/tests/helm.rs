@@ -149,10 +149,18 @@ fn the_agent_gets_its_namespace_only_and_a_locked_down_pod() {
         .into_iter()
         .map(|k| (k.to_string(), all()))
         .collect();
-        // Pods only to replace one a StatefulSet is stuck on; claims never (with
-        // delete_volumes their StatefulSet's retention policy deletes them).
+        // Pods only to replace one a StatefulSet is stuck on (or stop them for a restore);
+        // claims and their snapshots only to snapshot and restore data (with delete_volumes
+        // a StatefulSet's retention policy deletes its claims).
         let pods = ["list", "delete"].map(String::from);
         wanted.insert("/pods".into(), pods.into());
+        let snapshots = ["get", "list", "create", "delete"].map(String::from);
+        wanted.insert(
+            "snapshot.storage.k8s.io/volumesnapshots".into(),
+            snapshots.into(),
+        );
+        let claims = ["get", "create", "delete"].map(String::from);
+        wanted.insert("/persistentvolumeclaims".into(), claims.into());
         assert_eq!(granted, wanted, "{:?}", variant.args);
 
         let binding = the(&objects, "RoleBinding");

@@ -136,6 +136,10 @@ pub struct KubernetesConfig {
     /// Delete the PersistentVolumeClaims of a pruned stateful resource. Off: data is kept.
     #[serde(default)]
     pub delete_volumes: bool,
+    /// VolumeSnapshotClass of the snapshots taken of claims before a release changes their
+    /// resource (the cluster's default class when absent).
+    #[serde(default)]
+    pub volume_snapshot_class: Option<String>,
 }
 
 impl Default for KubernetesConfig {
@@ -143,6 +147,7 @@ impl Default for KubernetesConfig {
         KubernetesConfig {
             kubeconfig: None,
             delete_volumes: false,
+            volume_snapshot_class: None,
             namespace: default_namespace(),
             storage_class: None,
             ingress_class: None,

@@ -325,7 +325,7 @@ impl Agent {
             ));
         }
         if !pending.irreversible.is_empty() {
-            if self.config.runtime != crate::config::RuntimeKind::Docker {
+            if self.config.runtime == crate::config::RuntimeKind::None {
                 warnings.push_str(&format!(
                     "irreversible: runtime {} takes no snapshots yet: no rollback past this release can restore the data\n",
                     self.config.runtime.as_str()

@@ -56,7 +56,12 @@ impl Snapshots {
             || store
                 .snapshot_before(digest, &replica.resource, replica.ordinal)?
                 .is_some()
-            || !changes_data(store, running, replica, new)
+            || !changes_data(
+                store,
+                running_digest(running, replica),
+                &replica.resource,
+                new,
+            )
         {
             return Ok(());
         }
@@ -145,51 +150,18 @@ impl Snapshots {
     }
 
     /// Deletes what retention no longer keeps, and files no record names (a copy a crash
-    /// interrupted). Failures are logged: retention is retried after the next snapshot.
+    /// interrupted).
     pub fn prune(&self, context: &Context) {
-        let store = &context.store;
-        let found = protected(store)
-            .and_then(|(needed, restoring)| Ok((store.snapshots()?, needed, restoring)));
-        let (all, needed, restoring) = match found {
-            Ok(found) => found,
-            Err(e) => {
-                tracing::warn!("snapshot retention: {e}");
-                return;
-            }
-        };
-        for snapshot in beyond_retention(
-            &all,
-            self.config.keep,
-            self.config.max_bytes(),
-            &needed,
-            &restoring,
-        ) {
+        for snapshot in doomed(&context.store, &self.config) {
             let file = self.dir.join(&snapshot.location);
             match std::fs::remove_file(&file) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                     tracing::warn!("snapshot retention: {}: {e}", file.display());
-                    continue;
                 }
-            }
-            if let Err(e) = store.forget_snapshot(snapshot.id) {
-                tracing::warn!("snapshot retention: {e}");
-                continue;
-            }
-            if snapshot.ready {
-                event(
-                    store,
-                    "snapshot-deleted",
-                    Some(&snapshot.release),
-                    &format!(
-                        "{}-{}: snapshot of {} deleted by retention",
-                        snapshot.resource, snapshot.ordinal, snapshot.taken_at
-                    ),
-                );
+                _ => retired(&context.store, &snapshot),
             }
         }
-        let named: BTreeSet<String> = match store.snapshots() {
+        let named: BTreeSet<String> = match context.store.snapshots() {
             Ok(left) => left.into_iter().map(|s| s.location).collect(),
             Err(_) => return,
         };
@@ -249,26 +221,65 @@ pub fn plan_restores(
     Ok(())
 }
 
-/// Whether replacing the replica changes what runs on its data (image, command or
-/// environment), as against a change of limits; true when the release it runs from is
-/// not known.
-fn changes_data(
+/// Whether replacing what runs from release `old` (a bundle digest, as the runtime labels
+/// it) with `new` changes what runs on `resource`'s data (image, command or environment), as
+/// against a change of limits; true when the release it runs from is not known.
+pub(crate) fn changes_data(
     store: &Store,
-    instances: &[Instance],
-    replica: &ReplicaId,
+    old: Option<&str>,
+    resource: &str,
     new: &Container,
 ) -> bool {
-    let old = instances
-        .iter()
-        .find(|i| i.replica.id == *replica && i.slot == Slot::Primary)
-        .and_then(|i| Digest::parse(&i.digest).ok())
+    let old = old
+        .and_then(|digest| Digest::parse(digest).ok())
         .and_then(|digest| store.release(&digest).ok().flatten())
         .and_then(|release| release.stack().ok());
-    let Some(old) = old.as_ref().and_then(|s| s.resource(&replica.resource)) else {
+    let Some(old) = old.as_ref().and_then(|s| s.resource(resource)) else {
         return true;
     };
     let old = &old.container;
     old.image != new.image || old.command != new.command || old.environment != new.environment
+}
+
+/// The snapshots retention no longer keeps (see [`beyond_retention`]); none when the store
+/// cannot say (logged; retried at the next pass).
+pub(crate) fn doomed(store: &Store, config: &SnapshotsConfig) -> Vec<Snapshot> {
+    let found = protected(store)
+        .and_then(|(needed, restoring)| Ok((store.snapshots()?, needed, restoring)));
+    match found {
+        Ok((all, needed, restoring)) => {
+            beyond_retention(&all, config.keep, config.max_bytes(), &needed, &restoring)
+        }
+        Err(e) => {
+            tracing::warn!("snapshot retention: {e}");
+            Vec::new()
+        }
+    }
+}
+
+/// Forgets a snapshot whose data the backend deleted.
+pub(crate) fn retired(store: &Store, snapshot: &Snapshot) {
+    if let Err(e) = store.forget_snapshot(snapshot.id) {
+        tracing::warn!("snapshot retention: {e}");
+    } else if snapshot.ready {
+        event(
+            store,
+            "snapshot-deleted",
+            Some(&snapshot.release),
+            &format!(
+                "{}-{}: snapshot of {} deleted by retention",
+                snapshot.resource, snapshot.ordinal, snapshot.taken_at
+            ),
+        );
+    }
+}
+
+/// The bundle digest the replica's primary runs from.
+fn running_digest<'a>(running: &'a [Instance], replica: &ReplicaId) -> Option<&'a str> {
+    running
+        .iter()
+        .find(|i| i.replica.id == *replica && i.slot == Slot::Primary)
+        .map(|i| i.digest.as_str())
 }
 
 /// What retention must keep: the releases a rollback could need restored (current, pending),

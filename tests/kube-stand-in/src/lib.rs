@@ -80,10 +80,56 @@ pub async fn cluster() -> kube::Client {
     cluster_with(Vec::new()).await
 }
 
+/// `snapshot.storage.k8s.io/v1` VolumeSnapshot, the CSI snapshot CRD a cluster installs: only
+/// its name, for the fake client's registry (objects of it are handled as JSON).
+pub struct VolumeSnapshot {
+    metadata: kube::api::ObjectMeta,
+}
+
+impl kube::Resource for VolumeSnapshot {
+    type DynamicType = ();
+    type Scope = kube::core::NamespaceResourceScope;
+
+    fn kind(_: &()) -> std::borrow::Cow<'_, str> {
+        "VolumeSnapshot".into()
+    }
+
+    fn group(_: &()) -> std::borrow::Cow<'_, str> {
+        "snapshot.storage.k8s.io".into()
+    }
+
+    fn version(_: &()) -> std::borrow::Cow<'_, str> {
+        "v1".into()
+    }
+
+    fn plural(_: &()) -> std::borrow::Cow<'_, str> {
+        "volumesnapshots".into()
+    }
+
+    fn meta(&self) -> &kube::api::ObjectMeta {
+        &self.metadata
+    }
+
+    fn meta_mut(&mut self) -> &mut kube::api::ObjectMeta {
+        &mut self.metadata
+    }
+}
+
 /// An in-memory cluster holding `objects` (JSON, each with its namespace), stored as given:
-/// also what the API would not let a client write, such as a `deletionTimestamp`.
+/// also what the API would not let a client write, such as a `deletionTimestamp`. The
+/// VolumeSnapshot CRD is installed.
 pub async fn cluster_with(objects: Vec<Value>) -> kube::Client {
-    kube_fake_client::ClientBuilder::new()
+    cluster_of(objects, true).await
+}
+
+/// [`cluster_with`], without the VolumeSnapshot CRD when `snapshots` is false (a cluster
+/// whose CSI driver has no snapshot support installed).
+pub async fn cluster_of(objects: Vec<Value>, snapshots: bool) -> kube::Client {
+    let mut builder = kube_fake_client::ClientBuilder::new();
+    if snapshots {
+        builder = builder.with_resource::<VolumeSnapshot>();
+    }
+    builder
         .with_runtime_objects(objects)
         .with_status_subresource::<Deployment>()
         .with_status_subresource::<StatefulSet>()
@@ -108,8 +154,8 @@ fn api(
 /// Plays the controllers' part in `namespace`: Deployments report their rollout as done once
 /// their pods would be ready; StatefulSets run pods one ordinal at a time (OrderedReady), each
 /// labelled with its revision, replace them in reverse order, and, like the real controller,
-/// stop at a pod that is not ready, whatever its revision; claims are made from the templates.
-/// Runs until dropped.
+/// stop at a pod that is not ready, whatever its revision; claims are made from the templates;
+/// VolumeSnapshots of existing claims become ready to use. Runs until dropped.
 pub async fn run_controllers(client: kube::Client, namespace: String) {
     let apis = Apis {
         deployments: api(&client, &namespace, "apps", "Deployment", "deployments"),
@@ -121,6 +167,13 @@ pub async fn run_controllers(client: kube::Client, namespace: String) {
             "",
             "PersistentVolumeClaim",
             "persistentvolumeclaims",
+        ),
+        snapshots: api(
+            &client,
+            &namespace,
+            "snapshot.storage.k8s.io",
+            "VolumeSnapshot",
+            "volumesnapshots",
         ),
     };
     loop {
@@ -145,7 +198,41 @@ pub async fn run_controllers(client: kube::Client, namespace: String) {
                 report(&apis.statefulsets, &item, status).await;
             }
         }
+        ready_snapshots(&apis.snapshots, &apis.claims).await;
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Plays the snapshot controller's part: a VolumeSnapshot of an existing claim becomes ready
+/// to use, its restore size the claim's request; one of a missing claim reports an error.
+async fn ready_snapshots(snapshots: &Api<DynamicObject>, claims: &Api<DynamicObject>) {
+    let Ok(list) = snapshots.list(&ListParams::default()).await else {
+        return;
+    };
+    for item in list.items {
+        if !item.data["status"].is_null() {
+            continue;
+        }
+        let source = item.data["spec"]["source"]["persistentVolumeClaimName"]
+            .as_str()
+            .unwrap_or_default();
+        let status = match claims.get_opt(source).await {
+            Ok(Some(claim)) => json!({
+                "readyToUse": true,
+                "restoreSize": claim.data["spec"]["resources"]["requests"]["storage"],
+                "creationTime": "2026-01-01T00:00:00Z",
+            }),
+            _ => json!({"readyToUse": false,
+                "error": {"message": format!("claim {source} not found")}}),
+        };
+        let name = item.metadata.name.clone().unwrap_or_default();
+        let _ = snapshots
+            .patch(
+                &name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"status": status})),
+            )
+            .await;
     }
 }
 
@@ -154,6 +241,7 @@ struct Apis {
     statefulsets: Api<DynamicObject>,
     pods: Api<DynamicObject>,
     claims: Api<DynamicObject>,
+    snapshots: Api<DynamicObject>,
 }
 
 /// Whether pods of this template become ready.

@@ -21,6 +21,9 @@ use serde_json::{Value, json};
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
+#[path = "snapshots.rs"]
+mod snapshots;
+
 pub const FIELD_MANAGER: &str = "outpost";
 /// Holds a replica count the agent gave up to an autoscaler.
 const HANDOVER_MANAGER: &str = "outpost-handover";
@@ -236,9 +239,11 @@ impl Cluster {
     async fn roll_out(
         &self,
         release: &Release,
+        stack: &Stack,
         objects: &[Admitted<'_>],
     ) -> Result<(), RolloutError> {
         let deadline = Duration::from_secs(self.context.rollout.progress_deadline_seconds);
+        self.drop_stale_restores(objects)?;
         let mut index = 0;
         while index < objects.len() {
             let resource = objects[index].resource;
@@ -257,7 +262,7 @@ impl Cluster {
                 "kubernetes",
                 &release.digest,
                 &step,
-                self.apply_and_wait(&group, deadline),
+                self.apply_and_wait(release, stack, &group, deadline),
             )
             .await;
             match &outcome {
@@ -279,13 +284,17 @@ impl Cluster {
                 &e.to_string(),
             );
         }
+        self.prune_snapshots().await;
         Ok(())
     }
 
     /// Applies one resource's objects (its autoscaler with its workload), then waits for the
-    /// workload's rollout.
+    /// workload's rollout. A StatefulSet's claims are snapshotted first when the release
+    /// changes what runs on them, and restored when a rollback queued it.
     async fn apply_and_wait(
         &self,
+        release: &Release,
+        stack: &Stack,
         group: &[&Admitted<'_>],
         deadline: Duration,
     ) -> Result<String, RolloutError> {
@@ -306,6 +315,11 @@ impl Cluster {
                 }
                 tokio::time::sleep(POLL_EVERY).await;
                 live = self.live(object).await?;
+            }
+            if object.kind.kind == "StatefulSet" {
+                self.snapshot_claims(release, stack, object, live.as_ref(), until)
+                    .await?;
+                self.restore_claims(object, live.as_ref(), until).await?;
             }
             if let Some(live) = &live {
                 self.hand_over_replicas(object, live).await?;
@@ -634,7 +648,9 @@ impl Backend for Cluster {
             .map(|o| self.admit(o))
             .collect::<Result<Vec<_>, _>>()?;
         let outcome = if fresh {
-            self.roll_out(release, &objects).await.map(|()| Vec::new())
+            self.roll_out(release, stack, &objects)
+                .await
+                .map(|()| Vec::new())
         } else {
             self.repair(release, &objects).await
         };

@@ -7,7 +7,9 @@
 //! (node selectors, tolerations) and classes (storage, ingress) come from the customer's
 //! config, never from the vendor's stack.
 
-use crate::config::{Config, KubernetesConfig, Permissions, Placement, RolloutConfig};
+use crate::config::{
+    Config, KubernetesConfig, Permissions, Placement, RolloutConfig, SnapshotsConfig,
+};
 use crate::plan::{config_hash, dependency_order, link_environment};
 use outpost_bundle_format::stack::{Container, Protocol, Scaling, Stack};
 use serde_json::{Map, Value, json};
@@ -17,7 +19,10 @@ pub const MANAGED_BY: &str = "outpost";
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 pub const STACK_LABEL: &str = "outpost.dev/stack";
 pub const RESOURCE_LABEL: &str = "outpost.dev/resource";
-const DIGEST_ANNOTATION: &str = "outpost.dev/bundle-digest";
+pub const DIGEST_ANNOTATION: &str = "outpost.dev/bundle-digest";
+/// The claim template of a resource with `persistentStorage`: its claims are
+/// `data-<statefulset>-<ordinal>`.
+pub const STATEFUL_CLAIM: &str = "data";
 const HASH_ANNOTATION: &str = "outpost.dev/config-hash";
 
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +36,7 @@ pub struct Settings {
     pub kubernetes: KubernetesConfig,
     pub permissions: Permissions,
     pub rollout: RolloutConfig,
+    pub snapshots: SnapshotsConfig,
 }
 
 impl Settings {
@@ -39,6 +45,7 @@ impl Settings {
             kubernetes: config.kubernetes.clone(),
             permissions: config.permissions.clone(),
             rollout: config.rollout.clone(),
+            snapshots: config.snapshots.clone(),
         }
     }
 }
@@ -384,7 +391,7 @@ impl Object {
             spec["podManagementPolicy"] = json!("OrderedReady");
             if let Some(size) = &c.persistent_storage {
                 let mut claim = json!({
-                    "metadata": {"name": "data", "labels": self.labels},
+                    "metadata": {"name": STATEFUL_CLAIM, "labels": self.labels},
                     "spec": {
                         "accessModes": ["ReadWriteOnce"],
                         "resources": {"requests": {"storage": size.as_str()}},

@@ -85,6 +85,10 @@ async fn harness(extra: &str) -> Harness {
 }
 
 async fn harness_with(extra: &str, objects: Vec<Value>) -> Harness {
+    harness_on(extra, outpost_kube_stand_in::cluster_with(objects).await).await
+}
+
+async fn harness_on(extra: &str, client: kube::Client) -> Harness {
     let (dir, path) = test_config_granting(
         "{execution: {service_account: web-runner, environment: {REGION: eu}}, storage: {service_account: db-runner}}",
         &format!(
@@ -92,7 +96,6 @@ async fn harness_with(extra: &str, objects: Vec<Value>) -> Harness {
         ),
     );
     let agent = Arc::new(Agent::new(Config::load(&path).unwrap()).unwrap());
-    let client = outpost_kube_stand_in::cluster_with(objects).await;
     let controller = tokio::spawn(outpost_kube_stand_in::run_controllers(
         client.clone(),
         NAMESPACE.into(),
@@ -139,11 +142,17 @@ impl Harness {
             .digest
     }
 
-    fn api(&self, kind: &str) -> Api<DynamicObject> {
+    fn api(&self, name: &str) -> Api<DynamicObject> {
+        let snapshots = kind(
+            "snapshot.storage.k8s.io",
+            "v1",
+            "VolumeSnapshot",
+            "volumesnapshots",
+        );
         let kind = KINDS
             .iter()
-            .chain([&CLAIMS, &PODS])
-            .find(|k| k.kind == kind)
+            .chain([&CLAIMS, &PODS, &snapshots])
+            .find(|k| k.kind == name)
             .unwrap();
         Api::namespaced_with(self.client.clone(), NAMESPACE, &kind.resource())
     }
@@ -709,7 +718,7 @@ async fn a_statefulset_stuck_on_a_pod_that_never_became_ready_is_rolled_back() {
     let good = stack(IMAGE, "replicas: 1", true);
     let v1 = h.release(&good, "1.0.0", 1);
     h.converger.converge_once().await.unwrap();
-    let db = "r.example/db@sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+    let db = DB;
     let broken = good.replace(
         db,
         &format!("r.example/db@{}", outpost_kube_stand_in::NEVER_READY_DIGEST),
@@ -730,6 +739,118 @@ async fn a_statefulset_stuck_on_a_pod_that_never_became_ready_is_rolled_back() {
     );
     assert_eq!(pod["spec"]["containers"][0]["image"], db);
     assert_eq!(h.names("PersistentVolumeClaim").await, ["data-acme-db-0"]);
+}
+
+const DB: &str =
+    "r.example/db@sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
+/// 1.0.0 runs; then 1.1.0 changes db's image, declared irreversible when `irreversible`,
+/// and never becomes ready. Returns both digests.
+async fn migrate_and_fail(h: &Harness, irreversible: bool) -> (Digest, Digest) {
+    let good = stack(IMAGE, "replicas: 1", true);
+    let v1 = h.release(&good, "1.0.0", 1);
+    h.converger.converge_once().await.unwrap();
+    let broken = good.replace(
+        DB,
+        &format!("r.example/db@{}", outpost_kube_stand_in::NEVER_READY_DIGEST),
+    );
+    let declared: &[&str] = if irreversible { &["db"] } else { &[] };
+    let layout = crate::testing::signed_stack_irreversible(&broken, "1.1.0", 2, declared);
+    let v2 = match h
+        .agent()
+        .ingest(&layout, "test", crate::config::now())
+        .unwrap()
+    {
+        crate::pipeline::Ingested::Accepted { digest, .. } => digest,
+        other => panic!("{other:?}"),
+    };
+    h.converger.converge_once().await.unwrap();
+    (v1, v2)
+}
+
+#[tokio::test]
+async fn a_failed_irreversible_release_restores_the_claims_from_their_snapshots() {
+    let h = harness(", volume_snapshot_class: csi-snapclass").await;
+    let (v1, v2) = migrate_and_fail(&h, true).await;
+    assert_eq!(h.current(), v1, "rolled back");
+
+    // The snapshot it took of the claim before changing db, exactly.
+    let name = format!("data-acme-db-0-{}", &v2.hex()[..12]);
+    let snapshot = h.get("VolumeSnapshot", &name).await.unwrap();
+    assert_eq!(
+        snapshot["spec"],
+        json!({"source": {"persistentVolumeClaimName": "data-acme-db-0"},
+            "volumeSnapshotClassName": "csi-snapclass"})
+    );
+    assert_eq!(snapshot["metadata"]["labels"]["outpost.dev/resource"], "db");
+    let recorded = h
+        .agent()
+        .store
+        .snapshot_before(&v2, "db", 0)
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (recorded.location.as_str(), recorded.bytes),
+        (name.as_str(), Some(1 << 30))
+    );
+    assert_eq!(h.agent().store.pending_restores().unwrap(), [recorded]);
+
+    // Rolling back: the claim is made anew from the snapshot before 1.0.0's pod starts.
+    h.converger.converge_once().await.unwrap();
+    assert_eq!(h.agent().store.positions().unwrap().converged, Some(v1));
+    let claim = h
+        .get("PersistentVolumeClaim", "data-acme-db-0")
+        .await
+        .unwrap();
+    assert_eq!(
+        claim["spec"]["dataSource"],
+        json!({"apiGroup": "snapshot.storage.k8s.io", "kind": "VolumeSnapshot", "name": name})
+    );
+    assert_eq!(claim["spec"]["storageClassName"], "fast");
+    assert!(h.agent().store.pending_restores().unwrap().is_empty());
+    let pod = h.get("Pod", "acme-db-0").await.unwrap();
+    assert_eq!(pod["spec"]["containers"][0]["image"], DB);
+    // Kept: retention keeps the newest of each replica.
+    assert!(h.get("VolumeSnapshot", &name).await.is_some());
+}
+
+#[tokio::test]
+async fn without_the_snapshot_api_only_an_irreversible_release_is_refused() {
+    // A change that is not declared irreversible goes ahead, saying its claims are not copied.
+    let h = harness_on(
+        "",
+        outpost_kube_stand_in::cluster_of(Vec::new(), false).await,
+    )
+    .await;
+    let (v1, _) = migrate_and_fail(&h, false).await;
+    assert_eq!(
+        h.current(),
+        v1,
+        "rolled back for its unready pod, not for the snapshot"
+    );
+    let history = h.agent().store.history(20).unwrap();
+    assert!(
+        history
+            .iter()
+            .any(|e| e.message.contains("not snapshotted")),
+        "{history:#?}"
+    );
+
+    // An irreversible one cannot keep its promise: refused, saying what to install.
+    let h = harness_on(
+        "",
+        outpost_kube_stand_in::cluster_of(Vec::new(), false).await,
+    )
+    .await;
+    migrate_and_fail(&h, true).await;
+    let view = h.agent().runtime_view.snapshot();
+    let last_rollback = view["last_rollback"].as_str().unwrap_or_default();
+    assert!(
+        last_rollback.contains("snapshot.storage.k8s.io/v1 VolumeSnapshots are not served")
+            && last_rollback.contains("snapshots.keep: 0"),
+        "{last_rollback}"
+    );
+    assert!(h.names("PersistentVolumeClaim").await == ["data-acme-db-0"]);
 }
 
 #[tokio::test]
