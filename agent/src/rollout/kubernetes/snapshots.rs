@@ -69,7 +69,7 @@ impl Cluster {
             }
             event(
                 store,
-                "snapshot",
+                "snapshot-skipped",
                 Some(&release.digest),
                 &format!("{}: claims not snapshotted: {what}", object.resource),
             );
@@ -198,9 +198,10 @@ impl Cluster {
         let (false, Some(template)) = (queued.is_empty(), template) else {
             return Ok(());
         };
-        if live.is_some() {
-            self.stop_pods(object, until).await?;
-        }
+        let replicas = match live {
+            Some(_) => self.stop_pods(object, until).await?,
+            None => None,
+        };
         let claims = self.api(&CLAIMS);
         for snapshot in &queued {
             let claim = format!("{STATEFUL_CLAIM}-{}-{}", object.name, snapshot.ordinal);
@@ -254,21 +255,42 @@ impl Cluster {
                 crate::config::now(),
             )?;
         }
+        // An autoscaled StatefulSet gets its count back from here, not from the apply (which
+        // leaves the count to the autoscaler, and an autoscaler does not scale up from 0): at
+        // least 1, should a restore interrupted after the scale-down find it at 0.
+        if let (Some(replicas), None) = (replicas, object.object.pointer("/spec/replicas")) {
+            self.scale(object, replicas.max(1)).await?;
+        }
         Ok(())
     }
 
-    /// Scales the StatefulSet to 0 and deletes its pods (one stuck unready would hold the
-    /// controller), then waits until none is left.
-    async fn stop_pods(&self, object: &Admitted<'_>, until: Instant) -> Result<(), RolloutError> {
-        let id = object.id();
+    async fn scale(&self, object: &Admitted<'_>, replicas: u64) -> Result<(), RolloutError> {
         self.api(object.kind)
             .patch(
                 object.name,
                 &PatchParams::default(),
-                &Patch::Merge(json!({"spec": {"replicas": 0}})),
+                &Patch::Merge(json!({"spec": {"replicas": replicas}})),
             )
             .await
-            .map_err(|e| kube_error(format!("scaling {id} to 0"), e))?;
+            .map_err(|e| kube_error(format!("scaling {} to {replicas}", object.id()), e))?;
+        Ok(())
+    }
+
+    /// Scales the StatefulSet to 0 and deletes its pods (one stuck unready would hold the
+    /// controller), then waits until none is left; returns the count it had.
+    async fn stop_pods(
+        &self,
+        object: &Admitted<'_>,
+        until: Instant,
+    ) -> Result<Option<u64>, RolloutError> {
+        let id = object.id();
+        let replicas = self
+            .api(object.kind)
+            .get_opt(object.name)
+            .await
+            .map_err(|e| kube_error(format!("reading {id}"), e))?
+            .and_then(|live| live.data.pointer("/spec/replicas").and_then(Value::as_u64));
+        self.scale(object, 0).await?;
         let pods = self.api(&super::PODS);
         let selector = format!(
             "{STACK_LABEL}={},{RESOURCE_LABEL}={}",
@@ -280,7 +302,7 @@ impl Cluster {
                 .await
                 .map_err(|e| kube_error(format!("listing the pods of {id}"), e))?;
             if list.items.is_empty() {
-                return Ok(());
+                return Ok(replicas);
             }
             for pod in list.items {
                 let name = pod.metadata.name.unwrap_or_default();
