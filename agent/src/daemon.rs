@@ -89,6 +89,7 @@ pub async fn run(agent: Agent) -> anyhow::Result<()> {
         RuntimeKind::Kubernetes => anyhow::bail!(
             "runtime kubernetes: this outpost-agent was built without the kubernetes feature"
         ),
+        RuntimeKind::Vm => Some(start_vm(&agent).await?),
     };
     let ticker = {
         let agent = agent.clone();
@@ -140,6 +141,85 @@ pub async fn run(agent: Agent) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&socket);
     tracing::info!("outpost-agent stopped");
     result
+}
+
+/// Starts the VM backend over the configured cloud provider.
+async fn start_vm(agent: &Arc<Agent>) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let Some(config) = agent.config.vm.clone() else {
+        anyhow::bail!("runtime vm: the vm section is missing");
+    };
+    match config.provider {
+        #[cfg(feature = "aws")]
+        crate::config::CloudProvider::Aws => {
+            let provider = crate::rollout::vm::aws::Aws::connect(&config).await?;
+            run_pools(agent, config, provider).await
+        }
+        #[cfg(not(feature = "aws"))]
+        crate::config::CloudProvider::Aws => anyhow::bail!(
+            "runtime vm, provider aws: this outpost-agent was built without the aws feature"
+        ),
+    }
+}
+
+/// Serves the node protocol and converges the pools through `provider`.
+#[cfg(feature = "aws")]
+async fn run_pools(
+    agent: &Arc<Agent>,
+    config: crate::config::VmConfig,
+    provider: crate::rollout::vm::aws::Aws,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    use crate::rollout::vm;
+    let secret = vm::bootstrap_secret(&config.nodes.bootstrap_secret_file)?;
+    let binary = std::env::current_exe()?;
+    let listener = tokio::net::TcpListener::bind(config.nodes.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("vm.nodes.listen {}: {e}", config.nodes.listen))?;
+    let nodes = vm::nodes::Nodes::new(
+        secret.clone(),
+        binary.clone(),
+        Duration::from_secs(config.nodes.report_timeout_seconds),
+    );
+    tokio::spawn(nodes.clone().serve(listener));
+    let settings = vm::Settings {
+        bootstrap: vm::Bootstrap {
+            advertise: config.nodes.advertise.clone(),
+            binary_sha256: vm::file_sha256(&binary)?,
+            secret,
+        },
+        vm: config,
+        permissions: agent.config.permissions.clone(),
+    };
+    let backend = vm::Pools::new(agent.rollout_context(), settings, provider, nodes);
+    let converger = Converger::new(agent.rollout_context(), backend);
+    Ok(tokio::spawn(async move { converger.run().await }))
+}
+
+/// Runs the node agent of a VM pool's machine until SIGTERM.
+pub async fn run_node(options: crate::rollout::vm::node::NodeOptions) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&options.state_dir)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", options.state_dir.display()))?;
+    let context = crate::rollout::Context {
+        store: Arc::new(crate::state::Store::open(&options.state_dir)?),
+        status: Arc::default(),
+        changed: Arc::default(),
+        rollout: Default::default(),
+        metrics: Arc::new(crate::metrics::Metrics::new()),
+    };
+    let docker = options.docker.clone();
+    let images = options.state_dir.join("images");
+    let node = crate::rollout::vm::node::NodeAgent::new(options, context, move || {
+        DockerRuntime::new(&docker, &images)
+    })?;
+    tracing::info!("outpost-agent node running");
+    notify_ready();
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = node.run() => {}
+        _ = terminate.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::info!("outpost-agent node stopped");
+    Ok(())
 }
 
 /// The source loop: next candidate → verify and record → tell the source.

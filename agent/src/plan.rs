@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 /// time has passed (crash-loop guard).
 pub const RESTART_BACKOFF: Duration = Duration::seconds(10);
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, serde::Deserialize)]
 pub struct ReplicaId {
     pub resource: String,
     pub ordinal: u32,
@@ -50,6 +50,8 @@ pub struct Desired<'a> {
     pub stack: &'a str,
     pub digest: Digest,
     pub resources: Vec<DesiredResource<'a>>,
+    /// Only these replicas run here (a machine of a VM pool); `None`: all of them.
+    pub only: Option<std::collections::BTreeSet<ReplicaId>>,
 }
 
 impl<'a> Desired<'a> {
@@ -84,6 +86,7 @@ impl<'a> Desired<'a> {
             stack: &stack.name,
             digest,
             resources,
+            only: None,
         }
     }
 }
@@ -247,6 +250,8 @@ pub enum RemoveReason {
     ScaleDown,
     /// Its resource is no longer in the release.
     Pruned,
+    /// It runs on another machine now.
+    Elsewhere,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -317,8 +322,18 @@ pub fn plan(desired: &Desired, observed: &[ObservedReplica], now: DateTime<Utc>)
         let mut present: Vec<&ObservedReplica> = by_resource.remove(name).unwrap_or_default();
         present.sort_by_key(|r| r.id.ordinal);
         let frozen = resource.lifecycle == Lifecycle::Frozen;
+        // The ordinals that run here: all of the resource's, or (a machine of a VM pool) those
+        // placed on this machine.
+        let ordinals: Vec<u32> = match &desired.only {
+            None => (0..resource.replicas).collect(),
+            Some(only) => only
+                .iter()
+                .filter(|r| r.resource == name)
+                .map(|r| r.ordinal)
+                .collect(),
+        };
         let mut next = present.iter().peekable();
-        for ordinal in 0..resource.replicas {
+        for &ordinal in &ordinals {
             while next.peek().is_some_and(|r| r.id.ordinal < ordinal) {
                 next.next();
             }
@@ -364,9 +379,14 @@ pub fn plan(desired: &Desired, observed: &[ObservedReplica], now: DateTime<Utc>)
         let surplus = present
             .iter()
             .rev()
-            .filter(|r| r.id.ordinal >= resource.replicas);
+            .filter(|r| ordinals.binary_search(&r.id.ordinal).is_err());
         for replica in surplus {
-            if frozen {
+            if desired.only.is_some() {
+                result.actions.push(Action::Remove {
+                    replica: replica.id.clone(),
+                    reason: RemoveReason::Elsewhere,
+                });
+            } else if frozen {
                 result.findings.push(format!(
                     "{}: frozen, above the release's replica count (kept)",
                     replica.id.name(desired.stack)

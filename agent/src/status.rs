@@ -104,6 +104,28 @@ pub struct RuntimeStatus {
     /// Where public endpoints are reachable.
     pub endpoints: Vec<String>,
     pub endpoint_errors: Vec<String>,
+    /// VM pools: their machines and what runs on each (runtime vm).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub pools: BTreeMap<String, PoolStatus>,
+}
+
+/// One VM pool: the machines its group is asked for and those it runs.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PoolStatus {
+    pub desired: u32,
+    pub machines: Vec<MachineStatus>,
+    /// Why the pool cannot hold its replicas, or the cloud's refusal, in one line.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct MachineStatus {
+    pub id: String,
+    pub zone: String,
+    /// `booting`, `joined`, `healthy`, `unhealthy: …`, `silent`, `retiring`, `leaving`.
+    pub state: String,
+    pub replicas: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -49,6 +49,19 @@ pub fn sha256(bytes: &[u8]) -> [u8; 32] {
     hasher.finish()
 }
 
+/// 32 bytes from the operating system's secure random source, as lowercase hex: the agent's
+/// shared secrets and tokens (node bootstrap, node credentials).
+pub fn random_secret() -> Result<String, KeyError> {
+    let mut bytes = [0u8; 32];
+    aws_lc_rs::rand::fill(&mut bytes).map_err(|e| KeyError::new("random bytes", e))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Whether two secrets are equal, in time that does not depend on where they differ.
+pub fn secrets_equal(a: &[u8], b: &[u8]) -> bool {
+    aws_lc_rs::constant_time::verify_slices_are_equal(a, b).is_ok()
+}
+
 /// An ECDSA P-256 public key (PEM "PUBLIC KEY", SubjectPublicKeyInfo), as cosign writes it.
 #[derive(Clone)]
 pub struct PublicKey {

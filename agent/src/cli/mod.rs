@@ -155,6 +155,32 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Run as the node agent on a machine of a VM pool (the machine's user data starts it):
+    /// join the agent, run the replicas it assigns to this machine on the machine's container
+    /// engine, and report their health.
+    Node {
+        /// The agent's node URL (`vm.nodes.advertise`).
+        #[arg(long)]
+        agent: String,
+        /// This machine's cloud instance id.
+        #[arg(long)]
+        instance_id: String,
+        /// The machine settings its user data was made for.
+        #[arg(long)]
+        settings: String,
+        /// The file holding the bootstrap secret.
+        #[arg(long)]
+        bootstrap_secret_file: PathBuf,
+        /// Where the node keeps its journal and last assignment.
+        #[arg(long)]
+        state_dir: PathBuf,
+        /// The machine's engine API socket (dockerd or Podman's service).
+        #[arg(long, default_value = "/var/run/docker.sock")]
+        docker_socket: PathBuf,
+        /// Where public endpoints listen on the machine (the load balancer's targets).
+        #[arg(long, default_value = "0.0.0.0")]
+        publish_address: std::net::IpAddr,
+    },
     /// Print the JSON Schema of the configuration file.
     ConfigSchema,
     /// Print shell completions (bash, zsh or fish) for outpost-agent.
@@ -229,6 +255,33 @@ fn execute(command: Command) -> Result<(), Failure> {
             outpost_agent::logging::init(&config.log);
             let agent = Agent::new(config).map_err(|e| Failure(2, format!("{e:#}")))?;
             runtime()?.block_on(daemon::run(agent))?;
+        }
+        Command::Node {
+            agent,
+            instance_id,
+            settings,
+            bootstrap_secret_file,
+            state_dir,
+            docker_socket,
+            publish_address,
+        } => {
+            outpost_agent::logging::init(&Default::default());
+            let secret = std::fs::read_to_string(&bootstrap_secret_file)
+                .map_err(|e| Failure(2, format!("{}: {e}", bootstrap_secret_file.display())))?;
+            let mut docker = outpost_agent::config::DockerConfig {
+                socket: docker_socket,
+                ..Default::default()
+            };
+            docker.publish.address = publish_address;
+            let options = outpost_agent::rollout::vm::node::NodeOptions {
+                agent,
+                instance_id,
+                settings,
+                bootstrap_secret: secret.trim().to_string(),
+                state_dir,
+                docker,
+            };
+            runtime()?.block_on(daemon::run_node(options))?;
         }
         Command::Status {
             config,

@@ -2,9 +2,11 @@
 //! the user documentation; `outpost-agent config-schema` prints the JSON Schema generated from it.
 
 mod runtime;
+mod vm;
 mod window;
 
 pub use runtime::*;
+pub use vm::*;
 pub use window::Window;
 
 use chrono::{DateTime, Duration, Utc};
@@ -33,7 +35,8 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub api: ApiConfig,
     /// What runs approved releases. `none`: accept and record only (a dry run to review);
-    /// `docker`: containers on the host's Docker Engine API (dockerd or `podman system service`).
+    /// `docker`: containers on the host's Docker Engine API (dockerd or `podman system service`);
+    /// `kubernetes`: objects in a namespace; `vm`: machine pools in the customer's cloud.
     #[serde(default)]
     pub runtime: RuntimeKind,
     /// The Docker runtime's settings (with `runtime: docker`).
@@ -42,6 +45,9 @@ pub struct Config {
     /// Where and how releases map onto Kubernetes (`outpost-agent render`).
     #[serde(default)]
     pub kubernetes: KubernetesConfig,
+    /// Managed VM pools in the customer's cloud account (with `runtime: vm`).
+    #[serde(default)]
+    pub vm: Option<VmConfig>,
     /// How releases roll out and how drift is repaired.
     #[serde(default)]
     pub rollout: RolloutConfig,
@@ -263,6 +269,7 @@ pub enum RuntimeKind {
     None,
     Docker,
     Kubernetes,
+    Vm,
 }
 
 impl RuntimeKind {
@@ -271,6 +278,7 @@ impl RuntimeKind {
             RuntimeKind::None => "none",
             RuntimeKind::Docker => "docker",
             RuntimeKind::Kubernetes => "kubernetes",
+            RuntimeKind::Vm => "vm",
         }
     }
 }
@@ -379,6 +387,7 @@ impl Config {
         for (section, runtime, also) in [
             ("docker", RuntimeKind::Docker, RuntimeKind::Docker),
             ("kubernetes", RuntimeKind::Kubernetes, RuntimeKind::None),
+            ("vm", RuntimeKind::Vm, RuntimeKind::Vm),
         ] {
             if sections.contains_key(section) && config.runtime != runtime && config.runtime != also
             {
@@ -405,6 +414,9 @@ impl Config {
             .values_mut()
             .for_each(|c| resolve(&mut c.password_file));
         resolve(&mut config.api.socket);
+        if let Some(vm) = &mut config.vm {
+            resolve(&mut vm.nodes.bootstrap_secret_file);
+        }
         config.trust.root.as_mut().map(resolve);
         config.trust.keys.iter_mut().for_each(resolve);
         match &mut config.source {
@@ -534,6 +546,23 @@ impl Config {
                     if grant.service_account.is_none() {
                         return Err(format!(
                             "permissions.{profile}.service_account is not set: on Kubernetes each permission profile maps to a ServiceAccount"
+                        ));
+                    }
+                }
+            }
+            RuntimeKind::Vm => {
+                let Some(vm) = &self.vm else {
+                    return Err(
+                        "vm is not set: runtime vm needs the vm section (provider, nodes, pools)"
+                            .into(),
+                    );
+                };
+                vm.check()?;
+                for profile in self.permissions.profiles() {
+                    let grant = self.permissions.grant(profile)?;
+                    if !grant.files.is_empty() || grant.service_account.is_some() {
+                        return Err(format!(
+                            "permissions.{profile}: on runtime vm a grant is environment only (the machines' instance profile carries the identity)"
                         ));
                     }
                 }

@@ -91,7 +91,7 @@ impl Agent {
                         "{} {} is now current (runtime none: recorded, nothing runs)",
                         pending.name, pending.version
                     ),
-                    RuntimeKind::Docker | RuntimeKind::Kubernetes => format!(
+                    RuntimeKind::Docker | RuntimeKind::Kubernetes | RuntimeKind::Vm => format!(
                         "{} {} is now current; rolling out",
                         pending.name, pending.version
                     ),

@@ -274,7 +274,7 @@ impl Agent {
         let positions = self.store.positions()?;
         let runtime = match self.config.runtime {
             RuntimeKind::None => json!("none"),
-            kind @ (RuntimeKind::Docker | RuntimeKind::Kubernetes) => {
+            kind @ (RuntimeKind::Docker | RuntimeKind::Kubernetes | RuntimeKind::Vm) => {
                 let mut view = self.runtime_view.snapshot();
                 if !view.is_object() {
                     view = json!({});

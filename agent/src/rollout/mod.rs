@@ -5,12 +5,13 @@
 //!
 //! A [`Backend`] says how a release runs; each lives beside this file and imports only
 //! downward (the store, the plan, the runtimes): [`replicas`] on a container engine,
-//! [`kubernetes`] on a cluster. A backend gets a [`Context`] (the store for its journal, the
+//! [`kubernetes`] on a cluster, [`vm`] on machine pools in the customer's cloud. A backend gets a [`Context`] (the store for its journal, the
 //! status sink, the rollout settings) and its own config section, never the whole agent.
 
 pub mod kubernetes;
 pub mod replicas;
 pub mod snapshots;
+pub mod vm;
 
 pub use replicas::Replicas;
 

@@ -58,12 +58,26 @@ impl<R: Runtime> Backend for Replicas<R> {
         stack: &Stack,
         fresh: bool,
     ) -> Result<Vec<Repair>, RolloutError> {
-        let specs = Specs::new(&self.settings, stack, release.digest)?;
+        self.run(release.digest, stack, fresh, None).await
+    }
+}
+
+impl<R: Runtime> Replicas<R> {
+    /// Carries out the plan for the release `digest` (its `stack`), for all its replicas or
+    /// (a machine of a VM pool, where the agent places and scales) `only` those given.
+    pub async fn run(
+        &self,
+        digest: Digest,
+        stack: &Stack,
+        fresh: bool,
+        only: Option<std::collections::BTreeSet<ReplicaId>>,
+    ) -> Result<Vec<Repair>, RolloutError> {
+        let specs = Specs::new(&self.settings, stack, digest)?;
         let mut instances = self.runtime.observe(&stack.name).await?;
         if self.settle_surges(&stack.name, &instances).await? {
             instances = self.runtime.observe(&stack.name).await?;
         }
-        if !fresh {
+        if !fresh && only.is_none() {
             self.autoscale(stack, &instances).await;
         }
         let scale: BTreeMap<String, u32> = self
@@ -71,7 +85,8 @@ impl<R: Runtime> Backend for Replicas<R> {
             .lock()
             .map(|s| s.iter().map(|(k, (n, _))| (k.clone(), *n)).collect())
             .unwrap_or_default();
-        let desired = Desired::new(stack, release.digest, &scale);
+        let mut desired = Desired::new(stack, digest, &scale);
+        desired.only = only;
         let observed: Vec<_> = instances
             .iter()
             .filter(|i| i.slot == Slot::Primary)
@@ -106,7 +121,7 @@ impl<R: Runtime> Backend for Replicas<R> {
             let outcome = journaled(
                 &self.context,
                 "replicas",
-                &release.digest,
+                &digest,
                 &described,
                 self.carry_out(action, stack, &specs, &instances, until),
             )
@@ -143,9 +158,7 @@ impl<R: Runtime> Backend for Replicas<R> {
         }
         Ok(taken)
     }
-}
 
-impl<R: Runtime> Replicas<R> {
     pub fn new(context: Context, settings: Settings, runtime: R) -> Replicas<R> {
         Replicas {
             context,

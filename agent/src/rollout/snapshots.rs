@@ -33,6 +33,17 @@ impl Snapshots {
         }
     }
 
+    /// No snapshots (a node of a VM pool: its volumes are the cloud's).
+    pub fn off(state_dir: &std::path::Path) -> Snapshots {
+        Snapshots {
+            dir: state_dir.join("snapshots"),
+            config: SnapshotsConfig {
+                keep: 0,
+                ..SnapshotsConfig::default()
+            },
+        }
+    }
+
     /// Copies the replica's data before the release `digest` replaces it with `new`, unless
     /// no copy is wanted: snapshots are off (`keep: 0`), it has no volume, the release changes
     /// only its limits (see [`changes_data`]), a rollback is about to restore the volume

@@ -1,0 +1,751 @@
+//! The VM backend: a release on machine pools in the customer's cloud account. The agent keeps
+//! one machine group per capacity pool (through a [`Provider`]: AWS today), places replicas on
+//! machines by cpu, memory and GPU ([`placement`]), and hands each machine its share through
+//! the node protocol ([`nodes`]); the node agent on the machine runs it with the
+//! container-engine backend and reports health back. A new release rolls through the machines
+//! one at a time, each healthy before the next.
+
+#[cfg(feature = "aws")]
+pub mod aws;
+pub mod node;
+pub mod nodes;
+pub mod placement;
+pub mod policy;
+pub mod provider;
+
+use super::{Backend, Context, Repair, RolloutError, event, journaled};
+use crate::config::{DEFAULT_POOL, Permissions, PoolConfig, VmConfig};
+use crate::plan::ReplicaId;
+use crate::state::Release;
+use crate::status::{MachineStatus, PoolStatus};
+use nodes::{AssignedRelease, Assignment, Node, Nodes};
+use outpost_bundle_format::Digest;
+use outpost_bundle_format::stack::{Scaling, Stack};
+use placement::{Host, Placement, Pool, Shape, Want};
+use provider::{CloudError, Group, Machine, MachineState, PoolSpec, Provider};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How often a rollout looks again while it waits for machines and nodes.
+const WAIT_STEP: Duration = Duration::from_secs(2);
+
+/// How a machine's user data starts its node agent: where the agent is, what its binary's
+/// SHA-256 is, and the secret to join with.
+#[derive(Debug, Clone)]
+pub struct Bootstrap {
+    pub advertise: String,
+    pub binary_sha256: String,
+    pub secret: String,
+}
+
+impl Bootstrap {
+    /// The cloud-init shell script every machine of `pool` boots with. It fetches the node
+    /// binary from the agent (no internet needed), checks its SHA-256, and runs `node` under
+    /// systemd where there is one. `OUTPOST_NODE_DIR` and `OUTPOST_INSTANCE_ID` let a test host
+    /// run it without root or an instance metadata service.
+    pub fn user_data(&self, settings: &str) -> String {
+        format!(
+            r#"#!/bin/sh
+# outpost node bootstrap, made by outpost-agent (machine settings {settings})
+set -eu
+umask 077
+AGENT='{agent}'
+DIR="${{OUTPOST_NODE_DIR:-/var/lib/outpost-node}}"
+mkdir -p "$DIR"
+printf '%s' '{secret}' > "$DIR/bootstrap-secret"
+curl -fsS --retry 60 --retry-delay 2 --retry-connrefused -o "$DIR/outpost-agent.new" "$AGENT/v1/binary"
+echo "{sha}  $DIR/outpost-agent.new" | sha256sum -c - >/dev/null
+chmod 0755 "$DIR/outpost-agent.new"
+mv "$DIR/outpost-agent.new" "$DIR/outpost-agent"
+if [ -z "${{OUTPOST_INSTANCE_ID:-}}" ]; then
+  TOKEN=$(curl -fsS -X PUT -H 'X-aws-ec2-metadata-token-ttl-seconds: 300' http://169.254.169.254/latest/api/token)
+  OUTPOST_INSTANCE_ID=$(curl -fsS -H "X-aws-ec2-metadata-token: $TOKEN" http://169.254.169.254/latest/meta-data/instance-id)
+fi
+set -- "$DIR/outpost-agent" node --agent "$AGENT" --instance-id "$OUTPOST_INSTANCE_ID" --settings '{settings}' --bootstrap-secret-file "$DIR/bootstrap-secret" --state-dir "$DIR/state"
+if [ -z "${{OUTPOST_NODE_DIR:-}}" ] && [ -d /run/systemd/system ]; then
+  cat > /etc/systemd/system/outpost-node.service <<UNIT
+[Unit]
+Description=Outpost node agent
+After=network-online.target docker.service
+[Service]
+ExecStart=$*
+Restart=always
+RestartSec=2
+[Install]
+WantedBy=multi-user.target
+UNIT
+  systemctl daemon-reload
+  exec systemctl enable --now outpost-node.service
+fi
+exec "$@"
+"#,
+            agent = self.advertise,
+            secret = self.secret,
+            sha = self.binary_sha256,
+        )
+    }
+}
+
+/// What this backend takes from the configuration.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub vm: VmConfig,
+    pub permissions: Permissions,
+    pub bootstrap: Bootstrap,
+}
+
+/// The secret machines join with: read from `file`, or made (0600) when it does not exist.
+pub fn bootstrap_secret(file: &std::path::Path) -> anyhow::Result<String> {
+    match std::fs::read_to_string(file) {
+        Ok(text) if text.trim().len() >= 32 => Ok(text.trim().to_string()),
+        Ok(_) => anyhow::bail!(
+            "vm.nodes.bootstrap_secret_file {}: shorter than 32 characters",
+            file.display()
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let secret = outpost_bundle_format::crypto::random_secret()?;
+            if let Some(dir) = file.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut out = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(file)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            out.write_all(secret.as_bytes())?;
+            out.sync_all()?;
+            Ok(secret)
+        }
+        Err(e) => anyhow::bail!("vm.nodes.bootstrap_secret_file {}: {e}", file.display()),
+    }
+}
+
+/// The SHA-256 of a file, as hex (the node binary machines check).
+pub fn file_sha256(path: &std::path::Path) -> anyhow::Result<String> {
+    use std::io::Read;
+    let mut file =
+        std::fs::File::open(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let mut hasher = outpost_bundle_format::crypto::Sha256::default();
+    let mut buffer = vec![0u8; 1 << 16];
+    loop {
+        let n = file.read(&mut buffer)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buffer[..n]);
+    }
+    Ok(hasher.finish().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// The machine settings' identity: a machine launched with other settings is replaced.
+pub fn settings_hash(pool: &PoolConfig) -> String {
+    let text = serde_json::to_string(pool).unwrap_or_default();
+    let hash = outpost_bundle_format::crypto::sha256(text.as_bytes());
+    hash[..6].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Runs releases on VM pools through a cloud [`Provider`].
+pub struct Pools<P: Provider> {
+    context: Context,
+    settings: Settings,
+    provider: P,
+    nodes: Arc<Nodes>,
+    /// Where each replica was placed last (placement keeps replicas where they run).
+    placed: Mutex<BTreeMap<ReplicaId, String>>,
+    /// Machine sizes by instance type, asked once.
+    sizes: Mutex<BTreeMap<String, (f64, u64)>>,
+}
+
+impl From<CloudError> for RolloutError {
+    fn from(e: CloudError) -> Self {
+        RolloutError {
+            message: e.message,
+            unavailable: e.transient,
+        }
+    }
+}
+
+impl<P: Provider> Backend for Pools<P> {
+    async fn converge(
+        &self,
+        release: &Release,
+        stack: &Stack,
+        fresh: bool,
+    ) -> Result<Vec<Repair>, RolloutError> {
+        let wants = self.wants(stack)?;
+        let specs = self.specs(stack, &wants);
+        for spec in specs.values() {
+            self.provider
+                .ensure_pool(spec)
+                .await
+                .map_err(|e| in_pool(&spec.pool, e))?;
+        }
+        let pools = self.shapes(&specs).await?;
+        let assigned = AssignedRelease {
+            name: release.name.clone(),
+            version: release.version.clone(),
+            digest: release.digest,
+            stack: serde_json::from_str(&release.stack)
+                .map_err(|e| RolloutError::new(format!("stored stack: {e}")))?,
+        };
+        let deadline =
+            Instant::now() + Duration::from_secs(self.context.rollout.progress_deadline_seconds);
+        let mut repairs = Vec::new();
+        loop {
+            let groups = self.groups(stack, &specs).await?;
+            let machines: Vec<Machine> = groups.values().flat_map(|g| g.machines.clone()).collect();
+            let nodes = self.nodes.nodes();
+            let hosts = self.hosts(&machines, &nodes);
+            let previous = self.placed.lock().map(|p| p.clone()).unwrap_or_default();
+            let placement = placement::place(&pools, &wants, &hosts, &previous);
+            if let Ok(mut placed) = self.placed.lock() {
+                placed.clone_from(&placement.assigned);
+            }
+            self.show(&machines, &nodes, &placement);
+            if !placement.problems.is_empty() {
+                return Err(RolloutError::new(placement.problems.join("; ")));
+            }
+            self.size_pools(release, stack, &groups, &placement, &mut repairs)
+                .await?;
+            self.replace_silent(release, stack, &machines, &nodes, &mut repairs)
+                .await?;
+            self.assign(&assigned, &machines, &nodes, &placement, fresh);
+            let progress = match self.progress(&release.digest, &wants, &placement) {
+                Ok(()) => {
+                    self.replace_retired(release, stack, &machines, &nodes, &specs, &mut repairs)
+                        .await?
+                }
+                Err(e) => Err(e),
+            };
+            match progress {
+                Ok(()) => return Ok(repairs),
+                Err(Progress::Failed(why)) => return Err(RolloutError::new(why)),
+                Err(Progress::Waiting(_)) if !fresh => return Ok(repairs),
+                Err(Progress::Waiting(why)) if Instant::now() >= deadline => {
+                    return Err(RolloutError::new(format!(
+                        "not healthy within the progress deadline ({}s): {why}",
+                        self.context.rollout.progress_deadline_seconds
+                    )));
+                }
+                Err(Progress::Waiting(why)) => {
+                    self.context.status.update(|s| s.note = Some(why));
+                    self.nodes.wait_report(WAIT_STEP).await;
+                }
+            }
+        }
+    }
+}
+
+enum Progress {
+    Waiting(String),
+    Failed(String),
+}
+
+fn in_pool(pool: &str, e: CloudError) -> RolloutError {
+    RolloutError::from(CloudError {
+        message: format!("pool {pool}: {}", e.message),
+        transient: e.transient,
+    })
+}
+
+impl<P: Provider> Pools<P> {
+    pub fn new(context: Context, settings: Settings, provider: P, nodes: Arc<Nodes>) -> Self {
+        Pools {
+            context,
+            settings,
+            provider,
+            nodes,
+            placed: Mutex::default(),
+            sizes: Mutex::default(),
+        }
+    }
+
+    pub fn provider(&self) -> &P {
+        &self.provider
+    }
+
+    /// Every replica of the release, with what it needs and the pool it goes to.
+    fn wants(&self, stack: &Stack) -> Result<Vec<Want>, RolloutError> {
+        let mut wants = Vec::new();
+        for resource in &stack.resources {
+            let c = &resource.container;
+            let pool = c.pool.clone().unwrap_or_else(|| DEFAULT_POOL.to_string());
+            if !self.settings.vm.pools.contains_key(&pool) {
+                return Err(RolloutError::new(format!(
+                    "resource {}: pool {pool:?} is not configured (config key vm.pools; configured: {})",
+                    c.name,
+                    self.settings
+                        .vm
+                        .pools
+                        .keys()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            }
+            self.settings
+                .permissions
+                .grant(&c.permissions)
+                .map_err(|e| RolloutError::new(format!("resource {}: {e}", c.name)))?;
+            let count = match c.scaling {
+                Scaling::Fixed(n) => n,
+                Scaling::Auto { desired, .. } => desired,
+            };
+            for ordinal in 0..count {
+                wants.push(Want {
+                    id: ReplicaId::new(&c.name, ordinal),
+                    pool: pool.clone(),
+                    cpu: c.cpu.desired,
+                    memory_bytes: c.memory.bytes(),
+                    gpu: c.gpu.as_ref().map(|g| (g.kind.clone(), g.count)),
+                    zone: None,
+                });
+            }
+        }
+        Ok(wants)
+    }
+
+    /// The pools the release uses (and those the customer keeps machines in regardless).
+    fn specs(&self, stack: &Stack, wants: &[Want]) -> BTreeMap<String, PoolSpec> {
+        let used: BTreeSet<&str> = wants.iter().map(|w| w.pool.as_str()).collect();
+        self.settings
+            .vm
+            .pools
+            .iter()
+            .filter(|(name, pool)| used.contains(name.as_str()) || pool.min_machines > 0)
+            .map(|(name, pool)| {
+                let settings = settings_hash(pool);
+                let spec = PoolSpec {
+                    stack: stack.name.clone(),
+                    pool: name.clone(),
+                    config: pool.clone(),
+                    user_data: self.settings.bootstrap.user_data(&settings),
+                    settings,
+                };
+                (name.clone(), spec)
+            })
+            .collect()
+    }
+
+    async fn shapes(
+        &self,
+        specs: &BTreeMap<String, PoolSpec>,
+    ) -> Result<BTreeMap<String, Pool>, RolloutError> {
+        let mut pools = BTreeMap::new();
+        for (name, spec) in specs {
+            let config = &spec.config;
+            let known = self
+                .sizes
+                .lock()
+                .ok()
+                .and_then(|s| s.get(&config.instance_type).copied());
+            let (cpu, memory) = match known {
+                Some(size) => size,
+                None => {
+                    let size = self
+                        .provider
+                        .machine_size(&config.instance_type)
+                        .await
+                        .map_err(|e| in_pool(name, e))?;
+                    if let Ok(mut sizes) = self.sizes.lock() {
+                        sizes.insert(config.instance_type.clone(), size);
+                    }
+                    size
+                }
+            };
+            pools.insert(
+                name.clone(),
+                Pool {
+                    label: format!("{name} ({})", config.instance_type),
+                    shape: Shape {
+                        cpu: (cpu - config.reserved.cpu).max(0.0),
+                        memory_bytes: memory.saturating_sub(config.reserved.memory_mib << 20),
+                        gpus: config.gpus.clone(),
+                    },
+                    min: config.min_machines,
+                    max: config.max_machines,
+                },
+            );
+        }
+        Ok(pools)
+    }
+
+    /// The groups of every pool (their machines are the only ones that may join as nodes).
+    async fn groups(
+        &self,
+        stack: &Stack,
+        specs: &BTreeMap<String, PoolSpec>,
+    ) -> Result<BTreeMap<String, Group>, RolloutError> {
+        let mut groups = BTreeMap::new();
+        for name in specs.keys() {
+            let group = self
+                .provider
+                .group(&stack.name, name)
+                .await
+                .map_err(|e| in_pool(name, e))?;
+            groups.insert(name.clone(), group);
+        }
+        self.nodes.allow(
+            groups
+                .values()
+                .flat_map(|g| &g.machines)
+                .filter(|m| m.state != MachineState::Leaving)
+                .map(|m| (m.id.clone(), m.pool.clone()))
+                .collect(),
+        );
+        Ok(groups)
+    }
+
+    /// Whether a node has gone quiet for longer than the customer allows.
+    fn silent(&self, node: &Node) -> bool {
+        let timeout = Duration::from_secs(self.settings.vm.nodes.report_timeout_seconds);
+        node.reported_at.is_some_and(|at| at.elapsed() > timeout)
+    }
+
+    /// Machines as placement sees them: usable once running, joined and reporting. (One on
+    /// older settings stays usable until the rollout replaces it.)
+    fn hosts(&self, machines: &[Machine], nodes: &BTreeMap<String, Node>) -> Vec<Host> {
+        machines
+            .iter()
+            .filter(|m| m.state != MachineState::Leaving)
+            .map(|m| {
+                let usable = m.state == MachineState::Running
+                    && nodes.get(&m.id).is_some_and(|n| !self.silent(n));
+                Host {
+                    id: m.id.clone(),
+                    pool: m.pool.clone(),
+                    zone: m.zone.clone(),
+                    usable,
+                }
+            })
+            .collect()
+    }
+
+    /// Asks each pool's group for the machines placement wants, and lets idle ones go.
+    async fn size_pools(
+        &self,
+        release: &Release,
+        stack: &Stack,
+        groups: &BTreeMap<String, Group>,
+        placement: &Placement,
+        repairs: &mut Vec<Repair>,
+    ) -> Result<(), RolloutError> {
+        for machine in &placement.surplus {
+            let Some(pool) = self.pool_of(machine) else {
+                continue;
+            };
+            let step = format!("let idle machine {machine} of pool {pool} go");
+            journaled(&self.context, "vm", &release.digest, &step, async {
+                self.provider
+                    .remove_machine(&stack.name, &pool, machine, true)
+                    .await
+                    .map_err(|e| in_pool(&pool, e))
+            })
+            .await?;
+            repairs.push(Repair {
+                resource: pool.clone(),
+                what: step,
+            });
+        }
+        for (pool, desired) in &placement.desired {
+            // Each idle machine let go took one off its group's size.
+            let let_go = placement
+                .surplus
+                .iter()
+                .filter(|m| self.pool_of(m).as_deref() == Some(pool.as_str()))
+                .count() as u32;
+            let now = groups
+                .get(pool)
+                .map_or(0, |g| g.desired.saturating_sub(let_go));
+            if now != *desired {
+                let step = format!("size pool {pool}: {now} -> {desired} machines");
+                journaled(&self.context, "vm", &release.digest, &step, async {
+                    self.provider
+                        .set_desired(&stack.name, pool, *desired)
+                        .await
+                        .map_err(|e| in_pool(pool, e))
+                })
+                .await?;
+                repairs.push(Repair {
+                    resource: pool.clone(),
+                    what: step,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn pool_of(&self, machine: &str) -> Option<String> {
+        self.nodes.pool_of(machine)
+    }
+
+    /// A machine whose node stopped reporting is terminated; its group launches another and
+    /// its replicas are placed again meanwhile.
+    async fn replace_silent(
+        &self,
+        release: &Release,
+        stack: &Stack,
+        machines: &[Machine],
+        nodes: &BTreeMap<String, Node>,
+        repairs: &mut Vec<Repair>,
+    ) -> Result<(), RolloutError> {
+        for machine in machines.iter().filter(|m| m.state == MachineState::Running) {
+            let Some(node) = nodes.get(&machine.id) else {
+                continue;
+            };
+            if !self.silent(node) {
+                continue;
+            }
+            let step = format!(
+                "replace machine {} of pool {} (its node has not reported for {}s)",
+                machine.id, machine.pool, self.settings.vm.nodes.report_timeout_seconds
+            );
+            journaled(&self.context, "vm", &release.digest, &step, async {
+                self.provider
+                    .remove_machine(&stack.name, &machine.pool, &machine.id, false)
+                    .await
+                    .map_err(|e| in_pool(&machine.pool, e))
+            })
+            .await?;
+            event(
+                &self.context.store,
+                "machine-replaced",
+                Some(&release.digest),
+                &step,
+            );
+            repairs.push(Repair {
+                resource: machine.pool.clone(),
+                what: step,
+            });
+        }
+        Ok(())
+    }
+
+    /// Machines launched with older settings (instance type, image, disk…) are replaced one at
+    /// a time, only while everything runs healthy: the group launches the replacement from the
+    /// new template and placement moves the replicas there. Returns whether any is left.
+    async fn replace_retired(
+        &self,
+        release: &Release,
+        stack: &Stack,
+        machines: &[Machine],
+        nodes: &BTreeMap<String, Node>,
+        specs: &BTreeMap<String, PoolSpec>,
+        repairs: &mut Vec<Repair>,
+    ) -> Result<Result<(), Progress>, RolloutError> {
+        let retired = machines.iter().find(|m| {
+            m.state == MachineState::Running
+                && nodes.get(&m.id).is_some_and(|n| {
+                    specs
+                        .get(&m.pool)
+                        .is_some_and(|spec| spec.settings != n.settings)
+                })
+        });
+        let Some(machine) = retired else {
+            return Ok(Ok(()));
+        };
+        let step = format!(
+            "replace machine {} of pool {} (launched with older machine settings)",
+            machine.id, machine.pool
+        );
+        journaled(&self.context, "vm", &release.digest, &step, async {
+            self.provider
+                .remove_machine(&stack.name, &machine.pool, &machine.id, false)
+                .await
+                .map_err(|e| in_pool(&machine.pool, e))
+        })
+        .await?;
+        repairs.push(Repair {
+            resource: machine.pool.clone(),
+            what: step.clone(),
+        });
+        Ok(Err(Progress::Waiting(step)))
+    }
+
+    /// Hands each joined machine its replicas. A fresh release reaches machines that run
+    /// another one a machine at a time: the next only once every machine that has it is
+    /// healthy on it. Machines new to the pool get it at once.
+    fn assign(
+        &self,
+        release: &AssignedRelease,
+        machines: &[Machine],
+        nodes: &BTreeMap<String, Node>,
+        placement: &Placement,
+        fresh: bool,
+    ) {
+        let mut on_machine: BTreeMap<&str, Vec<ReplicaId>> = BTreeMap::new();
+        for (replica, machine) in &placement.assigned {
+            on_machine.entry(machine).or_default().push(replica.clone());
+        }
+        let digest = release.digest;
+        let assignment = |machine: &Machine, replicas: Vec<ReplicaId>| Assignment {
+            generation: 0,
+            release: Some(release.clone()),
+            replicas,
+            grants: self.grants(),
+            pools: self.settings.vm.pools.keys().cloned().collect(),
+            gpus: self
+                .settings
+                .vm
+                .pools
+                .get(&machine.pool)
+                .map(|p| p.gpus.clone())
+                .unwrap_or_default(),
+        };
+        let mut rolling = false;
+        let mut waiting_for_turn = Vec::new();
+        for machine in machines {
+            let Some(node) = nodes.get(&machine.id) else {
+                continue;
+            };
+            let replicas = on_machine.remove(machine.id.as_str()).unwrap_or_default();
+            let has = node.assignment.release.as_ref().map(|r| r.digest);
+            if has == Some(digest) {
+                rolling |= !node_converged(node, &digest);
+                self.nodes
+                    .assign(&machine.id, assignment(machine, replicas));
+            } else if has.is_none() || node.assignment.replicas.is_empty() || !fresh {
+                self.nodes
+                    .assign(&machine.id, assignment(machine, replicas));
+            } else {
+                waiting_for_turn.push((machine, replicas));
+            }
+        }
+        // One machine at a time takes the new release.
+        if !rolling && let Some((machine, replicas)) = waiting_for_turn.into_iter().next() {
+            self.nodes
+                .assign(&machine.id, assignment(machine, replicas));
+        }
+    }
+
+    fn grants(&self) -> BTreeMap<String, BTreeMap<String, String>> {
+        self.settings
+            .permissions
+            .profiles()
+            .filter_map(|p| {
+                let grant = self.settings.permissions.grant(p).ok()?;
+                Some((p.clone(), grant.environment))
+            })
+            .collect()
+    }
+
+    /// Done when every replica is placed on a machine that runs the release healthy.
+    fn progress(
+        &self,
+        digest: &Digest,
+        wants: &[Want],
+        placement: &Placement,
+    ) -> Result<(), Progress> {
+        let nodes = self.nodes.nodes();
+        for (machine, node) in &nodes {
+            let Some(report) = &node.report else { continue };
+            if report.generation == node.assignment.generation
+                && node.assignment.release.as_ref().map(|r| r.digest) == Some(*digest)
+                && let Some(error) = &report.error
+            {
+                return Err(Progress::Failed(format!("machine {machine}: {error}")));
+            }
+        }
+        if !placement.waiting.is_empty() {
+            return Err(Progress::Waiting(format!(
+                "{} replicas wait for machines ({})",
+                placement.waiting.len(),
+                names(&placement.waiting)
+            )));
+        }
+        let mut unready = Vec::new();
+        for want in wants {
+            let ready = placement
+                .assigned
+                .get(&want.id)
+                .and_then(|m| nodes.get(m))
+                .is_some_and(|node| {
+                    node_converged(node, digest)
+                        && node.report.as_ref().is_some_and(|r| {
+                            r.replicas
+                                .iter()
+                                .any(|seen| seen.replica == want.id && seen.healthy)
+                        })
+                });
+            if !ready {
+                unready.push(want.id.clone());
+            }
+        }
+        if unready.is_empty() {
+            Ok(())
+        } else {
+            Err(Progress::Waiting(format!(
+                "{} replicas not yet healthy on their machines ({})",
+                unready.len(),
+                names(&unready)
+            )))
+        }
+    }
+
+    /// Pools, machines and what runs where, for `status`.
+    fn show(&self, machines: &[Machine], nodes: &BTreeMap<String, Node>, placement: &Placement) {
+        let mut pools: BTreeMap<String, PoolStatus> = BTreeMap::new();
+        for (pool, desired) in &placement.desired {
+            pools.entry(pool.clone()).or_default().desired = *desired;
+        }
+        for machine in machines {
+            let node = nodes.get(&machine.id);
+            let state = match (machine.state, node) {
+                (MachineState::Leaving, _) => "leaving".to_string(),
+                (MachineState::Pending, _) | (_, None) => "booting".to_string(),
+                (_, Some(node)) if self.silent(node) => "silent".to_string(),
+                (_, Some(node)) => match &node.report {
+                    Some(report) if report.error.is_some() => {
+                        format!("unhealthy: {}", report.error.clone().unwrap_or_default())
+                    }
+                    Some(_) => "healthy".to_string(),
+                    None => "joined".to_string(),
+                },
+            };
+            let replicas = placement
+                .assigned
+                .iter()
+                .filter(|(_, m)| **m == machine.id)
+                .map(|(r, _)| format!("{}-{}", r.resource, r.ordinal))
+                .collect();
+            pools
+                .entry(machine.pool.clone())
+                .or_default()
+                .machines
+                .push(MachineStatus {
+                    id: machine.id.clone(),
+                    zone: machine.zone.clone(),
+                    state,
+                    replicas,
+                });
+        }
+        self.context.status.update(|s| s.pools = pools);
+    }
+}
+
+/// Whether the node runs its current assignment, of release `digest`, converged.
+fn node_converged(node: &Node, digest: &Digest) -> bool {
+    node.assignment.release.as_ref().map(|r| r.digest) == Some(*digest)
+        && node.report.as_ref().is_some_and(|r| {
+            r.generation == node.assignment.generation && r.converged == Some(*digest)
+        })
+}
+
+fn names(replicas: &[ReplicaId]) -> String {
+    let mut names: Vec<String> = replicas
+        .iter()
+        .take(5)
+        .map(|r| format!("{}-{}", r.resource, r.ordinal))
+        .collect();
+    if replicas.len() > 5 {
+        names.push(format!("and {} more", replicas.len() - 5));
+    }
+    names.join(", ")
+}
+
+#[cfg(test)]
+mod tests;

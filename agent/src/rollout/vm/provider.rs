@@ -1,0 +1,295 @@
+//! The provider seam: everything cloud-specific about VM pools, in one small trait. A pool is
+//! a machine group (an Auto Scaling group; a managed instance group; a scale set) launched from
+//! a machine template the agent owns; machines are what the group runs. Everything a provider
+//! makes carries the agent's tags (`outpost:stack`, `outpost:pool`, `outpost:settings`), so a
+//! restarted agent adopts what exists instead of making it again, and nothing untagged is ever
+//! changed. `FakeCloud` imitates a cloud in memory for tests.
+
+use crate::config::PoolConfig;
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+
+/// What a pool's group is asked to run: the customer's machine settings, the user data that
+/// starts the node agent, and the hash of both (a new hash is a new machine template).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolSpec {
+    pub stack: String,
+    pub pool: String,
+    pub config: PoolConfig,
+    pub user_data: String,
+    /// The settings' identity (`outpost:settings` tag): machines made from other settings are
+    /// replaced.
+    pub settings: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MachineState {
+    /// Asked for, booting.
+    Pending,
+    Running,
+    /// Being terminated or stopped: gone soon.
+    Leaving,
+}
+
+/// A machine a pool's group runs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Machine {
+    pub id: String,
+    pub pool: String,
+    pub zone: String,
+    pub address: Option<IpAddr>,
+    pub state: MachineState,
+}
+
+/// A pool's group as the cloud describes it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Group {
+    pub desired: u32,
+    pub machines: Vec<Machine>,
+}
+
+/// A cloud call that failed.
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
+#[error("{message}")]
+pub struct CloudError {
+    pub message: String,
+    /// Throttling, 5xx, the network: retried with backoff and never a reason to roll back.
+    pub transient: bool,
+}
+
+impl CloudError {
+    pub fn refused(message: impl Into<String>) -> Self {
+        CloudError {
+            message: message.into(),
+            transient: false,
+        }
+    }
+
+    pub fn transient(message: impl Into<String>) -> Self {
+        CloudError {
+            message: message.into(),
+            transient: true,
+        }
+    }
+}
+
+pub type CloudResult<T> = Result<T, CloudError>;
+
+/// What a cloud must do for VM pools. Each call is idempotent by tags: calling it again after
+/// a crash finds what the first call made.
+#[allow(async_fn_in_trait)]
+pub trait Provider: Send + Sync {
+    /// `aws`, `fake`.
+    fn name(&self) -> &'static str;
+
+    /// The cores and bytes of memory a machine of `instance_type` has.
+    async fn machine_size(&self, instance_type: &str) -> CloudResult<(f64, u64)>;
+
+    /// Makes sure the pool's group exists and launches new machines from `spec` (a machine
+    /// template for its settings is made once). Machines already running keep their settings
+    /// until the rollout replaces them. Never changes the desired size of a group it finds.
+    async fn ensure_pool(&self, spec: &PoolSpec) -> CloudResult<()>;
+
+    /// The pool's group as it is: its desired size and its machines (one describe call). A
+    /// group that does not exist is empty.
+    async fn group(&self, stack: &str, pool: &str) -> CloudResult<Group>;
+
+    /// Asks the pool's group for `machines` machines.
+    async fn set_desired(&self, stack: &str, pool: &str, machines: u32) -> CloudResult<()>;
+
+    /// Terminates one machine of the pool's group; `shrink`: the group's desired size goes down
+    /// by one, else the group launches a replacement.
+    async fn remove_machine(
+        &self,
+        stack: &str,
+        pool: &str,
+        machine: &str,
+        shrink: bool,
+    ) -> CloudResult<()>;
+}
+
+/// A cloud in memory: groups launch machines the moment their size goes up, in the zones of
+/// their subnets in turn. Tests take machines away behind the agent's back with `kill`, and
+/// make calls fail with `fail_next`.
+/// Clones share one cloud.
+#[derive(Default, Clone)]
+pub struct FakeCloud {
+    state: Arc<Mutex<FakeState>>,
+}
+
+#[derive(Default)]
+struct FakeState {
+    groups: BTreeMap<(String, String), FakeGroup>,
+    next_id: u64,
+    /// Calls made, by name (`set_desired`, …).
+    calls: BTreeMap<&'static str, u64>,
+    failures: Vec<CloudError>,
+}
+
+struct FakeGroup {
+    spec: PoolSpec,
+    desired: u32,
+    machines: Vec<(Machine, String)>,
+}
+
+impl FakeCloud {
+    /// The next cloud call fails with `error`.
+    pub fn fail_next(&self, error: CloudError) {
+        if let Ok(mut state) = self.state.lock() {
+            state.failures.push(error);
+        }
+    }
+
+    /// Terminates a machine behind the agent's back (the group replaces it).
+    pub fn kill(&self, machine: &str) {
+        if let Ok(mut state) = self.state.lock() {
+            for group in state.groups.values_mut() {
+                group.machines.retain(|(m, _)| m.id != machine);
+            }
+            state.launch();
+        }
+    }
+
+    /// How many times each call was made.
+    pub fn calls(&self) -> BTreeMap<&'static str, u64> {
+        self.state
+            .lock()
+            .map(|s| s.calls.clone())
+            .unwrap_or_default()
+    }
+
+    /// Every machine of every group, with the settings it was launched with.
+    pub fn all_machines(&self) -> Vec<(Machine, String)> {
+        self.state
+            .lock()
+            .map(|s| {
+                s.groups
+                    .values()
+                    .flat_map(|g| g.machines.iter().cloned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn call(&self, name: &'static str) -> CloudResult<std::sync::MutexGuard<'_, FakeState>> {
+        let mut state = self
+            .state
+            .lock()
+            .map_err(|_| CloudError::transient("fake cloud poisoned"))?;
+        *state.calls.entry(name).or_default() += 1;
+        if !state.failures.is_empty() {
+            return Err(state.failures.remove(0));
+        }
+        Ok(state)
+    }
+}
+
+impl FakeState {
+    /// Launches machines until every group has its desired count.
+    fn launch(&mut self) {
+        for group in self.groups.values_mut() {
+            while (group.machines.len() as u32) < group.desired {
+                self.next_id += 1;
+                let zones = group.spec.config.subnets.len().max(1);
+                let zone = format!("zone-{}", (self.next_id as usize) % zones);
+                let machine = Machine {
+                    id: format!("i-{:08x}", self.next_id),
+                    pool: group.spec.pool.clone(),
+                    zone,
+                    address: Some(IpAddr::from([10, 0, 0, (self.next_id % 250) as u8 + 2])),
+                    state: MachineState::Running,
+                };
+                group.machines.push((machine, group.spec.settings.clone()));
+            }
+        }
+    }
+}
+
+impl Provider for FakeCloud {
+    fn name(&self) -> &'static str {
+        "fake"
+    }
+
+    async fn machine_size(&self, instance_type: &str) -> CloudResult<(f64, u64)> {
+        let _state = self.call("machine_size")?;
+        match instance_type {
+            "small" => Ok((2.0, 4 << 30)),
+            "large" => Ok((8.0, 32 << 30)),
+            other => Err(CloudError::refused(format!(
+                "InvalidInstanceType: {other} does not exist"
+            ))),
+        }
+    }
+
+    async fn ensure_pool(&self, spec: &PoolSpec) -> CloudResult<()> {
+        let mut state = self.call("ensure_pool")?;
+        let key = (spec.stack.clone(), spec.pool.clone());
+        match state.groups.get_mut(&key) {
+            Some(group) => group.spec = spec.clone(),
+            None => {
+                state.groups.insert(
+                    key,
+                    FakeGroup {
+                        spec: spec.clone(),
+                        desired: spec.config.min_machines,
+                        machines: Vec::new(),
+                    },
+                );
+            }
+        }
+        state.launch();
+        Ok(())
+    }
+
+    async fn group(&self, stack: &str, pool: &str) -> CloudResult<Group> {
+        let state = self.call("group")?;
+        Ok(state
+            .groups
+            .get(&(stack.into(), pool.into()))
+            .map(|g| Group {
+                desired: g.desired,
+                machines: g.machines.iter().map(|(m, _)| m.clone()).collect(),
+            })
+            .unwrap_or_default())
+    }
+
+    async fn set_desired(&self, stack: &str, pool: &str, machines: u32) -> CloudResult<()> {
+        let mut state = self.call("set_desired")?;
+        let group = state
+            .groups
+            .get_mut(&(stack.into(), pool.into()))
+            .ok_or_else(|| CloudError::refused(format!("no group for pool {pool}")))?;
+        group.desired = machines;
+        // A group shrunk by count picks its own victims: the newest here.
+        group.machines.truncate(machines as usize);
+        state.launch();
+        Ok(())
+    }
+
+    async fn remove_machine(
+        &self,
+        stack: &str,
+        pool: &str,
+        machine: &str,
+        shrink: bool,
+    ) -> CloudResult<()> {
+        let mut state = self.call("remove_machine")?;
+        let group = state
+            .groups
+            .get_mut(&(stack.into(), pool.into()))
+            .ok_or_else(|| CloudError::refused(format!("no group for pool {pool}")))?;
+        let before = group.machines.len();
+        group.machines.retain(|(m, _)| m.id != machine);
+        if group.machines.len() == before {
+            return Err(CloudError::refused(format!(
+                "{machine} is not a machine of pool {pool}"
+            )));
+        }
+        if shrink {
+            group.desired = group.desired.saturating_sub(1);
+        }
+        state.launch();
+        Ok(())
+    }
+}

@@ -1,0 +1,407 @@
+//! The VM backend on a fake cloud: every machine the cloud launches boots a real node agent
+//! (in this process, on its own fake engine) that joins over the node protocol on 127.0.0.1.
+
+use super::nodes::{JoinRequest, Nodes};
+use super::provider::FakeCloud;
+use super::*;
+use crate::config::Config;
+use crate::pipeline::Agent;
+use crate::rollout::Converger;
+use crate::runtime::fake::FakeRuntime;
+use crate::testing::{signed_stack, test_config};
+use node::{NodeAgent, NodeOptions};
+use std::sync::Arc;
+
+const SECRET: &str = "s3cret-for-tests";
+
+const STACK: &str = r#"
+name: acme
+permissionProfiles: {execution: {}}
+resources:
+  - lifecycle: live
+    container:
+      name: api
+      code: {image: "r.example/api@sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"}
+      cpu: 1
+      memory: 1Gi
+      ports: [8080]
+      replicas: 3
+      permissions: execution
+"#;
+
+const BROKEN: &str =
+    "r.example/api@sha256:1111111111111111111111111111111111111111111111111111111111111111";
+
+/// Machines the fake cloud runs, each with its node agent and engine.
+#[derive(Default)]
+struct Machines {
+    running: BTreeMap<String, (FakeRuntime, tokio::task::JoinHandle<()>)>,
+    broken: Vec<String>,
+}
+
+struct Test {
+    agent: Arc<Agent>,
+    converger: Converger<Pools<FakeCloud>>,
+    cloud: FakeCloud,
+    nodes: Arc<Nodes>,
+    settings: Settings,
+    url: String,
+    machines: Arc<Mutex<Machines>>,
+    _booter: tokio::task::JoinHandle<()>,
+}
+
+impl Test {
+    fn engines(&self) -> BTreeMap<String, FakeRuntime> {
+        self.machines
+            .lock()
+            .unwrap()
+            .running
+            .iter()
+            .map(|(id, (engine, _))| (id.clone(), engine.clone()))
+            .collect()
+    }
+
+    fn break_image(&self, image: &str) {
+        let mut machines = self.machines.lock().unwrap();
+        machines.broken.push(image.to_string());
+        for (engine, _) in machines.running.values() {
+            engine.break_image(image);
+        }
+    }
+
+    /// Replicas running on each machine, by name.
+    fn placement(&self) -> BTreeMap<String, Vec<String>> {
+        self.engines()
+            .into_iter()
+            .map(|(id, engine)| {
+                let names = engine
+                    .log()
+                    .iter()
+                    .filter_map(|l| l.strip_prefix("create ").map(String::from))
+                    .collect();
+                (id, names)
+            })
+            .collect()
+    }
+}
+
+async fn cloud() -> (tempfile::TempDir, Test) {
+    let (dir, path) = test_config(
+        "runtime: vm\nrollout: {grace_seconds: 0, progress_deadline_seconds: 10}\nvm:\n  provider: aws\n  aws: {region: test-1}\n  nodes: {listen: 127.0.0.1:0, advertise: http://127.0.0.1:1, bootstrap_secret_file: secret, report_timeout_seconds: 2}\n  pools:\n    default: {instance_type: small, image: ami-1, subnets: [a, b], max_machines: 4}\n",
+    );
+    let config = Config::load(&path).unwrap();
+    let agent = Arc::new(Agent::new(config).unwrap());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let nodes = Nodes::new(
+        SECRET.into(),
+        std::env::current_exe().unwrap(),
+        Duration::from_secs(2),
+    );
+    tokio::spawn(nodes.clone().serve(listener));
+    let cloud = FakeCloud::default();
+    let settings = Settings {
+        vm: agent.config.vm.clone().unwrap(),
+        permissions: agent.config.permissions.clone(),
+        bootstrap: Bootstrap {
+            advertise: url.clone(),
+            binary_sha256: "0".repeat(64),
+            secret: SECRET.into(),
+        },
+    };
+    let backend = Pools::new(
+        agent.rollout_context(),
+        settings.clone(),
+        cloud.clone(),
+        nodes.clone(),
+    );
+    let converger = Converger::new(agent.rollout_context(), backend);
+    let machines: Arc<Mutex<Machines>> = Arc::default();
+    let booter = tokio::spawn(boot(cloud.clone(), url.clone(), machines.clone()));
+    (
+        dir,
+        Test {
+            agent,
+            converger,
+            cloud,
+            nodes,
+            settings,
+            url,
+            machines,
+            _booter: booter,
+        },
+    )
+}
+
+/// Boots a node agent on every machine the cloud launches; stops those of machines gone.
+async fn boot(cloud: FakeCloud, url: String, machines: Arc<Mutex<Machines>>) {
+    loop {
+        let launched = cloud.all_machines();
+        {
+            let mut booted = machines.lock().unwrap();
+            booted.running.retain(|id, (_, task)| {
+                let alive = launched.iter().any(|(m, _)| m.id == *id);
+                if !alive {
+                    task.abort();
+                }
+                alive
+            });
+            for (machine, settings) in launched {
+                if booted.running.contains_key(&machine.id) {
+                    continue;
+                }
+                let engine = FakeRuntime::default();
+                for image in &booted.broken {
+                    engine.break_image(image);
+                }
+                let state = tempfile::tempdir().unwrap().keep();
+                let options = NodeOptions {
+                    agent: url.clone(),
+                    instance_id: machine.id.clone(),
+                    settings,
+                    bootstrap_secret: SECRET.into(),
+                    state_dir: state.clone(),
+                    docker: crate::config::DockerConfig::default(),
+                };
+                let context = Context {
+                    store: Arc::new(crate::state::Store::in_memory().unwrap()),
+                    status: Arc::default(),
+                    changed: Arc::default(),
+                    rollout: crate::config::RolloutConfig {
+                        grace_seconds: 0,
+                        ..Default::default()
+                    },
+                    metrics: Arc::new(crate::metrics::Metrics::new()),
+                };
+                let runtime = engine.clone();
+                let node = NodeAgent::new(options, context, move || runtime.clone()).unwrap();
+                let task = tokio::spawn(async move { node.run().await });
+                booted.running.insert(machine.id.clone(), (engine, task));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn release(c: &Test, yaml: &str, version: &str, sequence: u64) -> Digest {
+    match c
+        .agent
+        .ingest(
+            &signed_stack(yaml, version, sequence),
+            "test",
+            crate::config::now(),
+        )
+        .unwrap()
+    {
+        crate::pipeline::Ingested::Accepted { digest, .. } => digest,
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn installs_on_as_many_machines_as_the_replicas_need() {
+    let (_dir, c) = cloud().await;
+    let v1 = release(&c, STACK, "1.0.0", 1);
+    c.converger.converge_once().await.unwrap();
+    assert_eq!(c.agent.store.positions().unwrap().converged, Some(v1));
+    // A small machine offers 1.75 cores: one 1-core replica each.
+    let placement = c.placement();
+    assert_eq!(placement.len(), 3, "{placement:?}");
+    let mut all: Vec<String> = placement.values().flatten().cloned().collect();
+    all.sort();
+    assert_eq!(all, ["api-0 primary", "api-1 primary", "api-2 primary"]);
+    let status = c.agent.runtime_view.current();
+    assert_eq!(status.pools["default"].desired, 3);
+    assert!(
+        status.pools["default"]
+            .machines
+            .iter()
+            .all(|m| m.state == "healthy" && m.replicas.len() == 1),
+        "{:?}",
+        status.pools
+    );
+    // Converged: a drift pass describes and writes nothing.
+    let before = c.cloud.calls();
+    c.converger.converge_once().await.unwrap();
+    let after = c.cloud.calls();
+    for write in ["set_desired", "remove_machine"] {
+        assert_eq!(before.get(write), after.get(write), "{write}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_release_is_rolled_back_after_its_first_machine() {
+    let (_dir, c) = cloud().await;
+    let v1 = release(&c, STACK, "1.0.0", 1);
+    c.converger.converge_once().await.unwrap();
+    c.break_image(BROKEN);
+    let broken = STACK.replace(
+        "r.example/api@sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+        BROKEN,
+    );
+    release(&c, &broken, "2.0.0", 2);
+    c.converger.converge_once().await.unwrap();
+    let positions = c.agent.store.positions().unwrap();
+    assert_eq!(positions.current.unwrap().digest, v1, "rolled back");
+    // Only one machine tried 2.0.0: the others never saw it.
+    let tried: Vec<String> = c
+        .engines()
+        .into_iter()
+        .filter(|(_, engine)| {
+            engine
+                .log()
+                .iter()
+                .filter(|l| l.starts_with("create"))
+                .count()
+                > 1
+        })
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(tried.len(), 1, "{:?}", c.placement());
+    // The rollback converges on 1.0.0 everywhere.
+    c.converger.converge_once().await.unwrap();
+    assert_eq!(c.agent.store.positions().unwrap().converged, Some(v1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_machine_terminated_behind_the_agents_back_is_replaced_and_refilled() {
+    let (_dir, c) = cloud().await;
+    release(&c, STACK, "1.0.0", 1);
+    c.converger.converge_once().await.unwrap();
+    let victim = c.engines().keys().next().unwrap().clone();
+    c.cloud.kill(&victim);
+    // Drift passes until the replacement machine runs the replica again.
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        c.converger.converge_once().await.unwrap();
+        let status = c.agent.runtime_view.current();
+        let healthy = status.pools["default"]
+            .machines
+            .iter()
+            .filter(|m| m.state == "healthy" && m.replicas.len() == 1)
+            .count();
+        if healthy == 3
+            && !status.pools["default"]
+                .machines
+                .iter()
+                .any(|m| m.id == victim)
+        {
+            break;
+        }
+        assert!(Instant::now() < until, "{:?}", status.pools);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_machine_settings_replace_machines_one_at_a_time() {
+    let (_dir, c) = cloud().await;
+    let v1 = release(&c, STACK, "1.0.0", 1);
+    c.converger.converge_once().await.unwrap();
+    let old: BTreeSet<String> = c.engines().keys().cloned().collect();
+    // The customer changes the machine image: the agent restarts with the new settings.
+    let mut settings = c.settings.clone();
+    settings.vm.pools.get_mut("default").unwrap().image = "ami-2".into();
+    let new_settings = settings_hash(&settings.vm.pools["default"]);
+    let restarted = Converger::new(
+        c.agent.rollout_context(),
+        Pools::new(
+            c.agent.rollout_context(),
+            settings,
+            c.cloud.clone(),
+            c.nodes.clone(),
+        ),
+    );
+    let until = Instant::now() + Duration::from_secs(30);
+    let mut most_gone = 0;
+    loop {
+        restarted.converge_once().await.unwrap();
+        let machines = c.cloud.all_machines();
+        let gone = old
+            .iter()
+            .filter(|id| !machines.iter().any(|(m, _)| m.id == **id))
+            .count();
+        // One at a time: never two old machines gone while a replacement is not serving.
+        let healthy = c.agent.runtime_view.current().pools["default"]
+            .machines
+            .iter()
+            .filter(|m| m.state == "healthy" && !m.replicas.is_empty())
+            .count();
+        assert!(healthy >= 2, "{:?}", c.agent.runtime_view.current().pools);
+        most_gone = most_gone.max(gone);
+        if machines.iter().all(|(_, s)| *s == new_settings) && healthy == 3 {
+            break;
+        }
+        assert!(Instant::now() < until, "{machines:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(most_gone, 3);
+    assert_eq!(c.agent.store.positions().unwrap().converged, Some(v1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cloud_refusal_names_the_pool_and_throttling_is_retried() {
+    let (_dir, c) = cloud().await;
+    release(&c, STACK, "1.0.0", 1);
+    c.cloud
+        .fail_next(provider::CloudError::transient("Throttling: Rate exceeded"));
+    let error = c.converger.converge_once().await.unwrap_err().to_string();
+    assert!(
+        error.contains("pool default: Throttling: Rate exceeded"),
+        "{error}"
+    );
+    assert!(error.contains("retrying"), "{error}");
+    assert!(c.agent.store.positions().unwrap().last_good.is_none());
+    c.converger.converge_once().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_known_machines_with_the_secret_join() {
+    let (_dir, c) = cloud().await;
+    release(&c, STACK, "1.0.0", 1);
+    c.converger.converge_once().await.unwrap();
+    let known = c.engines().keys().next().unwrap().clone();
+    let join = |instance: &str, secret: &str| {
+        let body = serde_json::to_vec(&JoinRequest {
+            instance_id: instance.into(),
+            bootstrap_secret: secret.into(),
+            settings: "x".into(),
+        })
+        .unwrap();
+        post(&c.url, "/v1/join", body)
+    };
+    let (status, body) = join(&known, "wrong").await;
+    assert_eq!(
+        (status, body.as_str()),
+        (403, r#"{"error":"wrong bootstrap secret"}"#)
+    );
+    let (status, body) = join("i-foreign", SECRET).await;
+    assert_eq!(status, 403);
+    assert!(
+        body.contains("instance i-foreign is not a machine of this agent's pools"),
+        "{body}"
+    );
+    let (status, _) = post(&c.url, "/v1/report", b"{}".to_vec()).await;
+    assert_eq!(status, 401);
+}
+
+async fn post(url: &str, path: &str, body: Vec<u8>) -> (u16, String) {
+    let authority = url.strip_prefix("http://").unwrap().to_string();
+    let stream = tokio::net::TcpStream::connect(&authority).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    let request = hyper::Request::post(path)
+        .header("Host", authority)
+        .body(http_body_util::Full::new(hyper::body::Bytes::from(body)))
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    let status = response.status().as_u16();
+    let bytes = http_body_util::BodyExt::collect(response.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    (status, String::from_utf8_lossy(&bytes).into_owned())
+}
