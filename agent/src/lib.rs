@@ -1,7 +1,8 @@
 //! `outpost-agent`: the customer's side of Outpost. It pulls signed release bundles from one
 //! source, verifies them against the trust the customer pinned, records every decision in a
 //! crash-safe store, holds each release until the customer's approval policy lets it through, and
-//! converges what runs (a container engine on the host, or a Kubernetes namespace) to it.
+//! converges what runs (a container engine on the host, a Kubernetes namespace, or VM pools in
+//! the customer's cloud with a node agent on each machine) to it.
 //!
 //! The pipeline, one module per stage, each importing only the stages below it:
 //! [`source`] → verify and approve ([`pipeline`], over `outpost_bundle_format::verify`, with

@@ -32,9 +32,13 @@ cmd_start() {
     case "$kind" in
         docker)
             command -v dockerd >/dev/null || die "dockerd not found (apt-get install docker.io)"
-            setsid dockerd --data-root "$dir/data" --exec-root "$dir/exec" --pidfile "$dir/dockerd.pid" \
+            # ENGINE_NETNS: run inside that network namespace (a test machine's).
+            local in_netns=()
+            # nsenter, not `ip netns exec`: that remounts /sys and hides the cgroup mounts.
+            [ -z "${ENGINE_NETNS:-}" ] || in_netns=(nsenter --net="/var/run/netns/$ENGINE_NETNS")
+            setsid "${in_netns[@]}" dockerd --data-root "$dir/data" --exec-root "$dir/exec" --pidfile "$dir/dockerd.pid" \
                 -H "unix://$sock" --bridge=none --iptables=false --ip-masq=false \
-                --insecure-registry 127.0.0.0/8 >"$log" 2>&1 </dev/null &
+                --insecure-registry 127.0.0.0/8 --insecure-registry 10.201.0.0/16 >"$log" 2>&1 </dev/null &
             ;;
         podman)
             command -v podman >/dev/null || die "podman not found (apt-get install podman)"

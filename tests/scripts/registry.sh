@@ -32,6 +32,9 @@ usage() {
 
 die() { echo "registry.sh: $*" >&2; exit 1; }
 
+# REGISTRY_ADDRESS: where it listens (default 127.0.0.1; test machines reach a bridge address).
+ADDRESS="${REGISTRY_ADDRESS:-127.0.0.1}"
+
 is_running() { # pidfile
     [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null
 }
@@ -39,7 +42,7 @@ is_running() { # pidfile
 # Does GET /v2/ on 127.0.0.1:PORT look ready? Without TOKEN_PORT: 200 or 401.
 # With it: 401 whose WWW-Authenticate points at our token realm.
 v2_ready() { # port [token_port]
-    local url="http://127.0.0.1:$1/v2/" headers
+    local url="http://$ADDRESS:$1/v2/" headers
     if [ -z "${2:-}" ]; then
         case "$(curl -s -o /dev/null -w '%{http_code}' --max-time 1 "$url" || true)" in
             200|401) return 0 ;;
@@ -114,7 +117,7 @@ $(cat "$dir/token.log")"
         echo "  cache:"
         echo "    blobdescriptor: inmemory"
         echo "http:"
-        echo "  addr: 127.0.0.1:$port"
+        echo "  addr: $ADDRESS:$port"
         echo "  secret: outpost-test-secret"
         if [ -n "$auth" ]; then
             echo "auth:"
@@ -155,7 +158,7 @@ $(cat "$log")"
         fi
         if [ "$SECONDS" -ge "$deadline" ]; then
             cmd_stop "$dir" || true
-            die "registry not ready on 127.0.0.1:$port after ${TIMEOUT_S}s; log:
+            die "registry not ready on $ADDRESS:$port after ${TIMEOUT_S}s; log:
 $(cat "$log")"
         fi
         sleep 0.05

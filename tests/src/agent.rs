@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 pub struct AgentProcess {
     pub dir: tempfile::TempDir,
     pub config: PathBuf,
+    /// Environment the daemon runs with, beyond the test's own.
+    pub env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -29,6 +31,11 @@ impl AgentProcess {
     /// Writes the config (`source` and `extra` are YAML blocks; trust is vendor-a + vendor-b,
     /// threshold 2, unless `extra` has its own) and starts the agent.
     pub fn start(source: &str, extra: &str) -> AgentProcess {
+        Self::start_with_env(source, extra, &[])
+    }
+
+    /// [`AgentProcess::start`] with `env` set for the daemon.
+    pub fn start_with_env(source: &str, extra: &str, env: &[(&str, &str)]) -> AgentProcess {
         let dir = tempfile::tempdir().unwrap();
         let trust = if extra.contains("trust:") {
             String::new()
@@ -48,6 +55,10 @@ impl AgentProcess {
         let mut agent = AgentProcess {
             dir,
             config,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             child: None,
         };
         agent.restart();
@@ -70,6 +81,7 @@ impl AgentProcess {
             .arg("run")
             .arg("--config")
             .arg(&self.config)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

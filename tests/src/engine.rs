@@ -29,7 +29,7 @@ impl Kind {
 pub struct TestEngine {
     /// Held while a Podman engine lives: netavark programs the host's iptables (NAT chains
     /// for published ports) as if it were the only Podman, so two must not overlap.
-    _exclusive: Option<std::sync::MutexGuard<'static, ()>>,
+    _exclusive: Option<Exclusive>,
     pub dir: tempfile::TempDir,
     pub kind: Kind,
     pub socket: PathBuf,
@@ -39,20 +39,43 @@ pub struct TestEngine {
 
 /// Each engine gets its own /24 under 10.213/16 (engines on one host must not overlap).
 static NEXT_SUBNET: AtomicU32 = AtomicU32::new(0);
-static PODMAN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+static PODMAN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Held while a Podman test engine runs (a lock any thread may hold and release).
+struct Exclusive;
+
+impl Exclusive {
+    fn take() -> Exclusive {
+        while PODMAN
+            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        Exclusive
+    }
+}
+
+impl Drop for Exclusive {
+    fn drop(&mut self) {
+        PODMAN.store(false, Ordering::Release);
+    }
+}
 
 impl TestEngine {
     pub fn start(kind: Kind) -> TestEngine {
-        let exclusive = (kind == Kind::Podman).then(|| {
-            PODMAN
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-        });
+        Self::start_in(kind, None)
+    }
+
+    /// An engine inside the network namespace `netns` (dockerd only): a test machine's own.
+    pub fn start_in(kind: Kind, netns: Option<&str>) -> TestEngine {
+        let exclusive = (kind == Kind::Podman).then(Exclusive::take);
         let dir = tempfile::Builder::new()
             .prefix("outpost-engine-")
             .tempdir()
             .unwrap();
         let result = run(Command::new("bash")
+            .env("ENGINE_NETNS", netns.unwrap_or_default())
             .arg(repo().join("tests/scripts/engine.sh"))
             .arg("start")
             .arg(kind.name())

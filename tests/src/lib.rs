@@ -5,6 +5,7 @@
 //! `.ci/scripts/setup.sh`; a test that needs one and cannot find it fails with that hint.
 
 pub mod agent;
+pub mod cloud;
 pub mod engine;
 pub mod forge;
 pub mod prometheus;
@@ -177,6 +178,8 @@ pub fn free_port() -> u16 {
 /// A CNCF distribution registry on 127.0.0.1, stopped on drop.
 pub struct TestRegistry {
     pub dir: tempfile::TempDir,
+    /// Where it listens: 127.0.0.1, or an address test machines reach.
+    pub address: String,
     pub port: u16,
     pub auth: Option<(String, String)>,
 }
@@ -184,22 +187,28 @@ pub struct TestRegistry {
 impl TestRegistry {
     /// No auth, or basic auth (htpasswd) with `auth`.
     pub fn start(auth: Option<(&str, &str)>) -> TestRegistry {
-        Self::launch(auth, "--auth")
+        Self::launch(auth, "--auth", "127.0.0.1")
+    }
+
+    /// No auth, listening on `address` (a bridge's, for machines in network namespaces).
+    pub fn start_on(address: &str) -> TestRegistry {
+        Self::launch(None, "--auth", address)
     }
 
     /// Bearer-token auth: a token server (tests/scripts/token-server.py) hands out JWTs to
     /// `user:pass` over basic auth; the registry accepts only those tokens.
     pub fn start_with_token_auth(user: &str, pass: &str) -> TestRegistry {
-        Self::launch(Some((user, pass)), "--token")
+        Self::launch(Some((user, pass)), "--token", "127.0.0.1")
     }
 
-    fn launch(auth: Option<(&str, &str)>, mode: &str) -> TestRegistry {
+    fn launch(auth: Option<(&str, &str)>, mode: &str, address: &str) -> TestRegistry {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
         let script = repo().join("tests/scripts/registry.sh");
         for _ in 0..5 {
             let port = free_port();
             let mut command = Command::new("bash");
             command
+                .env("REGISTRY_ADDRESS", address)
                 .arg(&script)
                 .arg("start")
                 .arg(dir.path())
@@ -210,6 +219,7 @@ impl TestRegistry {
             if run(&mut command).code == 0 {
                 return TestRegistry {
                     dir,
+                    address: address.to_string(),
                     port,
                     auth: auth.map(|(u, p)| (u.to_string(), p.to_string())),
                 };
@@ -219,7 +229,7 @@ impl TestRegistry {
     }
 
     pub fn host(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        format!("{}:{}", self.address, self.port)
     }
 }
 

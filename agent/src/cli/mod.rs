@@ -175,12 +175,23 @@ enum Command {
         #[arg(long)]
         state_dir: PathBuf,
         /// The machine's engine API socket (dockerd or Podman's service).
-        #[arg(long, default_value = "/var/run/docker.sock")]
+        #[arg(
+            long,
+            env = "OUTPOST_DOCKER_SOCKET",
+            default_value = "/var/run/docker.sock"
+        )]
         docker_socket: PathBuf,
         /// Where public endpoints listen on the machine (the load balancer's targets).
         #[arg(long, default_value = "0.0.0.0")]
         publish_address: std::net::IpAddr,
+        /// The subnet of the stack's network on the machine's engine (the engine picks one
+        /// when absent).
+        #[arg(long, env = "OUTPOST_NETWORK_SUBNET")]
+        network_subnet: Option<String>,
     },
+    /// Print the IAM policy the configured VM pools need (runtime vm), least privilege: the
+    /// agent may change only what carries its stack's tag.
+    CloudPolicy(ConfigArg),
     /// Print the JSON Schema of the configuration file.
     ConfigSchema,
     /// Print shell completions (bash, zsh or fish) for outpost-agent.
@@ -264,6 +275,7 @@ fn execute(command: Command) -> Result<(), Failure> {
             state_dir,
             docker_socket,
             publish_address,
+            network_subnet,
         } => {
             outpost_agent::logging::init(&Default::default());
             let secret = std::fs::read_to_string(&bootstrap_secret_file)
@@ -273,6 +285,7 @@ fn execute(command: Command) -> Result<(), Failure> {
                 ..Default::default()
             };
             docker.publish.address = publish_address;
+            docker.network.subnet = network_subnet;
             let options = outpost_agent::rollout::vm::node::NodeOptions {
                 agent,
                 instance_id,
@@ -282,6 +295,21 @@ fn execute(command: Command) -> Result<(), Failure> {
                 docker,
             };
             runtime()?.block_on(daemon::run_node(options))?;
+        }
+        Command::CloudPolicy(config) => {
+            let config = load(&config)?;
+            let Some(vm) = &config.vm else {
+                return Err(Failure(
+                    2,
+                    "cloud-policy: this configuration has no vm section (runtime vm)".into(),
+                ));
+            };
+            let policy = match vm.provider {
+                outpost_agent::config::CloudProvider::Aws => {
+                    outpost_agent::rollout::vm::policy::aws(vm, &config.expect.name)
+                }
+            };
+            print_json(&policy)?;
         }
         Command::Status {
             config,

@@ -283,7 +283,7 @@ impl RuntimeKind {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RolloutConfig {
     /// How long one rollout step (a replica becoming healthy) may take before the rollout

@@ -66,15 +66,15 @@ enum Payload<'a> {
     TarFile(FileBody),
 }
 
-/// A file as a request body, read a chunk at a time.
-struct FileBody {
+/// A file as a request or answer body, read a chunk at a time.
+pub struct FileBody {
     file: tokio::fs::File,
     size: u64,
     buffer: Box<[u8]>,
 }
 
 impl FileBody {
-    async fn open(path: &Path) -> std::io::Result<FileBody> {
+    pub async fn open(path: &Path) -> std::io::Result<FileBody> {
         let file = tokio::fs::File::open(path).await?;
         let size = file.metadata().await?.len();
         Ok(FileBody {

@@ -192,10 +192,23 @@ impl<P: Provider> Backend for Pools<P> {
             stack: serde_json::from_str(&release.stack)
                 .map_err(|e| RolloutError::new(format!("stored stack: {e}")))?,
         };
-        let deadline =
-            Instant::now() + Duration::from_secs(self.context.rollout.progress_deadline_seconds);
+        // Like a Deployment's progress deadline: each machine that comes to run the release
+        // healthy gives the rollout the whole deadline again.
+        let allowed = Duration::from_secs(self.context.rollout.progress_deadline_seconds);
+        let mut deadline = Instant::now() + allowed;
+        let mut converged_machines = 0;
         let mut repairs = Vec::new();
         loop {
+            let now_converged = self
+                .nodes
+                .nodes()
+                .values()
+                .filter(|n| node_converged(n, &release.digest))
+                .count();
+            if now_converged > converged_machines {
+                converged_machines = now_converged;
+                deadline = Instant::now() + allowed;
+            }
             let groups = self.groups(stack, &specs).await?;
             let machines: Vec<Machine> = groups.values().flat_map(|g| g.machines.clone()).collect();
             let nodes = self.nodes.nodes();
@@ -595,6 +608,7 @@ impl<P: Provider> Pools<P> {
                 .get(&machine.pool)
                 .map(|p| p.gpus.clone())
                 .unwrap_or_default(),
+            rollout: self.context.rollout.clone(),
         };
         let mut rolling = false;
         let mut waiting_for_turn = Vec::new();

@@ -138,6 +138,7 @@ impl<R: Runtime, F: Fn() -> R> NodeAgent<R, F> {
                 built.grants != assignment.grants
                     || built.pools != assignment.pools
                     || built.gpus != assignment.gpus
+                    || built.rollout != assignment.rollout
             });
             if rebuild {
                 backend = Some((assignment.clone(), self.backend(&assignment)));
@@ -184,7 +185,9 @@ impl<R: Runtime, F: Fn() -> R> NodeAgent<R, F> {
             permissions: Permissions(grants),
             snapshots: Snapshots::off(&self.options.state_dir),
         };
-        Replicas::new(self.context.clone(), settings, (self.runtime)())
+        let mut context = self.context.clone();
+        context.rollout = assignment.rollout.clone();
+        Replicas::new(context, settings, (self.runtime)())
     }
 
     async fn converge(

@@ -6,7 +6,8 @@
 //! user data checks before running it.
 
 use crate::plan::ReplicaId;
-use http_body_util::{BodyExt, Full, Limited};
+use crate::runtime::engine::FileBody;
+use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use outpost_bundle_format::Digest;
@@ -61,6 +62,8 @@ pub struct Assignment {
     pub pools: Vec<String>,
     /// The GPUs each machine of this machine's pool has, by type.
     pub gpus: BTreeMap<String, u32>,
+    /// The customer's rollout settings (progress deadline, grace), as the agent has them.
+    pub rollout: crate::config::RolloutConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -306,17 +309,18 @@ impl Nodes {
     async fn handle(
         &self,
         request: Request<Incoming>,
-    ) -> Result<Response<Full<Bytes>>, (StatusCode, String)> {
+    ) -> Result<Response<Answer>, (StatusCode, String)> {
         let path = request.uri().path().to_string();
         match (request.method().clone(), path.as_str()) {
             (Method::GET, "/v1/binary") => {
-                let bytes = tokio::fs::read(&self.binary).await.map_err(|e| {
+                // Streamed: a debug build is hundreds of MB.
+                let file = FileBody::open(&self.binary).await.map_err(|e| {
                     (
                         StatusCode::INTERNAL_SERVER_ERROR,
                         format!("{}: {e}", self.binary.display()),
                     )
                 })?;
-                Ok(Response::new(Full::new(Bytes::from(bytes))))
+                Ok(Response::new(Either::Right(file)))
             }
             (Method::POST, "/v1/join") => {
                 let join: JoinRequest = body(request).await?;
@@ -366,10 +370,13 @@ async fn body<T: serde::de::DeserializeOwned>(
         .map_err(|e| (StatusCode::BAD_REQUEST, format!("request body: {e}")))
 }
 
-fn json(status: StatusCode, value: &impl Serialize) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(
+/// An answer: JSON, or a file streamed.
+type Answer = Either<Full<Bytes>, FileBody>;
+
+fn json(status: StatusCode, value: &impl Serialize) -> Response<Answer> {
+    let mut response = Response::new(Either::Left(Full::new(Bytes::from(
         serde_json::to_vec(value).unwrap_or_default(),
-    )));
+    ))));
     *response.status_mut() = status;
     response.headers_mut().insert(
         hyper::header::CONTENT_TYPE,

@@ -1,0 +1,337 @@
+//! Managed VM pools under test. moto's server stands in for AWS on 127.0.0.1 (EC2, Auto
+//! Scaling, IAM); moto runs no machines, so every instance it reports in service is booted here
+//! as a test host: a network namespace with its own address on a bridge the test makes, and a
+//! dockerd of its own, that runs the instance's user data as EC2 would (which fetches the node
+//! binary from the agent, checks its SHA-256 and starts `outpost-agent node`).
+
+#![allow(clippy::unwrap_used)] // test support: a panic is a failed test
+
+use crate::engine::{Kind, TestEngine};
+use crate::{free_port, python, repo, run};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// moto's server on 127.0.0.1, stopped on drop.
+pub struct Moto {
+    child: Child,
+    pub port: u16,
+}
+
+impl Moto {
+    pub fn start() -> Moto {
+        let venv = std::env::var_os("OUTPOST_VENV")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| repo().join(".work/venv"));
+        let server = venv.join("bin/moto_server");
+        assert!(
+            server.exists(),
+            "{} missing: run .ci/scripts/setup.sh",
+            server.display()
+        );
+        let port = free_port();
+        let child = Command::new(server)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let moto = Moto { child, port };
+        crate::eventually("moto_server to listen", || {
+            std::net::TcpStream::connect(("127.0.0.1", port))
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        });
+        moto
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Runs `script` (Python with boto3 clients `ec2`, `asg`, `iam` bound to moto, and `json`,
+    /// `base64`) and returns what it prints, parsed as JSON.
+    pub fn boto(&self, script: &str) -> Value {
+        let prelude = format!(
+            "import boto3, json, base64\nkw = dict(endpoint_url='{}', region_name='us-east-1', aws_access_key_id='testing', aws_secret_access_key='testing')\nec2 = boto3.client('ec2', **kw)\nasg = boto3.client('autoscaling', **kw)\niam = boto3.client('iam', **kw)\n",
+            self.url()
+        );
+        let result = run(python().arg("-c").arg(format!("{prelude}{script}")));
+        assert_eq!(result.code, 0, "boto3: {}", result.stderr);
+        serde_json::from_str(result.stdout.trim()).unwrap_or(Value::Null)
+    }
+
+    /// A VPC with a subnet in each of two zones, and an AMI moto knows: `(subnets, ami)`.
+    pub fn network(&self) -> (Vec<String>, String) {
+        let made = self.boto(
+            "vpc = ec2.create_vpc(CidrBlock='10.0.0.0/16')['Vpc']['VpcId']\n\
+             subnets = [ec2.create_subnet(VpcId=vpc, CidrBlock=f'10.0.{i}.0/24', AvailabilityZone=z)['Subnet']['SubnetId'] for i, z in [(1, 'us-east-1a'), (2, 'us-east-1b')]]\n\
+             ami = ec2.describe_images(Owners=['amazon'])['Images'][0]['ImageId']\n\
+             print(json.dumps({'subnets': subnets, 'ami': ami}))",
+        );
+        let subnets = made["subnets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s.as_str().unwrap().to_string())
+            .collect();
+        (subnets, made["ami"].as_str().unwrap().to_string())
+    }
+
+    /// The instances in service in any Auto Scaling group, with their user data.
+    pub fn instances(&self) -> Vec<(String, String)> {
+        let listed = self.boto(
+            "out = []\n\
+             for g in asg.describe_auto_scaling_groups()['AutoScalingGroups']:\n\
+             \x20   for i in g['Instances']:\n\
+             \x20       if i['LifecycleState'] == 'InService':\n\
+             \x20           ud = ec2.describe_instance_attribute(InstanceId=i['InstanceId'], Attribute='userData')['UserData'].get('Value', '')\n\
+             \x20           out.append([i['InstanceId'], base64.b64decode(ud).decode()])\n\
+             print(json.dumps(out))",
+        );
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|pair| {
+                (
+                    pair[0].as_str().unwrap().to_string(),
+                    pair[1].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One booted instance.
+struct Host {
+    namespace: String,
+    link: String,
+    address: String,
+    engine: TestEngine,
+    node: Child,
+    dir: tempfile::TempDir,
+}
+
+/// The test hosts of instances, on a bridge `opvmN` (10.201.N.1/24) this test made.
+pub struct Hosts {
+    net: u32,
+    next: u32,
+    hosts: BTreeMap<String, Host>,
+}
+
+impl Hosts {
+    pub fn new() -> Hosts {
+        let links = run(Command::new("ip").args(["-o", "link"])).stdout;
+        let net = (0..200)
+            .map(|i| (std::process::id() + i) % 200 + 1)
+            .find(|n| !links.contains(&format!("opvm{n}:")))
+            .unwrap();
+        let bridge = format!("opvm{net}");
+        for args in [
+            vec!["link", "add", &bridge, "type", "bridge"],
+            vec!["addr", "add", &format!("10.201.{net}.1/24"), "dev", &bridge],
+            vec!["link", "set", &bridge, "up"],
+        ] {
+            let done = run(Command::new("ip").args(&args));
+            assert_eq!(done.code, 0, "ip {args:?}: {}", done.stderr);
+        }
+        let _ = std::fs::write("/proc/sys/net/ipv4/ip_forward", "1");
+        Hosts {
+            net,
+            next: 10,
+            hosts: BTreeMap::new(),
+        }
+    }
+
+    /// The agent's address on the bridge: where it listens for nodes.
+    pub fn gateway(&self) -> String {
+        format!("10.201.{}.1", self.net)
+    }
+
+    /// Boots instances that are new, and tears down those that are gone.
+    pub fn sync(&mut self, moto: &Moto) {
+        let instances = moto.instances();
+        let gone: Vec<String> = self
+            .hosts
+            .keys()
+            .filter(|id| !instances.iter().any(|(i, _)| i == *id))
+            .cloned()
+            .collect();
+        for id in gone {
+            if let Some(host) = self.hosts.remove(&id) {
+                self.tear_down(host);
+            }
+        }
+        for (id, user_data) in instances {
+            if !self.hosts.contains_key(&id) {
+                let host = self.boot(&id, &user_data);
+                self.hosts.insert(id, host);
+            }
+        }
+    }
+
+    fn boot(&mut self, id: &str, user_data: &str) -> Host {
+        self.next += 1;
+        let k = self.next;
+        let namespace = format!("opvm{}-{k}", self.net);
+        let link = format!("opv{}-{k}", self.net);
+        let address = format!("10.201.{}.{k}", self.net);
+        let bridge = format!("opvm{}", self.net);
+        let gateway = self.gateway();
+        let steps: Vec<Vec<String>> = vec![
+            vec!["ip", "netns", "add", &namespace],
+            vec![
+                "ip", "link", "add", &link, "type", "veth", "peer", "name", "eth0", "netns",
+                &namespace,
+            ],
+            vec!["ip", "link", "set", &link, "master", &bridge, "up"],
+            vec![
+                "ip",
+                "-n",
+                &namespace,
+                "addr",
+                "add",
+                &format!("{address}/24"),
+                "dev",
+                "eth0",
+            ],
+            vec!["ip", "-n", &namespace, "link", "set", "eth0", "up"],
+            vec!["ip", "-n", &namespace, "link", "set", "lo", "up"],
+            vec![
+                "ip", "-n", &namespace, "route", "add", "default", "via", &gateway,
+            ],
+        ]
+        .into_iter()
+        .map(|step| step.into_iter().map(String::from).collect())
+        .collect();
+        for step in steps {
+            let done = run(Command::new(&step[0]).args(&step[1..]));
+            assert_eq!(done.code, 0, "{step:?}: {}", done.stderr);
+        }
+        // The machine's own engine, in its namespace: it publishes on the machine's loopback
+        // and pulls over the bridge.
+        let engine = TestEngine::start_in(Kind::Docker, Some(&namespace));
+        let dir = tempfile::tempdir().unwrap();
+        let script = dir.path().join("user-data.sh");
+        std::fs::write(&script, user_data).unwrap();
+        let log = std::fs::File::create(dir.path().join("node.log")).unwrap();
+        let node = Command::new("ip")
+            .args(["netns", "exec", &namespace, "sh"])
+            .arg(&script)
+            .env("OUTPOST_NODE_DIR", dir.path().join("node"))
+            .env("OUTPOST_INSTANCE_ID", id)
+            .env("OUTPOST_DOCKER_SOCKET", &engine.socket)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        Host {
+            namespace,
+            link,
+            address,
+            engine,
+            node,
+            dir,
+        }
+    }
+
+    fn tear_down(&self, mut host: Host) {
+        let _ = host.node.kill();
+        let _ = host.node.wait();
+        // The engine stops with its containers when it drops.
+        drop(host.engine);
+        let _ = Command::new("ip")
+            .args(["link", "del", &host.link])
+            .output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &host.namespace])
+            .output();
+        drop(host.dir);
+    }
+
+    pub fn machines(&self) -> Vec<String> {
+        self.hosts.keys().cloned().collect()
+    }
+
+    /// The address a machine answers on, and the containers its engine runs.
+    pub fn machine(&self, id: &str) -> Option<(String, Vec<String>)> {
+        self.hosts
+            .get(id)
+            .map(|h| (h.address.clone(), h.engine.containers()))
+    }
+
+    /// What the node agent of a machine logged.
+    pub fn node_log(&self, id: &str) -> String {
+        self.hosts
+            .get(id)
+            .and_then(|h| std::fs::read_to_string(h.dir.path().join("node.log")).ok())
+            .unwrap_or_default()
+    }
+}
+
+impl Default for Hosts {
+    fn default() -> Self {
+        Hosts::new()
+    }
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        for (_, host) in std::mem::take(&mut self.hosts) {
+            self.tear_down(host);
+        }
+        let _ = Command::new("ip")
+            .args(["link", "del", &format!("opvm{}", self.net)])
+            .output();
+    }
+}
+
+/// Keeps `hosts` in step with what moto runs, every second, until dropped.
+pub struct Booter {
+    pub hosts: Arc<Mutex<Hosts>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Booter {
+    pub fn start(moto: Arc<Moto>, hosts: Hosts) -> Booter {
+        let hosts = Arc::new(Mutex::new(hosts));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let thread = {
+            let (hosts, stop) = (hosts.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if let Ok(mut hosts) = hosts.lock() {
+                        hosts.sync(&moto);
+                    }
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            })
+        };
+        Booter {
+            hosts,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Booter {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
