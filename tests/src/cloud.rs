@@ -15,10 +15,13 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// moto's server on 127.0.0.1, stopped on drop.
+/// moto's server on 127.0.0.1 with IAM enforced (after the three calls that make the test's
+/// own administrator), stopped on drop.
 pub struct Moto {
     child: Child,
     pub port: u16,
+    /// The administrator's access key and secret: the test's own calls.
+    admin: (String, String),
 }
 
 impl Moto {
@@ -35,17 +38,45 @@ impl Moto {
         let port = free_port();
         let child = Command::new(server)
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .env("INITIAL_NO_AUTH_ACTION_COUNT", "3")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let moto = Moto { child, port };
+        let mut moto = Moto {
+            child,
+            port,
+            admin: ("testing".into(), "testing".into()),
+        };
         crate::eventually("moto_server to listen", || {
             std::net::TcpStream::connect(("127.0.0.1", port))
                 .map(|_| ())
                 .map_err(|e| e.to_string())
         });
+        let admin = moto.user(
+            "admin",
+            &serde_json::json!({
+                "Version": "2012-10-17",
+                "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}],
+            }),
+        );
+        moto.admin = admin;
         moto
+    }
+
+    /// Makes an IAM user with `policy` inline; its access key and secret.
+    pub fn user(&self, name: &str, policy: &Value) -> (String, String) {
+        let made = self.boto(&format!(
+            "iam.create_user(UserName='{name}')\n\
+             iam.put_user_policy(UserName='{name}', PolicyName='outpost', PolicyDocument={policy:?})\n\
+             k = iam.create_access_key(UserName='{name}')['AccessKey']\n\
+             print(json.dumps([k['AccessKeyId'], k['SecretAccessKey']]))",
+            policy = policy.to_string()
+        ));
+        (
+            made[0].as_str().unwrap().to_string(),
+            made[1].as_str().unwrap().to_string(),
+        )
     }
 
     pub fn url(&self) -> String {
@@ -56,8 +87,10 @@ impl Moto {
     /// `base64`) and returns what it prints, parsed as JSON.
     pub fn boto(&self, script: &str) -> Value {
         let prelude = format!(
-            "import boto3, json, base64\nkw = dict(endpoint_url='{}', region_name='us-east-1', aws_access_key_id='testing', aws_secret_access_key='testing')\nec2 = boto3.client('ec2', **kw)\nasg = boto3.client('autoscaling', **kw)\niam = boto3.client('iam', **kw)\n",
-            self.url()
+            "import boto3, json, base64\nkw = dict(endpoint_url='{}', region_name='us-east-1', aws_access_key_id='{}', aws_secret_access_key='{}')\nec2 = boto3.client('ec2', **kw)\nasg = boto3.client('autoscaling', **kw)\niam = boto3.client('iam', **kw)\n",
+            self.url(),
+            self.admin.0,
+            self.admin.1
         );
         let result = run(python().arg("-c").arg(format!("{prelude}{script}")));
         assert_eq!(result.code, 0, "boto3: {}", result.stderr);

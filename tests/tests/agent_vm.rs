@@ -71,7 +71,9 @@ struct Setup {
     image: String,
 }
 
-fn setup() -> Setup {
+/// The cloud, the machines' bridge and registry, and an agent running as an IAM user whose
+/// policy is what `outpost-agent cloud-policy` prints, less the actions in `without`.
+fn setup(without: &[&str]) -> Setup {
     let moto = Arc::new(Moto::start());
     let (subnets, ami) = moto.network();
     let hosts = Hosts::new();
@@ -86,15 +88,22 @@ fn setup() -> Setup {
         moto.url(),
         subnets.join(", ")
     );
-    let agent = AgentProcess::start_with_env(
+    let mut agent = AgentProcess::start_with_env(
         &format!("source:\n  dir:\n    path: {}\n", drop.path().display()),
         &config,
-        &[
-            ("AWS_ACCESS_KEY_ID", "testing"),
-            ("AWS_SECRET_ACCESS_KEY", "testing"),
-            ("AWS_EC2_METADATA_DISABLED", "true"),
-        ],
+        &[("AWS_EC2_METADATA_DISABLED", "true")],
     );
+    let mut policy: Value =
+        serde_json::from_str(&agent.cli(&["cloud-policy"]).ok().stdout).unwrap();
+    for statement in policy["Statement"].as_array_mut().unwrap() {
+        if let Some(actions) = statement["Action"].as_array_mut() {
+            actions.retain(|a| !without.contains(&a.as_str().unwrap_or_default()));
+        }
+    }
+    let (key, secret) = moto.user("outpost-agent", &policy);
+    agent.env.push(("AWS_ACCESS_KEY_ID".into(), key));
+    agent.env.push(("AWS_SECRET_ACCESS_KEY".into(), secret));
+    agent.restart();
     let booter = Booter::start(moto.clone(), hosts);
     Setup {
         agent,
@@ -153,9 +162,10 @@ impl Setup {
     }
 }
 
+/// Under IAM enforcement, as the user `cloud-policy` describes.
 #[test]
 fn a_release_runs_on_machines_the_agent_launches_updates_rolls_back_and_is_adopted() {
-    let s = setup();
+    let s = setup(&[]);
     publish(s.drop.path(), &stack(&s.image, "v1", true), "1.0.0", 1);
     s.wait_serving(2, "v1");
     s.agent.wait_converged_within(60, 1);
@@ -200,15 +210,36 @@ fn a_release_runs_on_machines_the_agent_launches_updates_rolls_back_and_is_adopt
     assert_eq!(s.groups_and_templates(), json!([1, 1]));
     s.wait_serving(2, "v2");
 
-    // cloud-policy names every call the agent made, scoped to the stack's tag.
-    let policy: Value = serde_json::from_str(&s.agent.cli(&["cloud-policy"]).ok().stdout).unwrap();
-    let text = policy.to_string();
-    for action in [
-        "autoscaling:CreateAutoScalingGroup",
-        "ec2:CreateLaunchTemplate",
-        "autoscaling:SetDesiredCapacity",
-    ] {
-        assert!(text.contains(action), "{policy:#}");
+    // kill -9 at random points of a rollout: every restart adopts, nothing is made twice.
+    publish(s.drop.path(), &stack(&s.image, "v4", true), "4.0.0", 4);
+    let mut agent = s.agent;
+    for round in 0..3u64 {
+        std::thread::sleep(std::time::Duration::from_millis(
+            300 + (std::process::id() as u64 * 7919 + round * 104_729) % 2500,
+        ));
+        agent.kill();
+        agent.restart();
     }
-    assert!(text.contains("aws:ResourceTag/outpost:stack"), "{policy:#}");
+    let s = Setup { agent, ..s };
+    s.wait_serving(2, "v4");
+    s.agent.wait_converged_within(90, 4);
+    assert_eq!(s.groups_and_templates(), json!([1, 1]));
+}
+
+/// The policy without one action it names is not enough, and the refusal names that action.
+#[test]
+fn the_policy_less_one_action_fails_naming_it() {
+    let s = setup(&["autoscaling:SetDesiredCapacity"]);
+    publish(s.drop.path(), &stack(&s.image, "v1", true), "1.0.0", 1);
+    let status = s.agent.wait_within(60, "the refusal", |st| {
+        st["runtime"]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("SetDesiredCapacity"))
+    });
+    let error = status["runtime"]["last_error"].as_str().unwrap();
+    assert!(
+        error.contains("pool default: SetDesiredCapacity: AccessDenied")
+            && error.contains("autoscaling:SetDesiredCapacity"),
+        "{error}"
+    );
 }

@@ -216,12 +216,32 @@ where
     match &error {
         SdkError::ServiceError(context) => {
             let err = context.err();
-            let code = err.code().unwrap_or("unknown");
-            let message = err.message().unwrap_or("no message");
-            let status_5xx = context.raw().status().is_server_error();
+            let raw = context.raw();
+            let status = raw.status();
+            let message = match (err.code(), err.message()) {
+                (Some(code), Some(message)) => format!("{code}: {message}"),
+                (Some(code), None) => code.to_string(),
+                // An answer the SDK could not read as this protocol's error (an error document
+                // nested another way, a proxy's page): its code and message, else its start.
+                _ => {
+                    let body = raw
+                        .body()
+                        .bytes()
+                        .map(|b| String::from_utf8_lossy(b).into_owned())
+                        .unwrap_or_default();
+                    match (xml_field(&body, "Code"), xml_field(&body, "Message")) {
+                        (Some(code), Some(message)) => format!("{code}: {message}"),
+                        _ => {
+                            let start: String = body.chars().take(200).collect();
+                            let start = start.split_whitespace().collect::<Vec<_>>().join(" ");
+                            format!("HTTP {}: {start}", status.as_u16())
+                        }
+                    }
+                }
+            };
             CloudError {
-                message: format!("{call}: {code}: {message}"),
-                transient: transient_code(code) || status_5xx,
+                message: format!("{call}: {message}"),
+                transient: err.code().is_some_and(transient_code) || status.is_server_error(),
             }
         }
         SdkError::ConstructionFailure(_) => {
@@ -229,6 +249,13 @@ where
         }
         _ => CloudError::transient(format!("{call}: {}", one_line(&error))),
     }
+}
+
+/// The text of the first `<name>` element of an XML document, if it has one.
+fn xml_field<'a>(xml: &'a str, name: &str) -> Option<&'a str> {
+    let start = xml.find(&format!("<{name}>"))? + name.len() + 2;
+    let end = start + xml[start..].find(&format!("</{name}>"))?;
+    Some(xml[start..end].trim())
 }
 
 fn one_line(error: &dyn std::error::Error) -> String {
@@ -422,5 +449,21 @@ impl Provider for Aws {
             .await
             .map_err(|e| cloud_error("TerminateInstanceInAutoScalingGroup", e))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_error_document_nested_another_way_still_gives_its_code_and_message() {
+        let body = "<?xml version=\"1.0\"?><ErrorResponse><Errors><Error><Code>AccessDenied</Code><Message>not authorized to perform: autoscaling:SetDesiredCapacity</Message></Error></Errors></ErrorResponse>";
+        assert_eq!(xml_field(body, "Code"), Some("AccessDenied"));
+        assert_eq!(
+            xml_field(body, "Message"),
+            Some("not authorized to perform: autoscaling:SetDesiredCapacity")
+        );
+        assert_eq!(xml_field("<html>busy</html>", "Code"), None);
     }
 }
