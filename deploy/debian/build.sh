@@ -91,7 +91,8 @@ finish() { # ROOT NAME DEB
     find "$root" -type f -exec chmod 0644 {} +
     chmod 0755 "$root/usr/bin/"* "$root/DEBIAN/"*inst "$root/DEBIAN/"*rm 2>/dev/null || true
     local size
-    size="$(du -sk --exclude=DEBIAN "$root" | cut -f1)"
+    # Apparent sizes: the blocks a just-written file holds vary from one build to the next.
+    size="$(du -sk --apparent-size --exclude=DEBIAN "$root" | cut -f1)"
     sed -i "s/^Installed-Size: .*/Installed-Size: $size/" "$root/DEBIAN/control"
     find "$root" -exec touch -h -d "@$SOURCE_DATE_EPOCH" {} +
     dpkg-deb --root-owner-group "-Z${DEB_COMPRESSION:-xz}" --build "$root" "$deb" >/dev/null
