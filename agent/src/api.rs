@@ -280,11 +280,25 @@ fn metrics(agent: &Agent, headers: &hyper::HeaderMap) -> Response<Full<Bytes>> {
         .iter()
         .filter_map(|(name, r)| Some((name.clone(), r.desired.unwrap_or(0), r.ready?)))
         .collect();
+    let pools = runtime
+        .pools
+        .iter()
+        .map(|(name, pool)| {
+            let mut states = std::collections::BTreeMap::new();
+            for machine in &pool.machines {
+                // `unhealthy: why` counts as unhealthy.
+                let state = machine.state.split(':').next().unwrap_or_default();
+                *states.entry(state.to_string()).or_insert(0) += 1;
+            }
+            (name.clone(), u64::from(pool.desired), states)
+        })
+        .collect();
     let snapshot = crate::metrics::Snapshot {
         current_sequence: positions.current.as_ref().map(|c| c.sequence),
         pending_sequence: positions.pending.as_ref().map(|p| p.sequence),
         highest_sequence: positions.highest_sequence,
         replicas,
+        pools,
         now_unix: crate::config::now().timestamp() as f64,
     };
     let openmetrics = headers

@@ -14,6 +14,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -46,6 +47,17 @@ pub struct ResourceLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolLabel {
+    pub pool: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MachineLabels {
+    pub pool: String,
+    pub state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     version: String,
     commit: String,
@@ -75,6 +87,8 @@ pub struct Metrics {
     last_poll_timestamp: Gauge,
     seconds_since_last_poll: Gauge<f64, AtomicU64>,
     replicas_desired: Family<ResourceLabel, Gauge>,
+    vm_machines: Family<MachineLabels, Gauge>,
+    vm_machines_desired: Family<PoolLabel, Gauge>,
     replicas_ready: Family<ResourceLabel, Gauge>,
     /// Unix time of the last poll that reached the source (0: none yet).
     last_poll_unix: AtomicU64,
@@ -100,6 +114,8 @@ pub struct Snapshot {
     pub highest_sequence: Option<u64>,
     /// Per resource: (desired, ready) replicas.
     pub replicas: Vec<(String, u64, u64)>,
+    /// Per VM pool: the desired size, and machines by state.
+    pub pools: Vec<(String, u64, BTreeMap<String, u64>)>,
     pub now_unix: f64,
 }
 
@@ -133,6 +149,8 @@ impl Metrics {
             last_poll_timestamp: Gauge::default(),
             seconds_since_last_poll: Gauge::default(),
             replicas_desired: Family::default(),
+            vm_machines: Family::default(),
+            vm_machines_desired: Family::default(),
             replicas_ready: Family::default(),
             last_poll_unix: AtomicU64::new(0),
             download: std::sync::Mutex::new(None),
@@ -235,6 +253,16 @@ impl Metrics {
             "replicas_desired",
             "Replicas the current release wants, by resource",
             m.replicas_desired.clone(),
+        );
+        registry.register(
+            "vm_machines",
+            "Machines of each VM pool, by state (booting, joined, healthy, unhealthy, silent, leaving)",
+            m.vm_machines.clone(),
+        );
+        registry.register(
+            "vm_machines_desired",
+            "The size each VM pool's group is asked for",
+            m.vm_machines_desired.clone(),
         );
         registry.register(
             "replicas_ready",
@@ -410,6 +438,22 @@ impl Metrics {
                 .get_or_create(&label)
                 .set(gauge(Some(*ready)));
         }
+        self.vm_machines.clear();
+        self.vm_machines_desired.clear();
+        for (pool, desired, states) in &snapshot.pools {
+            self.vm_machines_desired
+                .get_or_create(&PoolLabel { pool: pool.clone() })
+                .set(gauge(Some(*desired)));
+            for (state, count) in states {
+                let labels = MachineLabels {
+                    pool: pool.clone(),
+                    state: state.clone(),
+                };
+                self.vm_machines
+                    .get_or_create(&labels)
+                    .set(gauge(Some(*count)));
+            }
+        }
         let mut text = String::new();
         if prometheus_client::encoding::text::encode(&mut text, &self.registry).is_err() {
             return String::new();
@@ -468,6 +512,11 @@ mod tests {
         let snapshot = Snapshot {
             current_sequence: Some(3),
             replicas: vec![("web".into(), 2, 1)],
+            pools: vec![(
+                "default".into(),
+                3,
+                BTreeMap::from([("healthy".into(), 2), ("booting".into(), 1)]),
+            )],
             now_unix: 130.0,
             ..Default::default()
         };
@@ -483,6 +532,9 @@ mod tests {
             "outpost_seconds_since_last_poll 30.0",
             "outpost_replicas_desired{resource=\"web\"} 2",
             "outpost_replicas_ready{resource=\"web\"} 1",
+            "outpost_vm_machines_desired{pool=\"default\"} 3",
+            "outpost_vm_machines{pool=\"default\",state=\"healthy\"} 2",
+            "outpost_vm_machines{pool=\"default\",state=\"booting\"} 1",
             "# TYPE outpost_verification_seconds histogram",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} not in:\n{text}");

@@ -172,6 +172,8 @@ fn a_release_runs_on_machines_the_agent_launches_updates_rolls_back_and_is_adopt
     let status = s.agent.status();
     let pool = &status["runtime"]["pools"]["default"];
     assert_eq!(pool["desired"], 2, "{status:#}");
+    assert_eq!(s.agent.metric("outpost_vm_machines_desired"), 2);
+    assert_eq!(s.agent.metric("outpost_replicas_ready"), 2);
     assert_eq!(s.groups_and_templates(), json!([1, 1]));
     // Each machine runs its replica on its own engine.
     {

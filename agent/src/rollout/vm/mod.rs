@@ -13,12 +13,12 @@ pub mod nodes;
 pub mod placement;
 pub mod policy;
 pub mod provider;
+mod view;
 
 use super::{Backend, Context, Repair, RolloutError, event, journaled};
 use crate::config::{DEFAULT_POOL, Permissions, VmConfig};
 use crate::plan::ReplicaId;
 use crate::state::Release;
-use crate::status::{MachineStatus, PoolStatus};
 pub use bootstrap::{Bootstrap, bootstrap_secret, file_sha256, settings_hash};
 use nodes::{AssignedRelease, Assignment, Node, Nodes};
 use outpost_bundle_format::Digest;
@@ -126,6 +126,8 @@ impl<P: Provider> Backend for Pools<P> {
                 }
                 Err(e) => Err(e),
             };
+            // What the progress was judged on, or newer.
+            self.show_resources(&release.digest, &wants, &placement, &self.nodes.nodes());
             match progress {
                 Ok(()) => return Ok(repairs),
                 Err(Progress::Failed(why)) => return Err(RolloutError::new(why)),
@@ -590,46 +592,6 @@ impl<P: Provider> Pools<P> {
                 names(&unready)
             )))
         }
-    }
-
-    /// Pools, machines and what runs where, for `status`.
-    fn show(&self, machines: &[Machine], nodes: &BTreeMap<String, Node>, placement: &Placement) {
-        let mut pools: BTreeMap<String, PoolStatus> = BTreeMap::new();
-        for (pool, desired) in &placement.desired {
-            pools.entry(pool.clone()).or_default().desired = *desired;
-        }
-        for machine in machines {
-            let node = nodes.get(&machine.id);
-            let state = match (machine.state, node) {
-                (MachineState::Leaving, _) => "leaving".to_string(),
-                (MachineState::Pending, _) | (_, None) => "booting".to_string(),
-                (_, Some(node)) if self.silent(node) => "silent".to_string(),
-                (_, Some(node)) => match &node.report {
-                    Some(report) if report.error.is_some() => {
-                        format!("unhealthy: {}", report.error.clone().unwrap_or_default())
-                    }
-                    Some(_) => "healthy".to_string(),
-                    None => "joined".to_string(),
-                },
-            };
-            let replicas = placement
-                .assigned
-                .iter()
-                .filter(|(_, m)| **m == machine.id)
-                .map(|(r, _)| format!("{}-{}", r.resource, r.ordinal))
-                .collect();
-            pools
-                .entry(machine.pool.clone())
-                .or_default()
-                .machines
-                .push(MachineStatus {
-                    id: machine.id.clone(),
-                    zone: machine.zone.clone(),
-                    state,
-                    replicas,
-                });
-        }
-        self.context.status.update(|s| s.pools = pools);
     }
 }
 

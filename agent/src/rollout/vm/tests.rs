@@ -212,6 +212,8 @@ async fn installs_on_as_many_machines_as_the_replicas_need() {
     assert_eq!(all, ["api-0 primary", "api-1 primary", "api-2 primary"]);
     let status = c.agent.runtime_view.current();
     assert_eq!(status.pools["default"].desired, 3);
+    let api = &status.resources["api"];
+    assert_eq!((api.desired, api.ready), (Some(3), Some(3)));
     assert!(
         status.pools["default"]
             .machines
