@@ -151,7 +151,8 @@ async fn start_vm(agent: &Arc<Agent>) -> anyhow::Result<tokio::task::JoinHandle<
     match config.provider {
         #[cfg(feature = "aws")]
         crate::config::CloudProvider::Aws => {
-            let provider = crate::rollout::vm::aws::Aws::connect(&config).await?;
+            let provider =
+                crate::rollout::vm::aws::Aws::connect(&config, agent.metrics.clone()).await?;
             run_pools(agent, config, provider).await
         }
         #[cfg(not(feature = "aws"))]

@@ -47,6 +47,12 @@ pub struct ResourceLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CallLabels {
+    pub call: String,
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PoolLabel {
     pub pool: String,
 }
@@ -88,6 +94,7 @@ pub struct Metrics {
     seconds_since_last_poll: Gauge<f64, AtomicU64>,
     replicas_desired: Family<ResourceLabel, Gauge>,
     vm_machines: Family<MachineLabels, Gauge>,
+    cloud_calls: Family<CallLabels, Counter>,
     vm_machines_desired: Family<PoolLabel, Gauge>,
     replicas_ready: Family<ResourceLabel, Gauge>,
     /// Unix time of the last poll that reached the source (0: none yet).
@@ -150,6 +157,7 @@ impl Metrics {
             seconds_since_last_poll: Gauge::default(),
             replicas_desired: Family::default(),
             vm_machines: Family::default(),
+            cloud_calls: Family::default(),
             vm_machines_desired: Family::default(),
             replicas_ready: Family::default(),
             last_poll_unix: AtomicU64::new(0),
@@ -258,6 +266,11 @@ impl Metrics {
             "vm_machines",
             "Machines of each VM pool, by state (booting, joined, healthy, unhealthy, silent, leaving)",
             m.vm_machines.clone(),
+        );
+        registry.register(
+            "cloud_calls",
+            "Calls to the cloud's APIs (runtime vm), by operation and result (ok, error)",
+            m.cloud_calls.clone(),
         );
         registry.register(
             "vm_machines_desired",
@@ -383,6 +396,15 @@ impl Metrics {
             .get_or_create(&StepLabels {
                 backend: backend.into(),
                 result: if ok { "done" } else { "failed" }.into(),
+            })
+            .inc();
+    }
+
+    pub fn cloud_call(&self, call: &str, ok: bool) {
+        self.cloud_calls
+            .get_or_create(&CallLabels {
+                call: call.into(),
+                result: if ok { "ok" } else { "error" }.into(),
             })
             .inc();
     }

@@ -8,12 +8,13 @@
 
 use outpost_bundle_format::bundle;
 use outpost_bundle_format::stack::StackFile;
-use outpost_tests::agent::{AgentProcess, drop_file};
+use outpost_tests::agent::{AgentProcess, drop_file, http_get};
 use outpost_tests::cloud::{Booter, Hosts, Moto};
 use outpost_tests::engine::demo_image;
 use outpost_tests::forge::{metadata, signed, tar};
 use outpost_tests::{TestRegistry, free_port, poll_within};
 use serde_json::{Value, json};
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -59,6 +60,21 @@ fn get(address: &str, path: &str) -> Option<String> {
     stream.read_to_string(&mut response).ok()?;
     let (head, body) = response.split_once("\r\n\r\n")?;
     head.contains(" 200 ").then(|| body.trim().to_string())
+}
+
+/// `outpost_cloud_calls_total` by call.
+fn cloud_calls(agent: &AgentProcess) -> BTreeMap<String, u64> {
+    let text = http_get(&agent.socket(), "/metrics");
+    let mut calls = BTreeMap::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("outpost_cloud_calls_total{call=\"") else {
+            continue;
+        };
+        let (call, rest) = rest.split_once('"').unwrap();
+        let count: f64 = rest.rsplit(' ').next().unwrap().parse().unwrap();
+        *calls.entry(call.to_string()).or_default() += count as u64;
+    }
+    calls
 }
 
 /// Fields drop in order: the agent stops before the machines and the cloud go.
@@ -175,6 +191,24 @@ fn a_release_runs_on_machines_the_agent_launches_updates_rolls_back_and_is_adopt
     assert_eq!(s.agent.metric("outpost_vm_machines_desired"), 2);
     assert_eq!(s.agent.metric("outpost_replicas_ready"), 2);
     assert_eq!(s.groups_and_templates(), json!([1, 1]));
+    // Converged, drift passes (every 2 s) only describe: one group call per pass, no write.
+    let before = cloud_calls(&s.agent);
+    std::thread::sleep(std::time::Duration::from_secs(7));
+    let after = cloud_calls(&s.agent);
+    let writes = |calls: &BTreeMap<String, u64>| -> u64 {
+        calls
+            .iter()
+            .filter(|(call, _)| !call.starts_with("Describe"))
+            .map(|(_, n)| n)
+            .sum()
+    };
+    assert_eq!(writes(&before), writes(&after), "{before:?} {after:?}");
+    let passes = after["DescribeAutoScalingGroups"] - before["DescribeAutoScalingGroups"];
+    assert!((2..=5).contains(&passes), "{before:?} {after:?}");
+    assert_eq!(
+        after.get("DescribeLaunchTemplates"),
+        before.get("DescribeLaunchTemplates")
+    );
     // Each machine runs its replica on its own engine.
     {
         let hosts = s.booter.hosts.lock().unwrap();

@@ -21,6 +21,8 @@ pub const SETTINGS_TAG: &str = "outpost:settings";
 
 /// EC2 and Auto Scaling clients for one region, with credentials from the SDK's default chain.
 pub struct Aws {
+    /// Counts every call (`outpost_cloud_calls_total`).
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
     ec2: aws_sdk_ec2::Client,
     autoscaling: aws_sdk_autoscaling::Client,
     /// The template each pool's group was last seen or made to launch from: a converged pool
@@ -29,7 +31,10 @@ pub struct Aws {
 }
 
 impl Aws {
-    pub async fn connect(config: &VmConfig) -> anyhow::Result<Aws> {
+    pub async fn connect(
+        config: &VmConfig,
+        metrics: std::sync::Arc<crate::metrics::Metrics>,
+    ) -> anyhow::Result<Aws> {
         let Some(aws) = &config.aws else {
             anyhow::bail!("vm.aws is not set");
         };
@@ -40,6 +45,7 @@ impl Aws {
         }
         let shared = loader.load().await;
         Ok(Aws {
+            metrics,
             ec2: aws_sdk_ec2::Client::new(&shared),
             autoscaling: aws_sdk_autoscaling::Client::new(&shared),
             ensured: Mutex::default(),
@@ -73,7 +79,7 @@ impl Aws {
             )
             .send()
             .await
-            .map_err(|e| cloud_error("DescribeLaunchTemplates", e))?;
+            .counted(self, "DescribeLaunchTemplates")?;
         if let Some(template) = found.launch_templates().first() {
             let ours = template
                 .tags()
@@ -146,7 +152,7 @@ impl Aws {
             .tag_specifications(tags(ec2::ResourceType::LaunchTemplate))
             .send()
             .await
-            .map_err(|e| cloud_error("CreateLaunchTemplate", e))?;
+            .counted(self, "CreateLaunchTemplate")?;
         Ok(())
     }
 
@@ -162,7 +168,7 @@ impl Aws {
             .auto_scaling_group_names(&name)
             .send()
             .await
-            .map_err(|e| cloud_error("DescribeAutoScalingGroups", e))?;
+            .counted(self, "DescribeAutoScalingGroups")?;
         let Some(group) = answer.auto_scaling_groups().first() else {
             return Ok(None);
         };
@@ -188,6 +194,23 @@ fn own_tags(spec: &PoolSpec) -> Vec<(String, String)> {
     ];
     tags.extend(spec.config.tags.clone());
     tags
+}
+
+/// An SDK call's answer as the provider's: counted by call and outcome, errors made one line.
+trait Counted<T> {
+    fn counted(self, aws: &Aws, call: &'static str) -> CloudResult<T>;
+}
+
+impl<T, E> Counted<T>
+    for Result<T, aws_sdk_ec2::error::SdkError<E, aws_sdk_ec2::config::http::HttpResponse>>
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+{
+    fn counted(self, aws: &Aws, call: &'static str) -> CloudResult<T> {
+        let outcome = self.map_err(|e| cloud_error(call, e));
+        aws.metrics.cloud_call(call, outcome.is_ok());
+        outcome
+    }
 }
 
 /// An SDK error as one line naming the call and the cloud's own code and message; throttling,
@@ -281,7 +304,7 @@ impl Provider for Aws {
             .instance_types(ec2::InstanceType::from(instance_type))
             .send()
             .await
-            .map_err(|e| cloud_error("DescribeInstanceTypes", e))?;
+            .counted(self, "DescribeInstanceTypes")?;
         let info = answer.instance_types().first().ok_or_else(|| {
             CloudError::refused(format!("instance type {instance_type} is not offered here"))
         })?;
@@ -340,7 +363,7 @@ impl Provider for Aws {
                 create
                     .send()
                     .await
-                    .map_err(|e| cloud_error("CreateAutoScalingGroup", e))?;
+                    .counted(self, "CreateAutoScalingGroup")?;
             }
             Some(group) => {
                 let launches_from = group
@@ -361,7 +384,7 @@ impl Provider for Aws {
                         .vpc_zone_identifier(config.subnets.join(","))
                         .send()
                         .await
-                        .map_err(|e| cloud_error("UpdateAutoScalingGroup", e))?;
+                        .counted(self, "UpdateAutoScalingGroup")?;
                 }
             }
         }
@@ -420,7 +443,7 @@ impl Provider for Aws {
             .honor_cooldown(false)
             .send()
             .await
-            .map_err(|e| cloud_error("SetDesiredCapacity", e))?;
+            .counted(self, "SetDesiredCapacity")?;
         Ok(())
     }
 
@@ -447,7 +470,7 @@ impl Provider for Aws {
             .should_decrement_desired_capacity(shrink)
             .send()
             .await
-            .map_err(|e| cloud_error("TerminateInstanceInAutoScalingGroup", e))?;
+            .counted(self, "TerminateInstanceInAutoScalingGroup")?;
         Ok(())
     }
 }
