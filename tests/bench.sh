@@ -3,6 +3,7 @@
 #   tests/bench.sh            # all: dir, oci, idle (idle takes OUTPOST_BENCH_IDLE_SECS, default 600), rollout, snapshot
 #   tests/bench.sh dir|oci|idle|rollout   (rollout: OUTPOST_BENCH_REPLICAS containers, default 50)
 #   tests/bench.sh snapshot               # downtime a snapshot adds to a stateful replace (100 MiB, 1 GiB)
+#   tests/bench.sh vm                     # VM pools on moto: 20 replicas on 5 machines, idle cloud calls, RSS
 #   tests/bench.sh amplification          # hostile layouts: time and peak RSS at two sizes
 set -euo pipefail
 cd "$(dirname "$0")/.."

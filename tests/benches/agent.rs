@@ -6,7 +6,10 @@
 //! - a 50-container rollout on a real dockerd: first install and a rolling update, wall time
 //!   and the agent's peak RSS (`OUTPOST_BENCH_REPLICAS`, default 50);
 //! - the downtime a snapshot adds to a stateful replica's stop-first replace on a real dockerd,
-//!   for 100 MiB and 1 GiB volumes (`OUTPOST_BENCH_SNAPSHOT_MIB`, default "100 1024").
+//!   for 100 MiB and 1 GiB volumes (`OUTPOST_BENCH_SNAPSHOT_MIB`, default "100 1024");
+//! - VM pools on moto (`vm`): time from a release's arrival to all replicas healthy for 20
+//!   replicas on 5 machines (each a test host with its own dockerd), cloud calls per idle drift
+//!   pass once converged, and the agent's peak RSS.
 
 #![allow(clippy::unwrap_used)] // bench code: a panic is a failed run
 
@@ -386,18 +389,68 @@ fn idle_rss() {
     );
 }
 
+/// 20 replicas of 0.4 cores: four per t3.small machine (1.75 cores after its reserve), so five
+/// machines; each machine is a test host with its own dockerd running its user data.
+fn vm_pools() {
+    use outpost_tests::cloud::{Site, cloud_calls, publish, web_stack};
+    let site = Site::start(&[], 6);
+    let pid = site.agent.pid().unwrap();
+    let start = Instant::now();
+    publish(
+        site.drop.path(),
+        &web_stack(&site.image, "v1", true, 20, 0.4),
+        "1.0.0",
+        1,
+    );
+    site.agent.wait_converged_within(600, 1);
+    let install = start.elapsed();
+    site.wait_serving(5, "v1");
+    let before = cloud_calls(&site.agent);
+    let idle = Duration::from_secs(20);
+    std::thread::sleep(idle);
+    let after = cloud_calls(&site.agent);
+    let passes = idle.as_secs() / 2; // rollout.drift_interval_seconds
+    let mut per_pass = Vec::new();
+    for (call, n) in &after {
+        let new = n - before.get(call).copied().unwrap_or(0);
+        if new > 0 {
+            per_pass.push(format!("{call} {:.1}", new as f64 / passes as f64));
+        }
+    }
+    println!(
+        "vm pools: 20 replicas on 5 machines healthy {:.1} s after the release arrived (machines launched, booted, nodes joined, images pulled); idle drift pass: {} calls per pass ({}); agent peak RSS {} KiB",
+        install.as_secs_f64(),
+        per_pass.len(),
+        per_pass.join(", "),
+        status_kib(pid, "VmHWM:")
+    );
+    let start = Instant::now();
+    publish(
+        site.drop.path(),
+        &web_stack(&site.image, "v2", true, 20, 0.4),
+        "2.0.0",
+        2,
+    );
+    site.agent.wait_converged_within(600, 2);
+    println!(
+        "vm pools: update of 20 replicas through 5 machines, one machine at a time: {:.1} s",
+        start.elapsed().as_secs_f64()
+    );
+}
+
 fn main() {
     // `cargo bench` passes --bench; a name filter picks one part.
     let filter = std::env::args()
         .skip(1)
         .find(|a| !a.starts_with("--"))
         .unwrap_or_default();
-    let parts: [(&str, fn()); 5] = [
+    let parts: [(&str, fn()); 6] = [
         ("dir", dir_latency),
         ("oci", oci_latency_and_bytes),
         ("idle", idle_rss),
         ("rollout", rollout),
         ("snapshot", snapshot_downtime),
+        ("vm", vm_pools),
     ];
     for (name, part) in parts {
         if name.contains(&filter) {
