@@ -671,7 +671,21 @@ mod tests {
         Config::load(&path)
     }
 
+    /// A valid `vm:` section.
+    const VM: &str = "vm: {provider: aws, aws: {region: r}, nodes: {listen: '0.0.0.0:7480', advertise: 'http://10.0.0.5:7480', bootstrap_secret_file: s}, pools: {default: {instance_type: m6i.large, image: ami-1, subnets: [a], max_machines: 2}}}";
+
     const MINIMAL: &str = "source: {dir: {path: drop}}\ntrust: {keys: [a.pub]}\nexpect: {name: acme}\nstate_dir: state\napi: {socket: agent.sock}\n";
+
+    #[test]
+    fn a_vm_section_loads_with_its_defaults() {
+        let config = load_text(&format!("{MINIMAL}runtime: vm\n{VM}\n")).unwrap();
+        let vm = config.vm.unwrap();
+        assert_eq!(vm.nodes.report_timeout_seconds, 60);
+        let pool = &vm.pools["default"];
+        assert_eq!((pool.min_machines, pool.disk_gib), (0, 30));
+        assert_eq!(pool.reserved, Reserved::default());
+        assert!(vm.nodes.bootstrap_secret_file.is_absolute());
+    }
 
     #[test]
     fn the_example_config_loads() {
@@ -686,6 +700,10 @@ mod tests {
         let config = Config::load(&path).unwrap();
         assert_eq!(config.runtime, RuntimeKind::Kubernetes);
         assert_eq!(config.kubernetes.namespace, "outpost");
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/agent.vm.example.yaml");
+        let config = Config::load(&path).unwrap();
+        assert_eq!(config.runtime, RuntimeKind::Vm);
+        assert_eq!(config.vm.unwrap().pools["gpu"].gpus["nvidia-l4"], 1);
     }
 
     #[test]
@@ -798,6 +816,41 @@ mod tests {
             (
                 format!("{MINIMAL}rollout: {{drift_interval_seconds: 0}}\n"),
                 "rollout.drift_interval_seconds",
+            ),
+            (
+                format!("{MINIMAL}runtime: vm\n"),
+                "vm is not set: runtime vm needs the vm section",
+            ),
+            (
+                format!("{MINIMAL}{VM}\n"),
+                "vm: this section configures runtime vm, but runtime is none",
+            ),
+            (
+                format!(
+                    "{MINIMAL}runtime: vm\n{}\n",
+                    VM.replace("max_machines: 2", "min_machines: 3, max_machines: 2")
+                ),
+                "vm.pools.default: min_machines 3 and max_machines 2",
+            ),
+            (
+                format!(
+                    "{MINIMAL}runtime: vm\n{}\n",
+                    VM.replace("http://10.0.0.5:7480", "http://x;reboot")
+                ),
+                "vm.nodes.advertise",
+            ),
+            (
+                format!(
+                    "{MINIMAL}runtime: vm\n{}\n",
+                    VM.replace("subnets: [a]", "subnets: []")
+                ),
+                "vm.pools.default.subnets: name at least one subnet",
+            ),
+            (
+                format!(
+                    "{MINIMAL}runtime: vm\npermissions: {{execution: {{files: {{/x: /y}}}}}}\n{VM}\n"
+                ),
+                "permissions.execution: on runtime vm a grant is environment only",
             ),
             (
                 MINIMAL.replace(

@@ -149,12 +149,14 @@ impl VmConfig {
                 }
             }
         }
-        if !(self.nodes.advertise.starts_with("http://")
-            || self.nodes.advertise.starts_with("https://"))
-        {
+        // Written into the machines' user data (a shell script): a plain http URL only.
+        let advertise = &self.nodes.advertise;
+        let plain = advertise
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-._:/[]".contains(c));
+        if !advertise.starts_with("http://") || !plain {
             return Err(format!(
-                "vm.nodes.advertise {:?} must be a URL machines can reach (http://ADDRESS:PORT)",
-                self.nodes.advertise
+                "vm.nodes.advertise {advertise:?} must be a URL machines can reach (http://ADDRESS:PORT)"
             ));
         }
         if self.nodes.report_timeout_seconds == 0 {
