@@ -70,6 +70,10 @@ pub struct NodesConfig {
     /// (default 60).
     #[serde(default = "default_node_timeout")]
     pub report_timeout_seconds: u64,
+    /// Seconds a machine may take from launch to its node joining before it is replaced
+    /// (default 600: a bad image, no container engine, no route to the agent).
+    #[serde(default = "default_boot_timeout")]
+    pub boot_timeout_seconds: u64,
 }
 
 /// The machines of one capacity pool.
@@ -126,6 +130,9 @@ impl Default for Reserved {
 fn default_node_timeout() -> u64 {
     60
 }
+fn default_boot_timeout() -> u64 {
+    600
+}
 fn default_disk_gib() -> u32 {
     30
 }
@@ -159,8 +166,11 @@ impl VmConfig {
                 "vm.nodes.advertise {advertise:?} must be a URL machines can reach (http://ADDRESS:PORT)"
             ));
         }
-        if self.nodes.report_timeout_seconds == 0 {
-            return Err("vm.nodes.report_timeout_seconds must be at least 1".into());
+        if self.nodes.report_timeout_seconds == 0 || self.nodes.boot_timeout_seconds == 0 {
+            return Err(
+                "vm.nodes.report_timeout_seconds and boot_timeout_seconds must be at least 1"
+                    .into(),
+            );
         }
         if self.pools.is_empty() {
             return Err(format!(

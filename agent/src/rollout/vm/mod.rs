@@ -50,6 +50,9 @@ pub struct Pools<P: Provider> {
     placed: Mutex<BTreeMap<ReplicaId, String>>,
     /// Machine sizes by instance type, asked once.
     sizes: Mutex<BTreeMap<String, (f64, u64)>>,
+    /// When each machine was first seen: one whose node has not joined within the boot
+    /// timeout is replaced.
+    first_seen: Mutex<BTreeMap<String, Instant>>,
 }
 
 impl From<CloudError> for RolloutError {
@@ -116,7 +119,7 @@ impl<P: Provider> Backend for Pools<P> {
             }
             self.size_pools(release, stack, &groups, &placement, &mut repairs)
                 .await?;
-            self.replace_silent(release, stack, &machines, &nodes, &mut repairs)
+            self.replace_lost(release, stack, &machines, &nodes, &mut repairs)
                 .await?;
             self.assign(&assigned, &machines, &nodes, &placement, fresh);
             let progress = match self.progress(&release.digest, &wants, &placement) {
@@ -168,6 +171,7 @@ impl<P: Provider> Pools<P> {
             nodes,
             placed: Mutex::default(),
             sizes: Mutex::default(),
+            first_seen: Mutex::default(),
         }
     }
 
@@ -308,9 +312,10 @@ impl<P: Provider> Pools<P> {
     }
 
     /// Whether a node has gone quiet for longer than the customer allows.
+    /// (A node that joined and never reported counts from its join.)
     fn silent(&self, node: &Node) -> bool {
         let timeout = Duration::from_secs(self.settings.vm.nodes.report_timeout_seconds);
-        node.reported_at.is_some_and(|at| at.elapsed() > timeout)
+        node.reported_at.unwrap_or(node.joined_at).elapsed() > timeout
     }
 
     /// Machines as placement sees them: usable once running, joined and reporting. (One on
@@ -390,9 +395,9 @@ impl<P: Provider> Pools<P> {
         self.nodes.pool_of(machine)
     }
 
-    /// A machine whose node stopped reporting is terminated; its group launches another and
-    /// its replicas are placed again meanwhile.
-    async fn replace_silent(
+    /// A machine whose node stopped reporting, or never joined within the boot timeout, is
+    /// terminated; its group launches another and its replicas are placed again meanwhile.
+    async fn replace_lost(
         &self,
         release: &Release,
         stack: &Stack,
@@ -400,16 +405,39 @@ impl<P: Provider> Pools<P> {
         nodes: &BTreeMap<String, Node>,
         repairs: &mut Vec<Repair>,
     ) -> Result<(), RolloutError> {
-        for machine in machines.iter().filter(|m| m.state == MachineState::Running) {
-            let Some(node) = nodes.get(&machine.id) else {
-                continue;
-            };
-            if !self.silent(node) {
-                continue;
+        let boot = Duration::from_secs(self.settings.vm.nodes.boot_timeout_seconds);
+        let first_seen: BTreeMap<String, Instant> = match self.first_seen.lock() {
+            Ok(mut seen) => {
+                seen.retain(|id, _| machines.iter().any(|m| m.id == *id));
+                for machine in machines {
+                    seen.entry(machine.id.clone()).or_insert_with(Instant::now);
+                }
+                seen.clone()
             }
+            Err(_) => BTreeMap::new(),
+        };
+        for machine in machines.iter().filter(|m| m.state != MachineState::Leaving) {
+            let why = match nodes.get(&machine.id) {
+                Some(node) if machine.state == MachineState::Running && self.silent(node) => {
+                    format!(
+                        "its node has not reported for {}s",
+                        self.settings.vm.nodes.report_timeout_seconds
+                    )
+                }
+                None if first_seen
+                    .get(&machine.id)
+                    .is_some_and(|at| at.elapsed() > boot) =>
+                {
+                    format!(
+                        "its node has not joined within {}s of launch",
+                        self.settings.vm.nodes.boot_timeout_seconds
+                    )
+                }
+                _ => continue,
+            };
             let step = format!(
-                "replace machine {} of pool {} (its node has not reported for {}s)",
-                machine.id, machine.pool, self.settings.vm.nodes.report_timeout_seconds
+                "replace machine {} of pool {} ({why})",
+                machine.id, machine.pool
             );
             journaled(&self.context, "vm", &release.digest, &step, async {
                 self.provider

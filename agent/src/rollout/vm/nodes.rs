@@ -93,6 +93,7 @@ pub struct Report {
 #[derive(Debug, Clone)]
 pub struct Node {
     pub settings: String,
+    pub joined_at: Instant,
     pub assignment: Assignment,
     pub report: Option<Report>,
     pub reported_at: Option<Instant>,
@@ -221,6 +222,7 @@ impl Nodes {
             .entry(request.instance_id.clone())
             .or_insert_with(|| Node {
                 settings: String::new(),
+                joined_at: Instant::now(),
                 assignment: Assignment::default(),
                 report: None,
                 reported_at: None,

@@ -37,6 +37,9 @@ const BROKEN: &str =
 struct Machines {
     running: BTreeMap<String, (FakeRuntime, tokio::task::JoinHandle<()>)>,
     broken: Vec<String>,
+    /// How many of the next machines launched never boot (a bad image).
+    duds: usize,
+    dead: Vec<String>,
 }
 
 struct Test {
@@ -87,7 +90,7 @@ impl Test {
 
 async fn cloud() -> (tempfile::TempDir, Test) {
     let (dir, path) = test_config(
-        "runtime: vm\nrollout: {grace_seconds: 0, progress_deadline_seconds: 10}\nvm:\n  provider: aws\n  aws: {region: test-1}\n  nodes: {listen: 127.0.0.1:0, advertise: http://127.0.0.1:1, bootstrap_secret_file: secret, report_timeout_seconds: 2}\n  pools:\n    default: {instance_type: small, image: ami-1, subnets: [a, b], max_machines: 4}\n",
+        "runtime: vm\nrollout: {grace_seconds: 0, progress_deadline_seconds: 10}\nvm:\n  provider: aws\n  aws: {region: test-1}\n  nodes: {listen: 127.0.0.1:0, advertise: http://127.0.0.1:1, bootstrap_secret_file: secret, report_timeout_seconds: 2, boot_timeout_seconds: 3}\n  pools:\n    default: {instance_type: small, image: ami-1, subnets: [a, b], max_machines: 4}\n",
     );
     let config = Config::load(&path).unwrap();
     let agent = Arc::new(Agent::new(config).unwrap());
@@ -147,7 +150,12 @@ async fn boot(cloud: FakeCloud, url: String, machines: Arc<Mutex<Machines>>) {
                 alive
             });
             for (machine, settings) in launched {
-                if booted.running.contains_key(&machine.id) {
+                if booted.running.contains_key(&machine.id) || booted.dead.contains(&machine.id) {
+                    continue;
+                }
+                if booted.duds > 0 {
+                    booted.duds -= 1;
+                    booted.dead.push(machine.id.clone());
                     continue;
                 }
                 let engine = FakeRuntime::default();
@@ -293,6 +301,25 @@ async fn a_machine_terminated_behind_the_agents_back_is_replaced_and_refilled() 
         assert!(Instant::now() < until, "{:?}", status.pools);
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_machine_that_never_boots_is_replaced_within_the_rollout() {
+    let (_dir, c) = cloud().await;
+    c.machines.lock().unwrap().duds = 1;
+    let v1 = release(&c, STACK, "1.0.0", 1);
+    c.converger.converge_once().await.unwrap();
+    assert_eq!(c.agent.store.positions().unwrap().converged, Some(v1));
+    let dud = c.machines.lock().unwrap().dead[0].clone();
+    assert!(!c.cloud.all_machines().iter().any(|(m, _)| m.id == dud));
+    let history = c.agent.store.history(20).unwrap();
+    assert!(
+        history.iter().any(|e| e.kind == "machine-replaced"
+            && e.message.contains(&format!(
+                "{dud} of pool default (its node has not joined within 3s of launch)"
+            ))),
+        "{history:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
