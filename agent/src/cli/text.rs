@@ -70,12 +70,54 @@ pub(super) fn runtime_text(runtime: &Value) -> String {
                 replica["health"].as_str().unwrap_or_default()
             ));
         }
+        // VM pools: the counts the machines' nodes report.
+        if resource["replicas"].is_null()
+            && let (Some(desired), Some(ready)) =
+                (resource["desired"].as_u64(), resource["ready"].as_u64())
+        {
+            out.push_str(&format!(
+                "             {ready} of {desired} replicas healthy\n"
+            ));
+        }
         // Kubernetes: the workload's counts, as its controller reports them.
         let workload = &resource["workload"];
         if let Some(object) = workload["object"].as_str() {
             out.push_str(&format!(
                 "             {object}: {} replicas, {} ready, {} updated, {} available\n",
                 workload["replicas"], workload["ready"], workload["updated"], workload["available"]
+            ));
+        }
+    }
+    for (name, pool) in view
+        .get("pools")
+        .and_then(Value::as_object)
+        .into_iter()
+        .flatten()
+    {
+        out.push_str(&format!(
+            "pool:      {name}: {} machines wanted\n",
+            pool["desired"]
+        ));
+        if let Some(problem) = pool["problem"].as_str() {
+            out.push_str(&format!("             {problem}\n"));
+        }
+        for machine in pool["machines"].as_array().into_iter().flatten() {
+            let replicas: Vec<&str> = machine["replicas"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .collect();
+            out.push_str(&format!(
+                "             {} ({}) {}: {}\n",
+                machine["id"].as_str().unwrap_or_default(),
+                machine["zone"].as_str().unwrap_or_default(),
+                machine["state"].as_str().unwrap_or_default(),
+                if replicas.is_empty() {
+                    "no replicas".to_string()
+                } else {
+                    replicas.join(", ")
+                }
             ));
         }
     }
@@ -241,5 +283,32 @@ fn human_age(seconds: i64) -> String {
         s if s >= 3_600 => format!("{}h", s / 3_600),
         s if s >= 60 => format!("{}m", s / 60),
         s => format!("{s}s"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vm_pools_show_their_machines_and_replicas() {
+        let runtime = serde_json::json!({
+            "kind": "vm", "phase": "converged",
+            "resources": {"web": {"step": "-", "desired": 2, "ready": 2}},
+            "pools": {"default": {"desired": 2, "machines": [
+                {"id": "i-1", "zone": "us-east-1a", "state": "healthy", "replicas": ["web-0"]},
+                {"id": "i-2", "zone": "us-east-1b", "state": "booting", "replicas": []},
+            ]}},
+        });
+        let text = runtime_text(&runtime);
+        for line in [
+            "runtime:   vm (converged)",
+            "             2 of 2 replicas healthy",
+            "pool:      default: 2 machines wanted",
+            "             i-1 (us-east-1a) healthy: web-0",
+            "             i-2 (us-east-1b) booting: no replicas",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line:?} not in:\n{text}");
+        }
     }
 }
