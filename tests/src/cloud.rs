@@ -7,16 +7,14 @@
 #![allow(clippy::unwrap_used)] // test support: a panic is a failed test
 
 use crate::agent::{AgentProcess, drop_file, http_get};
-use crate::engine::{Kind, TestEngine, demo_image};
+use crate::engine::{Kind, TestEngine, demo_image, http_body_from};
 use crate::forge::{metadata, signed, tar};
-use crate::{TestRegistry, free_port, poll_within, python, repo, run};
+use crate::{TestRegistry, free_port, poll_within, python, run, venv};
 use outpost_bundle_format::bundle;
 use outpost_bundle_format::stack::StackFile;
-use serde_json::Value;
-use serde_json::json;
+use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -32,10 +30,7 @@ pub struct Moto {
 
 impl Moto {
     pub fn start() -> Moto {
-        let venv = std::env::var_os("OUTPOST_VENV")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| repo().join(".work/venv"));
-        let server = venv.join("bin/moto_server");
+        let server = venv().join("bin/moto_server");
         assert!(
             server.exists(),
             "{} missing: run .ci/scripts/setup.sh",
@@ -405,20 +400,6 @@ pub fn publish(drop: &Path, stack: &StackFile, version: &str, sequence: u64) {
     );
 }
 
-/// What a machine's public endpoint serves, if anything.
-pub fn get(address: &str, path: &str) -> Option<String> {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect((address, 8080)).ok()?;
-    stream
-        .set_read_timeout(Some(std::time::Duration::from_secs(3)))
-        .ok()?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    let (head, body) = response.split_once("\r\n\r\n")?;
-    head.contains(" 200 ").then(|| body.trim().to_string())
-}
-
 /// `outpost_cloud_calls_total` by call.
 pub fn cloud_calls(agent: &AgentProcess) -> BTreeMap<String, u64> {
     let text = http_get(&agent.socket(), "/metrics");
@@ -499,7 +480,8 @@ impl Site {
             .into_iter()
             .map(|id| {
                 let (address, _) = hosts.machine(&id).unwrap();
-                (id, get(&address, "/"))
+                let answer = http_body_from(&address, 8080, "/");
+                (id, answer.map(|body| body.trim().to_string()))
             })
             .collect()
     }

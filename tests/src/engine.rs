@@ -197,8 +197,14 @@ pub fn demo_image(registry: &TestRegistry, variant: &str) -> String {
 
 /// A plain HTTP GET to 127.0.0.1:`port`; the body, or None when nothing answers.
 pub fn http_body(port: u16, path: &str) -> Option<String> {
+    http_body_from("127.0.0.1", port, path)
+}
+
+/// A plain HTTP GET to `address`:`port` (a test machine's); the body, or None when nothing
+/// answers.
+pub fn http_body_from(address: &str, port: u16, path: &str) -> Option<String> {
     use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    let mut stream = std::net::TcpStream::connect((address, port)).ok()?;
     stream
         .set_read_timeout(Some(std::time::Duration::from_secs(3)))
         .ok()?;

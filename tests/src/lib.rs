@@ -129,12 +129,16 @@ pub fn tool(name: &str) -> Command {
     Command::new(name)
 }
 
-/// The Python of the test venv (cryptography, oras).
-pub fn python() -> Command {
-    let venv = std::env::var_os("OUTPOST_VENV")
+/// The test venv `.ci/scripts/setup.sh` fills (`OUTPOST_VENV` overrides where).
+pub fn venv() -> PathBuf {
+    std::env::var_os("OUTPOST_VENV")
         .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join(".work/venv"));
-    let python = venv.join("bin/python");
+        .unwrap_or_else(|| repo().join(".work/venv"))
+}
+
+/// The Python of the test venv (cryptography, oras, boto3).
+pub fn python() -> Command {
+    let python = venv().join("bin/python");
     assert!(
         python.exists(),
         "{} missing: run .ci/scripts/setup.sh",

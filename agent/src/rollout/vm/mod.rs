@@ -94,9 +94,10 @@ impl<P: Provider> Backend for Pools<P> {
         let mut converged_machines = 0;
         let mut repairs = Vec::new();
         loop {
-            let now_converged = self
-                .nodes
-                .nodes()
+            let groups = self.groups(stack, &specs).await?;
+            let machines: Vec<Machine> = groups.values().flat_map(|g| g.machines.clone()).collect();
+            let nodes = self.nodes.nodes();
+            let now_converged = nodes
                 .values()
                 .filter(|n| node_converged(n, &release.digest))
                 .count();
@@ -104,9 +105,6 @@ impl<P: Provider> Backend for Pools<P> {
                 converged_machines = now_converged;
                 deadline = Instant::now() + allowed;
             }
-            let groups = self.groups(stack, &specs).await?;
-            let machines: Vec<Machine> = groups.values().flat_map(|g| g.machines.clone()).collect();
-            let nodes = self.nodes.nodes();
             let hosts = self.hosts(&machines, &nodes);
             let previous = self.placed.lock().map(|p| p.clone()).unwrap_or_default();
             let placement = placement::place(&pools, &wants, &hosts, &previous);
@@ -122,15 +120,18 @@ impl<P: Provider> Backend for Pools<P> {
             self.replace_lost(release, stack, &machines, &nodes, &mut repairs)
                 .await?;
             self.assign(&assigned, &machines, &nodes, &placement, fresh);
-            let progress = match self.progress(&release.digest, &wants, &placement) {
+            // Judged on the assignments just made: a node given a new one is not done yet.
+            let assigned_now = self.nodes.nodes();
+            self.show_resources(&release.digest, &wants, &placement, &assigned_now);
+            let progress = match self.progress(&release.digest, &wants, &placement, &assigned_now) {
                 Ok(()) => {
-                    self.replace_retired(release, stack, &machines, &nodes, &specs, &mut repairs)
-                        .await?
+                    let replacing = self
+                        .replace_retired(release, stack, &machines, &nodes, &specs, &mut repairs)
+                        .await?;
+                    replacing.map_or(Ok(()), |step| Err(Progress::Waiting(step)))
                 }
                 Err(e) => Err(e),
             };
-            // What the progress was judged on, or newer.
-            self.show_resources(&release.digest, &wants, &placement, &self.nodes.nodes());
             match progress {
                 Ok(()) => return Ok(repairs),
                 Err(Progress::Failed(why)) => return Err(RolloutError::new(why)),
@@ -305,7 +306,7 @@ impl<P: Provider> Pools<P> {
                 .values()
                 .flat_map(|g| &g.machines)
                 .filter(|m| m.state != MachineState::Leaving)
-                .map(|m| (m.id.clone(), m.pool.clone()))
+                .map(|m| m.id.clone())
                 .collect(),
         );
         Ok(groups)
@@ -346,38 +347,26 @@ impl<P: Provider> Pools<P> {
         placement: &Placement,
         repairs: &mut Vec<Repair>,
     ) -> Result<(), RolloutError> {
-        for machine in &placement.surplus {
-            let Some(pool) = self.pool_of(machine) else {
+        for (pool, group) in groups {
+            let idle: Vec<&Machine> = group
+                .machines
+                .iter()
+                .filter(|m| placement.surplus.contains(&m.id))
+                .collect();
+            for machine in &idle {
+                self.remove_machine(release, stack, machine, true, "idle", repairs)
+                    .await?;
+            }
+            // Each idle machine let go took one off its group's size.
+            let now = group.desired.saturating_sub(idle.len() as u32);
+            let Some(&desired) = placement.desired.get(pool) else {
                 continue;
             };
-            let step = format!("let idle machine {machine} of pool {pool} go");
-            journaled(&self.context, "vm", &release.digest, &step, async {
-                self.provider
-                    .remove_machine(&stack.name, &pool, machine, true)
-                    .await
-                    .map_err(|e| in_pool(&pool, e))
-            })
-            .await?;
-            repairs.push(Repair {
-                resource: pool.clone(),
-                what: step,
-            });
-        }
-        for (pool, desired) in &placement.desired {
-            // Each idle machine let go took one off its group's size.
-            let let_go = placement
-                .surplus
-                .iter()
-                .filter(|m| self.pool_of(m).as_deref() == Some(pool.as_str()))
-                .count() as u32;
-            let now = groups
-                .get(pool)
-                .map_or(0, |g| g.desired.saturating_sub(let_go));
-            if now != *desired {
+            if now != desired {
                 let step = format!("size pool {pool}: {now} -> {desired} machines");
                 journaled(&self.context, "vm", &release.digest, &step, async {
                     self.provider
-                        .set_desired(&stack.name, pool, *desired)
+                        .set_desired(&stack.name, pool, desired)
                         .await
                         .map_err(|e| in_pool(pool, e))
                 })
@@ -391,8 +380,41 @@ impl<P: Provider> Pools<P> {
         Ok(())
     }
 
-    fn pool_of(&self, machine: &str) -> Option<String> {
-        self.nodes.pool_of(machine)
+    /// Terminates `machine` (a journaled step, recorded as a repair) saying `why`; `shrink`:
+    /// its group's size goes down by one, else the group launches a replacement. Returns the
+    /// step's description.
+    async fn remove_machine(
+        &self,
+        release: &Release,
+        stack: &Stack,
+        machine: &Machine,
+        shrink: bool,
+        why: &str,
+        repairs: &mut Vec<Repair>,
+    ) -> Result<String, RolloutError> {
+        let step = if shrink {
+            format!(
+                "let machine {} of pool {} go ({why})",
+                machine.id, machine.pool
+            )
+        } else {
+            format!(
+                "replace machine {} of pool {} ({why})",
+                machine.id, machine.pool
+            )
+        };
+        journaled(&self.context, "vm", &release.digest, &step, async {
+            self.provider
+                .remove_machine(&stack.name, &machine.pool, &machine.id, shrink)
+                .await
+                .map_err(|e| in_pool(&machine.pool, e))
+        })
+        .await?;
+        repairs.push(Repair {
+            resource: machine.pool.clone(),
+            what: step.clone(),
+        });
+        Ok(step)
     }
 
     /// A machine whose node stopped reporting, or never joined within the boot timeout, is
@@ -435,34 +457,23 @@ impl<P: Provider> Pools<P> {
                 }
                 _ => continue,
             };
-            let step = format!(
-                "replace machine {} of pool {} ({why})",
-                machine.id, machine.pool
-            );
-            journaled(&self.context, "vm", &release.digest, &step, async {
-                self.provider
-                    .remove_machine(&stack.name, &machine.pool, &machine.id, false)
-                    .await
-                    .map_err(|e| in_pool(&machine.pool, e))
-            })
-            .await?;
+            let step = self
+                .remove_machine(release, stack, machine, false, &why, repairs)
+                .await?;
             event(
                 &self.context.store,
                 "machine-replaced",
                 Some(&release.digest),
                 &step,
             );
-            repairs.push(Repair {
-                resource: machine.pool.clone(),
-                what: step,
-            });
         }
         Ok(())
     }
 
     /// Machines launched with older settings (instance type, image, disk…) are replaced one at
     /// a time, only while everything runs healthy: the group launches the replacement from the
-    /// new template and placement moves the replicas there. Returns whether any is left.
+    /// new template and placement moves the replicas there. Returns the step if it replaced
+    /// one.
     async fn replace_retired(
         &self,
         release: &Release,
@@ -471,7 +482,7 @@ impl<P: Provider> Pools<P> {
         nodes: &BTreeMap<String, Node>,
         specs: &BTreeMap<String, PoolSpec>,
         repairs: &mut Vec<Repair>,
-    ) -> Result<Result<(), Progress>, RolloutError> {
+    ) -> Result<Option<String>, RolloutError> {
         let retired = machines.iter().find(|m| {
             m.state == MachineState::Running
                 && nodes.get(&m.id).is_some_and(|n| {
@@ -481,24 +492,12 @@ impl<P: Provider> Pools<P> {
                 })
         });
         let Some(machine) = retired else {
-            return Ok(Ok(()));
+            return Ok(None);
         };
-        let step = format!(
-            "replace machine {} of pool {} (launched with older machine settings)",
-            machine.id, machine.pool
-        );
-        journaled(&self.context, "vm", &release.digest, &step, async {
-            self.provider
-                .remove_machine(&stack.name, &machine.pool, &machine.id, false)
-                .await
-                .map_err(|e| in_pool(&machine.pool, e))
-        })
-        .await?;
-        repairs.push(Repair {
-            resource: machine.pool.clone(),
-            what: step.clone(),
-        });
-        Ok(Err(Progress::Waiting(step)))
+        let why = "launched with older machine settings";
+        self.remove_machine(release, stack, machine, false, why, repairs)
+            .await
+            .map(Some)
     }
 
     /// Hands each joined machine its replicas. A fresh release reaches machines that run
@@ -517,12 +516,16 @@ impl<P: Provider> Pools<P> {
             on_machine.entry(machine).or_default().push(replica.clone());
         }
         let digest = release.digest;
+        let (grants, pools) = (
+            self.grants(),
+            self.settings.vm.pools.keys().cloned().collect(),
+        );
         let assignment = |machine: &Machine, replicas: Vec<ReplicaId>| Assignment {
             generation: 0,
             release: Some(release.clone()),
             replicas,
-            grants: self.grants(),
-            pools: self.settings.vm.pools.keys().cloned().collect(),
+            grants: grants.clone(),
+            pools: Vec::clone(&pools),
             gpus: self
                 .settings
                 .vm
@@ -575,9 +578,9 @@ impl<P: Provider> Pools<P> {
         digest: &Digest,
         wants: &[Want],
         placement: &Placement,
+        nodes: &BTreeMap<String, Node>,
     ) -> Result<(), Progress> {
-        let nodes = self.nodes.nodes();
-        for (machine, node) in &nodes {
+        for (machine, node) in nodes {
             let Some(report) = &node.report else { continue };
             if report.generation == node.assignment.generation
                 && node.assignment.release.as_ref().map(|r| r.digest) == Some(*digest)
@@ -593,24 +596,11 @@ impl<P: Provider> Pools<P> {
                 names(&placement.waiting)
             )));
         }
-        let mut unready = Vec::new();
-        for want in wants {
-            let ready = placement
-                .assigned
-                .get(&want.id)
-                .and_then(|m| nodes.get(m))
-                .is_some_and(|node| {
-                    node_converged(node, digest)
-                        && node.report.as_ref().is_some_and(|r| {
-                            r.replicas
-                                .iter()
-                                .any(|seen| seen.replica == want.id && seen.healthy)
-                        })
-                });
-            if !ready {
-                unready.push(want.id.clone());
-            }
-        }
+        let unready: Vec<ReplicaId> = wants
+            .iter()
+            .filter(|want| !ready(&want.id, digest, placement, nodes))
+            .map(|want| want.id.clone())
+            .collect();
         if unready.is_empty() {
             Ok(())
         } else {
@@ -621,6 +611,29 @@ impl<P: Provider> Pools<P> {
             )))
         }
     }
+}
+
+/// Whether `replica` runs healthy on its machine, whose node has converged on release
+/// `digest`: what a rollout waits for, and what `status` counts as ready.
+fn ready(
+    replica: &ReplicaId,
+    digest: &Digest,
+    placement: &Placement,
+    nodes: &BTreeMap<String, Node>,
+) -> bool {
+    placement
+        .assigned
+        .get(replica)
+        .and_then(|machine| nodes.get(machine))
+        .is_some_and(|node| {
+            node_converged(node, digest)
+                && node.report.as_ref().is_some_and(|report| {
+                    report
+                        .replicas
+                        .iter()
+                        .any(|seen| seen.replica == *replica && seen.healthy)
+                })
+        })
 }
 
 /// Whether the node runs its current assignment, of release `digest`, converged.

@@ -12,7 +12,7 @@ use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use outpost_bundle_format::Digest;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -101,8 +101,8 @@ pub struct Node {
 
 #[derive(Default)]
 struct Registry {
-    /// Machine id → the pool it belongs to, as the cloud last described the pools.
-    allowed: BTreeMap<String, String>,
+    /// The machines of the agent's pools, as the cloud last described them.
+    allowed: BTreeSet<String>,
     /// Credential → machine id.
     tokens: BTreeMap<String, String>,
     nodes: BTreeMap<String, Node>,
@@ -139,19 +139,14 @@ impl Nodes {
 
     /// The machines allowed to join (those of the agent's pools); nodes of machines no longer
     /// listed are forgotten, with their credentials.
-    pub fn allow(&self, machines: BTreeMap<String, String>) {
+    pub fn allow(&self, machines: BTreeSet<String>) {
         if let Ok(mut registry) = self.registry.lock() {
-            registry.nodes.retain(|id, _| machines.contains_key(id));
+            registry.nodes.retain(|id, _| machines.contains(id));
             registry
                 .tokens
-                .retain(|_, machine| machines.contains_key(machine));
+                .retain(|_, machine| machines.contains(machine));
             registry.allowed = machines;
         }
-    }
-
-    /// The pool `machine` belongs to, as the cloud last described it.
-    pub fn pool_of(&self, machine: &str) -> Option<String> {
-        self.registry.lock().ok()?.allowed.get(machine).cloned()
     }
 
     /// The joined machines and what they last said.
@@ -201,7 +196,7 @@ impl Nodes {
                 "registry poisoned".into(),
             )
         })?;
-        if !registry.allowed.contains_key(&request.instance_id) {
+        if !registry.allowed.contains(&request.instance_id) {
             return Err((
                 StatusCode::FORBIDDEN,
                 format!(

@@ -55,8 +55,8 @@ impl<P: Provider> Pools<P> {
         self.context.status.update(|s| s.pools = pools);
     }
 
-    /// Per resource, the replicas the release wants and those its machines report healthy
-    /// on it, for `status` and `/metrics`.
+    /// Per resource, the replicas the release wants and those ready (healthy on a machine
+    /// converged on it), for `status` and `/metrics`.
     pub(super) fn show_resources(
         &self,
         digest: &Digest,
@@ -66,18 +66,7 @@ impl<P: Provider> Pools<P> {
     ) {
         let mut counts: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
         for want in wants {
-            let healthy = placement
-                .assigned
-                .get(&want.id)
-                .and_then(|machine| nodes.get(machine))
-                .filter(|node| node.assignment.release.as_ref().map(|r| r.digest) == Some(*digest))
-                .and_then(|node| node.report.as_ref())
-                .is_some_and(|report| {
-                    report
-                        .replicas
-                        .iter()
-                        .any(|seen| seen.replica == want.id && seen.healthy)
-                });
+            let healthy = super::ready(&want.id, digest, placement, nodes);
             let entry = counts.entry(want.id.resource.as_str()).or_default();
             entry.0 += 1;
             entry.1 += u64::from(healthy);
