@@ -107,6 +107,19 @@ pub struct RuntimeStatus {
     /// VM pools: their machines and what runs on each (runtime vm).
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub pools: BTreeMap<String, PoolStatus>,
+    /// VM pools: each stateful replica's volume, by replica (`db-0`).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub volumes: BTreeMap<String, VolumeStatus>,
+}
+
+/// A stateful replica's volume in the cloud.
+#[derive(Debug, Clone, Serialize)]
+pub struct VolumeStatus {
+    pub id: String,
+    pub zone: String,
+    pub size_gib: u32,
+    /// `attached to i-…`, `moving to or from i-…`, `available`, `being made`, `unusable`.
+    pub state: String,
 }
 
 /// One VM pool: the machines its group is asked for and those it runs.

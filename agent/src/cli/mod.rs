@@ -188,6 +188,9 @@ enum Command {
         /// when absent).
         #[arg(long, env = "OUTPOST_NETWORK_SUBNET")]
         network_subnet: Option<String>,
+        /// Where the machine lists its block devices by id (attached volumes appear there).
+        #[arg(long, env = "OUTPOST_DISK_BY_ID", default_value = "/dev/disk/by-id")]
+        disk_by_id: PathBuf,
     },
     /// Print the IAM policy the configured VM pools need (runtime vm), least privilege: the
     /// agent may change only what carries its stack's tag.
@@ -276,6 +279,7 @@ fn execute(command: Command) -> Result<(), Failure> {
             docker_socket,
             publish_address,
             network_subnet,
+            disk_by_id,
         } => {
             outpost_agent::logging::init(&Default::default());
             let secret = std::fs::read_to_string(&bootstrap_secret_file)
@@ -293,6 +297,7 @@ fn execute(command: Command) -> Result<(), Failure> {
                 bootstrap_secret: secret.trim().to_string(),
                 state_dir,
                 docker,
+                disks: outpost_agent::rollout::vm::disk::Disks { by_id: disk_by_id },
             };
             runtime()?.block_on(daemon::run_node(options))?;
         }

@@ -437,6 +437,47 @@ impl Runtime for DockerRuntime {
         Ok(size)
     }
 
+    async fn use_device(
+        &self,
+        stack: &str,
+        replica: &ReplicaId,
+        device: &Path,
+    ) -> RuntimeResult<()> {
+        let volume = super::volume_name(stack, replica);
+        let device = device.display().to_string();
+        let found = self
+            .engine
+            .inspect_volume(&volume)
+            .await
+            .map_err(|e| RuntimeError::during(format!("inspecting volume {volume}"), e))?;
+        if let Some(found) = found {
+            let options = &found["Options"];
+            match options["device"].as_str() {
+                Some(on) if on == device && options["type"] == "ext4" => return Ok(()),
+                // A mount of another device: nothing lives in the volume itself.
+                Some(_) => self
+                    .engine
+                    .remove_volume(&volume)
+                    .await
+                    .map_err(|e| RuntimeError::during(format!("removing volume {volume}"), e))?,
+                None => {
+                    return Err(RuntimeError::new(format!(
+                        "volume {volume} exists on this machine without a device and may hold data: move it away for the replica to use {device}"
+                    )));
+                }
+            }
+        }
+        self.engine
+            .create_volume(&json!({
+                "Name": volume,
+                "Driver": "local",
+                "DriverOpts": {"type": "ext4", "device": device},
+                "Labels": {OWNER_LABEL: OWNER, STACK_LABEL: stack, RESOURCE_LABEL: replica.resource},
+            }))
+            .await
+            .map_err(|e| RuntimeError::during(format!("creating volume {volume} on {device}"), e))
+    }
+
     async fn restore(
         &self,
         spec: &ReplicaSpec,

@@ -446,6 +446,11 @@ impl Engine {
             .map(|_| ())
     }
 
+    pub async fn inspect_volume(&self, name: &str) -> Result<Option<Value>, EngineError> {
+        let path = format!("/volumes/{}", encode(name));
+        absent_ok(self.json(Method::GET, &path, None).await)
+    }
+
     pub async fn remove_volume(&self, name: &str) -> Result<(), EngineError> {
         let path = format!("/volumes/{}", encode(name));
         absent_ok(self.json(Method::DELETE, &path, None).await).map(|_| ())

@@ -234,6 +234,26 @@ impl Runtime for FakeRuntime {
         self.lock().usage
     }
 
+    async fn use_device(
+        &self,
+        stack: &str,
+        replica: &ReplicaId,
+        device: &std::path::Path,
+    ) -> RuntimeResult<()> {
+        let mut state = self.lock();
+        state.log.push(format!(
+            "use-device {}-{} {}",
+            replica.resource,
+            replica.ordinal,
+            device.display()
+        ));
+        state
+            .volumes
+            .entry(super::volume_name(stack, replica))
+            .or_default();
+        Ok(())
+    }
+
     async fn snapshot(
         &self,
         stack: &str,

@@ -179,6 +179,16 @@ pub trait Runtime: Send + Sync {
         max_bytes: u64,
     ) -> RuntimeResult<u64>;
 
+    /// Backs `replica`'s volume with the ext4 block device at `device` (a machine's attached
+    /// disk): the engine mounts it at `/data`. A volume of that name on another device is made
+    /// anew (it holds nothing itself); one without a device holds data and is refused.
+    async fn use_device(
+        &self,
+        stack: &str,
+        replica: &ReplicaId,
+        device: &std::path::Path,
+    ) -> RuntimeResult<()>;
+
     /// Replaces the content of `spec`'s volume with the snapshot at `from`: the volume is made
     /// anew and filled through a container that is never started. The replica must be gone.
     async fn restore(

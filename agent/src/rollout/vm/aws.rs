@@ -4,10 +4,15 @@
 //! version: the group is pointed at the new template and the rollout replaces machines itself,
 //! so neither instance refresh nor template versions are needed. Everything carries the
 //! `outpost:stack` and `outpost:pool` tags; a group or template of that name without them is
-//! someone else's and is never touched.
+//! someone else's and is never touched. A stateful replica's volume is an encrypted gp3 EBS
+//! volume tagged `outpost:stack`, `outpost:resource` and `outpost:ordinal`.
 
-use super::provider::{CloudError, CloudResult, Group, Machine, MachineState, PoolSpec, Provider};
+use super::provider::{
+    Attachment, CloudError, CloudResult, Group, Machine, MachineState, PoolSpec, Provider, Volume,
+    VolumeState,
+};
 use crate::config::VmConfig;
+use crate::plan::ReplicaId;
 use aws_sdk_autoscaling::types as asg;
 use aws_sdk_ec2::error::ProvideErrorMetadata;
 use aws_sdk_ec2::types as ec2;
@@ -18,6 +23,8 @@ use std::sync::Mutex;
 pub const STACK_TAG: &str = "outpost:stack";
 pub const POOL_TAG: &str = "outpost:pool";
 pub const SETTINGS_TAG: &str = "outpost:settings";
+pub const RESOURCE_TAG: &str = "outpost:resource";
+pub const ORDINAL_TAG: &str = "outpost:ordinal";
 
 /// EC2 and Auto Scaling clients for one region, with credentials from the SDK's default chain.
 pub struct Aws {
@@ -183,6 +190,44 @@ impl Aws {
         }
         Ok(Some(group.clone()))
     }
+}
+
+/// A described EBS volume as the provider's, if it carries a replica's tags.
+fn volume_of(volume: &ec2::Volume) -> Option<Volume> {
+    let tag = |key: &str| {
+        volume
+            .tags()
+            .iter()
+            .find(|t| t.key() == Some(key))
+            .and_then(|t| t.value())
+    };
+    let replica = ReplicaId::new(tag(RESOURCE_TAG)?, tag(ORDINAL_TAG)?.parse().ok()?);
+    let state = match volume.state()? {
+        ec2::VolumeState::Creating => VolumeState::Creating,
+        ec2::VolumeState::Available => VolumeState::Available,
+        ec2::VolumeState::InUse => VolumeState::InUse,
+        _ => VolumeState::Unusable,
+    };
+    let attachment = volume.attachments().iter().find_map(|a| {
+        let attached = match a.state()? {
+            ec2::VolumeAttachmentState::Detached => return None,
+            ec2::VolumeAttachmentState::Attached => true,
+            _ => false,
+        };
+        Some(Attachment {
+            machine: a.instance_id()?.to_string(),
+            device: a.device().unwrap_or_default().to_string(),
+            attached,
+        })
+    });
+    Some(Volume {
+        id: volume.volume_id()?.to_string(),
+        replica,
+        zone: volume.availability_zone()?.to_string(),
+        size_gib: volume.size().unwrap_or(0).max(0) as u32,
+        state,
+        attachment,
+    })
 }
 
 /// The agent's tags, then the customer's for the pool.
@@ -471,6 +516,93 @@ impl Provider for Aws {
             .send()
             .await
             .counted(self, "TerminateInstanceInAutoScalingGroup")?;
+        Ok(())
+    }
+
+    async fn volumes(&self, stack: &str) -> CloudResult<Vec<Volume>> {
+        let filter =
+            |name: &str, value: &str| ec2::Filter::builder().name(name).values(value).build();
+        let answer = self
+            .ec2
+            .describe_volumes()
+            .filters(filter(&format!("tag:{STACK_TAG}"), stack))
+            .filters(filter("tag-key", ORDINAL_TAG))
+            .send()
+            .await
+            .counted(self, "DescribeVolumes")?;
+        Ok(answer.volumes().iter().filter_map(volume_of).collect())
+    }
+
+    async fn create_volume(
+        &self,
+        stack: &str,
+        replica: &ReplicaId,
+        zone: &str,
+        size_gib: u32,
+    ) -> CloudResult<Volume> {
+        let mut tags = ec2::TagSpecification::builder().resource_type(ec2::ResourceType::Volume);
+        for (key, value) in [
+            ("Name", format!("{}-data", replica.name(stack))),
+            (STACK_TAG, stack.to_string()),
+            (RESOURCE_TAG, replica.resource.clone()),
+            (ORDINAL_TAG, replica.ordinal.to_string()),
+        ] {
+            tags = tags.tags(ec2::Tag::builder().key(key).value(value).build());
+        }
+        let made = self
+            .ec2
+            .create_volume()
+            .availability_zone(zone)
+            .size(size_gib.min(i32::MAX as u32) as i32)
+            .volume_type(ec2::VolumeType::Gp3)
+            .encrypted(true)
+            .tag_specifications(tags.build())
+            .send()
+            .await
+            .counted(self, "CreateVolume")?;
+        let id = made
+            .volume_id()
+            .ok_or_else(|| CloudError::transient("CreateVolume: no volume id in the answer"))?;
+        Ok(Volume {
+            id: id.to_string(),
+            replica: replica.clone(),
+            zone: zone.to_string(),
+            size_gib,
+            state: VolumeState::Creating,
+            attachment: None,
+        })
+    }
+
+    async fn attach_volume(&self, volume: &str, machine: &str, device: &str) -> CloudResult<()> {
+        self.ec2
+            .attach_volume()
+            .volume_id(volume)
+            .instance_id(machine)
+            .device(device)
+            .send()
+            .await
+            .counted(self, "AttachVolume")?;
+        Ok(())
+    }
+
+    async fn detach_volume(&self, volume: &str, machine: &str) -> CloudResult<()> {
+        self.ec2
+            .detach_volume()
+            .volume_id(volume)
+            .instance_id(machine)
+            .send()
+            .await
+            .counted(self, "DetachVolume")?;
+        Ok(())
+    }
+
+    async fn delete_volume(&self, volume: &str) -> CloudResult<()> {
+        self.ec2
+            .delete_volume()
+            .volume_id(volume)
+            .send()
+            .await
+            .counted(self, "DeleteVolume")?;
         Ok(())
     }
 }

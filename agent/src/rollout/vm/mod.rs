@@ -8,12 +8,14 @@
 #[cfg(feature = "aws")]
 pub mod aws;
 pub mod bootstrap;
+pub mod disk;
 pub mod node;
 pub mod nodes;
 pub mod placement;
 pub mod policy;
 pub mod provider;
 mod view;
+mod volumes;
 
 use super::{Backend, Context, Repair, RolloutError, event, journaled};
 use crate::config::{DEFAULT_POOL, Permissions, VmConfig};
@@ -24,10 +26,11 @@ use nodes::{AssignedRelease, Assignment, Node, Nodes};
 use outpost_bundle_format::Digest;
 use outpost_bundle_format::stack::{Scaling, Stack};
 use placement::{Host, Placement, Pool, Shape, Want};
-use provider::{CloudError, Group, Machine, MachineState, PoolSpec, Provider};
+use provider::{CloudError, Group, Machine, MachineState, PoolSpec, Provider, Volume};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use volumes::Share;
 
 /// How often a rollout looks again while it waits for machines and nodes.
 const WAIT_STEP: Duration = Duration::from_secs(2);
@@ -53,6 +56,8 @@ pub struct Pools<P: Provider> {
     /// When each machine was first seen: one whose node has not joined within the boot
     /// timeout is replaced.
     first_seen: Mutex<BTreeMap<String, Instant>>,
+    /// Volumes this agent made that a describe may not show yet.
+    made: Mutex<Vec<Volume>>,
 }
 
 impl From<CloudError> for RolloutError {
@@ -106,7 +111,10 @@ impl<P: Provider> Backend for Pools<P> {
                 deadline = Instant::now() + allowed;
             }
             let hosts = self.hosts(&machines, &nodes);
-            let previous = self.placed.lock().map(|p| p.clone()).unwrap_or_default();
+            let volumes = self.volumes(stack).await?;
+            let mut previous = self.placed.lock().map(|p| p.clone()).unwrap_or_default();
+            let mut wants = wants.clone();
+            Self::pin(&mut wants, &mut previous, &volumes);
             let placement = placement::place(&pools, &wants, &hosts, &previous);
             if let Ok(mut placed) = self.placed.lock() {
                 placed.clone_from(&placement.assigned);
@@ -119,7 +127,20 @@ impl<P: Provider> Backend for Pools<P> {
                 .await?;
             self.replace_lost(release, stack, &machines, &nodes, &mut repairs)
                 .await?;
-            self.assign(&assigned, &machines, &nodes, &placement, fresh);
+            let shares = self
+                .attach_volumes(
+                    release,
+                    stack,
+                    &machines,
+                    &placement,
+                    &volumes,
+                    &mut repairs,
+                )
+                .await?;
+            self.prune_volumes(release, &wants, &volumes, &nodes, &mut repairs)
+                .await?;
+            self.show_volumes(&volumes);
+            self.assign(&assigned, &machines, &nodes, shares, fresh);
             // Judged on the assignments just made: a node given a new one is not done yet.
             let assigned_now = self.nodes.nodes();
             self.show_resources(&release.digest, &wants, &placement, &assigned_now);
@@ -173,6 +194,7 @@ impl<P: Provider> Pools<P> {
             placed: Mutex::default(),
             sizes: Mutex::default(),
             first_seen: Mutex::default(),
+            made: Mutex::default(),
         }
     }
 
@@ -500,30 +522,27 @@ impl<P: Provider> Pools<P> {
             .map(Some)
     }
 
-    /// Hands each joined machine its replicas. A fresh release reaches machines that run
-    /// another one a machine at a time: the next only once every machine that has it is
-    /// healthy on it. Machines new to the pool get it at once.
+    /// Hands each joined machine its share. A fresh release reaches machines that run another
+    /// one a machine at a time: the next only once every machine that has it is healthy on it.
+    /// Machines new to the pool get it at once.
     fn assign(
         &self,
         release: &AssignedRelease,
         machines: &[Machine],
         nodes: &BTreeMap<String, Node>,
-        placement: &Placement,
+        mut shares: BTreeMap<String, Share>,
         fresh: bool,
     ) {
-        let mut on_machine: BTreeMap<&str, Vec<ReplicaId>> = BTreeMap::new();
-        for (replica, machine) in &placement.assigned {
-            on_machine.entry(machine).or_default().push(replica.clone());
-        }
         let digest = release.digest;
         let (grants, pools) = (
             self.grants(),
             self.settings.vm.pools.keys().cloned().collect(),
         );
-        let assignment = |machine: &Machine, replicas: Vec<ReplicaId>| Assignment {
+        let assignment = |machine: &Machine, share: Share| Assignment {
             generation: 0,
             release: Some(release.clone()),
-            replicas,
+            replicas: share.replicas,
+            volumes: share.volumes,
             grants: grants.clone(),
             pools: Vec::clone(&pools),
             gpus: self
@@ -541,23 +560,20 @@ impl<P: Provider> Pools<P> {
             let Some(node) = nodes.get(&machine.id) else {
                 continue;
             };
-            let replicas = on_machine.remove(machine.id.as_str()).unwrap_or_default();
+            let share = shares.remove(&machine.id).unwrap_or_default();
             let has = node.assignment.release.as_ref().map(|r| r.digest);
             if has == Some(digest) {
                 rolling |= !node_converged(node, &digest);
-                self.nodes
-                    .assign(&machine.id, assignment(machine, replicas));
+                self.nodes.assign(&machine.id, assignment(machine, share));
             } else if has.is_none() || node.assignment.replicas.is_empty() || !fresh {
-                self.nodes
-                    .assign(&machine.id, assignment(machine, replicas));
+                self.nodes.assign(&machine.id, assignment(machine, share));
             } else {
-                waiting_for_turn.push((machine, replicas));
+                waiting_for_turn.push((machine, share));
             }
         }
         // One machine at a time takes the new release.
-        if !rolling && let Some((machine, replicas)) = waiting_for_turn.into_iter().next() {
-            self.nodes
-                .assign(&machine.id, assignment(machine, replicas));
+        if !rolling && let Some((machine, share)) = waiting_for_turn.into_iter().next() {
+            self.nodes.assign(&machine.id, assignment(machine, share));
         }
     }
 

@@ -2,8 +2,11 @@
 //! once with the bootstrap secret, then fetches its assignment (long-polled), runs the replicas
 //! assigned to this machine with the container-engine backend ([`Replicas`]: health checks,
 //! surge, stop-first for stateful replicas) and reports what runs. When the agent cannot be
-//! reached it keeps running its last assignment, which it keeps on disk across restarts.
+//! reached it keeps running its last assignment, which it keeps on disk across restarts. A
+//! stateful replica's `/data` is the volume the agent attached to the machine for it
+//! ([`Disks`]).
 
+use super::disk::Disks;
 use super::nodes::{Assignment, JoinAnswer, JoinRequest, Report, ReportedReplica};
 use crate::config::{DockerConfig, Permissions};
 use crate::rollout::replicas::{Replicas, Settings};
@@ -36,6 +39,8 @@ pub struct NodeOptions {
     pub state_dir: PathBuf,
     /// The engine and where public endpoints listen on the machine.
     pub docker: DockerConfig,
+    /// Where the machine's attached volumes appear.
+    pub disks: Disks,
 }
 
 /// Why a call to the agent failed.
@@ -200,6 +205,15 @@ impl<R: Runtime, F: Fn() -> R> NodeAgent<R, F> {
             return Ok(());
         };
         let stack = assigned_stack(&release.stack).map_err(|e| e.message)?;
+        // Each stateful replica's /data is the volume attached for it.
+        for volume in &assignment.volumes {
+            let device = self.options.disks.prepare(volume).await?;
+            replicas
+                .runtime()
+                .use_device(&stack.name, &volume.replica, &device)
+                .await
+                .map_err(|e| e.message)?;
+        }
         let only: BTreeSet<_> = assignment.replicas.iter().cloned().collect();
         replicas
             .run(release.digest, &stack, fresh, Some(only))

@@ -64,6 +64,20 @@ pub struct Assignment {
     pub gpus: BTreeMap<String, u32>,
     /// The customer's rollout settings (progress deadline, grace), as the agent has them.
     pub rollout: crate::config::RolloutConfig,
+    /// The volumes attached to this machine for its stateful replicas.
+    #[serde(default)]
+    pub volumes: Vec<AttachedVolume>,
+}
+
+/// A volume attached to the machine: the disk behind one replica's `/data`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AttachedVolume {
+    pub replica: ReplicaId,
+    /// The cloud's id for it (`vol-…`).
+    pub volume: String,
+    /// The device name it was attached under (`/dev/sdf`).
+    pub device: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -24,7 +24,9 @@ pub const AWS_ACTIONS: &[(&str, Scope)] = &[
     ("ec2:DescribeInstanceTypes", Scope::Read),
     ("ec2:DescribeLaunchTemplates", Scope::Read),
     ("autoscaling:DescribeAutoScalingGroups", Scope::Read),
+    ("ec2:DescribeVolumes", Scope::Read),
     ("ec2:CreateLaunchTemplate", Scope::Create),
+    ("ec2:CreateVolume", Scope::Create),
     ("autoscaling:CreateAutoScalingGroup", Scope::Create),
     ("autoscaling:UpdateAutoScalingGroup", Scope::Owned),
     ("autoscaling:SetDesiredCapacity", Scope::Owned),
@@ -32,16 +34,23 @@ pub const AWS_ACTIONS: &[(&str, Scope)] = &[
         "autoscaling:TerminateInstanceInAutoScalingGroup",
         Scope::Owned,
     ),
+    // Both the volume and the machine carry the stack's tag.
+    ("ec2:AttachVolume", Scope::Owned),
+    ("ec2:DetachVolume", Scope::Owned),
+    (DELETE_VOLUME, Scope::Owned),
     ("ec2:RunInstances", Scope::Launch),
     ("ec2:CreateTags", Scope::Launch),
 ];
+
+/// Granted only to a customer who opted in to deleting volumes (`vm.delete_volumes`).
+const DELETE_VOLUME: &str = "ec2:DeleteVolume";
 
 /// The IAM policy document for `config`'s pools running stack `stack`.
 pub fn aws(config: &VmConfig, stack: &str) -> Value {
     let actions = |scope: Scope| -> Vec<&str> {
         AWS_ACTIONS
             .iter()
-            .filter(|(_, s)| *s == scope)
+            .filter(|(a, s)| *s == scope && (*a != DELETE_VOLUME || config.delete_volumes))
             .map(|(a, _)| *a)
             .collect()
     };
@@ -116,5 +125,18 @@ mod tests {
                 "{call} is not in the policy"
             );
         }
+    }
+
+    #[test]
+    fn volumes_are_deleted_only_with_the_customers_opt_in() {
+        let mut config: VmConfig =
+            serde_saphyr::from_str(
+            "provider: aws\nnodes: {listen: '127.0.0.1:7480', advertise: 'http://10.0.0.1:7480', bootstrap_secret_file: s}\npools: {}\n",
+        )
+        .unwrap();
+        let granted = |config: &VmConfig| aws(config, "acme").to_string().contains(DELETE_VOLUME);
+        assert!(!granted(&config));
+        config.delete_volumes = true;
+        assert!(granted(&config));
     }
 }

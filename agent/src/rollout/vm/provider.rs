@@ -3,9 +3,12 @@
 //! a machine template the agent owns; machines are what the group runs. Everything a provider
 //! makes carries the agent's tags (`outpost:stack`, `outpost:pool`, `outpost:settings`), so a
 //! restarted agent adopts what exists instead of making it again, and nothing untagged is ever
-//! changed. `FakeCloud` imitates a cloud in memory for tests.
+//! changed. A stateful replica's volume is a disk of its own in one zone, tagged with the stack,
+//! resource and ordinal, attached to whichever machine runs that ordinal. `FakeCloud` imitates
+//! a cloud in memory for tests.
 
 use crate::config::PoolConfig;
+use crate::plan::ReplicaId;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
@@ -47,6 +50,37 @@ pub struct Machine {
 pub struct Group {
     pub desired: u32,
     pub machines: Vec<Machine>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VolumeState {
+    Creating,
+    Available,
+    InUse,
+    /// Being deleted, or failed: never attached.
+    Unusable,
+}
+
+/// A stateful replica's volume (an EBS volume; a persistent disk; a managed disk).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Volume {
+    pub id: String,
+    /// The ordinal it holds the data of (its tags).
+    pub replica: ReplicaId,
+    pub zone: String,
+    pub size_gib: u32,
+    pub state: VolumeState,
+    pub attachment: Option<Attachment>,
+}
+
+/// Where a volume is attached.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Attachment {
+    pub machine: String,
+    /// The device name it was attached under (`/dev/sdf`).
+    pub device: String,
+    /// Attached for good (not attaching or detaching).
+    pub attached: bool,
 }
 
 /// A cloud call that failed.
@@ -107,10 +141,32 @@ pub trait Provider: Send + Sync {
         machine: &str,
         shrink: bool,
     ) -> CloudResult<()>;
+
+    /// Every volume tagged for `stack` (one describe call).
+    async fn volumes(&self, stack: &str) -> CloudResult<Vec<Volume>>;
+
+    /// Makes the volume of `replica` in `zone`, encrypted and tagged (stack, resource,
+    /// ordinal) as it is made, so a crash right after leaves nothing untagged.
+    async fn create_volume(
+        &self,
+        stack: &str,
+        replica: &ReplicaId,
+        zone: &str,
+        size_gib: u32,
+    ) -> CloudResult<Volume>;
+
+    /// Attaches an available volume to a machine in its zone under `device`.
+    async fn attach_volume(&self, volume: &str, machine: &str, device: &str) -> CloudResult<()>;
+
+    /// Detaches a volume from `machine`.
+    async fn detach_volume(&self, volume: &str, machine: &str) -> CloudResult<()>;
+
+    /// Deletes an available volume: only ever called when the customer opted in.
+    async fn delete_volume(&self, volume: &str) -> CloudResult<()>;
 }
 
-/// A cloud in memory: groups launch machines the moment their size goes up, in the zones of
-/// their subnets in turn. Tests take machines away behind the agent's back with `kill`, and
+/// A cloud in memory: groups launch machines the moment their size goes up, each in the zone
+/// of their subnets with the fewest machines. Tests take machines away behind the agent's back with `kill`, and
 /// make calls fail with `fail_next`.
 /// Clones share one cloud.
 #[derive(Default, Clone)]
@@ -125,6 +181,7 @@ struct FakeState {
     /// Calls made, by name (`set_desired`, …).
     calls: BTreeMap<&'static str, u64>,
     failures: Vec<CloudError>,
+    volumes: Vec<(String, Volume)>,
 }
 
 struct FakeGroup {
@@ -144,11 +201,17 @@ impl FakeCloud {
     /// Terminates a machine behind the agent's back (the group replaces it).
     pub fn kill(&self, machine: &str) {
         if let Ok(mut state) = self.state.lock() {
-            for group in state.groups.values_mut() {
-                group.machines.retain(|(m, _)| m.id != machine);
-            }
+            state.terminate(machine);
             state.launch();
         }
+    }
+
+    /// Every volume, by stack.
+    pub fn all_volumes(&self) -> Vec<(String, Volume)> {
+        self.state
+            .lock()
+            .map(|s| s.volumes.clone())
+            .unwrap_or_default()
     }
 
     /// How many times each call was made.
@@ -186,13 +249,50 @@ impl FakeCloud {
 }
 
 impl FakeState {
+    /// Takes a machine out of its group; its volumes come off it, as on termination.
+    fn terminate(&mut self, machine: &str) {
+        for group in self.groups.values_mut() {
+            group.machines.retain(|(m, _)| m.id != machine);
+        }
+        for (_, volume) in &mut self.volumes {
+            if volume
+                .attachment
+                .as_ref()
+                .is_some_and(|a| a.machine == machine)
+            {
+                volume.attachment = None;
+                volume.state = VolumeState::Available;
+            }
+        }
+    }
+
+    fn volume(&mut self, id: &str) -> CloudResult<&mut Volume> {
+        self.volumes
+            .iter_mut()
+            .map(|(_, v)| v)
+            .find(|v| v.id == id)
+            .ok_or_else(|| CloudError::refused(format!("InvalidVolume.NotFound: {id}")))
+    }
+
+    fn machine(&self, id: &str) -> Option<&Machine> {
+        self.groups
+            .values()
+            .flat_map(|g| &g.machines)
+            .map(|(m, _)| m)
+            .find(|m| m.id == id)
+    }
+
     /// Launches machines until every group has its desired count.
     fn launch(&mut self) {
         for group in self.groups.values_mut() {
             while (group.machines.len() as u32) < group.desired {
                 self.next_id += 1;
+                // As Auto Scaling balances zones: the one with the fewest machines.
                 let zones = group.spec.config.subnets.len().max(1);
-                let zone = format!("zone-{}", (self.next_id as usize) % zones);
+                let zone = (0..zones)
+                    .map(|i| format!("zone-{i}"))
+                    .min_by_key(|z| group.machines.iter().filter(|(m, _)| m.zone == *z).count())
+                    .unwrap_or_default();
                 let machine = Machine {
                     id: format!("i-{:08x}", self.next_id),
                     pool: group.spec.pool.clone(),
@@ -275,21 +375,101 @@ impl Provider for FakeCloud {
         shrink: bool,
     ) -> CloudResult<()> {
         let mut state = self.call("remove_machine")?;
-        let group = state
+        let key = (stack.to_string(), pool.to_string());
+        let in_group = state
             .groups
-            .get_mut(&(stack.into(), pool.into()))
-            .ok_or_else(|| CloudError::refused(format!("no group for pool {pool}")))?;
-        let before = group.machines.len();
-        group.machines.retain(|(m, _)| m.id != machine);
-        if group.machines.len() == before {
+            .get(&key)
+            .ok_or_else(|| CloudError::refused(format!("no group for pool {pool}")))?
+            .machines
+            .iter()
+            .any(|(m, _)| m.id == machine);
+        if !in_group {
             return Err(CloudError::refused(format!(
                 "{machine} is not a machine of pool {pool}"
             )));
         }
-        if shrink {
+        state.terminate(machine);
+        if shrink && let Some(group) = state.groups.get_mut(&key) {
             group.desired = group.desired.saturating_sub(1);
         }
         state.launch();
+        Ok(())
+    }
+
+    async fn volumes(&self, stack: &str) -> CloudResult<Vec<Volume>> {
+        let state = self.call("volumes")?;
+        Ok(state
+            .volumes
+            .iter()
+            .filter(|(s, _)| s == stack)
+            .map(|(_, v)| v.clone())
+            .collect())
+    }
+
+    async fn create_volume(
+        &self,
+        stack: &str,
+        replica: &ReplicaId,
+        zone: &str,
+        size_gib: u32,
+    ) -> CloudResult<Volume> {
+        let mut state = self.call("create_volume")?;
+        state.next_id += 1;
+        let volume = Volume {
+            id: format!("vol-{:08x}", state.next_id),
+            replica: replica.clone(),
+            zone: zone.to_string(),
+            size_gib,
+            state: VolumeState::Available,
+            attachment: None,
+        };
+        state.volumes.push((stack.to_string(), volume.clone()));
+        Ok(volume)
+    }
+
+    async fn attach_volume(&self, volume: &str, machine: &str, device: &str) -> CloudResult<()> {
+        let mut state = self.call("attach_volume")?;
+        let zone = state
+            .machine(machine)
+            .map(|m| m.zone.clone())
+            .ok_or_else(|| CloudError::refused(format!("InvalidInstanceID: {machine}")))?;
+        let v = state.volume(volume)?;
+        if v.state != VolumeState::Available || v.zone != zone {
+            return Err(CloudError::refused(format!(
+                "IncorrectState: {volume} is {:?} in {}, the machine in {zone}",
+                v.state, v.zone
+            )));
+        }
+        v.state = VolumeState::InUse;
+        v.attachment = Some(Attachment {
+            machine: machine.to_string(),
+            device: device.to_string(),
+            attached: true,
+        });
+        Ok(())
+    }
+
+    async fn detach_volume(&self, volume: &str, machine: &str) -> CloudResult<()> {
+        let mut state = self.call("detach_volume")?;
+        let v = state.volume(volume)?;
+        if v.attachment.as_ref().is_none_or(|a| a.machine != machine) {
+            return Err(CloudError::refused(format!(
+                "IncorrectState: {volume} is not attached to {machine}"
+            )));
+        }
+        v.attachment = None;
+        v.state = VolumeState::Available;
+        Ok(())
+    }
+
+    async fn delete_volume(&self, volume: &str) -> CloudResult<()> {
+        let mut state = self.call("delete_volume")?;
+        if state.volume(volume)?.state != VolumeState::Available {
+            return Err(CloudError::refused(format!(
+                "VolumeInUse: {volume} is attached"
+            )));
+        }
+        state.volumes.retain(|(_, v)| v.id != volume);
         Ok(())
     }
 }

@@ -40,6 +40,8 @@ struct Machines {
     /// How many of the next machines launched never boot (a bad image).
     duds: usize,
     dead: Vec<String>,
+    /// Each machine's `/dev/disk/by-id`: links to the disks of the volumes attached to it.
+    by_id: BTreeMap<String, std::path::PathBuf>,
 }
 
 struct Test {
@@ -136,6 +138,42 @@ async fn cloud() -> (tempfile::TempDir, Test) {
     )
 }
 
+/// Where the fake cloud keeps its volumes' disks: 16 MiB files, one per volume.
+fn disk_store() -> &'static std::path::Path {
+    static STORE: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    STORE.get_or_init(|| tempfile::tempdir().unwrap().keep())
+}
+
+/// Links each volume's disk into the `by-id` directory of the machine it is attached to, as
+/// the cloud's NVMe driver names it, and unlinks those detached.
+fn attach_disks(cloud: &FakeCloud, by_id: &BTreeMap<String, std::path::PathBuf>) {
+    for (_, volume) in cloud.all_volumes() {
+        let disk = disk_store().join(&volume.id);
+        if !disk.exists() {
+            std::fs::File::create(&disk)
+                .unwrap()
+                .set_len(16 << 20)
+                .unwrap();
+        }
+        let link = format!(
+            "nvme-Amazon_Elastic_Block_Store_{}",
+            volume.id.replace('-', "")
+        );
+        for (machine, dir) in by_id {
+            let here = volume
+                .attachment
+                .as_ref()
+                .is_some_and(|a| a.machine == *machine);
+            let path = dir.join(&link);
+            if here && !path.exists() {
+                std::os::unix::fs::symlink(&disk, &path).unwrap();
+            } else if !here && path.exists() {
+                std::fs::remove_file(&path).unwrap();
+            }
+        }
+    }
+}
+
 /// Boots a node agent on every machine the cloud launches; stops those of machines gone.
 async fn boot(cloud: FakeCloud, url: String, machines: Arc<Mutex<Machines>>) {
     loop {
@@ -163,6 +201,9 @@ async fn boot(cloud: FakeCloud, url: String, machines: Arc<Mutex<Machines>>) {
                     engine.break_image(image);
                 }
                 let state = tempfile::tempdir().unwrap().keep();
+                let disks = state.join("by-id");
+                std::fs::create_dir(&disks).unwrap();
+                booted.by_id.insert(machine.id.clone(), disks.clone());
                 let options = NodeOptions {
                     agent: url.clone(),
                     instance_id: machine.id.clone(),
@@ -170,6 +211,9 @@ async fn boot(cloud: FakeCloud, url: String, machines: Arc<Mutex<Machines>>) {
                     bootstrap_secret: SECRET.into(),
                     state_dir: state.clone(),
                     docker: crate::config::DockerConfig::default(),
+                    disks: super::disk::Disks {
+                        by_id: disks.clone(),
+                    },
                 };
                 let context = Context {
                     store: Arc::new(crate::state::Store::in_memory().unwrap()),
@@ -186,6 +230,7 @@ async fn boot(cloud: FakeCloud, url: String, machines: Arc<Mutex<Machines>>) {
                 let task = tokio::spawn(async move { node.run().await });
                 booted.running.insert(machine.id.clone(), (engine, task));
             }
+            attach_disks(&cloud, &booted.by_id);
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -366,6 +411,115 @@ async fn new_machine_settings_replace_machines_one_at_a_time() {
     }
     assert_eq!(most_gone, 3);
     assert_eq!(c.agent.store.positions().unwrap().converged, Some(v1));
+}
+
+const DATABASE: &str = r#"
+name: acme
+permissionProfiles: {execution: {}}
+resources:
+  - lifecycle: live
+    container:
+      name: db
+      code: {image: "r.example/db@sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"}
+      cpu: 1
+      memory: 1Gi
+      ports: [5432]
+      replicas: 2
+      persistentStorage: 1500Mi
+      permissions: execution
+"#;
+
+/// Volumes of the fake cloud: `(id, replica, zone, attached machine)`.
+fn volumes(c: &Test) -> Vec<(String, String, String, Option<String>)> {
+    c.cloud
+        .all_volumes()
+        .into_iter()
+        .map(|(_, v)| {
+            (
+                v.id,
+                format!("{}-{}", v.replica.resource, v.replica.ordinal),
+                v.zone,
+                v.attachment.map(|a| a.machine),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_stateful_ordinal_keeps_its_volume_across_machines_and_releases() {
+    let (_dir, c) = cloud().await;
+    let v1 = release(&c, DATABASE, "1.0.0", 1);
+    c.converger.converge_once().await.unwrap();
+    assert_eq!(c.agent.store.positions().unwrap().converged, Some(v1));
+    let made = volumes(&c);
+    assert_eq!(made.len(), 2, "{made:?}");
+    let machines = c.cloud.all_machines();
+    for (id, replica, zone, attached) in &made {
+        // Made where its replica first ran (1500 MiB rounds up to 2 GiB), attached there, and
+        // the node's engine mounts that device at /data.
+        let machine = attached.as_ref().unwrap();
+        let (m, _) = machines.iter().find(|(m, _)| m.id == *machine).unwrap();
+        assert_eq!(m.zone, *zone);
+        let engine = c.engines()[machine].clone();
+        let log = engine.log();
+        let used = log
+            .iter()
+            .position(|l| l.starts_with(&format!("use-device {replica} ")))
+            .unwrap_or_else(|| panic!("{replica} on {machine}: {log:?}"));
+        assert!(log[used].ends_with(&format!("Store_{}", id.replace('-', ""))));
+        let created = log
+            .iter()
+            .position(|l| l == &format!("create {replica} primary"))
+            .unwrap();
+        assert!(used < created, "{log:?}");
+    }
+    let status = c.agent.runtime_view.current();
+    assert_eq!(status.volumes.len(), 2);
+    assert!(status.volumes["db-0"].state.starts_with("attached to i-"));
+    assert_eq!(status.volumes["db-0"].size_gib, 2);
+
+    // The machine of db-0 terminated: db-0 comes back on the replacement, in the same zone,
+    // with the same volume.
+    let (db0, _, zone, Some(victim)) = made.iter().find(|v| v.1 == "db-0").unwrap().clone() else {
+        unreachable!()
+    };
+    c.cloud.kill(&victim);
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        c.converger.converge_once().await.unwrap();
+        let now = volumes(&c);
+        let back = now
+            .iter()
+            .find(|v| v.0 == db0)
+            .and_then(|v| v.3.clone())
+            .filter(|m| *m != victim);
+        let healthy = c.agent.runtime_view.current().resources["db"].ready == Some(2);
+        if let (Some(machine), true) = (back, healthy) {
+            assert_eq!(now.len(), 2, "no second volume: {now:?}");
+            let (m, _) = c
+                .cloud
+                .all_machines()
+                .into_iter()
+                .find(|(m, _)| m.id == machine)
+                .unwrap();
+            assert_eq!(m.zone, zone);
+            break;
+        }
+        assert!(Instant::now() < until, "{now:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // A new release and a scale-down keep every volume (delete_volumes is off).
+    let v2 = release(
+        &c,
+        &DATABASE.replace("replicas: 2", "replicas: 1"),
+        "2.0.0",
+        2,
+    );
+    c.converger.converge_once().await.unwrap();
+    assert_eq!(c.agent.store.positions().unwrap().converged, Some(v2));
+    assert_eq!(volumes(&c).len(), 2);
+    assert_eq!(c.cloud.calls().get("delete_volume"), None);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
