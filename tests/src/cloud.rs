@@ -2,7 +2,9 @@
 //! Scaling, IAM); moto runs no machines, so every instance it reports in service is booted here
 //! as a test host: a network namespace with its own address on a bridge the test makes, and a
 //! dockerd of its own, that runs the instance's user data as EC2 would (which fetches the node
-//! binary from the agent, checks its SHA-256 and starts `outpost-agent node`).
+//! binary from the agent, checks its SHA-256 and starts `outpost-agent node`). An EBS volume
+//! moto reports attached is a loop device over a file of its own, linked into the machine's
+//! `by-id` directory under the name an NVMe EBS device has, so its data moves with it.
 
 #![allow(clippy::unwrap_used)] // test support: a panic is a failed test
 
@@ -115,6 +117,26 @@ impl Moto {
         (subnets, made["ami"].as_str().unwrap().to_string())
     }
 
+    /// The agent's volumes: `(id, size in GiB, instance attached to)`.
+    pub fn volumes(&self) -> Vec<(String, u64, Option<String>)> {
+        let listed = self.boto(
+            "vs = ec2.describe_volumes(Filters=[{'Name': 'tag-key', 'Values': ['outpost:ordinal']}])['Volumes']\n\
+             print(json.dumps([[v['VolumeId'], v['Size'], (v['Attachments'] or [{}])[0].get('InstanceId')] for v in vs]))",
+        );
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| {
+                (
+                    v[0].as_str().unwrap().to_string(),
+                    v[1].as_u64().unwrap(),
+                    v[2].as_str().map(String::from),
+                )
+            })
+            .collect()
+    }
+
     /// The instances in service in any Auto Scaling group, with their user data.
     pub fn instances(&self) -> Vec<(String, String)> {
         let listed = self.boto(
@@ -157,11 +179,21 @@ struct Host {
     dir: tempfile::TempDir,
 }
 
+impl Host {
+    /// The machine's `/dev/disk/by-id`.
+    fn by_id(&self) -> std::path::PathBuf {
+        self.dir.path().join("by-id")
+    }
+}
+
 /// The test hosts of instances, on a bridge `opvmN` (10.201.N.1/24) this test made.
 pub struct Hosts {
     net: u32,
     next: u32,
     hosts: BTreeMap<String, Host>,
+    /// Each volume's disk: a file and the loop device over it.
+    disks: tempfile::TempDir,
+    loops: BTreeMap<String, String>,
 }
 
 impl Hosts {
@@ -185,6 +217,8 @@ impl Hosts {
             net,
             next: 10,
             hosts: BTreeMap::new(),
+            disks: tempfile::tempdir().unwrap(),
+            loops: BTreeMap::new(),
         }
     }
 
@@ -211,6 +245,47 @@ impl Hosts {
             if !self.hosts.contains_key(&id) {
                 let host = self.boot(&id, &user_data);
                 self.hosts.insert(id, host);
+            }
+        }
+        self.attach_disks(&moto.volumes());
+    }
+
+    /// Links each attached volume's loop device into its machine's `by-id` directory, and
+    /// unlinks volumes attached elsewhere or nowhere.
+    fn attach_disks(&mut self, volumes: &[(String, u64, Option<String>)]) {
+        for (volume, size_gib, attached) in volumes {
+            let link = format!(
+                "nvme-Amazon_Elastic_Block_Store_{}",
+                volume.replace('-', "")
+            );
+            if attached
+                .as_ref()
+                .is_some_and(|i| self.hosts.contains_key(i))
+                && !self.loops.contains_key(volume)
+            {
+                let file = self.disks.path().join(volume);
+                std::fs::File::create(&file)
+                    .unwrap()
+                    .set_len(size_gib << 30)
+                    .unwrap();
+                let made = run(Command::new("losetup")
+                    .args(["--find", "--show"])
+                    .arg(&file));
+                assert_eq!(made.code, 0, "losetup: {}", made.stderr);
+                self.loops
+                    .insert(volume.clone(), made.stdout.trim().to_string());
+            }
+            for (id, host) in &self.hosts {
+                let path = host.by_id().join(&link);
+                let here = attached.as_deref() == Some(id.as_str());
+                match (here, self.loops.get(volume)) {
+                    (true, Some(device)) if !path.exists() => {
+                        std::fs::create_dir_all(host.by_id()).unwrap();
+                        std::os::unix::fs::symlink(device, &path).unwrap();
+                    }
+                    (false, _) if path.exists() => std::fs::remove_file(&path).unwrap(),
+                    _ => {}
+                }
             }
         }
     }
@@ -266,6 +341,7 @@ impl Hosts {
             .env("OUTPOST_NODE_DIR", dir.path().join("node"))
             .env("OUTPOST_INSTANCE_ID", id)
             .env("OUTPOST_DOCKER_SOCKET", &engine.socket)
+            .env("OUTPOST_DISK_BY_ID", dir.path().join("by-id"))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -324,6 +400,9 @@ impl Drop for Hosts {
     fn drop(&mut self) {
         for (_, host) in std::mem::take(&mut self.hosts) {
             self.tear_down(host);
+        }
+        for device in self.loops.values() {
+            let _ = Command::new("losetup").args(["-d", device]).output();
         }
         let _ = Command::new("ip")
             .args(["link", "del", &format!("opvm{}", self.net)])
@@ -496,12 +575,14 @@ impl Site {
             .then_some(())
         });
         if done.is_none() {
-            let hosts = self.booter.hosts.lock().unwrap();
-            let logs: Vec<String> = hosts
-                .machines()
-                .iter()
-                .map(|id| format!("{id}: {}", hosts.node_log(id)))
-                .collect();
+            let logs: Vec<String> = {
+                let hosts = self.booter.hosts.lock().unwrap();
+                hosts
+                    .machines()
+                    .iter()
+                    .map(|id| format!("{id}: {}", hosts.node_log(id)))
+                    .collect()
+            };
             panic!(
                 "{machines} machines serving {message:?}: {:?}\nstatus: {:#}\nagent: {}\nnodes: {}",
                 self.answers(),

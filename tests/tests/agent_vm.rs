@@ -117,3 +117,95 @@ fn the_policy_less_one_action_fails_naming_it() {
         "{error}"
     );
 }
+
+/// Serves the first message it was ever started with: its volume remembers it.
+const REMEMBERS: &str = r#"trap 'exit 0' TERM; mkdir -p /www; [ -f /data/first ] || echo "$MESSAGE" > /data/first; cp /data/first /www/index.html; [ "$HEALTHY" = no ] || echo ok > /www/healthz; httpd -f -p 8080 -h /www & wait"#;
+
+fn stateful_stack(image: &str, message: &str, healthy: bool) -> StackFile {
+    serde_json::from_value(json!({
+        "name": "acme",
+        "permissionProfiles": {"execution": {}},
+        "resources": [{"lifecycle": "live", "container": {
+            "name": "db", "code": {"image": image}, "cpu": 1.5, "memory": "64Mi",
+            "ports": [8080], "replicas": 1, "persistentStorage": "1Gi",
+            "publicEndpoints": [{"name": "db", "port": 8080, "protocol": "http"}],
+            "healthCheck": {"path": "/healthz", "port": 8080, "timeoutSeconds": 1, "failureThreshold": 2},
+            "environment": {"MESSAGE": message, "HEALTHY": if healthy { "yes" } else { "no" }},
+            "permissions": "execution", "command": ["sh", "-c", REMEMBERS]}}],
+    }))
+    .unwrap()
+}
+
+/// A stateful replica's EBS volume (a loop device here, formatted by the node) keeps its data
+/// across an update, a rollback and the replacement of its machine behind the agent's back.
+#[test]
+fn a_stateful_replica_keeps_its_volume_across_updates_rollbacks_and_machines() {
+    let s = Site::start(&[], 2);
+    publish(
+        s.drop.path(),
+        &stateful_stack(&s.image, "first", true),
+        "1.0.0",
+        1,
+    );
+    s.wait_serving(1, "first");
+    s.agent.wait_converged_within(60, 1);
+    let volumes = s.moto.volumes();
+    assert_eq!(volumes.len(), 1, "{volumes:?}");
+    let (volume, size_gib, Some(first_machine)) = volumes[0].clone() else {
+        panic!("{volumes:?}")
+    };
+    assert_eq!(size_gib, 1);
+    let status = s.agent.status();
+    assert_eq!(
+        status["runtime"]["volumes"]["db-0"]["state"],
+        format!("attached to {first_machine}"),
+        "{status:#}"
+    );
+
+    // An update, then a failing release rolled back: the data stays.
+    publish(
+        s.drop.path(),
+        &stateful_stack(&s.image, "second", true),
+        "2.0.0",
+        2,
+    );
+    s.agent.wait_converged_within(90, 2);
+    s.wait_serving(1, "first");
+    publish(
+        s.drop.path(),
+        &stateful_stack(&s.image, "third", false),
+        "3.0.0",
+        3,
+    );
+    s.agent.wait_within(150, "3.0.0 rolled back", |st| {
+        st["runtime"]["last_rollback"]
+            .as_str()
+            .is_some_and(|m| m.contains("3.0.0 failed"))
+    });
+    s.wait_serving(1, "first");
+
+    // Its machine terminated behind the agent's back: the volume follows db-0 to the
+    // replacement, with its data.
+    s.moto.boto(&format!(
+        "asg.terminate_instance_in_auto_scaling_group(InstanceId='{first_machine}', ShouldDecrementDesiredCapacity=False)"
+    ));
+    let moved = outpost_tests::poll_within(180, || {
+        let now = s.moto.volumes();
+        let on = now.first().and_then(|v| v.2.clone())?;
+        (on != first_machine
+            && s.answers()
+                .iter()
+                .any(|(m, a)| *m == on && a.as_deref() == Some("first")))
+        .then_some(now)
+    });
+    let Some(now) = moved else {
+        panic!(
+            "db-0 on a new machine with its data: {:?} {:?}\nstatus: {:#}",
+            s.moto.volumes(),
+            s.answers(),
+            s.agent.status()
+        );
+    };
+    assert_eq!(now.len(), 1, "no second volume: {now:?}");
+    assert_eq!(now[0].0, volume);
+}
