@@ -90,7 +90,7 @@ impl Moto {
     /// `base64`) and returns what it prints, parsed as JSON.
     pub fn boto(&self, script: &str) -> Value {
         let prelude = format!(
-            "import boto3, json, base64\nkw = dict(endpoint_url='{}', region_name='us-east-1', aws_access_key_id='{}', aws_secret_access_key='{}')\nec2 = boto3.client('ec2', **kw)\nasg = boto3.client('autoscaling', **kw)\niam = boto3.client('iam', **kw)\n",
+            "import boto3, json, base64\nkw = dict(endpoint_url='{}', region_name='us-east-1', aws_access_key_id='{}', aws_secret_access_key='{}')\nec2 = boto3.client('ec2', **kw)\nasg = boto3.client('autoscaling', **kw)\niam = boto3.client('iam', **kw)\nelb = boto3.client('elbv2', **kw)\n",
             self.url(),
             self.admin.0,
             self.admin.1
@@ -115,6 +115,19 @@ impl Moto {
             .map(|s| s.as_str().unwrap().to_string())
             .collect();
         (subnets, made["ami"].as_str().unwrap().to_string())
+    }
+
+    /// The load balancers: `(DNS name, type, the instances their target groups send to)`.
+    pub fn balancers(&self) -> Vec<(String, String, Vec<String>)> {
+        let listed = self.boto(
+            "out = []\n\
+             for lb in elb.describe_load_balancers()['LoadBalancers']:\n\
+             \x20   tgs = elb.describe_target_groups(LoadBalancerArn=lb['LoadBalancerArn'])['TargetGroups']\n\
+             \x20   ids = sorted(d['Target']['Id'] for tg in tgs for d in elb.describe_target_health(TargetGroupArn=tg['TargetGroupArn'])['TargetHealthDescriptions'])\n\
+             \x20   out.append([lb['DNSName'], lb['Type'], ids])\n\
+             print(json.dumps(out))",
+        );
+        serde_json::from_value(listed).unwrap()
     }
 
     /// The agent's volumes: `(id, size in GiB, instance attached to)`.

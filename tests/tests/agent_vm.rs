@@ -29,6 +29,19 @@ fn a_release_runs_on_machines_the_agent_launches_updates_rolls_back_and_is_adopt
     assert_eq!(s.agent.metric("outpost_vm_machines_desired"), 2);
     assert_eq!(s.agent.metric("outpost_replicas_ready"), 2);
     assert_eq!(s.groups_and_templates(), json!([1, 1]));
+    // The public endpoint's application load balancer sends to both machines.
+    let balancers = s.moto.balancers();
+    let mut machines = s.booter.hosts.lock().unwrap().machines();
+    machines.sort();
+    assert_eq!(balancers.len(), 1, "{balancers:?}");
+    assert_eq!(
+        (balancers[0].1.as_str(), &balancers[0].2),
+        ("application", &machines)
+    );
+    assert_eq!(
+        status["runtime"]["endpoints"],
+        json!([format!("web.web: http://{}", balancers[0].0)])
+    );
     // Converged, drift passes (every 2 s) only describe: one group call per pass, no write.
     let before = cloud_calls(&s.agent);
     std::thread::sleep(std::time::Duration::from_secs(7));
@@ -208,4 +221,11 @@ fn a_stateful_replica_keeps_its_volume_across_updates_rollbacks_and_machines() {
     };
     assert_eq!(now.len(), 1, "no second volume: {now:?}");
     assert_eq!(now[0].0, volume);
+    // The endpoint's load balancer follows db-0 to its new machine.
+    let on = now[0].2.clone().unwrap();
+    let followed = outpost_tests::poll_within(30, || {
+        let balancers = s.moto.balancers();
+        (balancers.len() == 1 && balancers[0].2 == [on.clone()]).then_some(())
+    });
+    assert!(followed.is_some(), "{:?}", s.moto.balancers());
 }

@@ -121,6 +121,20 @@ pub(super) fn runtime_text(runtime: &Value) -> String {
             ));
         }
     }
+    for (replica, volume) in view
+        .get("volumes")
+        .and_then(Value::as_object)
+        .into_iter()
+        .flatten()
+    {
+        out.push_str(&format!(
+            "volume:    {replica}: {} ({}, {} GiB) {}\n",
+            volume["id"].as_str().unwrap_or_default(),
+            volume["zone"].as_str().unwrap_or_default(),
+            volume["size_gib"],
+            volume["state"].as_str().unwrap_or_default()
+        ));
+    }
     for finding in list("findings") {
         out.push_str(&format!("finding:   {finding}\n"));
     }
@@ -299,6 +313,7 @@ mod tests {
                 {"id": "i-1", "zone": "us-east-1a", "state": "healthy", "replicas": ["web-0"]},
                 {"id": "i-2", "zone": "us-east-1b", "state": "booting", "replicas": []},
             ]}},
+            "volumes": {"db-0": {"id": "vol-1", "zone": "us-east-1a", "size_gib": 2, "state": "attached to i-1"}},
         });
         let text = runtime_text(&runtime);
         for line in [
@@ -307,6 +322,7 @@ mod tests {
             "pool:      default: 2 machines wanted",
             "             i-1 (us-east-1a) healthy: web-0",
             "             i-2 (us-east-1b) booting: no replicas",
+            "volume:    db-0: vol-1 (us-east-1a, 2 GiB) attached to i-1",
         ] {
             assert!(text.lines().any(|l| l == line), "{line:?} not in:\n{text}");
         }

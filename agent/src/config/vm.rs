@@ -29,6 +29,37 @@ pub struct VmConfig {
     /// default: volumes outlive updates, rollbacks, prunes and machine replacements.
     #[serde(default)]
     pub delete_volumes: bool,
+    /// The load balancers of public endpoints (an application load balancer per http
+    /// endpoint, a network load balancer per tcp one).
+    #[serde(default)]
+    pub load_balancers: LoadBalancersConfig,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LoadBalancersConfig {
+    /// `internet-facing` (default) or `internal`.
+    #[serde(default)]
+    pub scheme: BalancerScheme,
+    /// Subnets the load balancers sit in (public ones for `internet-facing`); absent: the
+    /// subnets of the endpoint's pool.
+    #[serde(default)]
+    pub subnets: Vec<String>,
+    /// Security groups of the load balancers; absent: those of the endpoint's pool.
+    #[serde(default)]
+    pub security_groups: Vec<String>,
+    /// A certificate (ACM ARN) for http endpoints: they then listen for HTTPS on 443 instead
+    /// of HTTP on 80.
+    #[serde(default)]
+    pub certificate_arn: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum BalancerScheme {
+    #[default]
+    InternetFacing,
+    Internal,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

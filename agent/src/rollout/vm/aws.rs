@@ -8,8 +8,8 @@
 //! volume tagged `outpost:stack`, `outpost:resource` and `outpost:ordinal`.
 
 use super::provider::{
-    Attachment, CloudError, CloudResult, Group, Machine, MachineState, PoolSpec, Provider, Volume,
-    VolumeState,
+    Attachment, Balancer, BalancerSpec, CloudError, CloudResult, Group, Machine, MachineState,
+    PoolSpec, Provider, Volume, VolumeState,
 };
 use crate::config::VmConfig;
 use crate::plan::ReplicaId;
@@ -19,6 +19,9 @@ use aws_sdk_ec2::types as ec2;
 use base64::Engine as _;
 use std::collections::BTreeMap;
 use std::sync::Mutex;
+
+#[path = "elb.rs"]
+mod elb;
 
 pub const STACK_TAG: &str = "outpost:stack";
 pub const POOL_TAG: &str = "outpost:pool";
@@ -35,6 +38,9 @@ pub struct Aws {
     /// The template each pool's group was last seen or made to launch from: a converged pool
     /// costs one describe call per pass.
     ensured: Mutex<BTreeMap<(String, String), String>>,
+    elb: aws_sdk_elasticloadbalancingv2::Client,
+    /// Each endpoint's balancer, by name, once found or made.
+    balancers: Mutex<BTreeMap<String, elb::Made>>,
 }
 
 impl Aws {
@@ -56,6 +62,8 @@ impl Aws {
             ec2: aws_sdk_ec2::Client::new(&shared),
             autoscaling: aws_sdk_autoscaling::Client::new(&shared),
             ensured: Mutex::default(),
+            elb: aws_sdk_elasticloadbalancingv2::Client::new(&shared),
+            balancers: Mutex::default(),
         })
     }
 
@@ -604,6 +612,19 @@ impl Provider for Aws {
             .await
             .counted(self, "DeleteVolume")?;
         Ok(())
+    }
+
+    async fn ensure_balancer(&self, spec: &BalancerSpec) -> CloudResult<Balancer> {
+        Aws::ensure_balancer(self, spec).await
+    }
+
+    async fn set_targets(
+        &self,
+        spec: &BalancerSpec,
+        add: &[String],
+        remove: &[String],
+    ) -> CloudResult<()> {
+        Aws::set_targets(self, spec, add, remove).await
     }
 }
 

@@ -7,6 +7,7 @@
 
 #[cfg(feature = "aws")]
 pub mod aws;
+mod balancers;
 pub mod bootstrap;
 pub mod disk;
 pub mod node;
@@ -140,6 +141,8 @@ impl<P: Provider> Backend for Pools<P> {
             self.prune_volumes(release, &wants, &volumes, &nodes, &mut repairs)
                 .await?;
             self.show_volumes(&volumes);
+            self.balance(release, stack, &machines, &shares, &mut repairs)
+                .await?;
             self.assign(&assigned, &machines, &nodes, shares, fresh);
             // Judged on the assignments just made: a node given a new one is not done yet.
             let assigned_now = self.nodes.nodes();

@@ -25,8 +25,18 @@ pub const AWS_ACTIONS: &[(&str, Scope)] = &[
     ("ec2:DescribeLaunchTemplates", Scope::Read),
     ("autoscaling:DescribeAutoScalingGroups", Scope::Read),
     ("ec2:DescribeVolumes", Scope::Read),
+    ("ec2:DescribeSubnets", Scope::Read),
+    ("elasticloadbalancing:DescribeLoadBalancers", Scope::Read),
+    ("elasticloadbalancing:DescribeTargetGroups", Scope::Read),
+    ("elasticloadbalancing:DescribeListeners", Scope::Read),
+    ("elasticloadbalancing:DescribeTargetHealth", Scope::Read),
+    ("elasticloadbalancing:DescribeTags", Scope::Read),
     ("ec2:CreateLaunchTemplate", Scope::Create),
     ("ec2:CreateVolume", Scope::Create),
+    ("elasticloadbalancing:CreateLoadBalancer", Scope::Create),
+    ("elasticloadbalancing:CreateTargetGroup", Scope::Create),
+    // Tagging as they are made.
+    ("elasticloadbalancing:AddTags", Scope::Create),
     ("autoscaling:CreateAutoScalingGroup", Scope::Create),
     ("autoscaling:UpdateAutoScalingGroup", Scope::Owned),
     ("autoscaling:SetDesiredCapacity", Scope::Owned),
@@ -38,6 +48,9 @@ pub const AWS_ACTIONS: &[(&str, Scope)] = &[
     ("ec2:AttachVolume", Scope::Owned),
     ("ec2:DetachVolume", Scope::Owned),
     (DELETE_VOLUME, Scope::Owned),
+    ("elasticloadbalancing:CreateListener", Scope::Owned),
+    ("elasticloadbalancing:RegisterTargets", Scope::Owned),
+    ("elasticloadbalancing:DeregisterTargets", Scope::Owned),
     ("ec2:RunInstances", Scope::Launch),
     ("ec2:CreateTags", Scope::Launch),
 ];
@@ -110,13 +123,13 @@ mod tests {
     /// policy.
     #[test]
     fn the_policy_names_every_call_the_provider_makes() {
-        let source = include_str!("aws.rs");
+        let source = [include_str!("aws.rs"), include_str!("elb.rs")].concat();
         let calls: Vec<&str> = source
             .split(".counted(self, \"")
             .skip(1)
             .filter_map(|rest| rest.split('"').next())
             .collect();
-        assert!(calls.len() >= 8, "{calls:?}");
+        assert!(calls.len() >= 20, "{calls:?}");
         for call in calls {
             assert!(
                 AWS_ACTIONS

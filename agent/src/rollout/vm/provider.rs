@@ -9,7 +9,7 @@
 
 use crate::config::PoolConfig;
 use crate::plan::ReplicaId;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
@@ -81,6 +81,50 @@ pub struct Attachment {
     pub device: String,
     /// Attached for good (not attaching or detaching).
     pub attached: bool,
+}
+
+/// A public endpoint's load balancer as the release wants it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BalancerSpec {
+    pub stack: String,
+    pub resource: String,
+    pub endpoint: String,
+    /// The port the endpoint has on every machine (the node forwards it to its replicas).
+    pub port: u16,
+    /// http: an application load balancer; tcp: a network one.
+    pub http: bool,
+    /// Where an http balancer checks machines (the resource's health check path, else `/`).
+    pub health_path: String,
+    pub internal: bool,
+    pub subnets: Vec<String>,
+    pub security_groups: Vec<String>,
+    /// For http: listen for HTTPS on 443 with this certificate instead of HTTP on 80.
+    pub certificate_arn: Option<String>,
+}
+
+impl BalancerSpec {
+    /// `web.api`: the resource and endpoint it serves.
+    pub fn label(&self) -> String {
+        format!("{}.{}", self.resource, self.endpoint)
+    }
+
+    /// Where clients reach it, given its DNS name.
+    pub fn url(&self, dns: &str) -> String {
+        match (self.http, &self.certificate_arn) {
+            (true, Some(_)) => format!("https://{dns}"),
+            (true, None) => format!("http://{dns}"),
+            (false, _) => format!("{dns}:{}", self.port),
+        }
+    }
+}
+
+/// A load balancer as the cloud has it.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Balancer {
+    /// Its DNS name.
+    pub dns: String,
+    /// The machines it sends to.
+    pub targets: BTreeSet<String>,
 }
 
 /// A cloud call that failed.
@@ -163,6 +207,18 @@ pub trait Provider: Send + Sync {
 
     /// Deletes an available volume: only ever called when the customer opted in.
     async fn delete_volume(&self, volume: &str) -> CloudResult<()>;
+
+    /// Makes sure the endpoint's load balancer, its listener and its target group exist (made
+    /// once, tagged), and returns it with the machines it sends to.
+    async fn ensure_balancer(&self, spec: &BalancerSpec) -> CloudResult<Balancer>;
+
+    /// Adds machines to and removes machines from the balancer's targets.
+    async fn set_targets(
+        &self,
+        spec: &BalancerSpec,
+        add: &[String],
+        remove: &[String],
+    ) -> CloudResult<()>;
 }
 
 /// A cloud in memory: groups launch machines the moment their size goes up, each in the zone
@@ -182,6 +238,7 @@ struct FakeState {
     calls: BTreeMap<&'static str, u64>,
     failures: Vec<CloudError>,
     volumes: Vec<(String, Volume)>,
+    balancers: BTreeMap<String, (BalancerSpec, Balancer)>,
 }
 
 struct FakeGroup {
@@ -204,6 +261,14 @@ impl FakeCloud {
             state.terminate(machine);
             state.launch();
         }
+    }
+
+    /// Every load balancer, by `resource.endpoint`.
+    pub fn all_balancers(&self) -> BTreeMap<String, (BalancerSpec, Balancer)> {
+        self.state
+            .lock()
+            .map(|s| s.balancers.clone())
+            .unwrap_or_default()
     }
 
     /// Every volume, by stack.
@@ -470,6 +535,34 @@ impl Provider for FakeCloud {
             )));
         }
         state.volumes.retain(|(_, v)| v.id != volume);
+        Ok(())
+    }
+
+    async fn ensure_balancer(&self, spec: &BalancerSpec) -> CloudResult<Balancer> {
+        let mut state = self.call("ensure_balancer")?;
+        let (_, balancer) = state.balancers.entry(spec.label()).or_insert_with(|| {
+            let balancer = Balancer {
+                dns: format!("{}-{}.lb.fake", spec.endpoint, spec.resource),
+                targets: BTreeSet::new(),
+            };
+            (spec.clone(), balancer)
+        });
+        Ok(balancer.clone())
+    }
+
+    async fn set_targets(
+        &self,
+        spec: &BalancerSpec,
+        add: &[String],
+        remove: &[String],
+    ) -> CloudResult<()> {
+        let mut state = self.call("set_targets")?;
+        let (_, balancer) = state
+            .balancers
+            .get_mut(&spec.label())
+            .ok_or_else(|| CloudError::refused(format!("no balancer for {}", spec.label())))?;
+        balancer.targets.extend(add.iter().cloned());
+        balancer.targets.retain(|t| !remove.contains(t));
         Ok(())
     }
 }

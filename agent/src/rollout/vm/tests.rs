@@ -523,6 +523,48 @@ async fn each_stateful_ordinal_keeps_its_volume_across_machines_and_releases() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_public_endpoints_load_balancer_follows_the_machines_of_its_replicas() {
+    let (_dir, c) = cloud().await;
+    let public = STACK.replace(
+        "      ports: [8080]\n",
+        "      ports: [8080]\n      publicEndpoints: [{name: api, port: 8080, protocol: http}]\n      healthCheck: {path: /ready, port: 8080}\n",
+    );
+    release(&c, &public, "1.0.0", 1);
+    c.converger.converge_once().await.unwrap();
+    let targets = |c: &Test| c.cloud.all_balancers()["api.api"].1.targets.clone();
+    let machines: BTreeSet<String> = c.engines().keys().cloned().collect();
+    assert_eq!(targets(&c), machines);
+    let (spec, balancer) = &c.cloud.all_balancers()["api.api"];
+    assert!(spec.http && !spec.internal);
+    assert_eq!((spec.port, spec.health_path.as_str()), (8080, "/ready"));
+    assert_eq!(spec.subnets, ["a", "b"]);
+    assert_eq!(
+        c.agent.runtime_view.current().endpoints,
+        [format!("api.api: http://{}", balancer.dns)]
+    );
+    // A machine gone: its replacement takes its place among the targets.
+    let victim = machines.iter().next().unwrap().clone();
+    c.cloud.kill(&victim);
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        c.converger.converge_once().await.unwrap();
+        let now = targets(&c);
+        if now.len() == 3 && !now.contains(&victim) {
+            break;
+        }
+        assert!(Instant::now() < until, "{now:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Converged: the balancer is only read.
+    let before = c.cloud.calls();
+    c.converger.converge_once().await.unwrap();
+    assert_eq!(
+        before.get("set_targets"),
+        c.cloud.calls().get("set_targets")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cloud_refusal_names_the_pool_and_throttling_is_retried() {
     let (_dir, c) = cloud().await;
     release(&c, STACK, "1.0.0", 1);

@@ -1,0 +1,300 @@
+//! Elastic Load Balancing v2 for the AWS provider: a public endpoint's load balancer
+//! (application for http, network for tcp), its target group of instances and its listener,
+//! all named `outpost-<hash>` (names are at most 32 characters) and tagged with the stack,
+//! resource and endpoint. One found under that name without the stack's tag is someone else's
+//! and is refused.
+
+use super::{Aws, Counted, RESOURCE_TAG, STACK_TAG};
+use crate::rollout::vm::provider::{Balancer, BalancerSpec, CloudError, CloudResult};
+use aws_sdk_ec2::error::ProvideErrorMetadata;
+use aws_sdk_elasticloadbalancingv2::types as elb;
+
+pub const ENDPOINT_TAG: &str = "outpost:endpoint";
+
+/// What stands for one endpoint in the cloud.
+#[derive(Debug, Clone)]
+pub(super) struct Made {
+    group_arn: String,
+    dns: String,
+}
+
+/// The name of the endpoint's balancer and target group.
+fn name(spec: &BalancerSpec) -> String {
+    let hash = outpost_bundle_format::crypto::sha256(
+        format!("{}/{}/{}", spec.stack, spec.resource, spec.endpoint).as_bytes(),
+    );
+    let hash: String = hash[..6].iter().map(|b| format!("{b:02x}")).collect();
+    format!("outpost-{hash}")
+}
+
+/// Whether a call failed with the service's error `code` (a describe of a missing name).
+fn failed_with<T, E: ProvideErrorMetadata>(
+    answer: &Result<T, aws_sdk_ec2::error::SdkError<E, aws_sdk_ec2::config::http::HttpResponse>>,
+    code: &str,
+) -> bool {
+    matches!(answer, Err(e) if e.as_service_error().and_then(|s| s.code()) == Some(code))
+}
+
+impl Aws {
+    fn cached(&self, spec: &BalancerSpec) -> Option<Made> {
+        self.balancers.lock().ok()?.get(&name(spec)).cloned()
+    }
+
+    /// The balancer, made or adopted once per process.
+    async fn made(&self, spec: &BalancerSpec) -> CloudResult<Made> {
+        if let Some(made) = self.cached(spec) {
+            return Ok(made);
+        }
+        let made = self.make_balancer(spec).await?;
+        if let Ok(mut balancers) = self.balancers.lock() {
+            balancers.insert(name(spec), made.clone());
+        }
+        Ok(made)
+    }
+
+    pub(super) async fn ensure_balancer(&self, spec: &BalancerSpec) -> CloudResult<Balancer> {
+        let made = self.made(spec).await?;
+        let health = self
+            .elb
+            .describe_target_health()
+            .target_group_arn(&made.group_arn)
+            .send()
+            .await;
+        if failed_with(&health, "TargetGroupNotFound") {
+            // Deleted behind the agent's back: made again on the next pass.
+            if let Ok(mut balancers) = self.balancers.lock() {
+                balancers.remove(&name(spec));
+            }
+        }
+        let health = health.counted(self, "DescribeTargetHealth")?;
+        let targets = health
+            .target_health_descriptions()
+            .iter()
+            .filter_map(|d| d.target()?.id().map(String::from))
+            .collect();
+        Ok(Balancer {
+            dns: made.dns,
+            targets,
+        })
+    }
+
+    pub(super) async fn set_targets(
+        &self,
+        spec: &BalancerSpec,
+        add: &[String],
+        remove: &[String],
+    ) -> CloudResult<()> {
+        let made = self.made(spec).await?;
+        let targets = |ids: &[String]| -> Vec<elb::TargetDescription> {
+            ids.iter()
+                .map(|id| {
+                    elb::TargetDescription::builder()
+                        .id(id)
+                        .port(i32::from(spec.port))
+                        .build()
+                })
+                .collect()
+        };
+        if !add.is_empty() {
+            self.elb
+                .register_targets()
+                .target_group_arn(&made.group_arn)
+                .set_targets(Some(targets(add)))
+                .send()
+                .await
+                .counted(self, "RegisterTargets")?;
+        }
+        if !remove.is_empty() {
+            self.elb
+                .deregister_targets()
+                .target_group_arn(&made.group_arn)
+                .set_targets(Some(targets(remove)))
+                .send()
+                .await
+                .counted(self, "DeregisterTargets")?;
+        }
+        Ok(())
+    }
+
+    fn tags(spec: &BalancerSpec) -> Vec<elb::Tag> {
+        [
+            ("Name", format!("outpost-{}-{}", spec.stack, spec.label())),
+            (STACK_TAG, spec.stack.clone()),
+            (RESOURCE_TAG, spec.resource.clone()),
+            (ENDPOINT_TAG, spec.endpoint.clone()),
+        ]
+        .into_iter()
+        .map(|(key, value)| elb::Tag::builder().key(key).value(value).build())
+        .collect()
+    }
+
+    /// Refuses `arn` unless it carries the stack's tag.
+    async fn check_ours(&self, arn: &str, what: &str, stack: &str) -> CloudResult<()> {
+        let answer = self
+            .elb
+            .describe_tags()
+            .resource_arns(arn)
+            .send()
+            .await
+            .counted(self, "DescribeTags")?;
+        let ours = answer.tag_descriptions().iter().any(|d| {
+            d.tags()
+                .iter()
+                .any(|t| t.key() == Some(STACK_TAG) && t.value() == Some(stack))
+        });
+        if ours {
+            Ok(())
+        } else {
+            Err(CloudError::refused(format!(
+                "{what} exists but is not this agent's (no {STACK_TAG} tag)"
+            )))
+        }
+    }
+
+    /// Finds or makes the balancer, its target group and its listener.
+    async fn make_balancer(&self, spec: &BalancerSpec) -> CloudResult<Made> {
+        let name = name(spec);
+        let found = self.elb.describe_load_balancers().names(&name).send().await;
+        let balancer = if failed_with(&found, "LoadBalancerNotFound") {
+            self.metrics.cloud_call("DescribeLoadBalancers", true);
+            let (kind, scheme) = (
+                if spec.http {
+                    elb::LoadBalancerTypeEnum::Application
+                } else {
+                    elb::LoadBalancerTypeEnum::Network
+                },
+                if spec.internal {
+                    elb::LoadBalancerSchemeEnum::Internal
+                } else {
+                    elb::LoadBalancerSchemeEnum::InternetFacing
+                },
+            );
+            let made = self
+                .elb
+                .create_load_balancer()
+                .name(&name)
+                .r#type(kind)
+                .scheme(scheme)
+                .set_subnets(Some(spec.subnets.clone()))
+                .set_security_groups(
+                    (!spec.security_groups.is_empty()).then(|| spec.security_groups.clone()),
+                )
+                .set_tags(Some(Self::tags(spec)))
+                .send()
+                .await
+                .counted(self, "CreateLoadBalancer")?;
+            made.load_balancers().first().cloned()
+        } else {
+            let found = found.counted(self, "DescribeLoadBalancers")?;
+            let balancer = found.load_balancers().first().cloned();
+            if let Some(arn) = balancer.as_ref().and_then(|b| b.load_balancer_arn()) {
+                self.check_ours(arn, &format!("load balancer {name}"), &spec.stack)
+                    .await?;
+            }
+            balancer
+        };
+        let (Some(balancer_arn), Some(dns)) = (
+            balancer
+                .as_ref()
+                .and_then(|b| b.load_balancer_arn().map(String::from)),
+            balancer
+                .as_ref()
+                .and_then(|b| b.dns_name().map(String::from)),
+        ) else {
+            return Err(CloudError::transient(format!(
+                "load balancer {name}: no ARN or DNS name in the answer"
+            )));
+        };
+        let group_arn = self.target_group(spec, &name).await?;
+        let listeners = self
+            .elb
+            .describe_listeners()
+            .load_balancer_arn(&balancer_arn)
+            .send()
+            .await
+            .counted(self, "DescribeListeners")?;
+        if listeners.listeners().is_empty() {
+            let forward = elb::Action::builder()
+                .r#type(elb::ActionTypeEnum::Forward)
+                .target_group_arn(&group_arn)
+                .build();
+            let mut listener = self
+                .elb
+                .create_listener()
+                .load_balancer_arn(&balancer_arn)
+                .default_actions(forward);
+            listener = match (spec.http, &spec.certificate_arn) {
+                (true, Some(certificate)) => listener
+                    .protocol(elb::ProtocolEnum::Https)
+                    .port(443)
+                    .certificates(
+                        elb::Certificate::builder()
+                            .certificate_arn(certificate)
+                            .build(),
+                    ),
+                (true, None) => listener.protocol(elb::ProtocolEnum::Http).port(80),
+                (false, _) => listener
+                    .protocol(elb::ProtocolEnum::Tcp)
+                    .port(i32::from(spec.port)),
+            };
+            listener.send().await.counted(self, "CreateListener")?;
+        }
+        Ok(Made { group_arn, dns })
+    }
+
+    /// Finds or makes the endpoint's target group (instances, on the endpoint's port).
+    async fn target_group(&self, spec: &BalancerSpec, name: &str) -> CloudResult<String> {
+        let found = self.elb.describe_target_groups().names(name).send().await;
+        if !failed_with(&found, "TargetGroupNotFound") {
+            let found = found.counted(self, "DescribeTargetGroups")?;
+            if let Some(arn) = found
+                .target_groups()
+                .first()
+                .and_then(|g| g.target_group_arn())
+            {
+                self.check_ours(arn, &format!("target group {name}"), &spec.stack)
+                    .await?;
+                return Ok(arn.to_string());
+            }
+        }
+        self.metrics.cloud_call("DescribeTargetGroups", true);
+        let subnet = spec.subnets.first().ok_or_else(|| {
+            CloudError::refused(format!("load balancer of {}: no subnets", spec.label()))
+        })?;
+        let subnets = self
+            .ec2
+            .describe_subnets()
+            .subnet_ids(subnet)
+            .send()
+            .await
+            .counted(self, "DescribeSubnets")?;
+        let vpc = subnets
+            .subnets()
+            .first()
+            .and_then(|s| s.vpc_id())
+            .ok_or_else(|| CloudError::refused(format!("subnet {subnet}: no VPC")))?;
+        let mut group = self
+            .elb
+            .create_target_group()
+            .name(name)
+            .target_type(elb::TargetTypeEnum::Instance)
+            .vpc_id(vpc)
+            .port(i32::from(spec.port))
+            .set_tags(Some(Self::tags(spec)));
+        group = if spec.http {
+            group
+                .protocol(elb::ProtocolEnum::Http)
+                .health_check_path(&spec.health_path)
+        } else {
+            group.protocol(elb::ProtocolEnum::Tcp)
+        };
+        let made = group.send().await.counted(self, "CreateTargetGroup")?;
+        made.target_groups()
+            .first()
+            .and_then(|g| g.target_group_arn())
+            .map(String::from)
+            .ok_or_else(|| {
+                CloudError::transient(format!("target group {name}: no ARN in the answer"))
+            })
+    }
+}
