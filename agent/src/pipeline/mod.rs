@@ -334,13 +334,25 @@ impl Agent {
                 warnings.push_str("irreversible: snapshots are off (snapshots.keep: 0): no rollback past this release can restore the data\n");
             }
         }
+        // VM pools: what the release makes in the customer's cloud account.
+        let cloud = match &self.config.vm {
+            Some(vm) if self.config.runtime == RuntimeKind::Vm => {
+                let file: outpost_bundle_format::stack::StackFile =
+                    serde_json::from_value(new.clone())?;
+                let stack = outpost_bundle_format::stack::Stack::from_file(&file)?;
+                crate::rollout::vm::plan::cloud_changes(&stack, vm, &self.runtime_view.current())
+            }
+            _ => Vec::new(),
+        };
+        let cloud_text: String = cloud.iter().map(|c| format!("cloud: {c}\n")).collect();
         Ok(json!({
             "current": p.current.as_ref().map(|c| c.version.clone()),
             "pending": pending.version,
             "waiting_for": p.waiting_for,
             "irreversible": pending.irreversible,
             "diff": serde_json::to_value(&d)?,
-            "text": format!("{header}{warnings}{}", diff::render(&d)),
+            "cloud": cloud,
+            "text": format!("{header}{warnings}{}{cloud_text}", diff::render(&d)),
         }))
     }
 }

@@ -13,6 +13,7 @@ pub mod disk;
 pub mod node;
 pub mod nodes;
 pub mod placement;
+pub mod plan;
 pub mod policy;
 pub mod provider;
 mod view;

@@ -91,9 +91,14 @@ impl Test {
 }
 
 async fn cloud() -> (tempfile::TempDir, Test) {
-    let (dir, path) = test_config(
-        "runtime: vm\nrollout: {grace_seconds: 0, progress_deadline_seconds: 10}\nvm:\n  provider: aws\n  aws: {region: test-1}\n  nodes: {listen: 127.0.0.1:0, advertise: http://127.0.0.1:1, bootstrap_secret_file: secret, report_timeout_seconds: 2, boot_timeout_seconds: 3}\n  pools:\n    default: {instance_type: small, image: ami-1, subnets: [a, b], max_machines: 4}\n",
-    );
+    cloud_with("").await
+}
+
+/// The fake cloud, with `extra` configuration before the VM settings.
+async fn cloud_with(extra: &str) -> (tempfile::TempDir, Test) {
+    let (dir, path) = test_config(&format!(
+        "{extra}runtime: vm\nrollout: {{grace_seconds: 0, progress_deadline_seconds: 10}}\nvm:\n  provider: aws\n  aws: {{region: test-1}}\n  nodes: {{listen: 127.0.0.1:0, advertise: http://127.0.0.1:1, bootstrap_secret_file: secret, report_timeout_seconds: 2, boot_timeout_seconds: 3}}\n  pools:\n    default: {{instance_type: small, image: ami-1, subnets: [a, b], max_machines: 4}}\n",
+    ));
     let config = Config::load(&path).unwrap();
     let agent = Arc::new(Agent::new(config).unwrap());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -520,6 +525,34 @@ async fn each_stateful_ordinal_keeps_its_volume_across_machines_and_releases() {
     assert_eq!(c.agent.store.positions().unwrap().converged, Some(v2));
     assert_eq!(volumes(&c).len(), 2);
     assert_eq!(c.cloud.calls().get("delete_volume"), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plan_lists_the_cloud_changes_of_a_pending_release() {
+    let (_dir, c) = cloud_with("approval: {mode: manual}\n").await;
+    release(&c, DATABASE, "1.0.0", 1);
+    c.agent
+        .approve("1.0.0", None, "test", crate::config::now())
+        .unwrap();
+    c.converger.converge_once().await.unwrap();
+    let grown = DATABASE.replace(
+        "replicas: 2",
+        "replicas: 3\n      publicEndpoints: [{name: sql, port: 5432, protocol: tcp}]",
+    );
+    release(&c, &grown, "2.0.0", 2);
+    let plan = c.agent.plan().unwrap();
+    assert_eq!(
+        plan["cloud"],
+        serde_json::json!([
+            "make volume of db-2 (2 GiB, EBS gp3)",
+            "make load balancer of db.sql (network, port 5432)"
+        ])
+    );
+    let text = plan["text"].as_str().unwrap();
+    assert!(
+        text.contains("cloud: make volume of db-2 (2 GiB, EBS gp3)\n"),
+        "{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
