@@ -11,6 +11,7 @@
 use crate::agent::{AgentProcess, drop_file, http_get};
 use crate::engine::{Kind, TestEngine, demo_image, http_body_from};
 use crate::forge::{metadata, signed, tar};
+use crate::throttle::Throttle;
 use crate::{TestRegistry, free_port, poll_within, python, run, venv};
 use outpost_bundle_format::bundle;
 use outpost_bundle_format::stack::StackFile;
@@ -511,6 +512,8 @@ pub fn cloud_calls(agent: &AgentProcess) -> BTreeMap<String, u64> {
 /// in `runtime: vm`. Fields drop in order: the agent stops before the machines and the cloud.
 pub struct Site {
     pub agent: AgentProcess,
+    /// The proxy the agent's cloud calls go through, when the site throttles.
+    pub throttle: Option<Throttle>,
     pub booter: Booter,
     pub moto: Arc<Moto>,
     pub registry: TestRegistry,
@@ -523,7 +526,19 @@ impl Site {
     /// policy is what `outpost-agent cloud-policy` prints, less the actions in `without`; its
     /// default pool is t3.small machines, at most `max_machines`.
     pub fn start(without: &[&str], max_machines: u32) -> Site {
+        Site::start_throttled(without, max_machines, None)
+    }
+
+    /// As `start`, with the agent's cloud calls through a proxy that throttles the first
+    /// `times` calls of `action` (`throttle: Some((action, times))`).
+    pub fn start_throttled(
+        without: &[&str],
+        max_machines: u32,
+        throttle: Option<(&str, u32)>,
+    ) -> Site {
         let moto = Arc::new(Moto::start());
+        let throttle = throttle.map(|(action, times)| Throttle::start(moto.port, action, times));
+        let endpoint = throttle.as_ref().map_or_else(|| moto.url(), Throttle::url);
         let (subnets, ami) = moto.network();
         let hosts = Hosts::new();
         let gateway = hosts.gateway();
@@ -533,8 +548,7 @@ impl Site {
         let port = free_port();
         let drop = tempfile::tempdir().unwrap();
         let config = format!(
-            "runtime: vm\nrollout: {{progress_deadline_seconds: 90, grace_seconds: 1, drift_interval_seconds: 2}}\nvm:\n  provider: aws\n  aws: {{region: us-east-1, endpoint_url: '{}'}}\n  nodes: {{listen: '{gateway}:{port}', advertise: 'http://{gateway}:{port}', bootstrap_secret_file: secret, report_timeout_seconds: 30}}\n  pools:\n    default: {{instance_type: t3.small, image: {ami}, subnets: [{}], max_machines: {max_machines}}}\n",
-            moto.url(),
+            "runtime: vm\nrollout: {{progress_deadline_seconds: 90, grace_seconds: 1, drift_interval_seconds: 2}}\nvm:\n  provider: aws\n  aws: {{region: us-east-1, endpoint_url: '{endpoint}'}}\n  nodes: {{listen: '{gateway}:{port}', advertise: 'http://{gateway}:{port}', bootstrap_secret_file: secret, report_timeout_seconds: 30}}\n  pools:\n    default: {{instance_type: t3.small, image: {ami}, subnets: [{}], max_machines: {max_machines}}}\n",
             subnets.join(", ")
         );
         let mut agent = AgentProcess::start_with_env(
@@ -556,6 +570,7 @@ impl Site {
         let booter = Booter::start(moto.clone(), hosts);
         Site {
             agent,
+            throttle,
             booter,
             moto,
             registry,

@@ -9,6 +9,7 @@ pub mod cloud;
 pub mod engine;
 pub mod forge;
 pub mod prometheus;
+pub mod throttle;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

@@ -229,3 +229,23 @@ fn a_stateful_replica_keeps_its_volume_across_updates_rollbacks_and_machines() {
     });
     assert!(followed.is_some(), "{:?}", s.moto.balancers());
 }
+
+/// Throttling answers (through a proxy in front of moto) are retried: `status` names them, no
+/// rollback, and the release converges once the cloud answers again.
+#[test]
+fn throttling_is_retried_and_never_rolls_back() {
+    let s = Site::start_throttled(&[], 3, Some(("SetDesiredCapacity", 8)));
+    publish(s.drop.path(), &stack(&s.image, "v1", true), "1.0.0", 1);
+    let status = s.agent.wait_within(90, "the throttling in status", |st| {
+        st["runtime"]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("SetDesiredCapacity: Throttling: Rate exceeded"))
+    });
+    let error = status["runtime"]["last_error"].as_str().unwrap();
+    assert!(error.contains("pool default:"), "{error}");
+    s.wait_serving(2, "v1");
+    s.agent.wait_converged_within(60, 1);
+    let status = s.agent.status();
+    assert!(status["runtime"]["last_rollback"].is_null(), "{status:#}");
+    assert_eq!(s.throttle.as_ref().unwrap().throttled(), 8);
+}
