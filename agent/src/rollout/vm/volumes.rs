@@ -51,7 +51,7 @@ impl<P: Provider> Pools<P> {
     }
 
     /// The stack's volumes, one per replica, with those this agent made that a describe does
-    /// not show yet. Where a crash left two, the attached one counts, else the first made.
+    /// not show yet. Were there ever two, the attached one counts, else the lowest id.
     pub(super) async fn volumes(
         &self,
         stack: &Stack,
