@@ -133,48 +133,32 @@ impl Moto {
 
     /// The agent's volumes: `(id, size in GiB, instance attached to)`.
     pub fn volumes(&self) -> Vec<(String, u64, Option<String>)> {
-        let listed = self.boto(
-            "vs = ec2.describe_volumes(Filters=[{'Name': 'tag-key', 'Values': ['outpost:ordinal']}])['Volumes']\n\
-             print(json.dumps([[v['VolumeId'], v['Size'], (v['Attachments'] or [{}])[0].get('InstanceId')] for v in vs]))",
-        );
-        listed
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| {
-                (
-                    v[0].as_str().unwrap().to_string(),
-                    v[1].as_u64().unwrap(),
-                    v[2].as_str().map(String::from),
-                )
-            })
-            .collect()
+        let listed = self.boto(&format!("{VOLUMES}print(json.dumps(volumes))"));
+        serde_json::from_value(listed).unwrap()
     }
 
-    /// The instances in service in any Auto Scaling group, with their user data.
-    pub fn instances(&self) -> Vec<(String, String)> {
-        let listed = self.boto(
-            "out = []\n\
+    /// The instances in service in any Auto Scaling group with their user data, and the
+    /// volumes: what the test hosts follow, in one call.
+    pub fn machines(&self) -> Machines {
+        let listed = self.boto(&format!(
+            "{VOLUMES}out = []\n\
              for g in asg.describe_auto_scaling_groups()['AutoScalingGroups']:\n\
              \x20   for i in g['Instances']:\n\
              \x20       if i['LifecycleState'] == 'InService':\n\
              \x20           ud = ec2.describe_instance_attribute(InstanceId=i['InstanceId'], Attribute='userData')['UserData'].get('Value', '')\n\
              \x20           out.append([i['InstanceId'], base64.b64decode(ud).decode()])\n\
-             print(json.dumps(out))",
-        );
-        listed
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|pair| {
-                (
-                    pair[0].as_str().unwrap().to_string(),
-                    pair[1].as_str().unwrap().to_string(),
-                )
-            })
-            .collect()
+             print(json.dumps([out, volumes]))",
+        ));
+        serde_json::from_value(listed).unwrap()
     }
 }
+
+/// Instances `(id, user data)` and volumes `(id, size in GiB, instance attached to)`.
+pub type Machines = (Vec<(String, String)>, Vec<(String, u64, Option<String>)>);
+
+/// Python binding `volumes` to the agent's volumes as `[id, size, instance]`.
+const VOLUMES: &str = "vs = ec2.describe_volumes(Filters=[{'Name': 'tag-key', 'Values': ['outpost:ordinal']}])['Volumes']\n\
+     volumes = [[v['VolumeId'], v['Size'], (v['Attachments'] or [{}])[0].get('InstanceId')] for v in vs]\n";
 
 impl Drop for Moto {
     fn drop(&mut self) {
@@ -243,7 +227,7 @@ impl Hosts {
 
     /// Boots instances that are new, and tears down those that are gone.
     pub fn sync(&mut self, moto: &Moto) {
-        let instances = moto.instances();
+        let (instances, volumes) = moto.machines();
         let gone: Vec<String> = self
             .hosts
             .keys()
@@ -261,7 +245,7 @@ impl Hosts {
                 self.hosts.insert(id, host);
             }
         }
-        self.attach_disks(&moto.volumes());
+        self.attach_disks(&volumes);
     }
 
     /// Links each attached volume's loop device into its machine's `by-id` directory, and

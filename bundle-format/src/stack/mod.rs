@@ -79,6 +79,16 @@ pub enum Scaling {
     },
 }
 
+impl Scaling {
+    /// The replicas a resource starts with: its fixed count, or its autoscaled `desired`.
+    pub fn initial(&self) -> u32 {
+        match self {
+            Scaling::Fixed(n) => *n,
+            Scaling::Auto { desired, .. } => *desired,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Probe {
     pub path: String,

@@ -128,28 +128,28 @@ mod tests {
     use super::*;
     use crate::plan::ReplicaId;
 
-    fn volume(dir: &Path) -> (Disks, AttachedVolume) {
-        (
-            Disks {
-                by_id: dir.to_path_buf(),
-            },
-            AttachedVolume {
-                replica: ReplicaId::new("db", 0),
-                volume: "vol-0abc".into(),
-                device: "/dev/sdf".into(),
-            },
-        )
+    /// A 16 MiB blank device for volume `vol-0abc`, under its NVMe name in `dir`.
+    fn volume(dir: &Path) -> (Disks, AttachedVolume, PathBuf) {
+        let device = dir.join("nvme-Amazon_Elastic_Block_Store_vol0abc");
+        std::fs::File::create(&device)
+            .unwrap()
+            .set_len(16 << 20)
+            .unwrap();
+        let disks = Disks {
+            by_id: dir.to_path_buf(),
+        };
+        let volume = AttachedVolume {
+            replica: ReplicaId::new("db", 0),
+            volume: "vol-0abc".into(),
+            device: "/dev/sdf".into(),
+        };
+        (disks, volume, device)
     }
 
     #[tokio::test]
     async fn a_blank_device_is_formatted_once_and_then_kept() {
         let dir = tempfile::tempdir().unwrap();
-        let (disks, volume) = volume(dir.path());
-        let device = dir.path().join("nvme-Amazon_Elastic_Block_Store_vol0abc");
-        std::fs::File::create(&device)
-            .unwrap()
-            .set_len(16 << 20)
-            .unwrap();
+        let (disks, volume, device) = volume(dir.path());
         assert_eq!(disks.prepare(&volume).await.unwrap(), device);
         assert_eq!(filesystem(&device).await.unwrap().as_deref(), Some("ext4"));
         // Formatted again, it would get a new UUID: it keeps the one it has.
@@ -169,12 +169,7 @@ mod tests {
     #[tokio::test]
     async fn a_device_holding_another_filesystem_is_refused_not_formatted() {
         let dir = tempfile::tempdir().unwrap();
-        let (disks, volume) = volume(dir.path());
-        let device = dir.path().join("nvme-Amazon_Elastic_Block_Store_vol0abc");
-        std::fs::File::create(&device)
-            .unwrap()
-            .set_len(16 << 20)
-            .unwrap();
+        let (disks, volume, device) = volume(dir.path());
         let made = std::process::Command::new("mkfs.ext2")
             .args(["-q", "-F"])
             .arg(&device)

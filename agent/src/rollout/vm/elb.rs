@@ -27,12 +27,22 @@ fn name(spec: &BalancerSpec) -> String {
     format!("outpost-{hash}")
 }
 
-/// Whether a call failed with the service's error `code` (a describe of a missing name).
-fn failed_with<T, E: ProvideErrorMetadata>(
-    answer: &Result<T, aws_sdk_ec2::error::SdkError<E, aws_sdk_ec2::config::http::HttpResponse>>,
-    code: &str,
-) -> bool {
-    matches!(answer, Err(e) if e.as_service_error().and_then(|s| s.code()) == Some(code))
+/// A describe by name: `None` when the service answers `missing` (the name is free, an
+/// answer counted as a success), else counted as any call.
+fn found<T, E>(
+    answer: Result<T, aws_sdk_ec2::error::SdkError<E, aws_sdk_ec2::config::http::HttpResponse>>,
+    aws: &Aws,
+    call: &'static str,
+    missing: &str,
+) -> CloudResult<Option<T>>
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+{
+    if matches!(&answer, Err(e) if e.as_service_error().and_then(|s| s.code()) == Some(missing)) {
+        aws.metrics.cloud_call(call, true);
+        return Ok(None);
+    }
+    answer.counted(aws, call).map(Some)
 }
 
 impl Aws {
@@ -53,29 +63,36 @@ impl Aws {
     }
 
     pub(super) async fn ensure_balancer(&self, spec: &BalancerSpec) -> CloudResult<Balancer> {
-        let made = self.made(spec).await?;
-        let health = self
-            .elb
-            .describe_target_health()
-            .target_group_arn(&made.group_arn)
-            .send()
-            .await;
-        if failed_with(&health, "TargetGroupNotFound") {
-            // Deleted behind the agent's back: made again on the next pass.
-            if let Ok(mut balancers) = self.balancers.lock() {
-                balancers.remove(&name(spec));
-            }
+        // A target group deleted behind the agent's back is made again at once.
+        for _ in 0..2 {
+            let made = self.made(spec).await?;
+            let health = self
+                .elb
+                .describe_target_health()
+                .target_group_arn(&made.group_arn)
+                .send()
+                .await;
+            let Some(health) = found(health, self, "DescribeTargetHealth", "TargetGroupNotFound")?
+            else {
+                if let Ok(mut balancers) = self.balancers.lock() {
+                    balancers.remove(&name(spec));
+                }
+                continue;
+            };
+            let targets = health
+                .target_health_descriptions()
+                .iter()
+                .filter_map(|d| d.target()?.id().map(String::from))
+                .collect();
+            return Ok(Balancer {
+                dns: made.dns,
+                targets,
+            });
         }
-        let health = health.counted(self, "DescribeTargetHealth")?;
-        let targets = health
-            .target_health_descriptions()
-            .iter()
-            .filter_map(|d| d.target()?.id().map(String::from))
-            .collect();
-        Ok(Balancer {
-            dns: made.dns,
-            targets,
-        })
+        Err(CloudError::transient(format!(
+            "load balancer of {}: its target group went missing again as it was made",
+            spec.label()
+        )))
     }
 
     pub(super) async fn set_targets(
@@ -154,9 +171,21 @@ impl Aws {
     /// Finds or makes the balancer, its target group and its listener.
     async fn make_balancer(&self, spec: &BalancerSpec) -> CloudResult<Made> {
         let name = name(spec);
-        let found = self.elb.describe_load_balancers().names(&name).send().await;
-        let balancer = if failed_with(&found, "LoadBalancerNotFound") {
-            self.metrics.cloud_call("DescribeLoadBalancers", true);
+        let described = self.elb.describe_load_balancers().names(&name).send().await;
+        let found = found(
+            described,
+            self,
+            "DescribeLoadBalancers",
+            "LoadBalancerNotFound",
+        )?;
+        let balancer = if let Some(found) = found {
+            let balancer = found.load_balancers().first().cloned();
+            if let Some(arn) = balancer.as_ref().and_then(|b| b.load_balancer_arn()) {
+                self.check_ours(arn, &format!("load balancer {name}"), &spec.stack)
+                    .await?;
+            }
+            balancer
+        } else {
             let (kind, scheme) = (
                 if spec.http {
                     elb::LoadBalancerTypeEnum::Application
@@ -184,14 +213,6 @@ impl Aws {
                 .await
                 .counted(self, "CreateLoadBalancer")?;
             made.load_balancers().first().cloned()
-        } else {
-            let found = found.counted(self, "DescribeLoadBalancers")?;
-            let balancer = found.load_balancers().first().cloned();
-            if let Some(arn) = balancer.as_ref().and_then(|b| b.load_balancer_arn()) {
-                self.check_ours(arn, &format!("load balancer {name}"), &spec.stack)
-                    .await?;
-            }
-            balancer
         };
         let (Some(balancer_arn), Some(dns)) = (
             balancer
@@ -244,20 +265,22 @@ impl Aws {
 
     /// Finds or makes the endpoint's target group (instances, on the endpoint's port).
     async fn target_group(&self, spec: &BalancerSpec, name: &str) -> CloudResult<String> {
-        let found = self.elb.describe_target_groups().names(name).send().await;
-        if !failed_with(&found, "TargetGroupNotFound") {
-            let found = found.counted(self, "DescribeTargetGroups")?;
-            if let Some(arn) = found
-                .target_groups()
-                .first()
-                .and_then(|g| g.target_group_arn())
-            {
-                self.check_ours(arn, &format!("target group {name}"), &spec.stack)
-                    .await?;
-                return Ok(arn.to_string());
-            }
+        let described = self.elb.describe_target_groups().names(name).send().await;
+        let found = found(
+            described,
+            self,
+            "DescribeTargetGroups",
+            "TargetGroupNotFound",
+        )?;
+        if let Some(arn) = found
+            .as_ref()
+            .and_then(|f| f.target_groups().first())
+            .and_then(|g| g.target_group_arn())
+        {
+            self.check_ours(arn, &format!("target group {name}"), &spec.stack)
+                .await?;
+            return Ok(arn.to_string());
         }
-        self.metrics.cloud_call("DescribeTargetGroups", true);
         let subnet = spec.subnets.first().ok_or_else(|| {
             CloudError::refused(format!("load balancer of {}: no subnets", spec.label()))
         })?;

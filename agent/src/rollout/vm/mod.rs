@@ -26,7 +26,7 @@ use crate::state::Release;
 pub use bootstrap::{Bootstrap, bootstrap_secret, file_sha256, settings_hash};
 use nodes::{AssignedRelease, Assignment, Node, Nodes};
 use outpost_bundle_format::Digest;
-use outpost_bundle_format::stack::{Scaling, Stack};
+use outpost_bundle_format::stack::Stack;
 use placement::{Host, Placement, Pool, Shape, Want};
 use provider::{CloudError, Group, Machine, MachineState, PoolSpec, Provider, Volume};
 use std::collections::{BTreeMap, BTreeSet};
@@ -129,7 +129,7 @@ impl<P: Provider> Backend for Pools<P> {
                 .await?;
             self.replace_lost(release, stack, &machines, &nodes, &mut repairs)
                 .await?;
-            let shares = self
+            let (shares, volume_waits) = self
                 .attach_volumes(
                     release,
                     stack,
@@ -155,6 +155,10 @@ impl<P: Provider> Backend for Pools<P> {
                         .await?;
                     replacing.map_or(Ok(()), |step| Err(Progress::Waiting(step)))
                 }
+                // Why a stateful replica is not on its machine yet: the volume says.
+                Err(Progress::Waiting(why)) if !volume_waits.is_empty() => Err(Progress::Waiting(
+                    format!("{why}; {}", volume_waits.join("; ")),
+                )),
                 Err(e) => Err(e),
             };
             match progress {
@@ -229,11 +233,7 @@ impl<P: Provider> Pools<P> {
                 .permissions
                 .grant(&c.permissions)
                 .map_err(|e| RolloutError::new(format!("resource {}: {e}", c.name)))?;
-            let count = match c.scaling {
-                Scaling::Fixed(n) => n,
-                Scaling::Auto { desired, .. } => desired,
-            };
-            for ordinal in 0..count {
+            for ordinal in 0..c.scaling.initial() {
                 wants.push(Want {
                     id: ReplicaId::new(&c.name, ordinal),
                     pool: pool.clone(),

@@ -6,7 +6,7 @@
 use super::volumes::stateful;
 use crate::config::{DEFAULT_POOL, VmConfig};
 use crate::status::RuntimeStatus;
-use outpost_bundle_format::stack::{Protocol, Scaling, Stack};
+use outpost_bundle_format::stack::{Protocol, Stack};
 use std::collections::BTreeSet;
 
 /// One line per cloud change the release makes, in the order the rollout makes them.
@@ -38,11 +38,7 @@ pub fn cloud_changes(stack: &Stack, vm: &VmConfig, seen: &RuntimeStatus) -> Vec<
         let Some(size_gib) = sizes.get(c.name.as_str()) else {
             continue;
         };
-        let count = match c.scaling {
-            Scaling::Fixed(n) => n,
-            Scaling::Auto { desired, .. } => desired,
-        };
-        for ordinal in 0..count {
+        for ordinal in 0..c.scaling.initial() {
             let replica = format!("{}-{ordinal}", c.name);
             if !seen.volumes.contains_key(&replica) {
                 changes.push(format!(

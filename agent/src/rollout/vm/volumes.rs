@@ -101,7 +101,8 @@ impl<P: Provider> Pools<P> {
 
     /// Gets each placed stateful replica its volume on its machine: made in the machine's
     /// zone when it has none, detached from a machine that left the group, attached once
-    /// available (each a journaled step). Returns each machine's share.
+    /// available (each a journaled step). Returns each machine's share, and why the replicas
+    /// left out of them wait.
     pub(super) async fn attach_volumes(
         &self,
         release: &Release,
@@ -110,7 +111,7 @@ impl<P: Provider> Pools<P> {
         placement: &Placement,
         volumes: &BTreeMap<ReplicaId, Volume>,
         repairs: &mut Vec<Repair>,
-    ) -> Result<BTreeMap<String, Share>, RolloutError> {
+    ) -> Result<(BTreeMap<String, Share>, Vec<String>), RolloutError> {
         let sizes = stateful(stack);
         let mut ready = BTreeMap::new();
         let mut waiting = Vec::new();
@@ -206,11 +207,6 @@ impl<P: Provider> Pools<P> {
                 None => waiting.push(format!("{name}: volume {} being made", volume.id)),
             }
         }
-        if !waiting.is_empty() {
-            self.context
-                .status
-                .update(|s| s.note = Some(waiting.join("; ")));
-        }
         let mut shares: BTreeMap<String, Share> = BTreeMap::new();
         for (replica, machine) in &placement.assigned {
             let volume = ready.remove(replica);
@@ -221,7 +217,7 @@ impl<P: Provider> Pools<P> {
             share.replicas.push(replica.clone());
             share.volumes.extend(volume);
         }
-        Ok(shares)
+        Ok((shares, waiting))
     }
 
     /// Volumes of ordinals the release no longer has are kept, unless the customer set
