@@ -181,9 +181,14 @@ enum Command {
             default_value = "/var/run/docker.sock"
         )]
         docker_socket: PathBuf,
-        /// Where public endpoints listen on the machine (the load balancer's targets).
-        #[arg(long, default_value = "0.0.0.0")]
-        publish_address: std::net::IpAddr,
+        /// Where public endpoints listen on the machine (the load balancer's targets); by
+        /// default the machine's own address, the one it reaches the agent from.
+        #[arg(long)]
+        publish_address: Option<std::net::IpAddr>,
+        /// Where the machine's link server listens: other machines reach the linked resources
+        /// running here through it (allow it between the pool's machines).
+        #[arg(long, env = "OUTPOST_LINKS_LISTEN", default_value = "0.0.0.0:7481")]
+        links_listen: std::net::SocketAddr,
         /// The subnet of the stack's network on the machine's engine (the engine picks one
         /// when absent).
         #[arg(long, env = "OUTPOST_NETWORK_SUBNET")]
@@ -280,6 +285,7 @@ fn execute(command: Command) -> Result<(), Failure> {
             publish_address,
             network_subnet,
             disk_by_id,
+            links_listen,
         } => {
             outpost_agent::logging::init(&Default::default());
             let secret = std::fs::read_to_string(&bootstrap_secret_file)
@@ -288,7 +294,6 @@ fn execute(command: Command) -> Result<(), Failure> {
                 socket: docker_socket,
                 ..Default::default()
             };
-            docker.publish.address = publish_address;
             docker.network.subnet = network_subnet;
             let options = outpost_agent::rollout::vm::node::NodeOptions {
                 agent,
@@ -297,7 +302,9 @@ fn execute(command: Command) -> Result<(), Failure> {
                 bootstrap_secret: secret.trim().to_string(),
                 state_dir,
                 docker,
+                publish_address,
                 disks: outpost_agent::rollout::vm::disk::Disks { by_id: disk_by_id },
+                links_listen,
             };
             runtime()?.block_on(daemon::run_node(options))?;
         }

@@ -5,7 +5,7 @@
 use super::snapshots::Snapshots;
 use super::{Backend, Context, Repair, RolloutError, event, journaled};
 use crate::config::{DockerConfig, Grant, Permissions, RolloutConfig};
-use crate::forward::Forwarder;
+use crate::forward::{Forwarder, Upstream};
 use crate::plan::{Action, Desired, ReplicaId, ReplicaState, plan};
 use crate::runtime::{Health, Instance, ReplicaSpec, Runtime, Slot, Step};
 use crate::state::Release;
@@ -26,6 +26,10 @@ pub struct Settings {
     pub pools: Vec<String>,
     pub permissions: Permissions,
     pub snapshots: Snapshots,
+    /// Where linked resources are reached: `None`, by name on the stack's network; on a VM
+    /// node, the machine's address on that network, whose link listeners reach the linked
+    /// resource's replicas on any machine of the pool.
+    pub links_host: Option<std::net::IpAddr>,
 }
 
 impl Settings {
@@ -35,6 +39,7 @@ impl Settings {
             pools: config.pools.clone(),
             permissions: config.permissions.clone(),
             snapshots: Snapshots::of(config),
+            links_host: None,
         }
     }
 }
@@ -171,6 +176,10 @@ impl<R: Runtime> Replicas<R> {
 
     pub fn runtime(&self) -> &R {
         &self.runtime
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
     }
 
     fn rollout(&self) -> &RolloutConfig {
@@ -426,7 +435,7 @@ impl<R: Runtime> Replicas<R> {
     /// Points each public endpoint at the running replicas among `instances`.
     async fn route(&self, stack: &Stack, instances: &[Instance]) {
         let publish = &self.settings.docker.publish;
-        let mut routes: BTreeMap<SocketAddr, Vec<SocketAddr>> = BTreeMap::new();
+        let mut routes: BTreeMap<SocketAddr, Vec<Upstream>> = BTreeMap::new();
         for resource in &stack.resources {
             for endpoint in &resource.container.public_endpoints {
                 let port = publish.port(&endpoint.name, endpoint.port);
@@ -437,11 +446,18 @@ impl<R: Runtime> Replicas<R> {
                             && i.replica.state == ReplicaState::Running
                     })
                     .filter_map(|i| i.addresses.get(&endpoint.port).copied())
+                    .map(Upstream::Local)
                     .collect();
                 routes.insert(SocketAddr::new(publish.address, port), backends);
             }
         }
-        let errors = self.forwarder.update(routes).await;
+        let errors = self
+            .forwarder
+            .update(routes)
+            .await
+            .into_iter()
+            .map(|e| format!("public endpoint {e}"))
+            .collect();
         let endpoints = self
             .forwarder
             .listening()
@@ -578,6 +594,7 @@ struct Specs<'a> {
     stack: &'a Stack,
     digest: Digest,
     grants: BTreeMap<String, Grant>,
+    links_host: Option<std::net::IpAddr>,
 }
 
 impl<'a> Specs<'a> {
@@ -631,6 +648,7 @@ impl<'a> Specs<'a> {
             stack,
             digest,
             grants,
+            links_host: config.links_host,
         })
     }
 
@@ -650,8 +668,13 @@ impl<'a> Specs<'a> {
     /// What `replica` gets at `config_hash` (the plan's hash of its resource).
     fn spec(&self, replica: &ReplicaId, config_hash: &str) -> Result<ReplicaSpec, RolloutError> {
         let c = self.container(replica)?;
-        // Resources find each other by name on the stack's network.
+        // Resources find each other by name: on the stack's network, or (VM nodes) at the
+        // machine's link listeners.
         let mut environment = crate::plan::link_environment(self.stack, c, |link| link.to_string());
+        let hosts = self
+            .links_host
+            .map(|host| c.links.iter().map(|link| (link.clone(), host)).collect())
+            .unwrap_or_default();
         let grant = self.grants.get(&c.permissions).cloned().unwrap_or_default();
         environment.extend(grant.environment);
         Ok(ReplicaSpec {
@@ -672,6 +695,7 @@ impl<'a> Specs<'a> {
                 .map(|_| crate::runtime::volume_name(&self.stack.name, replica)),
             gpu: c.gpu.as_ref().map(|g| (g.kind.clone(), g.count)),
             files: grant.files.into_iter().collect(),
+            hosts,
         })
     }
 }

@@ -195,6 +195,14 @@ impl DockerRuntime {
         if let Some(bytes) = spec.ephemeral_storage_bytes {
             host["Tmpfs"] = json!({SCRATCH_PATH: format!("size={bytes}")});
         }
+        if !spec.hosts.is_empty() {
+            host["ExtraHosts"] = json!(
+                spec.hosts
+                    .iter()
+                    .map(|(name, address)| format!("{name}:{address}"))
+                    .collect::<Vec<_>>()
+            );
+        }
         if let Some((_, count)) = &spec.gpu {
             host["DeviceRequests"] =
                 json!([{"Driver": "nvidia", "Count": count, "Capabilities": [["gpu"]]}]);
@@ -435,6 +443,25 @@ impl Runtime for DockerRuntime {
         let size = written.map_err(|e| RuntimeError::new(format!("snapshot of {name}: {e}")))?;
         fetched.map_err(|e| RuntimeError::during(format!("copying /data of {name}"), e))?;
         Ok(size)
+    }
+
+    async fn host_address(&self, stack: &str) -> RuntimeResult<std::net::IpAddr> {
+        self.ensure_network(stack).await?;
+        let name = Self::network_name(stack);
+        let network = self.engine.inspect_network(&name).await?;
+        let gateways = network
+            .as_ref()
+            .and_then(|n| n["IPAM"]["Config"].as_array())
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c["Gateway"].as_str()?.parse::<std::net::IpAddr>().ok());
+        // Replicas are reached over IPv4 unless the network has nothing else.
+        let mut gateways: Vec<_> = gateways.collect();
+        gateways.sort_by_key(|a| a.is_ipv6());
+        gateways
+            .first()
+            .copied()
+            .ok_or_else(|| RuntimeError::new(format!("network {name} has no gateway address")))
     }
 
     async fn use_device(

@@ -14,7 +14,6 @@ pub struct FakeRuntime {
     state: Arc<Mutex<FakeState>>,
 }
 
-#[derive(Default)]
 struct FakeState {
     replicas: BTreeMap<(ReplicaId, Slot), (ReplicaSpec, bool)>,
     /// Images whose replicas never become healthy.
@@ -26,6 +25,22 @@ struct FakeState {
     fail_steps: u32,
     /// What `usage` reports for every running replica.
     usage: Option<Usage>,
+    /// What `host_address` answers (loopback by default).
+    host_address: std::net::IpAddr,
+}
+
+impl Default for FakeState {
+    fn default() -> Self {
+        FakeState {
+            replicas: BTreeMap::new(),
+            broken_images: BTreeSet::new(),
+            volumes: BTreeMap::new(),
+            log: Vec::new(),
+            fail_steps: 0,
+            usage: None,
+            host_address: std::net::Ipv4Addr::LOCALHOST.into(),
+        }
+    }
 }
 
 impl FakeRuntime {
@@ -38,6 +53,11 @@ impl FakeRuntime {
             cpu_percent,
             memory_percent,
         });
+    }
+
+    /// Where this engine's replicas reach its host (a machine of its own in a VM pool test).
+    pub fn set_host_address(&self, address: std::net::IpAddr) {
+        self.lock().host_address = address;
     }
 
     pub fn fail_next_steps(&self, n: u32) {
@@ -72,6 +92,14 @@ impl FakeRuntime {
         } else if let Some(entry) = state.replicas.get_mut(&(replica.clone(), Slot::Primary)) {
             entry.1 = false;
         }
+    }
+
+    /// What the primary replica `replica` was created with.
+    pub fn spec(&self, replica: &ReplicaId) -> Option<ReplicaSpec> {
+        self.lock()
+            .replicas
+            .get(&(replica.clone(), Slot::Primary))
+            .map(|(spec, _)| spec.clone())
     }
 
     pub fn images(&self) -> BTreeMap<String, String> {
@@ -232,6 +260,10 @@ impl Runtime for FakeRuntime {
 
     async fn usage(&self, _instance: &Instance, _cpu_limit: f64) -> Option<Usage> {
         self.lock().usage
+    }
+
+    async fn host_address(&self, _stack: &str) -> RuntimeResult<std::net::IpAddr> {
+        Ok(self.lock().host_address)
     }
 
     async fn use_device(

@@ -65,6 +65,8 @@ pub struct ReplicaSpec {
     pub gpu: Option<(String, u32)>,
     /// Customer credential files: container path → host path, mounted read-only.
     pub files: BTreeMap<String, PathBuf>,
+    /// Names resolved to an address of the host (`/etc/hosts`), not on the stack's network.
+    pub hosts: BTreeMap<String, std::net::IpAddr>,
 }
 
 /// One step a rollout asks of a runtime.
@@ -188,6 +190,10 @@ pub trait Runtime: Send + Sync {
         replica: &ReplicaId,
         device: &std::path::Path,
     ) -> RuntimeResult<()>;
+
+    /// The address replicas of `stack` reach this host at (the gateway of the stack's network,
+    /// made if missing): where a VM node's link listeners listen.
+    async fn host_address(&self, stack: &str) -> RuntimeResult<std::net::IpAddr>;
 
     /// Replaces the content of `spec`'s volume with the snapshot at `from`: the volume is made
     /// anew and filled through a container that is never started. The replica must be gone.

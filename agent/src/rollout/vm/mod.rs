@@ -10,6 +10,7 @@ pub mod aws;
 mod balancers;
 pub mod bootstrap;
 pub mod disk;
+mod links;
 pub mod node;
 pub mod nodes;
 pub mod placement;
@@ -145,6 +146,9 @@ impl<P: Provider> Backend for Pools<P> {
             self.balance(release, stack, &machines, &shares, &mut repairs)
                 .await?;
             self.assign(&assigned, &machines, &nodes, shares, fresh);
+            for (machine, peers) in links::peers(stack, &self.nodes.nodes()) {
+                self.nodes.link(&machine, peers);
+            }
             // Judged on the assignments just made: a node given a new one is not done yet.
             let assigned_now = self.nodes.nodes();
             self.show_resources(&release.digest, &wants, &placement, &assigned_now);
@@ -557,6 +561,7 @@ impl<P: Provider> Pools<P> {
                 .map(|p| p.gpus.clone())
                 .unwrap_or_default(),
             rollout: self.context.rollout.clone(),
+            links: Default::default(),
         };
         let mut rolling = false;
         let mut waiting_for_turn = Vec::new();

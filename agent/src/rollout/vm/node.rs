@@ -4,11 +4,12 @@
 //! surge, stop-first for stateful replicas) and reports what runs. When the agent cannot be
 //! reached it keeps running its last assignment, which it keeps on disk across restarts. A
 //! stateful replica's `/data` is the volume the agent attached to the machine for it
-//! ([`Disks`]).
+//! ([`Disks`]). Linked resources on other machines are reached through [`links`](super::links).
 
 use super::disk::Disks;
 use super::nodes::{Assignment, JoinAnswer, JoinRequest, Report, ReportedReplica};
 use crate::config::{DockerConfig, Permissions};
+use crate::forward::{Forwarder, LinkServer};
 use crate::rollout::replicas::{Replicas, Settings};
 use crate::rollout::snapshots::Snapshots;
 use crate::rollout::{Context, RolloutError};
@@ -18,7 +19,9 @@ use hyper::body::Bytes;
 use hyper::{Method, Request, StatusCode};
 use outpost_bundle_format::stack::{Stack, StackFile};
 use std::collections::BTreeSet;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// The longest answer the node reads from the agent (an assignment carries a stack).
@@ -37,10 +40,14 @@ pub struct NodeOptions {
     pub bootstrap_secret: String,
     /// Where the last assignment is kept.
     pub state_dir: PathBuf,
-    /// The engine and where public endpoints listen on the machine.
+    /// The engine. Public endpoints listen at `publish_address`, else at the machine's own
+    /// address (the one it reaches the agent from: the load balancer's target).
     pub docker: DockerConfig,
+    pub publish_address: Option<IpAddr>,
     /// Where the machine's attached volumes appear.
     pub disks: Disks,
+    /// Where this machine's link server listens for peers (`0.0.0.0:7481`).
+    pub links_listen: SocketAddr,
 }
 
 /// Why a call to the agent failed.
@@ -64,6 +71,13 @@ pub struct NodeAgent<R: Runtime, F: Fn() -> R> {
     context: Context,
     runtime: F,
     authority: String,
+    /// The machine's address, as its last connection to the agent went out.
+    own_address: Mutex<Option<IpAddr>>,
+    /// The port its link server listens on, once bound.
+    links_port: Mutex<Option<u16>>,
+    /// Link listeners at the host address, for the replicas here.
+    link_listeners: Forwarder,
+    link_server: Arc<LinkServer>,
 }
 
 impl<R: Runtime, F: Fn() -> R> NodeAgent<R, F> {
@@ -81,6 +95,10 @@ impl<R: Runtime, F: Fn() -> R> NodeAgent<R, F> {
             context,
             runtime,
             authority,
+            own_address: Mutex::default(),
+            links_port: Mutex::default(),
+            link_listeners: Forwarder::default(),
+            link_server: Arc::default(),
         })
     }
 
@@ -90,6 +108,20 @@ impl<R: Runtime, F: Fn() -> R> NodeAgent<R, F> {
 
     /// Runs until the process ends.
     pub async fn run(&self) {
+        match tokio::net::TcpListener::bind(self.options.links_listen).await {
+            Ok(listener) => {
+                if let Ok(mut port) = self.links_port.lock() {
+                    *port = listener.local_addr().ok().map(|a| a.port());
+                }
+                tokio::spawn(self.link_server.clone().serve(listener));
+            }
+            Err(e) => tracing::error!(
+                "links listener {}: {e} (replicas here are not reachable from other machines)",
+                self.options.links_listen
+            ),
+        }
+        // The stack and its replicas' address for this host, once known.
+        let mut host: Option<(String, IpAddr)> = None;
         let mut assignment: Assignment = std::fs::read(self.assignment_file())
             .ok()
             .and_then(|bytes| serde_json::from_slice(&bytes).ok())
@@ -117,9 +149,17 @@ impl<R: Runtime, F: Fn() -> R> NodeAgent<R, F> {
                 match self.fetch(credential, after).await {
                     Ok(next) => {
                         if next != assignment {
+                            // New links alone change listeners, not what runs here.
+                            let same_work = Assignment {
+                                generation: assignment.generation,
+                                links: assignment.links.clone(),
+                                ..next.clone()
+                            } == assignment;
                             assignment = next;
                             self.keep(&assignment);
-                            outcome = None;
+                            if !same_work {
+                                outcome = None;
+                            }
                         }
                         after = assignment.generation;
                     }
@@ -136,17 +176,34 @@ impl<R: Runtime, F: Fn() -> R> NodeAgent<R, F> {
                     }
                 }
             }
-            if assignment.release.is_none() {
+            let Some(stack) = assignment.release.as_ref().map(|r| r.stack["name"].clone()) else {
                 continue;
+            };
+            let stack = stack.as_str().unwrap_or_default().to_string();
+            if host.as_ref().is_none_or(|(known, _)| *known != stack) {
+                match (self.runtime)().host_address(&stack).await {
+                    Ok(address) => host = Some((stack, address)),
+                    Err(e) => {
+                        tracing::warn!("engine: {}", e.message);
+                        tokio::time::sleep(RETRY).await;
+                        continue;
+                    }
+                }
             }
-            let rebuild = backend.as_ref().is_none_or(|(built, _)| {
+            let links_host = host.as_ref().map(|(_, address)| *address);
+            let rebuild = backend.as_ref().is_none_or(|(built, replicas)| {
                 built.grants != assignment.grants
                     || built.pools != assignment.pools
                     || built.gpus != assignment.gpus
                     || built.rollout != assignment.rollout
+                    || replicas.settings().links_host != links_host
+                    || replicas.settings().docker.publish.address != self.publish_address()
             });
             if rebuild {
-                backend = Some((assignment.clone(), self.backend(&assignment)));
+                backend = Some((
+                    assignment.clone(),
+                    self.backend(&assignment, links_host),
+                ));
             }
             let Some((_, replicas)) = &backend else {
                 continue;
@@ -163,17 +220,29 @@ impl<R: Runtime, F: Fn() -> R> NodeAgent<R, F> {
                     outcome = Some(result);
                 }
             }
-            let Some(credential) = &token else { continue };
             let report = self.report(replicas, &assignment, &outcome).await;
+            let Some(credential) = &token else { continue };
             if let Err(CallError::Unauthorized(_)) = self.send_report(credential, &report).await {
                 token = None;
             }
         }
     }
 
-    fn backend(&self, assignment: &Assignment) -> Replicas<R> {
+    /// Where public endpoints listen: as configured, else at the machine's own address.
+    fn publish_address(&self) -> IpAddr {
+        self.options.publish_address.unwrap_or_else(|| {
+            self.own_address
+                .lock()
+                .ok()
+                .and_then(|a| *a)
+                .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into())
+        })
+    }
+
+    fn backend(&self, assignment: &Assignment, links_host: Option<IpAddr>) -> Replicas<R> {
         let mut docker = self.options.docker.clone();
         docker.gpus = assignment.gpus.clone();
+        docker.publish.address = self.publish_address();
         let grants = assignment
             .grants
             .iter()
@@ -189,6 +258,7 @@ impl<R: Runtime, F: Fn() -> R> NodeAgent<R, F> {
             pools: assignment.pools.clone(),
             permissions: Permissions(grants),
             snapshots: Snapshots::off(&self.options.state_dir),
+            links_host,
         };
         let mut context = self.context.clone();
         context.rollout = assignment.rollout.clone();
@@ -247,6 +317,10 @@ impl<R: Runtime, F: Fn() -> R> NodeAgent<R, F> {
         let runtime = replicas.runtime();
         match runtime.observe(&stack.name).await {
             Ok(instances) => {
+                if let Some(host) = replicas.settings().links_host {
+                    self.route_links(&stack, host, &instances, &assignment.links)
+                        .await;
+                }
                 for instance in instances.iter().filter(|i| i.slot == Slot::Primary) {
                     let check = stack
                         .resource(&instance.replica.id.resource)
@@ -272,6 +346,22 @@ impl<R: Runtime, F: Fn() -> R> NodeAgent<R, F> {
         report
     }
 
+    /// Points the link listeners at the linked resources' replicas, here or on peers, and
+    /// offers this machine's to its peers.
+    async fn route_links(
+        &self,
+        stack: &Stack,
+        host: IpAddr,
+        instances: &[crate::runtime::Instance],
+        links: &super::nodes::Links,
+    ) {
+        let routes = super::links::routes(stack, host, instances, links);
+        self.link_server.set(&links.secret, routes.offered);
+        for error in self.link_listeners.update(routes.listeners).await {
+            tracing::warn!("link listener {error}");
+        }
+    }
+
     /// Keeps the assignment on disk (atomically) for a restart without the agent.
     fn keep(&self, assignment: &Assignment) {
         let write = serde_json::to_vec(assignment)
@@ -290,6 +380,7 @@ impl<R: Runtime, F: Fn() -> R> NodeAgent<R, F> {
             instance_id: self.options.instance_id.clone(),
             bootstrap_secret: self.options.bootstrap_secret.clone(),
             settings: self.options.settings.clone(),
+            links_port: self.links_port.lock().ok().and_then(|p| *p),
         };
         let body = serde_json::to_vec(&request).map_err(|e| e.to_string())?;
         let answer = self
@@ -344,6 +435,9 @@ impl<R: Runtime, F: Fn() -> R> NodeAgent<R, F> {
             let stream = tokio::net::TcpStream::connect(&self.authority)
                 .await
                 .map_err(|e| failed(&e))?;
+            if let (Ok(local), Ok(mut own)) = (stream.local_addr(), self.own_address.lock()) {
+                *own = Some(local.ip());
+            }
             let (mut sender, connection) =
                 hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
                     .await

@@ -28,6 +28,9 @@ pub struct JoinRequest {
     pub bootstrap_secret: String,
     /// The pool settings its user data was made for.
     pub settings: String,
+    /// The port its link server listens on, at the address it joins from.
+    #[serde(default)]
+    pub links_port: Option<u16>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -67,6 +70,18 @@ pub struct Assignment {
     /// The volumes attached to this machine for its stateful replicas.
     #[serde(default)]
     pub volumes: Vec<AttachedVolume>,
+    /// Where the linked resources this machine does not run are reached.
+    #[serde(default)]
+    pub links: Links,
+}
+
+/// Links across machines: the other machines' link servers, by the linked resource they run.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Links {
+    /// What a peer's link server wants to hear (the same for every machine of the agent).
+    pub secret: String,
+    pub peers: BTreeMap<String, Vec<std::net::SocketAddr>>,
 }
 
 /// A volume attached to the machine: the disk behind one replica's `/data`.
@@ -107,6 +122,8 @@ pub struct Report {
 #[derive(Debug, Clone)]
 pub struct Node {
     pub settings: String,
+    /// Its link server: the address it joined from, at the port it named.
+    pub links: Option<std::net::SocketAddr>,
     pub joined_at: Instant,
     pub assignment: Assignment,
     pub report: Option<Report>,
@@ -126,6 +143,9 @@ struct Registry {
 /// The nodes this agent knows, shared by the node server and the VM backend.
 pub struct Nodes {
     secret: String,
+    /// Derived from the bootstrap secret: stable across agent restarts, so links between
+    /// machines keep working while nodes join a restarted agent.
+    links_secret: String,
     /// How long a node's request for a new assignment is held open: nodes report after each,
     /// so this is well inside the report timeout.
     long_poll: Duration,
@@ -140,7 +160,12 @@ pub struct Nodes {
 impl Nodes {
     /// `report_timeout`: how long a node may stay quiet before its machine counts as lost.
     pub fn new(secret: String, binary: PathBuf, report_timeout: Duration) -> Arc<Nodes> {
+        let links_secret = outpost_bundle_format::Digest::of(
+            format!("outpost links secret\n{secret}").as_bytes(),
+        )
+        .hex();
         Arc::new(Nodes {
+            links_secret,
             secret,
             long_poll: (report_timeout / 3)
                 .clamp(Duration::from_millis(500), Duration::from_secs(25)),
@@ -182,11 +207,35 @@ impl Nodes {
             return;
         };
         assignment.generation = node.assignment.generation;
+        // Links are kept apart (`link`): they follow what every machine runs.
+        assignment.links = node.assignment.links.clone();
         if node.assignment == assignment {
             return;
         }
         assignment.generation = generation;
         node.assignment = assignment;
+        registry.generation = generation;
+        self.assigned.send_replace(generation);
+    }
+
+    /// Gives `machine` new links (if they differ from the ones it has).
+    pub fn link(&self, machine: &str, peers: BTreeMap<String, Vec<std::net::SocketAddr>>) {
+        let Ok(mut registry) = self.registry.lock() else {
+            return;
+        };
+        let generation = registry.generation + 1;
+        let Some(node) = registry.nodes.get_mut(machine) else {
+            return;
+        };
+        let links = Links {
+            secret: self.links_secret.clone(),
+            peers,
+        };
+        if node.assignment.links == links {
+            return;
+        }
+        node.assignment.links = links;
+        node.assignment.generation = generation;
         registry.generation = generation;
         self.assigned.send_replace(generation);
     }
@@ -197,7 +246,11 @@ impl Nodes {
         let _ = tokio::time::timeout(timeout, seen.changed()).await;
     }
 
-    fn join(&self, request: JoinRequest) -> Result<JoinAnswer, (StatusCode, String)> {
+    fn join(
+        &self,
+        request: JoinRequest,
+        from: std::net::IpAddr,
+    ) -> Result<JoinAnswer, (StatusCode, String)> {
         if !outpost_bundle_format::crypto::secrets_equal(
             request.bootstrap_secret.as_bytes(),
             self.secret.as_bytes(),
@@ -231,12 +284,16 @@ impl Nodes {
             .entry(request.instance_id.clone())
             .or_insert_with(|| Node {
                 settings: String::new(),
+                links: None,
                 joined_at: Instant::now(),
                 assignment: Assignment::default(),
                 report: None,
                 reported_at: None,
             });
         node.settings = request.settings;
+        node.links = request
+            .links_port
+            .map(|port| std::net::SocketAddr::new(from, port));
         tracing::info!(machine = %request.instance_id, "node joined");
         drop(registry);
         self.reported.send_modify(|n| *n += 1);
@@ -291,7 +348,7 @@ impl Nodes {
     /// Serves the node protocol on `listener` for ever.
     pub async fn serve(self: Arc<Nodes>, listener: tokio::net::TcpListener) {
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
+            let Ok((stream, from)) = listener.accept().await else {
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             };
@@ -300,7 +357,7 @@ impl Nodes {
                 let service = hyper::service::service_fn(move |request| {
                     let nodes = nodes.clone();
                     async move {
-                        let response = match nodes.handle(request).await {
+                        let response = match nodes.handle(request, from.ip()).await {
                             Ok(response) => response,
                             Err((status, message)) => {
                                 json(status, &serde_json::json!({"error": message}))
@@ -320,6 +377,7 @@ impl Nodes {
     async fn handle(
         &self,
         request: Request<Incoming>,
+        from: std::net::IpAddr,
     ) -> Result<Response<Answer>, (StatusCode, String)> {
         let path = request.uri().path().to_string();
         match (request.method().clone(), path.as_str()) {
@@ -335,7 +393,7 @@ impl Nodes {
             }
             (Method::POST, "/v1/join") => {
                 let join: JoinRequest = body(request).await?;
-                Ok(json(StatusCode::OK, &self.join(join)?))
+                Ok(json(StatusCode::OK, &self.join(join, from)?))
             }
             (Method::GET, "/v1/assignment") => {
                 let machine = self.machine_of(&request)?;

@@ -2,6 +2,7 @@
 //! (in this process, on its own fake engine) that joins over the node protocol on 127.0.0.1.
 
 use super::nodes::{JoinRequest, Nodes};
+use crate::runtime::Runtime;
 use super::provider::FakeCloud;
 use super::*;
 use crate::config::Config;
@@ -42,6 +43,7 @@ struct Machines {
     dead: Vec<String>,
     /// Each machine's `/dev/disk/by-id`: links to the disks of the volumes attached to it.
     by_id: BTreeMap<String, std::path::PathBuf>,
+    launched: u8,
 }
 
 struct Test {
@@ -202,6 +204,9 @@ async fn boot(cloud: FakeCloud, url: String, machines: Arc<Mutex<Machines>>) {
                     continue;
                 }
                 let engine = FakeRuntime::default();
+                // Each machine's replicas reach it at an address of its own.
+                engine.set_host_address(std::net::Ipv4Addr::new(127, 0, 1, booted.launched).into());
+                booted.launched = booted.launched.wrapping_add(1);
                 for image in &booted.broken {
                     engine.break_image(image);
                 }
@@ -216,9 +221,11 @@ async fn boot(cloud: FakeCloud, url: String, machines: Arc<Mutex<Machines>>) {
                     bootstrap_secret: SECRET.into(),
                     state_dir: state.clone(),
                     docker: crate::config::DockerConfig::default(),
+                    publish_address: Some(std::net::Ipv4Addr::LOCALHOST.into()),
                     disks: super::disk::Disks {
                         by_id: disks.clone(),
                     },
+                    links_listen: "127.0.0.1:0".parse().unwrap(),
                 };
                 let context = Context {
                     store: Arc::new(crate::state::Store::in_memory().unwrap()),
@@ -286,6 +293,64 @@ async fn installs_on_as_many_machines_as_the_replicas_need() {
     let after = c.cloud.calls();
     for write in ["set_desired", "remove_machine"] {
         assert_eq!(before.get(write), after.get(write), "{write}");
+    }
+}
+
+const LINKED: &str = r#"
+name: acme
+permissionProfiles: {execution: {}}
+resources:
+  - lifecycle: live
+    container:
+      name: db
+      code: {image: "r.example/db@sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"}
+      cpu: 1
+      memory: 1Gi
+      ports: [5432]
+      replicas: 1
+      permissions: execution
+  - lifecycle: live
+    container:
+      name: api
+      code: {image: "r.example/api@sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"}
+      cpu: 1
+      memory: 1Gi
+      ports: [8080]
+      replicas: 2
+      links: [db]
+      permissions: execution
+"#;
+
+/// A linked resource on another machine: the api replicas resolve `db` to their own machine,
+/// whose links lead to the db machine's link server; the db machine offers, and needs, none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn linked_resources_are_reached_across_machines() {
+    let (_dir, c) = cloud().await;
+    release(&c, LINKED, "1.0.0", 1);
+    c.converger.converge_once().await.unwrap();
+    let placement = c.placement();
+    assert_eq!(placement.len(), 3, "{placement:?}");
+    let nodes = c.nodes.nodes();
+    let db_machine = placement
+        .iter()
+        .find(|(_, replicas)| replicas.contains(&"db-0 primary".to_string()))
+        .map(|(machine, _)| machine.clone())
+        .unwrap();
+    let db_links = nodes[&db_machine].links.expect("the db machine's link server");
+    let engines = c.engines();
+    for (machine, node) in &nodes {
+        let links = &node.assignment.links;
+        assert_eq!(links.secret.len(), 64, "{links:?}");
+        if *machine == db_machine {
+            assert_eq!(links.peers["db"], [] as [std::net::SocketAddr; 0], "{links:?}");
+            continue;
+        }
+        assert_eq!(links.peers["db"], [db_links], "{machine}: {links:?}");
+        let api = node.assignment.replicas[0].clone();
+        let spec = engines[machine].spec(&api).unwrap();
+        let host = engines[machine].host_address("acme").await.unwrap();
+        assert_eq!(spec.hosts, BTreeMap::from([("db".to_string(), host)]));
+        assert_eq!(spec.environment["DB_HOST"], "db");
     }
 }
 
@@ -624,6 +689,7 @@ async fn only_known_machines_with_the_secret_join() {
             instance_id: instance.into(),
             bootstrap_secret: secret.into(),
             settings: "x".into(),
+            links_port: None,
         })
         .unwrap();
         post(&c.url, "/v1/join", body)
