@@ -124,7 +124,8 @@ async fn serve(listener: TcpListener, backends: Arc<RwLock<Vec<Upstream>>>) {
         let start = next.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(async move {
             for i in 0..candidates.len() {
-                if let Some(mut upstream) = connect(&candidates[(start + i) % candidates.len()]).await
+                if let Some(mut upstream) =
+                    connect(&candidates[(start + i) % candidates.len()]).await
                 {
                     let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
                     return;
@@ -270,7 +271,10 @@ mod tests {
     /// A machine's link server offering `offered` as `db:5432`.
     async fn link_server(secret: &str, offered: Vec<SocketAddr>) -> SocketAddr {
         let server = Arc::new(LinkServer::default());
-        server.set(secret, BTreeMap::from([(("db".to_string(), 5432), offered)]));
+        server.set(
+            secret,
+            BTreeMap::from([(("db".to_string(), 5432), offered)]),
+        );
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         tokio::spawn(server.serve(listener));
@@ -292,11 +296,8 @@ mod tests {
         let mut stream = TcpStream::connect(listen).await.unwrap();
         stream.write_all(b"hello").await.unwrap();
         let mut answer = String::new();
-        let _ = tokio::time::timeout(
-            Duration::from_secs(10),
-            stream.read_to_string(&mut answer),
-        )
-        .await;
+        let _ =
+            tokio::time::timeout(Duration::from_secs(10), stream.read_to_string(&mut answer)).await;
         answer
     }
 

@@ -379,6 +379,17 @@ impl Hosts {
             .map(|h| (h.address.clone(), h.engine.containers()))
     }
 
+    /// What `script` prints in machine `id`'s network namespace (stdout and stderr).
+    pub fn exec(&self, id: &str, script: &str) -> String {
+        let Some(host) = self.hosts.get(id) else {
+            return format!("no machine {id}");
+        };
+        let done = run(Command::new("ip")
+            .args(["netns", "exec", &host.namespace, "sh", "-c", script])
+            .env("DOCKER_SOCKET", &host.engine.socket));
+        format!("{}{}", done.stdout, done.stderr)
+    }
+
     /// What the node agent of a machine logged.
     pub fn node_log(&self, id: &str) -> String {
         self.hosts
@@ -587,22 +598,36 @@ impl Site {
             .then_some(())
         });
         if done.is_none() {
-            let logs: Vec<String> = {
-                let hosts = self.booter.hosts.lock().unwrap();
-                hosts
-                    .machines()
-                    .iter()
-                    .map(|id| format!("{id}: {}", hosts.node_log(id)))
-                    .collect()
-            };
             panic!(
                 "{machines} machines serving {message:?}: {:?}\nstatus: {:#}\nagent: {}\nnodes: {}",
                 self.answers(),
                 self.agent.status(),
                 self.agent.log(),
-                logs.join("\n")
+                self.node_logs()
             );
         }
+    }
+
+    /// What `script` prints on each machine.
+    pub fn exec_all(&self, script: &str) -> String {
+        let hosts = self.booter.hosts.lock().unwrap();
+        hosts
+            .machines()
+            .iter()
+            .map(|id| format!("{id}: {}", hosts.exec(id, script)))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Each machine's node log, for a failure's message.
+    pub fn node_logs(&self) -> String {
+        let hosts = self.booter.hosts.lock().unwrap();
+        hosts
+            .machines()
+            .iter()
+            .map(|id| format!("{id}: {}", hosts.node_log(id)))
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     pub fn groups_and_templates(&self) -> Value {

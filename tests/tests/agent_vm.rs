@@ -249,3 +249,82 @@ fn throttling_is_retried_and_never_rolls_back() {
     assert!(status["runtime"]["last_rollback"].is_null(), "{status:#}");
     assert_eq!(s.throttle.as_ref().unwrap().throttled(), 8);
 }
+
+/// Serves what its linked `back` serves, fetched again every second by `BACK_HOST`/`BACK_PORT`.
+/// The name is looked up in `/etc/hosts` by hand and the page fetched with `nc`: the test
+/// image's static busybox crashes in glibc's resolver (its `wget` even for an address).
+const FRONT: &str = r#"trap 'exit 0' TERM; mkdir -p /www; echo ok > /www/healthz; (while true; do ip=$(awk -v h="$BACK_HOST" '$2 == h {print $1}' /etc/hosts); printf 'GET / HTTP/1.0\r\n\r\n' | nc -w 2 "$ip" "$BACK_PORT" | sed '1,/^\r*$/d' > /tmp/page; [ -s /tmp/page ] && mv /tmp/page /www/index.html; sleep 1; done) & httpd -f -p 8080 -h /www & wait"#;
+const BACK: &str = r#"trap 'exit 0' TERM; mkdir -p /www; echo "$MESSAGE" > /www/index.html; echo ok > /www/healthz; httpd -f -p 9090 -h /www & wait"#;
+
+/// A public `front` linking a `back` that runs on the other machine (1.5 cores each).
+fn linked_stack(image: &str, message: &str) -> StackFile {
+    let container = |name: &str, port: u16, script: &str| {
+        json!({
+            "name": name, "code": {"image": image}, "cpu": 1.5, "memory": "64Mi",
+            "ports": [port], "replicas": 1,
+            "healthCheck": {"path": "/healthz", "port": port, "timeoutSeconds": 1, "failureThreshold": 2},
+            "environment": {"MESSAGE": message},
+            "permissions": "execution", "command": ["sh", "-c", script]})
+    };
+    let mut front = container("front", 8080, FRONT);
+    front["links"] = json!(["back"]);
+    front["publicEndpoints"] = json!([{"name": "front", "port": 8080, "protocol": "http"}]);
+    serde_json::from_value(json!({
+        "name": "acme",
+        "permissionProfiles": {"execution": {}},
+        "resources": [
+            {"lifecycle": "live", "container": container("back", 9090, BACK)},
+            {"lifecycle": "live", "container": front},
+        ],
+    }))
+    .unwrap()
+}
+
+/// Service discovery across machines: `front` reaches `back` by name on another machine
+/// (through its machine's link listener and the other machine's link server), and again after
+/// an update moves nothing but the message.
+#[test]
+fn a_linked_resource_on_another_machine_is_reached_by_name() {
+    let s = Site::start(&[], 2);
+    publish(
+        s.drop.path(),
+        &linked_stack(&s.image, "from back"),
+        "1.0.0",
+        1,
+    );
+    s.agent.wait_converged_within(180, 1);
+    let served = |message: &str| {
+        outpost_tests::poll_within(60, || {
+            let answers = s.answers();
+            (answers.len() == 2 && answers.iter().any(|(_, a)| a.as_deref() == Some(message)))
+                .then_some(answers)
+        })
+    };
+    let Some(answers) = served("from back") else {
+        panic!(
+            "front serving back's page: {:?}\nnodes: {}\nlisteners: {}",
+            s.answers(),
+            s.node_logs(),
+            s.exec_all("ss -ltnp")
+        );
+    };
+    // The two replicas are on two machines: only front's answers on 8080.
+    assert_eq!(
+        answers.iter().filter(|(_, a)| a.is_some()).count(),
+        1,
+        "{answers:?}"
+    );
+    publish(
+        s.drop.path(),
+        &linked_stack(&s.image, "from back, v2"),
+        "2.0.0",
+        2,
+    );
+    s.agent.wait_converged_within(180, 2);
+    assert!(
+        served("from back, v2").is_some(),
+        "{:?}\nnodes: {}",
+        s.answers(),
+        s.node_logs()
+    );
+}

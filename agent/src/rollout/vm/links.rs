@@ -127,3 +127,35 @@ pub fn routes(stack: &Stack, host: IpAddr, instances: &[Instance], links: &Links
     }
     Routes { listeners, offered }
 }
+
+/// The routes in one line for the node's log (without the secret).
+pub fn describe(routes: &Routes) -> String {
+    let listeners: Vec<String> = routes
+        .listeners
+        .iter()
+        .map(|(listen, upstreams)| {
+            let to: Vec<String> = upstreams
+                .iter()
+                .map(|upstream| match upstream {
+                    Upstream::Local(address) => format!("replica {address}"),
+                    Upstream::Peer { address, .. } => format!("peer {address}"),
+                })
+                .collect();
+            format!("{listen} -> [{}]", to.join(", "))
+        })
+        .collect();
+    let offered: Vec<String> = routes
+        .offered
+        .iter()
+        .map(|((resource, port), replicas)| format!("{resource}:{port} ({})", replicas.len()))
+        .collect();
+    format!(
+        "link listeners {}; offered to peers: {}",
+        listeners.join(", "),
+        if offered.is_empty() {
+            "none".to_string()
+        } else {
+            offered.join(", ")
+        }
+    )
+}

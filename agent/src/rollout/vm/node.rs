@@ -78,6 +78,7 @@ pub struct NodeAgent<R: Runtime, F: Fn() -> R> {
     /// Link listeners at the host address, for the replicas here.
     link_listeners: Forwarder,
     link_server: Arc<LinkServer>,
+    links_summary: Mutex<String>,
 }
 
 impl<R: Runtime, F: Fn() -> R> NodeAgent<R, F> {
@@ -99,6 +100,7 @@ impl<R: Runtime, F: Fn() -> R> NodeAgent<R, F> {
             links_port: Mutex::default(),
             link_listeners: Forwarder::default(),
             link_server: Arc::default(),
+            links_summary: Mutex::default(),
         })
     }
 
@@ -200,10 +202,7 @@ impl<R: Runtime, F: Fn() -> R> NodeAgent<R, F> {
                     || replicas.settings().docker.publish.address != self.publish_address()
             });
             if rebuild {
-                backend = Some((
-                    assignment.clone(),
-                    self.backend(&assignment, links_host),
-                ));
+                backend = Some((assignment.clone(), self.backend(&assignment, links_host)));
             }
             let Some((_, replicas)) = &backend else {
                 continue;
@@ -356,6 +355,13 @@ impl<R: Runtime, F: Fn() -> R> NodeAgent<R, F> {
         links: &super::nodes::Links,
     ) {
         let routes = super::links::routes(stack, host, instances, links);
+        let summary = super::links::describe(&routes);
+        if let Ok(mut last) = self.links_summary.lock()
+            && *last != summary
+        {
+            tracing::info!("links: {summary}");
+            *last = summary;
+        }
         self.link_server.set(&links.secret, routes.offered);
         for error in self.link_listeners.update(routes.listeners).await {
             tracing::warn!("link listener {error}");

@@ -160,10 +160,9 @@ pub struct Nodes {
 impl Nodes {
     /// `report_timeout`: how long a node may stay quiet before its machine counts as lost.
     pub fn new(secret: String, binary: PathBuf, report_timeout: Duration) -> Arc<Nodes> {
-        let links_secret = outpost_bundle_format::Digest::of(
-            format!("outpost links secret\n{secret}").as_bytes(),
-        )
-        .hex();
+        let links_secret =
+            outpost_bundle_format::Digest::of(format!("outpost links secret\n{secret}").as_bytes())
+                .hex();
         Arc::new(Nodes {
             links_secret,
             secret,

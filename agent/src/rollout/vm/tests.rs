@@ -2,12 +2,12 @@
 //! (in this process, on its own fake engine) that joins over the node protocol on 127.0.0.1.
 
 use super::nodes::{JoinRequest, Nodes};
-use crate::runtime::Runtime;
 use super::provider::FakeCloud;
 use super::*;
 use crate::config::Config;
 use crate::pipeline::Agent;
 use crate::rollout::Converger;
+use crate::runtime::Runtime;
 use crate::runtime::fake::FakeRuntime;
 use crate::testing::{signed_stack, test_config};
 use node::{NodeAgent, NodeOptions};
@@ -336,13 +336,19 @@ async fn linked_resources_are_reached_across_machines() {
         .find(|(_, replicas)| replicas.contains(&"db-0 primary".to_string()))
         .map(|(machine, _)| machine.clone())
         .unwrap();
-    let db_links = nodes[&db_machine].links.expect("the db machine's link server");
+    let db_links = nodes[&db_machine]
+        .links
+        .expect("the db machine's link server");
     let engines = c.engines();
     for (machine, node) in &nodes {
         let links = &node.assignment.links;
         assert_eq!(links.secret.len(), 64, "{links:?}");
         if *machine == db_machine {
-            assert_eq!(links.peers["db"], [] as [std::net::SocketAddr; 0], "{links:?}");
+            assert_eq!(
+                links.peers["db"],
+                [] as [std::net::SocketAddr; 0],
+                "{links:?}"
+            );
             continue;
         }
         assert_eq!(links.peers["db"], [db_links], "{machine}: {links:?}");
