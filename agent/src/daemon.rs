@@ -17,7 +17,8 @@ use std::time::Duration;
 const RECONSIDER_EVERY: Duration = Duration::from_secs(30);
 
 /// Keeps the images a verified bundle carries (`--with-images`) in the images directory before it
-/// is accepted, so an accepted air-gapped release always has them (container engines only).
+/// is accepted, so an accepted air-gapped release always has them (container engines, and VM
+/// pools whose machines fetch them from the agent).
 struct KeepCarriedImages {
     dir: PathBuf,
 }
@@ -178,6 +179,7 @@ async fn run_pools(
     let nodes = vm::nodes::Nodes::new(
         secret.clone(),
         binary.clone(),
+        agent.config.images_dir(),
         Duration::from_secs(config.nodes.report_timeout_seconds),
     );
     tokio::spawn(nodes.clone().serve(listener));
@@ -230,11 +232,12 @@ pub async fn drive(
     shared: Arc<Shared>,
 ) -> anyhow::Result<()> {
     // Container engines load carried images from the agent's own archive of them.
-    let carried = (agent.config.runtime == RuntimeKind::Docker).then(|| {
-        Arc::new(KeepCarriedImages {
-            dir: agent.config.images_dir(),
-        })
-    });
+    let carried =
+        matches!(agent.config.runtime, RuntimeKind::Docker | RuntimeKind::Vm).then(|| {
+            Arc::new(KeepCarriedImages {
+                dir: agent.config.images_dir(),
+            })
+        });
     let mut failures = 0u32;
     loop {
         let mut candidate = match source.next().await {

@@ -479,6 +479,34 @@ pub fn web_stack(image: &str, message: &str, healthy: bool, replicas: u32, cpu: 
     .unwrap()
 }
 
+/// Publishes `web_stack` on an image only a registry on the host's loopback has, in a bundle
+/// that carries it (`outpost-signer build --with-images`): the machines cannot reach that
+/// registry, which is gone before the agent sees the bundle anyway.
+pub fn publish_carried(drop: &Path, message: &str, version: &str, sequence: u64) {
+    let work = tempfile::tempdir().unwrap();
+    let bundle_file = work.path().join("bundle.tar");
+    {
+        let registry = TestRegistry::start(None);
+        let image = demo_image(&registry, "carried");
+        let stack_file = work.path().join("stack.json");
+        let stack = web_stack(&image, message, true, 2, 1.5);
+        std::fs::write(&stack_file, serde_json::to_vec(&stack).unwrap()).unwrap();
+        crate::build_bundle(
+            &stack_file,
+            version,
+            sequence,
+            &["--with-images"],
+            &bundle_file,
+        );
+        crate::sign_with(&bundle_file, &BOTH);
+    }
+    drop_file(
+        drop,
+        &format!("acme-{version}.tar"),
+        &std::fs::read(&bundle_file).unwrap(),
+    );
+}
+
 pub fn publish(drop: &Path, stack: &StackFile, version: &str, sequence: u64) {
     let layout = bundle::build(stack, &metadata(version, sequence), &[]).unwrap();
     drop_file(

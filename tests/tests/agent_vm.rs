@@ -7,7 +7,7 @@
 #![allow(clippy::unwrap_used)] // test code: a panic is a failed test
 
 use outpost_bundle_format::stack::StackFile;
-use outpost_tests::cloud::{Site, cloud_calls, publish, web_stack};
+use outpost_tests::cloud::{Site, cloud_calls, publish, publish_carried, web_stack};
 use serde_json::json;
 use std::collections::BTreeMap;
 
@@ -326,5 +326,22 @@ fn a_linked_resource_on_another_machine_is_reached_by_name() {
         "{:?}\nnodes: {}",
         s.answers(),
         s.node_logs()
+    );
+}
+
+/// An air-gapped VPC: the bundle carries its image, and no machine can reach the registry it
+/// came from. Each machine fetches the image's archive from the agent (checked against its
+/// SHA-256) and runs it.
+#[test]
+fn carried_images_reach_the_machines_from_the_agent() {
+    let s = Site::start(&[], 2);
+    publish_carried(s.drop.path(), "offline", "1.0.0", 1);
+    s.wait_serving(2, "offline");
+    s.agent.wait_converged_within(60, 1);
+    let logs = s.node_logs();
+    assert_eq!(
+        logs.matches("fetched from the agent").count(),
+        2,
+        "one fetch per machine: {logs}"
     );
 }

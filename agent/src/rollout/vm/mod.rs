@@ -10,6 +10,7 @@ pub mod aws;
 mod balancers;
 pub mod bootstrap;
 pub mod disk;
+pub mod images;
 mod links;
 pub mod node;
 pub mod nodes;
@@ -94,6 +95,12 @@ impl<P: Provider> Backend for Pools<P> {
             digest: release.digest,
             stack: serde_json::from_str(&release.stack)
                 .map_err(|e| RolloutError::new(format!("stored stack: {e}")))?,
+            images: self
+                .nodes
+                .archives
+                .of(stack)
+                .await
+                .map_err(RolloutError::new)?,
         };
         // Like a Deployment's progress deadline: each machine that comes to run the release
         // healthy gives the rollout the whole deadline again.

@@ -7,6 +7,7 @@
 //! ([`Disks`]). Linked resources on other machines are reached through [`links`](super::links).
 
 use super::disk::Disks;
+use super::images::CarriedImage;
 use super::nodes::{Assignment, JoinAnswer, JoinRequest, Report, ReportedReplica};
 use crate::config::{DockerConfig, Permissions};
 use crate::forward::{Forwarder, LinkServer};
@@ -28,6 +29,8 @@ use std::time::Duration;
 const MAX_ANSWER: usize = 8 << 20;
 /// Between attempts to reach an agent that does not answer.
 const RETRY: Duration = Duration::from_secs(3);
+/// The longest a carried image's download may go without receiving anything.
+const IDLE_DOWNLOAD: Duration = Duration::from_secs(30);
 
 /// Who this node is and where its agent is.
 #[derive(Debug, Clone)]
@@ -207,9 +210,21 @@ impl<R: Runtime, F: Fn() -> R> NodeAgent<R, F> {
             let Some((_, replicas)) = &backend else {
                 continue;
             };
+            // Carried images first: without them the engine would try a registry the site
+            // may not reach. A failed fetch is tried again on the next pass; the rollout's
+            // progress deadline bounds the wait.
+            let images = assignment
+                .release
+                .as_ref()
+                .map(|r| r.images.as_slice())
+                .unwrap_or_default();
+            let fetched = self.fetch_images(images, token.as_deref()).await;
+            if let Err(e) = &fetched {
+                tracing::warn!("{e}");
+            }
             // An assignment that failed is not tried again: the agent decides (it rolls back).
             // One carried out is kept converged by drift passes.
-            if !matches!(outcome, Some(Err(_))) {
+            if fetched.is_ok() && !matches!(outcome, Some(Err(_))) {
                 let fresh = outcome.is_none();
                 let result = self.converge(replicas, &assignment, fresh).await;
                 if let Err(e) = &result {
@@ -436,51 +451,27 @@ impl<R: Runtime, F: Fn() -> R> NodeAgent<R, F> {
         body: Option<Vec<u8>>,
         timeout: Duration,
     ) -> Result<Vec<u8>, CallError> {
-        let failed = |e: &dyn std::fmt::Display| CallError::Failed(format!("{method} {path}: {e}"));
         let exchange = async {
-            let stream = tokio::net::TcpStream::connect(&self.authority)
-                .await
-                .map_err(|e| failed(&e))?;
-            if let (Ok(local), Ok(mut own)) = (stream.local_addr(), self.own_address.lock()) {
-                *own = Some(local.ip());
-            }
-            let (mut sender, connection) =
-                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                    .await
-                    .map_err(|e| failed(&e))?;
-            tokio::spawn(connection);
-            let mut request = Request::builder()
-                .method(method.clone())
-                .uri(path)
-                .header("Host", &self.authority)
-                .header("Content-Type", "application/json");
-            if let Some(token) = token {
-                request = request.header("Authorization", format!("Bearer {token}"));
-            }
-            let request = request
-                .body(Full::new(Bytes::from(body.unwrap_or_default())))
-                .map_err(|e| failed(&e))?;
-            let response = sender.send_request(request).await.map_err(|e| failed(&e))?;
+            let response = self.send(&method, path, token, body).await?;
             let status = response.status();
             let bytes = Limited::new(response.into_body(), MAX_ANSWER)
                 .collect()
                 .await
-                .map_err(|e| failed(&e))?
+                .map_err(|e| CallError::Failed(format!("{method} {path}: {e}")))?
                 .to_bytes();
-            let message = || {
-                serde_json::from_slice::<serde_json::Value>(&bytes)
-                    .ok()
-                    .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(String::from))
-                    .unwrap_or_else(|| status.to_string())
-            };
-            match status {
-                StatusCode::OK => Ok(bytes.to_vec()),
-                StatusCode::UNAUTHORIZED => Err(CallError::Unauthorized(format!(
-                    "{method} {path}: {}",
-                    message()
-                ))),
-                _ => Err(CallError::Failed(format!("{method} {path}: {}", message()))),
+            if status == StatusCode::OK {
+                return Ok(bytes.to_vec());
             }
+            let message = serde_json::from_slice::<serde_json::Value>(&bytes)
+                .ok()
+                .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(String::from))
+                .unwrap_or_else(|| status.to_string());
+            let message = format!("{method} {path}: {message}");
+            Err(if status == StatusCode::UNAUTHORIZED {
+                CallError::Unauthorized(message)
+            } else {
+                CallError::Failed(message)
+            })
         };
         tokio::time::timeout(timeout, exchange)
             .await
@@ -489,6 +480,140 @@ impl<R: Runtime, F: Fn() -> R> NodeAgent<R, F> {
                     "{method} {path}: no answer in time"
                 )))
             })
+    }
+
+    /// Sends one request to the agent; the answer, its body unread.
+    async fn send(
+        &self,
+        method: &Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Vec<u8>>,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, CallError> {
+        let failed = |e: &dyn std::fmt::Display| CallError::Failed(format!("{method} {path}: {e}"));
+        let stream = tokio::net::TcpStream::connect(&self.authority)
+            .await
+            .map_err(|e| failed(&e))?;
+        if let (Ok(local), Ok(mut own)) = (stream.local_addr(), self.own_address.lock()) {
+            *own = Some(local.ip());
+        }
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .map_err(|e| failed(&e))?;
+        tokio::spawn(connection);
+        let mut request = Request::builder()
+            .method(method.clone())
+            .uri(path)
+            .header("Host", &self.authority)
+            .header("Content-Type", "application/json");
+        if let Some(token) = token {
+            request = request.header("Authorization", format!("Bearer {token}"));
+        }
+        let request = request
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .map_err(|e| failed(&e))?;
+        sender.send_request(request).await.map_err(|e| failed(&e))
+    }
+
+    /// Fetches the images the release carried that this machine lacks into its images
+    /// directory, where the engine backend loads them from; each archive is checked against
+    /// the size and SHA-256 the assignment names before it counts. Archives of other images go.
+    async fn fetch_images(
+        &self,
+        images: &[CarriedImage],
+        token: Option<&str>,
+    ) -> Result<(), String> {
+        let dir = self.options.state_dir.join("images");
+        for image in images {
+            let name = format!("carried image sha256:{}", image.digest);
+            if !CarriedImage::valid_digest(&image.digest) {
+                return Err(format!("{name}: not a digest"));
+            }
+            if dir.join(format!("{}.id", image.digest)).exists() {
+                continue;
+            }
+            let token = token.ok_or_else(|| format!("{name}: waiting to reach the agent"))?;
+            std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            let partial = dir.join(format!(".{}.partial", image.digest));
+            let fetched = self.download(image, token, &partial).await;
+            if let Err(e) = fetched {
+                let _ = std::fs::remove_file(&partial);
+                return Err(format!("{name}: {e}"));
+            }
+            let archive = dir.join(format!("{}.tar", image.digest));
+            std::fs::rename(&partial, &archive).map_err(|e| format!("{name}: {e}"))?;
+            outpost_bundle_format::layout::write_atomic(
+                &dir.join(format!("{}.id", image.digest)),
+                image.id.as_bytes(),
+            )
+            .map_err(|e| format!("{name}: {e}"))?;
+            tracing::info!("{name}: fetched from the agent ({} bytes)", image.size);
+        }
+        let wanted = images.iter().map(|i| i.digest.clone()).collect();
+        crate::runtime::docker::prune_bundled_images(&dir, &wanted);
+        Ok(())
+    }
+
+    /// One carried image's archive into `into`, checked.
+    async fn download(
+        &self,
+        image: &CarriedImage,
+        token: &str,
+        into: &std::path::Path,
+    ) -> Result<(), String> {
+        use tokio::io::AsyncWriteExt;
+        let path = format!("/v1/images/{}.tar", image.digest);
+        let response = tokio::time::timeout(
+            IDLE_DOWNLOAD,
+            self.send(&Method::GET, &path, Some(token), None),
+        )
+        .await
+        .map_err(|_| "no answer in time".to_string())?
+        .map_err(|e| e.to_string())?;
+        if response.status() != StatusCode::OK {
+            return Err(format!("GET {path}: {}", response.status()));
+        }
+        let mut body = response.into_body();
+        let mut file = tokio::fs::File::create(into)
+            .await
+            .map_err(|e| format!("{}: {e}", into.display()))?;
+        let mut written = 0u64;
+        loop {
+            let frame = tokio::time::timeout(IDLE_DOWNLOAD, body.frame())
+                .await
+                .map_err(|_| format!("nothing received for {}s", IDLE_DOWNLOAD.as_secs()))?;
+            let Some(frame) = frame else { break };
+            let frame = frame.map_err(|e| e.to_string())?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            written += data.len() as u64;
+            if written > image.size {
+                return Err(format!("larger than its {} bytes", image.size));
+            }
+            file.write_all(&data)
+                .await
+                .map_err(|e| format!("{}: {e}", into.display()))?;
+        }
+        if written != image.size {
+            return Err(format!("cut short: {written} of {} bytes", image.size));
+        }
+        file.sync_all()
+            .await
+            .map_err(|e| format!("{}: {e}", into.display()))?;
+        let at = into.to_path_buf();
+        let sha256 = tokio::task::spawn_blocking(move || super::file_sha256(&at))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        if sha256 != image.sha256 {
+            return Err(format!(
+                "SHA-256 {sha256} is not the {} the agent named",
+                image.sha256
+            ));
+        }
+        Ok(())
     }
 }
 

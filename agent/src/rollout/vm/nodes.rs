@@ -3,8 +3,10 @@
 //! its instance id, which must be a machine of one of the agent's pools; it gets a credential
 //! bound to that instance id. With it, the node fetches its assignment (long-polled) and
 //! reports what runs. `GET /v1/binary` serves this agent's own executable, whose SHA-256 the
-//! user data checks before running it.
+//! user data checks before running it; `GET /v1/images/{digest}.tar` (with the credential) the
+//! archive of an image the release's bundle carried.
 
+use super::images::{Archives, CarriedImage};
 use crate::plan::ReplicaId;
 use crate::runtime::engine::FileBody;
 use http_body_util::{BodyExt, Either, Full, Limited};
@@ -49,6 +51,9 @@ pub struct AssignedRelease {
     pub digest: Digest,
     /// The stack file (JSON) the release carries; the node checks it with the stack rules.
     pub stack: serde_json::Value,
+    /// The images the bundle carried, which the node fetches from the agent.
+    #[serde(default)]
+    pub images: Vec<CarriedImage>,
 }
 
 /// What one machine runs.
@@ -150,6 +155,8 @@ pub struct Nodes {
     /// so this is well inside the report timeout.
     long_poll: Duration,
     binary: PathBuf,
+    /// The archives of carried images machines fetch.
+    pub archives: Archives,
     registry: Mutex<Registry>,
     /// Bumped on every assignment change: long polls wake.
     assigned: watch::Sender<u64>,
@@ -159,7 +166,13 @@ pub struct Nodes {
 
 impl Nodes {
     /// `report_timeout`: how long a node may stay quiet before its machine counts as lost.
-    pub fn new(secret: String, binary: PathBuf, report_timeout: Duration) -> Arc<Nodes> {
+    /// `images`: where the agent keeps the archives of carried images.
+    pub fn new(
+        secret: String,
+        binary: PathBuf,
+        images: PathBuf,
+        report_timeout: Duration,
+    ) -> Arc<Nodes> {
         let links_secret =
             outpost_bundle_format::Digest::of(format!("outpost links secret\n{secret}").as_bytes())
                 .hex();
@@ -169,6 +182,7 @@ impl Nodes {
             long_poll: (report_timeout / 3)
                 .clamp(Duration::from_millis(500), Duration::from_secs(25)),
             binary,
+            archives: Archives::new(images),
             registry: Mutex::default(),
             assigned: watch::channel(0).0,
             reported: watch::channel(0).0,
@@ -388,6 +402,18 @@ impl Nodes {
                         format!("{}: {e}", self.binary.display()),
                     )
                 })?;
+                Ok(Response::new(Either::Right(file)))
+            }
+            (Method::GET, image) if image.starts_with("/v1/images/") => {
+                self.machine_of(&request)?;
+                let archive = image
+                    .strip_prefix("/v1/images/")
+                    .and_then(|name| name.strip_suffix(".tar"))
+                    .and_then(|digest| self.archives.archive(digest))
+                    .ok_or((StatusCode::NOT_FOUND, format!("no {image} here")))?;
+                let file = FileBody::open(&archive)
+                    .await
+                    .map_err(|e| (StatusCode::NOT_FOUND, format!("{image}: {e}")))?;
                 Ok(Response::new(Either::Right(file)))
             }
             (Method::POST, "/v1/join") => {

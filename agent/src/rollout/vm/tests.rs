@@ -108,6 +108,7 @@ async fn cloud_with(extra: &str) -> (tempfile::TempDir, Test) {
     let nodes = Nodes::new(
         SECRET.into(),
         std::env::current_exe().unwrap(),
+        dir.path().join("images"),
         Duration::from_secs(2),
     );
     tokio::spawn(nodes.clone().serve(listener));
@@ -705,6 +706,30 @@ async fn only_known_machines_with_the_secret_join() {
         (status, body.as_str()),
         (403, r#"{"error":"wrong bootstrap secret"}"#)
     );
+    // Carried images go only to joined machines, and only by digest.
+    let hex = "ab".repeat(32);
+    let image = format!("/v1/images/{hex}.tar");
+    let get = |path: String, token: Option<String>| {
+        let url = c.url.clone();
+        async move { request(&url, hyper::Method::GET, &path, token.as_deref(), vec![]).await }
+    };
+    assert_eq!(get(image.clone(), None).await.0, 401);
+    let (status, answer) = join(&known, SECRET).await;
+    assert_eq!(status, 200, "{answer}");
+    let token = serde_json::from_str::<super::nodes::JoinAnswer>(&answer)
+        .unwrap()
+        .token;
+    assert_eq!(get(image.clone(), Some(token.clone())).await.0, 404);
+    std::fs::create_dir_all(c.nodes.archives.dir.clone()).unwrap();
+    std::fs::write(c.nodes.archives.dir.join(format!("{hex}.tar")), "archive").unwrap();
+    assert_eq!(
+        get(image, Some(token.clone())).await,
+        (200, "archive".to_string())
+    );
+    for escape in ["../secret.tar", "%2e%2e%2fsecret.tar", "AB.tar"] {
+        let (status, _) = get(format!("/v1/images/{escape}"), Some(token.clone())).await;
+        assert_eq!(status, 404, "{escape}");
+    }
     let (status, body) = join("i-foreign", SECRET).await;
     assert_eq!(status, 403);
     assert!(
@@ -716,6 +741,16 @@ async fn only_known_machines_with_the_secret_join() {
 }
 
 async fn post(url: &str, path: &str, body: Vec<u8>) -> (u16, String) {
+    request(url, hyper::Method::POST, path, None, body).await
+}
+
+async fn request(
+    url: &str,
+    method: hyper::Method,
+    path: &str,
+    token: Option<&str>,
+    body: Vec<u8>,
+) -> (u16, String) {
     let authority = url.strip_prefix("http://").unwrap().to_string();
     let stream = tokio::net::TcpStream::connect(&authority).await.unwrap();
     let (mut sender, connection) =
@@ -723,8 +758,14 @@ async fn post(url: &str, path: &str, body: Vec<u8>) -> (u16, String) {
             .await
             .unwrap();
     tokio::spawn(connection);
-    let request = hyper::Request::post(path)
-        .header("Host", authority)
+    let mut request = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("Host", authority);
+    if let Some(token) = token {
+        request = request.header("Authorization", format!("Bearer {token}"));
+    }
+    let request = request
         .body(http_body_util::Full::new(hyper::body::Bytes::from(body)))
         .unwrap();
     let response = sender.send_request(request).await.unwrap();
