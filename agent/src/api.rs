@@ -293,12 +293,39 @@ fn metrics(agent: &Agent, headers: &hyper::HeaderMap) -> Response<Full<Bytes>> {
             (name.clone(), u64::from(pool.desired), states)
         })
         .collect();
+    let machine_replicas = runtime
+        .pools
+        .iter()
+        .flat_map(|(pool, status)| {
+            status.machines.iter().map(|machine| {
+                (
+                    pool.clone(),
+                    machine.id.clone(),
+                    machine.replicas.len() as u64,
+                )
+            })
+        })
+        .collect();
+    let mut volumes = std::collections::BTreeMap::new();
+    for volume in runtime.volumes.values() {
+        // `attached to i-…` counts as attached.
+        let state = volume.state.split(" to ").next().unwrap_or_default();
+        *volumes.entry(state.to_string()).or_insert(0) += 1;
+    }
+    let load_balancer_targets = runtime
+        .load_balancers
+        .iter()
+        .map(|(endpoint, balancer)| (endpoint.clone(), balancer.targets.len() as u64))
+        .collect();
     let snapshot = crate::metrics::Snapshot {
         current_sequence: positions.current.as_ref().map(|c| c.sequence),
         pending_sequence: positions.pending.as_ref().map(|p| p.sequence),
         highest_sequence: positions.highest_sequence,
         replicas,
         pools,
+        machine_replicas,
+        volumes,
+        load_balancer_targets,
         now_unix: crate::config::now().timestamp() as f64,
     };
     let openmetrics = headers

@@ -64,6 +64,22 @@ pub struct MachineLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MachineLabel {
+    pool: String,
+    machine: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabel {
+    state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EndpointLabel {
+    endpoint: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     version: String,
     commit: String,
@@ -96,6 +112,9 @@ pub struct Metrics {
     vm_machines: Family<MachineLabels, Gauge>,
     cloud_calls: Family<CallLabels, Counter>,
     vm_machines_desired: Family<PoolLabel, Gauge>,
+    vm_machine_replicas: Family<MachineLabel, Gauge>,
+    vm_volumes: Family<StateLabel, Gauge>,
+    vm_load_balancer_targets: Family<EndpointLabel, Gauge>,
     replicas_ready: Family<ResourceLabel, Gauge>,
     /// Unix time of the last poll that reached the source (0: none yet).
     last_poll_unix: AtomicU64,
@@ -123,6 +142,12 @@ pub struct Snapshot {
     pub replicas: Vec<(String, u64, u64)>,
     /// Per VM pool: the desired size, and machines by state.
     pub pools: Vec<(String, u64, BTreeMap<String, u64>)>,
+    /// Per machine of a VM pool: (pool, machine, replicas handed to it).
+    pub machine_replicas: Vec<(String, String, u64)>,
+    /// VM volumes by state.
+    pub volumes: BTreeMap<String, u64>,
+    /// Per public endpoint's load balancer: its targets.
+    pub load_balancer_targets: Vec<(String, u64)>,
     pub now_unix: f64,
 }
 
@@ -159,6 +184,9 @@ impl Metrics {
             vm_machines: Family::default(),
             cloud_calls: Family::default(),
             vm_machines_desired: Family::default(),
+            vm_machine_replicas: Family::default(),
+            vm_volumes: Family::default(),
+            vm_load_balancer_targets: Family::default(),
             replicas_ready: Family::default(),
             last_poll_unix: AtomicU64::new(0),
             download: std::sync::Mutex::new(None),
@@ -276,6 +304,21 @@ impl Metrics {
             "vm_machines_desired",
             "The size each VM pool's group is asked for",
             m.vm_machines_desired.clone(),
+        );
+        registry.register(
+            "vm_machine_replicas",
+            "Replicas handed to each machine of a VM pool",
+            m.vm_machine_replicas.clone(),
+        );
+        registry.register(
+            "vm_volumes",
+            "Volumes of stateful replicas on VM pools, by state (attached, available, moving, being made, unusable)",
+            m.vm_volumes.clone(),
+        );
+        registry.register(
+            "vm_load_balancer_targets",
+            "Machines each public endpoint's load balancer sends to (runtime vm)",
+            m.vm_load_balancer_targets.clone(),
         );
         registry.register(
             "replicas_ready",
@@ -476,6 +519,34 @@ impl Metrics {
                     .set(gauge(Some(*count)));
             }
         }
+        self.vm_machine_replicas.clear();
+        for (pool, machine, replicas) in &snapshot.machine_replicas {
+            let labels = MachineLabel {
+                pool: pool.clone(),
+                machine: machine.clone(),
+            };
+            self.vm_machine_replicas
+                .get_or_create(&labels)
+                .set(gauge(Some(*replicas)));
+        }
+        self.vm_volumes.clear();
+        for (state, count) in &snapshot.volumes {
+            let label = StateLabel {
+                state: state.clone(),
+            };
+            self.vm_volumes
+                .get_or_create(&label)
+                .set(gauge(Some(*count)));
+        }
+        self.vm_load_balancer_targets.clear();
+        for (endpoint, targets) in &snapshot.load_balancer_targets {
+            let label = EndpointLabel {
+                endpoint: endpoint.clone(),
+            };
+            self.vm_load_balancer_targets
+                .get_or_create(&label)
+                .set(gauge(Some(*targets)));
+        }
         let mut text = String::new();
         if prometheus_client::encoding::text::encode(&mut text, &self.registry).is_err() {
             return String::new();
@@ -539,6 +610,9 @@ mod tests {
                 3,
                 BTreeMap::from([("healthy".into(), 2), ("booting".into(), 1)]),
             )],
+            machine_replicas: vec![("default".into(), "i-1".into(), 2)],
+            volumes: BTreeMap::from([("attached".into(), 1)]),
+            load_balancer_targets: vec![("web.web".into(), 2)],
             now_unix: 130.0,
             ..Default::default()
         };
@@ -557,6 +631,9 @@ mod tests {
             "outpost_vm_machines_desired{pool=\"default\"} 3",
             "outpost_vm_machines{pool=\"default\",state=\"healthy\"} 2",
             "outpost_vm_machines{pool=\"default\",state=\"booting\"} 1",
+            "outpost_vm_machine_replicas{pool=\"default\",machine=\"i-1\"} 2",
+            "outpost_vm_volumes{state=\"attached\"} 1",
+            "outpost_vm_load_balancer_targets{endpoint=\"web.web\"} 2",
             "# TYPE outpost_verification_seconds histogram",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} not in:\n{text}");

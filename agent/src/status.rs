@@ -110,6 +110,17 @@ pub struct RuntimeStatus {
     /// VM pools: each stateful replica's volume, by replica (`db-0`).
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub volumes: BTreeMap<String, VolumeStatus>,
+    /// VM pools: each public endpoint's load balancer, by `resource.endpoint`.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub load_balancers: BTreeMap<String, LoadBalancerStatus>,
+}
+
+/// A public endpoint's load balancer in the cloud.
+#[derive(Debug, Clone, Serialize)]
+pub struct LoadBalancerStatus {
+    pub dns: String,
+    /// The machines it sends to.
+    pub targets: Vec<String>,
 }
 
 /// A stateful replica's volume in the cloud.

@@ -135,6 +135,28 @@ pub(super) fn runtime_text(runtime: &Value) -> String {
             volume["state"].as_str().unwrap_or_default()
         ));
     }
+    for (endpoint, balancer) in view
+        .get("load_balancers")
+        .and_then(Value::as_object)
+        .into_iter()
+        .flatten()
+    {
+        let targets: Vec<&str> = balancer["targets"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        out.push_str(&format!(
+            "balancer:  {endpoint}: {} -> {}\n",
+            balancer["dns"].as_str().unwrap_or_default(),
+            if targets.is_empty() {
+                "no machines".to_string()
+            } else {
+                targets.join(", ")
+            }
+        ));
+    }
     for finding in list("findings") {
         out.push_str(&format!("finding:   {finding}\n"));
     }
@@ -314,6 +336,7 @@ mod tests {
                 {"id": "i-2", "zone": "us-east-1b", "state": "booting", "replicas": []},
             ]}},
             "volumes": {"db-0": {"id": "vol-1", "zone": "us-east-1a", "size_gib": 2, "state": "attached to i-1"}},
+            "load_balancers": {"web.web": {"dns": "lb-1.elb.example", "targets": ["i-1"]}},
         });
         let text = runtime_text(&runtime);
         for line in [
@@ -323,6 +346,7 @@ mod tests {
             "             i-1 (us-east-1a) healthy: web-0",
             "             i-2 (us-east-1b) booting: no replicas",
             "volume:    db-0: vol-1 (us-east-1a, 2 GiB) attached to i-1",
+            "balancer:  web.web: lb-1.elb.example -> i-1",
         ] {
             assert!(text.lines().any(|l| l == line), "{line:?} not in:\n{text}");
         }

@@ -9,6 +9,7 @@ use super::{Pools, in_pool, journaled};
 use crate::config::{BalancerScheme, DEFAULT_POOL};
 use crate::rollout::{Repair, RolloutError};
 use crate::state::Release;
+use crate::status::LoadBalancerStatus;
 use outpost_bundle_format::stack::{Protocol, Stack};
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -65,6 +66,7 @@ impl<P: Provider> Pools<P> {
         repairs: &mut Vec<Repair>,
     ) -> Result<(), RolloutError> {
         let mut reached = Vec::new();
+        let mut shown = BTreeMap::new();
         for spec in self.balancer_specs(stack) {
             let label = spec.label();
             let at = |e| in_pool(&format!("load balancer of {label}"), e);
@@ -101,8 +103,18 @@ impl<P: Provider> Pools<P> {
                 });
             }
             reached.push(format!("{label}: {}", spec.url(&balancer.dns)));
+            shown.insert(
+                label,
+                LoadBalancerStatus {
+                    dns: balancer.dns,
+                    targets: wanted.into_iter().collect(),
+                },
+            );
         }
-        self.context.status.update(|s| s.endpoints = reached);
+        self.context.status.update(|s| {
+            s.endpoints = reached;
+            s.load_balancers = shown;
+        });
         Ok(())
     }
 }

@@ -643,10 +643,14 @@ async fn a_public_endpoints_load_balancer_follows_the_machines_of_its_replicas()
     assert!(spec.http && !spec.internal);
     assert_eq!((spec.port, spec.health_path.as_str()), (8080, "/ready"));
     assert_eq!(spec.subnets, ["a", "b"]);
+    let status = c.agent.runtime_view.current();
     assert_eq!(
-        c.agent.runtime_view.current().endpoints,
+        status.endpoints,
         [format!("api.api: http://{}", balancer.dns)]
     );
+    let shown = &status.load_balancers["api.api"];
+    assert_eq!(shown.dns, balancer.dns);
+    assert_eq!(shown.targets, Vec::from_iter(machines.iter().cloned()));
     // A machine gone: its replacement takes its place among the targets.
     let victim = machines.iter().next().unwrap().clone();
     c.cloud.kill(&victim);
