@@ -8,6 +8,7 @@
 //! [`kubernetes`] on a cluster, [`vm`] on machine pools in the customer's cloud. A backend gets a [`Context`] (the store for its journal, the
 //! status sink, the rollout settings) and its own config section, never the whole agent.
 
+pub mod autoscale;
 pub mod kubernetes;
 pub mod replicas;
 pub mod snapshots;

@@ -7,11 +7,12 @@ use super::{Backend, Context, Repair, RolloutError, event, journaled};
 use crate::config::{DockerConfig, Grant, Permissions, RolloutConfig};
 use crate::forward::{Forwarder, Upstream};
 use crate::plan::{Action, Desired, ReplicaId, ReplicaState, plan};
+use crate::rollout::autoscale::Autoscaler;
 use crate::runtime::{Health, Instance, ReplicaSpec, Runtime, Slot, Step};
 use crate::state::Release;
 use crate::status::{ReplicaStatus, RuntimeView};
 use outpost_bundle_format::Digest;
-use outpost_bundle_format::stack::{Container, Probe, Scaling, Stack};
+use outpost_bundle_format::stack::{Container, Probe, Stack};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -51,8 +52,8 @@ pub struct Replicas<R: Runtime> {
     settings: Settings,
     runtime: R,
     forwarder: Forwarder,
-    /// The autoscaler's choice per resource and when it last changed it.
-    scale: std::sync::Mutex<BTreeMap<String, (u32, Option<Instant>)>>,
+    /// The autoscaler's choice per resource.
+    scale: Autoscaler,
 }
 
 impl<R: Runtime> Backend for Replicas<R> {
@@ -85,11 +86,7 @@ impl<R: Runtime> Replicas<R> {
         if !fresh && only.is_none() {
             self.autoscale(stack, &instances).await;
         }
-        let scale: BTreeMap<String, u32> = self
-            .scale
-            .lock()
-            .map(|s| s.iter().map(|(k, (n, _))| (k.clone(), *n)).collect())
-            .unwrap_or_default();
+        let scale = self.scale.counts();
         let mut desired = Desired::new(stack, digest, &scale);
         desired.only = only;
         let observed: Vec<_> = instances
@@ -510,32 +507,14 @@ impl<R: Runtime> Replicas<R> {
         let cooldown = Duration::from_secs(self.rollout().autoscale_cooldown_seconds);
         for resource in &stack.resources {
             let container = &resource.container;
-            let Scaling::Auto {
-                min,
-                max,
-                target_cpu_percent,
-                target_memory_percent,
-                ..
-            } = container.scaling
-            else {
-                continue;
-            };
             let running: Vec<&Instance> = instances
                 .iter()
                 .filter(|i| i.replica.id.resource == container.name && i.slot == Slot::Primary)
                 .filter(|i| i.replica.state == ReplicaState::Running)
                 .collect();
-            // With no choice made yet (say, after a restart) the count is what runs, not
-            // `desired`: a busy service must not shrink because the agent restarted.
-            let (count, changed) = match self.scale.lock() {
-                Ok(mut scale) => *scale
-                    .entry(container.name.clone())
-                    .or_insert(((running.len() as u32).clamp(min, max), None)),
-                Err(_) => return,
-            };
             // Sampled only once the cool-down allows a change: each sample takes the engine
             // about a second.
-            if changed.is_some_and(|at| at.elapsed() < cooldown) {
+            if !self.scale.due(container, running.len() as u32, cooldown) {
                 continue;
             }
             let mut samples = Vec::new();
@@ -544,30 +523,8 @@ impl<R: Runtime> Replicas<R> {
                     samples.push(usage);
                 }
             }
-            if samples.is_empty() {
-                continue;
-            }
-            let n = samples.len() as f64;
-            let cpu = samples.iter().map(|u| u.cpu_percent).sum::<f64>() / n;
-            let memory = samples.iter().map(|u| u.memory_percent).sum::<f64>() / n;
-            let mut ratio = cpu / f64::from(target_cpu_percent.max(1));
-            if let Some(target) = target_memory_percent {
-                ratio = ratio.max(memory / f64::from(target.max(1)));
-            }
-            let wanted = ((f64::from(count) * ratio).ceil() as u32).clamp(min, max);
-            if wanted != count {
-                if let Ok(mut scale) = self.scale.lock() {
-                    scale.insert(container.name.clone(), (wanted, Some(Instant::now())));
-                }
-                event(
-                    &self.context.store,
-                    "autoscale",
-                    None,
-                    &format!(
-                        "{}: {count} -> {wanted} replicas (cpu {cpu:.0}%, memory {memory:.0}%)",
-                        container.name
-                    ),
-                );
+            if let Some(change) = self.scale.decide(container, &samples) {
+                event(&self.context.store, "autoscale", None, &change);
             }
         }
     }

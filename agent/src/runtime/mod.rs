@@ -98,7 +98,7 @@ pub enum Health {
 }
 
 /// A replica's share of its limits, in percent.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Usage {
     pub cpu_percent: f64,
     pub memory_percent: f64,

@@ -20,9 +20,11 @@ pub mod policy;
 pub mod provider;
 mod view;
 mod volumes;
+mod wants;
 
+use super::autoscale::Autoscaler;
 use super::{Backend, Context, Repair, RolloutError, event, journaled};
-use crate::config::{DEFAULT_POOL, Permissions, VmConfig};
+use crate::config::{Permissions, VmConfig};
 use crate::plan::ReplicaId;
 use crate::state::Release;
 pub use bootstrap::{Bootstrap, bootstrap_secret, file_sha256, settings_hash};
@@ -62,6 +64,8 @@ pub struct Pools<P: Provider> {
     first_seen: Mutex<BTreeMap<String, Instant>>,
     /// Volumes this agent made that a describe may not show yet.
     made: Mutex<Vec<Volume>>,
+    /// Autoscaled resources' counts, from the load the nodes report.
+    scale: Autoscaler,
 }
 
 impl From<CloudError> for RolloutError {
@@ -80,6 +84,9 @@ impl<P: Provider> Backend for Pools<P> {
         stack: &Stack,
         fresh: bool,
     ) -> Result<Vec<Repair>, RolloutError> {
+        if !fresh {
+            self.autoscale(stack);
+        }
         let wants = self.wants(stack)?;
         let specs = self.specs(stack, &wants);
         for spec in specs.values() {
@@ -214,48 +221,12 @@ impl<P: Provider> Pools<P> {
             sizes: Mutex::default(),
             first_seen: Mutex::default(),
             made: Mutex::default(),
+            scale: Autoscaler::default(),
         }
     }
 
     pub fn provider(&self) -> &P {
         &self.provider
-    }
-
-    /// Every replica of the release, with what it needs and the pool it goes to.
-    fn wants(&self, stack: &Stack) -> Result<Vec<Want>, RolloutError> {
-        let mut wants = Vec::new();
-        for resource in &stack.resources {
-            let c = &resource.container;
-            let pool = c.pool.clone().unwrap_or_else(|| DEFAULT_POOL.to_string());
-            if !self.settings.vm.pools.contains_key(&pool) {
-                return Err(RolloutError::new(format!(
-                    "resource {}: pool {pool:?} is not configured (config key vm.pools; configured: {})",
-                    c.name,
-                    self.settings
-                        .vm
-                        .pools
-                        .keys()
-                        .cloned()
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )));
-            }
-            self.settings
-                .permissions
-                .grant(&c.permissions)
-                .map_err(|e| RolloutError::new(format!("resource {}: {e}", c.name)))?;
-            for ordinal in 0..c.scaling.initial() {
-                wants.push(Want {
-                    id: ReplicaId::new(&c.name, ordinal),
-                    pool: pool.clone(),
-                    cpu: c.cpu.desired,
-                    memory_bytes: c.memory.bytes(),
-                    gpu: c.gpu.as_ref().map(|g| (g.kind.clone(), g.count)),
-                    zone: None,
-                });
-            }
-        }
-        Ok(wants)
     }
 
     /// The pools the release uses (and those the customer keeps machines in regardless).

@@ -29,6 +29,8 @@ use std::time::Duration;
 const MAX_ANSWER: usize = 8 << 20;
 /// Between attempts to reach an agent that does not answer.
 const RETRY: Duration = Duration::from_secs(3);
+/// How long a replica's load sample stands for it.
+const SAMPLE_EVERY: Duration = Duration::from_secs(15);
 /// The longest a carried image's download may go without receiving anything.
 const IDLE_DOWNLOAD: Duration = Duration::from_secs(30);
 
@@ -82,6 +84,13 @@ pub struct NodeAgent<R: Runtime, F: Fn() -> R> {
     link_listeners: Forwarder,
     link_server: Arc<LinkServer>,
     links_summary: Mutex<String>,
+    /// The last load sample of each autoscaled replica.
+    samples: Mutex<
+        std::collections::BTreeMap<
+            crate::plan::ReplicaId,
+            (std::time::Instant, crate::runtime::Usage),
+        >,
+    >,
 }
 
 impl<R: Runtime, F: Fn() -> R> NodeAgent<R, F> {
@@ -104,6 +113,7 @@ impl<R: Runtime, F: Fn() -> R> NodeAgent<R, F> {
             link_listeners: Forwarder::default(),
             link_server: Arc::default(),
             links_summary: Mutex::default(),
+            samples: Mutex::default(),
         })
     }
 
@@ -336,10 +346,17 @@ impl<R: Runtime, F: Fn() -> R> NodeAgent<R, F> {
                         .await;
                 }
                 for instance in instances.iter().filter(|i| i.slot == Slot::Primary) {
-                    let check = stack
+                    let container = stack
                         .resource(&instance.replica.id.resource)
-                        .and_then(|r| r.container.health_check.as_ref());
+                        .map(|r| &r.container);
+                    let check = container.and_then(|c| c.health_check.as_ref());
                     let health = runtime.probe(instance, check).await;
+                    let usage = match container {
+                        Some(c) if health == Health::Healthy => {
+                            self.usage(runtime, instance, c).await
+                        }
+                        _ => None,
+                    };
                     report.replicas.push(ReportedReplica {
                         replica: instance.replica.id.clone(),
                         config_hash: instance.replica.config_hash.clone(),
@@ -350,7 +367,11 @@ impl<R: Runtime, F: Fn() -> R> NodeAgent<R, F> {
                             Health::Unhealthy(why) => format!("unhealthy: {why}"),
                             Health::Down(why) => format!("down: {why}"),
                         },
+                        usage,
                     });
+                }
+                if let Ok(mut samples) = self.samples.lock() {
+                    samples.retain(|id, _| report.replicas.iter().any(|r| r.replica == *id));
                 }
             }
             Err(e) => {
@@ -358,6 +379,34 @@ impl<R: Runtime, F: Fn() -> R> NodeAgent<R, F> {
             }
         }
         report
+    }
+
+    /// The load of a replica of an autoscaled resource, sampled at most every
+    /// [`SAMPLE_EVERY`] (a sample takes the engine about a second).
+    async fn usage(
+        &self,
+        runtime: &R,
+        instance: &crate::runtime::Instance,
+        container: &outpost_bundle_format::stack::Container,
+    ) -> Option<crate::runtime::Usage> {
+        if !matches!(
+            container.scaling,
+            outpost_bundle_format::stack::Scaling::Auto { .. }
+        ) {
+            return None;
+        }
+        let id = &instance.replica.id;
+        let kept = self.samples.lock().ok()?.get(id).copied();
+        if let Some((at, usage)) = kept
+            && at.elapsed() < SAMPLE_EVERY
+        {
+            return Some(usage);
+        }
+        let usage = runtime.usage(instance, container.cpu.desired).await?;
+        if let Ok(mut samples) = self.samples.lock() {
+            samples.insert(id.clone(), (std::time::Instant::now(), usage));
+        }
+        Some(usage)
     }
 
     /// Points the link listeners at the linked resources' replicas, here or on peers, and

@@ -108,6 +108,9 @@ pub struct ReportedReplica {
     pub healthy: bool,
     /// `healthy`, `starting: …`, `down: exited with code 1`.
     pub health: String,
+    /// Its load, sampled for autoscaled resources.
+    #[serde(default)]
+    pub usage: Option<crate::runtime::Usage>,
 }
 
 /// What a node says it runs.

@@ -361,6 +361,50 @@ async fn linked_resources_are_reached_across_machines() {
     }
 }
 
+/// An autoscaled resource grows by the load its nodes report, onto more machines, once per
+/// cool-down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_autoscaled_resource_grows_by_the_load_its_nodes_report() {
+    let (_dir, c) = cloud_with("").await;
+    let text = STACK.replace(
+        "replicas: 3\n",
+        "autoScale: {min: 1, desired: 1, max: 3, targetCpuPercent: 50}\n",
+    );
+    release(&c, &text, "1.0.0", 1);
+    c.converger.converge_once().await.unwrap();
+    assert_eq!(c.placement().len(), 1);
+    // api-0 at 120% of its CPU against a 50% target: 1 → 3 replicas, on three machines.
+    for engine in c.engines().values() {
+        engine.set_usage(120.0, 10.0);
+    }
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        c.converger.converge_once().await.unwrap();
+        let all: usize = c.placement().values().map(Vec::len).sum();
+        if all == 3 {
+            break;
+        }
+        assert!(Instant::now() < until, "{:?}", c.placement());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        c.placement().len(),
+        3,
+        "one 1-core replica per small machine"
+    );
+    let history = c.agent.store.history(20).unwrap();
+    assert!(
+        history
+            .iter()
+            .any(|e| e.kind == "autoscale" && e.message.contains("api: 1 -> 3")),
+        "{history:?}"
+    );
+    assert_eq!(
+        c.agent.runtime_view.current().resources["api"].desired,
+        Some(3)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_release_is_rolled_back_after_its_first_machine() {
     let (_dir, c) = cloud().await;
