@@ -218,6 +218,19 @@ impl Store {
         self.with(|conn| set(conn, "root_version", Some(&version.to_string())).map(|_| ()))
     }
 
+    /// A value a backend keeps across restarts (`vm.pool.default.good`), beside the positions.
+    pub fn setting(&self, key: &str) -> Result<Option<String>> {
+        self.with(|conn| {
+            let tx = conn.transaction()?;
+            position(&tx, &format!("setting:{key}"))
+        })
+    }
+
+    /// Sets (or, with `None`, clears) a backend's value.
+    pub fn set_setting(&self, key: &str, value: Option<&str>) -> Result<()> {
+        self.with(|conn| set(conn, &format!("setting:{key}"), value).map(|_| ()))
+    }
+
     pub fn set_waiting(&self, waiting_for: &str) -> Result<()> {
         self.with(|conn| set(conn, "waiting_for", Some(waiting_for)).map(|_| ()))
     }

@@ -18,6 +18,7 @@ pub mod placement;
 pub mod plan;
 pub mod policy;
 pub mod provider;
+mod settings;
 mod view;
 mod volumes;
 mod wants;
@@ -66,6 +67,8 @@ pub struct Pools<P: Provider> {
     made: Mutex<Vec<Volume>>,
     /// Autoscaled resources' counts, from the load the nodes report.
     scale: Autoscaler,
+    /// Machines that never joined, by pool and the settings they were launched with.
+    boot_failures: Mutex<BTreeMap<(String, String), BTreeSet<String>>>,
 }
 
 impl From<CloudError> for RolloutError {
@@ -142,7 +145,7 @@ impl<P: Provider> Backend for Pools<P> {
             }
             self.size_pools(release, stack, &groups, &placement, &mut repairs)
                 .await?;
-            self.replace_lost(release, stack, &machines, &nodes, &mut repairs)
+            self.replace_lost(release, stack, &machines, &nodes, &specs, &mut repairs)
                 .await?;
             let (shares, volume_waits) = self
                 .attach_volumes(
@@ -180,7 +183,10 @@ impl<P: Provider> Backend for Pools<P> {
                 Err(e) => Err(e),
             };
             match progress {
-                Ok(()) => return Ok(repairs),
+                Ok(()) => {
+                    self.converged_on(&specs);
+                    return Ok(repairs);
+                }
                 Err(Progress::Failed(why)) => return Err(RolloutError::new(why)),
                 Err(Progress::Waiting(_)) if !fresh => return Ok(repairs),
                 Err(Progress::Waiting(why)) if Instant::now() >= deadline => {
@@ -222,6 +228,7 @@ impl<P: Provider> Pools<P> {
             first_seen: Mutex::default(),
             made: Mutex::default(),
             scale: Autoscaler::default(),
+            boot_failures: Mutex::default(),
         }
     }
 
@@ -237,12 +244,13 @@ impl<P: Provider> Pools<P> {
             .pools
             .iter()
             .filter(|(name, pool)| used.contains(name.as_str()) || pool.min_machines > 0)
-            .map(|(name, pool)| {
-                let settings = settings_hash(pool);
+            .map(|(name, configured)| {
+                let (pool, _) = self.effective(name, configured);
+                let settings = settings_hash(&pool);
                 let spec = PoolSpec {
                     stack: stack.name.clone(),
                     pool: name.clone(),
-                    config: pool.clone(),
+                    config: pool,
                     user_data: self.settings.bootstrap.user_data(&settings),
                     settings,
                 };
@@ -433,6 +441,7 @@ impl<P: Provider> Pools<P> {
         stack: &Stack,
         machines: &[Machine],
         nodes: &BTreeMap<String, Node>,
+        specs: &BTreeMap<String, PoolSpec>,
         repairs: &mut Vec<Repair>,
     ) -> Result<(), RolloutError> {
         let boot = Duration::from_secs(self.settings.vm.nodes.boot_timeout_seconds);
@@ -458,6 +467,9 @@ impl<P: Provider> Pools<P> {
                     .get(&machine.id)
                     .is_some_and(|at| at.elapsed() > boot) =>
                 {
+                    if let Some(spec) = specs.get(&machine.pool) {
+                        self.boot_failed(release, spec, &machine.id);
+                    }
                     format!(
                         "its node has not joined within {}s of launch",
                         self.settings.vm.nodes.boot_timeout_seconds

@@ -40,6 +40,8 @@ struct Machines {
     broken: Vec<String>,
     /// How many of the next machines launched never boot (a bad image).
     duds: usize,
+    /// Machine settings whose machines never boot.
+    dud_settings: BTreeSet<String>,
     dead: Vec<String>,
     /// Each machine's `/dev/disk/by-id`: links to the disks of the volumes attached to it.
     by_id: BTreeMap<String, std::path::PathBuf>,
@@ -199,8 +201,8 @@ async fn boot(cloud: FakeCloud, url: String, machines: Arc<Mutex<Machines>>) {
                 if booted.running.contains_key(&machine.id) || booted.dead.contains(&machine.id) {
                     continue;
                 }
-                if booted.duds > 0 {
-                    booted.duds -= 1;
+                if booted.duds > 0 || booted.dud_settings.contains(&settings) {
+                    booted.duds = booted.duds.saturating_sub(1);
                     booted.dead.push(machine.id.clone());
                     continue;
                 }
@@ -532,6 +534,86 @@ async fn new_machine_settings_replace_machines_one_at_a_time() {
     }
     assert_eq!(most_gone, 3);
     assert_eq!(c.agent.store.positions().unwrap().converged, Some(v1));
+}
+
+/// New machine settings whose machines never join are rolled back after two: the pool
+/// launches from its last good settings again, keeps serving throughout, says why, and does
+/// not try the failed settings again until they change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn machine_settings_whose_machines_never_join_are_rolled_back() {
+    let (_dir, c) = cloud().await;
+    release(&c, STACK, "1.0.0", 1);
+    c.converger.converge_once().await.unwrap();
+    let good = settings_hash(&c.settings.vm.pools["default"]);
+    let mut settings = c.settings.clone();
+    settings.vm.pools.get_mut("default").unwrap().image = "ami-broken".into();
+    let broken = settings_hash(&settings.vm.pools["default"]);
+    c.machines
+        .lock()
+        .unwrap()
+        .dud_settings
+        .insert(broken.clone());
+    let restart = || {
+        Converger::new(
+            c.agent.rollout_context(),
+            Pools::new(
+                c.agent.rollout_context(),
+                settings.clone(),
+                c.cloud.clone(),
+                c.nodes.clone(),
+            ),
+        )
+    };
+    let restarted = restart();
+    let until = Instant::now() + Duration::from_secs(60);
+    loop {
+        restarted.converge_once().await.unwrap();
+        let status = c.agent.runtime_view.current();
+        let serving = status.pools["default"]
+            .machines
+            .iter()
+            .filter(|m| m.state == "healthy" && !m.replicas.is_empty())
+            .count();
+        assert!(serving >= 2, "{:?}", status.pools);
+        let machines = c.cloud.all_machines();
+        if status.last_rollback.is_some()
+            && serving == 3
+            && machines.iter().all(|(_, s)| *s == good)
+        {
+            break;
+        }
+        assert!(Instant::now() < until, "{machines:?} {status:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let status = c.agent.runtime_view.current();
+    let rollback = status.last_rollback.unwrap();
+    assert!(
+        rollback.contains(&format!(
+            "pool default: machine settings {broken} rolled back to the last good ones: 2 machines never joined"
+        )),
+        "{rollback}"
+    );
+    assert!(rollback.contains("image ami-broken"), "{rollback}");
+    let problem = status.pools["default"].problem.clone().unwrap();
+    assert!(
+        problem.contains("running the last good settings (small, ami-1)"),
+        "{problem}"
+    );
+    let history = c.agent.store.history(30).unwrap();
+    assert!(
+        history.iter().any(|e| e.kind == "machine-rollback"),
+        "{history:?}"
+    );
+    // Restarted again with the same settings: they are not tried again.
+    let again = restart();
+    for _ in 0..5 {
+        again.converge_once().await.unwrap();
+    }
+    assert!(
+        c.cloud.all_machines().iter().all(|(_, s)| *s == good),
+        "{:?}",
+        c.cloud.all_machines()
+    );
 }
 
 const DATABASE: &str = r#"

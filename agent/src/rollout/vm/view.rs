@@ -21,6 +21,11 @@ impl<P: Provider> Pools<P> {
         for (pool, desired) in &placement.desired {
             pools.entry(pool.clone()).or_default().desired = *desired;
         }
+        for (name, configured) in &self.settings.vm.pools {
+            if let (_, Some(problem)) = self.effective(name, configured) {
+                pools.entry(name.clone()).or_default().problem = Some(problem);
+            }
+        }
         for machine in machines {
             let node = nodes.get(&machine.id);
             let state = match (machine.state, node) {

@@ -1,0 +1,134 @@
+//! Machine settings changes, and their automatic rollback. The settings each pool last
+//! converged on are kept in the state store. While a pool moves to other settings (a new
+//! instance type, image or disk in `vm.pools`), machines of the new settings that never join
+//! count against them; after [`FAILED_BOOTS`] the change is rolled back: the pool launches
+//! from its last good settings again, the new machines are replaced, and it stays there until
+//! the customer changes that pool's settings again.
+
+use super::provider::{PoolSpec, Provider};
+use super::{Pools, event, settings_hash};
+use crate::config::PoolConfig;
+use crate::state::Release;
+use std::collections::BTreeMap;
+
+/// Machines of new settings that may fail to join before the change is rolled back.
+pub const FAILED_BOOTS: u32 = 2;
+
+fn good_key(pool: &str) -> String {
+    format!("vm.pool.{pool}.good")
+}
+
+fn failed_key(pool: &str) -> String {
+    format!("vm.pool.{pool}.failed")
+}
+
+/// Settings that were rolled back: their hash, and why, in one line.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct Failed {
+    settings: String,
+    why: String,
+}
+
+impl<P: Provider> Pools<P> {
+    fn good(&self, pool: &str) -> Option<PoolConfig> {
+        let stored = self.context.store.setting(&good_key(pool)).ok()??;
+        serde_json::from_str(&stored).ok()
+    }
+
+    fn failed(&self, pool: &str) -> Option<Failed> {
+        let stored = self.context.store.setting(&failed_key(pool)).ok()??;
+        serde_json::from_str(&stored).ok()
+    }
+
+    /// The settings `pool` runs on: the customer's, unless those very settings were rolled
+    /// back (then the last good ones, and why).
+    pub(super) fn effective(
+        &self,
+        pool: &str,
+        configured: &PoolConfig,
+    ) -> (PoolConfig, Option<String>) {
+        let wanted = settings_hash(configured);
+        match (self.failed(pool), self.good(pool)) {
+            (Some(failed), Some(good)) if failed.settings == wanted => {
+                let problem = format!(
+                    "machine settings {wanted} were rolled back ({}); running the last good settings ({}, {}) until vm.pools.{pool} changes",
+                    failed.why, good.instance_type, good.image
+                );
+                (good, Some(problem))
+            }
+            _ => (configured.clone(), None),
+        }
+    }
+
+    /// A machine of `spec`'s pool never joined. While the pool changes settings this counts
+    /// against the new ones; at [`FAILED_BOOTS`] they are rolled back.
+    pub(super) fn boot_failed(&self, release: &Release, spec: &PoolSpec, machine: &str) {
+        let Some(good) = self.good(&spec.pool) else {
+            return;
+        };
+        if settings_hash(&good) == spec.settings {
+            return;
+        }
+        let failures = match self.boot_failures.lock() {
+            Ok(mut failed) => {
+                let machines = failed
+                    .entry((spec.pool.clone(), spec.settings.clone()))
+                    .or_default();
+                machines.insert(machine.to_string());
+                machines.len() as u32
+            }
+            Err(_) => return,
+        };
+        if failures < FAILED_BOOTS {
+            return;
+        }
+        let failed = Failed {
+            settings: spec.settings.clone(),
+            why: format!(
+                "{failures} machines never joined, the last {machine}, with instance type {} and image {}",
+                spec.config.instance_type, spec.config.image
+            ),
+        };
+        let message = format!(
+            "pool {}: machine settings {} rolled back to the last good ones: {}",
+            spec.pool, failed.settings, failed.why
+        );
+        let stored = serde_json::to_string(&failed).unwrap_or_default();
+        if let Err(e) = self
+            .context
+            .store
+            .set_setting(&failed_key(&spec.pool), Some(&stored))
+        {
+            tracing::warn!("{message}: not recorded: {e}");
+            return;
+        }
+        tracing::warn!("{message}");
+        event(
+            &self.context.store,
+            "machine-rollback",
+            Some(&release.digest),
+            &message,
+        );
+        self.context
+            .status
+            .update(|s| s.last_rollback = Some(message.clone()));
+    }
+
+    /// Every pool converged on its settings: they are the good ones from now on.
+    pub(super) fn converged_on(&self, specs: &BTreeMap<String, PoolSpec>) {
+        for (pool, spec) in specs {
+            let Ok(config) = serde_json::to_string(&spec.config) else {
+                continue;
+            };
+            let stored = self.context.store.setting(&good_key(pool)).ok().flatten();
+            if stored.as_deref() != Some(config.as_str())
+                && let Err(e) = self
+                    .context
+                    .store
+                    .set_setting(&good_key(pool), Some(&config))
+            {
+                tracing::warn!("pool {pool}: last good settings not recorded: {e}");
+            }
+        }
+    }
+}
