@@ -345,3 +345,58 @@ fn carried_images_reach_the_machines_from_the_agent() {
         "one fetch per machine: {logs}"
     );
 }
+
+/// The customer changes the machine type: the agent, restarted with the new settings, replaces
+/// the machines one at a time from a new launch template, each replacement serving before the
+/// next machine goes, and the release keeps serving throughout.
+#[test]
+fn a_new_machine_type_replaces_the_machines_one_at_a_time() {
+    let s = Site::start(&[], 3);
+    publish(s.drop.path(), &stack(&s.image, "v1", true), "1.0.0", 1);
+    s.wait_serving(2, "v1");
+    s.agent.wait_converged_within(60, 1);
+    let moto = s.moto.clone();
+    let types = || -> BTreeMap<String, String> {
+        serde_json::from_value(moto.boto(
+            "out = {}\n\
+             for r in ec2.describe_instances(Filters=[{'Name': 'instance-state-name', 'Values': ['running']}])['Reservations']:\n\
+             \x20   for i in r['Instances']:\n\
+             \x20       out[i['InstanceId']] = i['InstanceType']\n\
+             print(json.dumps(out))",
+        ))
+        .unwrap()
+    };
+    let old = types();
+    assert!(old.values().all(|t| t == "t3.small"), "{old:?}");
+    let config = s.agent.path("agent.yaml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, text.replace("t3.small", "t3.medium")).unwrap();
+    let mut agent = s.agent;
+    agent.restart();
+    let s = Site { agent, ..s };
+    let replaced = outpost_tests::poll_within(300, || {
+        let serving = s
+            .answers()
+            .iter()
+            .filter(|(_, a)| a.as_deref() == Some("v1"))
+            .count();
+        assert!(serving >= 1, "the release went dark: {:?}", s.answers());
+        let now = types();
+        (serving == 2
+            && now.len() == 2
+            && now
+                .iter()
+                .all(|(id, t)| t == "t3.medium" && !old.contains_key(id)))
+        .then_some(now)
+    });
+    assert!(
+        replaced.is_some(),
+        "{:?}\nstatus: {:#}",
+        types(),
+        s.agent.status()
+    );
+    // A template of its own for the new settings; still one group.
+    assert_eq!(s.groups_and_templates(), json!([1, 2]));
+    let status = s.agent.status();
+    assert!(status["runtime"]["last_rollback"].is_null(), "{status:#}");
+}
