@@ -327,6 +327,19 @@ fn a_linked_resource_on_another_machine_is_reached_by_name() {
         s.answers(),
         s.node_logs()
     );
+    assert_eq!(s.moto.balancers().len(), 1);
+
+    // A release without front's public endpoint: its load balancer goes once it converged.
+    let mut file = serde_json::to_value(linked_stack(&s.image, "from back, v3")).unwrap();
+    file["resources"][1]["container"]
+        .as_object_mut()
+        .unwrap()
+        .remove("publicEndpoints");
+    let inward: StackFile = serde_json::from_value(file).unwrap();
+    publish(s.drop.path(), &inward, "3.0.0", 3);
+    s.agent.wait_converged_within(180, 3);
+    let gone = outpost_tests::poll_within(60, || s.moto.balancers().is_empty().then_some(()));
+    assert!(gone.is_some(), "{:?}", s.moto.balancers());
 }
 
 /// An air-gapped VPC: the bundle carries its image, and no machine can reach the registry it

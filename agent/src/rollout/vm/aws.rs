@@ -17,7 +17,7 @@ use aws_sdk_autoscaling::types as asg;
 use aws_sdk_ec2::error::ProvideErrorMetadata;
 use aws_sdk_ec2::types as ec2;
 use base64::Engine as _;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
 
 #[path = "elb.rs"]
@@ -625,6 +625,19 @@ impl Provider for Aws {
         remove: &[String],
     ) -> CloudResult<()> {
         Aws::set_targets(self, spec, add, remove).await
+    }
+
+    async fn balancers(&self, stack: &str) -> CloudResult<BTreeSet<(String, String)>> {
+        Aws::balancers(self, stack).await
+    }
+
+    async fn delete_balancer(
+        &self,
+        stack: &str,
+        resource: &str,
+        endpoint: &str,
+    ) -> CloudResult<()> {
+        Aws::delete_balancer(self, stack, resource, endpoint).await
     }
 }
 

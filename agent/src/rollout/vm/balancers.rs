@@ -5,7 +5,7 @@
 
 use super::provider::{BalancerSpec, Machine, MachineState, Provider};
 use super::volumes::Share;
-use super::{Pools, in_pool, journaled};
+use super::{Pools, event, in_pool, journaled};
 use crate::config::{BalancerScheme, DEFAULT_POOL};
 use crate::rollout::{Repair, RolloutError};
 use crate::state::Release;
@@ -116,6 +116,62 @@ impl<P: Provider> Pools<P> {
             s.load_balancers = shown;
         });
         Ok(())
+    }
+}
+
+impl<P: Provider> Pools<P> {
+    /// Deletes the load balancers of endpoints the release no longer has, once it converged
+    /// (so a rollout that fails and rolls back finds its endpoints' balancers, and their DNS
+    /// names, unchanged). Looked for once per release; a failure is shown and tried again on
+    /// the next pass, never a reason to fail the release.
+    pub(super) async fn prune_balancers(&self, release: &Release, stack: &Stack) {
+        if self
+            .balancers_pruned
+            .lock()
+            .is_ok_and(|done| *done == Some(release.digest))
+        {
+            return;
+        }
+        let wanted: BTreeSet<(String, String)> = self
+            .balancer_specs(stack)
+            .into_iter()
+            .map(|spec| (spec.resource, spec.endpoint))
+            .collect();
+        let pruned = async {
+            let found = self.provider.balancers(&stack.name).await?;
+            for (resource, endpoint) in found.difference(&wanted) {
+                let step = format!(
+                    "delete the load balancer of {resource}.{endpoint} (its endpoint is gone)"
+                );
+                journaled(&self.context, "vm", &release.digest, &step, async {
+                    self.provider
+                        .delete_balancer(&stack.name, resource, endpoint)
+                        .await
+                        .map_err(RolloutError::from)
+                })
+                .await?;
+                event(
+                    &self.context.store,
+                    "load-balancer-deleted",
+                    Some(&release.digest),
+                    &step,
+                );
+            }
+            Ok::<_, RolloutError>(())
+        };
+        match pruned.await {
+            Ok(()) => {
+                if let Ok(mut done) = self.balancers_pruned.lock() {
+                    *done = Some(release.digest);
+                }
+            }
+            Err(e) => {
+                tracing::warn!("load balancers of gone endpoints: {e}");
+                self.context.status.update(|s| {
+                    s.note = Some(format!("load balancers of gone endpoints: {e}"));
+                });
+            }
+        }
     }
 }
 

@@ -8,6 +8,7 @@ use super::{Aws, Counted, RESOURCE_TAG, STACK_TAG};
 use crate::rollout::vm::provider::{Balancer, BalancerSpec, CloudError, CloudResult};
 use aws_sdk_ec2::error::ProvideErrorMetadata;
 use aws_sdk_elasticloadbalancingv2::types as elb;
+use std::collections::BTreeSet;
 
 pub const ENDPOINT_TAG: &str = "outpost:endpoint";
 
@@ -20,12 +21,17 @@ pub(super) struct Made {
 
 /// The name of the endpoint's balancer and target group.
 fn name(spec: &BalancerSpec) -> String {
-    let hash = outpost_bundle_format::crypto::sha256(
-        format!("{}/{}/{}", spec.stack, spec.resource, spec.endpoint).as_bytes(),
-    );
-    let hash: String = hash[..6].iter().map(|b| format!("{b:02x}")).collect();
-    format!("outpost-{hash}")
+    name_of(&spec.stack, &spec.resource, &spec.endpoint)
 }
+
+fn name_of(stack: &str, resource: &str, endpoint: &str) -> String {
+    let hash =
+        outpost_bundle_format::crypto::sha256(format!("{stack}/{resource}/{endpoint}").as_bytes());
+    let hash: String = hash[..6].iter().map(|b| format!("{b:02x}")).collect();
+    format!("{NAME_PREFIX}{hash}")
+}
+
+const NAME_PREFIX: &str = "outpost-";
 
 /// A describe by name: `None` when the service answers `missing` (the name is free, an
 /// answer counted as a success), else counted as any call.
@@ -129,6 +135,133 @@ impl Aws {
                 .send()
                 .await
                 .counted(self, "DeregisterTargets")?;
+        }
+        Ok(())
+    }
+
+    /// The endpoints with a load balancer or a target group tagged for `stack`.
+    pub(super) async fn balancers(&self, stack: &str) -> CloudResult<BTreeSet<(String, String)>> {
+        let mut arns = Vec::new();
+        let mut marker = None;
+        loop {
+            let page = self
+                .elb
+                .describe_load_balancers()
+                .set_marker(marker)
+                .send()
+                .await
+                .counted(self, "DescribeLoadBalancers")?;
+            arns.extend(page.load_balancers().iter().filter_map(|b| {
+                b.load_balancer_name()?
+                    .starts_with(NAME_PREFIX)
+                    .then(|| b.load_balancer_arn().map(String::from))?
+            }));
+            marker = page.next_marker().map(String::from);
+            if marker.is_none() {
+                break;
+            }
+        }
+        loop {
+            let page = self
+                .elb
+                .describe_target_groups()
+                .set_marker(marker)
+                .send()
+                .await
+                .counted(self, "DescribeTargetGroups")?;
+            arns.extend(page.target_groups().iter().filter_map(|g| {
+                g.target_group_name()?
+                    .starts_with(NAME_PREFIX)
+                    .then(|| g.target_group_arn().map(String::from))?
+            }));
+            marker = page.next_marker().map(String::from);
+            if marker.is_none() {
+                break;
+            }
+        }
+        let mut endpoints = BTreeSet::new();
+        // DescribeTags takes at most 20 resources.
+        for chunk in arns.chunks(20) {
+            let described = self
+                .elb
+                .describe_tags()
+                .set_resource_arns(Some(chunk.to_vec()))
+                .send()
+                .await
+                .counted(self, "DescribeTags")?;
+            for description in described.tag_descriptions() {
+                let tag = |key: &str| {
+                    description
+                        .tags()
+                        .iter()
+                        .find(|t| t.key() == Some(key))
+                        .and_then(|t| t.value())
+                };
+                if tag(STACK_TAG) == Some(stack)
+                    && let (Some(resource), Some(endpoint)) = (tag(RESOURCE_TAG), tag(ENDPOINT_TAG))
+                {
+                    endpoints.insert((resource.to_string(), endpoint.to_string()));
+                }
+            }
+        }
+        Ok(endpoints)
+    }
+
+    /// Deletes the endpoint's load balancer (its listener goes with it), then its target
+    /// group; each only if it carries the stack's tag.
+    pub(super) async fn delete_balancer(
+        &self,
+        stack: &str,
+        resource: &str,
+        endpoint: &str,
+    ) -> CloudResult<()> {
+        let name = name_of(stack, resource, endpoint);
+        if let Ok(mut balancers) = self.balancers.lock() {
+            balancers.remove(&name);
+        }
+        let described = self.elb.describe_load_balancers().names(&name).send().await;
+        let balancer = found(
+            described,
+            self,
+            "DescribeLoadBalancers",
+            "LoadBalancerNotFound",
+        )?
+        .and_then(|f| {
+            f.load_balancers()
+                .first()
+                .and_then(|b| b.load_balancer_arn().map(String::from))
+        });
+        if let Some(arn) = balancer {
+            self.check_ours(&arn, &format!("load balancer {name}"), stack)
+                .await?;
+            self.elb
+                .delete_load_balancer()
+                .load_balancer_arn(&arn)
+                .send()
+                .await
+                .counted(self, "DeleteLoadBalancer")?;
+        }
+        let described = self.elb.describe_target_groups().names(&name).send().await;
+        let group = found(
+            described,
+            self,
+            "DescribeTargetGroups",
+            "TargetGroupNotFound",
+        )?
+        .and_then(|f| {
+            f.target_groups()
+                .first()
+                .and_then(|g| g.target_group_arn().map(String::from))
+        });
+        if let Some(arn) = group {
+            self.check_ours(&arn, &format!("target group {name}"), stack)
+                .await?;
+            self.elb
+                .delete_target_group()
+                .target_group_arn(&arn)
+                .send()
+                .await
+                .counted(self, "DeleteTargetGroup")?;
         }
         Ok(())
     }

@@ -67,6 +67,8 @@ pub struct Pools<P: Provider> {
     made: Mutex<Vec<Volume>>,
     /// Autoscaled resources' counts, from the load the nodes report.
     scale: Autoscaler,
+    /// The release whose gone endpoints' load balancers were looked for.
+    balancers_pruned: Mutex<Option<Digest>>,
     /// Machines that never joined, by pool and the settings they were launched with.
     boot_failures: Mutex<BTreeMap<(String, String), BTreeSet<String>>>,
 }
@@ -185,6 +187,7 @@ impl<P: Provider> Backend for Pools<P> {
             match progress {
                 Ok(()) => {
                     self.converged_on(&specs);
+                    self.prune_balancers(release, stack).await;
                     return Ok(repairs);
                 }
                 Err(Progress::Failed(why)) => return Err(RolloutError::new(why)),
@@ -229,6 +232,7 @@ impl<P: Provider> Pools<P> {
             made: Mutex::default(),
             scale: Autoscaler::default(),
             boot_failures: Mutex::default(),
+            balancers_pruned: Mutex::default(),
         }
     }
 

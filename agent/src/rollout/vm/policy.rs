@@ -51,6 +51,8 @@ pub const AWS_ACTIONS: &[(&str, Scope)] = &[
     ("elasticloadbalancing:CreateListener", Scope::Owned),
     ("elasticloadbalancing:RegisterTargets", Scope::Owned),
     ("elasticloadbalancing:DeregisterTargets", Scope::Owned),
+    ("elasticloadbalancing:DeleteLoadBalancer", Scope::Owned),
+    ("elasticloadbalancing:DeleteTargetGroup", Scope::Owned),
     ("ec2:RunInstances", Scope::Launch),
     ("ec2:CreateTags", Scope::Launch),
 ];

@@ -219,6 +219,15 @@ pub trait Provider: Send + Sync {
         add: &[String],
         remove: &[String],
     ) -> CloudResult<()>;
+
+    /// The endpoints (`(resource, endpoint)`) of `stack` that have a load balancer or a target
+    /// group this agent made, found by their tags.
+    async fn balancers(&self, stack: &str) -> CloudResult<BTreeSet<(String, String)>>;
+
+    /// Deletes an endpoint's load balancer and its target group (each only with the stack's
+    /// tag); what is already gone is skipped.
+    async fn delete_balancer(&self, stack: &str, resource: &str, endpoint: &str)
+    -> CloudResult<()>;
 }
 
 /// A cloud in memory: groups launch machines the moment their size goes up, each in the zone
@@ -563,6 +572,33 @@ impl Provider for FakeCloud {
             .ok_or_else(|| CloudError::refused(format!("no balancer for {}", spec.label())))?;
         balancer.targets.extend(add.iter().cloned());
         balancer.targets.retain(|t| !remove.contains(t));
+        Ok(())
+    }
+
+    async fn balancers(&self, stack: &str) -> CloudResult<BTreeSet<(String, String)>> {
+        let state = self.call("balancers")?;
+        Ok(state
+            .balancers
+            .values()
+            .filter(|(spec, _)| spec.stack == stack)
+            .map(|(spec, _)| (spec.resource.clone(), spec.endpoint.clone()))
+            .collect())
+    }
+
+    async fn delete_balancer(
+        &self,
+        stack: &str,
+        resource: &str,
+        endpoint: &str,
+    ) -> CloudResult<()> {
+        let mut state = self.call("delete_balancer")?;
+        state.balancers.retain(|_, (spec, _)| {
+            (
+                spec.stack.as_str(),
+                spec.resource.as_str(),
+                spec.endpoint.as_str(),
+            ) != (stack, resource, endpoint)
+        });
         Ok(())
     }
 }

@@ -790,12 +790,22 @@ async fn a_public_endpoints_load_balancer_follows_the_machines_of_its_replicas()
         assert!(Instant::now() < until, "{now:?}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    // Converged: the balancer is only read.
+    // Converged: the balancer is only read, and gone endpoints looked for once per release.
     let before = c.cloud.calls();
     c.converger.converge_once().await.unwrap();
-    assert_eq!(
-        before.get("set_targets"),
-        c.cloud.calls().get("set_targets")
+    let after = c.cloud.calls();
+    for call in ["set_targets", "balancers"] {
+        assert_eq!(before.get(call), after.get(call), "{call}");
+    }
+    // A release without the endpoint: its balancer goes once the release converged.
+    release(&c, STACK, "2.0.0", 2);
+    c.converger.converge_once().await.unwrap();
+    assert!(c.cloud.all_balancers().is_empty());
+    let history = c.agent.store.history(30).unwrap();
+    assert!(
+        history.iter().any(|e| e.kind == "load-balancer-deleted"
+            && e.message == "delete the load balancer of api.api (its endpoint is gone)"),
+        "{history:?}"
     );
 }
 
