@@ -5,10 +5,6 @@
 
 use super::nodes::AttachedVolume;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
-
-/// How long an attached volume may take to show up as a device.
-const APPEAR_WITHIN: Duration = Duration::from_secs(60);
 
 /// The node's view of `/dev`.
 #[derive(Debug, Clone)]
@@ -33,25 +29,24 @@ impl Disks {
         candidates
     }
 
-    /// The device of `volume`, with an ext4 filesystem (made if the device is blank). Waits
-    /// for it to appear.
+    /// The device of `volume` once it has appeared: the node waits for it (a pass at a time)
+    /// rather than failing the release, as attaching can take the cloud a while.
+    pub fn find(&self, volume: &AttachedVolume) -> Result<PathBuf, String> {
+        self.candidates(volume)
+            .into_iter()
+            .find(|p| p.exists())
+            .ok_or_else(|| {
+                format!(
+                    "volume {} of {}-{} ({}) has not appeared as a device yet",
+                    volume.volume, volume.replica.resource, volume.replica.ordinal, volume.device
+                )
+            })
+    }
+
+    /// The device of `volume`, with an ext4 filesystem (made if the device is blank).
     pub async fn prepare(&self, volume: &AttachedVolume) -> Result<PathBuf, String> {
         let name = format!("{}-{}", volume.replica.resource, volume.replica.ordinal);
-        let started = tokio::time::Instant::now();
-        let device = loop {
-            if let Some(found) = self.candidates(volume).into_iter().find(|p| p.exists()) {
-                break found;
-            }
-            if started.elapsed() > APPEAR_WITHIN {
-                return Err(format!(
-                    "volume {} of {name} ({}) did not appear as a device within {}s",
-                    volume.volume,
-                    volume.device,
-                    APPEAR_WITHIN.as_secs()
-                ));
-            }
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        };
+        let device = self.find(volume)?;
         let in_volume = |e: String| format!("volume {} of {name}: {e}", volume.volume);
         match filesystem(&device).await.map_err(in_volume)? {
             Some(kind) if kind == "ext4" => {}
@@ -164,6 +159,20 @@ mod tests {
         let before = uuid();
         disks.prepare(&volume).await.unwrap();
         assert_eq!(uuid(), before);
+    }
+
+    #[test]
+    fn a_device_not_there_yet_is_named_and_found_once_it_appears() {
+        let dir = tempfile::tempdir().unwrap();
+        let (disks, volume, device) = volume(dir.path());
+        std::fs::remove_file(&device).unwrap();
+        let error = disks.find(&volume).unwrap_err();
+        assert_eq!(
+            error,
+            "volume vol-0abc of db-0 (/dev/sdf) has not appeared as a device yet"
+        );
+        std::fs::File::create(&device).unwrap();
+        assert_eq!(disks.find(&volume).unwrap(), device);
     }
 
     #[tokio::test]

@@ -135,6 +135,8 @@ impl<R: Runtime, F: Fn() -> R> NodeAgent<R, F> {
                 self.options.links_listen
             ),
         }
+        // What the node waits for before it can carry out its assignment, last it looked.
+        let mut waiting: Option<String> = None;
         // The stack and its replicas' address for this host, once known.
         let mut host: Option<(String, IpAddr)> = None;
         let mut assignment: Assignment = std::fs::read(self.assignment_file())
@@ -229,9 +231,22 @@ impl<R: Runtime, F: Fn() -> R> NodeAgent<R, F> {
                 .map(|r| r.images.as_slice())
                 .unwrap_or_default();
             let fetched = self.fetch_images(images, token.as_deref()).await;
+            // Likewise each attached volume's device: waited for, a pass at a time.
+            let fetched = fetched.and_then(|()| {
+                assignment
+                    .volumes
+                    .iter()
+                    .try_for_each(|v| self.options.disks.find(v).map(|_| ()))
+            });
             if let Err(e) = &fetched {
-                tracing::warn!("{e}");
+                if waiting.as_ref() != Some(e) {
+                    tracing::warn!("{e}");
+                }
+                // Looked at again shortly, not after a whole long poll.
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                after = 0;
             }
+            waiting = fetched.as_ref().err().cloned();
             // An assignment that failed is not tried again: the agent decides (it rolls back).
             // One carried out is kept converged by drift passes.
             if fetched.is_ok() && !matches!(outcome, Some(Err(_))) {
