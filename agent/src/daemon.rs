@@ -29,7 +29,7 @@ impl Admission for KeepCarriedImages {
     }
 
     fn admit(&self, layout: &Layout, _: &VerifiedBundle) -> Result<(), String> {
-        crate::runtime::docker::keep_bundled_images(layout, &self.dir)
+        crate::runtime::carried::keep_bundled_images(layout, &self.dir)
             .map(|_| ())
             .map_err(|e| format!("{e:#}"))
     }
@@ -39,7 +39,7 @@ impl KeepCarriedImages {
     /// Archives no release the agent may still run refers to go, after each acceptance.
     fn prune_unused(&self, agent: &Agent) {
         match agent.images_in_use() {
-            Ok(in_use) => crate::runtime::docker::prune_bundled_images(&self.dir, &in_use),
+            Ok(in_use) => crate::runtime::carried::prune_bundled_images(&self.dir, &in_use),
             Err(e) => tracing::warn!("carried images: {e:#}"),
         }
     }

@@ -5,6 +5,7 @@
 //! (Kubernetes runs its own replicas: it is a rollout backend over objects, not a runtime.)
 
 pub mod archive;
+pub mod carried;
 pub mod docker;
 pub mod engine;
 pub mod fake;

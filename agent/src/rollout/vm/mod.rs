@@ -170,6 +170,9 @@ impl<P: Provider> Backend for Pools<P> {
             }
             // Judged on the assignments just made: a node given a new one is not done yet.
             let assigned_now = self.nodes.nodes();
+            if !fresh {
+                self.judge_new_machines(release, &specs, &machines, &assigned_now);
+            }
             self.show_resources(&release.digest, &wants, &placement, &assigned_now);
             let progress = match self.progress(&release.digest, &wants, &placement, &assigned_now) {
                 Ok(()) => {
@@ -461,6 +464,9 @@ impl<P: Provider> Pools<P> {
         };
         for machine in machines.iter().filter(|m| m.state != MachineState::Leaving) {
             let why = match nodes.get(&machine.id) {
+                Some(node) if self.rolled_back(&machine.pool, &node.settings) => {
+                    "it was launched with machine settings that were rolled back".to_string()
+                }
                 Some(node) if machine.state == MachineState::Running && self.silent(node) => {
                     format!(
                         "its node has not reported for {}s",

@@ -615,7 +615,7 @@ impl<R: Runtime, F: Fn() -> R> NodeAgent<R, F> {
             tracing::info!("{name}: fetched from the agent ({} bytes)", image.size);
         }
         let wanted = images.iter().map(|i| i.digest.clone()).collect();
-        crate::runtime::docker::prune_bundled_images(&dir, &wanted);
+        crate::runtime::carried::prune_bundled_images(&dir, &wanted);
         Ok(())
     }
 

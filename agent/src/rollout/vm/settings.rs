@@ -1,11 +1,13 @@
 //! Machine settings changes, and their automatic rollback. The settings each pool last
 //! converged on are kept in the state store. While a pool moves to other settings (a new
 //! instance type, image or disk in `vm.pools`), machines of the new settings that never join
-//! count against them; after [`FAILED_BOOTS`] the change is rolled back: the pool launches
-//! from its last good settings again, the new machines are replaced, and it stays there until
-//! the customer changes that pool's settings again.
+//! count against them, and after [`FAILED_BOOTS`] the change is rolled back; so is it at once
+//! when a machine of the new settings cannot run the release the others run. The pool then
+//! launches from its last good settings again, the new machines are replaced, and it stays
+//! there until the customer changes that pool's settings again.
 
-use super::provider::{PoolSpec, Provider};
+use super::nodes::Node;
+use super::provider::{Machine, PoolSpec, Provider};
 use super::{Pools, event, settings_hash};
 use crate::config::PoolConfig;
 use crate::state::Release;
@@ -40,6 +42,14 @@ impl<P: Provider> Pools<P> {
         serde_json::from_str(&stored).ok()
     }
 
+    /// Whether `settings` are the ones `pool` rolled back from: its machines go at once.
+    pub(super) fn rolled_back(&self, pool: &str, settings: &str) -> bool {
+        self.failed(pool).is_some_and(|f| f.settings == settings)
+            && self
+                .good(pool)
+                .is_some_and(|g| settings_hash(&g) != settings)
+    }
+
     /// The settings `pool` runs on: the customer's, unless those very settings were rolled
     /// back (then the last good ones, and why).
     pub(super) fn effective(
@@ -63,6 +73,57 @@ impl<P: Provider> Pools<P> {
     /// A machine of `spec`'s pool never joined. While the pool changes settings this counts
     /// against the new ones; at [`FAILED_BOOTS`] they are rolled back.
     pub(super) fn boot_failed(&self, release: &Release, spec: &PoolSpec, machine: &str) {
+        self.count_against(release, spec, machine, FAILED_BOOTS, &|failures| {
+            format!(
+                "{failures} machines never joined, the last {machine}, with instance type {} and image {}",
+                spec.config.instance_type, spec.config.image
+            )
+        });
+    }
+
+    /// Machines of new settings whose nodes cannot run the release that runs on the others
+    /// (a drift pass: the release itself converged before): the settings are rolled back at
+    /// once, since waiting would hold the change there for good.
+    pub(super) fn judge_new_machines(
+        &self,
+        release: &Release,
+        specs: &BTreeMap<String, PoolSpec>,
+        machines: &[Machine],
+        nodes: &BTreeMap<String, Node>,
+    ) {
+        for machine in machines {
+            let (Some(spec), Some(node)) = (specs.get(&machine.pool), nodes.get(&machine.id))
+            else {
+                continue;
+            };
+            let Some(error) = node.report.as_ref().and_then(|r| {
+                (r.generation == node.assignment.generation)
+                    .then_some(r.error.as_ref())
+                    .flatten()
+            }) else {
+                continue;
+            };
+            if node.settings == spec.settings {
+                self.count_against(release, spec, &machine.id, 1, &|_| {
+                    format!(
+                        "machine {} with instance type {} and image {} could not run the release: {error}",
+                        machine.id, spec.config.instance_type, spec.config.image
+                    )
+                });
+            }
+        }
+    }
+
+    /// Counts a failed machine against `spec`'s settings while its pool changes to them; at
+    /// `threshold` machines the change is rolled back.
+    fn count_against(
+        &self,
+        release: &Release,
+        spec: &PoolSpec,
+        machine: &str,
+        threshold: u32,
+        why: &dyn Fn(u32) -> String,
+    ) {
         let Some(good) = self.good(&spec.pool) else {
             return;
         };
@@ -79,15 +140,12 @@ impl<P: Provider> Pools<P> {
             }
             Err(_) => return,
         };
-        if failures < FAILED_BOOTS {
+        if failures < threshold {
             return;
         }
         let failed = Failed {
             settings: spec.settings.clone(),
-            why: format!(
-                "{failures} machines never joined, the last {machine}, with instance type {} and image {}",
-                spec.config.instance_type, spec.config.image
-            ),
+            why: why(failures),
         };
         let message = format!(
             "pool {}: machine settings {} rolled back to the last good ones: {}",

@@ -30,6 +30,9 @@ resources:
       permissions: execution
 "#;
 
+const API: &str =
+    "r.example/api@sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
 const BROKEN: &str =
     "r.example/api@sha256:1111111111111111111111111111111111111111111111111111111111111111";
 
@@ -42,6 +45,8 @@ struct Machines {
     duds: usize,
     /// Machine settings whose machines never boot.
     dud_settings: BTreeSet<String>,
+    /// Machine settings whose machines cannot run the api image.
+    failing_settings: BTreeSet<String>,
     dead: Vec<String>,
     /// Each machine's `/dev/disk/by-id`: links to the disks of the volumes attached to it.
     by_id: BTreeMap<String, std::path::PathBuf>,
@@ -212,6 +217,9 @@ async fn boot(cloud: FakeCloud, url: String, machines: Arc<Mutex<Machines>>) {
                 booted.launched = booted.launched.wrapping_add(1);
                 for image in &booted.broken {
                     engine.break_image(image);
+                }
+                if booted.failing_settings.contains(&settings) {
+                    engine.break_image(API);
                 }
                 let state = tempfile::tempdir().unwrap().keep();
                 let disks = state.join("by-id");
@@ -613,6 +621,70 @@ async fn machine_settings_whose_machines_never_join_are_rolled_back() {
         c.cloud.all_machines().iter().all(|(_, s)| *s == good),
         "{:?}",
         c.cloud.all_machines()
+    );
+}
+
+/// New machine settings on which the release, running on the old machines, cannot run: rolled
+/// back at the first such machine, which is replaced from the last good settings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn machine_settings_that_cannot_run_the_release_are_rolled_back() {
+    let (_dir, c) = cloud().await;
+    release(&c, STACK, "1.0.0", 1);
+    c.converger.converge_once().await.unwrap();
+    let good = settings_hash(&c.settings.vm.pools["default"]);
+    let mut settings = c.settings.clone();
+    settings.vm.pools.get_mut("default").unwrap().image = "ami-no-driver".into();
+    let failing = settings_hash(&settings.vm.pools["default"]);
+    c.machines.lock().unwrap().failing_settings.insert(failing);
+    let restarted = Converger::new(
+        c.agent.rollout_context(),
+        Pools::new(
+            c.agent.rollout_context(),
+            settings,
+            c.cloud.clone(),
+            c.nodes.clone(),
+        ),
+    );
+    let until = Instant::now() + Duration::from_secs(60);
+    loop {
+        // Drift passes: a machine that cannot run its share is an error, never a rollback of
+        // the release.
+        let _ = restarted.converge_once().await;
+        let status = c.agent.runtime_view.current();
+        let serving = status.pools["default"]
+            .machines
+            .iter()
+            .filter(|m| m.state == "healthy" && !m.replicas.is_empty())
+            .count();
+        assert!(serving >= 2, "{:?}", status.pools);
+        let machines = c.cloud.all_machines();
+        if status.last_rollback.is_some()
+            && serving == 3
+            && machines.iter().all(|(_, s)| *s == good)
+        {
+            break;
+        }
+        assert!(Instant::now() < until, "{machines:?} {status:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let rollback = c.agent.runtime_view.current().last_rollback.unwrap();
+    assert!(
+        rollback.contains("image ami-no-driver could not run the release"),
+        "{rollback}"
+    );
+    assert_eq!(
+        c.agent
+            .store
+            .positions()
+            .unwrap()
+            .converged
+            .map(|d| d.to_string()),
+        c.agent
+            .store
+            .positions()
+            .unwrap()
+            .current
+            .map(|c| c.digest.to_string())
     );
 }
 
