@@ -544,6 +544,36 @@ async fn new_machine_settings_replace_machines_one_at_a_time() {
     assert_eq!(c.agent.store.positions().unwrap().converged, Some(v1));
 }
 
+/// Drift passes until the pool is back on the `good` settings, three machines serving and the
+/// rollback said (never fewer than two serving meanwhile); the rollback's message. A pass may
+/// fail (a machine that cannot run its share): that is an error, never a release's rollback.
+async fn until_rolled_back(
+    c: &Test,
+    converger: &Converger<Pools<FakeCloud>>,
+    good: &str,
+) -> String {
+    let until = Instant::now() + Duration::from_secs(60);
+    loop {
+        let _ = converger.converge_once().await;
+        let status = c.agent.runtime_view.current();
+        let serving = status.pools["default"]
+            .machines
+            .iter()
+            .filter(|m| m.state == "healthy" && !m.replicas.is_empty())
+            .count();
+        assert!(serving >= 2, "{:?}", status.pools);
+        let machines = c.cloud.all_machines();
+        if let Some(rollback) = &status.last_rollback
+            && serving == 3
+            && machines.iter().all(|(_, s)| s == good)
+        {
+            return rollback.clone();
+        }
+        assert!(Instant::now() < until, "{machines:?} {status:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// New machine settings whose machines never join are rolled back after two: the pool
 /// launches from its last good settings again, keeps serving throughout, says why, and does
 /// not try the failed settings again until they change.
@@ -572,29 +602,8 @@ async fn machine_settings_whose_machines_never_join_are_rolled_back() {
             ),
         )
     };
-    let restarted = restart();
-    let until = Instant::now() + Duration::from_secs(60);
-    loop {
-        restarted.converge_once().await.unwrap();
-        let status = c.agent.runtime_view.current();
-        let serving = status.pools["default"]
-            .machines
-            .iter()
-            .filter(|m| m.state == "healthy" && !m.replicas.is_empty())
-            .count();
-        assert!(serving >= 2, "{:?}", status.pools);
-        let machines = c.cloud.all_machines();
-        if status.last_rollback.is_some()
-            && serving == 3
-            && machines.iter().all(|(_, s)| *s == good)
-        {
-            break;
-        }
-        assert!(Instant::now() < until, "{machines:?} {status:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let rollback = until_rolled_back(&c, &restart(), &good).await;
     let status = c.agent.runtime_view.current();
-    let rollback = status.last_rollback.unwrap();
     assert!(
         rollback.contains(&format!(
             "pool default: machine settings {broken} rolled back to the last good ones: 2 machines never joined"
@@ -645,29 +654,7 @@ async fn machine_settings_that_cannot_run_the_release_are_rolled_back() {
             c.nodes.clone(),
         ),
     );
-    let until = Instant::now() + Duration::from_secs(60);
-    loop {
-        // Drift passes: a machine that cannot run its share is an error, never a rollback of
-        // the release.
-        let _ = restarted.converge_once().await;
-        let status = c.agent.runtime_view.current();
-        let serving = status.pools["default"]
-            .machines
-            .iter()
-            .filter(|m| m.state == "healthy" && !m.replicas.is_empty())
-            .count();
-        assert!(serving >= 2, "{:?}", status.pools);
-        let machines = c.cloud.all_machines();
-        if status.last_rollback.is_some()
-            && serving == 3
-            && machines.iter().all(|(_, s)| *s == good)
-        {
-            break;
-        }
-        assert!(Instant::now() < until, "{machines:?} {status:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let rollback = c.agent.runtime_view.current().last_rollback.unwrap();
+    let rollback = until_rolled_back(&c, &restarted, &good).await;
     assert!(
         rollback.contains("image ami-no-driver could not run the release"),
         "{rollback}"
