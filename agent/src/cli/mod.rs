@@ -138,6 +138,10 @@ enum Command {
     /// Check the configuration file and the trust it pins (keys or root.json), starting and
     /// changing nothing: exit 0, or 2 with what is wrong and where.
     CheckConfig(ConfigArg),
+    /// Check the state store (`state_dir/state.db`) read-only, beside a running agent too:
+    /// whether it is an Outpost store, passes SQLite's check and is this store (not a database
+    /// or -wal from another): exit 0 with a summary, or 1 with what is wrong.
+    CheckState(ConfigArg),
     /// Collect what a vendor's support engineer needs into a .tar.gz for the customer to review
     /// and send: version, status, history, plan, the configuration with secrets redacted,
     /// recent logs, the runtime's view and the current release's records. Prints what is
@@ -439,6 +443,12 @@ fn execute(command: Command) -> Result<(), Failure> {
             outpost_agent::pipeline::load_trust(&config)
                 .map_err(|e| Failure(2, format!("{}: {e:#}", arg.config.display())))?;
             println!("{}: ok", arg.config.display());
+        }
+        Command::CheckState(arg) => {
+            let config = load(&arg)?;
+            let summary = outpost_agent::state::Store::check(&config.state_dir)
+                .map_err(|problem| Failure(1, problem))?;
+            println!("{summary}");
         }
         Command::SupportBundle {
             config: arg,

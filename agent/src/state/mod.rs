@@ -8,6 +8,7 @@
 use chrono::{DateTime, Utc};
 use outpost_bundle_format::Digest;
 use outpost_bundle_format::release::rfc3339;
+use rusqlite::config::DbConfig;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use std::path::Path;
 use std::sync::Mutex;
@@ -26,6 +27,7 @@ impl From<rusqlite::Error> for StateError {
 
 pub type Result<T> = std::result::Result<T, StateError>;
 
+mod integrity;
 mod records;
 mod snapshots;
 
@@ -38,15 +40,46 @@ pub struct Store {
 }
 
 impl Store {
-    /// Opens (creating if needed) `state_dir/state.db`.
+    /// Opens (creating if needed) `state_dir/state.db`. A file that is there but damaged,
+    /// empty, not an Outpost store or mixed with another store's is refused with one line
+    /// naming it and what to do: starting from an empty store would forget every release and
+    /// the rollback floor.
     pub fn open(state_dir: &Path) -> Result<Store> {
         std::fs::create_dir_all(state_dir)
             .map_err(|e| StateError(format!("{}: {e}", state_dir.display())))?;
-        let conn = Connection::open(state_dir.join("state.db"))?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "FULL")?;
-        Self::init(conn)
+        let path = state_dir.join("state.db");
+        let refused = |detail: String| {
+            StateError(format!(
+                "{}: {detail}; refusing to start from an empty store (that would forget every release and the rollback floor): restore it (with its -wal) from a backup; `outpost-agent check-state` says whether a copy is sound",
+                path.display()
+            ))
+        };
+        if std::fs::metadata(&path).is_ok_and(|m| m.len() == 0) {
+            return Err(refused(
+                "empty (0 bytes), not a database: truncated? (if this agent never accepted a release, removing it is safe)".into(),
+            ));
+        }
+        let fresh = !path.exists();
+        let conn = Connection::open(&path).map_err(|e| refused(e.to_string()))?;
+        let opened = (|| -> rusqlite::Result<()> {
+            // Until it is found sound, closing must not checkpoint: a -wal from elsewhere
+            // would be written into this store's file for good.
+            conn.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)?;
+            conn.busy_timeout(std::time::Duration::from_secs(5))?;
+            conn.pragma_update(None, "journal_mode", "WAL")?;
+            conn.pragma_update(None, "synchronous", "FULL")
+        })();
+        opened.map_err(|e| refused(e.to_string()))?;
+        if !fresh {
+            integrity::soundness(&conn).map_err(refused)?;
+        }
+        let store = Self::init(conn)?;
+        store.check_identity(state_dir).map_err(refused)?;
+        store.with(|conn| {
+            conn.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, false)?;
+            Ok(())
+        })?;
+        Ok(store)
     }
 
     /// An empty store in memory (the offline `verify` on a machine without an agent's state).
@@ -69,6 +102,8 @@ impl Store {
         } else {
             ""
         };
+        let counted = integrity::counted_triggers();
+        let application = integrity::APPLICATION_ID;
         conn.execute_batch(&format!(
             "BEGIN;
              {upgrade}
@@ -97,7 +132,10 @@ impl Store {
              CREATE TABLE IF NOT EXISTS restores(
                  resource TEXT NOT NULL, ordinal INTEGER NOT NULL, snapshot INTEGER NOT NULL,
                  queued_at TEXT NOT NULL, PRIMARY KEY(resource, ordinal));
+             CREATE TABLE IF NOT EXISTS identity(id TEXT NOT NULL, writes INTEGER NOT NULL);
+             {counted}
              PRAGMA user_version = 2;
+             PRAGMA application_id = {application};
              COMMIT;"
         ))?;
         Ok(Store {

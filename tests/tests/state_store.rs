@@ -1,0 +1,157 @@
+//! A damaged state store: truncated, garbage, empty, or mixed with another store's `-wal`.
+//! The real agent refuses to start with one line naming the file and what to do (it never
+//! starts from an empty store, which would reset the rollback floor), and
+//! `outpost-agent check-state` says whether a store is sound.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is a failed test
+
+use outpost_tests::agent::{AgentProcess, drop_file};
+use outpost_tests::forge::{release, signed, tar};
+use outpost_tests::{binary, python, run};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BOTH: [&str; 2] = ["vendor-a", "vendor-b"];
+
+/// An agent that accepted and ran two releases, then stopped: its store is real.
+fn used_agent() -> (AgentProcess, tempfile::TempDir) {
+    let drop = tempfile::tempdir().unwrap();
+    let mut agent = AgentProcess::start(
+        &format!("source:\n  dir:\n    path: {}\n", drop.path().display()),
+        "runtime: none\n",
+    );
+    for (version, sequence) in [("1.0.0", 1), ("1.1.0", 2)] {
+        drop_file(
+            drop.path(),
+            &format!("acme-{version}.tar"),
+            &tar(&signed(release(version, sequence), &BOTH)),
+        );
+        agent.wait_current(sequence);
+    }
+    agent.stop();
+    (agent, drop)
+}
+
+/// `outpost-agent run` on `agent`'s config: it must exit (not start) within 20 s.
+fn refused_start(agent: &AgentProcess) -> (i32, String) {
+    let mut child = Command::new(binary("outpost-agent"))
+        .arg("run")
+        .arg("--config")
+        .arg(agent.path("agent.yaml"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut stderr = String::new();
+            std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+            return (status.code().unwrap_or(-1), stderr);
+        }
+        if Instant::now() > until {
+            let _ = child.kill();
+            panic!("the agent started on a damaged store");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn check_state(agent: &AgentProcess) -> (i32, String) {
+    let done = run(Command::new(binary("outpost-agent"))
+        .arg("check-state")
+        .arg("--config")
+        .arg(agent.path("agent.yaml")));
+    (done.code, format!("{}{}", done.stdout, done.stderr))
+}
+
+#[track_caller]
+fn assert_refused(agent: &AgentProcess, what: &str) {
+    let (code, stderr) = refused_start(agent);
+    assert_eq!(code, 2, "{what}: {stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "{what}: one line: {stderr}");
+    let db = agent.path("state/state.db");
+    assert!(
+        lines[0].contains(&db.display().to_string())
+            && lines[0].contains("refusing to start from an empty store")
+            && lines[0].contains("restore it"),
+        "{what}: {stderr}"
+    );
+    let (code, said) = check_state(agent);
+    assert_eq!(code, 1, "{what}: check-state: {said}");
+}
+
+fn truncate(path: &Path, len: u64) {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_len(len)
+        .unwrap();
+}
+
+#[test]
+fn a_sound_store_checks_and_a_damaged_one_is_refused_naming_the_file() {
+    let (agent, _drop) = used_agent();
+    let (code, said) = check_state(&agent);
+    assert_eq!(code, 0, "{said}");
+    assert!(said.contains("sound (schema 2, 2 releases"), "{said}");
+    let db = agent.path("state/state.db");
+    let good = std::fs::read(&db).unwrap();
+    assert!(good.len() > 8192, "{} bytes", good.len());
+
+    truncate(&db, 0);
+    assert_refused(&agent, "0 bytes");
+
+    std::fs::write(&db, &good[..good.len() / 2]).unwrap();
+    assert_refused(&agent, "cut in half");
+
+    std::fs::write(&db, vec![0x5a; good.len()]).unwrap();
+    assert_refused(&agent, "garbage");
+
+    // Another program's SQLite database is not an Outpost store.
+    std::fs::remove_file(&db).unwrap();
+    let made = run(python()
+        .arg("-c")
+        .arg("import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); c.execute('create table t(x)'); c.commit()")
+        .arg(&db));
+    assert_eq!(made.code, 0, "{}", made.stderr);
+    assert_refused(&agent, "another program's database");
+
+    // Put back, it starts again where it was.
+    std::fs::write(&db, &good).unwrap();
+    let (code, said) = check_state(&agent);
+    assert_eq!(code, 0, "{said}");
+}
+
+/// A `-wal` from another agent's store, laid beside this one's database, would silently make
+/// it that store: the store's identity (kept in it and beside it) tells them apart.
+#[test]
+fn a_wal_from_another_store_is_refused() {
+    let (agent, _drop) = used_agent();
+    let (other, _other_drop) = used_agent();
+    // The other store, written to (one event) and left with its -wal (as a crash would).
+    let foreign = other.path("state/state.db");
+    let copied = agent.path("state/state.db-wal");
+    let script = "import sqlite3, shutil, sys\n\
+                  c = sqlite3.connect(sys.argv[1])\n\
+                  c.execute('pragma wal_autocheckpoint=0')\n\
+                  c.execute(\"insert into events(at, kind, message) values ('2026-01-01T00:00:00Z', 'x', 'x')\")\n\
+                  c.commit()\n\
+                  shutil.copy(sys.argv[1] + '-wal', sys.argv[2])\n\
+                  import os; os._exit(0)\n";
+    let made = run(python().arg("-c").arg(script).arg(&foreign).arg(&copied));
+    assert_eq!(made.code, 0, "{}", made.stderr);
+    assert!(std::fs::metadata(&copied).unwrap().len() > 0);
+    let (code, stderr) = refused_start(&agent);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("a database or -wal from another store"),
+        "{stderr}"
+    );
+    let (code, said) = check_state(&agent);
+    assert_eq!(code, 1, "{said}");
+    assert!(said.contains("from another store"), "{said}");
+}
