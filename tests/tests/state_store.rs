@@ -1,12 +1,13 @@
-//! A damaged state store: truncated, garbage, empty, or mixed with another store's `-wal`.
-//! The real agent refuses to start with one line naming the file and what to do (it never
-//! starts from an empty store, which would reset the rollback floor), and
-//! `outpost-agent check-state` says whether a store is sound.
+//! The state store under damage and a full disk. A damaged store (truncated, garbage, empty,
+//! or mixed with another store's `-wal`): the real agent refuses to start with one line naming
+//! the file and what to do (it never starts from an empty store, which would reset the
+//! rollback floor), and `outpost-agent check-state` says whether a store is sound. A full
+//! disk: a bundle that does not fit waits in place, the store stays sound.
 
 #![allow(clippy::unwrap_used)] // test code: a panic is a failed test
 
 use outpost_tests::agent::{AgentProcess, drop_file};
-use outpost_tests::forge::{release, signed, tar};
+use outpost_tests::forge::{release, signed, tar, with_image};
 use outpost_tests::{binary, python, run};
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -154,4 +155,76 @@ fn a_wal_from_another_store_is_refused() {
     let (code, said) = check_state(&agent);
     assert_eq!(code, 1, "{said}");
     assert!(said.contains("from another store"), "{said}");
+}
+
+/// A tmpfs mounted over a directory for a test, unmounted when dropped.
+struct Mounted(std::path::PathBuf);
+
+impl Mounted {
+    /// Moves what `dir` holds onto a fresh tmpfs of `mib` MiB mounted over it.
+    fn tmpfs(dir: &Path, mib: u32) -> Mounted {
+        let aside = dir.with_extension("aside");
+        std::fs::rename(dir, &aside).unwrap();
+        std::fs::create_dir(dir).unwrap();
+        let mounted = run(Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+            .arg(dir));
+        assert_eq!(mounted.code, 0, "mount: {}", mounted.stderr);
+        let guard = Mounted(dir.to_path_buf());
+        let copied = run(Command::new("cp")
+            .arg("-a")
+            .arg(format!("{}/.", aside.display()))
+            .arg(dir));
+        assert_eq!(copied.code, 0, "{}", copied.stderr);
+        guard
+    }
+
+    fn resize(&self, mib: u32) {
+        let done = run(Command::new("mount")
+            .args(["-o", &format!("remount,size={mib}m")])
+            .arg(&self.0));
+        assert_eq!(done.code, 0, "remount: {}", done.stderr);
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// `state_dir` on a small filesystem and a bundle bigger than the room left: the bundle stays
+/// in the drop directory with "no space left" in `status`, the store stays sound and the
+/// current release untouched; once there is room the bundle is read again and accepted.
+#[test]
+fn a_full_disk_leaves_the_bundle_in_place_and_the_store_sound() {
+    let (mut agent, drop) = used_agent();
+    let state = Mounted::tmpfs(&agent.path("state"), 4);
+    agent.restart();
+    agent.wait_current(2);
+    let big = signed(with_image(release("1.2.0", 3), 16 << 20), &BOTH);
+    drop_file(drop.path(), "acme-1.2.0.tar", &tar(&big));
+    let status = agent.wait_within(60, "no space left in status", |st| {
+        st["source"]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("no space left on device"))
+    });
+    let error = status["source"]["last_error"].as_str().unwrap();
+    assert!(error.contains("acme-1.2.0.tar"), "{error}");
+    assert_eq!(status["current"]["sequence"], 2, "{status:#}");
+    assert!(drop.path().join("acme-1.2.0.tar").exists());
+    assert!(!drop.path().join("rejected/acme-1.2.0.tar").exists());
+    let (code, said) = check_state(&agent);
+    assert_eq!(code, 0, "{said}");
+    // Room again: read again, accepted, and nothing left behind in the spool.
+    state.resize(64);
+    agent.wait_within(120, "1.2.0 accepted once there is room", |st| {
+        st["current"]["sequence"] == 3
+    });
+    let spool = agent.path("state/tmp");
+    let left: Vec<_> = std::fs::read_dir(&spool)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "{left:?} left in {}", spool.display());
+    agent.stop();
 }

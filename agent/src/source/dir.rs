@@ -129,6 +129,15 @@ fn filed(path: PathBuf, layout: Result<Layout, LayoutError>) -> Candidate {
     }
 }
 
+/// Whether reading the candidate failed because the agent's disk is full.
+fn out_of_space(candidate: &Candidate) -> bool {
+    matches!(
+        &candidate.layout,
+        Err(LayoutError::Io { source, .. })
+            if matches!(source.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
+    )
+}
+
 /// Reads dropped files (on a blocking thread: a large file must not hold up the agent's API).
 #[derive(Clone)]
 struct Reader {
@@ -243,6 +252,19 @@ impl Source for DirSource {
                     let reader = self.reader.clone();
                     let read = tokio::task::spawn_blocking(move || reader.candidate(path)).await;
                     match read {
+                        // The agent's own disk is full: not the bundle's fault. It stays where
+                        // it is and is read again after the source's backoff.
+                        Ok(Some(candidate)) if out_of_space(&candidate) => {
+                            let message = format!(
+                                "{}: no space left on device while reading it under {} (left in place, read again once there is room)",
+                                candidate.origin,
+                                self.reader.spool_root.display()
+                            );
+                            if let Some(file) = candidate.file.clone() {
+                                self.queue.push_front(file);
+                            }
+                            return Err(SourceError(message));
+                        }
                         Ok(Some(candidate)) => return Ok(candidate),
                         Ok(None) => {}
                         Err(e) => return Err(SourceError(format!("reading a dropped file: {e}"))),
