@@ -75,6 +75,19 @@ impl Test {
             .collect()
     }
 
+    /// The agent restarted with other `settings`, on the same cloud and nodes.
+    fn restarted(&self, settings: Settings) -> Converger<Pools<FakeCloud>> {
+        Converger::new(
+            self.agent.rollout_context(),
+            Pools::new(
+                self.agent.rollout_context(),
+                settings,
+                self.cloud.clone(),
+                self.nodes.clone(),
+            ),
+        )
+    }
+
     fn break_image(&self, image: &str) {
         let mut machines = self.machines.lock().unwrap();
         machines.broken.push(image.to_string());
@@ -508,15 +521,7 @@ async fn new_machine_settings_replace_machines_one_at_a_time() {
     let mut settings = c.settings.clone();
     settings.vm.pools.get_mut("default").unwrap().image = "ami-2".into();
     let new_settings = settings_hash(&settings.vm.pools["default"]);
-    let restarted = Converger::new(
-        c.agent.rollout_context(),
-        Pools::new(
-            c.agent.rollout_context(),
-            settings,
-            c.cloud.clone(),
-            c.nodes.clone(),
-        ),
-    );
+    let restarted = c.restarted(settings);
     let until = Instant::now() + Duration::from_secs(30);
     let mut most_gone = 0;
     loop {
@@ -591,18 +596,7 @@ async fn machine_settings_whose_machines_never_join_are_rolled_back() {
         .unwrap()
         .dud_settings
         .insert(broken.clone());
-    let restart = || {
-        Converger::new(
-            c.agent.rollout_context(),
-            Pools::new(
-                c.agent.rollout_context(),
-                settings.clone(),
-                c.cloud.clone(),
-                c.nodes.clone(),
-            ),
-        )
-    };
-    let rollback = until_rolled_back(&c, &restart(), &good).await;
+    let rollback = until_rolled_back(&c, &c.restarted(settings.clone()), &good).await;
     let status = c.agent.runtime_view.current();
     assert!(
         rollback.contains(&format!(
@@ -622,7 +616,7 @@ async fn machine_settings_whose_machines_never_join_are_rolled_back() {
         "{history:?}"
     );
     // Restarted again with the same settings: they are not tried again.
-    let again = restart();
+    let again = c.restarted(settings);
     for _ in 0..5 {
         again.converge_once().await.unwrap();
     }
@@ -645,16 +639,7 @@ async fn machine_settings_that_cannot_run_the_release_are_rolled_back() {
     settings.vm.pools.get_mut("default").unwrap().image = "ami-no-driver".into();
     let failing = settings_hash(&settings.vm.pools["default"]);
     c.machines.lock().unwrap().failing_settings.insert(failing);
-    let restarted = Converger::new(
-        c.agent.rollout_context(),
-        Pools::new(
-            c.agent.rollout_context(),
-            settings,
-            c.cloud.clone(),
-            c.nodes.clone(),
-        ),
-    );
-    let rollback = until_rolled_back(&c, &restarted, &good).await;
+    let rollback = until_rolled_back(&c, &c.restarted(settings), &good).await;
     assert!(
         rollback.contains("image ami-no-driver could not run the release"),
         "{rollback}"
