@@ -286,7 +286,20 @@ fn install_update_rollback_drift_prune(kind: Kind) {
     s.web_says("v2 two");
 }
 
-fn kill_9_during_rollouts(kind: Kind) {
+/// How a rollout is interrupted.
+#[derive(Clone, Copy, PartialEq)]
+enum Interrupt {
+    /// kill -9: no chance to clean up.
+    Kill,
+    /// SIGTERM, as a service manager stops the agent: it must be gone well within the stop
+    /// timeout (systemd's 90 s, Kubernetes' 30 s grace) on its own.
+    Term,
+}
+
+/// Four releases, each interrupted at a random point of its rollout: after the restart each
+/// converges with no orphan or duplicate container and a sound store, and the stateful
+/// replica saw every release start.
+fn interrupted_rollouts(kind: Kind, interrupt: Interrupt) {
     let mut s = setup(kind);
     let image = s.images[0].clone();
     let mut rng = 0x9e37_79b9_7f4a_7c15u64;
@@ -311,14 +324,29 @@ fn kill_9_during_rollouts(kind: Kind) {
         rng ^= rng >> 7;
         rng ^= rng << 17;
         std::thread::sleep(std::time::Duration::from_millis(300 + rng % 2500));
-        s.agent.kill();
+        match interrupt {
+            Interrupt::Kill => s.agent.kill(),
+            Interrupt::Term => {
+                // `stop` sends SIGTERM and waits up to 10 s before it kills.
+                let asked = std::time::Instant::now();
+                s.agent.stop();
+                let took = asked.elapsed();
+                assert!(
+                    took < std::time::Duration::from_secs(8),
+                    "stopped on its own within 8 s of SIGTERM, not {took:?}: {}",
+                    s.agent.log()
+                );
+            }
+        }
         s.agent.restart();
         s.agent.wait_converged(sequence);
         assert_eq!(
             s.engine.containers(),
             ["acme-db-0", "acme-web-0", "acme-web-1"],
-            "no orphans, no duplicates after a kill during rollout {sequence}"
+            "no orphans, no duplicates after an interruption during rollout {sequence}"
         );
+        let checked = s.agent.cli(&["check-state"]);
+        assert_eq!(checked.code, 0, "{}{}", checked.stdout, checked.stderr);
         s.web_says(&message);
     }
     let log = s.db_log();
@@ -435,10 +463,15 @@ fn podman_install_update_rollback_drift_prune() {
 
 #[test]
 fn dockerd_kill_9_during_rollouts() {
-    kill_9_during_rollouts(Kind::Docker);
+    interrupted_rollouts(Kind::Docker, Interrupt::Kill);
+}
+
+#[test]
+fn dockerd_sigterm_during_rollouts() {
+    interrupted_rollouts(Kind::Docker, Interrupt::Term);
 }
 
 #[test]
 fn podman_kill_9_during_rollouts() {
-    kill_9_during_rollouts(Kind::Podman);
+    interrupted_rollouts(Kind::Podman, Interrupt::Kill);
 }
