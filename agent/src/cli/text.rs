@@ -102,22 +102,12 @@ pub(super) fn runtime_text(runtime: &Value) -> String {
             out.push_str(&format!("             {problem}\n"));
         }
         for machine in pool["machines"].as_array().into_iter().flatten() {
-            let replicas: Vec<&str> = machine["replicas"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(Value::as_str)
-                .collect();
             out.push_str(&format!(
                 "             {} ({}) {}: {}\n",
                 machine["id"].as_str().unwrap_or_default(),
                 machine["zone"].as_str().unwrap_or_default(),
                 machine["state"].as_str().unwrap_or_default(),
-                if replicas.is_empty() {
-                    "no replicas".to_string()
-                } else {
-                    replicas.join(", ")
-                }
+                joined(&machine["replicas"], "no replicas")
             ));
         }
     }
@@ -141,20 +131,10 @@ pub(super) fn runtime_text(runtime: &Value) -> String {
         .into_iter()
         .flatten()
     {
-        let targets: Vec<&str> = balancer["targets"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(Value::as_str)
-            .collect();
         out.push_str(&format!(
             "balancer:  {endpoint}: {} -> {}\n",
             balancer["dns"].as_str().unwrap_or_default(),
-            if targets.is_empty() {
-                "no machines".to_string()
-            } else {
-                targets.join(", ")
-            }
+            joined(&balancer["targets"], "no machines")
         ));
     }
     for finding in list("findings") {
@@ -319,6 +299,21 @@ fn human_age(seconds: i64) -> String {
         s if s >= 3_600 => format!("{}h", s / 3_600),
         s if s >= 60 => format!("{}m", s / 60),
         s => format!("{s}s"),
+    }
+}
+
+/// A JSON array of strings, comma-separated, or `none` when empty.
+fn joined(list: &Value, none: &str) -> String {
+    let items: Vec<&str> = list
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    if items.is_empty() {
+        none.to_string()
+    } else {
+        items.join(", ")
     }
 }
 

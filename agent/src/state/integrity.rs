@@ -45,13 +45,8 @@ impl Store {
     /// one-line summary, or what is wrong.
     pub fn check(state_dir: &Path) -> std::result::Result<String, String> {
         let path = state_dir.join("state.db");
-        let meta = std::fs::metadata(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-        if meta.len() == 0 {
-            return Err(format!(
-                "{}: empty (0 bytes), not a database",
-                path.display()
-            ));
-        }
+        std::fs::metadata(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        not_empty(&path).map_err(|e| format!("{}: {e}", path.display()))?;
         let conn = Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY)
             .map_err(|e| format!("{}: {e}", path.display()))?;
         conn.busy_timeout(std::time::Duration::from_secs(5))
@@ -60,19 +55,10 @@ impl Store {
         let store = Store {
             conn: Mutex::new(conn),
         };
-        let id = store
-            .with(identity)
+        let (inside, kept) = store
+            .identities(state_dir)
             .map_err(|e| format!("{}: {e}", path.display()))?;
-        let kept = std::fs::read_to_string(state_dir.join(ID_FILE)).ok();
-        if let (Some(id), Some(kept)) = (&id, &kept)
-            && id != kept.trim()
-        {
-            return Err(format!(
-                "{}: holds store {id}, but {ID_FILE} names {}: a database or -wal from another store",
-                path.display(),
-                kept.trim()
-            ));
-        }
+        same_store(&inside, &kept).map_err(|e| format!("{}: {e}", path.display()))?;
         let (accepted, rejected) = store.counts().map_err(|e| e.to_string())?;
         Ok(format!(
             "{}: sound (schema {SCHEMA_VERSION}, {accepted} releases, {rejected} rejections)",
@@ -84,17 +70,9 @@ impl Store {
     /// lost it, and refused when the two differ (a database or -wal from another store).
     pub(super) fn check_identity(&self, state_dir: &Path) -> std::result::Result<(), String> {
         let file = state_dir.join(ID_FILE);
-        let inside = self.with(identity).map_err(|e| e.to_string())?;
-        let kept = match std::fs::read_to_string(&file) {
-            Ok(text) => Some(text.trim().to_string()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => return Err(format!("{}: {e}", file.display())),
-        };
+        let (inside, kept) = self.identities(state_dir)?;
+        same_store(&inside, &kept)?;
         match (inside, kept) {
-            (Some(inside), Some(kept)) if inside != kept => Err(format!(
-                "holds store {inside}, but {} names {kept}: a database or -wal from another store (if this copy was restored on purpose, remove {ID_FILE})",
-                file.display()
-            )),
             (Some(_), Some(_)) => Ok(()),
             (Some(inside), None) => {
                 outpost_bundle_format::layout::write_atomic(&file, inside.as_bytes())
@@ -122,8 +100,55 @@ impl Store {
     }
 }
 
-/// The store's identity, if it has one yet.
+impl Store {
+    /// The identity in the store (none in a store from before identities, or a new one) and
+    /// the one kept beside it.
+    fn identities(
+        &self,
+        state_dir: &Path,
+    ) -> std::result::Result<(Option<String>, Option<String>), String> {
+        let inside = self.with(identity).map_err(|e| e.to_string())?;
+        let file = state_dir.join(ID_FILE);
+        let kept = match std::fs::read_to_string(&file) {
+            Ok(text) => Some(text.trim().to_string()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(format!("{}: {e}", file.display())),
+        };
+        Ok((inside, kept))
+    }
+}
+
+/// Refuses two identities that differ: a database or -wal from another store.
+fn same_store(inside: &Option<String>, kept: &Option<String>) -> std::result::Result<(), String> {
+    match (inside, kept) {
+        (Some(inside), Some(kept)) if inside != kept => Err(format!(
+            "holds store {inside}, but {ID_FILE} beside it names {kept}: a database or -wal from another store (if this copy was restored on purpose, remove {ID_FILE})"
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// A database file of 0 bytes is no store at all: truncated, or made and never written.
+pub(super) fn not_empty(path: &Path) -> std::result::Result<(), String> {
+    if std::fs::metadata(path).is_ok_and(|m| m.len() == 0) {
+        return Err("empty (0 bytes), not a database: truncated? (if this agent never accepted a release, removing it is safe)".into());
+    }
+    Ok(())
+}
+
+/// The store's identity, if it has one yet (a store from before identities has no table).
 fn identity(conn: &mut Connection) -> Result<Option<String>> {
+    let has_table = conn
+        .query_row(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'identity'",
+            [],
+            |_| Ok(()),
+        )
+        .optional()?
+        .is_some();
+    if !has_table {
+        return Ok(None);
+    }
     Ok(conn
         .query_row("SELECT id FROM identity LIMIT 1", [], |r| r.get(0))
         .optional()?)

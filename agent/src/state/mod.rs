@@ -54,11 +54,7 @@ impl Store {
                 path.display()
             ))
         };
-        if std::fs::metadata(&path).is_ok_and(|m| m.len() == 0) {
-            return Err(refused(
-                "empty (0 bytes), not a database: truncated? (if this agent never accepted a release, removing it is safe)".into(),
-            ));
-        }
+        integrity::not_empty(&path).map_err(refused)?;
         let fresh = !path.exists();
         let conn = Connection::open(&path).map_err(|e| refused(e.to_string()))?;
         let opened = (|| -> rusqlite::Result<()> {

@@ -69,6 +69,8 @@ pub struct Pools<P: Provider> {
     scale: Autoscaler,
     /// The release whose gone endpoints' load balancers were looked for.
     balancers_pruned: Mutex<Option<Digest>>,
+    /// Values kept in the state store (the pools' good and failed settings), once read.
+    remembered: Mutex<BTreeMap<String, Option<String>>>,
     /// Machines that never joined, by pool and the settings they were launched with.
     boot_failures: Mutex<BTreeMap<(String, String), BTreeSet<String>>>,
 }
@@ -235,6 +237,7 @@ impl<P: Provider> Pools<P> {
             made: Mutex::default(),
             scale: Autoscaler::default(),
             boot_failures: Mutex::default(),
+            remembered: Mutex::default(),
             balancers_pruned: Mutex::default(),
         }
     }

@@ -7,6 +7,9 @@
 //! ([`Disks`]). Linked resources on other machines are reached through [`links`](super::links).
 
 use super::disk::Disks;
+
+#[path = "node_images.rs"]
+mod images;
 use super::images::CarriedImage;
 use super::nodes::{Assignment, JoinAnswer, JoinRequest, Report, ReportedReplica};
 use crate::config::{DockerConfig, Permissions};
@@ -29,6 +32,8 @@ use std::time::Duration;
 const MAX_ANSWER: usize = 8 << 20;
 /// Between attempts to reach an agent that does not answer.
 const RETRY: Duration = Duration::from_secs(3);
+/// The longest error answer the node reads.
+const MAX_ERROR: usize = 64 << 10;
 /// How long a replica's load sample stands for it.
 const SAMPLE_EVERY: Duration = Duration::from_secs(15);
 /// The longest a carried image's download may go without receiving anything.
@@ -84,6 +89,8 @@ pub struct NodeAgent<R: Runtime, F: Fn() -> R> {
     link_listeners: Forwarder,
     link_server: Arc<LinkServer>,
     links_summary: Mutex<String>,
+    /// The carried images whose set the images directory was last pruned to.
+    pruned_for: Mutex<Option<BTreeSet<String>>>,
     /// The last load sample of each autoscaled replica.
     samples: Mutex<
         std::collections::BTreeMap<
@@ -113,6 +120,7 @@ impl<R: Runtime, F: Fn() -> R> NodeAgent<R, F> {
             link_listeners: Forwarder::default(),
             link_server: Arc::default(),
             links_summary: Mutex::default(),
+            pruned_for: Mutex::default(),
             samples: Mutex::default(),
         })
     }
@@ -526,16 +534,7 @@ impl<R: Runtime, F: Fn() -> R> NodeAgent<R, F> {
             if status == StatusCode::OK {
                 return Ok(bytes.to_vec());
             }
-            let message = serde_json::from_slice::<serde_json::Value>(&bytes)
-                .ok()
-                .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(String::from))
-                .unwrap_or_else(|| status.to_string());
-            let message = format!("{method} {path}: {message}");
-            Err(if status == StatusCode::UNAUTHORIZED {
-                CallError::Unauthorized(message)
-            } else {
-                CallError::Failed(message)
-            })
+            Err(refusal(&method, path, status, &bytes))
         };
         tokio::time::timeout(timeout, exchange)
             .await
@@ -579,105 +578,19 @@ impl<R: Runtime, F: Fn() -> R> NodeAgent<R, F> {
             .map_err(|e| failed(&e))?;
         sender.send_request(request).await.map_err(|e| failed(&e))
     }
+}
 
-    /// Fetches the images the release carried that this machine lacks into its images
-    /// directory, where the engine backend loads them from; each archive is checked against
-    /// the size and SHA-256 the assignment names before it counts. Archives of other images go.
-    async fn fetch_images(
-        &self,
-        images: &[CarriedImage],
-        token: Option<&str>,
-    ) -> Result<(), String> {
-        let dir = self.options.state_dir.join("images");
-        for image in images {
-            let name = format!("carried image sha256:{}", image.digest);
-            if !CarriedImage::valid_digest(&image.digest) {
-                return Err(format!("{name}: not a digest"));
-            }
-            if dir.join(format!("{}.id", image.digest)).exists() {
-                continue;
-            }
-            let token = token.ok_or_else(|| format!("{name}: waiting to reach the agent"))?;
-            std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-            let partial = dir.join(format!(".{}.partial", image.digest));
-            let fetched = self.download(image, token, &partial).await;
-            if let Err(e) = fetched {
-                let _ = std::fs::remove_file(&partial);
-                return Err(format!("{name}: {e}"));
-            }
-            let archive = dir.join(format!("{}.tar", image.digest));
-            std::fs::rename(&partial, &archive).map_err(|e| format!("{name}: {e}"))?;
-            outpost_bundle_format::layout::write_atomic(
-                &dir.join(format!("{}.id", image.digest)),
-                image.id.as_bytes(),
-            )
-            .map_err(|e| format!("{name}: {e}"))?;
-            tracing::info!("{name}: fetched from the agent ({} bytes)", image.size);
-        }
-        let wanted = images.iter().map(|i| i.digest.clone()).collect();
-        crate::runtime::carried::prune_bundled_images(&dir, &wanted);
-        Ok(())
-    }
-
-    /// One carried image's archive into `into`, checked.
-    async fn download(
-        &self,
-        image: &CarriedImage,
-        token: &str,
-        into: &std::path::Path,
-    ) -> Result<(), String> {
-        use tokio::io::AsyncWriteExt;
-        let path = format!("/v1/images/{}.tar", image.digest);
-        let response = tokio::time::timeout(
-            IDLE_DOWNLOAD,
-            self.send(&Method::GET, &path, Some(token), None),
-        )
-        .await
-        .map_err(|_| "no answer in time".to_string())?
-        .map_err(|e| e.to_string())?;
-        if response.status() != StatusCode::OK {
-            return Err(format!("GET {path}: {}", response.status()));
-        }
-        let mut body = response.into_body();
-        let mut file = tokio::fs::File::create(into)
-            .await
-            .map_err(|e| format!("{}: {e}", into.display()))?;
-        let mut written = 0u64;
-        loop {
-            let frame = tokio::time::timeout(IDLE_DOWNLOAD, body.frame())
-                .await
-                .map_err(|_| format!("nothing received for {}s", IDLE_DOWNLOAD.as_secs()))?;
-            let Some(frame) = frame else { break };
-            let frame = frame.map_err(|e| e.to_string())?;
-            let Ok(data) = frame.into_data() else {
-                continue;
-            };
-            written += data.len() as u64;
-            if written > image.size {
-                return Err(format!("larger than its {} bytes", image.size));
-            }
-            file.write_all(&data)
-                .await
-                .map_err(|e| format!("{}: {e}", into.display()))?;
-        }
-        if written != image.size {
-            return Err(format!("cut short: {written} of {} bytes", image.size));
-        }
-        file.sync_all()
-            .await
-            .map_err(|e| format!("{}: {e}", into.display()))?;
-        let at = into.to_path_buf();
-        let sha256 = tokio::task::spawn_blocking(move || super::file_sha256(&at))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
-        if sha256 != image.sha256 {
-            return Err(format!(
-                "SHA-256 {sha256} is not the {} the agent named",
-                image.sha256
-            ));
-        }
-        Ok(())
+/// Why the agent refused a request: the `error` of its JSON answer, else the status.
+fn refusal(method: &Method, path: &str, status: StatusCode, answer: &[u8]) -> CallError {
+    let message = serde_json::from_slice::<serde_json::Value>(answer)
+        .ok()
+        .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(String::from))
+        .unwrap_or_else(|| status.to_string());
+    let message = format!("{method} {path}: {message}");
+    if status == StatusCode::UNAUTHORIZED {
+        CallError::Unauthorized(message)
+    } else {
+        CallError::Failed(message)
     }
 }
 

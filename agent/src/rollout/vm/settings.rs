@@ -32,14 +32,39 @@ struct Failed {
 }
 
 impl<P: Provider> Pools<P> {
+    /// A value kept in the state store, read once per process: every pass asks.
+    fn remembered(&self, key: &str) -> Option<String> {
+        if let Some(known) = self
+            .remembered
+            .lock()
+            .ok()
+            .and_then(|r| r.get(key).cloned())
+        {
+            return known;
+        }
+        // A read that fails is not remembered: the next pass asks again.
+        let stored = self.context.store.setting(key).ok()?;
+        if let Ok(mut remembered) = self.remembered.lock() {
+            remembered.insert(key.to_string(), stored.clone());
+        }
+        stored
+    }
+
+    /// Keeps `value` under `key` in the state store (and in memory once it is there).
+    fn remember(&self, key: &str, value: &str) -> crate::state::Result<()> {
+        self.context.store.set_setting(key, Some(value))?;
+        if let Ok(mut remembered) = self.remembered.lock() {
+            remembered.insert(key.to_string(), Some(value.to_string()));
+        }
+        Ok(())
+    }
+
     fn good(&self, pool: &str) -> Option<PoolConfig> {
-        let stored = self.context.store.setting(&good_key(pool)).ok()??;
-        serde_json::from_str(&stored).ok()
+        serde_json::from_str(&self.remembered(&good_key(pool))?).ok()
     }
 
     fn failed(&self, pool: &str) -> Option<Failed> {
-        let stored = self.context.store.setting(&failed_key(pool)).ok()??;
-        serde_json::from_str(&stored).ok()
+        serde_json::from_str(&self.remembered(&failed_key(pool))?).ok()
     }
 
     /// Whether `settings` are the ones `pool` rolled back from: its machines go at once.
@@ -96,8 +121,10 @@ impl<P: Provider> Pools<P> {
             else {
                 continue;
             };
+            // A node that carried its assignment out and then could not observe its engine
+            // reports an error too: only a failure to carry it out counts against the settings.
             let Some(error) = node.report.as_ref().and_then(|r| {
-                (r.generation == node.assignment.generation)
+                (r.generation == node.assignment.generation && r.converged.is_none())
                     .then_some(r.error.as_ref())
                     .flatten()
             }) else {
@@ -152,11 +179,7 @@ impl<P: Provider> Pools<P> {
             spec.pool, failed.settings, failed.why
         );
         let stored = serde_json::to_string(&failed).unwrap_or_default();
-        if let Err(e) = self
-            .context
-            .store
-            .set_setting(&failed_key(&spec.pool), Some(&stored))
-        {
+        if let Err(e) = self.remember(&failed_key(&spec.pool), &stored) {
             tracing::warn!("{message}: not recorded: {e}");
             return;
         }
@@ -178,12 +201,8 @@ impl<P: Provider> Pools<P> {
             let Ok(config) = serde_json::to_string(&spec.config) else {
                 continue;
             };
-            let stored = self.context.store.setting(&good_key(pool)).ok().flatten();
-            if stored.as_deref() != Some(config.as_str())
-                && let Err(e) = self
-                    .context
-                    .store
-                    .set_setting(&good_key(pool), Some(&config))
+            if self.remembered(&good_key(pool)).as_deref() != Some(config.as_str())
+                && let Err(e) = self.remember(&good_key(pool), &config)
             {
                 tracing::warn!("pool {pool}: last good settings not recorded: {e}");
             }
