@@ -244,7 +244,8 @@ pub async fn drive(
             Ok(candidate) => candidate,
             Err(e) => {
                 failures += 1;
-                back_off(&agent, &shared, failures, format!("source error: {e}")).await;
+                let wait = source.retry_delay(failures);
+                back_off(&agent, &shared, wait, format!("source error: {e}")).await;
                 continue;
             }
         };
@@ -291,7 +292,7 @@ pub async fn drive(
                 back_off(
                     &agent,
                     &shared,
-                    failures,
+                    crate::backoff::delay(failures),
                     format!("recording {}: {e:#}", candidate.origin),
                 )
                 .await;
@@ -322,10 +323,9 @@ pub async fn drive(
     }
 }
 
-/// Counts the error, shows it in `status`, logs it and waits out the backoff.
-async fn back_off(agent: &Agent, shared: &Shared, failures: u32, error: String) {
+/// Counts the error, shows it in `status`, logs it and waits `wait`.
+async fn back_off(agent: &Agent, shared: &Shared, wait: std::time::Duration, error: String) {
     agent.metrics.source_errors.inc();
-    let wait = crate::backoff::delay(failures);
     tracing::warn!("{error} (retry in {:.1}s)", wait.as_secs_f64());
     if let Ok(mut last) = shared.last_error.lock() {
         *last = Some(error);

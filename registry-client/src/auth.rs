@@ -91,6 +91,47 @@ pub fn docker_config_credentials(host: &str, path: Option<&Path>) -> Result<Cred
     }
 }
 
+/// A registry's `WWW-Authenticate` challenge: untrusted text, parsed into what the client acts on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Challenge {
+    Basic,
+    Bearer {
+        realm: String,
+        service: Option<String>,
+    },
+}
+
+impl Challenge {
+    /// Parses `Basic …` or `Bearer realm="…",service="…"`; anything else is an error naming it.
+    pub fn parse(header: &str) -> Result<Challenge, String> {
+        let header = header.trim();
+        let (scheme, params) = header.split_once(' ').unwrap_or((header, ""));
+        if scheme.eq_ignore_ascii_case("basic") {
+            return Ok(Challenge::Basic);
+        }
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            let shown: String = scheme.chars().take(32).collect();
+            return Err(format!("unsupported authentication scheme {shown:?}"));
+        }
+        let params = parse_params(params);
+        let value = |name: &str| {
+            params
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+        };
+        let realm = value("realm").ok_or("bearer challenge without a realm")?;
+        if !(realm.starts_with("https://") || realm.starts_with("http://")) {
+            let shown: String = realm.chars().take(64).collect();
+            return Err(format!("bearer realm {shown:?} is not an http(s) URL"));
+        }
+        Ok(Challenge::Bearer {
+            realm,
+            service: value("service"),
+        })
+    }
+}
+
 /// Answers a `WWW-Authenticate` challenge with an Authorization header value.
 pub(crate) async fn answer_challenge(
     http: &reqwest::Client,
@@ -98,21 +139,16 @@ pub(crate) async fn answer_challenge(
     credentials: &Credentials,
     scope: &str,
 ) -> Result<String, String> {
-    let (scheme, params) = challenge.split_once(' ').unwrap_or((challenge, ""));
-    match scheme.to_ascii_lowercase().as_str() {
-        "basic" => credentials.basic_header().ok_or_else(|| {
+    match Challenge::parse(challenge)? {
+        Challenge::Basic => credentials.basic_header().ok_or_else(|| {
             "the registry needs credentials (docker config or --username/--password)".to_string()
         }),
-        "bearer" => {
-            let params = parse_params(params);
-            let realm = params
-                .iter()
-                .find(|(k, _)| k == "realm")
-                .map(|(_, v)| v.clone())
-                .ok_or("bearer challenge without a realm")?;
-            let mut query: Vec<(String, String)> =
-                params.into_iter().filter(|(k, _)| k == "service").collect();
-            query.push(("scope".into(), scope.to_string()));
+        Challenge::Bearer { realm, service } => {
+            let mut query: Vec<(&str, &str)> = Vec::new();
+            if let Some(service) = &service {
+                query.push(("service", service));
+            }
+            query.push(("scope", scope));
             let mut request = http.get(&realm).query(&query);
             if let Some(basic) = credentials.basic_header() {
                 request = request.header(reqwest::header::AUTHORIZATION, basic);
@@ -127,12 +163,18 @@ pub(crate) async fn answer_challenge(
                     response.status()
                 ));
             }
-            let bytes = response
-                .bytes()
+            // Read at most 1 MiB: the token endpoint is named by the registry, not trusted.
+            let mut response = response;
+            let mut bytes = Vec::new();
+            while let Some(chunk) = response
+                .chunk()
                 .await
-                .map_err(|e| format!("token endpoint {realm}: {e}"))?;
-            if bytes.len() > 1 << 20 {
-                return Err(format!("token endpoint {realm}: response over 1 MiB"));
+                .map_err(|e| format!("token endpoint {realm}: {e}"))?
+            {
+                if bytes.len() + chunk.len() > 1 << 20 {
+                    return Err(format!("token endpoint {realm}: response over 1 MiB"));
+                }
+                bytes.extend_from_slice(&chunk);
             }
             let body: serde_json::Value = serde_json::from_slice(&bytes)
                 .map_err(|e| format!("token endpoint {realm}: {e}"))?;
@@ -143,7 +185,6 @@ pub(crate) async fn answer_challenge(
                 .ok_or_else(|| format!("token endpoint {realm}: no token in the response"))?;
             Ok(format!("Bearer {token}"))
         }
-        other => Err(format!("unsupported authentication scheme {other:?}")),
     }
 }
 
@@ -192,6 +233,32 @@ mod tests {
         );
         assert_eq!(params[1], ("service".into(), "registry.example".into()));
         assert_eq!(params.len(), 3);
+    }
+
+    #[test]
+    fn parses_challenges() {
+        assert_eq!(
+            Challenge::parse(r#"Bearer realm="http://127.0.0.1:1/token",service="reg""#),
+            Ok(Challenge::Bearer {
+                realm: "http://127.0.0.1:1/token".into(),
+                service: Some("reg".into())
+            })
+        );
+        assert_eq!(Challenge::parse("basic realm=x"), Ok(Challenge::Basic));
+        for (header, error) in [
+            ("Bearer service=x", "bearer challenge without a realm"),
+            (
+                r#"Bearer realm="file:///etc/passwd""#,
+                "is not an http(s) URL",
+            ),
+            (
+                "Negotiate abc",
+                "unsupported authentication scheme \"Negotiate\"",
+            ),
+        ] {
+            let got = Challenge::parse(header).unwrap_err();
+            assert!(got.contains(error), "{header}: {got}");
+        }
     }
 
     #[test]

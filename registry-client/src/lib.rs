@@ -8,13 +8,19 @@
 mod auth;
 mod reference;
 
-pub use auth::{Credentials, docker_config_credentials};
+pub use auth::{Challenge, Credentials, docker_config_credentials};
 pub use reference::{Reference, ReferenceError};
 
 use outpost_bundle_format::Digest;
 use outpost_bundle_format::crypto::Sha256;
 use reqwest::{Method, StatusCode, header};
 use std::sync::Mutex;
+use std::time::Duration;
+
+/// The default for [`Registry::with_stall_timeout`].
+pub const DEFAULT_STALL: Duration = Duration::from_secs(30);
+/// Largest `Retry-After` honoured; a longer one waits this long.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
 
 /// Every manifest type we ask for (and nothing else).
 pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.list.v2+json";
@@ -24,11 +30,19 @@ pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, a
 pub enum RegistryError {
     #[error("{url}: {}", error_chain(source))]
     Transport { url: String, source: reqwest::Error },
-    #[error("{url}: HTTP {status}: {body}")]
+    #[error("{url}: HTTP {status}{}: {body}", retry_note(retry_after))]
     Status {
         url: String,
         status: u16,
         body: String,
+        /// The server's `Retry-After`, when it sent one in seconds.
+        retry_after: Option<Duration>,
+    },
+    #[error("{url}: stalled: {received} bytes in {}s, below 1 KiB per {}s", stall.as_secs(), stall.as_secs())]
+    Stalled {
+        url: String,
+        received: u64,
+        stall: Duration,
     },
     #[error("{url}: authentication failed: {reason}")]
     Auth { url: String, reason: String },
@@ -64,13 +78,27 @@ fn error_chain(error: &dyn std::error::Error) -> String {
     text
 }
 
+fn retry_note(retry_after: &Option<Duration>) -> String {
+    retry_after
+        .map(|d| format!(" (retry after {}s)", d.as_secs()))
+        .unwrap_or_default()
+}
+
 impl RegistryError {
     /// Transient errors are worth retrying with backoff; others need a human.
     pub fn is_transient(&self) -> bool {
         match self {
-            RegistryError::Transport { .. } => true,
+            RegistryError::Transport { .. } | RegistryError::Stalled { .. } => true,
             RegistryError::Status { status, .. } => *status == 429 || *status >= 500,
             _ => false,
+        }
+    }
+
+    /// How long the registry asked to be left alone (`Retry-After` on a 429 or 503).
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            RegistryError::Status { retry_after, .. } => *retry_after,
+            _ => None,
         }
     }
 }
@@ -86,6 +114,9 @@ pub struct ManifestHead {
 /// A client for one registry host.
 pub struct Registry {
     http: reqwest::Client,
+    /// A request whose answer does not start, or whose body brings less than 1 KiB, within this
+    /// long is cut off: a stalled or dripping server fails the request instead of holding it.
+    stall: Duration,
     base: String,
     credentials: Credentials,
     token: Mutex<Option<String>>,
@@ -116,10 +147,17 @@ impl Registry {
             })?;
         Ok(Registry {
             http,
+            stall: DEFAULT_STALL,
             base: format!("{scheme}://{host}/v2"),
             credentials,
             token: Mutex::new(None),
         })
+    }
+
+    /// Cuts off requests that stall for `stall` (default 30 s); see [`Registry`].
+    pub fn with_stall_timeout(mut self, stall: Duration) -> Self {
+        self.stall = stall.max(Duration::from_millis(100));
+        self
     }
 
     /// HEAD on a manifest: the cheap change check. `None` when the tag does not exist.
@@ -149,11 +187,7 @@ impl Registry {
             .map(Digest::parse)
             .transpose()
             .map_err(|e| RegistryError::Protocol(format!("{url}: {e}")))?;
-        let media_type = headers
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_string();
+        let media_type = manifest_type(&url, &response)?;
         let size = headers
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
@@ -195,14 +229,9 @@ impl Registry {
             )
             .await?;
         let response = check_status(&url, response).await?;
-        let media_type = response
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_string();
+        let media_type = manifest_type(&url, &response)?;
         let mut bytes = Vec::new();
-        read_body(response, &url, limit, |chunk| {
+        self.read_body(response, &url, limit, |chunk| {
             bytes.extend_from_slice(chunk);
             Ok(())
         })
@@ -239,7 +268,7 @@ impl Registry {
         }
         let response = check_status(&url, response).await?;
         let mut bytes = Vec::new();
-        read_body(response, &url, limit, |chunk| {
+        self.read_body(response, &url, limit, |chunk| {
             bytes.extend_from_slice(chunk);
             Ok(())
         })
@@ -267,11 +296,12 @@ impl Registry {
             .await?;
         let response = check_status(&url, response).await?;
         let mut hasher = Sha256::default();
-        let size = read_body(response, &url, limit, |chunk| {
-            hasher.update(chunk);
-            sink(chunk)
-        })
-        .await?;
+        let size = self
+            .read_body(response, &url, limit, |chunk| {
+                hasher.update(chunk);
+                sink(chunk)
+            })
+            .await?;
         check_digest(&url, *digest, Digest::from_sha256(hasher.finish()))?;
         Ok(size)
     }
@@ -401,11 +431,7 @@ impl Registry {
         };
         let cached = self.token.lock().ok().and_then(|t| t.clone());
         let first = cached.clone().or_else(|| self.credentials.basic_header());
-        let transport = |source| RegistryError::Transport {
-            url: url.to_string(),
-            source,
-        };
-        let response = build(first).send().await.map_err(transport)?;
+        let response = self.answer(url, build(first), body.is_some()).await?;
         if response.status() != StatusCode::UNAUTHORIZED {
             return Ok(response);
         }
@@ -427,7 +453,9 @@ impl Registry {
         {
             *token = Some(authorization.clone());
         }
-        let response = build(Some(authorization)).send().await.map_err(transport)?;
+        let response = self
+            .answer(url, build(Some(authorization)), body.is_some())
+            .await?;
         if response.status() == StatusCode::UNAUTHORIZED {
             return Err(RegistryError::Auth {
                 url: url.to_string(),
@@ -436,6 +464,119 @@ impl Registry {
         }
         Ok(response)
     }
+}
+
+impl Registry {
+    /// Sends one request. Without an upload, the answer's head must start within the stall
+    /// timeout (an upload's answer comes only after the upload, which may take long).
+    async fn answer(
+        &self,
+        url: &str,
+        request: reqwest::RequestBuilder,
+        uploading: bool,
+    ) -> Result<reqwest::Response, RegistryError> {
+        let transport = |source| RegistryError::Transport {
+            url: url.to_string(),
+            source,
+        };
+        if uploading {
+            return request.send().await.map_err(transport);
+        }
+        match tokio::time::timeout(self.stall, request.send()).await {
+            Ok(answer) => answer.map_err(transport),
+            Err(_) => Err(RegistryError::Stalled {
+                url: url.to_string(),
+                received: 0,
+                stall: self.stall,
+            }),
+        }
+    }
+
+    /// Streams a response body, refusing more than `limit` bytes (declared or actual), and
+    /// cutting it off when less than 1 KiB arrives in a stall timeout.
+    async fn read_body(
+        &self,
+        mut response: reqwest::Response,
+        url: &str,
+        limit: u64,
+        mut sink: impl FnMut(&[u8]) -> std::io::Result<()>,
+    ) -> Result<u64, RegistryError> {
+        const LEAST_PER_STALL: u64 = 1024;
+        let too_large = || RegistryError::TooLarge {
+            what: url.to_string(),
+            limit,
+        };
+        if response.content_length().is_some_and(|len| len > limit) {
+            return Err(too_large());
+        }
+        let mut total = 0u64;
+        // Progress is judged per window of one stall timeout.
+        let (mut window_start, mut window_bytes) = (tokio::time::Instant::now(), 0u64);
+        loop {
+            let deadline = window_start + self.stall;
+            let stalled = |received| RegistryError::Stalled {
+                url: url.to_string(),
+                received,
+                stall: self.stall,
+            };
+            let chunk = match tokio::time::timeout_at(deadline, response.chunk()).await {
+                Err(_) => return Err(stalled(window_bytes)),
+                Ok(chunk) => chunk.map_err(|source| RegistryError::Transport {
+                    url: url.to_string(),
+                    source,
+                })?,
+            };
+            let Some(chunk) = chunk else { break };
+            total += chunk.len() as u64;
+            if total > limit {
+                return Err(too_large());
+            }
+            sink(&chunk).map_err(|source| RegistryError::Io {
+                what: url.to_string(),
+                source,
+            })?;
+            window_bytes += chunk.len() as u64;
+            if window_bytes >= LEAST_PER_STALL {
+                (window_start, window_bytes) = (tokio::time::Instant::now(), 0);
+            } else if tokio::time::Instant::now() >= deadline {
+                return Err(stalled(window_bytes));
+            }
+        }
+        Ok(total)
+    }
+}
+
+/// The media type of a manifest answer. A registry, or a portal or proxy in front of it, that
+/// answers with something other than JSON (an HTML login page, say) fails the request: it is
+/// not a bundle to reject.
+fn manifest_type(url: &str, response: &reqwest::Response) -> Result<String, RegistryError> {
+    let media_type = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let essence = media_type.split(';').next().unwrap_or_default().trim();
+    if !essence.is_empty() && !essence.ends_with("json") {
+        let shown: String = essence.chars().take(64).collect();
+        return Err(RegistryError::Protocol(format!(
+            "{url}: answered with content type {shown:?}, not a manifest"
+        )));
+    }
+    Ok(media_type)
+}
+
+/// `Retry-After` in seconds (the form registries send), capped at [`MAX_RETRY_AFTER`].
+fn retry_after(response: &reqwest::Response) -> Option<Duration> {
+    let seconds: u64 = response
+        .headers()
+        .get(header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(Duration::from_secs(seconds).min(MAX_RETRY_AFTER))
 }
 
 fn push_scope(repository: &str) -> String {
@@ -462,6 +603,7 @@ async fn check_status(
     if status.is_success() {
         return Ok(response);
     }
+    let retry_after = retry_after(&response);
     // Read at most 1 KiB of an error body: a hostile server could send an endless one.
     let mut response = response;
     let mut raw = Vec::new();
@@ -480,40 +622,6 @@ async fn check_status(
         url: url.to_string(),
         status: status.as_u16(),
         body,
+        retry_after,
     })
-}
-
-/// Streams a response body, refusing more than `limit` bytes (declared or actual).
-async fn read_body(
-    mut response: reqwest::Response,
-    url: &str,
-    limit: u64,
-    mut sink: impl FnMut(&[u8]) -> std::io::Result<()>,
-) -> Result<u64, RegistryError> {
-    let too_large = || RegistryError::TooLarge {
-        what: url.to_string(),
-        limit,
-    };
-    if response.content_length().is_some_and(|len| len > limit) {
-        return Err(too_large());
-    }
-    let mut total = 0u64;
-    while let Some(chunk) = response
-        .chunk()
-        .await
-        .map_err(|source| RegistryError::Transport {
-            url: url.to_string(),
-            source,
-        })?
-    {
-        total += chunk.len() as u64;
-        if total > limit {
-            return Err(too_large());
-        }
-        sink(&chunk).map_err(|source| RegistryError::Io {
-            what: url.to_string(),
-            source,
-        })?;
-    }
-    Ok(total)
 }

@@ -7,7 +7,9 @@
 pub mod agent;
 pub mod cloud;
 pub mod engine;
+pub mod faults;
 pub mod forge;
+pub mod git;
 pub mod prometheus;
 pub mod throttle;
 
@@ -235,6 +237,23 @@ impl TestRegistry {
 
     pub fn host(&self) -> String {
         format!("{}:{}", self.address, self.port)
+    }
+
+    /// Pushes `layout` to `acme/shop:<tag>` with `outpost-signer push`.
+    pub fn push(&self, layout: &outpost_bundle_format::layout::Layout, tag: &str) {
+        let file = tempfile::NamedTempFile::new().unwrap_or_else(|e| panic!("tempfile: {e}"));
+        std::fs::write(file.path(), forge::tar(layout)).unwrap_or_else(|e| panic!("write: {e}"));
+        let mut command = signer();
+        command
+            .arg("push")
+            .arg(file.path())
+            .arg(format!("oci://{}/acme/shop:{tag}", self.host()));
+        if let Some((user, pass)) = &self.auth {
+            command
+                .env("OUTPOST_REGISTRY_USERNAME", user)
+                .env("OUTPOST_REGISTRY_PASSWORD", pass);
+        }
+        run(&mut command).ok();
     }
 }
 

@@ -4,126 +4,13 @@
 
 #![allow(clippy::unwrap_used)] // test code: a panic is a failed test
 
-use outpost_bundle_format::layout::Layout;
 use outpost_tests::agent::{AgentProcess, basic_auth};
 use outpost_tests::forge::{attacks, release, signed, tar};
-use outpost_tests::{free_port, repo, run, tool};
+use outpost_tests::git::{VendorRepo, git_daemon, git_http};
 use serde_json::Value;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 const BOTH: [&str; 2] = ["vendor-a", "vendor-b"];
-
-/// A bare repository `vendor.git` under a served root, and the vendor's working clone.
-struct VendorRepo {
-    root: tempfile::TempDir,
-    work: PathBuf,
-}
-
-fn git(dir: &Path, args: &[&str]) {
-    run(tool("git")
-        .current_dir(dir)
-        .args(args)
-        .env("GIT_AUTHOR_NAME", "vendor")
-        .env("GIT_AUTHOR_EMAIL", "v@example.com")
-        .env("GIT_COMMITTER_NAME", "vendor")
-        .env("GIT_COMMITTER_EMAIL", "v@example.com"))
-    .ok();
-}
-
-impl VendorRepo {
-    fn new() -> VendorRepo {
-        let root = tempfile::tempdir().unwrap();
-        git(
-            root.path(),
-            &["init", "-q", "--bare", "-b", "main", "vendor.git"],
-        );
-        let work = root.path().join("work");
-        git(root.path(), &["clone", "-q", "vendor.git", "work"]);
-        git(&work, &["checkout", "-q", "-b", "main"]);
-        VendorRepo { root, work }
-    }
-
-    fn bare(&self) -> PathBuf {
-        self.root.path().join("vendor.git")
-    }
-
-    /// Commits `bytes` as outpost/bundle.tar on main and pushes.
-    fn publish(&self, bytes: &[u8], message: &str) {
-        std::fs::create_dir_all(self.work.join("outpost")).unwrap();
-        std::fs::write(self.work.join("outpost/bundle.tar"), bytes).unwrap();
-        self.commit(message);
-    }
-
-    /// Commits `layout` as the directory outpost/bundle on main and pushes.
-    fn publish_dir(&self, layout: &Layout, message: &str) {
-        let dir = self.work.join("outpost/bundle");
-        let _ = std::fs::remove_dir_all(&dir);
-        layout.write_dir(&dir).unwrap();
-        self.commit(message);
-    }
-
-    fn commit(&self, message: &str) {
-        git(&self.work, &["add", "-A"]);
-        git(
-            &self.work,
-            &["commit", "-q", "--allow-empty", "-m", message],
-        );
-        git(&self.work, &["push", "-q", "origin", "main"]);
-    }
-}
-
-/// A server process killed on drop.
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn wait_port(port: u16) {
-    outpost_tests::eventually(&format!("a listener on {port}"), || {
-        std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())
-    });
-}
-
-fn git_daemon(root: &Path) -> (Server, u16) {
-    let port = free_port();
-    // git-daemon itself, not the `git` wrapper: killing the wrapper would orphan the daemon.
-    let exec_path = run(tool("git").arg("--exec-path"))
-        .ok()
-        .stdout
-        .trim()
-        .to_string();
-    let child = Command::new(Path::new(&exec_path).join("git-daemon"))
-        .args(["--reuseaddr", "--export-all", "--listen=127.0.0.1"])
-        .arg(format!("--port={port}"))
-        .arg(format!("--base-path={}", root.display()))
-        .arg(root)
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let server = Server(child);
-    wait_port(port);
-    (server, port)
-}
-
-fn git_http(root: &Path, auth: &str) -> (Server, u16) {
-    let port = free_port();
-    let child = Command::new("python3")
-        .arg(repo().join("tests/scripts/git-http.py"))
-        .arg(root)
-        .arg(port.to_string())
-        .arg(auth)
-        .spawn()
-        .unwrap();
-    let server = Server(child);
-    wait_port(port);
-    (server, port)
-}
 
 fn git_agent(url: &str, path: &str, auth: &str) -> AgentProcess {
     AgentProcess::start(

@@ -6,29 +6,12 @@
 
 use base64::Engine as _;
 use outpost_bundle_format::Digest;
-use outpost_bundle_format::layout::Layout;
+use outpost_tests::TestRegistry;
 use outpost_tests::agent::{AgentProcess, basic_auth};
-use outpost_tests::forge::{attacks, digest, release, signed, tar};
-use outpost_tests::{TestRegistry, run, signer};
+use outpost_tests::forge::{attacks, digest, release, signed};
 use serde_json::Value;
 
 const BOTH: [&str; 2] = ["vendor-a", "vendor-b"];
-
-fn push(registry: &TestRegistry, layout: &Layout, tag: &str) {
-    let file = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(file.path(), tar(layout)).unwrap();
-    let mut command = signer();
-    command
-        .arg("push")
-        .arg(file.path())
-        .arg(format!("oci://{}/acme/shop:{tag}", registry.host()));
-    if let Some((user, pass)) = &registry.auth {
-        command
-            .env("OUTPOST_REGISTRY_USERNAME", user)
-            .env("OUTPOST_REGISTRY_PASSWORD", pass);
-    }
-    run(&mut command).ok();
-}
 
 fn oci_agent(registry: &TestRegistry, auth: &str) -> AgentProcess {
     let source = format!(
@@ -46,17 +29,17 @@ fn attack_suite_through_a_registry() {
     // Nothing published yet: the agent waits without errors piling up.
     std::thread::sleep(std::time::Duration::from_millis(500));
     assert_eq!(agent.status()["current"], Value::Null);
-    push(&registry, &v1, "stable");
+    registry.push(&v1, "stable");
     let status = agent.wait_current(1);
     assert!(status["current"]["digest"] == digest(&v1).to_string());
-    push(&registry, &signed(release("1.1.0", 2), &BOTH), "stable");
+    registry.push(&signed(release("1.1.0", 2), &BOTH), "stable");
     let before = agent.wait_current(2)["current"].clone();
 
     // Tar-level attacks cannot travel through a registry (it addresses content by digest).
     for attack in attacks(3, &v1).into_iter().filter(|a| a.layout.is_some()) {
         let layout = attack.layout.unwrap();
         let attack_digest = digest(&layout).to_string();
-        push(&registry, &layout, "stable");
+        registry.push(&layout, "stable");
         let status = agent.wait_for(
             &format!("{} rejected by {}", attack.name, attack.check),
             |s| {
@@ -75,7 +58,7 @@ fn attack_suite_through_a_registry() {
 
     // A registry (or a man in the middle) serving different bytes under a digest.
     let v3 = signed(release("1.2.0", 3), &BOTH);
-    push(&registry, &v3, "staging");
+    registry.push(&v3, "staging");
     let stack = outpost_bundle_format::bundle::read_parts(&v3, &Default::default())
         .unwrap()
         .stack_bytes;
@@ -89,7 +72,7 @@ fn attack_suite_through_a_registry() {
     let at = bytes.windows(4).position(|w| w == b"1Gi\"").unwrap();
     bytes[at] = b'9';
     std::fs::write(&data, bytes).unwrap();
-    push(&registry, &v3, "stable");
+    registry.push(&v3, "stable");
     let status = agent.wait_for("tampered blob rejected", |s| {
         s["last_rejection"]["check"] == "digest-mismatch"
     });
@@ -98,7 +81,7 @@ fn attack_suite_through_a_registry() {
     std::fs::write(&data, original).unwrap();
 
     // Still accepting the next valid release.
-    push(&registry, &signed(release("1.3.0", 4), &BOTH), "stable");
+    registry.push(&signed(release("1.3.0", 4), &BOTH), "stable");
     agent.wait_current(4);
     // Unchanged polls are HEAD requests and change nothing.
     let polls = agent.metric("outpost_bundles_accepted_total");
@@ -112,26 +95,22 @@ fn signatures_arriving_after_the_manifest_are_picked_up() {
     let agent = oci_agent(&registry, "");
     // Push unsigned first (what a slow CI pipeline does), then the same release signed.
     let unsigned = release("1.0.0", 1);
-    push(&registry, &unsigned, "stable");
+    registry.push(&unsigned, "stable");
     agent.wait_for("unsigned rejected", |s| {
         s["last_rejection"]["check"] == "unsigned"
     });
-    push(
-        &registry,
-        &signed(unsigned.clone(), &["vendor-a"]),
-        "stable",
-    );
+    registry.push(&signed(unsigned.clone(), &["vendor-a"]), "stable");
     agent.wait_for("one signature is below the threshold", |s| {
         s["last_rejection"]["check"] == "threshold-unmet"
     });
-    push(&registry, &signed(unsigned, &BOTH), "stable");
+    registry.push(&signed(unsigned, &BOTH), "stable");
     agent.wait_current(1);
 }
 
 #[test]
 fn basic_auth_from_a_password_file_and_a_docker_config() {
     let registry = TestRegistry::start(Some(("vendor", "s3cret")));
-    push(&registry, &signed(release("1.0.0", 1), &BOTH), "stable");
+    registry.push(&signed(release("1.0.0", 1), &BOTH), "stable");
     let secrets = tempfile::tempdir().unwrap();
     let agent = oci_agent(&registry, &basic_auth(secrets.path(), "vendor", "s3cret"));
     agent.wait_current(1);
@@ -158,18 +137,18 @@ fn basic_auth_from_a_password_file_and_a_docker_config() {
 #[test]
 fn bearer_token_auth() {
     let registry = TestRegistry::start_with_token_auth("vendor", "s3cret");
-    push(&registry, &signed(release("1.0.0", 1), &BOTH), "stable");
+    registry.push(&signed(release("1.0.0", 1), &BOTH), "stable");
     let secrets = tempfile::tempdir().unwrap();
     let agent = oci_agent(&registry, &basic_auth(secrets.path(), "vendor", "s3cret"));
     agent.wait_current(1);
-    push(&registry, &signed(release("1.1.0", 2), &BOTH), "stable");
+    registry.push(&signed(release("1.1.0", 2), &BOTH), "stable");
     agent.wait_current(2);
 }
 
 #[test]
 fn a_registry_going_away_leaves_the_current_release_alone() {
     let registry = TestRegistry::start(None);
-    push(&registry, &signed(release("1.0.0", 1), &BOTH), "stable");
+    registry.push(&signed(release("1.0.0", 1), &BOTH), "stable");
     let agent = oci_agent(&registry, "");
     let before = agent.wait_current(1)["current"].clone();
     drop(registry);

@@ -141,6 +141,10 @@ pub struct OciSource {
     /// Use plain HTTP (always so for loopback registries).
     #[serde(default)]
     pub plain_http: bool,
+    /// A download that brings less than 1 KiB in this long, or an answer that does not start,
+    /// is cut off and retried (default 30s).
+    #[serde(default = "default_stall_timeout")]
+    pub stall_timeout: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
@@ -160,6 +164,10 @@ pub struct GitSource {
     pub username: Option<String>,
     #[serde(default)]
     pub password_file: Option<PathBuf>,
+    /// A download that brings less than 1 KiB in this long, or an answer that does not start,
+    /// is cut off and retried (default 30s).
+    #[serde(default = "default_stall_timeout")]
+    pub stall_timeout: String,
 }
 
 /// Either `root: PATH` (a pinned TUF-style root.json; bundles may carry its successors) or
@@ -344,6 +352,10 @@ impl Default for LimitsConfig {
 fn default_interval() -> String {
     "60s".into()
 }
+
+fn default_stall_timeout() -> String {
+    "30s".into()
+}
 fn default_ref() -> String {
     "main".into()
 }
@@ -372,17 +384,26 @@ impl Config {
             message,
         };
         let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
+        Config::parse(&text, path)
+    }
+
+    /// The config in `text`, checked; `path` names it in errors and anchors relative paths.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let fail = |message: String| ConfigError {
+            path: path.display().to_string(),
+            message,
+        };
         if text.len() > 1 << 20 {
             return Err(fail("larger than 1 MiB".into()));
         }
         let mut options = serde_saphyr::Options::default();
         options.with_snippet = false;
-        let mut config: Config = serde_saphyr::from_str_with_options(&text, options)
+        let mut config: Config = serde_saphyr::from_str_with_options(text, options)
             .map_err(|e| fail(e.to_string().replace('\n', " ")))?;
         // A runtime's section is accepted only with that runtime: a `docker:` block under
         // `runtime: kubernetes` would be silently ignored otherwise.
         let sections: BTreeMap<String, serde::de::IgnoredAny> =
-            serde_saphyr::from_str(&text).map_err(|e| fail(e.to_string().replace('\n', " ")))?;
+            serde_saphyr::from_str(text).map_err(|e| fail(e.to_string().replace('\n', " ")))?;
         // (`kubernetes:` also configures `outpost-agent render`, so runtime none takes it.)
         for (section, runtime, also) in [
             ("docker", RuntimeKind::Docker, RuntimeKind::Docker),
@@ -451,6 +472,8 @@ impl Config {
         match &self.source {
             SourceConfig::Oci(oci) => {
                 parse_duration(&oci.interval).map_err(|e| format!("source.oci.interval: {e}"))?;
+                parse_duration(&oci.stall_timeout)
+                    .map_err(|e| format!("source.oci.stall_timeout: {e}"))?;
                 outpost_registry_client::Reference::parse(&oci.reference)
                     .map_err(|e| format!("source.oci.reference: {e}"))?;
                 if oci.username.is_some() != oci.password_file.is_some() {
@@ -459,6 +482,8 @@ impl Config {
             }
             SourceConfig::Git(git) => {
                 parse_duration(&git.interval).map_err(|e| format!("source.git.interval: {e}"))?;
+                parse_duration(&git.stall_timeout)
+                    .map_err(|e| format!("source.git.stall_timeout: {e}"))?;
                 if git.path.is_empty()
                     || Path::new(&git.path)
                         .components()

@@ -231,22 +231,86 @@ impl DockerRuntime {
     }
 
     async fn inspect_stopped(&self, name: &str) -> (Option<DateTime<Utc>>, Option<String>) {
-        let Ok(Some(details)) = self.engine.inspect_container(name).await else {
-            return (None, None);
-        };
-        let state = &details["State"];
-        let started = state["StartedAt"]
-            .as_str()
-            .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
-            .map(|t| t.with_timezone(&Utc))
-            .filter(|t| t.timestamp() > 0);
-        let exit = match (state["OOMKilled"].as_bool(), state["ExitCode"].as_i64()) {
-            (Some(true), _) => Some("killed: out of memory".to_string()),
-            (_, Some(code)) => Some(format!("exited with code {code}")),
-            _ => None,
-        };
-        (started, exit)
+        match self.engine.inspect_container(name).await {
+            Ok(Some(details)) => stopped_details(&details),
+            _ => (None, None),
+        }
     }
+}
+
+/// When a stopped container last started, and why it stopped, from the engine's inspect answer.
+pub fn stopped_details(details: &Value) -> (Option<DateTime<Utc>>, Option<String>) {
+    let state = &details["State"];
+    let started = state["StartedAt"]
+        .as_str()
+        .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
+        .map(|t| t.with_timezone(&Utc))
+        .filter(|t| t.timestamp() > 0);
+    let exit = match (state["OOMKilled"].as_bool(), state["ExitCode"].as_i64()) {
+        (Some(true), _) => Some("killed: out of memory".to_string()),
+        (_, Some(code)) => Some(format!("exited with code {code}")),
+        _ => None,
+    };
+    (started, exit)
+}
+
+/// One container of the engine's list answer as an instance of `stack`, or None when it lacks
+/// the labels this runtime puts on its containers. A stopped one's start and exit are not in
+/// the list: see [`stopped_details`].
+pub fn listed_instance(stack: &str, item: &Value) -> Option<Instance> {
+    let (Some(resource), Some(ordinal), Some(hash)) = (
+        label(item, RESOURCE_LABEL),
+        label(item, ORDINAL_LABEL).and_then(|o| o.parse::<u32>().ok()),
+        label(item, HASH_LABEL),
+    ) else {
+        return None;
+    };
+    // The name tells the slot: a promoted surge replica keeps its labels, not its name.
+    let actual = item["Names"][0]
+        .as_str()
+        .unwrap_or_default()
+        .trim_start_matches('/');
+    let slot = if actual.ends_with("-surge") {
+        Slot::Surge
+    } else {
+        Slot::Primary
+    };
+    let running = item["State"].as_str() == Some("running");
+    let mut addresses = BTreeMap::new();
+    for port in item["Ports"].as_array().into_iter().flatten() {
+        let (Some(private), Some(public)) =
+            (port["PrivatePort"].as_u64(), port["PublicPort"].as_u64())
+        else {
+            continue;
+        };
+        let ip = port["IP"]
+            .as_str()
+            .and_then(|ip| ip.parse::<IpAddr>().ok())
+            .filter(|ip| !ip.is_unspecified())
+            .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
+        if let (Ok(private), Ok(public)) = (u16::try_from(private), u16::try_from(public))
+            && ip.is_ipv4()
+        {
+            addresses.insert(private, SocketAddr::new(ip, public));
+        }
+    }
+    Some(Instance {
+        name: container_name(stack, &ReplicaId::new(resource, ordinal), slot),
+        replica: ObservedReplica {
+            id: ReplicaId::new(resource, ordinal),
+            config_hash: hash.to_string(),
+            state: if running {
+                ReplicaState::Running
+            } else {
+                ReplicaState::Stopped
+            },
+            started_at: None,
+        },
+        slot,
+        digest: label(item, DIGEST_LABEL).unwrap_or_default().to_string(),
+        addresses,
+        exit: None,
+    })
 }
 
 fn label<'a>(item: &'a Value, key: &str) -> Option<&'a str> {
@@ -263,66 +327,12 @@ impl Runtime for DockerRuntime {
             ])
             .await?;
         let mut instances = Vec::with_capacity(items.len());
-        for item in items {
-            let (Some(resource), Some(ordinal), Some(hash)) = (
-                label(&item, RESOURCE_LABEL),
-                label(&item, ORDINAL_LABEL).and_then(|o| o.parse::<u32>().ok()),
-                label(&item, HASH_LABEL),
-            ) else {
-                continue;
-            };
-            // The name tells the slot: a promoted surge replica keeps its labels, not its name.
-            let actual = item["Names"][0]
-                .as_str()
-                .unwrap_or_default()
-                .trim_start_matches('/');
-            let slot = if actual.ends_with("-surge") {
-                Slot::Surge
-            } else {
-                Slot::Primary
-            };
-            let running = item["State"].as_str() == Some("running");
-            let mut addresses = BTreeMap::new();
-            for port in item["Ports"].as_array().into_iter().flatten() {
-                let (Some(private), Some(public)) =
-                    (port["PrivatePort"].as_u64(), port["PublicPort"].as_u64())
-                else {
-                    continue;
-                };
-                let ip = port["IP"]
-                    .as_str()
-                    .and_then(|ip| ip.parse::<IpAddr>().ok())
-                    .filter(|ip| !ip.is_unspecified())
-                    .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
-                if let (Ok(private), Ok(public)) = (u16::try_from(private), u16::try_from(public))
-                    && ip.is_ipv4()
-                {
-                    addresses.insert(private, SocketAddr::new(ip, public));
-                }
+        for mut instance in items.iter().filter_map(|item| listed_instance(stack, item)) {
+            if instance.replica.state == ReplicaState::Stopped {
+                (instance.replica.started_at, instance.exit) =
+                    self.inspect_stopped(&instance.name).await;
             }
-            let name = container_name(stack, &ReplicaId::new(resource, ordinal), slot);
-            let (started_at, exit) = if running {
-                (None, None)
-            } else {
-                self.inspect_stopped(&name).await
-            };
-            instances.push(Instance {
-                name,
-                replica: ObservedReplica {
-                    id: ReplicaId::new(resource, ordinal),
-                    config_hash: hash.to_string(),
-                    state: if running {
-                        ReplicaState::Running
-                    } else {
-                        ReplicaState::Stopped
-                    },
-                    started_at,
-                },
-                slot,
-                digest: label(&item, DIGEST_LABEL).unwrap_or_default().to_string(),
-                addresses,
-                exit,
-            });
+            instances.push(instance);
         }
         Ok(instances)
     }

@@ -129,15 +129,6 @@ fn filed(path: PathBuf, layout: Result<Layout, LayoutError>) -> Candidate {
     }
 }
 
-/// Whether reading the candidate failed because the agent's disk is full.
-fn out_of_space(candidate: &Candidate) -> bool {
-    matches!(
-        &candidate.layout,
-        Err(LayoutError::Io { source, .. })
-            if matches!(source.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
-    )
-}
-
 /// Reads dropped files (on a blocking thread: a large file must not hold up the agent's API).
 #[derive(Clone)]
 struct Reader {
@@ -254,7 +245,7 @@ impl Source for DirSource {
                     match read {
                         // The agent's own disk is full: not the bundle's fault. It stays where
                         // it is and is read again after the source's backoff.
-                        Ok(Some(candidate)) if out_of_space(&candidate) => {
+                        Ok(Some(candidate)) if super::out_of_space(&candidate.layout) => {
                             let message = format!(
                                 "{}: no space left on device while reading it under {} (left in place, read again once there is room)",
                                 candidate.origin,

@@ -11,6 +11,9 @@ use std::path::{Path, PathBuf};
 /// with images, travel by registry or file drop).
 const MAX_GIT_BLOB_BYTES: u64 = 1 << 30;
 
+type FetchTask = tokio::task::JoinHandle<Result<Option<Candidate>, SourceError>>;
+type InFlight = (FetchTask, std::sync::Arc<Progress>);
+
 pub struct GitSource {
     config: GitConfig,
     password: Option<String>,
@@ -19,6 +22,10 @@ pub struct GitSource {
     pace: Pace,
     limits: Limits,
     last_commit: Option<String>,
+    /// A fetch heard nothing of for this long is given up on (see `watch`).
+    stall: std::time::Duration,
+    /// A fetch given up on that has not ended yet.
+    in_flight: Option<InFlight>,
     metrics: std::sync::Arc<crate::metrics::Metrics>,
 }
 
@@ -43,6 +50,8 @@ impl GitSource {
             pace: Pace::new(parse_duration(&config.interval).map_err(SourceError)?),
             limits,
             last_commit: None,
+            stall: parse_duration(&config.stall_timeout).map_err(SourceError)?,
+            in_flight: None,
             metrics: Default::default(),
         })
     }
@@ -51,6 +60,91 @@ impl GitSource {
     pub fn with_metrics(mut self, metrics: std::sync::Arc<crate::metrics::Metrics>) -> Self {
         self.metrics = metrics;
         self
+    }
+
+    /// Starts a fetch on a blocking thread: the new commit's bundle, or None when unchanged.
+    fn start_fetch(&self) -> InFlight {
+        let (repo_dir, url, refspec) = (
+            self.repo_dir.clone(),
+            self.config.url.clone(),
+            self.refspec(),
+        );
+        let (username, password) = (self.config.username.clone(), self.password.clone());
+        let last = self.last_commit.clone();
+        let (path, limits, spool_root) = (
+            self.config.path.clone(),
+            self.limits,
+            self.spool_root.clone(),
+        );
+        let progress = std::sync::Arc::new(Progress::start());
+        let heard = progress.clone();
+        let task =
+            tokio::task::spawn_blocking(move || -> Result<Option<Candidate>, SourceError> {
+                let (repo, commit) = fetch(
+                    &repo_dir,
+                    &url,
+                    &refspec,
+                    (username.as_deref(), password.as_deref()),
+                    limits.max_total_bytes,
+                    &heard,
+                )?;
+                if last.as_deref() == Some(commit.to_string().as_str()) {
+                    return Ok(None);
+                }
+                std::fs::create_dir_all(&spool_root)
+                    .map_err(|e| SourceError(format!("{}: {e}", spool_root.display())))?;
+                let spool = tempfile::Builder::new()
+                    .prefix("git")
+                    .tempdir_in(&spool_root)
+                    .map_err(|e| SourceError(e.to_string()))?;
+                let layout = read_bundle(&repo, commit, &path, &limits, spool.path());
+                // A full disk is the agent's problem, not the bundle's: read it again later.
+                if super::out_of_space(&layout) {
+                    let reason = layout.err().map(|e| e.to_string()).unwrap_or_default();
+                    return Err(SourceError(format!("git {url} {commit}: {reason}")));
+                }
+                Ok(Some(Candidate {
+                    origin: format!("git {url} {}@{commit}", refspec.0),
+                    layout,
+                    digest: None,
+                    spool: Some(spool),
+                    key: commit.to_string(),
+                    reading: None,
+                    file: None,
+                }))
+            });
+        (task, progress)
+    }
+
+    /// Waits for a fetch while it shows progress. Silent for a stall timeout, it is given up
+    /// on (an error, so the daemon backs off) and kept to be waited for again.
+    async fn watch(
+        &mut self,
+        mut task: FetchTask,
+        progress: std::sync::Arc<Progress>,
+    ) -> Result<Option<Candidate>, SourceError> {
+        let check = (self.stall / 4).max(std::time::Duration::from_millis(50));
+        loop {
+            tokio::select! {
+                joined = &mut task => {
+                    return joined
+                        .map_err(|e| SourceError(format!("git fetch task: {e}")))
+                        .and_then(|found| found);
+                }
+                () = tokio::time::sleep(check) => {
+                    let silent = progress.silent_for();
+                    if silent >= self.stall {
+                        progress.abandoned.store(true, std::sync::atomic::Ordering::Relaxed);
+                        self.in_flight = Some((task, progress));
+                        return Err(SourceError(format!(
+                            "git {}: stalled: nothing received for {}s",
+                            self.config.url,
+                            silent.as_secs()
+                        )));
+                    }
+                }
+            }
+        }
     }
 
     fn refspec(&self) -> (String, String) {
@@ -64,6 +158,44 @@ impl GitSource {
     }
 }
 
+/// What a fetch in flight has been heard of, shared with the task that watches it: libgit2
+/// blocks in its own socket reads, so a server that stalls or drips is noticed from outside.
+#[derive(Default)]
+struct Progress {
+    /// Milliseconds since `started` at the last sign of progress.
+    heard_at_ms: std::sync::atomic::AtomicU64,
+    /// Set by the watcher once it gave up: the fetch aborts at libgit2's next callback.
+    abandoned: std::sync::atomic::AtomicBool,
+    started: Option<std::time::Instant>,
+}
+
+impl Progress {
+    fn start() -> Progress {
+        Progress {
+            started: Some(std::time::Instant::now()),
+            ..Default::default()
+        }
+    }
+
+    fn heard(&self) {
+        let elapsed = self.started.map(|s| s.elapsed()).unwrap_or_default();
+        self.heard_at_ms.store(
+            elapsed.as_millis() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    fn silent_for(&self) -> std::time::Duration {
+        let elapsed = self.started.map(|s| s.elapsed()).unwrap_or_default();
+        let heard = self.heard_at_ms.load(std::sync::atomic::Ordering::Relaxed);
+        elapsed.saturating_sub(std::time::Duration::from_millis(heard))
+    }
+
+    fn abandoned(&self) -> bool {
+        self.abandoned.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
 /// Fetch (blocking, libgit2) and return the commit id of the tracked ref.
 fn fetch(
     repo_dir: &Path,
@@ -71,6 +203,7 @@ fn fetch(
     refspec: &(String, String),
     credentials: (Option<&str>, Option<&str>),
     max_bytes: u64,
+    progress: &Progress,
 ) -> Result<(git2::Repository, git2::Oid), SourceError> {
     let (username, password) = credentials;
     let fail = |e: git2::Error| SourceError(format!("git {url}: {}", e.message()));
@@ -96,8 +229,16 @@ fn fetch(
         }
     });
     let mut options = git2::FetchOptions::new();
-    // A server sending without end is cut off at the bundle size limit.
-    callbacks.transfer_progress(move |progress| progress.received_bytes() as u64 <= max_bytes);
+    // A server sending without end is cut off at the bundle size limit; a fetch its watcher
+    // gave up on stops at the next callback.
+    callbacks.transfer_progress(|transfer| {
+        progress.heard();
+        transfer.received_bytes() as u64 <= max_bytes && !progress.abandoned()
+    });
+    callbacks.sideband_progress(|_| {
+        progress.heard();
+        !progress.abandoned()
+    });
     options.remote_callbacks(callbacks);
     options.download_tags(git2::AutotagOption::None);
     let mut remote = repo.remote_anonymous(url).map_err(fail)?;
@@ -244,59 +385,32 @@ impl Source for GitSource {
     fn next(&mut self) -> BoxFuture<'_, Result<Candidate, SourceError>> {
         Box::pin(async move {
             loop {
-                self.pace.wait().await;
-                let (repo_dir, url, refspec) = (
-                    self.repo_dir.clone(),
-                    self.config.url.clone(),
-                    self.refspec(),
-                );
-                let (username, password) = (self.config.username.clone(), self.password.clone());
-                let last = self.last_commit.clone();
-                let (path, limits, spool_root) = (
-                    self.config.path.clone(),
-                    self.limits,
-                    self.spool_root.clone(),
-                );
-                let started = std::time::Instant::now();
-                let found = tokio::task::spawn_blocking(
-                    move || -> Result<Option<Candidate>, SourceError> {
-                        let (repo, commit) = fetch(
-                            &repo_dir,
-                            &url,
-                            &refspec,
-                            (username.as_deref(), password.as_deref()),
-                            limits.max_total_bytes,
-                        )?;
-                        if last.as_deref() == Some(commit.to_string().as_str()) {
-                            return Ok(None);
-                        }
-                        std::fs::create_dir_all(&spool_root)
-                            .map_err(|e| SourceError(format!("{}: {e}", spool_root.display())))?;
-                        let spool = tempfile::Builder::new()
-                            .prefix("git")
-                            .tempdir_in(&spool_root)
-                            .map_err(|e| SourceError(e.to_string()))?;
-                        let layout = read_bundle(&repo, commit, &path, &limits, spool.path());
-                        Ok(Some(Candidate {
-                            origin: format!("git {url} {}@{commit}", refspec.0),
-                            layout,
-                            digest: None,
-                            spool: Some(spool),
-                            key: commit.to_string(),
-                            reading: None,
-                            file: None,
-                        }))
+                // A fetch given up on as stalled is waited for again, never run twice at once;
+                // once it failed (cut off, or cancelled at its next callback) a new one starts.
+                let (task, progress) = match self.in_flight.take() {
+                    Some((task, _)) if task.is_finished() => match task.await {
+                        Ok(Ok(Some(candidate))) => return Ok(candidate),
+                        Ok(Ok(None)) => continue,
+                        _ => self.start_fetch(),
                     },
-                )
-                .await
-                .map_err(|e| SourceError(format!("git fetch task: {e}")))
-                .and_then(|found| found);
+                    Some(in_flight) => in_flight,
+                    None => {
+                        self.pace.wait().await;
+                        self.start_fetch()
+                    }
+                };
+                let started = std::time::Instant::now();
+                let found = self.watch(task, progress).await;
                 self.metrics.poll(found.is_ok(), started);
                 if let Some(candidate) = found? {
                     return Ok(candidate);
                 }
             }
         })
+    }
+
+    fn retry_delay(&mut self, failures: u32) -> std::time::Duration {
+        self.pace.after_failure(failures, None)
     }
 
     fn settle(&mut self, candidate: Candidate, _outcome: &Ingested) -> BoxFuture<'_, ()> {

@@ -86,6 +86,18 @@ pub fn from_config(
     })
 }
 
+/// Whether reading a bundle failed because the agent's own disk is full: the bundle is not at
+/// fault, so it is read again later rather than rejected.
+pub(crate) fn out_of_space(
+    layout: &Result<Layout, outpost_bundle_format::layout::LayoutError>,
+) -> bool {
+    matches!(
+        layout,
+        Err(outpost_bundle_format::layout::LayoutError::Io { source, .. })
+            if matches!(source.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
+    )
+}
+
 /// A reader that reports the bytes read through it as the download in progress.
 pub struct Counted<'a, R> {
     pub inner: R,
@@ -171,6 +183,20 @@ impl Pace {
             tokio::time::sleep(self.interval).await;
         }
     }
+
+    /// How long to wait after the `failures`-th failed poll in a row; the next poll follows the
+    /// wait at once. The backoff is capped at the interval, so a source recovers within one
+    /// interval of the fault clearing and a failing poll is no more frequent than a healthy
+    /// one, but a server's `Retry-After` (already capped by the client) is honoured in full.
+    pub fn after_failure(
+        &mut self,
+        failures: u32,
+        asked: Option<std::time::Duration>,
+    ) -> std::time::Duration {
+        self.started = false;
+        let backoff = crate::backoff::delay(failures).min(self.interval);
+        asked.map_or(backoff, |asked| asked.max(backoff))
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -184,4 +210,28 @@ pub trait Source: Send {
     fn next(&mut self) -> BoxFuture<'_, Result<Candidate, SourceError>>;
     /// What became of the candidate (the dir source files it away; others remember it).
     fn settle(&mut self, candidate: Candidate, outcome: &Ingested) -> BoxFuture<'_, ()>;
+    /// How long to wait after `next` failed for the `failures`-th time in a row.
+    fn retry_delay(&mut self, failures: u32) -> std::time::Duration {
+        crate::backoff::delay(failures)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Pace;
+    use std::time::Duration;
+
+    #[test]
+    fn failed_polls_back_off_within_the_interval_or_as_asked() {
+        let mut pace = Pace::new(Duration::from_secs(2));
+        for failures in 1..12 {
+            let wait = pace.after_failure(failures, None);
+            assert!(wait >= Duration::from_millis(500) && wait <= Duration::from_secs(2));
+            assert!(!pace.started, "the next poll follows the backoff at once");
+        }
+        let asked = Duration::from_secs(7);
+        assert_eq!(pace.after_failure(3, Some(asked)), asked);
+        let mut slow = Pace::new(Duration::from_secs(3600));
+        assert!(slow.after_failure(20, None) <= Duration::from_secs(450));
+    }
 }

@@ -43,6 +43,8 @@ pub struct OciSource {
     /// The signature tag's digest just before the candidate in flight was fetched.
     fetched_signatures: Option<Digest>,
     metrics: std::sync::Arc<crate::metrics::Metrics>,
+    /// The `Retry-After` of the last failed request, for the backoff that follows it.
+    asked_to_wait: std::sync::Mutex<Option<std::time::Duration>>,
 }
 
 impl OciSource {
@@ -64,8 +66,10 @@ impl OciSource {
             _ => docker_config_credentials(&reference.host, config.credentials_file.as_deref())
                 .map_err(SourceError)?,
         };
+        let stall = parse_duration(&config.stall_timeout).map_err(SourceError)?;
         let registry = Registry::new(&reference.host, credentials, config.plain_http)
-            .map_err(|e| SourceError(e.to_string()))?;
+            .map_err(|e| SourceError(e.to_string()))?
+            .with_stall_timeout(stall);
         let interval = parse_duration(&config.interval).map_err(SourceError)?;
         let tag = reference
             .reference
@@ -81,6 +85,7 @@ impl OciSource {
             last_signatures: None,
             fetched_signatures: None,
             metrics: Default::default(),
+            asked_to_wait: Default::default(),
         })
     }
 
@@ -89,6 +94,16 @@ impl OciSource {
             "oci://{}/{}:{}: {e}",
             self.reference.host, self.reference.repository, self.tag
         ))
+    }
+
+    /// A failed request: retried after the backoff, or after the wait the registry asked for.
+    fn failed(&self, e: RegistryError) -> SourceError {
+        if let Some(asked) = e.retry_after()
+            && let Ok(mut wait) = self.asked_to_wait.lock()
+        {
+            *wait = Some(asked);
+        }
+        self.fail(e)
     }
 
     /// Bad content is the bundle's fault (rejected); anything else is the connection's (retried).
@@ -110,7 +125,7 @@ impl OciSource {
                     limit,
                 })
             }
-            other => FetchError::Transport(self.fail(other)),
+            other => FetchError::Transport(self.failed(other)),
         }
     }
 
@@ -119,7 +134,7 @@ impl OciSource {
             .registry
             .head_manifest(&self.reference.repository, &digest.signature_tag())
             .await
-            .map_err(|e| self.fail(e))?
+            .map_err(|e| self.failed(e))?
             .map(|h| h.digest))
     }
 
@@ -172,7 +187,7 @@ impl OciSource {
             .registry
             .get_referrers(repository, digest, self.limits.max_metadata_bytes)
             .await
-            .map_err(|e| self.fail(e))?;
+            .map_err(|e| self.failed(e))?;
         if let Some(bytes) = referrers
             && let Ok(index) = serde_json::from_slice::<ImageIndex>(&bytes)
         {
@@ -265,7 +280,7 @@ impl OciSource {
             .registry
             .head_manifest(&self.reference.repository, &self.tag)
             .await
-            .map_err(|e| self.fail(e))?;
+            .map_err(|e| self.failed(e))?;
         // Nothing published yet: keep polling at the interval, not with backoff.
         let Some(head) = head else { return Ok(None) };
         let changed = match self.last {
@@ -322,6 +337,11 @@ impl Source for OciSource {
                 }
             }
         })
+    }
+
+    fn retry_delay(&mut self, failures: u32) -> std::time::Duration {
+        let asked = self.asked_to_wait.lock().ok().and_then(|mut w| w.take());
+        self.pace.after_failure(failures, asked)
     }
 
     fn settle(&mut self, candidate: Candidate, outcome: &Ingested) -> BoxFuture<'_, ()> {
