@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// How often pending releases are re-evaluated (maintenance windows open by the clock).
-const RECONSIDER_EVERY: Duration = Duration::from_secs(30);
+const RECONSIDER_EVERY: Duration = Duration::from_secs(5);
 
 /// Keeps the images a verified bundle carries (`--with-images`) in the images directory before it
 /// is accepted, so an accepted air-gapped release always has them (container engines, and VM

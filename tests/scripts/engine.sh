@@ -3,6 +3,8 @@
 #
 #   tests/scripts/engine.sh start docker|podman DIR   # prints the socket path on its last line
 #   tests/scripts/engine.sh stop DIR
+#   tests/scripts/engine.sh halt DIR                  # the engine process only (as a crash or a
+#                                                     # service restart does); `start` it again
 #
 # DIR receives the engine's storage, run state, config, engine.pid, engine.log and
 # engine.sock. dockerd runs with --bridge=none --iptables=false (networks are created by the
@@ -13,7 +15,7 @@ set -euo pipefail
 TIMEOUT_S=30
 
 usage() {
-    echo "usage: $0 start docker|podman DIR | stop DIR" >&2
+    echo "usage: $0 start docker|podman DIR | stop DIR | halt DIR" >&2
     exit 2
 }
 
@@ -163,10 +165,28 @@ for n in json.load(sys.stdin):
     echo "engine: stopped ($dir)"
 }
 
+# SIGTERM to the engine (SIGKILL after 10 s), leaving its containers, networks and data for
+# the next start: dockerd stops its containers, Podman's leave them running under conmon.
+cmd_halt() {
+    [ $# -eq 1 ] || usage
+    local pidfile="$1/engine.pid" pid i
+    is_running "$pidfile" || return 0
+    pid="$(cat "$pidfile")"
+    kill -TERM "$pid" 2>/dev/null || true
+    for i in $(seq 1 100); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    kill -KILL "$pid" 2>/dev/null || true
+    rm -f "$pidfile"
+    echo "engine: halted ($1)"
+}
+
 [ $# -ge 1 ] || usage
 sub="$1"; shift
 case "$sub" in
     start) cmd_start "$@" ;;
     stop) cmd_stop "$@" ;;
+    halt) cmd_halt "$@" ;;
     *) usage ;;
 esac

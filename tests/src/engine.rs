@@ -98,6 +98,26 @@ impl TestEngine {
         }
     }
 
+    /// Stops the engine's process only, as a crash or a service restart does: dockerd stops
+    /// its containers, Podman's keep running. [`TestEngine::resume`] starts it again.
+    pub fn halt(&self) {
+        run(Command::new("bash")
+            .arg(repo().join("tests/scripts/engine.sh"))
+            .arg("halt")
+            .arg(self.dir.path()))
+        .ok();
+    }
+
+    /// Starts a halted engine again on the same data and socket.
+    pub fn resume(&self) {
+        run(Command::new("bash")
+            .arg(repo().join("tests/scripts/engine.sh"))
+            .arg("start")
+            .arg(self.kind.name())
+            .arg(self.dir.path()))
+        .ok();
+    }
+
     /// `curl` against the Engine API; the parsed JSON answer (Null when empty).
     pub fn api(&self, method: &str, path: &str) -> Value {
         let result = run(Command::new("curl")

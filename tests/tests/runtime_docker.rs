@@ -13,7 +13,7 @@ use outpost_tests::forge::{metadata, signed, tar};
 use outpost_tests::{
     TestRegistry, build_bundle, eventually_within, free_port, poll_within, sign_with,
 };
-use serde_json::json;
+use serde_json::{Value, json};
 use std::path::Path;
 
 const BOTH: [&str; 2] = ["vendor-a", "vendor-b"];
@@ -296,14 +296,19 @@ enum Interrupt {
     Term,
 }
 
-/// Four releases, each interrupted at a random point of its rollout: after the restart each
+/// Releases in a row, each interrupted at a random point of its rollout: after the restart each
 /// converges with no orphan or duplicate container and a sound store, and the stateful
-/// replica saw every release start.
+/// replica saw every release start. Four rounds in CI; `OUTPOST_INTERRUPT_ROUNDS` runs a
+/// longer campaign (`tests/bench.sh interrupts` runs 30).
 fn interrupted_rollouts(kind: Kind, interrupt: Interrupt) {
+    let rounds: u64 = std::env::var("OUTPOST_INTERRUPT_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(4);
     let mut s = setup(kind);
     let image = s.images[0].clone();
     let mut rng = 0x9e37_79b9_7f4a_7c15u64;
-    for sequence in 1..=4u64 {
+    for sequence in 1..=rounds {
         let message = format!("v{sequence}");
         let release = Release {
             image: &image,
@@ -350,9 +355,89 @@ fn interrupted_rollouts(kind: Kind, interrupt: Interrupt) {
         s.web_says(&message);
     }
     let log = s.db_log();
-    for sequence in 1..=4 {
-        assert!(log.contains(&format!("started v{sequence}")), "{log}");
+    for sequence in 1..=rounds {
+        let started = format!("started v{sequence}");
+        assert!(
+            log.lines().any(|l| l.trim_end().ends_with(&started)),
+            "{log}"
+        );
     }
+}
+
+/// The engine goes away during rollouts and comes back: restarted at a random point of two
+/// rollouts, then gone for longer than the progress deadline (50 s against 40 s) during a
+/// third. Each rollout resumes and converges: no rollback, no orphan or duplicate replica;
+/// while the engine is gone `status` says why the rollout waits.
+fn engine_restarts_during_rollouts(kind: Kind) {
+    let s = setup(kind);
+    let image = s.images[0].clone();
+    let publish_release = |sequence: u64| {
+        let message = format!("v{sequence}");
+        let release = Release {
+            image: &image,
+            message: &message,
+            web_replicas: 2,
+            web_cpu: 0.25,
+            healthy: true,
+            with_db: true,
+        };
+        publish(
+            s.drop.path(),
+            &release,
+            &format!("1.{sequence}.0"),
+            sequence,
+        );
+    };
+    publish_release(1);
+    s.agent.wait_converged(1);
+    let mut rng = 0x2545_f491_4f6c_dd1du64;
+    let converged_without_rollback = |sequence: u64| {
+        let status = s.agent.wait_converged(sequence);
+        assert_eq!(
+            status["runtime"]["last_rollback"],
+            Value::Null,
+            "{status:#}"
+        );
+        assert_eq!(
+            s.engine.containers(),
+            ["acme-db-0", "acme-web-0", "acme-web-1"],
+            "no orphans, no duplicates after the engine came back during rollout {sequence}"
+        );
+        s.web_says(&format!("v{sequence}"));
+    };
+    for sequence in 2..=3u64 {
+        publish_release(sequence);
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        std::thread::sleep(std::time::Duration::from_millis(300 + rng % 2500));
+        s.engine.halt();
+        std::thread::sleep(std::time::Duration::from_secs(2));
+        s.engine.resume();
+        converged_without_rollback(sequence);
+    }
+    publish_release(4);
+    std::thread::sleep(std::time::Duration::from_millis(800));
+    s.engine.halt();
+    let gone = std::time::Instant::now();
+    let status = s
+        .agent
+        .wait_within(30, "the engine's absence in status", |st| {
+            st["runtime"]["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("retrying"))
+        });
+    assert_eq!(status["current"]["sequence"], 4, "{status:#}");
+    std::thread::sleep(std::time::Duration::from_secs(50).saturating_sub(gone.elapsed()));
+    let status = s.agent.status();
+    assert_eq!(
+        status["runtime"]["last_rollback"],
+        Value::Null,
+        "{status:#}"
+    );
+    assert_eq!(status["current"]["sequence"], 4, "{status:#}");
+    s.engine.resume();
+    converged_without_rollback(4);
 }
 
 /// An air-gapped site: the bundle carries its images (`build --with-images`), the registry is
@@ -472,6 +557,21 @@ fn dockerd_sigterm_during_rollouts() {
 }
 
 #[test]
+fn dockerd_restarts_during_rollouts() {
+    engine_restarts_during_rollouts(Kind::Docker);
+}
+
+#[test]
+fn podman_restarts_during_rollouts() {
+    engine_restarts_during_rollouts(Kind::Podman);
+}
+
+#[test]
 fn podman_kill_9_during_rollouts() {
     interrupted_rollouts(Kind::Podman, Interrupt::Kill);
+}
+
+#[test]
+fn podman_sigterm_during_rollouts() {
+    interrupted_rollouts(Kind::Podman, Interrupt::Term);
 }

@@ -417,7 +417,7 @@ fn execute(command: Command) -> Result<(), Failure> {
             let snapshots = request(&config, Method::GET, "/snapshots", None)?;
             match output {
                 Output::Json => print_json(&snapshots)?,
-                Output::Text => print!("{}", snapshots_text(&snapshots, chrono::Utc::now())),
+                Output::Text => print!("{}", snapshots_text(&snapshots, config::now())),
             }
         }
         Command::History {

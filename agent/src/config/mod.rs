@@ -680,9 +680,25 @@ pub fn json_schema() -> String {
     text
 }
 
-/// Now, in one place, so tests and the daemon agree on the clock's type.
+/// The wall clock, in one place: what expiry, approval windows and records read. Timers that
+/// measure elapsed time (backoff, polling, deadlines, probes) use the monotonic clock instead.
+///
+/// In debug builds (the integration tests') the file `OUTPOST_CLOCK_OFFSET_FILE` names may hold
+/// a number of seconds added to the machine's clock, so a test moves the agent's wall clock
+/// forwards and backwards without touching the machine's. Release builds have no such hook.
 pub fn now() -> DateTime<Utc> {
+    #[cfg(debug_assertions)]
+    if let Some(offset) = test_clock_offset() {
+        return Utc::now() + offset;
+    }
     Utc::now()
+}
+
+#[cfg(debug_assertions)]
+fn test_clock_offset() -> Option<chrono::Duration> {
+    let file = std::env::var_os("OUTPOST_CLOCK_OFFSET_FILE")?;
+    let seconds: i64 = std::fs::read_to_string(file).ok()?.trim().parse().ok()?;
+    chrono::Duration::try_seconds(seconds)
 }
 
 #[cfg(test)]

@@ -302,7 +302,7 @@ impl Source for DirSource {
             let target_dir = self.dir.join(folder);
             let mut target = target_dir.join(&name);
             if target.exists() {
-                let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%S%.3f");
+                let stamp = crate::config::now().format("%Y%m%dT%H%M%S%.3f");
                 let mut stamped = name.clone();
                 stamped.push(format!(".{stamp}"));
                 target = target_dir.join(stamped);
