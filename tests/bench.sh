@@ -5,8 +5,9 @@
 #   tests/bench.sh snapshot               # downtime a snapshot adds to a stateful replace (100 MiB, 1 GiB)
 #   tests/bench.sh vm                     # VM pools on moto: 20 replicas on 5 machines, idle cloud calls, RSS
 #   tests/bench.sh amplification          # hostile layouts: time and peak RSS at two sizes
-#   tests/bench.sh interrupts             # kill -9 and SIGTERM campaigns on dockerd and Podman,
-#                                         # OUTPOST_INTERRUPT_ROUNDS rounds each (default 30)
+#   tests/bench.sh interrupts             # kill -9 and SIGTERM campaigns on dockerd, Podman and the
+#                                         # Kubernetes stand-in, OUTPOST_INTERRUPT_ROUNDS rounds each
+#                                         # (default 30)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "${1:-}" = amplification ]; then
@@ -16,7 +17,8 @@ bash .ci/scripts/setup.sh >/dev/null
 if [ "${1:-}" = interrupts ]; then
     export OUTPOST_VENV="${OUTPOST_VENV:-$PWD/.work/venv}"
     OUTPOST_INTERRUPT_ROUNDS="${OUTPOST_INTERRUPT_ROUNDS:-30}" exec cargo test --locked \
-        --workspace --test runtime_docker -- --test-threads 1 --nocapture during_rollouts
+        --workspace --test runtime_docker --test agent_kubernetes -- --test-threads 1 \
+        during_rollouts
 fi
 cargo build --release --locked -p outpost-agent -p outpost-signer
 cargo bench --locked -p outpost-tests --bench agent -- "${1:-}"

@@ -76,6 +76,18 @@ EOF
             # Podman keeps network run state (netavark's IPAM, aardvark-dns) in the host-wide
             # /run/containers/networks: give this engine its own, in a mount namespace.
             mkdir -p "$dir/netrun"
+            # Started again after `halt`: back into the mount namespace its containers' network
+            # namespaces are mounted in (a process of theirs keeps it alive).
+            local holder=""
+            [ ! -f "$dir/mntns-holder" ] || holder="$(cat "$dir/mntns-holder")"
+            rm -f "$dir/mntns-holder"
+            if [ -n "$holder" ] && kill -0 "$holder" 2>/dev/null; then
+                CONTAINERS_CONF="$dir/containers.conf" CONTAINERS_STORAGE_CONF="$dir/storage.conf" \
+                    CONTAINERS_REGISTRIES_CONF="$dir/registries.conf" \
+                    setsid nsenter --mount="/proc/$holder/ns/mnt" \
+                    podman --root "$dir/storage" --runroot "$dir/run" system service --time=0 \
+                    "unix://$sock" >"$log" 2>&1 </dev/null &
+            else
             CONTAINERS_CONF="$dir/containers.conf" CONTAINERS_STORAGE_CONF="$dir/storage.conf" \
                 CONTAINERS_REGISTRIES_CONF="$dir/registries.conf" \
                 setsid unshare --mount --propagation private sh -c '
@@ -83,6 +95,7 @@ EOF
                     mount --bind "$1/netrun" /run/containers/networks &&
                     exec podman --root "$1/storage" --runroot "$1/run" system service --time=0 "unix://$2"
                 ' sh "$dir" "$sock" >"$log" 2>&1 </dev/null &
+            fi
             ;;
         *) usage ;;
     esac
@@ -172,6 +185,18 @@ cmd_halt() {
     local pidfile="$1/engine.pid" pid i
     is_running "$pidfile" || return 0
     pid="$(cat "$pidfile")"
+    # Podman's containers outlive the service in its mount namespace: remember one of their
+    # processes, so the next start joins that namespace (see cmd_start).
+    if [ "$(cat "$1/engine.kind" 2>/dev/null)" = podman ]; then
+        local ns proc
+        ns="$(readlink "/proc/$pid/ns/mnt" 2>/dev/null || true)"
+        for proc in /proc/[0-9]*; do
+            if [ "${proc#/proc/}" != "$pid" ] && [ "$(readlink "$proc/ns/mnt" 2>/dev/null)" = "$ns" ]; then
+                echo "${proc#/proc/}" >"$1/mntns-holder"
+                break
+            fi
+        done
+    fi
     kill -TERM "$pid" 2>/dev/null || true
     for i in $(seq 1 100); do
         kill -0 "$pid" 2>/dev/null || break

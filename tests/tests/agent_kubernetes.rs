@@ -162,3 +162,95 @@ fn the_agent_runs_releases_on_a_cluster_with_the_same_status_history_and_metrics
         "the claim is kept throughout"
     );
 }
+
+/// How a rollout is interrupted.
+#[derive(Clone, Copy, PartialEq)]
+enum Interrupt {
+    Kill,
+    Term,
+}
+
+/// Releases in a row on the cluster, each interrupted (kill -9, or SIGTERM as a pod's
+/// termination sends) at a random point of its rollout: after each restart the rollout
+/// converges on that release with exactly the stack's objects and its one claim, and the store
+/// is sound. Four rounds in CI; `OUTPOST_INTERRUPT_ROUNDS` runs a longer campaign
+/// (`tests/bench.sh interrupts` runs 30).
+fn interrupted_rollouts_on_a_cluster(interrupt: Interrupt) {
+    let rounds: u64 = std::env::var("OUTPOST_INTERRUPT_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(4);
+    let cluster = FakeApiserver::start(&binary("fake-apiserver"), "shop").unwrap();
+    let drop = tempfile::tempdir().unwrap();
+    let mut agent = AgentProcess::start(
+        &format!("source:\n  dir:\n    path: {}\n", drop.path().display()),
+        &format!(
+            "runtime: kubernetes\npermissions:\n  execution: {{service_account: web-runner}}\n  storage: {{service_account: db-runner}}\nkubernetes:\n  namespace: shop\n  hosts: {{site: shop.example.com}}\n  kubeconfig: {}\nrollout:\n  progress_deadline_seconds: 30\n  drift_interval_seconds: 1\n",
+            cluster.kubeconfig().display()
+        ),
+    );
+    let names = |kind: &str| -> Vec<String> {
+        let list = get(&cluster, &format!("/apis/apps/v1/namespaces/shop/{kind}"));
+        list["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|o| o["metadata"]["name"].as_str().map(str::to_string))
+            .collect()
+    };
+    let mut rng = 0x6a09_e667_f3bc_c909u64;
+    for sequence in 1..=rounds {
+        let digest = format!("sha256:{sequence:064x}");
+        publish(
+            drop.path(),
+            &image("web", &digest),
+            &format!("1.{sequence}.0"),
+            sequence,
+        );
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        std::thread::sleep(std::time::Duration::from_millis(200 + rng % 1800));
+        match interrupt {
+            Interrupt::Kill => agent.kill(),
+            Interrupt::Term => {
+                let asked = std::time::Instant::now();
+                agent.stop();
+                let took = asked.elapsed();
+                assert!(
+                    took < std::time::Duration::from_secs(8),
+                    "stopped on its own within 8 s of SIGTERM, not {took:?}: {}",
+                    agent.log()
+                );
+            }
+        }
+        agent.restart();
+        let status = agent.wait_converged(sequence);
+        assert_eq!(
+            status["runtime"]["last_rollback"],
+            Value::Null,
+            "{status:#}"
+        );
+        assert_eq!(
+            web_image(&cluster),
+            image("web", &digest),
+            "round {sequence}"
+        );
+        assert_eq!(names("deployments"), ["acme-web"], "round {sequence}");
+        assert_eq!(names("statefulsets"), ["acme-db"], "round {sequence}");
+        let claims = get(&cluster, "/api/v1/namespaces/shop/persistentvolumeclaims");
+        assert_eq!(claims["items"].as_array().map(Vec::len), Some(1));
+        let checked = agent.cli(&["check-state"]);
+        assert_eq!(checked.code, 0, "{}{}", checked.stdout, checked.stderr);
+    }
+}
+
+#[test]
+fn kill_9_during_rollouts_on_a_cluster() {
+    interrupted_rollouts_on_a_cluster(Interrupt::Kill);
+}
+
+#[test]
+fn sigterm_during_rollouts_on_a_cluster() {
+    interrupted_rollouts_on_a_cluster(Interrupt::Term);
+}

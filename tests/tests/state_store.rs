@@ -228,3 +228,98 @@ fn a_full_disk_leaves_the_bundle_in_place_and_the_store_sound() {
     assert!(left.is_empty(), "{left:?} left in {}", spool.display());
     agent.stop();
 }
+
+/// Fills the filesystem `dir` is on, up to the last byte; the filler is removed on drop.
+struct Filler(std::path::PathBuf);
+
+impl Filler {
+    fn fill(dir: &Path) -> Filler {
+        use std::io::Write as _;
+        let path = dir.join("filler");
+        let mut file = std::fs::File::create(&path).unwrap();
+        let chunk = vec![0u8; 64 << 10];
+        while file.write_all(&chunk).is_ok() {}
+        for _ in 0..1024 {
+            if file.write_all(&[0]).is_err() {
+                break;
+            }
+        }
+        let _ = file.sync_all();
+        Filler(path)
+    }
+}
+
+impl Drop for Filler {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// With `state_dir` full, the release `publish` puts out waits: "no space left" in `status`,
+/// the current release and the store untouched, nothing rejected; once there is room it is
+/// fetched again and accepted.
+fn full_disk_delays(agent: &AgentProcess, state: &Mounted, publish: impl FnOnce()) {
+    agent.wait_current(1);
+    let filler = Filler::fill(&state.0);
+    publish();
+    let status = agent.wait_within(60, "no space left in status", |st| {
+        st["source"]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.to_lowercase().contains("no space left on device"))
+    });
+    assert_eq!(status["current"]["sequence"], 1, "{status:#}");
+    assert_eq!(
+        status["last_rejection"],
+        serde_json::Value::Null,
+        "{status:#}"
+    );
+    let (code, said) = check_state(agent);
+    assert_eq!(code, 0, "{said}");
+    drop(filler);
+    agent.wait_within(60, "accepted once there is room", |st| {
+        st["current"]["sequence"] == 2
+    });
+    assert_eq!(agent.rejected_total(), 0);
+}
+
+#[test]
+fn a_full_disk_delays_registry_and_git_bundles_without_rejecting_them() {
+    // The registry source: the bundle is fetched into memory; recording it fails.
+    let registry = outpost_tests::TestRegistry::start(None);
+    registry.push(&signed(release("1.0.0", 1), &BOTH), "stable");
+    let mut agent = AgentProcess::start(
+        &format!(
+            "source:\n  oci:\n    reference: {}/acme/shop:stable\n    interval: 500ms\n",
+            registry.host()
+        ),
+        "",
+    );
+    agent.wait_current(1);
+    agent.stop();
+    let state = Mounted::tmpfs(&agent.path("state"), 8);
+    agent.restart();
+    full_disk_delays(&agent, &state, || {
+        registry.push(&signed(release("1.1.0", 2), &BOTH), "stable");
+    });
+    agent.stop();
+    drop(state);
+
+    // The git source: the fetch into state_dir/git fails.
+    let vendor = outpost_tests::git::VendorRepo::new();
+    vendor.publish(&tar(&signed(release("1.0.0", 1), &BOTH)), "1.0.0");
+    let mut agent = AgentProcess::start(
+        &format!(
+            "source:\n  git:\n    url: file://{}\n    ref: main\n    path: outpost/bundle.tar\n    interval: 500ms\n",
+            vendor.bare().display()
+        ),
+        "",
+    );
+    agent.wait_current(1);
+    agent.stop();
+    let state = Mounted::tmpfs(&agent.path("state"), 8);
+    agent.restart();
+    full_disk_delays(&agent, &state, || {
+        vendor.publish(&tar(&signed(release("1.1.0", 2), &BOTH)), "1.1.0");
+    });
+    agent.stop();
+}

@@ -325,7 +325,8 @@ impl Runtime for DockerRuntime {
                 format!("{OWNER_LABEL}={OWNER}"),
                 format!("{STACK_LABEL}={stack}"),
             ])
-            .await?;
+            .await
+            .map_err(RuntimeError::engine_trouble)?;
         let mut instances = Vec::with_capacity(items.len());
         for mut instance in items.iter().filter_map(|item| listed_instance(stack, item)) {
             if instance.replica.state == ReplicaState::Stopped {

@@ -524,6 +524,26 @@ mod tests {
         );
     }
 
+    /// Podman answers 500 to a container list while it recovers from a restart: the engine's
+    /// trouble, retried, never a failed release (which would roll back).
+    #[tokio::test]
+    async fn an_engine_that_cannot_list_its_containers_is_unavailable() {
+        use crate::runtime::Runtime as _;
+        let body = r#"{"message":"retrieving network namespace: unknown FS magic"}"#;
+        let (dir, _) = engine_answering(format!(
+            "HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ));
+        let config = crate::config::DockerConfig {
+            socket: dir.path().join("engine.sock"),
+            ..Default::default()
+        };
+        let runtime = crate::runtime::docker::DockerRuntime::new(&config, dir.path());
+        let error = runtime.observe("acme").await.unwrap_err();
+        assert!(error.unavailable, "{error}");
+        assert!(error.message.contains("unknown FS magic"), "{error}");
+    }
+
     #[tokio::test]
     async fn an_error_line_in_a_streamed_pull_fails_it() {
         let (_dir, engine) = engine_answering(

@@ -124,6 +124,15 @@ impl RuntimeError {
         }
     }
 
+    /// An engine that cannot list its own containers (unreachable, or answering 500 as Podman
+    /// does while it recovers from a restart): the engine's trouble, never the release's.
+    pub fn engine_trouble(e: engine::EngineError) -> Self {
+        RuntimeError {
+            message: e.to_string(),
+            unavailable: true,
+        }
+    }
+
     /// `e` while doing `what`, still saying whether the engine was unreachable.
     pub fn during(what: impl std::fmt::Display, e: engine::EngineError) -> Self {
         RuntimeError {

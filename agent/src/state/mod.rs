@@ -21,6 +21,10 @@ pub struct StateError(String);
 
 impl From<rusqlite::Error> for StateError {
     fn from(e: rusqlite::Error) -> Self {
+        // SQLite says "database or disk is full"; the operator's words are the kernel's.
+        if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull) {
+            return StateError(format!("no space left on device ({e})"));
+        }
         StateError(e.to_string())
     }
 }
