@@ -23,6 +23,17 @@ die() { echo "engine.sh: $*" >&2; exit 1; }
 
 is_running() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
+# SIGTERM, then SIGKILL if the process is still there after 10 s.
+terminate() {
+    local i
+    kill -TERM "$1" 2>/dev/null || true
+    for i in $(seq 1 100); do
+        kill -0 "$1" 2>/dev/null || break
+        sleep 0.1
+    done
+    kill -KILL "$1" 2>/dev/null || true
+}
+
 cmd_start() {
     [ $# -eq 2 ] || usage
     local kind="$1" dir="$2"
@@ -119,7 +130,7 @@ $(tail -20 "$log")"
 
 cmd_stop() {
     [ $# -eq 1 ] || usage
-    local dir="$1" pidfile="$1/engine.pid" pid i
+    local dir="$1" pidfile="$1/engine.pid" pid
     [ -d "$dir" ] || return 0
     dir="$(cd "$dir" && pwd)"
     if is_running "$pidfile"; then
@@ -159,12 +170,7 @@ for n in json.load(sys.stdin):
                 fi
             done
         fi
-        kill -TERM "$pid" 2>/dev/null || true
-        for i in $(seq 1 100); do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        kill -KILL "$pid" 2>/dev/null || true
+        terminate "$pid"
         for proc in "${helpers[@]}"; do kill -KILL "$proc" 2>/dev/null || true; done
         for subnet in $subnets; do
             for link in $(ip -o -4 addr show to "$subnet" 2>/dev/null | awk '{print $2}'); do
@@ -182,7 +188,7 @@ for n in json.load(sys.stdin):
 # the next start: dockerd stops its containers, Podman's leave them running under conmon.
 cmd_halt() {
     [ $# -eq 1 ] || usage
-    local pidfile="$1/engine.pid" pid i
+    local pidfile="$1/engine.pid" pid
     is_running "$pidfile" || return 0
     pid="$(cat "$pidfile")"
     # Podman's containers outlive the service in its mount namespace: remember one of their
@@ -197,12 +203,7 @@ cmd_halt() {
             fi
         done
     fi
-    kill -TERM "$pid" 2>/dev/null || true
-    for i in $(seq 1 100); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.1
-    done
-    kill -KILL "$pid" 2>/dev/null || true
+    terminate "$pid"
     rm -f "$pidfile"
     echo "engine: halted ($1)"
 }

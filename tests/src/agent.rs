@@ -17,6 +17,42 @@ pub struct AgentProcess {
     child: Option<Child>,
 }
 
+/// How a test interrupts the agent in the middle of a rollout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Interrupt {
+    /// kill -9: no chance to clean up.
+    Kill,
+    /// SIGTERM, as a service manager stops the agent: it must be gone well within the stop
+    /// timeout (systemd's 90 s, Kubernetes' 30 s grace) on its own.
+    Term,
+}
+
+/// Rounds of an interruption campaign: four, or `OUTPOST_INTERRUPT_ROUNDS`
+/// (`tests/bench.sh interrupts` runs 30).
+pub fn campaign_rounds() -> u64 {
+    std::env::var("OUTPOST_INTERRUPT_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(4)
+}
+
+/// Pseudo-random pauses (xorshift from a fixed seed, so a failing round replays).
+pub struct Pauses(u64);
+
+impl Pauses {
+    pub fn new(seed: u64) -> Pauses {
+        Pauses(seed.max(1))
+    }
+
+    /// A pause of `least_ms` plus up to `spread_ms` more.
+    pub fn next(&mut self, least_ms: u64, spread_ms: u64) -> Duration {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        Duration::from_millis(least_ms + self.0 % spread_ms.max(1))
+    }
+}
+
 /// Trust block for vendor-a and vendor-b, both required.
 pub fn trust_two_of_two() -> String {
     let keys = testdata().join("keys");
@@ -128,6 +164,25 @@ impl AgentProcess {
             }
             let _ = child.kill();
             let _ = child.wait();
+        }
+    }
+
+    /// Interrupts the daemon `how`; a SIGTERM must be obeyed within 8 s.
+    #[track_caller]
+    pub fn interrupt(&mut self, how: Interrupt) {
+        match how {
+            Interrupt::Kill => self.kill(),
+            Interrupt::Term => {
+                // `stop` sends SIGTERM and waits up to 10 s before it kills.
+                let asked = Instant::now();
+                self.stop();
+                let took = asked.elapsed();
+                assert!(
+                    took < Duration::from_secs(8),
+                    "stopped on its own within 8 s of SIGTERM, not {took:?}: {}",
+                    self.log()
+                );
+            }
         }
     }
 

@@ -103,33 +103,15 @@ impl FaultProxy {
 fn serve(client: TcpStream, upstream: u16, state: &Mutex<State>) -> std::io::Result<()> {
     let mut reader = BufReader::new(client.try_clone()?);
     let mut client = client;
-    let mut head = Vec::new();
-    let mut request_line = String::new();
-    let (mut length, mut chunked) = (0usize, false);
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line)? == 0 {
-            return Ok(());
-        }
-        if request_line.is_empty() {
-            request_line = line.trim_end().to_string();
-        }
-        let lower = line.to_ascii_lowercase();
-        if let Some(value) = lower.strip_prefix("content-length:") {
-            length = value.trim().parse().unwrap_or(0);
-        }
-        if lower.starts_with("transfer-encoding:") && lower.contains("chunked") {
-            chunked = true;
-        }
-        if lower.starts_with("connection:") {
-            continue;
-        }
-        if line == "\r\n" {
-            head.extend_from_slice(b"Connection: close\r\n\r\n");
-            break;
-        }
-        head.extend_from_slice(line.as_bytes());
-    }
+    let Some(RequestHead {
+        bytes: head,
+        line: request_line,
+        length,
+        chunked,
+    }) = read_head(&mut reader)?
+    else {
+        return Ok(());
+    };
     let body = if chunked {
         read_chunked(&mut reader)?
     } else {
@@ -253,6 +235,49 @@ fn serve(client: TcpStream, upstream: u16, state: &Mutex<State>) -> std::io::Res
         }
     }
     Ok(())
+}
+
+/// A request's head, rewritten to close the connection after the answer.
+pub(crate) struct RequestHead {
+    pub bytes: Vec<u8>,
+    /// `METHOD PATH VERSION`.
+    pub line: String,
+    pub length: usize,
+    pub chunked: bool,
+}
+
+/// Reads a request's head; None when the client closed the connection first.
+pub(crate) fn read_head(reader: &mut impl BufRead) -> std::io::Result<Option<RequestHead>> {
+    let mut head = RequestHead {
+        bytes: Vec::new(),
+        line: String::new(),
+        length: 0,
+        chunked: false,
+    };
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 {
+            return Ok(None);
+        }
+        if head.line.is_empty() {
+            head.line = line.trim_end().to_string();
+        }
+        let lower = line.to_ascii_lowercase();
+        if let Some(value) = lower.strip_prefix("content-length:") {
+            head.length = value.trim().parse().unwrap_or(0);
+        }
+        if lower.starts_with("transfer-encoding:") && lower.contains("chunked") {
+            head.chunked = true;
+        }
+        if lower.starts_with("connection:") {
+            continue;
+        }
+        if line == "\r\n" {
+            head.bytes.extend_from_slice(b"Connection: close\r\n\r\n");
+            return Ok(Some(head));
+        }
+        head.bytes.extend_from_slice(line.as_bytes());
+    }
 }
 
 /// A chunked request body, de-chunked.

@@ -4,7 +4,7 @@
 
 #![allow(clippy::unwrap_used)] // test support: a panic is a failed test
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -56,26 +56,14 @@ fn serve(
     let mut reader = BufReader::new(client.try_clone()?);
     let mut client = client;
     loop {
-        let mut head = Vec::new();
-        let mut length = 0usize;
-        loop {
-            let mut line = String::new();
-            if reader.read_line(&mut line)? == 0 {
-                return Ok(());
-            }
-            let lower = line.to_ascii_lowercase();
-            if let Some(value) = lower.strip_prefix("content-length:") {
-                length = value.trim().parse().unwrap_or(0);
-            }
-            if lower.starts_with("connection:") {
-                continue;
-            }
-            if line == "\r\n" {
-                head.extend_from_slice(b"Connection: close\r\n\r\n");
-                break;
-            }
-            head.extend_from_slice(line.as_bytes());
-        }
+        let Some(crate::faults::RequestHead {
+            bytes: head,
+            length,
+            ..
+        }) = crate::faults::read_head(&mut reader)?
+        else {
+            return Ok(());
+        };
         let mut body = vec![0; length];
         reader.read_exact(&mut body)?;
         let text = String::from_utf8_lossy(&body);

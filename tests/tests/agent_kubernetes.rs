@@ -7,7 +7,7 @@
 #![allow(clippy::unwrap_used)] // test code: a panic is a failed test
 
 use outpost_kube_stand_in::{FakeApiserver, NEVER_READY_DIGEST as NEVER_READY};
-use outpost_tests::agent::{AgentProcess, drop_file};
+use outpost_tests::agent::{AgentProcess, Interrupt, Pauses, campaign_rounds, drop_file};
 use outpost_tests::engine::http_body;
 use outpost_tests::{binary, build_bundle, sign_with};
 use serde_json::Value;
@@ -163,23 +163,13 @@ fn the_agent_runs_releases_on_a_cluster_with_the_same_status_history_and_metrics
     );
 }
 
-/// How a rollout is interrupted.
-#[derive(Clone, Copy, PartialEq)]
-enum Interrupt {
-    Kill,
-    Term,
-}
-
 /// Releases in a row on the cluster, each interrupted (kill -9, or SIGTERM as a pod's
 /// termination sends) at a random point of its rollout: after each restart the rollout
 /// converges on that release with exactly the stack's objects and its one claim, and the store
 /// is sound. Four rounds in CI; `OUTPOST_INTERRUPT_ROUNDS` runs a longer campaign
 /// (`tests/bench.sh interrupts` runs 30).
 fn interrupted_rollouts_on_a_cluster(interrupt: Interrupt) {
-    let rounds: u64 = std::env::var("OUTPOST_INTERRUPT_ROUNDS")
-        .ok()
-        .and_then(|r| r.parse().ok())
-        .unwrap_or(4);
+    let rounds = campaign_rounds();
     let cluster = FakeApiserver::start(&binary("fake-apiserver"), "shop").unwrap();
     let drop = tempfile::tempdir().unwrap();
     let mut agent = AgentProcess::start(
@@ -198,7 +188,7 @@ fn interrupted_rollouts_on_a_cluster(interrupt: Interrupt) {
             .filter_map(|o| o["metadata"]["name"].as_str().map(str::to_string))
             .collect()
     };
-    let mut rng = 0x6a09_e667_f3bc_c909u64;
+    let mut pauses = Pauses::new(0x6a09_e667_f3bc_c909);
     for sequence in 1..=rounds {
         let digest = format!("sha256:{sequence:064x}");
         publish(
@@ -207,23 +197,8 @@ fn interrupted_rollouts_on_a_cluster(interrupt: Interrupt) {
             &format!("1.{sequence}.0"),
             sequence,
         );
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        std::thread::sleep(std::time::Duration::from_millis(200 + rng % 1800));
-        match interrupt {
-            Interrupt::Kill => agent.kill(),
-            Interrupt::Term => {
-                let asked = std::time::Instant::now();
-                agent.stop();
-                let took = asked.elapsed();
-                assert!(
-                    took < std::time::Duration::from_secs(8),
-                    "stopped on its own within 8 s of SIGTERM, not {took:?}: {}",
-                    agent.log()
-                );
-            }
-        }
+        std::thread::sleep(pauses.next(200, 1800));
+        agent.interrupt(interrupt);
         agent.restart();
         let status = agent.wait_converged(sequence);
         assert_eq!(

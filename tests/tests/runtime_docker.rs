@@ -7,7 +7,7 @@
 
 use outpost_bundle_format::bundle;
 use outpost_bundle_format::stack::StackFile;
-use outpost_tests::agent::{AgentProcess, drop_file};
+use outpost_tests::agent::{AgentProcess, Interrupt, Pauses, campaign_rounds, drop_file};
 use outpost_tests::engine::{Kind, TestEngine, demo_image, http_body};
 use outpost_tests::forge::{metadata, signed, tar};
 use outpost_tests::{
@@ -130,6 +130,26 @@ impl Setup {
         );
         assert_eq!(c["Config"]["Labels"]["dev.outpost.owner"], "outpost-agent");
         assert_eq!(c["Config"]["Labels"]["dev.outpost.resource"], "web");
+    }
+
+    /// Publishes release 1.`sequence`.0 of the demo stack: two web replicas and the stateful
+    /// db, the web answering `v<sequence>`.
+    fn publish_version(&self, sequence: u64) {
+        let message = format!("v{sequence}");
+        let release = Release {
+            image: &self.images[0],
+            message: &message,
+            web_replicas: 2,
+            web_cpu: 0.25,
+            healthy: true,
+            with_db: true,
+        };
+        publish(
+            self.drop.path(),
+            &release,
+            &format!("1.{sequence}.0"),
+            sequence,
+        );
     }
 
     fn db_log(&self) -> String {
@@ -286,63 +306,19 @@ fn install_update_rollback_drift_prune(kind: Kind) {
     s.web_says("v2 two");
 }
 
-/// How a rollout is interrupted.
-#[derive(Clone, Copy, PartialEq)]
-enum Interrupt {
-    /// kill -9: no chance to clean up.
-    Kill,
-    /// SIGTERM, as a service manager stops the agent: it must be gone well within the stop
-    /// timeout (systemd's 90 s, Kubernetes' 30 s grace) on its own.
-    Term,
-}
-
 /// Releases in a row, each interrupted at a random point of its rollout: after the restart each
 /// converges with no orphan or duplicate container and a sound store, and the stateful
 /// replica saw every release start. Four rounds in CI; `OUTPOST_INTERRUPT_ROUNDS` runs a
 /// longer campaign (`tests/bench.sh interrupts` runs 30).
 fn interrupted_rollouts(kind: Kind, interrupt: Interrupt) {
-    let rounds: u64 = std::env::var("OUTPOST_INTERRUPT_ROUNDS")
-        .ok()
-        .and_then(|r| r.parse().ok())
-        .unwrap_or(4);
+    let rounds = campaign_rounds();
     let mut s = setup(kind);
-    let image = s.images[0].clone();
-    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    let mut pauses = Pauses::new(0x9e37_79b9_7f4a_7c15);
     for sequence in 1..=rounds {
-        let message = format!("v{sequence}");
-        let release = Release {
-            image: &image,
-            message: &message,
-            web_replicas: 2,
-            web_cpu: 0.25,
-            healthy: true,
-            with_db: true,
-        };
-        publish(
-            s.drop.path(),
-            &release,
-            &format!("1.{sequence}.0"),
-            sequence,
-        );
-        // Killed somewhere in the rollout: pulling, creating, waiting for health, swapping.
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        std::thread::sleep(std::time::Duration::from_millis(300 + rng % 2500));
-        match interrupt {
-            Interrupt::Kill => s.agent.kill(),
-            Interrupt::Term => {
-                // `stop` sends SIGTERM and waits up to 10 s before it kills.
-                let asked = std::time::Instant::now();
-                s.agent.stop();
-                let took = asked.elapsed();
-                assert!(
-                    took < std::time::Duration::from_secs(8),
-                    "stopped on its own within 8 s of SIGTERM, not {took:?}: {}",
-                    s.agent.log()
-                );
-            }
-        }
+        s.publish_version(sequence);
+        // Interrupted somewhere in the rollout: pulling, creating, waiting for health, swapping.
+        std::thread::sleep(pauses.next(300, 2500));
+        s.agent.interrupt(interrupt);
         s.agent.restart();
         s.agent.wait_converged(sequence);
         assert_eq!(
@@ -352,7 +328,7 @@ fn interrupted_rollouts(kind: Kind, interrupt: Interrupt) {
         );
         let checked = s.agent.cli(&["check-state"]);
         assert_eq!(checked.code, 0, "{}{}", checked.stdout, checked.stderr);
-        s.web_says(&message);
+        s.web_says(&format!("v{sequence}"));
     }
     let log = s.db_log();
     for sequence in 1..=rounds {
@@ -370,27 +346,9 @@ fn interrupted_rollouts(kind: Kind, interrupt: Interrupt) {
 /// while the engine is gone `status` says why the rollout waits.
 fn engine_restarts_during_rollouts(kind: Kind) {
     let s = setup(kind);
-    let image = s.images[0].clone();
-    let publish_release = |sequence: u64| {
-        let message = format!("v{sequence}");
-        let release = Release {
-            image: &image,
-            message: &message,
-            web_replicas: 2,
-            web_cpu: 0.25,
-            healthy: true,
-            with_db: true,
-        };
-        publish(
-            s.drop.path(),
-            &release,
-            &format!("1.{sequence}.0"),
-            sequence,
-        );
-    };
-    publish_release(1);
+    s.publish_version(1);
     s.agent.wait_converged(1);
-    let mut rng = 0x2545_f491_4f6c_dd1du64;
+    let mut pauses = Pauses::new(0x2545_f491_4f6c_dd1d);
     let converged_without_rollback = |sequence: u64| {
         let status = s.agent.wait_converged(sequence);
         assert_eq!(
@@ -406,17 +364,14 @@ fn engine_restarts_during_rollouts(kind: Kind) {
         s.web_says(&format!("v{sequence}"));
     };
     for sequence in 2..=3u64 {
-        publish_release(sequence);
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        std::thread::sleep(std::time::Duration::from_millis(300 + rng % 2500));
+        s.publish_version(sequence);
+        std::thread::sleep(pauses.next(300, 2500));
         s.engine.halt();
         std::thread::sleep(std::time::Duration::from_secs(2));
         s.engine.resume();
         converged_without_rollback(sequence);
     }
-    publish_release(4);
+    s.publish_version(4);
     std::thread::sleep(std::time::Duration::from_millis(800));
     s.engine.halt();
     let gone = std::time::Instant::now();

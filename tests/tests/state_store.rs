@@ -255,13 +255,20 @@ impl Drop for Filler {
     }
 }
 
-/// With `state_dir` full, the release `publish` puts out waits: "no space left" in `status`,
-/// the current release and the store untouched, nothing rejected; once there is room it is
-/// fetched again and accepted.
-fn full_disk_delays(agent: &AgentProcess, state: &Mounted, publish: impl FnOnce()) {
+/// An agent on `source` runs release 1, then its `state_dir` moves to a tmpfs filled to the
+/// last byte and release 2 is published (`publish(version, sequence)`): it waits with "no space
+/// left on device" in `status`, the current release and the store untouched and nothing
+/// rejected; once there is room it is fetched again and accepted.
+fn full_disk_delays(source: &str, publish: impl Fn(&str, u64)) {
+    publish("1.0.0", 1);
+    let mut agent = AgentProcess::start(source, "");
+    agent.wait_current(1);
+    agent.stop();
+    let state = Mounted::tmpfs(&agent.path("state"), 8);
+    agent.restart();
     agent.wait_current(1);
     let filler = Filler::fill(&state.0);
-    publish();
+    publish("1.1.0", 2);
     let status = agent.wait_within(60, "no space left in status", |st| {
         st["source"]["last_error"]
             .as_str()
@@ -273,53 +280,36 @@ fn full_disk_delays(agent: &AgentProcess, state: &Mounted, publish: impl FnOnce(
         serde_json::Value::Null,
         "{status:#}"
     );
-    let (code, said) = check_state(agent);
+    let (code, said) = check_state(&agent);
     assert_eq!(code, 0, "{said}");
     drop(filler);
     agent.wait_within(60, "accepted once there is room", |st| {
         st["current"]["sequence"] == 2
     });
     assert_eq!(agent.rejected_total(), 0);
+    agent.stop();
 }
 
 #[test]
 fn a_full_disk_delays_registry_and_git_bundles_without_rejecting_them() {
-    // The registry source: the bundle is fetched into memory; recording it fails.
+    // The registry source fetches into memory: recording the bundle fails.
     let registry = outpost_tests::TestRegistry::start(None);
-    registry.push(&signed(release("1.0.0", 1), &BOTH), "stable");
-    let mut agent = AgentProcess::start(
+    full_disk_delays(
         &format!(
             "source:\n  oci:\n    reference: {}/acme/shop:stable\n    interval: 500ms\n",
             registry.host()
         ),
-        "",
+        |version, sequence| registry.push(&signed(release(version, sequence), &BOTH), "stable"),
     );
-    agent.wait_current(1);
-    agent.stop();
-    let state = Mounted::tmpfs(&agent.path("state"), 8);
-    agent.restart();
-    full_disk_delays(&agent, &state, || {
-        registry.push(&signed(release("1.1.0", 2), &BOTH), "stable");
-    });
-    agent.stop();
-    drop(state);
-
     // The git source: the fetch into state_dir/git fails.
     let vendor = outpost_tests::git::VendorRepo::new();
-    vendor.publish(&tar(&signed(release("1.0.0", 1), &BOTH)), "1.0.0");
-    let mut agent = AgentProcess::start(
+    full_disk_delays(
         &format!(
             "source:\n  git:\n    url: file://{}\n    ref: main\n    path: outpost/bundle.tar\n    interval: 500ms\n",
             vendor.bare().display()
         ),
-        "",
+        |version, sequence| {
+            vendor.publish(&tar(&signed(release(version, sequence), &BOTH)), version)
+        },
     );
-    agent.wait_current(1);
-    agent.stop();
-    let state = Mounted::tmpfs(&agent.path("state"), 8);
-    agent.restart();
-    full_disk_delays(&agent, &state, || {
-        vendor.publish(&tar(&signed(release("1.1.0", 2), &BOTH)), "1.1.0");
-    });
-    agent.stop();
 }
