@@ -132,17 +132,27 @@ impl Challenge {
     }
 }
 
-/// Answers a `WWW-Authenticate` challenge with an Authorization header value.
+/// Answers a `WWW-Authenticate` challenge with an Authorization header value. The token
+/// endpoint is named by the registry, so it is held to the same rules: the stall timeout, a
+/// 1 MiB answer, and no plain-http realm for a registry reached over https (the credentials
+/// would travel in the clear).
 pub(crate) async fn answer_challenge(
     http: &reqwest::Client,
     challenge: &str,
     credentials: &Credentials,
     scope: &str,
+    stall: std::time::Duration,
+    plain_http_registry: bool,
 ) -> Result<String, String> {
     match Challenge::parse(challenge)? {
         Challenge::Basic => credentials.basic_header().ok_or_else(|| {
             "the registry needs credentials (docker config or --username/--password)".to_string()
         }),
+        Challenge::Bearer { realm, .. } if realm.starts_with("http://") && !plain_http_registry => {
+            Err(format!(
+                "bearer realm {realm} is plain http for a registry reached over https"
+            ))
+        }
         Challenge::Bearer { realm, service } => {
             let mut query: Vec<(&str, &str)> = Vec::new();
             if let Some(service) = &service {
@@ -153,9 +163,15 @@ pub(crate) async fn answer_challenge(
             if let Some(basic) = credentials.basic_header() {
                 request = request.header(reqwest::header::AUTHORIZATION, basic);
             }
-            let response = request
-                .send()
+            let stalled = || {
+                format!(
+                    "token endpoint {realm}: no answer within {}s",
+                    stall.as_secs()
+                )
+            };
+            let response = tokio::time::timeout(stall, request.send())
                 .await
+                .map_err(|_| stalled())?
                 .map_err(|e| format!("token endpoint {realm}: {e}"))?;
             if !response.status().is_success() {
                 return Err(format!(
@@ -166,9 +182,9 @@ pub(crate) async fn answer_challenge(
             // Read at most 1 MiB: the token endpoint is named by the registry, not trusted.
             let mut response = response;
             let mut bytes = Vec::new();
-            while let Some(chunk) = response
-                .chunk()
+            while let Some(chunk) = tokio::time::timeout(stall, response.chunk())
                 .await
+                .map_err(|_| stalled())?
                 .map_err(|e| format!("token endpoint {realm}: {e}"))?
             {
                 if bytes.len() + chunk.len() > 1 << 20 {

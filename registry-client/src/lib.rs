@@ -179,7 +179,7 @@ impl Registry {
         if response.status() == StatusCode::NOT_FOUND {
             return Ok(None);
         }
-        let response = check_status(&url, response).await?;
+        let response = self.check_status(&url, response).await?;
         let headers = response.headers();
         let digest = headers
             .get("docker-content-digest")
@@ -228,7 +228,7 @@ impl Registry {
                 &format!("repository:{repository}:pull"),
             )
             .await?;
-        let response = check_status(&url, response).await?;
+        let response = self.check_status(&url, response).await?;
         let media_type = manifest_type(&url, &response)?;
         let mut bytes = Vec::new();
         self.read_body(response, &url, limit, |chunk| {
@@ -266,7 +266,7 @@ impl Registry {
         ) {
             return Ok(None);
         }
-        let response = check_status(&url, response).await?;
+        let response = self.check_status(&url, response).await?;
         let mut bytes = Vec::new();
         self.read_body(response, &url, limit, |chunk| {
             bytes.extend_from_slice(chunk);
@@ -294,7 +294,7 @@ impl Registry {
                 &format!("repository:{repository}:pull"),
             )
             .await?;
-        let response = check_status(&url, response).await?;
+        let response = self.check_status(&url, response).await?;
         let mut hasher = Sha256::default();
         let size = self
             .read_body(response, &url, limit, |chunk| {
@@ -318,7 +318,7 @@ impl Registry {
         match response.status() {
             StatusCode::NOT_FOUND => Ok(false),
             s if s.is_success() => Ok(true),
-            _ => check_status(&url, response).await.map(|_| false),
+            _ => self.check_status(&url, response).await.map(|_| false),
         }
     }
 
@@ -342,7 +342,7 @@ impl Registry {
                 &push_scope(repository),
             )
             .await?;
-        let response = check_status(&url, response).await?;
+        let response = self.check_status(&url, response).await?;
         let location = response
             .headers()
             .get(header::LOCATION)
@@ -362,7 +362,7 @@ impl Registry {
                 &push_scope(repository),
             )
             .await?;
-        check_status(&put_url, response).await?;
+        self.check_status(&put_url, response).await?;
         Ok(())
     }
 
@@ -385,7 +385,7 @@ impl Registry {
                 &push_scope(repository),
             )
             .await?;
-        let response = check_status(&url, response).await?;
+        let response = self.check_status(&url, response).await?;
         if let Some(returned) = response
             .headers()
             .get("docker-content-digest")
@@ -441,13 +441,19 @@ impl Registry {
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default()
             .to_string();
-        let authorization =
-            auth::answer_challenge(&self.http, &challenge, &self.credentials, scope)
-                .await
-                .map_err(|reason| RegistryError::Auth {
-                    url: url.to_string(),
-                    reason,
-                })?;
+        let authorization = auth::answer_challenge(
+            &self.http,
+            &challenge,
+            &self.credentials,
+            scope,
+            self.stall,
+            self.base.starts_with("http://"),
+        )
+        .await
+        .map_err(|reason| RegistryError::Auth {
+            url: url.to_string(),
+            reason,
+        })?;
         if authorization.starts_with("Bearer ")
             && let Ok(mut token) = self.token.lock()
         {
@@ -490,6 +496,41 @@ impl Registry {
                 stall: self.stall,
             }),
         }
+    }
+
+    async fn check_status(
+        &self,
+        url: &str,
+        response: reqwest::Response,
+    ) -> Result<reqwest::Response, RegistryError> {
+        let status = response.status();
+        if status.is_success() {
+            return Ok(response);
+        }
+        let retry_after = retry_after(&response);
+        // Read at most 1 KiB of an error body: a hostile server could send an endless one.
+        let mut response = response;
+        let mut raw = Vec::new();
+        while raw.len() < 1024 {
+            // An error body that stalls is not waited for: the status says enough.
+            match tokio::time::timeout(self.stall, response.chunk()).await {
+                Ok(Ok(Some(chunk))) => {
+                    raw.extend_from_slice(&chunk[..chunk.len().min(1024 - raw.len())])
+                }
+                _ => break,
+            }
+        }
+        let body: String = String::from_utf8_lossy(&raw)
+            .chars()
+            .take(300)
+            .collect::<String>()
+            .replace('\n', " ");
+        Err(RegistryError::Status {
+            url: url.to_string(),
+            status: status.as_u16(),
+            body,
+            retry_after,
+        })
     }
 
     /// Streams a response body, refusing more than `limit` bytes (declared or actual), and
@@ -593,35 +634,4 @@ fn check_digest(what: &str, expected: Digest, actual: Digest) -> Result<(), Regi
             actual,
         })
     }
-}
-
-async fn check_status(
-    url: &str,
-    response: reqwest::Response,
-) -> Result<reqwest::Response, RegistryError> {
-    let status = response.status();
-    if status.is_success() {
-        return Ok(response);
-    }
-    let retry_after = retry_after(&response);
-    // Read at most 1 KiB of an error body: a hostile server could send an endless one.
-    let mut response = response;
-    let mut raw = Vec::new();
-    while raw.len() < 1024 {
-        match response.chunk().await {
-            Ok(Some(chunk)) => raw.extend_from_slice(&chunk[..chunk.len().min(1024 - raw.len())]),
-            _ => break,
-        }
-    }
-    let body: String = String::from_utf8_lossy(&raw)
-        .chars()
-        .take(300)
-        .collect::<String>()
-        .replace('\n', " ");
-    Err(RegistryError::Status {
-        url: url.to_string(),
-        status: status.as_u16(),
-        body,
-        retry_after,
-    })
 }

@@ -164,8 +164,8 @@ pub struct GitSource {
     pub username: Option<String>,
     #[serde(default)]
     pub password_file: Option<PathBuf>,
-    /// A download that brings less than 1 KiB in this long, or an answer that does not start,
-    /// is cut off and retried (default 30s).
+    /// A fetch heard nothing of for this long (no pack data line, which holds up to 64 KiB) is
+    /// reported as stalled and waited for, never run twice at once (default 30s).
     #[serde(default = "default_stall_timeout")]
     pub stall_timeout: String,
 }
@@ -688,8 +688,8 @@ pub fn json_schema() -> String {
 /// forwards and backwards without touching the machine's. Release builds have no such hook.
 pub fn now() -> DateTime<Utc> {
     #[cfg(debug_assertions)]
-    if let Some(offset) = test_clock_offset() {
-        return Utc::now() + offset;
+    if let Some(shifted) = test_clock_offset().and_then(|o| Utc::now().checked_add_signed(o)) {
+        return shifted;
     }
     Utc::now()
 }

@@ -55,14 +55,15 @@ impl Window {
     }
 }
 
-/// Five fields of comma-separated items: `*`, a number or name, or a range, each with an
-/// optional `/step`. Croner accepts more (empty items, say) that then match nothing, slowly.
+/// Five fields of comma-separated items: `*` or `?`, a number or name (with croner's `L`, `W`
+/// and `#`: `5L`, `15W`, `FRI#1`), or a range, each with an optional `/step`. Croner accepts
+/// more (empty items, say) that then match nothing, slowly.
 fn check_fields(cron: &str) -> Result<(), String> {
     let fields: Vec<&str> = cron.split_whitespace().collect();
     if fields.len() != 5 {
         return Err(format!("{} fields, expected 5", fields.len()));
     }
-    let word = |w: &str| !w.is_empty() && w.chars().all(|c| c.is_ascii_alphanumeric());
+    let word = |w: &str| !w.is_empty() && w.chars().all(|c| c.is_ascii_alphanumeric() || c == '#');
     for field in fields {
         for item in field.split(',') {
             let (range, step) = match item.split_once('/') {
@@ -70,6 +71,7 @@ fn check_fields(cron: &str) -> Result<(), String> {
                 None => (item, None),
             };
             let range_ok = range == "*"
+                || range == "?"
                 || match range.split_once('-') {
                     Some((from, to)) => word(from) && word(to),
                     None => word(range),
@@ -78,7 +80,7 @@ fn check_fields(cron: &str) -> Result<(), String> {
                 step.is_none_or(|s| !s.is_empty() && s.chars().all(|c| c.is_ascii_digit()));
             if !range_ok || !step_ok {
                 return Err(format!(
-                    "field {field:?}: item {item:?} is not *, N, N-M or one of them /STEP"
+                    "field {field:?}: item {item:?} is not *, ?, N, N-M or one of them /STEP"
                 ));
             }
         }
@@ -116,6 +118,14 @@ mod tests {
                 started.elapsed() < std::time::Duration::from_secs(5),
                 "{cron}"
             );
+        }
+        for cron in [
+            "0 2 ? * FRI#1",
+            "0 2 L * ?",
+            "0 2 15W * *",
+            "0 22 * * 1-5/2",
+        ] {
+            assert!(window(cron).is_ok(), "{cron}");
         }
         let hourly = window("1 * */1   * SAT").unwrap();
         let started = std::time::Instant::now();

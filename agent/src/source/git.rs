@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 /// libgit2 loads a blob into memory whole; bundles in git stay below this (larger bundles, e.g.
 /// with images, travel by registry or file drop).
 const MAX_GIT_BLOB_BYTES: u64 = 1 << 30;
+/// A fetch silent for this many stall timeouts is left behind (see `next`).
+const GIVE_UP_AFTER: u32 = 10;
 
 type FetchTask = tokio::task::JoinHandle<Result<Option<Candidate>, SourceError>>;
 type InFlight = (FetchTask, std::sync::Arc<Progress>);
@@ -88,6 +90,7 @@ impl GitSource {
                     limits.max_total_bytes,
                     &heard,
                 )?;
+                heard.fetched();
                 if last.as_deref() == Some(commit.to_string().as_str()) {
                     return Ok(None);
                 }
@@ -185,9 +188,18 @@ impl Progress {
         );
     }
 
+    /// The fetch is done: reading the bundle from the repository is local work, not watched.
+    fn fetched(&self) {
+        self.heard_at_ms
+            .store(u64::MAX, std::sync::atomic::Ordering::Relaxed);
+    }
+
     fn silent_for(&self) -> std::time::Duration {
         let elapsed = self.started.map(|s| s.elapsed()).unwrap_or_default();
         let heard = self.heard_at_ms.load(std::sync::atomic::Ordering::Relaxed);
+        if heard == u64::MAX {
+            return std::time::Duration::ZERO;
+        }
         elapsed.saturating_sub(std::time::Duration::from_millis(heard))
     }
 
@@ -341,12 +353,16 @@ fn read_bundle(
                                         reason: "escapes the layout".into(),
                                     });
                                 }
+                                // The agent's own disk: an I/O error (a full disk is read
+                                // again later), not the bundle's fault.
+                                let io = |source| LayoutError::Io {
+                                    path: file.display().to_string(),
+                                    source,
+                                };
                                 if let Some(dir) = file.parent() {
-                                    std::fs::create_dir_all(dir)
-                                        .map_err(|e| malformed(e.to_string()))?;
+                                    std::fs::create_dir_all(dir).map_err(io)?;
                                 }
-                                std::fs::write(&file, blob.content())
-                                    .map_err(|e| malformed(e.to_string()))
+                                std::fs::write(&file, blob.content()).map_err(io)
                             })();
                             match written {
                                 Ok(()) => git2::TreeWalkResult::Ok,
@@ -391,9 +407,31 @@ impl Source for GitSource {
                     Some((task, _)) if task.is_finished() => match task.await {
                         Ok(Ok(Some(candidate))) => return Ok(candidate),
                         Ok(Ok(None)) => continue,
-                        _ => self.start_fetch(),
+                        Ok(Err(e)) => {
+                            tracing::info!("the stalled git fetch ended: {e}");
+                            self.start_fetch()
+                        }
+                        Err(e) => {
+                            tracing::warn!("the stalled git fetch task: {e}");
+                            self.start_fetch()
+                        }
                     },
-                    Some(in_flight) => in_flight,
+                    // Silent for so long the connection is likely dead (libgit2 sets no
+                    // socket timeout): left to end on its own, and a new fetch starts.
+                    Some((_, progress)) if progress.silent_for() >= self.stall * GIVE_UP_AFTER => {
+                        tracing::warn!(
+                            "a git fetch silent for {}s is left behind; fetching again",
+                            progress.silent_for().as_secs()
+                        );
+                        self.start_fetch()
+                    }
+                    Some((task, progress)) => {
+                        // Waited for again: it may go on if it hears from the server.
+                        progress
+                            .abandoned
+                            .store(false, std::sync::atomic::Ordering::Relaxed);
+                        (task, progress)
+                    }
                     None => {
                         self.pace.wait().await;
                         self.start_fetch()

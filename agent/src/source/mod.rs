@@ -186,8 +186,8 @@ impl Pace {
 
     /// How long to wait after the `failures`-th failed poll in a row; the next poll follows the
     /// wait at once. The backoff is capped at the interval, so a source recovers within one
-    /// interval of the fault clearing and a failing poll is no more frequent than a healthy
-    /// one, but a server's `Retry-After` (already capped by the client) is honoured in full.
+    /// interval of the fault clearing (after a few failures it polls as often as when healthy);
+    /// a server's `Retry-After` (already capped by the client) is honoured in full.
     pub fn after_failure(
         &mut self,
         failures: u32,

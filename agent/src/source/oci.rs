@@ -89,13 +89,6 @@ impl OciSource {
         })
     }
 
-    fn fail(&self, e: impl std::fmt::Display) -> SourceError {
-        SourceError(format!(
-            "oci://{}/{}:{}: {e}",
-            self.reference.host, self.reference.repository, self.tag
-        ))
-    }
-
     /// A failed request: retried after the backoff, or after the wait the registry asked for.
     fn failed(&self, e: RegistryError) -> SourceError {
         if let Some(asked) = e.retry_after()
@@ -103,7 +96,10 @@ impl OciSource {
         {
             *wait = Some(asked);
         }
-        self.fail(e)
+        SourceError(format!(
+            "oci://{}/{}:{}: {e}",
+            self.reference.host, self.reference.repository, self.tag
+        ))
     }
 
     /// Bad content is the bundle's fault (rejected); anything else is the connection's (retried).
