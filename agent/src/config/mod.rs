@@ -1,15 +1,17 @@
 //! The agent's configuration file (YAML, strict: unknown keys are errors). Its doc comments are
 //! the user documentation; `outpost-agent config-schema` prints the JSON Schema generated from it.
 
+mod clock;
 mod runtime;
 mod vm;
 mod window;
 
+pub use clock::now;
 pub use runtime::*;
 pub use vm::*;
 pub use window::Window;
 
-use chrono::{DateTime, Duration, Utc};
+use chrono::Duration;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -678,27 +680,6 @@ pub fn json_schema() -> String {
     let mut text = serde_json::to_string_pretty(&schema).unwrap_or_default();
     text.push('\n');
     text
-}
-
-/// The wall clock, in one place: what expiry, approval windows and records read. Timers that
-/// measure elapsed time (backoff, polling, deadlines, probes) use the monotonic clock instead.
-///
-/// In debug builds (the integration tests') the file `OUTPOST_CLOCK_OFFSET_FILE` names may hold
-/// a number of seconds added to the machine's clock, so a test moves the agent's wall clock
-/// forwards and backwards without touching the machine's. Release builds have no such hook.
-pub fn now() -> DateTime<Utc> {
-    #[cfg(debug_assertions)]
-    if let Some(shifted) = test_clock_offset().and_then(|o| Utc::now().checked_add_signed(o)) {
-        return shifted;
-    }
-    Utc::now()
-}
-
-#[cfg(debug_assertions)]
-fn test_clock_offset() -> Option<chrono::Duration> {
-    let file = std::env::var_os("OUTPOST_CLOCK_OFFSET_FILE")?;
-    let seconds: i64 = std::fs::read_to_string(file).ok()?.trim().parse().ok()?;
-    chrono::Duration::try_seconds(seconds)
 }
 
 #[cfg(test)]
