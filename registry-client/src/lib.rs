@@ -607,17 +607,26 @@ fn manifest_type(url: &str, response: &reqwest::Response) -> Result<String, Regi
     Ok(media_type)
 }
 
-/// `Retry-After` in seconds (the form registries send), capped at [`MAX_RETRY_AFTER`].
+/// A response's `Retry-After`, capped at [`MAX_RETRY_AFTER`].
 fn retry_after(response: &reqwest::Response) -> Option<Duration> {
-    let seconds: u64 = response
-        .headers()
-        .get(header::RETRY_AFTER)?
-        .to_str()
-        .ok()?
-        .trim()
-        .parse()
-        .ok()?;
-    Some(Duration::from_secs(seconds).min(MAX_RETRY_AFTER))
+    let value = response.headers().get(header::RETRY_AFTER)?.to_str().ok()?;
+    parse_retry_after(value, chrono::Utc::now())
+}
+
+/// `Retry-After` as seconds or as an HTTP date (RFC 9110), from `now`, capped at
+/// [`MAX_RETRY_AFTER`]; a date already past asks for no wait.
+fn parse_retry_after(value: &str, now: chrono::DateTime<chrono::Utc>) -> Option<Duration> {
+    let value = value.trim();
+    let wait = match value.parse::<u64>() {
+        Ok(seconds) => Duration::from_secs(seconds),
+        Err(_) => {
+            let at = chrono::DateTime::parse_from_rfc2822(value).ok()?;
+            (at.with_timezone(&chrono::Utc) - now)
+                .to_std()
+                .unwrap_or_default()
+        }
+    };
+    Some(wait.min(MAX_RETRY_AFTER))
 }
 
 fn push_scope(repository: &str) -> String {
@@ -633,5 +642,27 @@ fn check_digest(what: &str, expected: Digest, actual: Digest) -> Result<(), Regi
             expected,
             actual,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_in_seconds_or_as_a_date_capped() {
+        let now = chrono::DateTime::parse_from_rfc3339("2015-10-21T07:27:00Z")
+            .map(|t| t.with_timezone(&chrono::Utc))
+            .unwrap_or_default();
+        let parse = |value| parse_retry_after(value, now);
+        assert_eq!(parse("3"), Some(Duration::from_secs(3)));
+        assert_eq!(parse("86400"), Some(MAX_RETRY_AFTER));
+        assert_eq!(
+            parse("Wed, 21 Oct 2015 07:28:00 GMT"),
+            Some(Duration::from_secs(60))
+        );
+        assert_eq!(parse("Wed, 21 Oct 2015 07:00:00 GMT"), Some(Duration::ZERO));
+        assert_eq!(parse("soon"), None);
+        assert_eq!(parse("-5"), None);
     }
 }
