@@ -180,18 +180,13 @@ impl Registry {
             return Ok(None);
         }
         let response = self.check_status(&url, response).await?;
-        let headers = response.headers();
-        let digest = headers
-            .get("docker-content-digest")
-            .and_then(|v| v.to_str().ok())
+        let digest = header_text(&response, "docker-content-digest")
             .map(Digest::parse)
             .transpose()
             .map_err(|e| RegistryError::Protocol(format!("{url}: {e}")))?;
         let media_type = manifest_type(&url, &response)?;
-        let size = headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse().ok());
+        let size =
+            header_text(&response, header::CONTENT_LENGTH.as_str()).and_then(|v| v.parse().ok());
         match digest {
             Some(digest) => Ok(Some(ManifestHead {
                 digest,
@@ -343,13 +338,9 @@ impl Registry {
             )
             .await?;
         let response = self.check_status(&url, response).await?;
-        let location = response
-            .headers()
-            .get(header::LOCATION)
-            .and_then(|v| v.to_str().ok())
-            .ok_or_else(|| {
-                RegistryError::Protocol(format!("{url}: upload started without a Location"))
-            })?;
+        let location = header_text(&response, header::LOCATION.as_str()).ok_or_else(|| {
+            RegistryError::Protocol(format!("{url}: upload started without a Location"))
+        })?;
         let location = self.absolute(location);
         let separator = if location.contains('?') { '&' } else { '?' };
         let put_url = format!("{location}{separator}digest={digest}");
@@ -386,11 +377,7 @@ impl Registry {
             )
             .await?;
         let response = self.check_status(&url, response).await?;
-        if let Some(returned) = response
-            .headers()
-            .get("docker-content-digest")
-            .and_then(|v| v.to_str().ok())
-        {
+        if let Some(returned) = header_text(&response, "docker-content-digest") {
             let returned =
                 Digest::parse(returned).map_err(|e| RegistryError::Protocol(e.to_string()))?;
             check_digest(&url, digest, returned)?;
@@ -435,10 +422,7 @@ impl Registry {
         if response.status() != StatusCode::UNAUTHORIZED {
             return Ok(response);
         }
-        let challenge = response
-            .headers()
-            .get(header::WWW_AUTHENTICATE)
-            .and_then(|v| v.to_str().ok())
+        let challenge = header_text(&response, header::WWW_AUTHENTICATE.as_str())
             .unwrap_or_default()
             .to_string();
         let authorization = auth::answer_challenge(
@@ -591,10 +575,7 @@ impl Registry {
 /// answers with something other than JSON (an HTML login page, say) fails the request: it is
 /// not a bundle to reject.
 fn manifest_type(url: &str, response: &reqwest::Response) -> Result<String, RegistryError> {
-    let media_type = response
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
+    let media_type = header_text(response, header::CONTENT_TYPE.as_str())
         .unwrap_or_default()
         .to_string();
     let essence = media_type.split(';').next().unwrap_or_default().trim();
@@ -609,8 +590,15 @@ fn manifest_type(url: &str, response: &reqwest::Response) -> Result<String, Regi
 
 /// A response's `Retry-After`, capped at [`MAX_RETRY_AFTER`].
 fn retry_after(response: &reqwest::Response) -> Option<Duration> {
-    let value = response.headers().get(header::RETRY_AFTER)?.to_str().ok()?;
-    parse_retry_after(value, chrono::Utc::now())
+    parse_retry_after(
+        header_text(response, header::RETRY_AFTER.as_str())?,
+        chrono::Utc::now(),
+    )
+}
+
+/// A header's value, when present and text.
+fn header_text<'r>(response: &'r reqwest::Response, name: &str) -> Option<&'r str> {
+    response.headers().get(name)?.to_str().ok()
 }
 
 /// `Retry-After` as seconds or as an HTTP date (RFC 9110), from `now`, capped at
