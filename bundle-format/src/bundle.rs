@@ -1,13 +1,15 @@
 //! Building, signing and inspecting release bundles (one OCI artifact per release).
 //!
 //! The bundle manifest's config blob is the release metadata, its first layer the stack (JSON),
-//! and any further layers newer trust roots the agent should rotate to. Its digest is the
+//! then any newer trust roots the agent should rotate to, then a provenance statement for each
+//! image built from source. Its digest is the
 //! bundle digest everywhere: layout, registry, git.
 
 use crate::crypto::SigningKey;
 use crate::digest::Digest;
 use crate::layout::oci::{self, Descriptor, ImageManifest};
 use crate::layout::{Layout, LayoutError, Limits};
+use crate::provenance;
 use crate::release::{self, ReleaseMetadata};
 use crate::signature;
 use crate::stack::{Stack, StackFile};
@@ -35,6 +37,17 @@ pub fn build(
     metadata: &ReleaseMetadata,
     roots: &[Vec<u8>],
 ) -> Result<Layout, BuildError> {
+    build_with_provenance(stack_file, metadata, roots, &[])
+}
+
+/// [`build`], with a provenance statement ([`crate::provenance`]) for each image built from
+/// source; each must be about an image the stack pins.
+pub fn build_with_provenance(
+    stack_file: &StackFile,
+    metadata: &ReleaseMetadata,
+    roots: &[Vec<u8>],
+    statements: &[Vec<u8>],
+) -> Result<Layout, BuildError> {
     let stack = Stack::from_file(stack_file).map_err(|e| BuildError::Invalid(e.to_string()))?;
     if let Some((resource, image)) = stack.unpinned_images().first() {
         return Err(BuildError::Invalid(format!(
@@ -61,6 +74,11 @@ pub fn build(
     for root in roots {
         layers.push(Descriptor::of(MEDIA_TYPE_ROOT, root));
         layout.add_blob(root.clone());
+    }
+    provenance::check_statements(statements, &stack).map_err(BuildError::Invalid)?;
+    for statement in statements {
+        layers.push(Descriptor::of(provenance::MEDIA_TYPE_STATEMENT, statement));
+        layout.add_blob(statement.clone());
     }
     let manifest = ImageManifest {
         schema_version: 2,
@@ -148,6 +166,8 @@ pub struct BundleParts {
     pub metadata_bytes: Vec<u8>,
     pub stack_bytes: Vec<u8>,
     pub roots: Vec<Vec<u8>>,
+    /// Provenance statements, unparsed.
+    pub statements: Vec<Vec<u8>>,
     /// Signature layers found under the `sha256-<hex>.sig` ref: (payload, layer descriptor).
     pub signatures: Vec<(Vec<u8>, Descriptor)>,
 }
@@ -172,7 +192,7 @@ pub fn read_parts(layout: &Layout, limits: &Limits) -> Result<BundleParts, Layou
         ));
     }
     let metadata_bytes = read_described(layout, &manifest.config, limits)?;
-    let (stack_layer, root_layers) = manifest
+    let (stack_layer, further_layers) = manifest
         .layers
         .split_first()
         .ok_or_else(|| LayoutError::malformed("bundle manifest", "has no stack layer"))?;
@@ -188,14 +208,22 @@ pub fn read_parts(layout: &Layout, limits: &Limits) -> Result<BundleParts, Layou
     };
     let stack_bytes = read_described(layout, stack_layer, &stack_limits)?;
     let mut roots = Vec::new();
-    for layer in root_layers {
-        if layer.media_type != MEDIA_TYPE_ROOT {
-            return Err(LayoutError::malformed(
-                "bundle manifest",
-                format!("unexpected layer type {}", layer.media_type),
-            ));
+    let mut statements = Vec::new();
+    for layer in further_layers {
+        match layer.media_type.as_str() {
+            MEDIA_TYPE_ROOT if statements.is_empty() => {
+                roots.push(read_described(layout, layer, limits)?)
+            }
+            provenance::MEDIA_TYPE_STATEMENT => {
+                statements.push(read_described(layout, layer, limits)?)
+            }
+            other => {
+                return Err(LayoutError::malformed(
+                    "bundle manifest",
+                    format!("unexpected layer type {other} (after the stack: roots, then provenance statements)"),
+                ));
+            }
         }
-        roots.push(read_described(layout, layer, limits)?);
     }
     let signatures = read_signatures(layout, &digest, limits)?;
     Ok(BundleParts {
@@ -205,6 +233,7 @@ pub fn read_parts(layout: &Layout, limits: &Limits) -> Result<BundleParts, Layou
         metadata_bytes,
         stack_bytes,
         roots,
+        statements,
         signatures,
     })
 }
@@ -375,6 +404,7 @@ pub fn check_content(parts: &BundleParts) -> Result<(), String> {
             "resource {resource}: image {image} is not pinned by digest"
         ));
     }
+    provenance::check_statements(&parts.statements, &stack)?;
     crate::root::check_carried_chain(&parts.roots, None)
         .map_err(|e| format!("carried trust root: {e}"))
 }
@@ -439,10 +469,7 @@ mod tests {
     ) -> ContainerSpec {
         ContainerSpec {
             name,
-            code: Code {
-                kind: None,
-                image: IMAGE.into(),
-            },
+            code: Code::image(IMAGE),
             cpu: Cpu::Cores(0.5),
             memory: format!("{memory_mi}Mi"),
             ports,

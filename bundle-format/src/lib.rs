@@ -15,6 +15,7 @@ pub mod digest;
 pub mod image_ref;
 pub mod json;
 pub mod layout;
+pub mod provenance;
 pub mod quantity;
 pub mod release;
 pub mod root;

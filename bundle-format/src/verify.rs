@@ -20,6 +20,7 @@ use crate::bundle::{self, BundleParts};
 use crate::crypto::PublicKey;
 use crate::digest::Digest;
 use crate::layout::{Layout, LayoutError, Limits};
+use crate::provenance::{self, Provenance};
 use crate::release::{ReleaseMetadata, rfc3339};
 use crate::root::TrustRoot;
 use crate::signature;
@@ -62,6 +63,8 @@ pub enum VerifyError {
     Stack(String),
     #[error("the release expired at {expires} (freeze protection)")]
     Expired { expires: String },
+    #[error("{0}")]
+    Provenance(String),
     #[error("resource {resource}: image {image} is not pinned by digest")]
     UnpinnedImage { resource: String, image: String },
     /// A check of the caller's [`ReleasePolicy`].
@@ -107,6 +110,7 @@ impl VerifyError {
             VerifyError::Stack(_) => "invalid-stack",
             VerifyError::Expired { .. } => "expired",
             VerifyError::UnpinnedImage { .. } => "unpinned-image",
+            VerifyError::Provenance(_) => "provenance",
             VerifyError::Policy { check, .. } => check,
         }
     }
@@ -122,6 +126,7 @@ pub struct VerifiedBundle {
     signers: Vec<String>,
     root: Option<TrustRoot>,
     carried_roots: Vec<Vec<u8>>,
+    provenance: Vec<Provenance>,
 }
 
 impl VerifiedBundle {
@@ -151,6 +156,10 @@ impl VerifiedBundle {
     /// not verified), and with raw keys there are none.
     pub fn carried_roots(&self) -> &[Vec<u8>] {
         &self.carried_roots
+    }
+    /// How each image built from source was built, each statement checked against the stack.
+    pub fn provenance(&self) -> &[Provenance] {
+        &self.provenance
     }
 }
 
@@ -239,7 +248,10 @@ pub fn verify_parts(
             image: image.to_string(),
         });
     }
+    let provenance =
+        provenance::check_statements(&parts.statements, &stack).map_err(VerifyError::Provenance)?;
     Ok(VerifiedBundle {
+        provenance,
         digest: parts.digest,
         metadata,
         stack_file,

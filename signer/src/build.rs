@@ -7,7 +7,11 @@ use chrono::{DateTime, Duration, TimeZone, Utc};
 use outpost_bundle_format::bundle;
 use outpost_bundle_format::release::{ReleaseMetadata, format_version_for, rfc3339};
 use outpost_bundle_format::root;
-use outpost_bundle_format::stack::{MAX_STACK_FILE_BYTES, Stack};
+use crate::images;
+use crate::source_build::{self, Buildah, BuiltImage};
+use outpost_bundle_format::Digest;
+use outpost_bundle_format::image_ref::ImageRef;
+use outpost_bundle_format::stack::{self, Code, MAX_STACK_FILE_BYTES, SourceBuild, Stack};
 
 /// Releases expire this long after creation unless --expires says otherwise.
 const DEFAULT_LIFETIME_DAYS: i64 = 90;
@@ -16,7 +20,9 @@ pub fn run(args: BuildArgs) -> Outcome {
     let text = read_input(&args.stack, MAX_STACK_FILE_BYTES as u64)?;
     let text = String::from_utf8(text)
         .map_err(|_| Failure::invalid(format!("{}: not UTF-8 text", args.stack.display())))?;
-    let (mut file, stack) = Stack::from_yaml(&text)
+    let mut file = stack::parse_stack_yaml(&text)
+        .map_err(|e| Failure::invalid(format!("{}: {e}", args.stack.display())))?;
+    let sources = stack::check_before_build(&file)
         .map_err(|e| Failure::invalid(format!("{}: {e}", args.stack.display())))?;
 
     let version = semver::Version::parse(&args.version)
@@ -28,10 +34,20 @@ pub fn run(args: BuildArgs) -> Outcome {
         }
         None => created + Duration::days(DEFAULT_LIFETIME_DAYS),
     };
-    if args.offline && args.with_images {
+    if args.offline && (args.with_images || args.image_repository.is_some()) {
         return Err(Failure::usage(
-            "--with-images needs a registry; it cannot be combined with --offline",
+            "--with-images and --image-repository need a registry; they cannot be combined with --offline",
         ));
+    }
+    if let Some(first) = sources.first()
+        && args.image_repository.is_none()
+        && !args.with_images
+    {
+        return Err(Failure::usage(format!(
+            "{}: resource {} is built from source: give --image-repository HOST/REPO to push its image, or --with-images to carry it in the bundle",
+            args.stack.display(),
+            first.resource
+        )));
     }
     let mut roots = Vec::new();
     for path in &args.root_updates {
@@ -57,32 +73,54 @@ pub fn run(args: BuildArgs) -> Outcome {
     let progress = crate::progress::Progress::new(args.quiet);
     let rt = if args.offline { None } else { Some(runtime()?) };
 
+    let built = match &rt {
+        Some(rt) if !sources.is_empty() => build_sources(
+            &args,
+            &file.name,
+            &sources,
+            spool.path(),
+            (created.timestamp(), &version),
+            |image, built| {
+                rt.block_on(images::push_image(
+                    registries.client(images::api_host(image.registry()))?,
+                    &built.layout,
+                    image.repository(),
+                    (built.digest, &built.media_type),
+                    image.tag().unwrap_or("latest"),
+                    &progress,
+                ))
+            },
+        )?,
+        _ => Vec::new(),
+    };
+
     // Pin every image by digest.
     for (index, entry) in file.resources.iter_mut().enumerate() {
-        let Some(resource) = stack.resource(&entry.container.name) else {
-            continue;
-        };
-        // The pinned stack spells code the one way every reader of format version 1 knows.
-        entry.container.code.kind = None;
-        let image = &resource.container.image;
-        if image.digest().is_some() {
-            entry.container.code.image = image.to_string();
-            continue;
-        }
         let at = format!(
             "{}: resources[{index}] ({}).code.image",
             args.stack.display(),
             entry.container.name
         );
+        if let Some((image, _)) = built.iter().find(|(_, b)| b.resource == entry.container.name) {
+            entry.container.code = Code::image(image.to_string());
+            continue;
+        }
+        // Checked by check_before_build.
+        let image = ImageRef::parse(entry.container.code.image.as_deref().unwrap_or_default())
+            .map_err(|e| Failure::invalid(format!("{at}: {e}")))?;
+        if image.digest().is_some() {
+            entry.container.code = Code::image(image.to_string());
+            continue;
+        }
         let Some(rt) = &rt else {
             return Err(Failure::invalid(format!(
                 "{at}: image {image} is not pinned by digest (--offline cannot resolve tags)"
             )));
         };
         let digest = rt
-            .block_on(registries.resolve(image))
+            .block_on(registries.resolve(&image))
             .map_err(|e| Failure::invalid(format!("{at}: {}", e.message)))?;
-        entry.container.code.image = image.pinned(digest).to_string();
+        entry.container.code = Code::image(image.pinned(digest).to_string());
     }
 
     let metadata = ReleaseMetadata {
@@ -95,7 +133,8 @@ pub fn run(args: BuildArgs) -> Outcome {
         expires,
         irreversible: args.irreversible.clone(),
     };
-    let mut layout = bundle::build(&file, &metadata, &roots)
+    let statements: Vec<Vec<u8>> = built.iter().map(|(_, b)| b.provenance.statement()).collect();
+    let mut layout = bundle::build_with_provenance(&file, &metadata, &roots, &statements)
         .map_err(|e| Failure::invalid(format!("{}: {e}", args.stack.display())))?;
 
     if let (true, Some(rt)) = (args.with_images, &rt) {
@@ -108,7 +147,15 @@ pub fn run(args: BuildArgs) -> Outcome {
         images.sort();
         images.dedup();
         for image in &images {
-            rt.block_on(registries.copy_into(image, &mut layout, spool.path(), &progress))?;
+            match built.iter().find(|(built, _)| built == image) {
+                Some((_, built)) => images::carry_built(built, image, &mut layout)?,
+                None => rt.block_on(registries.copy_into(
+                    image,
+                    &mut layout,
+                    spool.path(),
+                    &progress,
+                ))?,
+            }
         }
     }
 
@@ -139,6 +186,54 @@ pub fn run(args: BuildArgs) -> Outcome {
         target.display()
     );
     Ok(())
+}
+
+/// Builds every source image (buildah, timestamps at `epoch`) and names it: pushed with `push`
+/// to `--image-repository` as `<resource>-<version>`, else named for carrying only. Returns
+/// each pinned name with its build; the provenance names the image.
+fn build_sources(
+    args: &BuildArgs,
+    stack_name: &str,
+    sources: &[SourceBuild],
+    work: &std::path::Path,
+    (epoch, version): (i64, &semver::Version),
+    mut push: impl FnMut(&ImageRef, &BuiltImage) -> Result<Digest, Failure>,
+) -> Result<Vec<(ImageRef, BuiltImage)>, Failure> {
+    let stack_dir = args
+        .stack
+        .parent()
+        .map(|p| if p.as_os_str().is_empty() { std::path::Path::new(".") } else { p })
+        .unwrap_or(std::path::Path::new("."))
+        .canonicalize()
+        .map_err(|e| Failure::usage(format!("{}: {e}", args.stack.display())))?;
+    let buildah = Buildah::new(&args.buildah, work, args.registry.plain_http)?;
+    let mut built = Vec::new();
+    for build in sources {
+        let at = format!("{}: resource {}", args.stack.display(), build.resource);
+        let image = buildah.build(&at, &stack_dir, build, epoch)?;
+        let tag = source_build::image_tag(&build.resource, version);
+        let name = match &args.image_repository {
+            Some(repository) => repository.clone(),
+            None => format!("localhost/outpost/{stack_name}"),
+        };
+        let reference = ImageRef::parse(&format!("{name}:{tag}")).map_err(|e| {
+            Failure::usage(format!("--image-repository {name:?}: {e}"))
+        })?;
+        if args.image_repository.is_some() {
+            let pushed = push(&reference, &image)?;
+            if pushed != image.digest {
+                return Err(Failure::invalid(format!(
+                    "{at}: the registry stored {pushed}, not the built {}",
+                    image.digest
+                )));
+            }
+            eprintln!("pushed {} to {reference}", image.digest);
+        }
+        let mut image = image;
+        image.provenance.image_name = format!("{}/{}", reference.registry(), reference.repository());
+        built.push((reference.pinned(image.digest), image));
+    }
+    Ok(built)
 }
 
 /// --created, else $SOURCE_DATE_EPOCH (reproducible builds), else now; whole seconds.

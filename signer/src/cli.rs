@@ -89,9 +89,17 @@ pub struct BuildArgs {
     /// Creation time (RFC 3339). Default: $SOURCE_DATE_EPOCH, else now.
     #[arg(long)]
     pub created: Option<String>,
-    /// Put the referenced container images into the bundle (air-gapped sites).
+    /// Put the referenced container images into the bundle (air-gapped sites), images built
+    /// from source included.
     #[arg(long)]
     pub with_images: bool,
+    /// Where images built from source (`code: {type: source}`) are pushed: HOST[:PORT]/REPO,
+    /// each as REPO:<resource>-<version>, pinned by digest in the stack.
+    #[arg(long, value_name = "HOST/REPO")]
+    pub image_repository: Option<String>,
+    /// The buildah that builds source images (daemonless, OCI output).
+    #[arg(long, env = "OUTPOST_BUILDAH", default_value = "buildah")]
+    pub buildah: PathBuf,
     /// A stateful resource this release migrates in a way the previous release cannot read
     /// (repeatable). Agents show it before approval and, rolling back past this release,
     /// restore the resource's data to the snapshot taken before it.

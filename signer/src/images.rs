@@ -19,7 +19,7 @@ pub struct Registries<'a> {
 }
 
 /// The API host for an image's registry (docker.io's API lives elsewhere).
-fn api_host(registry: &str) -> &str {
+pub fn api_host(registry: &str) -> &str {
     if registry == "docker.io" {
         "registry-1.docker.io"
     } else {
@@ -160,13 +160,7 @@ impl<'a> Registries<'a> {
                 transfer.finish();
             }
         }
-        descriptor
-            .annotations
-            .insert(oci::ANNOTATION_REF_NAME.into(), image.to_string());
-        descriptor.annotations.insert(
-            outpost_bundle_format::bundle::ANNOTATION_IMAGE.into(),
-            image.to_string(),
-        );
+        annotate_carried(&mut descriptor, image);
         let index = layout.index_mut();
         index.manifests.retain(|d| d.digest != descriptor.digest);
         index.manifests.push(descriptor);
@@ -191,4 +185,121 @@ fn manifest_media_type(bytes: &[u8], content_type: &str) -> String {
                 .trim()
                 .to_string()
         })
+}
+
+/// The blobs of the image `digest` (a manifest, or an index of them) in `layout`, in the order
+/// a registry accepts them: each manifest's config and layers, then the manifest, and the
+/// index last. Manifests come with their media type.
+pub fn image_blobs(
+    layout: &Layout,
+    digest: Digest,
+    media_type: &str,
+) -> Result<Vec<(Digest, Option<String>)>, Failure> {
+    let limit = Limits::default().max_metadata_bytes;
+    let fail = |e: &dyn std::fmt::Display| Failure::invalid(format!("image {digest}: {e}"));
+    let bytes = layout.read_blob(&digest, limit).map_err(|e| fail(&e))?;
+    let mut blobs = Vec::new();
+    if media_type == oci::MEDIA_TYPE_INDEX || media_type == oci::MEDIA_TYPE_DOCKER_LIST {
+        let index: ImageIndex = serde_json::from_slice(&bytes).map_err(|e| fail(&e))?;
+        for child in index.manifests {
+            for blob in image_blobs(layout, child.digest, &child.media_type)? {
+                if !blobs.contains(&blob) {
+                    blobs.push(blob);
+                }
+            }
+        }
+    } else {
+        let manifest: ImageManifest = serde_json::from_slice(&bytes).map_err(|e| fail(&e))?;
+        for blob in std::iter::once(manifest.config).chain(manifest.layers) {
+            if !blobs.iter().any(|(seen, _)| *seen == blob.digest) {
+                blobs.push((blob.digest, None));
+            }
+        }
+    }
+    blobs.push((digest, Some(media_type.to_string())));
+    Ok(blobs)
+}
+
+/// Pushes the image `digest` from `layout` to `repository`, the top manifest under `tag` and
+/// any child manifests by digest; returns the digest the registry confirmed.
+pub async fn push_image(
+    registry: &Registry,
+    layout: &Layout,
+    repository: &str,
+    (digest, media_type): (Digest, &str),
+    tag: &str,
+    progress: &crate::progress::Progress,
+) -> Result<Digest, Failure> {
+    let mut pushed = digest;
+    for (blob, manifest_type) in image_blobs(layout, digest, media_type)? {
+        let mut content = Vec::new();
+        layout
+            .copy_blob(&blob, &mut content)
+            .map_err(Failure::invalid)?;
+        match manifest_type {
+            Some(manifest_type) => {
+                let reference = if blob == digest {
+                    tag.to_string()
+                } else {
+                    blob.to_string()
+                };
+                pushed = registry
+                    .push_manifest(repository, &reference, content, &manifest_type)
+                    .await
+                    .map_err(Failure::invalid)?;
+            }
+            None => {
+                let size = content.len() as u64;
+                let short = &blob.hex()[..12];
+                let mut transfer = progress.transfer(&format!("{repository} {short}"), size);
+                registry
+                    .push_blob(repository, &blob, content)
+                    .await
+                    .map_err(Failure::invalid)?;
+                transfer.advance(size);
+                transfer.finish();
+            }
+        }
+    }
+    Ok(pushed)
+}
+
+
+/// Carries an image built from source in the bundle (`--with-images`), as [`Registries::copy_into`]
+/// carries one from a registry: its blobs, and an index entry naming it.
+pub fn carry_built(
+    built: &crate::source_build::BuiltImage,
+    image: &ImageRef,
+    layout: &mut Layout,
+) -> Result<(), Failure> {
+    for (digest, _) in image_blobs(&built.layout, built.digest, &built.media_type)? {
+        let size = built
+            .layout
+            .blob_size(&digest)
+            .ok_or_else(|| Failure::invalid(format!("image {image}: blob {digest} missing")))?;
+        // read_dir checked each blob file against its name.
+        let path = built.dir.join("blobs/sha256").join(digest.hex());
+        layout.add_verified_file(digest, size, path);
+    }
+    let bytes = built
+        .layout
+        .read_blob(&built.digest, Limits::default().max_metadata_bytes)
+        .map_err(Failure::invalid)?;
+    let mut descriptor = Descriptor::of(&built.media_type, &bytes);
+    annotate_carried(&mut descriptor, image);
+    let index = layout.index_mut();
+    index.manifests.retain(|d| d.digest != descriptor.digest);
+    index.manifests.push(descriptor);
+    Ok(())
+}
+
+/// The index annotations that name a carried image.
+fn annotate_carried(descriptor: &mut Descriptor, image: &ImageRef) {
+    descriptor
+        .annotations
+        .insert(oci::ANNOTATION_REF_NAME.into(), image.to_string());
+    descriptor.annotations.insert(
+        outpost_bundle_format::bundle::ANNOTATION_IMAGE.into(),
+        image.to_string(),
+    );
 }

@@ -5,6 +5,7 @@ use crate::keys::open_bundle;
 use crate::{Failure, Outcome};
 use outpost_bundle_format::bundle::{self, ANNOTATION_IMAGE};
 use outpost_bundle_format::layout::Limits;
+use outpost_bundle_format::provenance::Provenance;
 use outpost_bundle_format::release::rfc3339;
 use outpost_bundle_format::signature;
 use outpost_bundle_format::stack::Scaling;
@@ -19,6 +20,17 @@ pub fn run(args: InspectArgs) -> Outcome {
     let metadata = bundle::parse_metadata(&parts.metadata_bytes).map_err(|e| fail(&e))?;
     let (_, stack) = bundle::parse_stack(&parts.stack_bytes).map_err(|e| fail(&e))?;
 
+    let statements: Vec<Result<Provenance, String>> = parts
+        .statements
+        .iter()
+        .map(|bytes| Provenance::parse(bytes))
+        .collect();
+    let built_from = |resource: &str| {
+        statements
+            .iter()
+            .flatten()
+            .find(|p| p.resource == resource)
+    };
     let resources: Vec<Value> = stack
         .resources
         .iter()
@@ -45,6 +57,7 @@ pub fn run(args: InspectArgs) -> Outcome {
                 "permissions": c.permissions,
                 "links": c.links,
                 "pool": c.pool,
+                "builtFrom": built_from(&c.name).map(provenance_json),
             })
         })
         .collect();
@@ -89,6 +102,10 @@ pub fn run(args: InspectArgs) -> Outcome {
         "images": images,
         "bundledImages": bundled,
         "rootUpdates": parts.roots.len(),
+        "provenance": statements.iter().map(|s| match s {
+            Ok(p) => provenance_json(p),
+            Err(e) => json!({"invalid": e}),
+        }).collect::<Vec<_>>(),
         "signatures": signatures,
     });
     match args.output {
@@ -111,6 +128,9 @@ pub fn run(args: InspectArgs) -> Outcome {
                     "  {:<20} {:?} {} cpu={} memory={} ports={:?} permissions={}",
                     c.name, r.lifecycle, c.image, c.cpu.desired, c.memory, c.ports, c.permissions
                 );
+                if let Some(p) = built_from(&c.name) {
+                    println!("  {:<20} {}", "", built_from_text(p));
+                }
             }
             println!("permission profiles:");
             for (name, clouds) in &stack.permission_profiles {
@@ -127,6 +147,11 @@ pub fn run(args: InspectArgs) -> Outcome {
                     bundled.join(", ")
                 }
             );
+            for (index, statement) in statements.iter().enumerate() {
+                if let Err(e) = statement {
+                    println!("provenance statement {}: invalid: {e}", index + 1);
+                }
+            }
             println!(
                 "signatures: {} (unverified; run `verify`)",
                 signatures.len()
@@ -134,4 +159,36 @@ pub fn run(args: InspectArgs) -> Outcome {
         }
     }
     Ok(())
+}
+
+/// A provenance statement as `inspect --output json` shows it.
+fn provenance_json(p: &Provenance) -> Value {
+    json!({
+        "resource": p.resource,
+        "image": format!("{}@{}", p.image_name, p.image_digest),
+        "source": p.source_path,
+        "sourceDigest": p.source_digest.to_string(),
+        "dockerfile": p.dockerfile,
+        "target": p.target,
+        "args": p.args,
+        "platforms": p.platforms,
+        "sourceDateEpoch": p.source_date_epoch,
+        "builder": {"id": p.builder_id, "version": p.builder_version},
+    })
+}
+
+/// One line: built from which source tree, by what.
+fn built_from_text(p: &Provenance) -> String {
+    let tools: Vec<String> = p
+        .builder_version
+        .iter()
+        .map(|(tool, version)| format!("{tool} {version}"))
+        .collect();
+    format!(
+        "built from source {} ({}) with {} by {}",
+        p.source_path,
+        p.source_digest,
+        p.dockerfile,
+        tools.join(", ")
+    )
 }

@@ -13,6 +13,7 @@ mod keys;
 mod progress;
 mod publish;
 mod root_cmd;
+mod source_build;
 
 use clap::Parser;
 use std::process::ExitCode;

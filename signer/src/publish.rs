@@ -2,12 +2,12 @@
 //! The bundle digest is the same at every destination: manifests travel as exact bytes.
 
 use crate::cli::PushArgs;
-use crate::images::Registries;
+use crate::images::{Registries, push_image};
 use crate::keys::open_bundle;
 use crate::{Failure, Outcome, runtime};
 use outpost_bundle_format::Digest;
 use outpost_bundle_format::bundle;
-use outpost_bundle_format::layout::oci::{self, Descriptor, ImageManifest};
+use outpost_bundle_format::layout::oci;
 use outpost_bundle_format::layout::{Layout, Limits};
 use outpost_registry_client::Reference;
 use std::path::Path;
@@ -54,28 +54,15 @@ pub fn run(args: PushArgs) -> Outcome {
         let registry = registries.client(&reference.host)?;
         let repository = reference.repository.as_str();
         let push_manifest = |digest: Digest, tag: String| async move {
-            let bytes = layout
-                .read_blob(&digest, Limits::default().max_metadata_bytes)
-                .map_err(Failure::invalid)?;
-            let manifest: ImageManifest =
-                serde_json::from_slice(&bytes).map_err(Failure::invalid)?;
-            for blob in std::iter::once(&manifest.config).chain(&manifest.layers) {
-                let content = blob_bytes(layout, blob)?;
-                let size = content.len() as u64;
-                let short = &blob.digest.hex()[..12];
-                let transfer = progress.transfer(&format!("{repository} {short}"), size);
-                registry
-                    .push_blob(repository, &blob.digest, content)
-                    .await
-                    .map_err(Failure::invalid)?;
-                let mut transfer = transfer;
-                transfer.advance(size);
-                transfer.finish();
-            }
-            registry
-                .push_manifest(repository, &tag, bytes, oci::MEDIA_TYPE_MANIFEST)
-                .await
-                .map_err(Failure::invalid)
+            push_image(
+                registry,
+                layout,
+                repository,
+                (digest, oci::MEDIA_TYPE_MANIFEST),
+                &tag,
+                progress,
+            )
+            .await
         };
         let pushed = rt.block_on(push_manifest(parts.digest, tag.clone()))?;
         let signature_tag = parts.digest.signature_tag();
@@ -99,14 +86,6 @@ pub fn run(args: PushArgs) -> Outcome {
             "unknown destination {destination:?}: use oci://HOST/REPO[:TAG], dir://PATH or git+URL"
         )))
     }
-}
-
-fn blob_bytes(layout: &Layout, blob: &Descriptor) -> Result<Vec<u8>, Failure> {
-    let mut content = Vec::new();
-    layout
-        .copy_blob(&blob.digest, &mut content)
-        .map_err(Failure::invalid)?;
-    Ok(content)
 }
 
 /// Commits the bundle tar at `path` on `branch` of the repository at `url`, then pushes.

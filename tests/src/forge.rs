@@ -117,6 +117,20 @@ pub fn with_stack(stack_json: Vec<u8>, version: &str, sequence: u64) -> Layout {
     layout
 }
 
+/// `layout` with a provenance statement layer added after its stack (and roots).
+pub fn with_provenance(mut layout: Layout, statement: Vec<u8>) -> Layout {
+    use outpost_bundle_format::provenance::MEDIA_TYPE_STATEMENT;
+    let layer = Descriptor::of(MEDIA_TYPE_STATEMENT, &statement);
+    layout.add_blob(statement);
+    edit_manifest(&mut layout, |m| {
+        m["layers"]
+            .as_array_mut()
+            .unwrap()
+            .push(serde_json::to_value(&layer).unwrap())
+    });
+    layout
+}
+
 /// A release naming its first image by tag only.
 pub fn unpinned(version: &str, sequence: u64) -> Layout {
     let mut stack = serde_json::to_value(quickstart()).unwrap();

@@ -345,6 +345,13 @@ impl Agent {
             _ => Vec::new(),
         };
         let cloud_text: String = cloud.iter().map(|c| format!("cloud: {c}\n")).collect();
+        let images = Self::image_origins(&pending)?;
+        let built_text: String = if pending.built_from.is_empty() {
+            String::new()
+        } else {
+            images.iter().map(|(_, line)| format!("{line}\n")).collect()
+        };
+        let images: Vec<Value> = images.into_iter().map(|(image, _)| image).collect();
         Ok(json!({
             "current": p.current.as_ref().map(|c| c.version.clone()),
             "pending": pending.version,
@@ -352,8 +359,38 @@ impl Agent {
             "irreversible": pending.irreversible,
             "diff": serde_json::to_value(&d)?,
             "cloud": cloud,
-            "text": format!("{header}{warnings}{}{cloud_text}", diff::render(&d)),
+            "images": images,
+            "text": format!("{header}{warnings}{built_text}{}{cloud_text}", diff::render(&d)),
         }))
+    }
+}
+
+impl Agent {
+    /// Each image the release pins, and whether it was built from source (verified provenance)
+    /// or named by the vendor: as JSON and as a line of the plan.
+    fn image_origins(release: &Release) -> anyhow::Result<Vec<(Value, String)>> {
+        let stack = release.stack()?;
+        Ok(stack
+            .resources
+            .iter()
+            .map(|r| {
+                let name = &r.container.name;
+                let image = r.container.image.to_string();
+                match release.built_from.iter().find(|b| &b.resource == name) {
+                    Some(b) => (
+                        json!({"resource": name, "image": image, "built_from": b}),
+                        format!(
+                            "image {name}: {image}, built from source {} ({}) with {} by {}",
+                            b.source, b.source_digest, b.dockerfile, b.builder
+                        ),
+                    ),
+                    None => (
+                        json!({"resource": name, "image": image, "built_from": null}),
+                        format!("image {name}: {image}, named by the vendor (no provenance)"),
+                    ),
+                }
+            })
+            .collect())
     }
 }
 

@@ -13,7 +13,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use std::path::Path;
 use std::sync::Mutex;
 
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 #[derive(Debug, thiserror::Error)]
 #[error("state store: {0}")]
@@ -36,7 +36,7 @@ mod records;
 mod snapshots;
 
 use records::Sealed;
-pub use records::{Decision, Effect, Event, Positions, Rejection, Release, StoredStackError};
+pub use records::{BuiltFrom, Decision, Effect, Event, Positions, Rejection, Release, StoredStackError};
 pub use snapshots::Snapshot;
 
 pub struct Store {
@@ -94,14 +94,17 @@ impl Store {
                 "state.db has schema version {version}; this agent knows {SCHEMA_VERSION} (downgrade?)"
             )));
         }
-        // Version 2 added the releases' irreversible resources, snapshots and restores. The
-        // column is added in the same transaction as the version, so a crash cannot leave it
-        // added under version 1 (and the next start adding it twice).
-        let upgrade = if version == 1 {
-            "ALTER TABLE bundles ADD COLUMN irreversible TEXT NOT NULL DEFAULT '[]';"
-        } else {
-            ""
-        };
+        // Version 2 added the releases' irreversible resources, snapshots and restores;
+        // version 3 how their images were built from source. Columns are added in the same
+        // transaction as the version, so a crash cannot leave one added under the old version
+        // (and the next start adding it twice).
+        let mut upgrade = String::new();
+        if version == 1 {
+            upgrade.push_str("ALTER TABLE bundles ADD COLUMN irreversible TEXT NOT NULL DEFAULT '[]';");
+        }
+        if (1..3).contains(&version) {
+            upgrade.push_str("ALTER TABLE bundles ADD COLUMN built_from TEXT NOT NULL DEFAULT '[]';");
+        }
         let counted = integrity::counted_triggers();
         let application = integrity::APPLICATION_ID;
         conn.execute_batch(&format!(
@@ -111,7 +114,8 @@ impl Store {
                  digest TEXT PRIMARY KEY, name TEXT NOT NULL, channel TEXT NOT NULL,
                  version TEXT NOT NULL, sequence INTEGER NOT NULL, created TEXT NOT NULL,
                  expires TEXT NOT NULL, stack TEXT NOT NULL, origin TEXT NOT NULL,
-                 received_at TEXT NOT NULL, irreversible TEXT NOT NULL DEFAULT '[]');
+                 received_at TEXT NOT NULL, irreversible TEXT NOT NULL DEFAULT '[]',
+                 built_from TEXT NOT NULL DEFAULT '[]');
              CREATE TABLE IF NOT EXISTS rejections(
                  id INTEGER PRIMARY KEY, digest TEXT, origin TEXT NOT NULL,
                  check_name TEXT NOT NULL, reason TEXT NOT NULL, at TEXT NOT NULL);
@@ -134,7 +138,7 @@ impl Store {
                  queued_at TEXT NOT NULL, PRIMARY KEY(resource, ordinal));
              CREATE TABLE IF NOT EXISTS identity(id TEXT NOT NULL, writes INTEGER NOT NULL);
              {counted}
-             PRAGMA user_version = 2;
+             PRAGMA user_version = {SCHEMA_VERSION};
              PRAGMA application_id = {application};
              COMMIT;"
         ))?;
@@ -216,6 +220,8 @@ impl Store {
     ) -> Result<()> {
         let irreversible =
             serde_json::to_string(&release.irreversible).map_err(|e| StateError(e.to_string()))?;
+        let built_from =
+            serde_json::to_string(&release.built_from).map_err(|e| StateError(e.to_string()))?;
         self.with(|conn| {
             let tx = conn.transaction()?;
             // The rollback floor is enforced here too, inside the transaction that raises it.
@@ -226,9 +232,9 @@ impl Store {
                 return Err(StateError(format!("sequence {} is not above the highest accepted sequence {highest}", release.sequence)));
             }
             tx.execute(
-                "INSERT OR IGNORE INTO bundles(digest, name, channel, version, sequence, created, expires, stack, origin, received_at, irreversible)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
-                params![release.digest.to_string(), release.name, release.channel, release.version, release.sequence as i64, release.created, release.expires, release.stack, release.origin, release.received_at, irreversible],
+                "INSERT OR IGNORE INTO bundles(digest, name, channel, version, sequence, created, expires, stack, origin, received_at, irreversible, built_from)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                params![release.digest.to_string(), release.name, release.channel, release.version, release.sequence as i64, release.created, release.expires, release.stack, release.origin, release.received_at, irreversible, built_from],
             )?;
             let superseded: Option<String> = position(&tx, "pending")?;
             let digest = release.digest.to_string();
@@ -523,7 +529,7 @@ impl Store {
 fn release_by_digest(conn: &Connection, digest: &str) -> Result<Option<Release>> {
     Ok(conn
         .query_row(
-            "SELECT digest, name, channel, version, sequence, created, expires, stack, origin, received_at, irreversible FROM bundles WHERE digest = ?1",
+            "SELECT digest, name, channel, version, sequence, created, expires, stack, origin, received_at, irreversible, built_from FROM bundles WHERE digest = ?1",
             [digest],
             |r| {
                 Ok(Release {
@@ -537,20 +543,23 @@ fn release_by_digest(conn: &Connection, digest: &str) -> Result<Option<Release>>
                     stack: r.get(7)?,
                     origin: r.get(8)?,
                     received_at: r.get(9)?,
-                    irreversible: serde_json::from_str(&r.get::<_, String>(10)?).map_err(
-                        |e| {
-                            rusqlite::Error::FromSqlConversionFailure(
-                                10,
-                                rusqlite::types::Type::Text,
-                                Box::new(e),
-                            )
-                        },
-                    )?,
+                    irreversible: json_column(r, 10)?,
+                    built_from: json_column(r, 11)?,
                     sealed: Sealed,
                 })
             },
         )
         .optional()?)
+}
+
+/// A column holding JSON, read into `T`.
+fn json_column<T: serde::de::DeserializeOwned>(
+    row: &rusqlite::Row,
+    index: usize,
+) -> rusqlite::Result<T> {
+    serde_json::from_str(&row.get::<_, String>(index)?).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(index, rusqlite::types::Type::Text, Box::new(e))
+    })
 }
 
 /// Makes `to` current in place of `from`; with `restore_data`, queues the restores of what

@@ -4,7 +4,7 @@
 use chrono::{DateTime, Utc};
 use outpost_bundle_format::release::rfc3339;
 use outpost_bundle_format::{Digest, VerifiedBundle};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// A release the agent accepted (verified and recorded). Made only from a [`VerifiedBundle`]
 /// ([`Release::verified`]) or read back from the store that recorded one: the private
@@ -26,8 +26,44 @@ pub struct Release {
     /// Stateful resources this release migrates irreversibly (its signed metadata says so).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub irreversible: Vec<String>,
+    /// The images built from source, with how (from the verified provenance statements).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub built_from: Vec<BuiltFrom>,
     #[serde(skip)]
     pub(super) sealed: Sealed,
+}
+
+/// How one image of a release was built from source: a verified provenance statement, in short.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuiltFrom {
+    pub resource: String,
+    /// The image, pinned by digest: the statement's subject.
+    pub image: String,
+    /// The build context, relative to the vendor's stack file.
+    pub source: String,
+    /// The digest of the source tree (SPEC.md section 5.1), which the vendor can reproduce.
+    pub source_digest: String,
+    pub dockerfile: String,
+    /// Tools and their versions, e.g. `buildah 1.28.2`.
+    pub builder: String,
+}
+
+impl BuiltFrom {
+    fn of(p: &outpost_bundle_format::provenance::Provenance) -> BuiltFrom {
+        BuiltFrom {
+            resource: p.resource.clone(),
+            image: format!("{}@{}", p.image_name, p.image_digest),
+            source: p.source_path.clone(),
+            source_digest: p.source_digest.to_string(),
+            dockerfile: p.dockerfile.clone(),
+            builder: p
+                .builder_version
+                .iter()
+                .map(|(tool, version)| format!("{tool} {version}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+        }
+    }
 }
 
 /// Only the store can make one (so only it, and [`Release::verified`], make a [`Release`]).
@@ -54,6 +90,7 @@ impl Release {
             origin: origin.to_string(),
             received_at: rfc3339::format(&now),
             irreversible: metadata.irreversible.clone(),
+            built_from: bundle.provenance().iter().map(BuiltFrom::of).collect(),
             sealed: Sealed,
         })
     }

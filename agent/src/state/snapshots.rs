@@ -239,11 +239,12 @@ mod tests {
             let release = store.release(&digest).unwrap().unwrap();
             assert_eq!(release.version, "1.0.0");
             assert!(release.irreversible.is_empty());
+            assert!(release.built_from.is_empty());
             assert!(store.irreversible_snapshots(&digest).unwrap().is_empty());
             let version: i64 = store
                 .with(|c| Ok(c.pragma_query_value(None, "user_version", |r| r.get(0))?))
                 .unwrap();
-            assert_eq!(version, 2);
+            assert_eq!(version, 3);
         }
     }
 }

@@ -95,17 +95,50 @@ pub struct ContainerSpec {
     pub command: Vec<String>,
 }
 
-/// Where a container's code comes from: `{image: REF}`, or as Alien's builder spells it,
-/// `{type: image, image: REF}`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+/// Where a container's code comes from: `{image: REF}` (or, as Alien's builder spells it,
+/// `{type: image, image: REF}`), or `{type: source, src: DIR, ...}`: a build context that
+/// `outpost-signer build` builds into an image. A bundle's stack only ever holds `{image: REF}`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Code {
-    /// `image` (the default). Writers leave it out of a bundle's stack layer, which readers of
-    /// format version 1 take without it.
+    /// `image` (the default) or `source`. Writers leave it out of a bundle's stack layer, which
+    /// readers of format version 1 take without it.
     #[serde(rename = "type", default, skip_serializing_if = "Option::is_none")]
     pub kind: Option<CodeKind>,
-    /// Image reference; pinned by digest in a built bundle.
-    pub image: String,
+    /// Image reference (`type: image`); pinned by digest in a built bundle.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// `type: source`: the build context, a directory relative to the stack file's own, inside
+    /// its directory tree.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub src: Option<String>,
+    /// `type: source`: the Dockerfile (Containerfile), relative to `src`. Default `Dockerfile`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dockerfile: Option<String>,
+    /// `type: source`: the build stage to stop at (a multi-stage Dockerfile's `FROM … AS name`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    /// `type: source`: build arguments (`ARG`), by name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub args: BTreeMap<String, String>,
+    /// `type: source`: platforms to build for (`linux/amd64`, `linux/arm64/v8`); default the
+    /// builder's own. More than one gives a multi-platform image (an OCI index).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub platforms: Vec<String>,
+}
+
+impl Code {
+    /// `{image: REF}`: the form a bundle stores.
+    pub fn image(reference: impl Into<String>) -> Code {
+        Code {
+            image: Some(reference.into()),
+            ..Code::default()
+        }
+    }
+
+    pub fn is_source(&self) -> bool {
+        self.kind == Some(CodeKind::Source)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -113,6 +146,8 @@ pub struct Code {
 pub enum CodeKind {
     /// An existing image, by reference.
     Image,
+    /// A build context that `outpost-signer build` builds into an image.
+    Source,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, JsonSchema)]

@@ -2,11 +2,13 @@
 //! whose fields are domain types. A `Stack` can only be built through [`Stack::from_file`].
 
 mod file;
+mod source;
 
 pub use file::{
     AutoScale, Code, CodeKind, ContainerSpec, Cpu, CpuRange, Gpu, HealthCheck, Lifecycle, Protocol,
     PublicEndpoint, ResourceEntry, StackFile,
 };
+pub use source::{SourceBuild, check_before_build};
 
 use crate::image_ref::ImageRef;
 use crate::quantity::ByteQuantity;
@@ -225,6 +227,14 @@ fn err(location: impl Into<String>, message: impl Into<String>) -> StackError {
     }
 }
 
+/// `[A-Za-z_][A-Za-z0-9_]*`: an environment variable's (or build argument's) name.
+fn is_environment_name(name: &str) -> bool {
+    name.bytes()
+        .next()
+        .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
 /// DNS-1123 label: 1-63 of [a-z0-9-], starting and ending alphanumeric.
 pub fn is_dns_label(name: &str) -> bool {
     let bytes = name.as_bytes();
@@ -264,6 +274,27 @@ fn check_quantity(at: &str, text: &str) -> Result<ByteQuantity, StackError> {
     Ok(quantity)
 }
 
+/// `code` as a bundle holds it: an image reference. Source code is built before a bundle exists.
+fn check_image_code(at: &Location, code: &Code) -> Result<ImageRef, StackError> {
+    if code.is_source() {
+        return Err(err(
+            at.field("code"),
+            "type source is built into an image by `outpost-signer build`; a bundle's stack names the image",
+        ));
+    }
+    if let Some(field) = source::source_only_field(code) {
+        return Err(err(
+            at.field(format_args!("code.{field}")),
+            "belongs to `type: source`",
+        ));
+    }
+    let text = code
+        .image
+        .as_deref()
+        .ok_or_else(|| err(at.field("code.image"), "is required (or `type: source` with `src`)"))?;
+    ImageRef::parse(text).map_err(|e| err(at.field("code.image"), e.to_string()))
+}
+
 fn check_container(
     at: &Location,
     spec: &ContainerSpec,
@@ -271,8 +302,7 @@ fn check_container(
     names: &BTreeSet<&str>,
 ) -> Result<Container, StackError> {
     check_label(&at.field("name"), &spec.name)?;
-    let image = ImageRef::parse(&spec.code.image)
-        .map_err(|e| err(at.field("code.image"), e.to_string()))?;
+    let image = check_image_code(at, &spec.code)?;
 
     let cpu = match spec.cpu {
         Cpu::Cores(cores) => CpuRange {
@@ -367,12 +397,7 @@ fn check_container(
         .transpose()?;
 
     for key in spec.environment.keys() {
-        let valid = key
-            .bytes()
-            .next()
-            .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
-            && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
-        if !valid {
+        if !is_environment_name(key) {
             return Err(err(
                 at.field(format_args!("environment.{key}")),
                 "variable names must match [A-Za-z_][A-Za-z0-9_]*",

@@ -53,7 +53,7 @@ fn every_invalid_stack_vector_is_refused_with_its_message() {
             .unwrap()
             .trim_start_matches("# expect:")
             .trim();
-        let error = match Stack::from_yaml(&text) {
+        let error = match parse_stack_yaml(&text).and_then(|file| check_before_build(&file)) {
             Ok(_) => panic!("{} was accepted", path.display()),
             Err(e) => e.to_string(),
         };
@@ -122,7 +122,7 @@ fn code_may_name_its_type_as_alien_spells_it() {
         stack.resources[0].container.image,
         short.resources[0].container.image
     );
-    let other = VALID.replace("code: {image:", "code: {type: source, image:");
+    let other = VALID.replace("code: {image:", "code: {type: binary, image:");
     let error = Stack::from_yaml(&other).unwrap_err().to_string();
-    assert!(error.contains("unknown variant `source`"), "{error}");
+    assert!(error.contains("unknown variant `binary`"), "{error}");
 }

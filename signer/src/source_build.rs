@@ -1,0 +1,312 @@
+//! `code: {type: source}` at build time: each source tree is checked against the file system,
+//! digested, and built by buildah (daemonless, its own storage in a temporary directory, chroot
+//! isolation) into an OCI layout, with every timestamp set to the release's `created` so the
+//! same tree builds the same image digest. The result is pushed or carried by the caller, which
+//! then writes the provenance statement this module fills in.
+
+use crate::Failure;
+use outpost_bundle_format::Digest;
+use outpost_bundle_format::layout::{Layout, Limits};
+use outpost_bundle_format::provenance::{Provenance, source_tree_digest};
+use outpost_bundle_format::stack::SourceBuild;
+use std::collections::BTreeMap;
+use std::path::{Component, Path, PathBuf};
+use std::process::{Command, Stdio};
+
+/// What `--builder-id` defaults to: the provenance's `runDetails.builder.id`.
+pub const BUILDER_ID: &str = "https://outpost.dev/signer/buildah";
+
+/// One image built from source: its OCI layout and what the provenance statement says.
+pub struct BuiltImage {
+    pub resource: String,
+    /// The layout buildah wrote (kept until the bundle is written).
+    pub dir: PathBuf,
+    pub layout: Layout,
+    /// The image's manifest, or index for several platforms: what the stack pins.
+    pub digest: Digest,
+    pub media_type: String,
+    pub provenance: Provenance,
+}
+
+/// buildah, run with storage of its own under `work`.
+pub struct Buildah {
+    program: PathBuf,
+    work: PathBuf,
+    version: String,
+    plain_http: bool,
+}
+
+impl Buildah {
+    /// Finds the builder and reads its version. `program` is `--buildah` (default `buildah`).
+    pub fn new(program: &Path, work: &Path, plain_http: bool) -> Result<Buildah, Failure> {
+        let output = Command::new(program).arg("--version").output().map_err(|e| {
+            Failure::invalid(format!(
+                "{}: cannot run the image builder ({e}); install buildah (Debian: apt install buildah) or name it with --buildah",
+                program.display()
+            ))
+        })?;
+        let text = String::from_utf8_lossy(&output.stdout);
+        // "buildah version 1.28.2 (image-spec 1.1.0-rc2, runtime-spec 1.0.2-dev)"
+        let version = text
+            .split_whitespace()
+            .nth(2)
+            .filter(|_| output.status.success() && text.starts_with("buildah version "))
+            .ok_or_else(|| {
+                Failure::invalid(format!(
+                    "{}: not buildah (--version printed {:?})",
+                    program.display(),
+                    text.trim()
+                ))
+            })?
+            .to_string();
+        Ok(Buildah {
+            program: program.to_path_buf(),
+            work: work.to_path_buf(),
+            version,
+            plain_http,
+        })
+    }
+
+    fn command(&self) -> Command {
+        let mut command = Command::new(&self.program);
+        command
+            .arg("--root")
+            .arg(self.work.join("storage"))
+            .arg("--runroot")
+            .arg(self.work.join("run"))
+            .args(["--storage-driver", "vfs"])
+            .stdin(Stdio::null());
+        command
+    }
+
+    /// Runs buildah with its output on our stderr (stdout is for the result line).
+    fn run(&self, at: &str, what: &str, command: &mut Command) -> Result<(), Failure> {
+        let status = command
+            .stdout(Stdio::from(std::io::stderr()))
+            .stderr(Stdio::inherit())
+            .status()
+            .map_err(|e| Failure::invalid(format!("{at}: cannot run buildah: {e}")))?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(Failure::invalid(format!(
+                "{at}: {what} failed (buildah {status}); no bundle was written"
+            )))
+        }
+    }
+
+    /// Builds `build` from `stack_dir` with every timestamp at `epoch`, into an OCI layout.
+    pub fn build(
+        &self,
+        at: &str,
+        stack_dir: &Path,
+        build: &SourceBuild,
+        epoch: i64,
+    ) -> Result<BuiltImage, Failure> {
+        let context = checked_context(at, stack_dir, build)?;
+        std::fs::create_dir_all(self.work.join("cni"))
+            .map_err(|e| Failure::usage(format!("{}: {e}", self.work.display())))?;
+        let tree = source_tree_digest(&context)
+            .map_err(|e| Failure::invalid(format!("{at}: code.src: {e}")))?;
+        for (link, target) in &tree.symlinks {
+            check_link(at, stack_dir, &context, link, target)?;
+        }
+        let name = format!("localhost/outpost-build/{}", build.resource);
+        eprintln!(
+            "building {} from {} ({})",
+            build.resource,
+            build.src,
+            tree.digest
+        );
+        let mut command = self.command();
+        command
+            // RUN steps share the host's network, as `docker build` does by default.
+            .args(["build", "--isolation", "chroot", "--network", "host", "--format", "oci"])
+            // No network plugins are needed; an empty directory keeps buildah from reading
+            // (and warning about) the machine's CNI configuration.
+            .arg("--cni-config-dir")
+            .arg(self.work.join("cni"))
+            .arg(format!("--timestamp={epoch}"))
+            .arg("--file")
+            .arg(context.join(&build.dockerfile));
+        if let Some(target) = &build.target {
+            command.arg("--target").arg(target);
+        }
+        for (key, value) in &build.args {
+            command.arg("--build-arg").arg(format!("{key}={value}"));
+        }
+        if self.plain_http {
+            command.arg("--tls-verify=false");
+        }
+        let several = build.platforms.len() > 1;
+        if !build.platforms.is_empty() {
+            command.arg("--platform").arg(build.platforms.join(","));
+        }
+        command
+            .arg(if several { "--manifest" } else { "--tag" })
+            .arg(&name)
+            .arg(&context);
+        self.run(at, "the build", &mut command)?;
+
+        let images = self.work.join("images");
+        std::fs::create_dir_all(&images)
+            .map_err(|e| Failure::usage(format!("{}: {e}", images.display())))?;
+        let dir = images.join(&build.resource);
+        let destination = format!("oci:{}:latest", dir.display());
+        let mut export = self.command();
+        if several {
+            export.args(["manifest", "push", "--all", "--quiet", &name, &destination]);
+        } else {
+            export.args(["push", "--quiet", "--format", "oci", &name, &destination]);
+        }
+        self.run(at, "exporting the image", &mut export)?;
+        let layout = Layout::read_dir(&dir, &Limits::default())
+            .map_err(|e| Failure::invalid(format!("{at}: the built image: {e}")))?;
+        let descriptor = match layout.index().manifests.as_slice() {
+            [one] => one.clone(),
+            other => {
+                return Err(Failure::invalid(format!(
+                    "{at}: the built image's index lists {} manifests, not one",
+                    other.len()
+                )));
+            }
+        };
+        Ok(BuiltImage {
+            resource: build.resource.clone(),
+            dir,
+            layout,
+            digest: descriptor.digest,
+            media_type: descriptor.media_type,
+            provenance: Provenance {
+                resource: build.resource.clone(),
+                image_name: String::new(),
+                image_digest: descriptor.digest,
+                source_path: build.src.clone(),
+                source_digest: tree.digest,
+                dockerfile: build.dockerfile.clone(),
+                target: build.target.clone(),
+                args: build.args.clone(),
+                platforms: build.platforms.clone(),
+                source_date_epoch: epoch,
+                builder_id: BUILDER_ID.into(),
+                builder_version: BTreeMap::from([
+                    ("buildah".to_string(), self.version.clone()),
+                    (
+                        "outpost-signer".to_string(),
+                        env!("CARGO_PKG_VERSION").to_string(),
+                    ),
+                ]),
+            },
+        })
+    }
+}
+
+/// The build context and its Dockerfile, resolved: both inside the stack's directory tree
+/// (symbolic links followed), the one a directory and the other a file.
+fn checked_context(at: &str, stack_dir: &Path, build: &SourceBuild) -> Result<PathBuf, Failure> {
+    let context = stack_dir.join(&build.src).canonicalize().map_err(|e| {
+        Failure::invalid(format!(
+            "{at}: code.src {}: {e}",
+            stack_dir.join(&build.src).display()
+        ))
+    })?;
+    if !context.starts_with(stack_dir) {
+        return Err(Failure::invalid(format!(
+            "{at}: code.src {:?} resolves to {}, outside the stack's directory {} (symbolic link)",
+            build.src,
+            context.display(),
+            stack_dir.display()
+        )));
+    }
+    if !context.is_dir() {
+        return Err(Failure::invalid(format!(
+            "{at}: code.src {:?} is not a directory",
+            build.src
+        )));
+    }
+    let dockerfile = context.join(&build.dockerfile);
+    let resolved = dockerfile.canonicalize().map_err(|e| {
+        Failure::invalid(format!(
+            "{at}: code.dockerfile {}: {e}",
+            dockerfile.display()
+        ))
+    })?;
+    if !resolved.starts_with(&context) || !resolved.is_file() {
+        return Err(Failure::invalid(format!(
+            "{at}: code.dockerfile {:?} must be a file inside code.src",
+            build.dockerfile
+        )));
+    }
+    Ok(context)
+}
+
+/// A symbolic link in the build context must point inside the stack's directory tree.
+fn check_link(
+    at: &str,
+    stack_dir: &Path,
+    context: &Path,
+    link: &Path,
+    target: &Path,
+) -> Result<(), Failure> {
+    let base = context.join(link);
+    let joined = match base.parent() {
+        Some(parent) if target.is_relative() => parent.join(target),
+        _ => target.to_path_buf(),
+    };
+    let mut resolved = PathBuf::new();
+    for component in joined.components() {
+        match component {
+            Component::ParentDir => {
+                resolved.pop();
+            }
+            Component::CurDir => {}
+            other => resolved.push(other),
+        }
+    }
+    // The link's own directory may itself be reached through links: resolve what exists.
+    let resolved = resolved.canonicalize().unwrap_or(resolved);
+    if resolved.starts_with(stack_dir) {
+        Ok(())
+    } else {
+        Err(Failure::invalid(format!(
+            "{at}: code.src: {} is a symbolic link to {}, outside the stack's directory {}",
+            base.display(),
+            target.display(),
+            stack_dir.display()
+        )))
+    }
+}
+
+/// The tag a built image is pushed under: `<resource>-<version>`, with semver's `+` (not
+/// allowed in a tag) as `_`.
+pub fn image_tag(resource: &str, version: &semver::Version) -> String {
+    let tag = format!("{resource}-{version}").replace('+', "_");
+    tag.chars().take(128).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn links_inside_the_stack_directory_are_allowed_and_others_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let stack = dir.path().canonicalize().unwrap();
+        let context = stack.join("api");
+        std::fs::create_dir_all(context.join("sub")).unwrap();
+        check_link("r", &stack, &context, Path::new("sub/x"), Path::new("../../shared")).unwrap();
+        check_link("r", &stack, &context, Path::new("x"), Path::new("sub")).unwrap();
+        let error = check_link("r", &stack, &context, Path::new("sub/x"), Path::new("../../../etc"))
+            .unwrap_err();
+        assert!(error.message.contains("outside the stack's directory"), "{}", error.message);
+        let error =
+            check_link("r", &stack, &context, Path::new("x"), Path::new("/etc/passwd")).unwrap_err();
+        assert!(error.message.contains("sub") || error.message.contains("/etc/passwd"));
+    }
+
+    #[test]
+    fn tags_follow_the_tag_grammar() {
+        let version = semver::Version::parse("1.2.0-rc.1+build.5").unwrap();
+        assert_eq!(image_tag("api", &version), "api-1.2.0-rc.1_build.5");
+    }
+}
