@@ -10,7 +10,7 @@ set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 VENV="${OUTPOST_VENV:-$REPO/.work/venv}"
-APT_PKGS=(docker-registry apache2-utils skopeo openssl git curl docker.io podman runc busybox-static netavark aardvark-dns systemd prometheus)
+APT_PKGS=(docker-registry apache2-utils skopeo openssl git curl docker.io podman runc busybox-static netavark aardvark-dns systemd prometheus buildah)
 # IMPORT[=PIP_SPEC]: the module that must import, and what pip installs when it does not.
 PY_PKGS=(cryptography oras kubernetes_validate yaml=PyYAML helm_python=helm-python-sdk==0.2.2 "moto=moto[server]==5.2.5")
 

@@ -220,7 +220,9 @@ pub fn read_parts(layout: &Layout, limits: &Limits) -> Result<BundleParts, Layou
             other => {
                 return Err(LayoutError::malformed(
                     "bundle manifest",
-                    format!("unexpected layer type {other} (after the stack: roots, then provenance statements)"),
+                    format!(
+                        "unexpected layer type {other} (after the stack: roots, then provenance statements)"
+                    ),
                 ));
             }
         }

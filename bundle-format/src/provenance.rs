@@ -237,9 +237,7 @@ impl Provenance {
         if pinned != Some(self.image_digest) {
             return Err(format!(
                 "resource {}: the statement's subject is {}, but the stack pins {}",
-                self.resource,
-                self.image_digest,
-                resource.container.image
+                self.resource, self.image_digest, resource.container.image
             ));
         }
         Ok(())
@@ -293,7 +291,8 @@ pub fn source_tree_digest(root: &Path) -> Result<SourceTree, String> {
                 pending.push(relative.clone());
                 ("dir", "755", Digest::of(b""))
             } else if kind.is_symlink() {
-                let target = std::fs::read_link(root.join(&relative)).map_err(|e| io(&relative, e))?;
+                let target =
+                    std::fs::read_link(root.join(&relative)).map_err(|e| io(&relative, e))?;
                 let digest = Digest::of(target.as_os_str().as_encoded_bytes());
                 symlinks.push((relative.clone(), target));
                 ("link", "755", digest)
@@ -403,10 +402,25 @@ mod tests {
         check_statements(&[provenance.statement()], &stack(&pinned)).unwrap();
         let other = format!("registry.example/acme/shop@{}", Digest::of(b"other"));
         let error = check_statements(&[provenance.statement()], &stack(&other)).unwrap_err();
-        assert!(error.starts_with("provenance statement 1: resource api: the statement's subject is sha256:"), "{error}");
-        let twice = check_statements(&[provenance.statement(), provenance.statement()], &stack(&pinned)).unwrap_err();
-        assert!(twice.contains("statement 2: resource api has a statement already"), "{twice}");
-        let elsewhere = Provenance { resource: "db".into(), ..sample() };
+        assert!(
+            error.starts_with(
+                "provenance statement 1: resource api: the statement's subject is sha256:"
+            ),
+            "{error}"
+        );
+        let twice = check_statements(
+            &[provenance.statement(), provenance.statement()],
+            &stack(&pinned),
+        )
+        .unwrap_err();
+        assert!(
+            twice.contains("statement 2: resource api has a statement already"),
+            "{twice}"
+        );
+        let elsewhere = Provenance {
+            resource: "db".into(),
+            ..sample()
+        };
         let error = check_statements(&[elsewhere.statement()], &stack(&pinned)).unwrap_err();
         assert!(error.contains("names resource \"db\""), "{error}");
     }
@@ -415,13 +429,37 @@ mod tests {
     fn malformed_statements_are_refused() {
         let good = String::from_utf8(sample().statement()).unwrap();
         for (from, to, expected) in [
-            ("https://in-toto.io/Statement/v1", "https://in-toto.io/Statement/v0.1", "_type"),
-            ("https://slsa.dev/provenance/v1", "https://slsa.dev/provenance/v0.2", "predicateType"),
+            (
+                "https://in-toto.io/Statement/v1",
+                "https://in-toto.io/Statement/v0.1",
+                "_type",
+            ),
+            (
+                "https://slsa.dev/provenance/v1",
+                "https://slsa.dev/provenance/v0.2",
+                "predicateType",
+            ),
             ("https://outpost.dev/build/source/v1", "x", "buildType"),
-            ("\"subject\":[", "\"subject\":[{\"name\":\"x\",\"digest\":{\"sha256\":\"00\"}},", "2 subjects"),
-            ("\"name\":\"source\"", "\"name\":\"context\"", "no resolved dependency named source"),
-            ("\"resource\":\"api\"", "\"resource\":\"api\",\"extra\":1", "unknown field"),
-            ("\"resource\":\"api\"", "\"resource\":\"api\",\"resource\":\"db\"", "duplicate"),
+            (
+                "\"subject\":[",
+                "\"subject\":[{\"name\":\"x\",\"digest\":{\"sha256\":\"00\"}},",
+                "2 subjects",
+            ),
+            (
+                "\"name\":\"source\"",
+                "\"name\":\"context\"",
+                "no resolved dependency named source",
+            ),
+            (
+                "\"resource\":\"api\"",
+                "\"resource\":\"api\",\"extra\":1",
+                "unknown field",
+            ),
+            (
+                "\"resource\":\"api\"",
+                "\"resource\":\"api\",\"resource\":\"db\"",
+                "duplicate",
+            ),
         ] {
             assert!(good.contains(from), "{from}");
             let bad = good.replacen(from, to, 1);
@@ -439,15 +477,32 @@ mod tests {
         std::fs::write(root.join("Dockerfile"), b"FROM scratch\n").unwrap();
         std::os::unix::fs::symlink("bin/run", root.join("start")).unwrap();
         let first = source_tree_digest(root).unwrap();
-        assert_eq!(first.symlinks, vec![(PathBuf::from("start"), PathBuf::from("bin/run"))]);
-        let touched = std::fs::File::options().write(true).open(root.join("Dockerfile")).unwrap();
-        touched.set_modified(std::time::SystemTime::UNIX_EPOCH).unwrap();
-        assert_eq!(source_tree_digest(root).unwrap().digest, first.digest, "times do not count");
+        assert_eq!(
+            first.symlinks,
+            vec![(PathBuf::from("start"), PathBuf::from("bin/run"))]
+        );
+        let touched = std::fs::File::options()
+            .write(true)
+            .open(root.join("Dockerfile"))
+            .unwrap();
+        touched
+            .set_modified(std::time::SystemTime::UNIX_EPOCH)
+            .unwrap();
+        assert_eq!(
+            source_tree_digest(root).unwrap().digest,
+            first.digest,
+            "times do not count"
+        );
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(root.join("bin/run"), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(root.join("bin/run"), std::fs::Permissions::from_mode(0o755))
+            .unwrap();
         let executable = source_tree_digest(root).unwrap().digest;
         assert_ne!(executable, first.digest, "the execute bit counts");
         std::fs::create_dir(root.join("empty")).unwrap();
-        assert_ne!(source_tree_digest(root).unwrap().digest, executable, "directories count");
+        assert_ne!(
+            source_tree_digest(root).unwrap().digest,
+            executable,
+            "directories count"
+        );
     }
 }

@@ -1,16 +1,16 @@
 //! `build`: stack file → pinned stack → deterministic bundle layout.
 
 use crate::cli::BuildArgs;
+use crate::images;
 use crate::images::Registries;
+use crate::source_build::{self, Buildah, BuiltImage};
 use crate::{Failure, Outcome, read_input, runtime};
 use chrono::{DateTime, Duration, TimeZone, Utc};
+use outpost_bundle_format::Digest;
 use outpost_bundle_format::bundle;
+use outpost_bundle_format::image_ref::ImageRef;
 use outpost_bundle_format::release::{ReleaseMetadata, format_version_for, rfc3339};
 use outpost_bundle_format::root;
-use crate::images;
-use crate::source_build::{self, Buildah, BuiltImage};
-use outpost_bundle_format::Digest;
-use outpost_bundle_format::image_ref::ImageRef;
 use outpost_bundle_format::stack::{self, Code, MAX_STACK_FILE_BYTES, SourceBuild, Stack};
 
 /// Releases expire this long after creation unless --expires says otherwise.
@@ -101,7 +101,10 @@ pub fn run(args: BuildArgs) -> Outcome {
             args.stack.display(),
             entry.container.name
         );
-        if let Some((image, _)) = built.iter().find(|(_, b)| b.resource == entry.container.name) {
+        if let Some((image, _)) = built
+            .iter()
+            .find(|(_, b)| b.resource == entry.container.name)
+        {
             entry.container.code = Code::image(image.to_string());
             continue;
         }
@@ -133,7 +136,10 @@ pub fn run(args: BuildArgs) -> Outcome {
         expires,
         irreversible: args.irreversible.clone(),
     };
-    let statements: Vec<Vec<u8>> = built.iter().map(|(_, b)| b.provenance.statement()).collect();
+    let statements: Vec<Vec<u8>> = built
+        .iter()
+        .map(|(_, b)| b.provenance.statement())
+        .collect();
     let mut layout = bundle::build_with_provenance(&file, &metadata, &roots, &statements)
         .map_err(|e| Failure::invalid(format!("{}: {e}", args.stack.display())))?;
 
@@ -149,12 +155,9 @@ pub fn run(args: BuildArgs) -> Outcome {
         for image in &images {
             match built.iter().find(|(built, _)| built == image) {
                 Some((_, built)) => images::carry_built(built, image, &mut layout)?,
-                None => rt.block_on(registries.copy_into(
-                    image,
-                    &mut layout,
-                    spool.path(),
-                    &progress,
-                ))?,
+                None => {
+                    rt.block_on(registries.copy_into(image, &mut layout, spool.path(), &progress))?
+                }
             }
         }
     }
@@ -202,7 +205,13 @@ fn build_sources(
     let stack_dir = args
         .stack
         .parent()
-        .map(|p| if p.as_os_str().is_empty() { std::path::Path::new(".") } else { p })
+        .map(|p| {
+            if p.as_os_str().is_empty() {
+                std::path::Path::new(".")
+            } else {
+                p
+            }
+        })
         .unwrap_or(std::path::Path::new("."))
         .canonicalize()
         .map_err(|e| Failure::usage(format!("{}: {e}", args.stack.display())))?;
@@ -216,9 +225,8 @@ fn build_sources(
             Some(repository) => repository.clone(),
             None => format!("localhost/outpost/{stack_name}"),
         };
-        let reference = ImageRef::parse(&format!("{name}:{tag}")).map_err(|e| {
-            Failure::usage(format!("--image-repository {name:?}: {e}"))
-        })?;
+        let reference = ImageRef::parse(&format!("{name}:{tag}"))
+            .map_err(|e| Failure::usage(format!("--image-repository {name:?}: {e}")))?;
         if args.image_repository.is_some() {
             let pushed = push(&reference, &image)?;
             if pushed != image.digest {
@@ -230,7 +238,8 @@ fn build_sources(
             eprintln!("pushed {} to {reference}", image.digest);
         }
         let mut image = image;
-        image.provenance.image_name = format!("{}/{}", reference.registry(), reference.repository());
+        image.provenance.image_name =
+            format!("{}/{}", reference.registry(), reference.repository());
         built.push((reference.pinned(image.digest), image));
     }
     Ok(built)

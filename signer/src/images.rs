@@ -264,7 +264,6 @@ pub async fn push_image(
     Ok(pushed)
 }
 
-
 /// Carries an image built from source in the bundle (`--with-images`), as [`Registries::copy_into`]
 /// carries one from a registry: its blobs, and an index entry naming it.
 pub fn carry_built(

@@ -25,12 +25,7 @@ pub fn run(args: InspectArgs) -> Outcome {
         .iter()
         .map(|bytes| Provenance::parse(bytes))
         .collect();
-    let built_from = |resource: &str| {
-        statements
-            .iter()
-            .flatten()
-            .find(|p| p.resource == resource)
-    };
+    let built_from = |resource: &str| statements.iter().flatten().find(|p| p.resource == resource);
     let resources: Vec<Value> = stack
         .resources
         .iter()

@@ -6,6 +6,7 @@
 
 use crate::Failure;
 use outpost_bundle_format::Digest;
+use outpost_bundle_format::layout::oci::{self, Descriptor, ImageIndex};
 use outpost_bundle_format::layout::{Layout, Limits};
 use outpost_bundle_format::provenance::{Provenance, source_tree_digest};
 use outpost_bundle_format::stack::SourceBuild;
@@ -95,33 +96,28 @@ impl Buildah {
         }
     }
 
-    /// Builds `build` from `stack_dir` with every timestamp at `epoch`, into an OCI layout.
-    pub fn build(
+    /// One `buildah build` of `context` for `platform` (else the builder's own), tagged `name`.
+    fn build_one(
         &self,
         at: &str,
-        stack_dir: &Path,
+        context: &Path,
         build: &SourceBuild,
+        platform: Option<&str>,
         epoch: i64,
-    ) -> Result<BuiltImage, Failure> {
-        let context = checked_context(at, stack_dir, build)?;
-        std::fs::create_dir_all(self.work.join("cni"))
-            .map_err(|e| Failure::usage(format!("{}: {e}", self.work.display())))?;
-        let tree = source_tree_digest(&context)
-            .map_err(|e| Failure::invalid(format!("{at}: code.src: {e}")))?;
-        for (link, target) in &tree.symlinks {
-            check_link(at, stack_dir, &context, link, target)?;
-        }
-        let name = format!("localhost/outpost-build/{}", build.resource);
-        eprintln!(
-            "building {} from {} ({})",
-            build.resource,
-            build.src,
-            tree.digest
-        );
+        name: &str,
+    ) -> Result<(), Failure> {
         let mut command = self.command();
         command
             // RUN steps share the host's network, as `docker build` does by default.
-            .args(["build", "--isolation", "chroot", "--network", "host", "--format", "oci"])
+            .args([
+                "build",
+                "--isolation",
+                "chroot",
+                "--network",
+                "host",
+                "--format",
+                "oci",
+            ])
             // No network plugins are needed; an empty directory keeps buildah from reading
             // (and warning about) the machine's CNI configuration.
             .arg("--cni-config-dir")
@@ -138,37 +134,84 @@ impl Buildah {
         if self.plain_http {
             command.arg("--tls-verify=false");
         }
-        let several = build.platforms.len() > 1;
-        if !build.platforms.is_empty() {
-            command.arg("--platform").arg(build.platforms.join(","));
+        if let Some(platform) = platform {
+            command.arg("--platform").arg(platform);
         }
-        command
-            .arg(if several { "--manifest" } else { "--tag" })
-            .arg(&name)
-            .arg(&context);
-        self.run(at, "the build", &mut command)?;
+        command.arg("--tag").arg(name).arg(context);
+        self.run(at, "the build", &mut command)
+    }
 
+    /// Builds `build` from `stack_dir` with every timestamp at `epoch`, into an OCI layout.
+    pub fn build(
+        &self,
+        at: &str,
+        stack_dir: &Path,
+        build: &SourceBuild,
+        epoch: i64,
+    ) -> Result<BuiltImage, Failure> {
+        let context = checked_context(at, stack_dir, build)?;
+        std::fs::create_dir_all(self.work.join("cni"))
+            .map_err(|e| Failure::usage(format!("{}: {e}", self.work.display())))?;
+        let tree = source_tree_digest(&context)
+            .map_err(|e| Failure::invalid(format!("{at}: code.src: {e}")))?;
+        for (link, target) in &tree.symlinks {
+            check_link(at, stack_dir, &context, link, target)?;
+        }
+        eprintln!(
+            "building {} from {} ({})",
+            build.resource, build.src, tree.digest
+        );
         let images = self.work.join("images");
         std::fs::create_dir_all(&images)
             .map_err(|e| Failure::usage(format!("{}: {e}", images.display())))?;
         let dir = images.join(&build.resource);
-        let destination = format!("oci:{}:latest", dir.display());
-        let mut export = self.command();
-        if several {
-            export.args(["manifest", "push", "--all", "--quiet", &name, &destination]);
+        // One build per platform, one after the other: buildah's own multi-platform build
+        // runs them in parallel and lists them in the order they finish, which would make the
+        // index differ from run to run.
+        let platforms: Vec<Option<&str>> = if build.platforms.is_empty() {
+            vec![None]
         } else {
+            build.platforms.iter().map(|p| Some(p.as_str())).collect()
+        };
+        for (index, platform) in platforms.iter().enumerate() {
+            let name = format!("localhost/outpost-build/{}-{index}", build.resource);
+            self.build_one(at, &context, build, *platform, epoch, &name)?;
+            let destination = format!("oci:{}:{index}", dir.display());
+            let mut export = self.command();
             export.args(["push", "--quiet", "--format", "oci", &name, &destination]);
+            self.run(at, "exporting the image", &mut export)?;
         }
-        self.run(at, "exporting the image", &mut export)?;
-        let layout = Layout::read_dir(&dir, &Limits::default())
-            .map_err(|e| Failure::invalid(format!("{at}: the built image: {e}")))?;
-        let descriptor = match layout.index().manifests.as_slice() {
-            [one] => one.clone(),
-            other => {
-                return Err(Failure::invalid(format!(
-                    "{at}: the built image's index lists {} manifests, not one",
-                    other.len()
-                )));
+        let read = |dir: &Path| {
+            Layout::read_dir(dir, &Limits::default())
+                .map_err(|e| Failure::invalid(format!("{at}: the built image: {e}")))
+        };
+        let mut layout = read(&dir)?;
+        let mut manifests = Vec::new();
+        for (index, platform) in platforms.iter().enumerate() {
+            let mut descriptor = layout
+                .index()
+                .manifests
+                .iter()
+                .find(|d| d.ref_name() == Some(index.to_string().as_str()))
+                .cloned()
+                .ok_or_else(|| Failure::invalid(format!("{at}: buildah wrote no image {index}")))?;
+            descriptor.annotations.clear();
+            descriptor.platform = platform.map(platform_json);
+            manifests.push(descriptor);
+        }
+        let descriptor = match <[_; 1]>::try_from(manifests) {
+            Ok([single]) => Descriptor {
+                platform: None,
+                ..single
+            },
+            Err(manifests) => {
+                let bytes = oci::to_bytes(&ImageIndex::new(manifests));
+                let descriptor = Descriptor::of(oci::MEDIA_TYPE_INDEX, &bytes);
+                let blob = dir.join("blobs/sha256").join(descriptor.digest.hex());
+                std::fs::write(&blob, &bytes)
+                    .map_err(|e| Failure::usage(format!("{}: {e}", blob.display())))?;
+                layout = read(&dir)?;
+                descriptor
             }
         };
         Ok(BuiltImage {
@@ -199,6 +242,19 @@ impl Buildah {
             },
         })
     }
+}
+
+/// An index entry's `platform` for `os/arch[/variant]` (checked by the stack model).
+fn platform_json(platform: &str) -> serde_json::Value {
+    let mut parts = platform.split('/');
+    let mut value = serde_json::json!({
+        "architecture": parts.nth(1).unwrap_or_default(),
+        "os": platform.split('/').next().unwrap_or_default(),
+    });
+    if let Some(variant) = parts.next() {
+        value["variant"] = variant.into();
+    }
+    value
 }
 
 /// The build context and its Dockerfile, resolved: both inside the stack's directory tree
@@ -294,13 +350,36 @@ mod tests {
         let stack = dir.path().canonicalize().unwrap();
         let context = stack.join("api");
         std::fs::create_dir_all(context.join("sub")).unwrap();
-        check_link("r", &stack, &context, Path::new("sub/x"), Path::new("../../shared")).unwrap();
+        check_link(
+            "r",
+            &stack,
+            &context,
+            Path::new("sub/x"),
+            Path::new("../../shared"),
+        )
+        .unwrap();
         check_link("r", &stack, &context, Path::new("x"), Path::new("sub")).unwrap();
-        let error = check_link("r", &stack, &context, Path::new("sub/x"), Path::new("../../../etc"))
-            .unwrap_err();
-        assert!(error.message.contains("outside the stack's directory"), "{}", error.message);
-        let error =
-            check_link("r", &stack, &context, Path::new("x"), Path::new("/etc/passwd")).unwrap_err();
+        let error = check_link(
+            "r",
+            &stack,
+            &context,
+            Path::new("sub/x"),
+            Path::new("../../../etc"),
+        )
+        .unwrap_err();
+        assert!(
+            error.message.contains("outside the stack's directory"),
+            "{}",
+            error.message
+        );
+        let error = check_link(
+            "r",
+            &stack,
+            &context,
+            Path::new("x"),
+            Path::new("/etc/passwd"),
+        )
+        .unwrap_err();
         assert!(error.message.contains("sub") || error.message.contains("/etc/passwd"));
     }
 

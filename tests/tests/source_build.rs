@@ -68,12 +68,23 @@ resources:
     }
 
     /// `outpost-signer build` pushing to `repository`, at a fixed creation time.
-    fn build(&self, repository: &str, version: &str, sequence: u64, out: &Path) -> outpost_tests::Run {
+    fn build(
+        &self,
+        repository: &str,
+        version: &str,
+        sequence: u64,
+        out: &Path,
+    ) -> outpost_tests::Run {
         run(signer()
             .arg("build")
             .arg(self.path("stack.yaml"))
             .args(["--version", version, "--sequence", &sequence.to_string()])
-            .args(["--created", "2026-11-01T00:00:00Z", "--expires", "2036-01-01T00:00:00Z"])
+            .args([
+                "--created",
+                "2026-11-01T00:00:00Z",
+                "--expires",
+                "2036-01-01T00:00:00Z",
+            ])
             .args(["--image-repository", repository, "--plain-http", "--quiet"])
             .arg("--out")
             .arg(out))
@@ -103,11 +114,24 @@ fn a_source_tree_builds_reproducibly_and_runs_on_dockerd() {
     );
 
     let built = vendor.build(&repository, "1.0.0", 1, &first).ok();
-    assert!(built.stdout.starts_with("built acme 1.0.0 sequence 1 sha256:"), "{}", built.stdout);
-    assert!(built.stderr.contains("COPY www /www"), "the build log streams: {}", built.stderr);
+    assert!(
+        built
+            .stdout
+            .starts_with("built acme 1.0.0 sequence 1 sha256:"),
+        "{}",
+        built.stdout
+    );
+    assert!(
+        built.stderr.contains("COPY www /www"),
+        "the build log streams: {}",
+        built.stderr
+    );
     let one = inspect(&first);
     let image = one["resources"][0]["image"].as_str().unwrap().to_string();
-    assert!(image.starts_with(&format!("{repository}:web-1.0.0@sha256:")), "{image}");
+    assert!(
+        image.starts_with(&format!("{repository}:web-1.0.0@sha256:")),
+        "{image}"
+    );
     let from = &one["resources"][0]["builtFrom"];
     assert_eq!(from["source"], "api");
     assert_eq!(from["args"]["BASE"], base.as_str());
@@ -115,7 +139,10 @@ fn a_source_tree_builds_reproducibly_and_runs_on_dockerd() {
 
     // The same tree builds the same image, and the same bundle, byte for byte.
     vendor.build(&repository, "1.0.0", 1, &again).ok();
-    assert_eq!(std::fs::read(&first).unwrap(), std::fs::read(&again).unwrap());
+    assert_eq!(
+        std::fs::read(&first).unwrap(),
+        std::fs::read(&again).unwrap()
+    );
 
     // A changed file gives another source digest and another image.
     std::fs::write(vendor.path("api/www/index.html"), "release two\n").unwrap();
@@ -123,7 +150,10 @@ fn a_source_tree_builds_reproducibly_and_runs_on_dockerd() {
     let two = inspect(&second);
     let image_two = two["resources"][0]["image"].as_str().unwrap();
     assert_ne!(digest_of(image_two), digest_of(&image));
-    assert_ne!(two["resources"][0]["builtFrom"]["sourceDigest"], from["sourceDigest"]);
+    assert_ne!(
+        two["resources"][0]["builtFrom"]["sourceDigest"],
+        from["sourceDigest"]
+    );
 
     sign_with(&first, &BOTH);
     sign_with(&second, &BOTH);
@@ -141,22 +171,43 @@ fn a_source_tree_builds_reproducibly_and_runs_on_dockerd() {
         (&first, "1.0.0", 1, "release one", &one),
         (&second, "1.1.0", 2, "release two", &two),
     ] {
-        drop_file(drop.path(), &format!("acme-{version}.tar"), &std::fs::read(file).unwrap());
-        agent.wait_for(&format!("pending {version}"), |s| s["pending"]["version"] == version);
+        drop_file(
+            drop.path(),
+            &format!("acme-{version}.tar"),
+            &std::fs::read(file).unwrap(),
+        );
+        agent.wait_for(&format!("pending {version}"), |s| {
+            s["pending"]["version"] == version
+        });
         let plan = agent.cli(&["plan"]).ok().stdout;
-        let source_digest = bundle["resources"][0]["builtFrom"]["sourceDigest"].as_str().unwrap();
+        let source_digest = bundle["resources"][0]["builtFrom"]["sourceDigest"]
+            .as_str()
+            .unwrap();
         assert!(
-            plan.contains(&format!("built from source api ({source_digest}) with Dockerfile by buildah ")),
+            plan.contains(&format!(
+                "built from source api ({source_digest}) with Dockerfile by buildah "
+            )),
             "{plan}"
         );
         let plan: Value =
             serde_json::from_str(&agent.cli(&["plan", "--output", "json"]).ok().stdout).unwrap();
-        assert_eq!(plan["images"][0]["built_from"]["source_digest"], source_digest, "{plan:#}");
+        assert_eq!(
+            plan["images"][0]["built_from"]["source_digest"], source_digest,
+            "{plan:#}"
+        );
         agent.cli(&["approve", version]).ok();
         agent.wait_converged(sequence);
         let answer = poll_within(30, || http_body(web, "/").filter(|b| b.contains(page)));
-        assert!(answer.is_some(), "web never answered {page:?}\nlog: {}", agent.log());
+        assert!(
+            answer.is_some(),
+            "web never answered {page:?}\nlog: {}",
+            agent.log()
+        );
     }
+}
+
+fn file_digest(path: &Path) -> String {
+    outpost_tests::sha256_hex(&std::fs::read(path).unwrap())
 }
 
 fn digest_of(image: &str) -> Digest {
@@ -173,7 +224,14 @@ fn escaping_sources_failed_builds_and_missing_destinations_are_refused() {
         run(signer()
             .arg("build")
             .arg(vendor.path("stack.yaml"))
-            .args(["--version", "1.0.0", "--sequence", "1", "--with-images", "--quiet"])
+            .args([
+                "--version",
+                "1.0.0",
+                "--sequence",
+                "1",
+                "--with-images",
+                "--quiet",
+            ])
             .args(extra)
             .arg("--out")
             .arg(&out))
@@ -184,7 +242,10 @@ fn escaping_sources_failed_builds_and_missing_destinations_are_refused() {
         .arg(vendor.path("stack.yaml"))
         .args(["--version", "1.0.0", "--sequence", "1", "--out"])
         .arg(&out))
-    .fails(2, "resource web is built from source: give --image-repository");
+    .fails(
+        2,
+        "resource web is built from source: give --image-repository",
+    );
 
     // A link inside the tree that points out of the stack's directory.
     std::os::unix::fs::symlink(outside.path().join("secret"), vendor.path("api/www/leak")).unwrap();
@@ -203,7 +264,11 @@ fn escaping_sources_failed_builds_and_missing_destinations_are_refused() {
     std::fs::write(vendor.path("stack.yaml"), &stack).unwrap();
 
     // A failing build names the resource and writes no bundle.
-    std::fs::write(vendor.path("api/Dockerfile"), "FROM scratch\nRUN /no/such/program\n").unwrap();
+    std::fs::write(
+        vendor.path("api/Dockerfile"),
+        "FROM scratch\nRUN /no/such/program\n",
+    )
+    .unwrap();
     let failed = build(&[]);
     assert_eq!(failed.code, 1, "{}", failed.stderr);
     let last = failed.stderr.trim_end().lines().last().unwrap_or_default();
@@ -211,14 +276,24 @@ fn escaping_sources_failed_builds_and_missing_destinations_are_refused() {
         last.starts_with("error: ") && last.contains("resource web: the build failed"),
         "{last}"
     );
-    assert!(failed.stderr.contains("/no/such/program"), "the log reaches the vendor: {}", failed.stderr);
+    assert!(
+        failed.stderr.contains("/no/such/program"),
+        "the log reaches the vendor: {}",
+        failed.stderr
+    );
     assert!(!out.exists(), "a failed build left a bundle");
 }
 
 /// A statement about the quick-start stack's api image (what the stack pins, by default).
 fn statement(subject: Option<Digest>) -> Vec<u8> {
     let stack = outpost_bundle_format::stack::Stack::from_file(&quickstart()).unwrap();
-    let pinned = stack.resource("api").unwrap().container.image.digest().unwrap();
+    let pinned = stack
+        .resource("api")
+        .unwrap()
+        .container
+        .image
+        .digest()
+        .unwrap();
     Provenance {
         resource: "api".into(),
         image_name: "ghcr.io/acme/api".into(),
@@ -268,10 +343,83 @@ fn provenance_is_verified_with_the_bundle() {
     // One byte of a signed statement changed: its digest no longer matches the signed manifest.
     let mut bytes = tar(&good);
     let needle = b"\"buildah\":\"1.28.2\"";
-    let at = bytes.windows(needle.len()).position(|w| w == needle).unwrap();
+    let at = bytes
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .unwrap();
     bytes[at + needle.len() - 2] = b'9';
     let tampered = verify("tampered.tar", &bytes);
     assert_eq!(tampered.code, 1, "{}", tampered.stdout);
-    assert!(tampered.stderr.contains("verification failed"), "{}", tampered.stderr);
+    assert!(
+        tampered.stderr.contains("verification failed"),
+        "{}",
+        tampered.stderr
+    );
     assert!(tampered.stderr.contains("digest"), "{}", tampered.stderr);
+}
+
+/// `platforms` with more than one entry builds an OCI index (no emulator needed: the tree is
+/// copied, not run), the same twice, and the stack pins the index.
+#[test]
+fn several_platforms_build_one_index_reproducibly() {
+    let vendor = Vendor::new("scratch", "page\n");
+    let stack = std::fs::read_to_string(vendor.path("stack.yaml")).unwrap();
+    std::fs::write(
+        vendor.path("stack.yaml"),
+        stack.replace(
+            "args: {BASE: \"scratch\"}",
+            "args: {BASE: \"scratch\"}, platforms: [linux/amd64, linux/arm64]",
+        ),
+    )
+    .unwrap();
+    let build = |out: &Path| {
+        run(signer()
+            .arg("build")
+            .arg(vendor.path("stack.yaml"))
+            .args([
+                "--version",
+                "1.0.0",
+                "--sequence",
+                "1",
+                "--with-images",
+                "--quiet",
+            ])
+            .args([
+                "--created",
+                "2026-11-01T00:00:00Z",
+                "--expires",
+                "2036-01-01T00:00:00Z",
+            ])
+            .arg("--out")
+            .arg(out))
+        .ok()
+    };
+    let (first, again) = (vendor.path("first.tar"), vendor.path("again.tar"));
+    build(&first);
+    build(&again);
+    assert_eq!(
+        std::fs::read(&first).unwrap(),
+        std::fs::read(&again).unwrap()
+    );
+    let report = inspect(&first);
+    let image = report["resources"][0]["image"].as_str().unwrap();
+    assert_eq!(report["bundledImages"][0], image);
+    assert_eq!(
+        report["resources"][0]["builtFrom"]["platforms"],
+        serde_json::json!(["linux/amd64", "linux/arm64"])
+    );
+    let layout = outpost_bundle_format::Layout::read(&first, &Default::default(), None).unwrap();
+    let carried = layout
+        .index()
+        .manifests
+        .iter()
+        .find(|d| d.digest == digest_of(image))
+        .unwrap();
+    assert_eq!(
+        carried.media_type,
+        outpost_bundle_format::layout::oci::MEDIA_TYPE_INDEX
+    );
+    let index: outpost_bundle_format::layout::oci::ImageIndex =
+        serde_json::from_slice(&layout.read_blob(&carried.digest, 1 << 20).unwrap()).unwrap();
+    assert_eq!(index.manifests.len(), 2);
 }

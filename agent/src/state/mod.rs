@@ -36,7 +36,9 @@ mod records;
 mod snapshots;
 
 use records::Sealed;
-pub use records::{BuiltFrom, Decision, Effect, Event, Positions, Rejection, Release, StoredStackError};
+pub use records::{
+    BuiltFrom, Decision, Effect, Event, Positions, Rejection, Release, StoredStackError,
+};
 pub use snapshots::Snapshot;
 
 pub struct Store {
@@ -100,10 +102,13 @@ impl Store {
         // (and the next start adding it twice).
         let mut upgrade = String::new();
         if version == 1 {
-            upgrade.push_str("ALTER TABLE bundles ADD COLUMN irreversible TEXT NOT NULL DEFAULT '[]';");
+            upgrade.push_str(
+                "ALTER TABLE bundles ADD COLUMN irreversible TEXT NOT NULL DEFAULT '[]';",
+            );
         }
         if (1..3).contains(&version) {
-            upgrade.push_str("ALTER TABLE bundles ADD COLUMN built_from TEXT NOT NULL DEFAULT '[]';");
+            upgrade
+                .push_str("ALTER TABLE bundles ADD COLUMN built_from TEXT NOT NULL DEFAULT '[]';");
         }
         let counted = integrity::counted_triggers();
         let application = integrity::APPLICATION_ID;

@@ -288,10 +288,12 @@ fn check_image_code(at: &Location, code: &Code) -> Result<ImageRef, StackError> 
             "belongs to `type: source`",
         ));
     }
-    let text = code
-        .image
-        .as_deref()
-        .ok_or_else(|| err(at.field("code.image"), "is required (or `type: source` with `src`)"))?;
+    let text = code.image.as_deref().ok_or_else(|| {
+        err(
+            at.field("code.image"),
+            "is required (or `type: source` with `src`)",
+        )
+    })?;
     ImageRef::parse(text).map_err(|e| err(at.field("code.image"), e.to_string()))
 }
 

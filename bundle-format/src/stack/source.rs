@@ -232,16 +232,43 @@ mod tests {
     fn bad_source_fields_are_refused_by_name() {
         for (code, expected) in [
             ("{type: source}", "(api).code.src: is required"),
-            ("{type: source, src: ../elsewhere}", "(api).code.src: \"../elsewhere\" leaves"),
-            ("{type: source, src: api/../../x}", "leaves the stack's directory tree"),
-            ("{type: source, src: /srv/api}", "(api).code.src: \"/srv/api\" is absolute"),
-            ("{type: source, src: api, dockerfile: ../Dockerfile}", "(api).code.dockerfile"),
-            ("{type: source, src: api, image: a/b:1}", "(api).code.image: `type: source`"),
+            (
+                "{type: source, src: ../elsewhere}",
+                "(api).code.src: \"../elsewhere\" leaves",
+            ),
+            (
+                "{type: source, src: api/../../x}",
+                "leaves the stack's directory tree",
+            ),
+            (
+                "{type: source, src: /srv/api}",
+                "(api).code.src: \"/srv/api\" is absolute",
+            ),
+            (
+                "{type: source, src: api, dockerfile: ../Dockerfile}",
+                "(api).code.dockerfile",
+            ),
+            (
+                "{type: source, src: api, image: a/b:1}",
+                "(api).code.image: `type: source`",
+            ),
             ("{type: source, src: api, target: -x}", "(api).code.target"),
-            ("{type: source, src: api, args: {1X: a}}", "(api).code.args.1X"),
-            ("{type: source, src: api, platforms: [amd64]}", "(api).code.platforms[0]"),
-            ("{type: source, src: api, platforms: [linux/amd64, linux/amd64]}", "listed twice"),
-            ("{image: a/b:1, src: api}", "(api).code.src: belongs to `type: source`"),
+            (
+                "{type: source, src: api, args: {1X: a}}",
+                "(api).code.args.1X",
+            ),
+            (
+                "{type: source, src: api, platforms: [amd64]}",
+                "(api).code.platforms[0]",
+            ),
+            (
+                "{type: source, src: api, platforms: [linux/amd64, linux/amd64]}",
+                "listed twice",
+            ),
+            (
+                "{image: a/b:1, src: api}",
+                "(api).code.src: belongs to `type: source`",
+            ),
             ("{type: image}", "(api).code.image: is required"),
         ] {
             let error = builds(code).unwrap_err();
@@ -267,6 +294,9 @@ mod tests {
             super::super::parse_stack_yaml(&STACK.replace("CODE", "{type: source, src: api}"))
                 .unwrap();
         let error = Stack::from_file(&file).unwrap_err().to_string();
-        assert!(error.contains("(api).code: type source is built"), "{error}");
+        assert!(
+            error.contains("(api).code: type source is built"),
+            "{error}"
+        );
     }
 }
