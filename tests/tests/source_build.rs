@@ -140,8 +140,9 @@ fn a_source_tree_builds_reproducibly_and_runs_on_dockerd() {
     // The same tree builds the same image, and the same bundle, byte for byte.
     vendor.build(&repository, "1.0.0", 1, &again).ok();
     assert_eq!(
-        std::fs::read(&first).unwrap(),
-        std::fs::read(&again).unwrap()
+        file_digest(&first),
+        file_digest(&again),
+        "the same bundle twice"
     );
 
     // A changed file gives another source digest and another image.
@@ -398,8 +399,9 @@ fn several_platforms_build_one_index_reproducibly() {
     build(&first);
     build(&again);
     assert_eq!(
-        std::fs::read(&first).unwrap(),
-        std::fs::read(&again).unwrap()
+        file_digest(&first),
+        file_digest(&again),
+        "the same bundle twice"
     );
     let report = inspect(&first);
     let image = report["resources"][0]["image"].as_str().unwrap();
