@@ -67,10 +67,10 @@ resources:
         self.dir.path().join(name)
     }
 
-    /// `outpost-signer build` pushing to `repository`, at a fixed creation time.
+    /// `outpost-signer build` with `destination` (push, carry), at a fixed creation time.
     fn build(
         &self,
-        repository: &str,
+        destination: &[&str],
         version: &str,
         sequence: u64,
         out: &Path,
@@ -85,7 +85,8 @@ resources:
                 "--expires",
                 "2036-01-01T00:00:00Z",
             ])
-            .args(["--image-repository", repository, "--plain-http", "--quiet"])
+            .args(destination)
+            .args(["--plain-http", "--quiet"])
             .arg("--out")
             .arg(out))
     }
@@ -105,6 +106,7 @@ fn a_source_tree_builds_reproducibly_and_runs_on_dockerd() {
     let registry = TestRegistry::start(None);
     let base = demo_image(&registry, "base");
     let repository = format!("{}/acme/shop", registry.host());
+    let push = ["--image-repository", repository.as_str()];
     let vendor = Vendor::new(&base, "release one\n");
     let work = tempfile::tempdir().unwrap();
     let (first, again, second) = (
@@ -113,7 +115,7 @@ fn a_source_tree_builds_reproducibly_and_runs_on_dockerd() {
         work.path().join("acme-1.1.0.tar"),
     );
 
-    let built = vendor.build(&repository, "1.0.0", 1, &first).ok();
+    let built = vendor.build(&push, "1.0.0", 1, &first).ok();
     assert!(
         built
             .stdout
@@ -138,7 +140,7 @@ fn a_source_tree_builds_reproducibly_and_runs_on_dockerd() {
     assert!(from["builder"]["version"]["buildah"].is_string(), "{from}");
 
     // The same tree builds the same image, and the same bundle, byte for byte.
-    vendor.build(&repository, "1.0.0", 1, &again).ok();
+    vendor.build(&push, "1.0.0", 1, &again).ok();
     assert_eq!(
         file_digest(&first),
         file_digest(&again),
@@ -147,7 +149,7 @@ fn a_source_tree_builds_reproducibly_and_runs_on_dockerd() {
 
     // A changed file gives another source digest and another image.
     std::fs::write(vendor.path("api/www/index.html"), "release two\n").unwrap();
-    vendor.build(&repository, "1.1.0", 2, &second).ok();
+    vendor.build(&push, "1.1.0", 2, &second).ok();
     let two = inspect(&second);
     let image_two = two["resources"][0]["image"].as_str().unwrap();
     assert_ne!(digest_of(image_two), digest_of(&image));
@@ -156,8 +158,21 @@ fn a_source_tree_builds_reproducibly_and_runs_on_dockerd() {
         from["sourceDigest"]
     );
 
-    sign_with(&first, &BOTH);
-    sign_with(&second, &BOTH);
+    // Carried only (an air-gapped site): no registry holds this image, the bundle does.
+    let third = work.path().join("acme-1.2.0.tar");
+    std::fs::write(vendor.path("api/www/index.html"), "release three\n").unwrap();
+    vendor.build(&["--with-images"], "1.2.0", 3, &third).ok();
+    let three = inspect(&third);
+    let carried = three["resources"][0]["image"].as_str().unwrap();
+    assert!(
+        carried.starts_with("localhost/outpost/acme:web-1.2.0@sha256:"),
+        "{carried}"
+    );
+    assert_eq!(three["bundledImages"][0], carried);
+
+    for file in [&first, &second, &third] {
+        sign_with(file, &BOTH);
+    }
     let engine = TestEngine::start(Kind::Docker);
     let drop = tempfile::tempdir().unwrap();
     let web = free_port();
@@ -171,6 +186,7 @@ fn a_source_tree_builds_reproducibly_and_runs_on_dockerd() {
     for (file, version, sequence, page, bundle) in [
         (&first, "1.0.0", 1, "release one", &one),
         (&second, "1.1.0", 2, "release two", &two),
+        (&third, "1.2.0", 3, "release three", &three),
     ] {
         drop_file(
             drop.path(),
