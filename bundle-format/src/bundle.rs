@@ -207,15 +207,43 @@ pub fn read_parts(layout: &Layout, limits: &Limits) -> Result<BundleParts, Layou
         ..*limits
     };
     let stack_bytes = read_described(layout, stack_layer, &stack_limits)?;
+    if further_layers.len() > MAX_FURTHER_LAYERS {
+        return Err(LayoutError::CountLimit {
+            what: "the bundle manifest".into(),
+            limit: MAX_FURTHER_LAYERS,
+            unit: "root and provenance layers",
+        });
+    }
+    for (i, layer) in manifest.layers.iter().enumerate() {
+        if manifest.layers[..i]
+            .iter()
+            .any(|l| l.digest == layer.digest)
+        {
+            return Err(LayoutError::malformed(
+                "bundle manifest",
+                format!("lists the layer {} twice", layer.digest),
+            ));
+        }
+    }
+    let root_limits = Limits {
+        max_metadata_bytes: limits.max_metadata_bytes.min(crate::root::MAX_ROOT_BYTES),
+        ..*limits
+    };
+    let statement_limits = Limits {
+        max_metadata_bytes: limits
+            .max_metadata_bytes
+            .min(provenance::MAX_STATEMENT_BYTES),
+        ..*limits
+    };
     let mut roots = Vec::new();
     let mut statements = Vec::new();
     for layer in further_layers {
         match layer.media_type.as_str() {
             MEDIA_TYPE_ROOT if statements.is_empty() => {
-                roots.push(read_described(layout, layer, limits)?)
+                roots.push(read_described(layout, layer, &root_limits)?)
             }
             provenance::MEDIA_TYPE_STATEMENT => {
-                statements.push(read_described(layout, layer, limits)?)
+                statements.push(read_described(layout, layer, &statement_limits)?)
             }
             other => {
                 return Err(LayoutError::malformed(
@@ -239,6 +267,10 @@ pub fn read_parts(layout: &Layout, limits: &Limits) -> Result<BundleParts, Layou
         signatures,
     })
 }
+
+/// Layers after the stack (carried roots and provenance statements) one bundle may have: each
+/// is read into memory and parsed before any signature is checked.
+pub const MAX_FURTHER_LAYERS: usize = 64;
 
 /// Signature manifests one bundle may have (one per signing tool or referrer).
 pub const MAX_SIGNATURE_MANIFESTS: usize = 16;

@@ -12,6 +12,8 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+/// Largest statement read: they are a few hundred bytes.
+pub const MAX_STATEMENT_BYTES: u64 = 64 * 1024;
 /// The layer media type of a statement (the in-toto attestation framework's).
 pub const MEDIA_TYPE_STATEMENT: &str = "application/vnd.in-toto+json";
 pub const STATEMENT_TYPE: &str = "https://in-toto.io/Statement/v1";
@@ -208,7 +210,7 @@ impl Provenance {
             .ok_or("no resolved dependency named source")?;
         let source_digest = sha256_hex(&source.digest, "source digest")?;
         let builder = statement.predicate.run_details.builder;
-        Ok(Provenance {
+        let provenance = Provenance {
             resource: parameters.resource,
             image_name,
             image_digest,
@@ -221,7 +223,60 @@ impl Provenance {
             source_date_epoch: definition.internal_parameters.source_date_epoch,
             builder_id: builder.id,
             builder_version: builder.version,
-        })
+        };
+        provenance.check_fields()?;
+        Ok(provenance)
+    }
+
+    /// The rules the stack model puts on a source build, and text fit to show a customer: no
+    /// control characters (a newline could forge lines of a plan), at most 512 characters.
+    fn check_fields(&self) -> Result<(), String> {
+        use crate::stack::{is_environment_name, is_platform, is_stage_name, relative_path};
+        let texts = [
+            ("the subject name", &self.image_name),
+            ("resource", &self.resource),
+            ("source", &self.source_path),
+            ("dockerfile", &self.dockerfile),
+            ("the builder id", &self.builder_id),
+        ];
+        let versions = self.builder_version.iter().flat_map(|(k, v)| [k, v]);
+        let args = self.args.iter().flat_map(|(k, v)| [k, v]);
+        for (what, text) in texts
+            .into_iter()
+            .chain(versions.map(|t| ("a builder version", t)))
+            .chain(args.map(|t| ("a build argument", t)))
+        {
+            if text.len() > 512 || text.chars().any(char::is_control) {
+                return Err(format!(
+                    "{what} has control characters or is over 512 characters"
+                ));
+            }
+        }
+        if !crate::stack::is_dns_label(&self.resource) {
+            return Err(format!(
+                "resource {:?} is not a resource name",
+                self.resource
+            ));
+        }
+        for (what, path) in [
+            ("source", &self.source_path),
+            ("dockerfile", &self.dockerfile),
+        ] {
+            match relative_path(what, path) {
+                Ok(normal) if normal == *path => {}
+                _ => return Err(format!("{what} {path:?} is not a normalised relative path")),
+            }
+        }
+        if let Some(target) = self.target.as_ref().filter(|t| !is_stage_name(t)) {
+            return Err(format!("target {target:?} is not a build stage name"));
+        }
+        if let Some(name) = self.args.keys().find(|n| !is_environment_name(n)) {
+            return Err(format!("build argument name {name:?} is not a valid name"));
+        }
+        if let Some(platform) = self.platforms.iter().find(|p| !is_platform(p)) {
+            return Err(format!("platform {platform:?} is not os/arch[/variant]"));
+        }
+        Ok(())
     }
 
     /// The statement is about an image the stack pins: its resource exists and pins exactly
@@ -233,11 +288,14 @@ impl Provenance {
                 self.resource
             )
         })?;
-        let pinned = resource.container.image.digest();
-        if pinned != Some(self.image_digest) {
+        let image = &resource.container.image;
+        let pinned = image.digest();
+        if pinned != Some(self.image_digest)
+            || self.image_name != format!("{}/{}", image.registry(), image.repository())
+        {
             return Err(format!(
-                "resource {}: the statement's subject is {}, but the stack pins {}",
-                self.resource, self.image_digest, resource.container.image
+                "resource {}: the statement's subject is {}@{}, but the stack pins {}",
+                self.resource, self.image_name, self.image_digest, resource.container.image
             ));
         }
         Ok(())
@@ -273,9 +331,9 @@ pub struct SourceTree {
 
 /// The digest of the directory tree at `root` (SPEC.md section 5.1): SHA-256 over one record
 /// per entry below `root`, sorted by path bytes. A record is `<kind> <mode> <sha256 hex> <path>`
-/// and a NUL, where kind is `dir`, `file` or `link`; mode is `755` for directories, links and
-/// files with an execute bit, else `644`; the hash is of the file's content, the link's target,
-/// or nothing for a directory. Owners and times do not count. Other file types are refused.
+/// and a NUL, where kind is `dir`, `file` or `link`; mode is the permission bits in four octal
+/// digits (`0777` for a link); the hash is of the file's content, the link's target, or nothing
+/// for a directory. Owners and times do not count. Other file types are refused.
 pub fn source_tree_digest(root: &Path) -> Result<SourceTree, String> {
     let mut records: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
     let mut symlinks = Vec::new();
@@ -287,20 +345,20 @@ pub fn source_tree_digest(root: &Path) -> Result<SourceTree, String> {
             let entry = entry.map_err(|e| io(&dir, e))?;
             let relative = dir.join(entry.file_name());
             let kind = entry.file_type().map_err(|e| io(&relative, e))?;
+            let path = root.join(&relative);
             let (label, mode, content) = if kind.is_dir() {
                 pending.push(relative.clone());
-                ("dir", "755", Digest::of(b""))
+                let mode = permissions(&path).map_err(|e| io(&relative, e))?;
+                ("dir", mode, Digest::of(b""))
             } else if kind.is_symlink() {
-                let target =
-                    std::fs::read_link(root.join(&relative)).map_err(|e| io(&relative, e))?;
+                let target = std::fs::read_link(&path).map_err(|e| io(&relative, e))?;
                 let digest = Digest::of(target.as_os_str().as_encoded_bytes());
                 symlinks.push((relative.clone(), target));
-                ("link", "755", digest)
+                ("link", 0o777, digest)
             } else if kind.is_file() {
-                let path = root.join(&relative);
-                let executable = executable(&path).map_err(|e| io(&relative, e))?;
+                let mode = permissions(&path).map_err(|e| io(&relative, e))?;
                 let digest = file_digest(&path).map_err(|e| io(&relative, e))?;
-                ("file", if executable { "755" } else { "644" }, digest)
+                ("file", mode, digest)
             } else {
                 return Err(format!(
                     "{}: only files, directories and symbolic links can be built from",
@@ -308,7 +366,7 @@ pub fn source_tree_digest(root: &Path) -> Result<SourceTree, String> {
                 ));
             };
             let path = relative.as_os_str().as_encoded_bytes().to_vec();
-            let mut record = format!("{label} {mode} {} ", content.hex()).into_bytes();
+            let mut record = format!("{label} {mode:04o} {} ", content.hex()).into_bytes();
             record.extend_from_slice(&path);
             record.push(0);
             records.push((path, record));
@@ -340,15 +398,20 @@ fn file_digest(path: &Path) -> std::io::Result<Digest> {
     }
 }
 
+/// The permission bits (setuid, setgid and sticky included): an image copies them.
 #[cfg(unix)]
-fn executable(path: &Path) -> std::io::Result<bool> {
+fn permissions(path: &Path) -> std::io::Result<u32> {
     use std::os::unix::fs::PermissionsExt;
-    Ok(std::fs::metadata(path)?.permissions().mode() & 0o111 != 0)
+    Ok(std::fs::metadata(path)?.permissions().mode() & 0o7777)
 }
 
 #[cfg(not(unix))]
-fn executable(_: &Path) -> std::io::Result<bool> {
-    Ok(false)
+fn permissions(path: &Path) -> std::io::Result<u32> {
+    Ok(if std::fs::metadata(path)?.is_dir() {
+        0o755
+    } else {
+        0o644
+    })
 }
 
 #[cfg(test)]
@@ -404,7 +467,7 @@ mod tests {
         let error = check_statements(&[provenance.statement()], &stack(&other)).unwrap_err();
         assert!(
             error.starts_with(
-                "provenance statement 1: resource api: the statement's subject is sha256:"
+                "provenance statement 1: resource api: the statement's subject is registry.example/acme/shop@sha256:"
             ),
             "{error}"
         );
@@ -460,6 +523,28 @@ mod tests {
                 "\"resource\":\"api\",\"resource\":\"db\"",
                 "duplicate",
             ),
+            (
+                "\"source\":\"api\"",
+                "\"source\":\"api\\nimage web: forged\"",
+                "source has control characters",
+            ),
+            (
+                "\"source\":\"api\"",
+                "\"source\":\"../api\"",
+                "not a normalised",
+            ),
+            (
+                "\"dockerfile\":\"Dockerfile\"",
+                "\"dockerfile\":\"./Dockerfile\"",
+                "not a normalised",
+            ),
+            ("\"target\":\"run\"", "\"target\":\"-x\"", "build stage"),
+            ("\"linux/amd64\"", "\"amd64\"", "os/arch"),
+            (
+                "\"resource\":\"api\"",
+                "\"resource\":\"API\"",
+                "not a resource name",
+            ),
         ] {
             assert!(good.contains(from), "{from}");
             let bad = good.replacen(from, to, 1);
@@ -497,7 +582,7 @@ mod tests {
         std::fs::set_permissions(root.join("bin/run"), std::fs::Permissions::from_mode(0o755))
             .unwrap();
         let executable = source_tree_digest(root).unwrap().digest;
-        assert_ne!(executable, first.digest, "the execute bit counts");
+        assert_ne!(executable, first.digest, "permissions count");
         std::fs::create_dir(root.join("empty")).unwrap();
         assert_ne!(
             source_tree_digest(root).unwrap().digest,

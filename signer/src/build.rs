@@ -39,6 +39,13 @@ pub fn run(args: BuildArgs) -> Outcome {
             "--with-images and --image-repository need a registry; they cannot be combined with --offline",
         ));
     }
+    if let (Some(first), true) = (sources.first(), args.offline) {
+        return Err(Failure::usage(format!(
+            "{}: resource {} is built from source, which needs a registry (--image-repository) or --with-images; it cannot be combined with --offline",
+            args.stack.display(),
+            first.resource
+        )));
+    }
     if let Some(first) = sources.first()
         && args.image_repository.is_none()
         && !args.with_images
@@ -205,39 +212,41 @@ fn build_sources(
     let stack_dir = args
         .stack
         .parent()
-        .map(|p| {
-            if p.as_os_str().is_empty() {
-                std::path::Path::new(".")
-            } else {
-                p
-            }
-        })
+        .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(std::path::Path::new("."))
         .canonicalize()
         .map_err(|e| Failure::usage(format!("{}: {e}", args.stack.display())))?;
-    let buildah = Buildah::new(&args.buildah, work, args.registry.plain_http)?;
-    let mut built = Vec::new();
+    let name = match &args.image_repository {
+        Some(repository) => repository.clone(),
+        None => format!("localhost/outpost/{stack_name}"),
+    };
+    // Everything that can be wrong is found before the first build.
+    let mut prepared = Vec::new();
     for build in sources {
-        let at = format!("{}: resource {}", args.stack.display(), build.resource);
-        let image = buildah.build(&at, &stack_dir, build, epoch)?;
         let tag = source_build::image_tag(&build.resource, version);
-        let name = match &args.image_repository {
-            Some(repository) => repository.clone(),
-            None => format!("localhost/outpost/{stack_name}"),
-        };
         let reference = ImageRef::parse(&format!("{name}:{tag}"))
             .map_err(|e| Failure::usage(format!("--image-repository {name:?}: {e}")))?;
+        let at = format!("{}: resource {}", args.stack.display(), build.resource);
+        prepared.push((reference, source_build::prepare(at, &stack_dir, build)?));
+    }
+    let mut insecure = args.insecure_registries.clone();
+    if let (Some((reference, _)), true) = (prepared.first(), args.registry.plain_http) {
+        insecure.push(reference.registry().to_string());
+    }
+    let buildah = Buildah::new(&args.buildah, work, &insecure)?;
+    let mut built = Vec::new();
+    for (reference, source) in prepared {
+        let mut image = buildah.build(&source, epoch)?;
         if args.image_repository.is_some() {
             let pushed = push(&reference, &image)?;
             if pushed != image.digest {
                 return Err(Failure::invalid(format!(
-                    "{at}: the registry stored {pushed}, not the built {}",
-                    image.digest
+                    "{}: the registry stored {pushed}, not the built {}",
+                    source.at, image.digest
                 )));
             }
             eprintln!("pushed {} to {reference}", image.digest);
         }
-        let mut image = image;
         image.provenance.image_name =
             format!("{}/{}", reference.registry(), reference.repository());
         built.push((reference.pinned(image.digest), image));

@@ -19,7 +19,7 @@ pub enum Command {
     /// Create a signing key pair: DIR/outpost.key (encrypted, cosign format) and DIR/outpost.pub.
     Keygen(KeygenArgs),
     /// Build a release bundle (an OCI image layout) from a stack file.
-    Build(BuildArgs),
+    Build(Box<BuildArgs>),
     /// Add a signature to a bundle (each key holder runs this once).
     Sign(SignArgs),
     /// Attach a signature made elsewhere (HSM, KMS, openssl, cosign) over a payload.
@@ -97,6 +97,10 @@ pub struct BuildArgs {
     /// each as REPO:<resource>-<version>, pinned by digest in the stack.
     #[arg(long, value_name = "HOST/REPO")]
     pub image_repository: Option<String>,
+    /// A registry that base images of source builds are pulled from without TLS (repeatable;
+    /// with --plain-http, --image-repository's registry is one).
+    #[arg(long = "insecure-registry", value_name = "HOST[:PORT]")]
+    pub insecure_registries: Vec<String>,
     /// The buildah that builds source images (daemonless, OCI output).
     #[arg(long, env = "OUTPOST_BUILDAH", default_value = "buildah")]
     pub buildah: PathBuf,

@@ -23,7 +23,7 @@ pub fn run(args: InspectArgs) -> Outcome {
     let statements: Vec<Result<Provenance, String>> = parts
         .statements
         .iter()
-        .map(|bytes| Provenance::parse(bytes))
+        .map(|bytes| Provenance::parse(bytes).and_then(|p| p.check_against(&stack).map(|()| p)))
         .collect();
     let built_from = |resource: &str| statements.iter().flatten().find(|p| p.resource == resource);
     let resources: Vec<Value> = stack

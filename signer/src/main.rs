@@ -48,7 +48,7 @@ fn main() -> ExitCode {
     let args = cli::Cli::parse();
     let result = match args.command {
         cli::Command::Keygen(a) => keys::keygen(a),
-        cli::Command::Build(a) => build::run(a),
+        cli::Command::Build(a) => build::run(*a),
         cli::Command::Sign(a) => keys::sign(a),
         cli::Command::AttachSignature(a) => keys::attach(a),
         cli::Command::Payload(a) => keys::payload(a),

@@ -6,12 +6,12 @@
 
 use crate::Failure;
 use outpost_bundle_format::Digest;
-use outpost_bundle_format::layout::oci::{self, Descriptor, ImageIndex};
+use outpost_bundle_format::layout::oci::{self, Descriptor, ImageIndex, ImageManifest};
 use outpost_bundle_format::layout::{Layout, Limits};
 use outpost_bundle_format::provenance::{Provenance, source_tree_digest};
 use outpost_bundle_format::stack::SourceBuild;
 use std::collections::BTreeMap;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 /// What `--builder-id` defaults to: the provenance's `runDetails.builder.id`.
@@ -34,12 +34,46 @@ pub struct Buildah {
     program: PathBuf,
     work: PathBuf,
     version: String,
-    plain_http: bool,
+    /// A registries.conf marking the registries to reach without TLS (`--insecure-registry`),
+    /// when there are any; else the machine's own applies.
+    registries_conf: Option<PathBuf>,
+}
+
+/// A source build checked against the file system and digested, ready to build.
+pub struct Prepared<'a> {
+    pub build: &'a SourceBuild,
+    /// Where errors say it is, e.g. `stack.yaml: resource api`.
+    pub at: String,
+    context: PathBuf,
+    tree_digest: Digest,
+}
+
+/// Checks `build`'s context and Dockerfile against the file system (inside the stack's
+/// directory, links inside the context) and digests its tree: done for every source before
+/// the first build, so a mistake costs no build time.
+pub fn prepare<'a>(
+    at: String,
+    stack_dir: &Path,
+    build: &'a SourceBuild,
+) -> Result<Prepared<'a>, Failure> {
+    let context = checked_context(&at, stack_dir, build)?;
+    let tree = source_tree_digest(&context)
+        .map_err(|e| Failure::invalid(format!("{at}: code.src: {e}")))?;
+    for (link, target) in &tree.symlinks {
+        check_link(&at, &context, link, target)?;
+    }
+    Ok(Prepared {
+        build,
+        at,
+        context,
+        tree_digest: tree.digest,
+    })
 }
 
 impl Buildah {
-    /// Finds the builder and reads its version. `program` is `--buildah` (default `buildah`).
-    pub fn new(program: &Path, work: &Path, plain_http: bool) -> Result<Buildah, Failure> {
+    /// Finds the builder and reads its version. `program` is `--buildah` (default `buildah`);
+    /// base images from `insecure` registries (`HOST[:PORT]`) are pulled without TLS.
+    pub fn new(program: &Path, work: &Path, insecure: &[String]) -> Result<Buildah, Failure> {
         let output = Command::new(program).arg("--version").output().map_err(|e| {
             Failure::invalid(format!(
                 "{}: cannot run the image builder ({e}); install buildah (Debian: apt install buildah) or name it with --buildah",
@@ -60,11 +94,27 @@ impl Buildah {
                 ))
             })?
             .to_string();
+        let registries_conf = if insecure.is_empty() {
+            None
+        } else {
+            let path = work.join("registries.conf");
+            let entries: String = insecure
+                .iter()
+                .map(|host| format!("[[registry]]\nlocation = {host:?}\ninsecure = true\n"))
+                .collect();
+            std::fs::write(&path, entries)
+                .map_err(|e| Failure::usage(format!("{}: {e}", path.display())))?;
+            Some(path)
+        };
+        for dir in ["cni", "images"] {
+            std::fs::create_dir_all(work.join(dir))
+                .map_err(|e| Failure::usage(format!("{}: {e}", work.display())))?;
+        }
         Ok(Buildah {
             program: program.to_path_buf(),
             work: work.to_path_buf(),
             version,
-            plain_http,
+            registries_conf,
         })
     }
 
@@ -77,6 +127,9 @@ impl Buildah {
             .arg(self.work.join("run"))
             .args(["--storage-driver", "vfs"])
             .stdin(Stdio::null());
+        if let Some(conf) = &self.registries_conf {
+            command.env("CONTAINERS_REGISTRIES_CONF", conf);
+        }
         command
     }
 
@@ -131,9 +184,6 @@ impl Buildah {
         for (key, value) in &build.args {
             command.arg("--build-arg").arg(format!("{key}={value}"));
         }
-        if self.plain_http {
-            command.arg("--tls-verify=false");
-        }
         if let Some(platform) = platform {
             command.arg("--platform").arg(platform);
         }
@@ -141,30 +191,14 @@ impl Buildah {
         self.run(at, "the build", &mut command)
     }
 
-    /// Builds `build` from `stack_dir` with every timestamp at `epoch`, into an OCI layout.
-    pub fn build(
-        &self,
-        at: &str,
-        stack_dir: &Path,
-        build: &SourceBuild,
-        epoch: i64,
-    ) -> Result<BuiltImage, Failure> {
-        let context = checked_context(at, stack_dir, build)?;
-        std::fs::create_dir_all(self.work.join("cni"))
-            .map_err(|e| Failure::usage(format!("{}: {e}", self.work.display())))?;
-        let tree = source_tree_digest(&context)
-            .map_err(|e| Failure::invalid(format!("{at}: code.src: {e}")))?;
-        for (link, target) in &tree.symlinks {
-            check_link(at, stack_dir, &context, link, target)?;
-        }
+    /// Builds a prepared source with every timestamp at `epoch`, into an OCI layout.
+    pub fn build(&self, prepared: &Prepared, epoch: i64) -> Result<BuiltImage, Failure> {
+        let (build, at, context) = (prepared.build, prepared.at.as_str(), &prepared.context);
         eprintln!(
             "building {} from {} ({})",
-            build.resource, build.src, tree.digest
+            build.resource, build.src, prepared.tree_digest
         );
-        let images = self.work.join("images");
-        std::fs::create_dir_all(&images)
-            .map_err(|e| Failure::usage(format!("{}: {e}", images.display())))?;
-        let dir = images.join(&build.resource);
+        let dir = self.work.join("images").join(&build.resource);
         // One build per platform, one after the other: buildah's own multi-platform build
         // runs them in parallel and lists them in the order they finish, which would make the
         // index differ from run to run.
@@ -175,7 +209,7 @@ impl Buildah {
         };
         for (index, platform) in platforms.iter().enumerate() {
             let name = format!("localhost/outpost-build/{}-{index}", build.resource);
-            self.build_one(at, &context, build, *platform, epoch, &name)?;
+            self.build_one(at, context, build, *platform, epoch, &name)?;
             let destination = format!("oci:{}:{index}", dir.display());
             let mut export = self.command();
             export.args(["push", "--quiet", "--format", "oci", &name, &destination]);
@@ -196,7 +230,7 @@ impl Buildah {
                 .cloned()
                 .ok_or_else(|| Failure::invalid(format!("{at}: buildah wrote no image {index}")))?;
             descriptor.annotations.clear();
-            descriptor.platform = platform.map(platform_json);
+            descriptor.platform = Some(built_platform(at, &layout, &descriptor, *platform)?);
             manifests.push(descriptor);
         }
         let descriptor = match <[_; 1]>::try_from(manifests) {
@@ -225,7 +259,7 @@ impl Buildah {
                 image_name: String::new(),
                 image_digest: descriptor.digest,
                 source_path: build.src.clone(),
-                source_digest: tree.digest,
+                source_digest: prepared.tree_digest,
                 dockerfile: build.dockerfile.clone(),
                 target: build.target.clone(),
                 args: build.args.clone(),
@@ -244,17 +278,49 @@ impl Buildah {
     }
 }
 
-/// An index entry's `platform` for `os/arch[/variant]` (checked by the stack model).
-fn platform_json(platform: &str) -> serde_json::Value {
-    let mut parts = platform.split('/');
-    let mut value = serde_json::json!({
-        "architecture": parts.nth(1).unwrap_or_default(),
-        "os": platform.split('/').next().unwrap_or_default(),
-    });
-    if let Some(variant) = parts.next() {
-        value["variant"] = variant.into();
+/// The platform the image at `descriptor` was built for, from its config; refused when it is not
+/// the one `requested` (buildah goes on with a base image that lacks the platform).
+fn built_platform(
+    at: &str,
+    layout: &Layout,
+    descriptor: &Descriptor,
+    requested: Option<&str>,
+) -> Result<serde_json::Value, Failure> {
+    let fail = |e: &dyn std::fmt::Display| Failure::invalid(format!("{at}: the built image: {e}"));
+    let limit = Limits::default().max_metadata_bytes;
+    let manifest: ImageManifest = serde_json::from_slice(
+        &layout
+            .read_blob(&descriptor.digest, limit)
+            .map_err(|e| fail(&e))?,
+    )
+    .map_err(|e| fail(&e))?;
+    let config: serde_json::Value = serde_json::from_slice(
+        &layout
+            .read_blob(&manifest.config.digest, limit)
+            .map_err(|e| fail(&e))?,
+    )
+    .map_err(|e| fail(&e))?;
+    let part = |key: &str| config[key].as_str().unwrap_or_default().to_string();
+    let (os, architecture, variant) = (part("os"), part("architecture"), part("variant"));
+    let built = [os.as_str(), architecture.as_str(), variant.as_str()]
+        .into_iter()
+        .filter(|p| !p.is_empty())
+        .collect::<Vec<_>>()
+        .join("/");
+    // A platform asked for without a variant accepts the variant the builder chose.
+    if let Some(requested) = requested
+        && requested != built
+        && requested != format!("{os}/{architecture}")
+    {
+        return Err(Failure::invalid(format!(
+            "{at}: asked for platform {requested}, buildah built {built} (is the base image there for {requested}?)"
+        )));
     }
-    value
+    let mut platform = serde_json::json!({"architecture": architecture, "os": os});
+    if !variant.is_empty() {
+        platform["variant"] = variant.into();
+    }
+    Ok(platform)
 }
 
 /// The build context and its Dockerfile, resolved: both inside the stack's directory tree
@@ -296,40 +362,23 @@ fn checked_context(at: &str, stack_dir: &Path, build: &SourceBuild) -> Result<Pa
     Ok(context)
 }
 
-/// A symbolic link in the build context must point inside the stack's directory tree.
-fn check_link(
-    at: &str,
-    stack_dir: &Path,
-    context: &Path,
-    link: &Path,
-    target: &Path,
-) -> Result<(), Failure> {
-    let base = context.join(link);
-    let joined = match base.parent() {
-        Some(parent) if target.is_relative() => parent.join(target),
-        _ => target.to_path_buf(),
-    };
-    let mut resolved = PathBuf::new();
-    for component in joined.components() {
-        match component {
-            Component::ParentDir => {
-                resolved.pop();
-            }
-            Component::CurDir => {}
-            other => resolved.push(other),
-        }
-    }
-    // The link's own directory may itself be reached through links: resolve what exists.
-    let resolved = resolved.canonicalize().unwrap_or(resolved);
-    if resolved.starts_with(stack_dir) {
-        Ok(())
-    } else {
-        Err(Failure::invalid(format!(
-            "{at}: code.src: {} is a symbolic link to {}, outside the stack's directory {}",
-            base.display(),
-            target.display(),
-            stack_dir.display()
-        )))
+/// A symbolic link in the build context must resolve (every link on the way followed) to
+/// something inside the context: the source digest covers nothing else.
+fn check_link(at: &str, context: &Path, link: &Path, target: &Path) -> Result<(), Failure> {
+    let path = context.join(link);
+    match path.canonicalize() {
+        Ok(resolved) if resolved.starts_with(context) => Ok(()),
+        Ok(resolved) => Err(Failure::invalid(format!(
+            "{at}: code.src: {} is a symbolic link to {}, outside code.src ({})",
+            path.display(),
+            resolved.display(),
+            context.display()
+        ))),
+        Err(e) => Err(Failure::invalid(format!(
+            "{at}: code.src: {} is a symbolic link to {} that does not resolve ({e})",
+            path.display(),
+            target.display()
+        ))),
     }
 }
 
@@ -345,42 +394,38 @@ mod tests {
     use super::*;
 
     #[test]
-    fn links_inside_the_stack_directory_are_allowed_and_others_refused() {
+    fn links_must_resolve_inside_the_context() {
         let dir = tempfile::tempdir().unwrap();
         let stack = dir.path().canonicalize().unwrap();
         let context = stack.join("api");
         std::fs::create_dir_all(context.join("sub")).unwrap();
-        check_link(
-            "r",
-            &stack,
-            &context,
-            Path::new("sub/x"),
-            Path::new("../../shared"),
-        )
-        .unwrap();
-        check_link("r", &stack, &context, Path::new("x"), Path::new("sub")).unwrap();
-        let error = check_link(
-            "r",
-            &stack,
-            &context,
-            Path::new("sub/x"),
-            Path::new("../../../etc"),
-        )
-        .unwrap_err();
+        std::fs::create_dir_all(stack.join("shared")).unwrap();
+        let link = |name: &str, target: &str| {
+            std::os::unix::fs::symlink(target, context.join(name)).unwrap();
+            check_link("r", &context, Path::new(name), Path::new(target))
+        };
+        link("inside", "sub").unwrap();
+        // A link to the stack directory, and one through it and up: both leave the context.
+        let error = link("up", "..").unwrap_err();
         assert!(
-            error.message.contains("outside the stack's directory"),
+            error.message.contains("outside code.src"),
             "{}",
             error.message
         );
-        let error = check_link(
-            "r",
-            &stack,
-            &context,
-            Path::new("x"),
-            Path::new("/etc/passwd"),
-        )
-        .unwrap_err();
-        assert!(error.message.contains("sub") || error.message.contains("/etc/passwd"));
+        let error = link("further", "up/..").unwrap_err();
+        assert!(
+            error.message.contains("outside code.src"),
+            "{}",
+            error.message
+        );
+        link("sibling", "../shared").unwrap_err();
+        link("absolute", "/etc/passwd").unwrap_err();
+        let error = link("dangling", "no/such/file").unwrap_err();
+        assert!(
+            error.message.contains("does not resolve"),
+            "{}",
+            error.message
+        );
     }
 
     #[test]

@@ -161,7 +161,15 @@ fn a_source_tree_builds_reproducibly_and_runs_on_dockerd() {
     // Carried only (an air-gapped site): no registry holds this image, the bundle does.
     let third = work.path().join("acme-1.2.0.tar");
     std::fs::write(vendor.path("api/www/index.html"), "release three\n").unwrap();
-    vendor.build(&["--with-images"], "1.2.0", 3, &third).ok();
+    let base_registry = registry.host();
+    vendor
+        .build(
+            &["--with-images", "--insecure-registry", &base_registry],
+            "1.2.0",
+            3,
+            &third,
+        )
+        .ok();
     let three = inspect(&third);
     let carried = three["resources"][0]["image"].as_str().unwrap();
     assert!(
@@ -354,7 +362,7 @@ fn provenance_is_verified_with_the_bundle() {
     );
     verify("mismatch.tar", &tar(&mismatched)).fails(
         1,
-        &format!("verification failed: provenance: provenance statement 1: resource api: the statement's subject is {other}, but the stack pins ghcr.io/acme/api"),
+        &format!("verification failed: provenance: provenance statement 1: resource api: the statement's subject is ghcr.io/acme/api@{other}, but the stack pins ghcr.io/acme/api"),
     );
 
     // One byte of a signed statement changed: its digest no longer matches the signed manifest.

@@ -98,7 +98,7 @@ fn a_sound_store_checks_and_a_damaged_one_is_refused_naming_the_file() {
     let (agent, _drop) = used_agent();
     let (code, said) = check_state(&agent);
     assert_eq!(code, 0, "{said}");
-    assert!(said.contains("sound (schema 2, 2 releases"), "{said}");
+    assert!(said.contains("sound (schema 3, 2 releases"), "{said}");
     let db = agent.path("state/state.db");
     let good = std::fs::read(&db).unwrap();
     assert!(good.len() > 8192, "{} bytes", good.len());

@@ -3,7 +3,7 @@
 //! counts itself next to that identity, so a `-wal` from another store cannot pass for this
 //! one's). A store that fails is refused, never replaced by an empty one.
 
-use super::{Result, SCHEMA_VERSION, Store};
+use super::{Result, Store};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use std::path::Path;
 use std::sync::Mutex;
@@ -60,8 +60,11 @@ impl Store {
             .map_err(|e| format!("{}: {e}", path.display()))?;
         same_store(&inside, &kept).map_err(|e| format!("{}: {e}", path.display()))?;
         let (accepted, rejected) = store.counts().map_err(|e| e.to_string())?;
+        let schema: i64 = store
+            .with(|c| Ok(c.pragma_query_value(None, "user_version", |r| r.get(0))?))
+            .map_err(|e| e.to_string())?;
         Ok(format!(
-            "{}: sound (schema {SCHEMA_VERSION}, {accepted} releases, {rejected} rejections)",
+            "{}: sound (schema {schema}, {accepted} releases, {rejected} rejections)",
             path.display()
         ))
     }

@@ -532,9 +532,13 @@ impl Store {
 }
 
 fn release_by_digest(conn: &Connection, digest: &str) -> Result<Option<Release>> {
+    // A store opened read-only beside an agent that has not upgraded it yet lacks columns.
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    let irreversible = if version >= 2 { "irreversible" } else { "'[]'" };
+    let built_from = if version >= 3 { "built_from" } else { "'[]'" };
     Ok(conn
         .query_row(
-            "SELECT digest, name, channel, version, sequence, created, expires, stack, origin, received_at, irreversible, built_from FROM bundles WHERE digest = ?1",
+            &format!("SELECT digest, name, channel, version, sequence, created, expires, stack, origin, received_at, {irreversible}, {built_from} FROM bundles WHERE digest = ?1"),
             [digest],
             |r| {
                 Ok(Release {

@@ -213,38 +213,58 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_version_1_store_is_upgraded_in_place_and_keeps_its_releases() {
-        let dir = tempfile::tempdir().unwrap();
-        let digest = format!("sha256:{}", "ab".repeat(32));
-        {
-            let conn = rusqlite::Connection::open(dir.path().join("state.db")).unwrap();
-            conn.execute_batch(
-                "CREATE TABLE bundles(
-                     digest TEXT PRIMARY KEY, name TEXT NOT NULL, channel TEXT NOT NULL,
-                     version TEXT NOT NULL, sequence INTEGER NOT NULL, created TEXT NOT NULL,
-                     expires TEXT NOT NULL, stack TEXT NOT NULL, origin TEXT NOT NULL,
-                     received_at TEXT NOT NULL);
-                 PRAGMA user_version = 1;",
-            )
-            .unwrap();
-            conn.execute(
-                "INSERT INTO bundles VALUES (?1, 'acme', 'stable', '1.0.0', 1, 'c', 'e', '{}', 'o', 'r')",
-                [&digest],
-            )
-            .unwrap();
-        }
-        for _ in 0..2 {
-            let store = Store::open(dir.path()).unwrap();
-            let digest = Digest::parse(&digest).unwrap();
-            let release = store.release(&digest).unwrap().unwrap();
-            assert_eq!(release.version, "1.0.0");
-            assert!(release.irreversible.is_empty());
-            assert!(release.built_from.is_empty());
-            assert!(store.irreversible_snapshots(&digest).unwrap().is_empty());
-            let version: i64 = store
-                .with(|c| Ok(c.pragma_query_value(None, "user_version", |r| r.get(0))?))
+    fn version_1_and_2_stores_are_upgraded_in_place_and_keep_their_releases() {
+        for (version, extra_column, extra_value) in [
+            (1usize, "", ""),
+            (
+                2,
+                ", irreversible TEXT NOT NULL DEFAULT '[]'",
+                ", '[\"db\"]'",
+            ),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let digest = format!("sha256:{}", "ab".repeat(32));
+            {
+                let conn = rusqlite::Connection::open(dir.path().join("state.db")).unwrap();
+                conn.execute_batch(&format!(
+                    "CREATE TABLE bundles(
+                         digest TEXT PRIMARY KEY, name TEXT NOT NULL, channel TEXT NOT NULL,
+                         version TEXT NOT NULL, sequence INTEGER NOT NULL, created TEXT NOT NULL,
+                         expires TEXT NOT NULL, stack TEXT NOT NULL, origin TEXT NOT NULL,
+                         received_at TEXT NOT NULL{extra_column});
+                     PRAGMA user_version = {version};"
+                ))
                 .unwrap();
-            assert_eq!(version, 3);
+                conn.execute(
+                    &format!("INSERT INTO bundles VALUES (?1, 'acme', 'stable', '1.0.0', 1, 'c', 'e', '{{}}', 'o', 'r'{extra_value})"),
+                    [&digest],
+                )
+                .unwrap();
+            }
+            let digest = Digest::parse(&digest).unwrap();
+            // Read-only beside an agent that has not upgraded it yet.
+            let before = Store::open_read_only(dir.path()).unwrap().unwrap();
+            assert!(
+                before
+                    .release(&digest)
+                    .unwrap()
+                    .unwrap()
+                    .built_from
+                    .is_empty()
+            );
+            drop(before);
+            for _ in 0..2 {
+                let store = Store::open(dir.path()).unwrap();
+                let release = store.release(&digest).unwrap().unwrap();
+                assert_eq!(release.version, "1.0.0");
+                assert_eq!(release.irreversible.len(), version - 1, "v{version}");
+                assert!(release.built_from.is_empty());
+                assert!(store.irreversible_snapshots(&digest).unwrap().is_empty() || version == 2);
+                let now: i64 = store
+                    .with(|c| Ok(c.pragma_query_value(None, "user_version", |r| r.get(0))?))
+                    .unwrap();
+                assert_eq!(now, 3);
+            }
         }
     }
 }

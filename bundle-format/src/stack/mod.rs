@@ -9,6 +9,7 @@ pub use file::{
     PublicEndpoint, ResourceEntry, StackFile,
 };
 pub use source::{SourceBuild, check_before_build};
+pub(crate) use source::{is_platform, is_stage_name, relative_path};
 
 use crate::image_ref::ImageRef;
 use crate::quantity::ByteQuantity;
@@ -228,7 +229,7 @@ fn err(location: impl Into<String>, message: impl Into<String>) -> StackError {
 }
 
 /// `[A-Za-z_][A-Za-z0-9_]*`: an environment variable's (or build argument's) name.
-fn is_environment_name(name: &str) -> bool {
+pub(crate) fn is_environment_name(name: &str) -> bool {
     name.bytes()
         .next()
         .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')

@@ -103,10 +103,10 @@ fn check_source(at: &Location, resource: &str, code: &Code) -> Result<SourceBuil
                 "a build argument's name must match [A-Za-z_][A-Za-z0-9_]*",
             ));
         }
-        if value.contains('\0') {
+        if value.chars().any(char::is_control) {
             return Err(err(
                 at.field(format_args!("code.args.{name}")),
-                "must not contain a NUL character",
+                "must not contain control characters (newlines, tabs, NUL)",
             ));
         }
     }
@@ -140,7 +140,7 @@ fn check_source(at: &Location, resource: &str, code: &Code) -> Result<SourceBuil
 
 /// A relative path that stays below its base: no leading `/`, no `..`; `.` and empty components
 /// dropped.
-fn relative_path(at: &str, text: &str) -> Result<String, StackError> {
+pub(crate) fn relative_path(at: &str, text: &str) -> Result<String, StackError> {
     if text.is_empty() || text.len() > 4096 || text.contains('\0') {
         return Err(err(at, "must be a relative path (1-4096 bytes, no NUL)"));
     }
@@ -170,7 +170,7 @@ fn relative_path(at: &str, text: &str) -> Result<String, StackError> {
     })
 }
 
-fn is_stage_name(name: &str) -> bool {
+pub(crate) fn is_stage_name(name: &str) -> bool {
     let bytes = name.as_bytes();
     !bytes.is_empty()
         && bytes.len() <= 128
@@ -181,7 +181,7 @@ fn is_stage_name(name: &str) -> bool {
 }
 
 /// `os/arch` or `os/arch/variant`, each part lowercase letters, digits or `_`.
-fn is_platform(text: &str) -> bool {
+pub(crate) fn is_platform(text: &str) -> bool {
     let parts: Vec<&str> = text.split('/').collect();
     (2..=3).contains(&parts.len())
         && parts.iter().all(|p| {
