@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Agent benchmarks, one command: builds the release binaries, then runs tests/benches/agent.rs.
 #   tests/bench.sh            # all: dir, oci, idle (idle takes OUTPOST_BENCH_IDLE_SECS, default 600), rollout, snapshot
-#   tests/bench.sh dir|oci|idle|rollout   (rollout: OUTPOST_BENCH_REPLICAS containers, default 50)
+#   tests/bench.sh dir|oci|idle|rollout   (rollout: OUTPOST_BENCH_REPLICAS containers, default 50,
+#                                         # beside docker-compose up -d of the same containers)
 #   tests/bench.sh snapshot               # downtime a snapshot adds to a stateful replace (100 MiB, 1 GiB)
 #   tests/bench.sh vm                     # VM pools on moto: 20 replicas on 5 machines, idle cloud calls, RSS
 #   tests/bench.sh amplification          # hostile layouts: time and peak RSS at two sizes
@@ -19,6 +20,10 @@ if [ "${1:-}" = interrupts ]; then
     OUTPOST_INTERRUPT_ROUNDS="${OUTPOST_INTERRUPT_ROUNDS:-30}" exec cargo test --locked \
         --workspace --test runtime_docker --test agent_kubernetes -- --test-threads 1 \
         during_rollouts
+fi
+if [ -z "${1:-}" ] || [ "${1:-}" = rollout ]; then
+    # The rollout bench compares with Debian's docker-compose 1.29 on the same engine.
+    command -v docker-compose >/dev/null || apt-get install -y -qq docker-compose >/dev/null
 fi
 cargo build --release --locked -p outpost-agent -p outpost-signer
 cargo bench --locked -p outpost-tests --bench agent -- "${1:-}"

@@ -233,6 +233,12 @@ fn drop_release(drop: &std::path::Path, container: serde_json::Value, sequence: 
     );
 }
 
+/// The busybox web server of the rollout bench: /healthz answers once it runs.
+const BENCH_WEB: &str =
+    r#"trap 'exit 0' TERM; mkdir -p /www; echo ok > /www/healthz; httpd -f -p 8080 -h /www & wait"#;
+
+/// The agent's first install and rolling update of `replicas` containers, then the same
+/// containers under `docker-compose` on the same engine, and the ratios.
 fn rollout() {
     use outpost_tests::engine::{Kind, TestEngine, demo_image};
     let replicas: u32 = std::env::var("OUTPOST_BENCH_REPLICAS")
@@ -242,13 +248,14 @@ fn rollout() {
     let engine = TestEngine::start(Kind::Docker);
     let registry = TestRegistry::start(None);
     let images = [demo_image(&registry, "one"), demo_image(&registry, "two")];
+    let compose = compose_rollout(&engine, &images, replicas);
     let drop = tempfile::tempdir().unwrap();
     let agent = AgentProcess::start(
         &format!("source:\n  dir:\n    path: {}\n", drop.path().display()),
         &engine.agent_config(&[("web", outpost_tests::free_port())]),
     );
     let pid = agent.pid().unwrap();
-    let web = r#"trap 'exit 0' TERM; echo ok > /www/healthz; httpd -f -p 8080 -h /www & wait"#;
+    let mut figures = Vec::new();
     for (sequence, image) in [(1u64, &images[0]), (2, &images[1])] {
         let start = Instant::now();
         drop_release(
@@ -258,22 +265,126 @@ fn rollout() {
                 "ports": [8080], "replicas": replicas,
                 "publicEndpoints": [{"name": "web", "port": 8080, "protocol": "http"}],
                 "healthCheck": {"path": "/healthz", "port": 8080},
-                "permissions": "execution", "command": ["sh", "-c", web]}),
+                "permissions": "execution", "command": ["sh", "-c", BENCH_WEB]}),
             sequence,
         );
         agent.wait_converged_within(900, sequence);
+        let took = start.elapsed().as_secs_f64();
         println!(
-            "{} {replicas} containers: {:.1} s wall, agent peak RSS {} KiB",
+            "agent: {} {replicas} containers: {took:.1} s, agent peak RSS {} KiB",
             if sequence == 1 {
                 "first install of"
             } else {
                 "rolling update of"
             },
-            start.elapsed().as_secs_f64(),
             status_kib(pid, "VmHWM:")
         );
+        figures.push(took);
     }
     assert_eq!(engine.containers().len(), replicas as usize);
+    if let Some((install, update)) = compose {
+        println!(
+            "ratios: install {:.2}x compose (goal <= 1.2), update {:.2}x compose (goal <= 1.5)",
+            figures[0] / install,
+            figures[1] / update
+        );
+    }
+}
+
+/// `docker-compose up -d` (Debian's 1.29) of the same containers with the same health check
+/// every 500 ms (the agent's probe interval), timed until every container is healthy; then the
+/// image changed and timed again. None when docker-compose is not installed.
+fn compose_rollout(
+    engine: &outpost_tests::engine::TestEngine,
+    images: &[String; 2],
+    replicas: u32,
+) -> Option<(f64, f64)> {
+    if std::process::Command::new("docker-compose")
+        .arg("version")
+        .output()
+        .is_err()
+    {
+        println!("compose: docker-compose is not installed (apt install docker-compose)");
+        return None;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("docker-compose.yml");
+    let compose = |arguments: &[&str]| {
+        let output = std::process::Command::new("docker-compose")
+            .env("DOCKER_HOST", format!("unix://{}", engine.socket.display()))
+            .arg("-f")
+            .arg(&file)
+            .args(["-p", "outpostbench"])
+            .args(arguments)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "docker-compose {arguments:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    let mut figures = Vec::new();
+    for (step, image) in images.iter().enumerate() {
+        std::fs::write(&file, compose_file(image, replicas, &engine.subnet)).unwrap();
+        let start = Instant::now();
+        compose(&["up", "-d"]);
+        let mut lowest = replicas;
+        loop {
+            let healthy = compose_healthy(engine, image);
+            lowest = lowest.min(healthy);
+            if healthy == replicas {
+                break;
+            }
+            assert!(start.elapsed() < Duration::from_secs(900), "compose never got healthy");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let took = start.elapsed().as_secs_f64();
+        println!(
+            "compose: {} {replicas} containers: {took:.1} s{}",
+            if step == 0 {
+                "up -d of"
+            } else {
+                "update of"
+            },
+            if step == 0 {
+                String::new()
+            } else {
+                format!(", fewest healthy on the new image during it: {lowest}")
+            }
+        );
+        figures.push(took);
+    }
+    // The images go too, so the agent pulls them as compose did.
+    compose(&["down", "--rmi", "all", "--timeout", "2"]);
+    Some((figures[0], figures[1]))
+}
+
+/// How many of the bench project's containers run `image` and are healthy.
+fn compose_healthy(engine: &outpost_tests::engine::TestEngine, image: &str) -> u32 {
+    let filters = "%7B%22label%22%3A%5B%22com.docker.compose.project%3Doutpostbench%22%5D%2C%22health%22%3A%5B%22healthy%22%5D%7D";
+    let list = engine.api("GET", &format!("/containers/json?filters={filters}"));
+    list.as_array()
+        .into_iter()
+        .flatten()
+        .filter(|c| c["Image"].as_str() == Some(image))
+        .count() as u32
+}
+
+/// The compose file for `replicas` services like the agent's replicas: same image, command,
+/// limits and an equivalent health check (busybox nc; its wget cannot resolve in this image).
+fn compose_file(image: &str, replicas: u32, subnet: &str) -> String {
+    let mut text = format!(
+        "version: \"2.4\"\nnetworks:\n  default:\n    ipam:\n      config: [{{subnet: \"{subnet}\"}}]\nservices:\n"
+    );
+    let check = "printf 'GET /healthz HTTP/1.0\\r\\n\\r\\n' | nc 127.0.0.1 8080 | grep -q ' 200 '";
+    for n in 0..replicas {
+        text.push_str(&format!(
+            "  web-{n}:\n    image: \"{image}\"\n    command: [\"sh\", \"-c\", {command:?}]\n    cpus: 0.05\n    mem_limit: 16m\n    stop_grace_period: 2s\n    healthcheck:\n      test: [\"CMD-SHELL\", {check:?}]\n      interval: 500ms\n      timeout: 1s\n      retries: 3\n",
+            command = BENCH_WEB,
+        ));
+    }
+    text
 }
 
 /// The longest time the stateful replica answered nothing during its update, with snapshots

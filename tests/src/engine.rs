@@ -161,7 +161,7 @@ impl TestEngine {
     pub fn agent_config(&self, publish: &[(&str, u16)]) -> String {
         let ports: Vec<String> = publish.iter().map(|(n, p)| format!("{n}: {p}")).collect();
         format!(
-            "runtime: docker\ndocker:\n  socket: {}\n  network: {{subnet: {}}}\n  publish: {{address: 127.0.0.1, ports: {{{}}}}}\n  stop_timeout_seconds: 2\nrollout:\n  progress_deadline_seconds: 40\n  grace_seconds: 1\n  drift_interval_seconds: 2\n",
+            "runtime: docker\ndocker:\n  socket: {}\n  network: {{subnet: {}}}\n  publish: {{address: 127.0.0.1, ports: {{{}}}}}\n  stop_timeout_seconds: 2\nrollout:\n  progress_deadline_seconds: 40\n  grace_seconds: 1\n  drift_interval_seconds: 2\n  max_surge: 100%\n",
             self.socket.display(),
             self.subnet,
             ports.join(", ")

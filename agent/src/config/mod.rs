@@ -2,11 +2,13 @@
 //! the user documentation; `outpost-agent config-schema` prints the JSON Schema generated from it.
 
 mod clock;
+mod rollout;
 mod runtime;
 mod vm;
 mod window;
 
 pub use clock::now;
+pub use rollout::{Budget, RolloutConfig};
 pub use runtime::*;
 pub use vm::*;
 pub use window::Window;
@@ -293,48 +295,6 @@ impl RuntimeKind {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct RolloutConfig {
-    /// How long one rollout step (a replica becoming healthy) may take before the rollout
-    /// fails and rolls back (default 300).
-    #[serde(default = "default_progress_deadline")]
-    pub progress_deadline_seconds: u64,
-    /// Without a healthCheck, a replica counts as healthy once it has run this long (default 5).
-    #[serde(default = "default_grace")]
-    pub grace_seconds: u64,
-    /// How often the runtime is observed and drift repaired (default 30).
-    #[serde(default = "default_drift_interval")]
-    pub drift_interval_seconds: u64,
-    /// The least time between two autoscaling changes of a resource (default 60).
-    #[serde(default = "default_cooldown")]
-    pub autoscale_cooldown_seconds: u64,
-}
-
-impl Default for RolloutConfig {
-    fn default() -> Self {
-        RolloutConfig {
-            progress_deadline_seconds: default_progress_deadline(),
-            grace_seconds: default_grace(),
-            drift_interval_seconds: default_drift_interval(),
-            autoscale_cooldown_seconds: default_cooldown(),
-        }
-    }
-}
-
-fn default_progress_deadline() -> u64 {
-    300
-}
-fn default_grace() -> u64 {
-    5
-}
-fn default_drift_interval() -> u64 {
-    30
-}
-fn default_cooldown() -> u64 {
-    60
-}
-
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsConfig {
@@ -595,21 +555,7 @@ impl Config {
                 }
             }
         }
-        for (what, value) in [
-            (
-                "rollout.progress_deadline_seconds",
-                self.rollout.progress_deadline_seconds,
-            ),
-            (
-                "rollout.drift_interval_seconds",
-                self.rollout.drift_interval_seconds,
-            ),
-        ] {
-            if value == 0 {
-                return Err(format!("{what} must be at least 1"));
-            }
-        }
-        Ok(())
+        self.rollout.check()
     }
 
     /// Where images carried in bundles are kept for the container engine.

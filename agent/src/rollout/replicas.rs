@@ -3,6 +3,7 @@
 //! the old replica goes, public endpoints forwarded by the agent, autoscaled by measured load.
 
 use super::snapshots::Snapshots;
+use super::steps::{self, Parallelism};
 use super::{Backend, Context, Repair, RolloutError, event, journaled};
 use crate::config::{DockerConfig, Grant, Permissions, RolloutConfig};
 use crate::forward::{Forwarder, Upstream};
@@ -52,6 +53,9 @@ pub struct Replicas<R: Runtime> {
     settings: Settings,
     runtime: R,
     forwarder: Forwarder,
+    /// Held from observing to routing, so that with steps in parallel a later observation is
+    /// never overwritten by an earlier one.
+    routing: tokio::sync::Mutex<()>,
     /// The autoscaler's choice per resource.
     scale: Autoscaler,
 }
@@ -110,41 +114,52 @@ impl<R: Runtime> Replicas<R> {
                     .desired = Some(u64::from(resource.replicas));
             }
         });
-        let mut taken = Vec::new();
+        self.prefetch(&plan.actions, &specs).await;
         // Like a Deployment's progressDeadlineSeconds: each step must make progress in time,
         // however many replicas the resource has.
         let deadline = Duration::from_secs(self.rollout().progress_deadline_seconds);
-        let mut latest = None;
-        for action in &plan.actions {
-            let resource = action.replica().resource.clone();
-            let until = Instant::now() + deadline;
-            let described = describe(action, &stack.name);
-            self.view().resource_step(&resource, &described);
-            let outcome = journaled(
-                &self.context,
-                "replicas",
-                &digest,
-                &described,
-                self.carry_out(action, stack, &specs, &instances, until),
-            )
-            .await;
-            latest = self.refresh_routes(stack).await;
-            match outcome {
-                Ok(()) => {
-                    self.view()
-                        .resource_step(&resource, &format!("{described}: done"));
-                    taken.push(Repair {
-                        resource,
-                        what: described,
-                    });
-                }
-                Err(e) => {
-                    self.view()
-                        .resource_step(&resource, &format!("{described}: failed: {e}"));
-                    return Err(e);
-                }
+        let step = |_, action: &Action| {
+            let (specs, instances) = (&specs, &instances);
+            async move {
+                let resource = &action.replica().resource;
+                let until = Instant::now() + deadline;
+                let described = describe(action, &stack.name);
+                self.view().resource_step(resource, &described);
+                let outcome = journaled(
+                    &self.context,
+                    "replicas",
+                    &digest,
+                    &described,
+                    self.carry_out(action, stack, specs, instances, until),
+                )
+                .await;
+                self.refresh_routes(stack).await;
+                let result = match &outcome {
+                    Ok(()) => format!("{described}: done"),
+                    Err(e) => format!("{described}: failed: {e}"),
+                };
+                self.view().resource_step(resource, &result);
+                outcome
             }
+        };
+        let parallelism = Parallelism::of(self.rollout());
+        let outcome = steps::carry_out(&plan.actions, &desired, &parallelism, step).await;
+        if let Some(e) = outcome.error {
+            return Err(e);
         }
+        let taken: Vec<Repair> = outcome
+            .done
+            .iter()
+            .map(|&i| Repair {
+                resource: plan.actions[i].replica().resource.clone(),
+                what: describe(&plan.actions[i], &stack.name),
+            })
+            .collect();
+        let latest = if plan.actions.is_empty() {
+            None
+        } else {
+            self.refresh_routes(stack).await
+        };
         if fresh {
             self.settings.snapshots.prune(&self.context);
         }
@@ -161,12 +176,35 @@ impl<R: Runtime> Replicas<R> {
         Ok(taken)
     }
 
+    /// Fetches the images the plan's new replicas need, all at once, before the first step
+    /// waits for one. Best effort: a step that still lacks its image fetches it and reports.
+    async fn prefetch(&self, actions: &[Action], specs: &Specs<'_>) {
+        let mut images = Vec::new();
+        for action in actions {
+            if let Action::Create { replica, .. } | Action::Replace { replica, .. } = action
+                && let Ok(container) = specs.container(replica)
+                && !images.contains(&container.image)
+            {
+                images.push(container.image.clone());
+            }
+        }
+        if images.is_empty() {
+            return;
+        }
+        let view = self.view();
+        let notes = |note: String| view.update(|s| s.note = Some(note));
+        if let Err(e) = self.runtime.prefetch(&images, &notes).await {
+            tracing::warn!("fetching images ahead of the rollout: {e}");
+        }
+    }
+
     pub fn new(context: Context, settings: Settings, runtime: R) -> Replicas<R> {
         Replicas {
             context,
             settings,
             runtime,
             forwarder: Forwarder::default(),
+            routing: tokio::sync::Mutex::new(()),
             scale: Default::default(),
         }
     }
@@ -424,6 +462,7 @@ impl<R: Runtime> Replicas<R> {
 
     /// Observes the stack and points its endpoints at what runs; returns what it saw.
     async fn refresh_routes(&self, stack: &Stack) -> Option<Vec<Instance>> {
+        let _routing = self.routing.lock().await;
         let instances = self.runtime.observe(&stack.name).await.ok()?;
         self.route(stack, &instances).await;
         Some(instances)

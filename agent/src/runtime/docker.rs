@@ -61,10 +61,12 @@ impl DockerRuntime {
         if let Some(subnet) = &self.config.network.subnet {
             body["IPAM"] = json!({"Config": [{"Subnet": subnet}]});
         }
-        self.engine
-            .create_network(&body)
-            .await
-            .map_err(|e| RuntimeError::during(format!("creating network {name}"), e))
+        match self.engine.create_network(&body).await {
+            Ok(()) => Ok(()),
+            // Replicas created in parallel race to make it: the loser finds it made.
+            Err(_) if self.engine.inspect_network(&name).await?.is_some() => Ok(()),
+            Err(e) => Err(RuntimeError::during(format!("creating network {name}"), e)),
+        }
     }
 
     /// Makes `image` present: loaded from the bundle that carried it, else pulled by digest.
@@ -318,6 +320,12 @@ fn label<'a>(item: &'a Value, key: &str) -> Option<&'a str> {
 }
 
 impl Runtime for DockerRuntime {
+    async fn prefetch(&self, images: &[ImageRef], notes: Notes<'_>) -> RuntimeResult<()> {
+        futures_util::future::try_join_all(images.iter().map(|i| self.ensure_image(i, notes)))
+            .await
+            .map(drop)
+    }
+
     async fn observe(&self, stack: &str) -> RuntimeResult<Vec<Instance>> {
         let items = self
             .engine

@@ -161,6 +161,16 @@ pub trait Runtime: Send + Sync {
 
     async fn apply(&self, step: Step<'_>, notes: Notes<'_>) -> RuntimeResult<()>;
 
+    /// Makes `images` present ahead of the replicas that need them, fetched together.
+    async fn prefetch(
+        &self,
+        images: &[outpost_bundle_format::image_ref::ImageRef],
+        notes: Notes<'_>,
+    ) -> RuntimeResult<()> {
+        let _ = (images, notes);
+        Ok(())
+    }
+
     /// One health observation: the HTTP check when the resource has one, else whether it runs.
     async fn probe(
         &self,

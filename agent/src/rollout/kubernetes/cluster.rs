@@ -1,6 +1,7 @@
 //! The Kubernetes runtime: a release as objects in the customer's one namespace. The cluster
 //! runs the replicas; the agent server-side-applies what `render` maps the release to (field
-//! manager `outpost`), waits for each workload's rollout status in `links` order, prunes the
+//! manager `outpost`), waits for the workloads' rollout status (resources together, each after
+//! the resources it links), prunes the
 //! objects it owns and no longer wants, and on a converged release repairs drift found by a
 //! server-side dry-run apply.
 //!
@@ -234,8 +235,9 @@ impl Cluster {
             .map_err(|e| kube_error(format!("applying {}", object.id()), e))
     }
 
-    /// A rollout: each resource's objects in `links` order, its workload rolled out before the
-    /// next resource starts; then what is no longer wanted is pruned.
+    /// A rollout: each resource's objects applied and its workload rolled out, resources at
+    /// once unless one links another (then after it, as `links` order says); then what is no
+    /// longer wanted is pruned.
     async fn roll_out(
         &self,
         release: &Release,
@@ -244,14 +246,32 @@ impl Cluster {
     ) -> Result<(), RolloutError> {
         let deadline = Duration::from_secs(self.context.rollout.progress_deadline_seconds);
         self.drop_stale_restores(objects)?;
-        let mut index = 0;
-        while index < objects.len() {
-            let resource = objects[index].resource;
-            let group: Vec<&Admitted> = objects[index..]
-                .iter()
-                .take_while(|o| o.resource == resource)
-                .collect();
-            index += group.len();
+        let mut groups: Vec<Vec<&Admitted>> = Vec::new();
+        for object in objects {
+            match groups.last_mut() {
+                Some(group) if group[0].resource == object.resource => group.push(object),
+                _ => groups.push(vec![object]),
+            }
+        }
+        let waits: Vec<Vec<usize>> = groups
+            .iter()
+            .map(|group| {
+                let links = stack
+                    .resource(group[0].resource)
+                    .map(|r| r.container.links.as_slice())
+                    .unwrap_or_default();
+                groups
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, other)| links.iter().any(|l| l == other[0].resource))
+                    .map(|(position, _)| position)
+                    .collect()
+            })
+            .collect();
+        let groups = &groups;
+        super::super::steps::after_links(&waits, |position| async move {
+            let group = &groups[position];
+            let resource = group[0].resource;
             let step = format!(
                 "apply {}",
                 group.iter().map(|o| o.id()).collect::<Vec<_>>().join(", ")
@@ -262,7 +282,7 @@ impl Cluster {
                 "kubernetes",
                 &release.digest,
                 &step,
-                self.apply_and_wait(release, stack, &group, deadline),
+                self.apply_and_wait(release, stack, group, deadline),
             )
             .await;
             match &outcome {
@@ -273,8 +293,9 @@ impl Cluster {
                     .view()
                     .resource_step(resource, &format!("{step}: failed: {e}")),
             }
-            outcome?;
-        }
+            outcome.map(drop)
+        })
+        .await?;
         // The release runs; what could not be pruned is retried by the next drift pass.
         if let Err(e) = self.prune(release, objects).await {
             event(
