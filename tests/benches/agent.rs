@@ -336,17 +336,16 @@ fn compose_rollout(
             if healthy == replicas {
                 break;
             }
-            assert!(start.elapsed() < Duration::from_secs(900), "compose never got healthy");
+            assert!(
+                start.elapsed() < Duration::from_secs(900),
+                "compose never got healthy"
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
         let took = start.elapsed().as_secs_f64();
         println!(
             "compose: {} {replicas} containers: {took:.1} s{}",
-            if step == 0 {
-                "up -d of"
-            } else {
-                "update of"
-            },
+            if step == 0 { "up -d of" } else { "update of" },
             if step == 0 {
                 String::new()
             } else {

@@ -57,7 +57,10 @@ impl RolloutConfig {
                 "rollout.progress_deadline_seconds",
                 self.progress_deadline_seconds,
             ),
-            ("rollout.drift_interval_seconds", self.drift_interval_seconds),
+            (
+                "rollout.drift_interval_seconds",
+                self.drift_interval_seconds,
+            ),
             ("rollout.max_parallel", u64::from(self.max_parallel)),
         ] {
             if value == 0 {
@@ -158,12 +161,24 @@ mod tests {
         assert_eq!(Budget::Percent("100%".into()).of(7, false), 7);
         for (bad, expected) in [
             (Budget::Count(0), "must be at least 1"),
-            (Budget::Percent("0%".into()), "neither a count nor a percentage"),
-            (Budget::Percent("25".into()), "neither a count nor a percentage"),
-            (Budget::Percent("101%".into()), "neither a count nor a percentage"),
+            (
+                Budget::Percent("0%".into()),
+                "neither a count nor a percentage",
+            ),
+            (
+                Budget::Percent("25".into()),
+                "neither a count nor a percentage",
+            ),
+            (
+                Budget::Percent("101%".into()),
+                "neither a count nor a percentage",
+            ),
         ] {
             let error = bad.check("rollout.max_surge").unwrap_err();
-            assert!(error.starts_with("rollout.max_surge") && error.contains(expected), "{error}");
+            assert!(
+                error.starts_with("rollout.max_surge") && error.contains(expected),
+                "{error}"
+            );
         }
     }
 }

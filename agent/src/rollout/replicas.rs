@@ -118,9 +118,13 @@ impl<R: Runtime> Replicas<R> {
         // Like a Deployment's progressDeadlineSeconds: each step must make progress in time,
         // however many replicas the resource has.
         let deadline = Duration::from_secs(self.rollout().progress_deadline_seconds);
-        let step = |_, action: &Action| {
-            let (specs, instances) = (&specs, &instances);
-            async move {
+        let parallelism = Parallelism::of(self.rollout());
+        let (specs, instances) = (&specs, &instances);
+        let outcome = steps::carry_out(
+            &plan.actions,
+            &desired,
+            &parallelism,
+            |_, action| async move {
                 let resource = &action.replica().resource;
                 let until = Instant::now() + deadline;
                 let described = describe(action, &stack.name);
@@ -140,10 +144,9 @@ impl<R: Runtime> Replicas<R> {
                 };
                 self.view().resource_step(resource, &result);
                 outcome
-            }
-        };
-        let parallelism = Parallelism::of(self.rollout());
-        let outcome = steps::carry_out(&plan.actions, &desired, &parallelism, step).await;
+            },
+        )
+        .await;
         if let Some(e) = outcome.error {
             return Err(e);
         }
@@ -155,20 +158,15 @@ impl<R: Runtime> Replicas<R> {
                 what: describe(&plan.actions[i], &stack.name),
             })
             .collect();
-        let latest = if plan.actions.is_empty() {
-            None
-        } else {
-            self.refresh_routes(stack).await
-        };
         if fresh {
             self.settings.snapshots.prune(&self.context);
         }
-        // What the last step saw, or (nothing done) what the pass began with.
+        // What runs after the steps, or (nothing done) what the pass began with.
         let seen = if plan.actions.is_empty() {
-            self.route(stack, &instances).await;
-            Some(instances)
+            self.route(stack, instances).await;
+            Some(instances.clone())
         } else {
-            latest
+            self.refresh_routes(stack).await
         };
         if let Some(seen) = seen {
             self.show_resources(stack, &seen).await;

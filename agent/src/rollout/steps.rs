@@ -176,19 +176,24 @@ where
     let failed = AtomicBool::new(false);
     let first: Mutex<Option<E>> = Mutex::new(None);
     let (finished, failed, first, work) = (&finished, &failed, &first, &work);
-    futures_util::future::join_all(waits_for.iter().enumerate().map(|(unit, waits)| async move {
-        for &before in waits.iter().filter(|&&b| b < unit) {
-            // The senders live as long as this call: waiting cannot fail.
-            let _ = finished[before].subscribe().wait_for(|done| *done).await;
-        }
-        if !failed.load(Ordering::SeqCst)
-            && let Err(e) = work(unit).await
-        {
-            failed.store(true, Ordering::SeqCst);
-            lock(first).get_or_insert(e);
-        }
-        finished[unit].send_replace(true);
-    }))
+    futures_util::future::join_all(
+        waits_for
+            .iter()
+            .enumerate()
+            .map(|(unit, waits)| async move {
+                for &before in waits.iter().filter(|&&b| b < unit) {
+                    // The senders live as long as this call: waiting cannot fail.
+                    let _ = finished[before].subscribe().wait_for(|done| *done).await;
+                }
+                if !failed.load(Ordering::SeqCst)
+                    && let Err(e) = work(unit).await
+                {
+                    failed.store(true, Ordering::SeqCst);
+                    lock(first).get_or_insert(e);
+                }
+                finished[unit].send_replace(true);
+            }),
+    )
     .await;
     match lock(first).take() {
         Some(e) => Err(e),
@@ -197,7 +202,9 @@ where
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Carries out `actions` (a plan for `desired`) through `step`, as parallel as `parallelism`
@@ -300,13 +307,18 @@ resources:
         let desired = Desired::new(&stack, Digest::of(b"r"), &BTreeMap::new());
         let trace = Arc::new(Trace::default());
         let start = tokio::time::Instant::now();
-        let outcome = carry_out(&actions, &desired, &Parallelism::of(&RolloutConfig::default()), |_, action| {
-            let trace = trace.clone();
-            async move {
-                traced(&trace, action, start).await;
-                Ok(())
-            }
-        })
+        let outcome = carry_out(
+            &actions,
+            &desired,
+            &Parallelism::of(&RolloutConfig::default()),
+            |_, action| {
+                let trace = trace.clone();
+                async move {
+                    traced(&trace, action, start).await;
+                    Ok(())
+                }
+            },
+        )
         .await;
         assert!(outcome.error.is_none());
         assert_eq!(outcome.done, (0..actions.len()).collect::<Vec<_>>());
@@ -350,13 +362,18 @@ resources:
             max_parallel: 3,
             ..RolloutConfig::default()
         };
-        let outcome = carry_out(&actions, &desired, &Parallelism::of(&config), |_, action| {
-            let trace = trace.clone();
-            async move {
-                traced(&trace, action, start).await;
-                Ok(())
-            }
-        })
+        let outcome = carry_out(
+            &actions,
+            &desired,
+            &Parallelism::of(&config),
+            |_, action| {
+                let trace = trace.clone();
+                async move {
+                    traced(&trace, action, start).await;
+                    Ok(())
+                }
+            },
+        )
         .await;
         assert!(outcome.error.is_none());
         let spans = lock(&trace.spans).clone();
@@ -369,8 +386,14 @@ resources:
                 .map(|(_, span)| *span)
                 .collect();
             for &(began, _) in &mine {
-                let overlapping = mine.iter().filter(|(b, e)| *b <= began && began < *e).count();
-                assert!(overlapping <= budget, "{resource}: {overlapping} at {began}: {mine:?}");
+                let overlapping = mine
+                    .iter()
+                    .filter(|(b, e)| *b <= began && began < *e)
+                    .count();
+                assert!(
+                    overlapping <= budget,
+                    "{resource}: {overlapping} at {began}: {mine:?}"
+                );
             }
         }
         assert!(lock(&trace.in_flight).1 <= 3);
@@ -381,22 +404,38 @@ resources:
         let (stack, actions) = setup(STACK, vec![]);
         let desired = Desired::new(&stack, Digest::of(b"r"), &BTreeMap::new());
         let started = Arc::new(Mutex::new(Vec::new()));
-        let outcome = carry_out(&actions, &desired, &Parallelism::of(&RolloutConfig::default()), |index, action| {
-            let started = started.clone();
-            async move {
-                lock(&started).push(index);
-                tokio::time::sleep(Duration::from_millis(10 * (1 + u64::from(action.replica().ordinal)))).await;
-                if action.replica() == &ReplicaId::new("db", 0) {
-                    return Err(RolloutError::new("db-0 never became healthy"));
+        let outcome = carry_out(
+            &actions,
+            &desired,
+            &Parallelism::of(&RolloutConfig::default()),
+            |index, action| {
+                let started = started.clone();
+                async move {
+                    lock(&started).push(index);
+                    tokio::time::sleep(Duration::from_millis(
+                        10 * (1 + u64::from(action.replica().ordinal)),
+                    ))
+                    .await;
+                    if action.replica() == &ReplicaId::new("db", 0) {
+                        return Err(RolloutError::new("db-0 never became healthy"));
+                    }
+                    Ok(())
                 }
-                Ok(())
-            }
-        })
+            },
+        )
         .await;
-        assert_eq!(outcome.error.unwrap().to_string(), "db-0 never became healthy");
+        assert_eq!(
+            outcome.error.unwrap().to_string(),
+            "db-0 never became healthy"
+        );
         let started = lock(&started).clone();
         // db and cache were in flight together and finished; web, which links db, never began.
-        assert!(started.iter().all(|&i| actions[i].replica().resource != "web"), "{started:?}");
+        assert!(
+            started
+                .iter()
+                .all(|&i| actions[i].replica().resource != "web"),
+            "{started:?}"
+        );
         assert_eq!(outcome.done.len(), started.len() - 1);
     }
 
