@@ -331,9 +331,9 @@ fn compose_rollout(
         compose(&["up", "-d"]);
         let mut lowest = replicas;
         loop {
-            let healthy = compose_healthy(engine, image);
+            let (healthy, on_image) = compose_healthy(engine, image);
             lowest = lowest.min(healthy);
-            if healthy == replicas {
+            if on_image == replicas {
                 break;
             }
             assert!(
@@ -349,25 +349,29 @@ fn compose_rollout(
             if step == 0 {
                 String::new()
             } else {
-                format!(", fewest healthy on the new image during it: {lowest}")
+                format!(", fewest healthy containers during it: {lowest}")
             }
         );
         figures.push(took);
     }
+    compose(&["down", "--timeout", "2"]);
     // The images go too, so the agent pulls them as compose did.
-    compose(&["down", "--rmi", "all", "--timeout", "2"]);
+    for image in images {
+        engine.api("DELETE", &format!("/images/{image}?force=true"));
+    }
     Some((figures[0], figures[1]))
 }
 
-/// How many of the bench project's containers run `image` and are healthy.
-fn compose_healthy(engine: &outpost_tests::engine::TestEngine, image: &str) -> u32 {
+/// How many of the bench project's containers are healthy, and how many of those run `image`.
+fn compose_healthy(engine: &outpost_tests::engine::TestEngine, image: &str) -> (u32, u32) {
     let filters = "%7B%22label%22%3A%5B%22com.docker.compose.project%3Doutpostbench%22%5D%2C%22health%22%3A%5B%22healthy%22%5D%7D";
     let list = engine.api("GET", &format!("/containers/json?filters={filters}"));
-    list.as_array()
-        .into_iter()
-        .flatten()
+    let healthy: Vec<&serde_json::Value> = list.as_array().into_iter().flatten().collect();
+    let on_image = healthy
+        .iter()
         .filter(|c| c["Image"].as_str() == Some(image))
-        .count() as u32
+        .count();
+    (healthy.len() as u32, on_image as u32)
 }
 
 /// The compose file for `replicas` services like the agent's replicas: same image, command,

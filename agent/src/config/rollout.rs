@@ -22,17 +22,27 @@ pub struct RolloutConfig {
     /// Steps in flight at once over the whole stack: replicas being created, replaced,
     /// started or removed, each with its health wait (default 16). It bounds the calls on the
     /// engine, so a small host is not flooded; 1 rolls one replica at a time.
-    #[serde(default = "default_max_parallel")]
+    // Left out at their defaults, so VM nodes of an older release still read assignments.
+    #[serde(
+        default = "default_max_parallel",
+        skip_serializing_if = "is_default_max_parallel"
+    )]
     pub max_parallel: u32,
     /// Replicas of a stateless resource replaced at once, each by a new replica that must be
     /// healthy before the old one goes (so the resource keeps serving): a count, or a
     /// percentage of its replicas rounded up (default `25%`); at least 1.
-    #[serde(default = "default_max_surge")]
+    #[serde(
+        default = "default_max_surge",
+        skip_serializing_if = "is_default_max_surge"
+    )]
     pub max_surge: Budget,
     /// Replicas of a stateful resource down at once while they are replaced (each is stopped
     /// before its successor starts on the same volume: never two copies of one ordinal): a
     /// count, or a percentage of its replicas rounded down (default 1); at least 1.
-    #[serde(default = "default_max_unavailable")]
+    #[serde(
+        default = "default_max_unavailable",
+        skip_serializing_if = "is_default_max_unavailable"
+    )]
     pub max_unavailable: Budget,
 }
 
@@ -138,6 +148,15 @@ fn default_cooldown() -> u64 {
 }
 fn default_max_parallel() -> u32 {
     16
+}
+fn is_default_max_parallel(value: &u32) -> bool {
+    *value == default_max_parallel()
+}
+fn is_default_max_surge(value: &Budget) -> bool {
+    *value == default_max_surge()
+}
+fn is_default_max_unavailable(value: &Budget) -> bool {
+    *value == default_max_unavailable()
 }
 fn default_max_surge() -> Budget {
     Budget::Percent("25%".into())

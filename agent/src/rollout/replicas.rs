@@ -46,6 +46,21 @@ impl Settings {
     }
 }
 
+/// A replica kept out of the routes while it proves healthy (see [`Replicas::until_proven`]).
+struct Proving<'a> {
+    set: &'a std::sync::Mutex<std::collections::BTreeSet<(ReplicaId, Slot)>>,
+    key: (ReplicaId, Slot),
+}
+
+impl Drop for Proving<'_> {
+    fn drop(&mut self) {
+        self.set
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .remove(&self.key);
+    }
+}
+
 /// Runs releases on a container engine: replicas planned by `plan.rs`, each step journaled,
 /// public endpoints forwarded by the agent.
 pub struct Replicas<R: Runtime> {
@@ -56,6 +71,9 @@ pub struct Replicas<R: Runtime> {
     /// Held from observing to routing, so that with steps in parallel a later observation is
     /// never overwritten by an earlier one.
     routing: tokio::sync::Mutex<()>,
+    /// Replicas created or started and not yet healthy: no traffic reaches them, whatever
+    /// other steps observe meanwhile.
+    unproven: std::sync::Mutex<std::collections::BTreeSet<(ReplicaId, Slot)>>,
     /// The autoscaler's choice per resource.
     scale: Autoscaler,
 }
@@ -196,6 +214,23 @@ impl<R: Runtime> Replicas<R> {
         }
     }
 
+    fn unproven(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeSet<(ReplicaId, Slot)>> {
+        self.unproven
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Keeps traffic away from `replica` in `slot` until the guard drops (it proved healthy,
+    /// or failed and is gone).
+    fn until_proven(&self, replica: &ReplicaId, slot: Slot) -> Proving<'_> {
+        let key = (replica.clone(), slot);
+        self.unproven().insert(key.clone());
+        Proving {
+            set: &self.unproven,
+            key,
+        }
+    }
+
     pub fn new(context: Context, settings: Settings, runtime: R) -> Replicas<R> {
         Replicas {
             context,
@@ -203,6 +238,7 @@ impl<R: Runtime> Replicas<R> {
             runtime,
             forwarder: Forwarder::default(),
             routing: tokio::sync::Mutex::new(()),
+            unproven: Default::default(),
             scale: Default::default(),
         }
     }
@@ -328,6 +364,7 @@ impl<R: Runtime> Replicas<R> {
                 self.create_primary(&spec, specs, until, &notes).await
             }
             Action::Start { replica } => {
+                let _proving = self.until_proven(replica, Slot::Primary);
                 self.runtime
                     .apply(
                         Step::Start {
@@ -381,6 +418,7 @@ impl<R: Runtime> Replicas<R> {
         until: Instant,
         notes: crate::runtime::Notes<'_>,
     ) -> Result<(), RolloutError> {
+        let _proving = self.until_proven(&spec.replica, slot);
         self.runtime
             .apply(Step::Create { spec, slot }, notes)
             .await?;
@@ -473,11 +511,13 @@ impl<R: Runtime> Replicas<R> {
         for resource in &stack.resources {
             for endpoint in &resource.container.public_endpoints {
                 let port = publish.port(&endpoint.name, endpoint.port);
+                let unproven = self.unproven();
                 let backends = instances
                     .iter()
                     .filter(|i| {
                         i.replica.id.resource == resource.container.name
                             && i.replica.state == ReplicaState::Running
+                            && !unproven.contains(&(i.replica.id.clone(), i.slot))
                     })
                     .filter_map(|i| i.addresses.get(&endpoint.port).copied())
                     .map(Upstream::Local)

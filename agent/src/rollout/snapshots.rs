@@ -179,7 +179,16 @@ impl Snapshots {
         if let Ok(entries) = std::fs::read_dir(&self.dir) {
             for entry in entries.flatten() {
                 let name = entry.file_name().to_string_lossy().into_owned();
-                if !named.contains(&name) {
+                // A dot-file is a snapshot still being written (steps run in parallel): only
+                // one an hour old is a crash's leftover.
+                let being_written = name.starts_with('.')
+                    && entry
+                        .metadata()
+                        .and_then(|m| m.modified())
+                        .ok()
+                        .and_then(|t| t.elapsed().ok())
+                        .is_none_or(|age| age < std::time::Duration::from_secs(3600));
+                if !named.contains(&name) && !being_written {
                     let _ = std::fs::remove_file(entry.path());
                 }
             }

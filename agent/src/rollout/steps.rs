@@ -56,8 +56,10 @@ struct Group {
     waits_for: Vec<usize>,
     /// Creates, starts and replaces, in plan order.
     updates: Vec<usize>,
-    /// Replaces in flight at once.
+    /// Replaces (and for a stateful resource creates and starts too, so ordinals come up in
+    /// order as a StatefulSet's do) in flight at once.
     budget: usize,
+    stateful: bool,
     removes: Vec<usize>,
 }
 
@@ -87,6 +89,7 @@ fn groups(actions: &[Action], desired: &Desired, parallelism: &Parallelism) -> V
             } else {
                 parallelism.surge.of(resource.replicas, true)
             },
+            stateful: resource.container.stateful,
             removes: Vec::new(),
         })
         .collect();
@@ -95,6 +98,7 @@ fn groups(actions: &[Action], desired: &Desired, parallelism: &Parallelism) -> V
         waits_for: (0..pruned).collect(),
         updates: Vec::new(),
         budget: 1,
+        stateful: false,
         removes: Vec::new(),
     });
     for (index, action) in actions.iter().enumerate() {
@@ -127,10 +131,11 @@ where
 {
     /// Runs action `index` once a permit (and, for a replace, one of `budget`) is free,
     /// unless a step failed meanwhile.
-    async fn run(&self, index: usize, budget: &Semaphore) {
+    async fn run(&self, index: usize, budget: &Semaphore, stateful: bool) {
         let action = &self.actions[index];
-        let _replacing = match action {
+        let _budgeted = match action {
             Action::Replace { .. } => budget.acquire().await.ok(),
+            Action::Create { .. } | Action::Start { .. } if stateful => budget.acquire().await.ok(),
             _ => None,
         };
         let Ok(_permit) = self.permits.acquire().await else {
@@ -151,10 +156,12 @@ where
     /// One resource's steps: updates within its budget, then removals.
     async fn group(&self, group: &Group) -> Result<(), ()> {
         let budget = Semaphore::new(group.budget);
-        futures_util::future::join_all(group.updates.iter().map(|&i| self.run(i, &budget))).await;
-        let unbounded = Semaphore::new(Semaphore::MAX_PERMITS);
-        futures_util::future::join_all(group.removes.iter().map(|&i| self.run(i, &unbounded)))
+        let updates = group.updates.iter();
+        futures_util::future::join_all(updates.map(|&i| self.run(i, &budget, group.stateful)))
             .await;
+        let unbounded = Semaphore::new(Semaphore::MAX_PERMITS);
+        let removes = group.removes.iter();
+        futures_util::future::join_all(removes.map(|&i| self.run(i, &unbounded, false))).await;
         if self.failed.load(Ordering::SeqCst) {
             Err(())
         } else {
@@ -324,16 +331,17 @@ resources:
         assert_eq!(outcome.done, (0..actions.len()).collect::<Vec<_>>());
         let spans = lock(&trace.spans).clone();
         let of = |r: &str, o: u32| spans[&ReplicaId::new(r, o)];
-        // db and cache (no links) start at once, every replica of both.
+        // db and cache (no links) start at once: every replica of the stateless cache, the
+        // stateful db one ordinal after the other (within max_unavailable, 1).
         for o in 0..3 {
-            assert_eq!(of("db", o).0, 0);
+            assert_eq!(of("db", o).0, 100 * u64::from(o), "{spans:?}");
         }
         for o in 0..4 {
             assert_eq!(of("cache", o).0, 0);
         }
         // web waits for both, then creates all eight together.
         for o in 0..8 {
-            assert_eq!(of("web", o).0, 100, "{spans:?}");
+            assert_eq!(of("web", o).0, 300, "{spans:?}");
         }
         assert_eq!(lock(&trace.in_flight).1, 8);
     }

@@ -32,6 +32,9 @@ pub struct DockerRuntime {
     config: DockerConfig,
     /// Images kept from air-gapped bundles (`carried::keep_bundled_images`).
     bundled_images: PathBuf,
+    /// Held while the stack's network is looked up and made: replicas created in parallel
+    /// would otherwise race, and an engine may make two networks of one name.
+    network: tokio::sync::Mutex<()>,
 }
 
 impl DockerRuntime {
@@ -40,6 +43,7 @@ impl DockerRuntime {
             engine: Engine::new(&config.socket),
             config: config.clone(),
             bundled_images: bundled_images.to_path_buf(),
+            network: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -49,6 +53,7 @@ impl DockerRuntime {
 
     async fn ensure_network(&self, stack: &str) -> RuntimeResult<()> {
         let name = Self::network_name(stack);
+        let _making = self.network.lock().await;
         if self.engine.inspect_network(&name).await?.is_some() {
             return Ok(());
         }
@@ -61,12 +66,10 @@ impl DockerRuntime {
         if let Some(subnet) = &self.config.network.subnet {
             body["IPAM"] = json!({"Config": [{"Subnet": subnet}]});
         }
-        match self.engine.create_network(&body).await {
-            Ok(()) => Ok(()),
-            // Replicas created in parallel race to make it: the loser finds it made.
-            Err(_) if self.engine.inspect_network(&name).await?.is_some() => Ok(()),
-            Err(e) => Err(RuntimeError::during(format!("creating network {name}"), e)),
-        }
+        self.engine
+            .create_network(&body)
+            .await
+            .map_err(|e| RuntimeError::during(format!("creating network {name}"), e))
     }
 
     /// Makes `image` present: loaded from the bundle that carried it, else pulled by digest.
@@ -321,9 +324,14 @@ fn label<'a>(item: &'a Value, key: &str) -> Option<&'a str> {
 
 impl Runtime for DockerRuntime {
     async fn prefetch(&self, images: &[ImageRef], notes: Notes<'_>) -> RuntimeResult<()> {
-        futures_util::future::try_join_all(images.iter().map(|i| self.ensure_image(i, notes)))
-            .await
-            .map(drop)
+        // Each image on its own: one failing does not stop the others.
+        let fetched =
+            futures_util::future::join_all(images.iter().map(|i| self.ensure_image(i, notes)))
+                .await;
+        fetched
+            .into_iter()
+            .find_map(Result::err)
+            .map_or(Ok(()), Err)
     }
 
     async fn observe(&self, stack: &str) -> RuntimeResult<Vec<Instance>> {
