@@ -86,7 +86,7 @@ resources:
                 "2036-01-01T00:00:00Z",
             ])
             .args(destination)
-            .args(["--plain-http", "--quiet"])
+            .arg("--quiet")
             .arg("--out")
             .arg(out))
     }
@@ -106,7 +106,7 @@ fn a_source_tree_builds_reproducibly_and_runs_on_dockerd() {
     let registry = TestRegistry::start(None);
     let base = demo_image(&registry, "base");
     let repository = format!("{}/acme/shop", registry.host());
-    let push = ["--image-repository", repository.as_str()];
+    let push = ["--image-repository", repository.as_str(), "--plain-http"];
     let vendor = Vendor::new(&base, "release one\n");
     let work = tempfile::tempdir().unwrap();
     let (first, again, second) = (
@@ -245,22 +245,7 @@ fn escaping_sources_failed_builds_and_missing_destinations_are_refused() {
     std::fs::write(outside.path().join("secret"), "s3cret").unwrap();
     let vendor = Vendor::new("scratch", "page\n");
     let out = vendor.path("out.tar");
-    let build = |extra: &[&str]| {
-        run(signer()
-            .arg("build")
-            .arg(vendor.path("stack.yaml"))
-            .args([
-                "--version",
-                "1.0.0",
-                "--sequence",
-                "1",
-                "--with-images",
-                "--quiet",
-            ])
-            .args(extra)
-            .arg("--out")
-            .arg(&out))
-    };
+    let build = || vendor.build(&["--with-images"], "1.0.0", 1, &out);
     // Where the image goes must be said before anything is built.
     run(signer()
         .arg("build")
@@ -274,7 +259,7 @@ fn escaping_sources_failed_builds_and_missing_destinations_are_refused() {
 
     // A link inside the tree that points out of the stack's directory.
     std::os::unix::fs::symlink(outside.path().join("secret"), vendor.path("api/www/leak")).unwrap();
-    build(&[]).fails(1, "is a symbolic link to");
+    build().fails(1, "is a symbolic link to");
     std::fs::remove_file(vendor.path("api/www/leak")).unwrap();
 
     // src itself reached through a link that leaves the tree.
@@ -285,7 +270,7 @@ fn escaping_sources_failed_builds_and_missing_destinations_are_refused() {
         stack.replace("src: ./api", "src: ./elsewhere"),
     )
     .unwrap();
-    build(&[]).fails(1, "outside the stack's directory");
+    build().fails(1, "outside the stack's directory");
     std::fs::write(vendor.path("stack.yaml"), &stack).unwrap();
 
     // A failing build names the resource and writes no bundle.
@@ -294,7 +279,7 @@ fn escaping_sources_failed_builds_and_missing_destinations_are_refused() {
         "FROM scratch\nRUN /no/such/program\n",
     )
     .unwrap();
-    let failed = build(&[]);
+    let failed = build();
     assert_eq!(failed.code, 1, "{}", failed.stderr);
     let last = failed.stderr.trim_end().lines().last().unwrap_or_default();
     assert!(
@@ -397,28 +382,7 @@ fn several_platforms_build_one_index_reproducibly() {
         ),
     )
     .unwrap();
-    let build = |out: &Path| {
-        run(signer()
-            .arg("build")
-            .arg(vendor.path("stack.yaml"))
-            .args([
-                "--version",
-                "1.0.0",
-                "--sequence",
-                "1",
-                "--with-images",
-                "--quiet",
-            ])
-            .args([
-                "--created",
-                "2026-11-01T00:00:00Z",
-                "--expires",
-                "2036-01-01T00:00:00Z",
-            ])
-            .arg("--out")
-            .arg(out))
-        .ok()
-    };
+    let build = |out: &Path| vendor.build(&["--with-images"], "1.0.0", 1, out).ok();
     let (first, again) = (vendor.path("first.tar"), vendor.path("again.tar"));
     build(&first);
     build(&again);

@@ -12,6 +12,7 @@ pub mod autoscale;
 pub mod kubernetes;
 pub mod replicas;
 pub mod snapshots;
+pub mod specs;
 pub mod steps;
 pub mod vm;
 

@@ -281,24 +281,43 @@ resources:
     container: {name: web, code: {image: "r.example/web@sha256:cccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccc"}, cpu: 1, memory: 1Gi, ports: [80], replicas: 8, links: [db, cache], permissions: none}
 "#;
 
-    /// Records, per step, when it started and ended (in ticks of a paused clock).
-    #[derive(Default)]
+    /// Per step, when it started and ended (ms of a paused clock); the most steps in flight.
     struct Trace {
-        spans: Mutex<BTreeMap<ReplicaId, (u64, u64)>>,
-        in_flight: Mutex<(usize, usize)>,
+        spans: BTreeMap<ReplicaId, (u64, u64)>,
+        most_in_flight: usize,
     }
 
-    async fn traced(trace: &Trace, action: &Action, start: tokio::time::Instant) {
-        let at = |_: ()| start.elapsed().as_millis() as u64;
-        {
-            let mut flight = lock(&trace.in_flight);
-            flight.0 += 1;
-            flight.1 = flight.1.max(flight.0);
+    /// Carries out `actions`, each step taking 100 ms, and traces them.
+    async fn traced(actions: &[Action], desired: &Desired<'_>, rollout: &RolloutConfig) -> Trace {
+        let spans = Mutex::new(BTreeMap::new());
+        let in_flight = Mutex::new((0usize, 0usize));
+        let start = tokio::time::Instant::now();
+        let (spans_ref, flight_ref) = (&spans, &in_flight);
+        let outcome = carry_out(
+            actions,
+            desired,
+            &Parallelism::of(rollout),
+            |_, action| async move {
+                {
+                    let mut flight = lock(flight_ref);
+                    flight.0 += 1;
+                    flight.1 = flight.1.max(flight.0);
+                }
+                let began = start.elapsed().as_millis() as u64;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                lock(flight_ref).0 -= 1;
+                let ended = start.elapsed().as_millis() as u64;
+                lock(spans_ref).insert(action.replica().clone(), (began, ended));
+                Ok(())
+            },
+        )
+        .await;
+        assert!(outcome.error.is_none());
+        assert_eq!(outcome.done, (0..actions.len()).collect::<Vec<_>>());
+        Trace {
+            spans: spans.into_inner().unwrap(),
+            most_in_flight: in_flight.into_inner().unwrap().1,
         }
-        let began = at(());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        lock(&trace.in_flight).0 -= 1;
-        lock(&trace.spans).insert(action.replica().clone(), (began, at(())));
     }
 
     fn setup(text: &str, observed: Vec<crate::plan::ObservedReplica>) -> (Stack, Vec<Action>) {
@@ -312,24 +331,8 @@ resources:
     async fn independent_resources_start_together_and_linked_ones_wait() {
         let (stack, actions) = setup(STACK, vec![]);
         let desired = Desired::new(&stack, Digest::of(b"r"), &BTreeMap::new());
-        let trace = Arc::new(Trace::default());
-        let start = tokio::time::Instant::now();
-        let outcome = carry_out(
-            &actions,
-            &desired,
-            &Parallelism::of(&RolloutConfig::default()),
-            |_, action| {
-                let trace = trace.clone();
-                async move {
-                    traced(&trace, action, start).await;
-                    Ok(())
-                }
-            },
-        )
-        .await;
-        assert!(outcome.error.is_none());
-        assert_eq!(outcome.done, (0..actions.len()).collect::<Vec<_>>());
-        let spans = lock(&trace.spans).clone();
+        let trace = traced(&actions, &desired, &RolloutConfig::default()).await;
+        let spans = &trace.spans;
         let of = |r: &str, o: u32| spans[&ReplicaId::new(r, o)];
         // db and cache (no links) start at once: every replica of the stateless cache, the
         // stateful db one ordinal after the other (within max_unavailable, 1).
@@ -343,7 +346,7 @@ resources:
         for o in 0..8 {
             assert_eq!(of("web", o).0, 300, "{spans:?}");
         }
-        assert_eq!(lock(&trace.in_flight).1, 8);
+        assert_eq!(trace.most_in_flight, 8);
     }
 
     #[tokio::test(start_paused = true)]
@@ -364,27 +367,12 @@ resources:
             })
             .collect();
         let actions = plan(&desired, &observed, chrono::Utc::now()).actions;
-        let trace = Arc::new(Trace::default());
-        let start = tokio::time::Instant::now();
         let config = RolloutConfig {
             max_parallel: 3,
             ..RolloutConfig::default()
         };
-        let outcome = carry_out(
-            &actions,
-            &desired,
-            &Parallelism::of(&config),
-            |_, action| {
-                let trace = trace.clone();
-                async move {
-                    traced(&trace, action, start).await;
-                    Ok(())
-                }
-            },
-        )
-        .await;
-        assert!(outcome.error.is_none());
-        let spans = lock(&trace.spans).clone();
+        let trace = traced(&actions, &desired, &config).await;
+        let spans = &trace.spans;
         // At no instant more than the budget of one resource: db (stateful) one ordinal at a
         // time, cache 25% of 4 = 1, web 25% of 8 = 2; and never more than 3 steps in all.
         for (resource, budget) in [("db", 1), ("cache", 1), ("web", 2)] {
@@ -404,7 +392,7 @@ resources:
                 );
             }
         }
-        assert!(lock(&trace.in_flight).1 <= 3);
+        assert!(trace.most_in_flight <= 3);
     }
 
     #[tokio::test(start_paused = true)]
