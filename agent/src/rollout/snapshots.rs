@@ -23,6 +23,18 @@ use std::path::PathBuf;
 pub struct Snapshots {
     pub dir: PathBuf,
     pub config: SnapshotsConfig,
+    /// Snapshots being written now (steps run in parallel): while any is, files no record
+    /// names are not swept, since theirs is one.
+    writing: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// Counts one snapshot being written while it lives.
+struct Writing<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for Writing<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 impl Snapshots {
@@ -30,6 +42,7 @@ impl Snapshots {
         Snapshots {
             dir: config.state_dir.join("snapshots"),
             config: config.snapshots.clone(),
+            writing: Default::default(),
         }
     }
 
@@ -41,6 +54,7 @@ impl Snapshots {
                 keep: 0,
                 ..SnapshotsConfig::default()
             },
+            writing: Default::default(),
         }
     }
 
@@ -88,6 +102,9 @@ impl Snapshots {
             crate::config::now(),
         )?;
         let started = std::time::Instant::now();
+        self.writing
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let writing = Writing(&self.writing);
         let bytes = runtime
             .snapshot(
                 stack,
@@ -96,6 +113,7 @@ impl Snapshots {
                 self.config.max_bytes(),
             )
             .await?;
+        drop(writing);
         store.snapshot_taken(id, bytes, crate::config::now())?;
         event(
             store,
@@ -176,19 +194,13 @@ impl Snapshots {
             Ok(left) => left.into_iter().map(|s| s.location).collect(),
             Err(_) => return,
         };
+        if self.writing.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+            return;
+        }
         if let Ok(entries) = std::fs::read_dir(&self.dir) {
             for entry in entries.flatten() {
                 let name = entry.file_name().to_string_lossy().into_owned();
-                // A dot-file is a snapshot still being written (steps run in parallel): only
-                // one an hour old is a crash's leftover.
-                let being_written = name.starts_with('.')
-                    && entry
-                        .metadata()
-                        .and_then(|m| m.modified())
-                        .ok()
-                        .and_then(|t| t.elapsed().ok())
-                        .is_none_or(|age| age < std::time::Duration::from_secs(3600));
-                if !named.contains(&name) && !being_written {
+                if !named.contains(&name) {
                     let _ = std::fs::remove_file(entry.path());
                 }
             }
