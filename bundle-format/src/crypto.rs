@@ -42,6 +42,18 @@ impl Sha256 {
     }
 }
 
+/// Hashing as a sink: `io::copy(&mut file, &mut hasher)`.
+impl std::io::Write for Sha256 {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.update(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// SHA-256 of a byte string.
 pub fn sha256(bytes: &[u8]) -> [u8; 32] {
     let mut hasher = Sha256::default();

@@ -385,17 +385,9 @@ pub fn source_tree_digest(root: &Path) -> Result<SourceTree, String> {
 }
 
 fn file_digest(path: &Path) -> std::io::Result<Digest> {
-    use std::io::Read;
-    let mut file = std::fs::File::open(path)?;
     let mut hasher = Sha256::default();
-    let mut buffer = vec![0; 64 * 1024];
-    loop {
-        let n = file.read(&mut buffer)?;
-        if n == 0 {
-            return Ok(Digest::from_sha256(hasher.finish()));
-        }
-        hasher.update(&buffer[..n]);
-    }
+    std::io::copy(&mut std::fs::File::open(path)?, &mut hasher)?;
+    Ok(Digest::from_sha256(hasher.finish()))
 }
 
 /// The permission bits (setuid, setgid and sticky included): an image copies them.
