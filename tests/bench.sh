@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Agent benchmarks, one command: builds the release binaries, then runs tests/benches/agent.rs.
-#   tests/bench.sh            # all: dir, oci, idle (idle takes OUTPOST_BENCH_IDLE_SECS, default 600), rollout, snapshot
+#   tests/bench.sh            # all: dir, oci, idle (each source and engine, OUTPOST_BENCH_IDLE_SECS each, default 120), rollout, snapshot
 #   tests/bench.sh dir|oci|idle|rollout   (rollout: OUTPOST_BENCH_REPLICAS containers, default 50,
 #                                         # beside docker-compose up -d of the same containers)
 #   tests/bench.sh snapshot               # downtime a snapshot adds to a stateful replace (100 MiB, 1 GiB)
+#   tests/bench.sh bundle                 # agent peak RSS accepting bundles carrying a 1 GiB and a
+#                                         # 4 GiB image (OUTPOST_BENCH_BUNDLE_MIB, default "1024 4096")
 #   tests/bench.sh vm                     # VM pools on moto: 20 replicas on 5 machines, idle cloud calls, RSS
 #   tests/bench.sh amplification          # hostile layouts: time and peak RSS at two sizes
 #   tests/bench.sh interrupts             # kill -9 and SIGTERM campaigns on dockerd, Podman and the

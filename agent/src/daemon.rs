@@ -47,6 +47,7 @@ impl KeepCarriedImages {
 
 /// Runs the agent until SIGTERM or Ctrl-C.
 pub async fn run(agent: Agent) -> anyhow::Result<()> {
+    let starting = crate::memory::Busy::start();
     let socket = agent.config.api.socket.clone();
     let agent = Arc::new(agent);
     // Leftovers of a download interrupted by a crash.
@@ -109,6 +110,8 @@ pub async fn run(agent: Agent) -> anyhow::Result<()> {
         socket.display()
     );
     notify_ready();
+    let trimmer = tokio::spawn(crate::memory::trim_when_quiet());
+    drop(starting);
 
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let result = tokio::select! {
@@ -136,6 +139,7 @@ pub async fn run(agent: Agent) -> anyhow::Result<()> {
         _ = terminate.recv() => Ok(()),
     };
     ticker.abort();
+    trimmer.abort();
     if let Some(converger) = converger {
         converger.abort();
     }
@@ -250,6 +254,7 @@ pub async fn drive(
             }
         };
         failures = 0;
+        let _busy = crate::memory::Busy::start();
         if let Ok(mut last) = shared.last_error.lock() {
             *last = None;
         }

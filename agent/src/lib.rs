@@ -8,7 +8,7 @@
 //! [`source`] → verify and approve ([`pipeline`], over `outpost_bundle_format::verify`, with
 //! [`approval`]) → plan ([`diff`] for the customer, [`plan`] for the runtime) → [`rollout`]
 //! (one backend per kind of runtime) → [`runtime`] (container engines), around [`state`].
-//! [`daemon`] drives it; [`api`] is the customer's local interface on a unix socket, [`status`]
+//! [`daemon`] drives it ([`memory`] keeps it small between jobs); [`api`] is the customer's local interface on a unix socket, [`status`]
 //! what it shows. `ARCHITECTURE.md` has the tree and how to check the import order.
 //!
 //! It is not a vendor tool (that is `outpost-signer`). It opens TCP ports only for the stack's
@@ -22,6 +22,7 @@ pub mod daemon;
 pub mod diff;
 pub mod forward;
 pub mod logging;
+pub mod memory;
 pub mod metrics;
 pub mod pipeline;
 pub mod plan;

@@ -2,11 +2,14 @@
 //! the release binaries first):
 //! - publish → detected latency: OCI source with a 1 s interval, and a file drop;
 //! - bytes on the wire per unchanged OCI poll (through a counting TCP proxy);
-//! - idle RSS of the agent after a run of 1 s polls (`OUTPOST_BENCH_IDLE_SECS`, default 600);
+//! - idle RSS of the agent for each source (1 s polls) and container engine, and what it is
+//!   made of (`OUTPOST_BENCH_IDLE_SECS`, default 120);
 //! - a 50-container rollout on a real dockerd: first install and a rolling update, wall time
 //!   and the agent's peak RSS (`OUTPOST_BENCH_REPLICAS`, default 50);
 //! - the downtime a snapshot adds to a stateful replica's stop-first replace on a real dockerd,
 //!   for 100 MiB and 1 GiB volumes (`OUTPOST_BENCH_SNAPSHOT_MIB`, default "100 1024");
+//! - the agent's peak RSS accepting a bundle that carries a 1 GiB and a 4 GiB image (`bundle`,
+//!   `OUTPOST_BENCH_BUNDLE_MIB`);
 //! - VM pools on moto (`vm`): time from a release's arrival to all replicas healthy for 20
 //!   replicas on 5 machines (each a test host with its own dockerd), cloud calls per idle drift
 //!   pass once converged, and the agent's peak RSS.
@@ -210,6 +213,36 @@ fn status_kib(pid: u32, key: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// What `pid`'s resident set is made of, from `/proc/PID/smaps`: pages of the agent's own
+/// binary (code and read-only data, then its relocated and written data), of shared libraries,
+/// and anonymous memory (heap, stacks, allocator arenas).
+fn rss_breakdown(pid: u32) -> String {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+    let (mut binary_file, mut binary_anon, mut libraries, mut anonymous) = (0u64, 0u64, 0u64, 0u64);
+    let mut mapping = String::new();
+    for line in smaps.lines() {
+        let mut fields = line.split_whitespace();
+        let Some(first) = fields.next() else { continue };
+        if !first.ends_with(':') {
+            // A mapping's header: range, perms, offset, device, inode, path.
+            mapping = fields.nth(4).unwrap_or("").to_string();
+            continue;
+        }
+        let kib: u64 = fields.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+        let agent = mapping.ends_with("outpost-agent");
+        match first {
+            "Rss:" if agent => binary_file += kib,
+            "Anonymous:" if agent => binary_anon += kib,
+            "Rss:" if mapping.contains(".so") => libraries += kib,
+            "Rss:" if !mapping.starts_with('/') => anonymous += kib,
+            _ => {}
+        }
+    }
+    format!(
+        "binary {binary_file} KiB (of which {binary_anon} KiB relocated or written), shared libraries {libraries} KiB, heap and stacks {anonymous} KiB"
+    )
+}
+
 /// Drops release `1.<sequence>.0` of stack `acme`, one live resource of `container`, signed
 /// by both vendors, into `drop`.
 fn drop_release(drop: &std::path::Path, container: serde_json::Value, sequence: u64) {
@@ -375,7 +408,10 @@ fn compose_healthy(engine: &outpost_tests::engine::TestEngine, image: &str) -> (
 }
 
 /// The compose file for `replicas` services like the agent's replicas: same image, command,
-/// limits and an equivalent health check (busybox nc; its wget cannot resolve in this image).
+/// limits and an equivalent health check (busybox nc; its wget cannot resolve in this image)
+/// every 500 ms. Its timeout is 10 s, not the agent's 1 s: compose checks by running a process
+/// in each container (CPU-limited like the agent's), and 50 of those every 500 ms on 2 cores
+/// take longer than 1 s, so at 1 s most containers never count as healthy.
 fn compose_file(image: &str, replicas: u32, subnet: &str) -> String {
     let mut text = format!(
         "version: \"2.4\"\nnetworks:\n  default:\n    ipam:\n      config: [{{subnet: \"{subnet}\"}}]\nservices:\n"
@@ -383,7 +419,7 @@ fn compose_file(image: &str, replicas: u32, subnet: &str) -> String {
     let check = "printf 'GET /healthz HTTP/1.0\\r\\n\\r\\n' | nc 127.0.0.1 8080 | grep -q ' 200 '";
     for n in 0..replicas {
         text.push_str(&format!(
-            "  web-{n}:\n    image: \"{image}\"\n    command: [\"sh\", \"-c\", {command:?}]\n    cpus: 0.05\n    mem_limit: 16m\n    stop_grace_period: 2s\n    healthcheck:\n      test: [\"CMD-SHELL\", {check:?}]\n      interval: 500ms\n      timeout: 1s\n      retries: 3\n",
+            "  web-{n}:\n    image: \"{image}\"\n    command: [\"sh\", \"-c\", {command:?}]\n    cpus: 0.05\n    mem_limit: 16m\n    stop_grace_period: 2s\n    healthcheck:\n      test: [\"CMD-SHELL\", {check:?}]\n      interval: 500ms\n      timeout: 10s\n      retries: 3\n",
             command = BENCH_WEB,
         ));
     }
@@ -465,42 +501,134 @@ fn snapshot_downtime() {
     }
 }
 
+/// Idle RSS of the agent: for each source polling every 1 s with `runtime: none`, then for each
+/// container engine with one replica converged (dir source), each after
+/// `OUTPOST_BENCH_IDLE_SECS` (default 120) of idling, with what the figure is made of.
 fn idle_rss() {
+    use outpost_tests::engine::{Kind, TestEngine, demo_image};
+    use outpost_tests::git::{VendorRepo, git_daemon};
     let seconds: u64 = std::env::var("OUTPOST_BENCH_IDLE_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(600);
+        .unwrap_or(120);
+    let bundle = tar(&signed(release("1.0.0", 1), &BOTH));
+
     let registry = TestRegistry::start(None);
     push_tar(
-        &tar(&signed(release("1.0.0", 1), &BOTH)),
+        &bundle,
         &format!("oci://{}/acme/shop:stable", registry.host()),
     );
-    let agent = AgentProcess::start(
-        &format!(
-            "source:\n  oci:\n    reference: {}/acme/shop:stable\n    interval: 1s\n",
-            registry.host()
-        ),
-        "",
+    let oci = format!(
+        "source:\n  oci:\n    reference: {}/acme/shop:stable\n    interval: 1s\n",
+        registry.host()
     );
-    wait_sequence(&agent, 1);
-    let pid = agent.pid().unwrap();
-    let start = Instant::now();
-    println!("idle rss after start: {} KiB", rss_kib(pid));
-    let mut next_report = 60;
-    while start.elapsed() < Duration::from_secs(seconds) {
-        std::thread::sleep(Duration::from_secs(1));
-        if start.elapsed() >= Duration::from_secs(next_report) {
-            println!(
-                "idle rss after {next_report} s of 1 s polls: {} KiB",
-                rss_kib(pid)
-            );
-            next_report += 60;
-        }
+    idle("oci source, runtime none", &AgentProcess::start(&oci, ""), seconds);
+
+    let vendor = VendorRepo::new();
+    vendor.publish(&bundle, "1.0.0");
+    let (_daemon, port) = git_daemon(vendor.root.path());
+    let git = format!(
+        "source:\n  git:\n    url: git://127.0.0.1:{port}/vendor.git\n    ref: main\n    path: outpost/bundle.tar\n    interval: 1s\n"
+    );
+    idle("git source, runtime none", &AgentProcess::start(&git, ""), seconds);
+
+    let drop = tempfile::tempdir().unwrap();
+    drop_file(drop.path(), "v1.tar", &bundle);
+    let dir = format!("source:\n  dir:\n    path: {}\n", drop.path().display());
+    idle("dir source, runtime none", &AgentProcess::start(&dir, ""), seconds);
+
+    for kind in [Kind::Docker, Kind::Podman] {
+        let engine = TestEngine::start(kind);
+        let drop = tempfile::tempdir().unwrap();
+        let agent = AgentProcess::start(
+            &format!("source:\n  dir:\n    path: {}\n", drop.path().display()),
+            &engine.agent_config(&[("web", outpost_tests::free_port())]),
+        );
+        drop_release(
+            drop.path(),
+            serde_json::json!({
+                "name": "web", "code": {"image": demo_image(&registry, "idle")}, "cpu": 0.05,
+                "memory": "16Mi", "ports": [8080], "replicas": 1,
+                "publicEndpoints": [{"name": "web", "port": 8080, "protocol": "http"}],
+                "healthCheck": {"path": "/healthz", "port": 8080},
+                "permissions": "execution", "command": ["sh", "-c", BENCH_WEB]}),
+            1,
+        );
+        agent.wait_converged_within(300, 1);
+        idle(
+            &format!("dir source, runtime docker on {kind:?}, one replica"),
+            &agent,
+            seconds,
+        );
     }
+}
+
+/// Lets `agent` idle for `seconds` once its first release is current, then prints its RSS.
+fn idle(label: &str, agent: &AgentProcess, seconds: u64) {
+    wait_sequence(agent, 1);
+    let pid = agent.pid().unwrap();
+    let after_start = rss_kib(pid);
+    std::thread::sleep(Duration::from_secs(seconds));
     println!(
-        "idle rss after {seconds} s of 1 s polls: {} KiB (goal <= 8192 KiB)",
-        rss_kib(pid)
+        "idle rss, {label}: {} KiB after {seconds} s ({after_start} KiB once the release was current; goal <= 8192 KiB): {}",
+        rss_kib(pid),
+        rss_breakdown(pid)
     );
+}
+
+/// Peak RSS of the agent accepting a bundle that carries a big image (`build --with-images`),
+/// for each size in `OUTPOST_BENCH_BUNDLE_MIB` (MiB of image payload, default "1024 4096"):
+/// from the file's arrival in the drop directory through download, verification, keeping the
+/// image and loading it into dockerd, to the replica healthy. Each size gets a fresh agent, so
+/// each peak is its own.
+fn carried_bundle_rss() {
+    use outpost_tests::engine::{Kind, TestEngine, demo_image_with_payload};
+    let sizes: Vec<u64> = std::env::var("OUTPOST_BENCH_BUNDLE_MIB")
+        .unwrap_or_else(|_| "1024 4096".into())
+        .split_whitespace()
+        .filter_map(|s| s.parse().ok())
+        .collect();
+    for mib in sizes {
+        let work = tempfile::tempdir().unwrap();
+        let bundle_file = work.path().join("acme-1.0.0.tar");
+        {
+            let registry = TestRegistry::start(None);
+            let image = demo_image_with_payload(&registry, "carried", mib);
+            let stack = serde_json::json!({
+                "name": "acme",
+                "permissionProfiles": {"execution": {}},
+                "resources": [{"lifecycle": "live", "container": {
+                    "name": "web", "code": {"image": image}, "cpu": 0.25, "memory": "64Mi",
+                    "ports": [8080], "replicas": 1,
+                    "publicEndpoints": [{"name": "web", "port": 8080, "protocol": "http"}],
+                    "healthCheck": {"path": "/healthz", "port": 8080},
+                    "permissions": "execution", "command": ["sh", "-c", BENCH_WEB]}}],
+            });
+            let stack_file = work.path().join("stack.yaml");
+            std::fs::write(&stack_file, stack.to_string()).unwrap();
+            outpost_tests::build_bundle(&stack_file, "1.0.0", 1, &["--with-images"], &bundle_file);
+            outpost_tests::sign_with(&bundle_file, &BOTH);
+        }
+        let bytes = std::fs::metadata(&bundle_file).unwrap().len();
+        let engine = TestEngine::start(Kind::Docker);
+        let drop = tempfile::tempdir_in(work.path()).unwrap();
+        let agent = AgentProcess::start(
+            &format!("source:\n  dir:\n    path: {}\n", drop.path().display()),
+            &engine.agent_config(&[("web", outpost_tests::free_port())]),
+        );
+        let pid = agent.pid().unwrap();
+        let before = status_kib(pid, "VmHWM:");
+        let start = Instant::now();
+        std::fs::rename(&bundle_file, drop.path().join("acme-1.0.0.tar")).unwrap();
+        agent.wait_converged_within(1800, 1);
+        println!(
+            "carried bundle of {:.2} GiB ({mib} MiB image): accepted, loaded into dockerd and healthy in {:.1} s; agent peak RSS {} KiB ({} KiB before it arrived)",
+            bytes as f64 / (1u64 << 30) as f64,
+            start.elapsed().as_secs_f64(),
+            status_kib(pid, "VmHWM:"),
+            before
+        );
+    }
 }
 
 /// 20 replicas of 0.4 cores: four per t3.small machine (1.75 cores after its reserve), so five
@@ -558,12 +686,13 @@ fn main() {
         .skip(1)
         .find(|a| !a.starts_with("--"))
         .unwrap_or_default();
-    let parts: [(&str, fn()); 6] = [
+    let parts: [(&str, fn()); 7] = [
         ("dir", dir_latency),
         ("oci", oci_latency_and_bytes),
         ("idle", idle_rss),
         ("rollout", rollout),
         ("snapshot", snapshot_downtime),
+        ("bundle", carried_bundle_rss),
         ("vm", vm_pools),
     ];
     for (name, part) in parts {

@@ -196,12 +196,19 @@ impl Drop for TestEngine {
 /// Builds the busybox demo image `variant` and pushes it to `registry` as `demo:<variant>`;
 /// returns its reference pinned by digest.
 pub fn demo_image(registry: &TestRegistry, variant: &str) -> String {
+    demo_image_with_payload(registry, variant, 0)
+}
+
+/// [`demo_image`] with a second, uncompressed layer holding `/payload` of `payload_mib` MiB
+/// (none when 0): a big image for benchmarks.
+pub fn demo_image_with_payload(registry: &TestRegistry, variant: &str, payload_mib: u64) -> String {
     let dir = tempfile::tempdir().unwrap();
     let layout = dir.path().join("image");
     let built = run(Command::new("python3")
         .arg(repo().join("tests/scripts/demo-image.py"))
         .arg(&layout)
-        .args(["--variant", variant]));
+        .args(["--variant", variant])
+        .args(["--payload-mib", &payload_mib.to_string()]));
     assert_eq!(built.code, 0, "demo-image.py: {}", built.stderr);
     let digest = built.stdout.trim().to_string();
     let target = format!("docker://{}/demo:{variant}", registry.host());

@@ -273,6 +273,7 @@ fn print_json(value: &Value) -> Result<(), Failure> {
 fn execute(command: Command) -> Result<(), Failure> {
     match command {
         Command::Run(config) => {
+            outpost_agent::memory::read_code_page_by_page();
             // Trust, windows and the state store are checked before anything starts.
             let config = load(&config)?;
             outpost_agent::logging::init(&config.log);

@@ -77,49 +77,28 @@ impl RolloutConfig {
                 return Err(format!("{what} must be at least 1"));
             }
         }
-        self.max_surge.check("rollout.max_surge")?;
-        self.max_unavailable.check("rollout.max_unavailable")
+        Ok(())
     }
 }
 
-/// A number of replicas: a count, or a percentage of a resource's replicas (`"25%"`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(untagged)]
+/// A number of replicas: a count, or a percentage of a resource's replicas (`"25%"`). Only
+/// valid budgets parse: a count of 1 or more, a percentage from 1% to 100%.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Budget {
     Count(u32),
-    /// `N%`, N from 1 to 100.
-    Percent(String),
+    Percent(u32),
 }
 
+/// What a budget may be, for error messages.
+const BUDGET_EXPECTED: &str = "a count of 1 or more, or a percentage from 1% to 100% like \"25%\"";
+
 impl Budget {
-    fn percent(&self) -> Option<Result<u32, ()>> {
-        match self {
-            Budget::Count(_) => None,
-            Budget::Percent(text) => Some(
-                text.strip_suffix('%')
-                    .and_then(|n| n.parse::<u32>().ok())
-                    .filter(|n| (1..=100).contains(n))
-                    .ok_or(()),
-            ),
-        }
-    }
-
-    fn check(&self, at: &str) -> Result<(), String> {
-        match (self, self.percent()) {
-            (Budget::Count(0), _) => Err(format!("{at} must be at least 1")),
-            (Budget::Percent(text), Some(Err(()))) => Err(format!(
-                "{at}: {text:?} is neither a count nor a percentage from 1% to 100%"
-            )),
-            _ => Ok(()),
-        }
-    }
-
     /// The budget for a resource of `replicas`: a percentage rounded up (`round_up`) or down,
     /// at least 1.
     pub fn of(&self, replicas: u32, round_up: bool) -> usize {
-        let n = match (self, self.percent()) {
-            (Budget::Count(n), _) => u64::from(*n),
-            (_, Some(Ok(percent))) => {
+        let n = match *self {
+            Budget::Count(n) => u64::from(n),
+            Budget::Percent(percent) => {
                 let share = u64::from(replicas) * u64::from(percent);
                 if round_up {
                     share.div_ceil(100)
@@ -127,10 +106,78 @@ impl Budget {
                     share / 100
                 }
             }
-            // Refused when the configuration is loaded.
-            _ => 1,
         };
         usize::try_from(n.max(1)).unwrap_or(usize::MAX)
+    }
+}
+
+impl std::str::FromStr for Budget {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Budget, String> {
+        let percent = text.trim().strip_suffix('%');
+        let number = percent.unwrap_or(text.trim()).trim().parse::<u32>();
+        match (percent, number) {
+            (Some(_), Ok(n @ 1..=100)) => Ok(Budget::Percent(n)),
+            (None, Ok(n @ 1..)) => Ok(Budget::Count(n)),
+            _ => Err(format!("{text:?} is not {BUDGET_EXPECTED}")),
+        }
+    }
+}
+
+impl Serialize for Budget {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match *self {
+            Budget::Count(n) => serializer.serialize_u32(n),
+            Budget::Percent(n) => serializer.collect_str(&format_args!("{n}%")),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Budget {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Budget, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Budget;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str(BUDGET_EXPECTED)
+            }
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<Budget, E> {
+                match u32::try_from(n) {
+                    Ok(n @ 1..) => Ok(Budget::Count(n)),
+                    _ => Err(E::custom(format!("{n} is not {BUDGET_EXPECTED}"))),
+                }
+            }
+            fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<Budget, E> {
+                match u64::try_from(n) {
+                    Ok(n) => self.visit_u64(n),
+                    Err(_) => Err(E::custom(format!("{n} is not {BUDGET_EXPECTED}"))),
+                }
+            }
+            fn visit_f64<E: serde::de::Error>(self, n: f64) -> Result<Budget, E> {
+                Err(E::custom(format!("{n} is not {BUDGET_EXPECTED}")))
+            }
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Budget, E> {
+                text.parse().map_err(E::custom)
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+impl JsonSchema for Budget {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Budget".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "description": "A number of replicas: a count of 1 or more, or a percentage from 1% to 100% of a resource's replicas (\"25%\").",
+            "oneOf": [
+                {"type": "integer", "minimum": 1, "maximum": u32::MAX},
+                {"type": "string", "pattern": "^([1-9][0-9]?|100)%$"}
+            ]
+        })
     }
 }
 
@@ -159,7 +206,7 @@ fn is_default_max_unavailable(value: &Budget) -> bool {
     *value == default_max_unavailable()
 }
 fn default_max_surge() -> Budget {
-    Budget::Percent("25%".into())
+    Budget::Percent(25)
 }
 fn default_max_unavailable() -> Budget {
     Budget::Count(1)
@@ -171,33 +218,31 @@ mod tests {
 
     #[test]
     fn budgets_are_counts_or_percentages_of_the_replicas() {
-        let quarter = Budget::Percent("25%".into());
+        let quarter = Budget::Percent(25);
         assert_eq!(quarter.of(50, true), 13);
         assert_eq!(quarter.of(50, false), 12);
         assert_eq!(quarter.of(1, true), 1);
         assert_eq!(quarter.of(3, false), 1, "at least one");
         assert_eq!(Budget::Count(4).of(2, true), 4);
-        assert_eq!(Budget::Percent("100%".into()).of(7, false), 7);
-        for (bad, expected) in [
-            (Budget::Count(0), "must be at least 1"),
-            (
-                Budget::Percent("0%".into()),
-                "neither a count nor a percentage",
-            ),
-            (
-                Budget::Percent("25".into()),
-                "neither a count nor a percentage",
-            ),
-            (
-                Budget::Percent("101%".into()),
-                "neither a count nor a percentage",
-            ),
-        ] {
-            let error = bad.check("rollout.max_surge").unwrap_err();
+        assert_eq!(Budget::Percent(100).of(7, false), 7);
+    }
+
+    #[test]
+    fn a_budget_parses_only_when_valid_and_says_what_it_may_be() {
+        let parse = |yaml: &str| serde_saphyr::from_str::<Budget>(yaml);
+        assert_eq!(parse("3").unwrap(), Budget::Count(3));
+        assert_eq!(parse("\"25%\"").unwrap(), Budget::Percent(25));
+        assert_eq!(parse("100%").unwrap(), Budget::Percent(100));
+        for bad in ["0", "-1", "1.5", "\"0%\"", "\"101%\"", "\"25\"", "quarter", "4294967296"] {
+            let error = parse(bad).unwrap_err().to_string();
             assert!(
-                error.starts_with("rollout.max_surge") && error.contains(expected),
-                "{error}"
+                error.contains("a count of 1 or more, or a percentage from 1% to 100%"),
+                "{bad}: {error}"
             );
+        }
+        for budget in [Budget::Count(3), Budget::Percent(25)] {
+            let yaml = serde_json::to_string(&budget).unwrap();
+            assert_eq!(parse(&yaml).unwrap(), budget, "{yaml}");
         }
     }
 }

@@ -208,6 +208,8 @@ impl<B: Backend> Converger<B> {
             return Ok(());
         };
         let fresh = positions.converged != Some(current.digest);
+        // A rollout runs code a drift pass does not: handed back once it is over.
+        let _busy = fresh.then(crate::memory::Busy::start);
         self.view().update(|s| {
             s.target = Some(Target {
                 version: current.version.clone(),

@@ -6,7 +6,6 @@
 use super::{Result, Store};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use std::path::Path;
-use std::sync::Mutex;
 
 /// `PRAGMA application_id` of an Outpost state store ("OPST"): any other SQLite file is refused.
 pub(super) const APPLICATION_ID: i64 = 0x4F50_5354;
@@ -52,17 +51,13 @@ impl Store {
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(|e| e.to_string())?;
         soundness(&conn).map_err(|e| format!("{}: {e}", path.display()))?;
-        let store = Store {
-            conn: Mutex::new(conn),
-        };
+        let store = Store::as_it_is(conn).map_err(|e| format!("{}: {e}", path.display()))?;
         let (inside, kept) = store
             .identities(state_dir)
             .map_err(|e| format!("{}: {e}", path.display()))?;
         same_store(&inside, &kept).map_err(|e| format!("{}: {e}", path.display()))?;
         let (accepted, rejected) = store.counts().map_err(|e| e.to_string())?;
-        let schema: i64 = store
-            .with(|c| Ok(c.pragma_query_value(None, "user_version", |r| r.get(0))?))
-            .map_err(|e| e.to_string())?;
+        let schema = store.schema;
         Ok(format!(
             "{}: sound (schema {schema}, {accepted} releases, {rejected} rejections)",
             path.display()

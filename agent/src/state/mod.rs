@@ -43,6 +43,9 @@ pub use snapshots::Snapshot;
 
 pub struct Store {
     conn: Mutex<Connection>,
+    /// The schema version (`PRAGMA user_version`) read when the store was opened: a store
+    /// opened read-only beside an agent that has not upgraded it yet lacks the newer columns.
+    schema: i64,
 }
 
 impl Store {
@@ -149,6 +152,16 @@ impl Store {
         ))?;
         Ok(Store {
             conn: Mutex::new(conn),
+            schema: SCHEMA_VERSION,
+        })
+    }
+
+    /// A store over `conn` as it is (opened read-only: never upgraded).
+    pub(super) fn as_it_is(conn: Connection) -> rusqlite::Result<Store> {
+        let schema = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        Ok(Store {
+            conn: Mutex::new(conn),
+            schema,
         })
     }
 
@@ -160,9 +173,7 @@ impl Store {
         }
         let conn = Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        Ok(Some(Store {
-            conn: Mutex::new(conn),
-        }))
+        Ok(Some(Store::as_it_is(conn)?))
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T>) -> Result<T> {
@@ -174,6 +185,7 @@ impl Store {
     }
 
     pub fn positions(&self) -> Result<Positions> {
+        let schema = self.schema;
         self.with(|conn| {
             let position = |key: &str| -> Result<Option<String>> {
                 Ok(conn
@@ -183,7 +195,7 @@ impl Store {
             };
             let release = |digest: Option<String>| -> Result<Option<Release>> {
                 match digest {
-                    Some(d) => release_by_digest(conn, &d),
+                    Some(d) => release_by_digest(conn, schema, &d),
                     None => Ok(None),
                 }
             };
@@ -212,7 +224,8 @@ impl Store {
     }
 
     pub fn release(&self, digest: &Digest) -> Result<Option<Release>> {
-        self.with(|conn| release_by_digest(conn, &digest.to_string()))
+        let schema = self.schema;
+        self.with(|conn| release_by_digest(conn, schema, &digest.to_string()))
     }
 
     /// Records a verified release as pending, with what it waits for, and raises the highest
@@ -531,11 +544,10 @@ impl Store {
     }
 }
 
-fn release_by_digest(conn: &Connection, digest: &str) -> Result<Option<Release>> {
-    // A store opened read-only beside an agent that has not upgraded it yet lacks columns.
-    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-    let irreversible = if version >= 2 { "irreversible" } else { "'[]'" };
-    let built_from = if version >= 3 { "built_from" } else { "'[]'" };
+/// The release `digest` in a store at `schema` (older schemas lack the newer columns).
+fn release_by_digest(conn: &Connection, schema: i64, digest: &str) -> Result<Option<Release>> {
+    let irreversible = if schema >= 2 { "irreversible" } else { "'[]'" };
+    let built_from = if schema >= 3 { "built_from" } else { "'[]'" };
     Ok(conn
         .query_row(
             &format!("SELECT digest, name, channel, version, sequence, created, expires, stack, origin, received_at, {irreversible}, {built_from} FROM bundles WHERE digest = ?1"),

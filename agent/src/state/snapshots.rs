@@ -45,7 +45,8 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Snapshot> {
 impl Store {
     /// What rolling back from `release` would restore (see [`irreversible_snapshots`]).
     pub fn irreversible_snapshots(&self, release: &Digest) -> Result<Vec<Snapshot>> {
-        self.with(|conn| irreversible_snapshots(conn, &release.to_string()))
+        let schema = self.schema;
+        self.with(|conn| irreversible_snapshots(conn, schema, &release.to_string()))
     }
 
     /// Records a snapshot of `resource`'s replica `ordinal` about to be taken into `location`
@@ -175,9 +176,10 @@ impl Store {
 /// what rolling back past it restores.
 pub(super) fn irreversible_snapshots(
     conn: &rusqlite::Connection,
+    schema: i64,
     release: &str,
 ) -> Result<Vec<Snapshot>> {
-    let declared = release_by_digest(conn, release)?
+    let declared = release_by_digest(conn, schema, release)?
         .map(|r| r.irreversible)
         .unwrap_or_default();
     let mut statement = conn.prepare(&format!(
@@ -197,7 +199,8 @@ pub(super) fn queue_restores(
     release: &str,
     at: DateTime<Utc>,
 ) -> Result<Vec<Snapshot>> {
-    let snapshots = irreversible_snapshots(tx, release)?;
+    // Only a store opened for writing writes, and opening it brought it to this schema.
+    let snapshots = irreversible_snapshots(tx, super::SCHEMA_VERSION, release)?;
     for snapshot in &snapshots {
         tx.execute(
             "INSERT OR REPLACE INTO restores(resource, ordinal, snapshot, queued_at) VALUES (?1, ?2, ?3, ?4)",
