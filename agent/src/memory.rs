@@ -173,7 +173,10 @@ Anonymous:             0 kB
     fn a_trim_advises_this_process_code_and_keeps_it_running() {
         read_code_page_by_page();
         let advised = trim().unwrap();
-        assert!(advised > 0, "no code mapping of the test binary was advised");
+        assert!(
+            advised > 0,
+            "no code mapping of the test binary was advised"
+        );
         // Code handed back is read again as it runs.
         assert_eq!(
             code_mappings("55d0c0000000-55d0c0200000 r-xp 00000000 fe:01 42 /bin/x\n"),

@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 
 /// Each module may use the modules before it, never one after it.
 const ORDER: &[&str] = &[
-    "config", "state", "plan", "diff", "status", "metrics", "backoff", "forward", "logging", "memory",
-    "runtime", "source", "approval", "rollout", "pipeline", "api", "daemon", "cli",
+    "config", "state", "plan", "diff", "status", "metrics", "backoff", "forward", "logging",
+    "memory", "runtime", "source", "approval", "rollout", "pipeline", "api", "daemon", "cli",
 ];
 
 const MAX_LINES: usize = 700;
@@ -70,7 +70,8 @@ fn modules_import_only_downward_and_stay_small() {
             ));
         }
         let text = std::fs::read_to_string(path).unwrap();
-        if module != "memory" && (text.contains("unsafe {") || text.contains("allow(unsafe_code)")) {
+        if module != "memory" && (text.contains("unsafe {") || text.contains("allow(unsafe_code)"))
+        {
             problems.push(format!(
                 "{}: unsafe code outside src/memory.rs",
                 relative.display()

@@ -46,6 +46,12 @@ pub fn run(args: BuildArgs) -> Outcome {
             first.resource
         )));
     }
+    if let (Some(repository), true) = (&args.image_repository, sources.is_empty()) {
+        return Err(Failure::usage(format!(
+            "--image-repository {repository}: {} has no resource built from source (code.type: source), so nothing would be pushed there; leave the option out",
+            args.stack.display()
+        )));
+    }
     if let Some(first) = sources.first()
         && args.image_repository.is_none()
         && !args.with_images

@@ -522,7 +522,11 @@ fn idle_rss() {
         "source:\n  oci:\n    reference: {}/acme/shop:stable\n    interval: 1s\n",
         registry.host()
     );
-    idle("oci source, runtime none", &AgentProcess::start(&oci, ""), seconds);
+    idle(
+        "oci source, runtime none",
+        &AgentProcess::start(&oci, ""),
+        seconds,
+    );
 
     let vendor = VendorRepo::new();
     vendor.publish(&bundle, "1.0.0");
@@ -530,12 +534,20 @@ fn idle_rss() {
     let git = format!(
         "source:\n  git:\n    url: git://127.0.0.1:{port}/vendor.git\n    ref: main\n    path: outpost/bundle.tar\n    interval: 1s\n"
     );
-    idle("git source, runtime none", &AgentProcess::start(&git, ""), seconds);
+    idle(
+        "git source, runtime none",
+        &AgentProcess::start(&git, ""),
+        seconds,
+    );
 
     let drop = tempfile::tempdir().unwrap();
     drop_file(drop.path(), "v1.tar", &bundle);
     let dir = format!("source:\n  dir:\n    path: {}\n", drop.path().display());
-    idle("dir source, runtime none", &AgentProcess::start(&dir, ""), seconds);
+    idle(
+        "dir source, runtime none",
+        &AgentProcess::start(&dir, ""),
+        seconds,
+    );
 
     for kind in [Kind::Docker, Kind::Podman] {
         let engine = TestEngine::start(kind);

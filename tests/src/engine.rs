@@ -213,7 +213,13 @@ pub fn demo_image_with_payload(registry: &TestRegistry, variant: &str, payload_m
     let digest = built.stdout.trim().to_string();
     let target = format!("docker://{}/demo:{variant}", registry.host());
     let mut copy = Command::new("skopeo");
-    copy.args(["copy", "-q", "--dest-tls-verify=false"]);
+    // Unchanged: skopeo would otherwise compress the payload layer (a new digest).
+    copy.args([
+        "copy",
+        "-q",
+        "--preserve-digests",
+        "--dest-tls-verify=false",
+    ]);
     if let Some((user, pass)) = &registry.auth {
         copy.arg(format!("--dest-creds={user}:{pass}"));
     }

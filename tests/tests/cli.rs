@@ -212,6 +212,14 @@ fn usage_errors_exit_2() {
         .arg(&out))
     .fails(2, "--version");
     assert_eq!(run(signer().arg("build").arg(quickstart())).code, 2);
+    // Where to push built images, for a stack that builds none: said, not ignored.
+    run(signer()
+        .arg("build")
+        .arg(quickstart())
+        .args(["--version", "1.0.0", "--sequence", "1"])
+        .args(["--image-repository", "127.0.0.1:5000/acme", "--out"])
+        .arg(&out))
+    .fails(2, "has no resource built from source");
     assert_eq!(run(signer().arg("frobnicate")).code, 2);
     run(signer()
         .args(["verify", "missing.tar", "--key"])

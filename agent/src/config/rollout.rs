@@ -111,6 +111,7 @@ impl Budget {
     }
 }
 
+/// Text is a percentage (`"25%"`); a count is a number.
 impl std::str::FromStr for Budget {
     type Err = String;
 
@@ -119,7 +120,6 @@ impl std::str::FromStr for Budget {
         let number = percent.unwrap_or(text.trim()).trim().parse::<u32>();
         match (percent, number) {
             (Some(_), Ok(n @ 1..=100)) => Ok(Budget::Percent(n)),
-            (None, Ok(n @ 1..)) => Ok(Budget::Count(n)),
             _ => Err(format!("{text:?} is not {BUDGET_EXPECTED}")),
         }
     }
@@ -233,7 +233,16 @@ mod tests {
         assert_eq!(parse("3").unwrap(), Budget::Count(3));
         assert_eq!(parse("\"25%\"").unwrap(), Budget::Percent(25));
         assert_eq!(parse("100%").unwrap(), Budget::Percent(100));
-        for bad in ["0", "-1", "1.5", "\"0%\"", "\"101%\"", "\"25\"", "quarter", "4294967296"] {
+        for bad in [
+            "0",
+            "-1",
+            "1.5",
+            "\"0%\"",
+            "\"101%\"",
+            "\"25\"",
+            "quarter",
+            "4294967296",
+        ] {
             let error = parse(bad).unwrap_err().to_string();
             assert!(
                 error.contains("a count of 1 or more, or a percentage from 1% to 100%"),

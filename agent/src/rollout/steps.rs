@@ -27,8 +27,8 @@ impl Parallelism {
     pub fn of(rollout: &RolloutConfig) -> Parallelism {
         Parallelism {
             steps: usize::try_from(rollout.max_parallel.max(1)).unwrap_or(1),
-            surge: rollout.max_surge.clone(),
-            unavailable: rollout.max_unavailable.clone(),
+            surge: rollout.max_surge,
+            unavailable: rollout.max_unavailable,
         }
     }
 
