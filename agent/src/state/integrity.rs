@@ -6,6 +6,7 @@
 use super::{Result, Store};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use std::path::Path;
+use std::sync::Mutex;
 
 /// `PRAGMA application_id` of an Outpost state store ("OPST"): any other SQLite file is refused.
 pub(super) const APPLICATION_ID: i64 = 0x4F50_5354;
@@ -40,6 +41,26 @@ pub(super) fn counted_triggers() -> String {
 }
 
 impl Store {
+    /// A store over `conn` as it is (opened read-only: never upgraded).
+    fn as_it_is(conn: Connection) -> rusqlite::Result<Store> {
+        let schema = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        Ok(Store {
+            conn: Mutex::new(conn),
+            schema,
+        })
+    }
+
+    /// Opens an existing store read-only (`outpost-agent verify` beside a running agent).
+    pub fn open_read_only(state_dir: &Path) -> Result<Option<Store>> {
+        let path = state_dir.join("state.db");
+        if !path.exists() {
+            return Ok(None);
+        }
+        let conn = Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        Ok(Some(Store::as_it_is(conn)?))
+    }
+
     /// Whether the store in `state_dir` is sound, read-only (beside a running agent too): a
     /// one-line summary, or what is wrong.
     pub fn check(state_dir: &Path) -> std::result::Result<String, String> {

@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use outpost_bundle_format::Digest;
 use outpost_bundle_format::release::rfc3339;
 use rusqlite::config::DbConfig;
-use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use rusqlite::{Connection, OptionalExtension, params};
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -154,26 +154,6 @@ impl Store {
             conn: Mutex::new(conn),
             schema: SCHEMA_VERSION,
         })
-    }
-
-    /// A store over `conn` as it is (opened read-only: never upgraded).
-    pub(super) fn as_it_is(conn: Connection) -> rusqlite::Result<Store> {
-        let schema = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-        Ok(Store {
-            conn: Mutex::new(conn),
-            schema,
-        })
-    }
-
-    /// Opens an existing store read-only (`outpost-agent verify` beside a running agent).
-    pub fn open_read_only(state_dir: &Path) -> Result<Option<Store>> {
-        let path = state_dir.join("state.db");
-        if !path.exists() {
-            return Ok(None);
-        }
-        let conn = Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        Ok(Some(Store::as_it_is(conn)?))
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T>) -> Result<T> {
