@@ -170,17 +170,22 @@ Anonymous:             0 kB
     }
 
     #[test]
-    fn a_trim_advises_this_process_code_and_keeps_it_running() {
+    fn a_trim_advises_this_process_code_and_unmaps_nothing() {
+        let before = std::fs::read_to_string("/proc/self/maps").unwrap();
         read_code_page_by_page();
         let advised = trim().unwrap();
         assert!(
             advised > 0,
             "no code mapping of the test binary was advised"
         );
-        // Code handed back is read again as it runs.
-        assert_eq!(
-            code_mappings("55d0c0000000-55d0c0200000 r-xp 00000000 fe:01 42 /bin/x\n"),
-            vec![(0x55d0c0000000, 0x55d0c0200000)]
-        );
+        // Advice only: every code mapping is still there (its pages are read again as it runs).
+        let after = std::fs::read_to_string("/proc/self/maps").unwrap();
+        let code = |maps: &str| -> Vec<String> {
+            maps.lines()
+                .filter(|l| l.contains(" r-xp ") && l.contains('/'))
+                .map(str::to_string)
+                .collect()
+        };
+        assert_eq!(code(&after), code(&before));
     }
 }

@@ -175,10 +175,7 @@ fn fastrand_ms(seed: u64) -> u64 {
 
 fn dir_latency() {
     let drop = tempfile::tempdir().unwrap();
-    let agent = AgentProcess::start(
-        &format!("source:\n  dir:\n    path: {}\n", drop.path().display()),
-        "",
-    );
+    let agent = AgentProcess::start(&dir_source(drop.path()), "");
     let mut samples = Vec::new();
     for sequence in 1..=20u64 {
         let bundle = tar(&signed(
@@ -243,16 +240,53 @@ fn rss_breakdown(pid: u32) -> String {
     )
 }
 
+/// `OUTPOST_BENCH_<name>` as a number, else `default`.
+fn env_number<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(format!("OUTPOST_BENCH_{name}"))
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
+/// `OUTPOST_BENCH_<name>` as a list of sizes, else `default` (both space-separated).
+fn env_sizes(name: &str, default: &str) -> Vec<u64> {
+    std::env::var(format!("OUTPOST_BENCH_{name}"))
+        .unwrap_or_else(|_| default.into())
+        .split_whitespace()
+        .filter_map(|s| s.parse().ok())
+        .collect()
+}
+
+/// The agent's source block for a file drop into `dir`.
+fn dir_source(dir: &std::path::Path) -> String {
+    format!("source:\n  dir:\n    path: {}\n", dir.display())
+}
+
+/// Stack `acme` with one live resource, `container`.
+fn acme_stack(container: serde_json::Value) -> serde_json::Value {
+    serde_json::json!({
+        "name": "acme",
+        "permissionProfiles": {"execution": {}},
+        "resources": [{"lifecycle": "live", "container": container}],
+    })
+}
+
+/// The benches' web resource: `replicas` busybox web servers of `image`, health-checked on
+/// /healthz and published on port 8080.
+fn bench_web(image: &str, replicas: u32) -> serde_json::Value {
+    serde_json::json!({
+        "name": "web", "code": {"image": image}, "cpu": 0.05, "memory": "16Mi",
+        "ports": [8080], "replicas": replicas,
+        "publicEndpoints": [{"name": "web", "port": 8080, "protocol": "http"}],
+        "healthCheck": {"path": "/healthz", "port": 8080},
+        "permissions": "execution", "command": ["sh", "-c", BENCH_WEB]})
+}
+
 /// Drops release `1.<sequence>.0` of stack `acme`, one live resource of `container`, signed
 /// by both vendors, into `drop`.
 fn drop_release(drop: &std::path::Path, container: serde_json::Value, sequence: u64) {
     let stack: outpost_bundle_format::stack::StackFile =
-        serde_json::from_value(serde_json::json!({
-            "name": "acme",
-            "permissionProfiles": {"execution": {}},
-            "resources": [{"lifecycle": "live", "container": container}],
-        }))
-        .unwrap();
+        serde_json::from_value(acme_stack(container)).unwrap();
     let layout = outpost_bundle_format::bundle::build(
         &stack,
         &outpost_tests::forge::metadata(&format!("1.{sequence}.0"), sequence),
@@ -274,33 +308,21 @@ const BENCH_WEB: &str =
 /// containers under `docker-compose` on the same engine, and the ratios.
 fn rollout() {
     use outpost_tests::engine::{Kind, TestEngine, demo_image};
-    let replicas: u32 = std::env::var("OUTPOST_BENCH_REPLICAS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(50);
+    let replicas: u32 = env_number("REPLICAS", 50);
     let engine = TestEngine::start(Kind::Docker);
     let registry = TestRegistry::start(None);
     let images = [demo_image(&registry, "one"), demo_image(&registry, "two")];
     let compose = compose_rollout(&engine, &images, replicas);
     let drop = tempfile::tempdir().unwrap();
     let agent = AgentProcess::start(
-        &format!("source:\n  dir:\n    path: {}\n", drop.path().display()),
+        &dir_source(drop.path()),
         &engine.agent_config(&[("web", outpost_tests::free_port())]),
     );
     let pid = agent.pid().unwrap();
     let mut figures = Vec::new();
     for (sequence, image) in [(1u64, &images[0]), (2, &images[1])] {
         let start = Instant::now();
-        drop_release(
-            drop.path(),
-            serde_json::json!({
-                "name": "web", "code": {"image": image}, "cpu": 0.05, "memory": "16Mi",
-                "ports": [8080], "replicas": replicas,
-                "publicEndpoints": [{"name": "web", "port": 8080, "protocol": "http"}],
-                "healthCheck": {"path": "/healthz", "port": 8080},
-                "permissions": "execution", "command": ["sh", "-c", BENCH_WEB]}),
-            sequence,
-        );
+        drop_release(drop.path(), bench_web(image, replicas), sequence);
         agent.wait_converged_within(900, sequence);
         let took = start.elapsed().as_secs_f64();
         println!(
@@ -430,11 +452,7 @@ fn compose_file(image: &str, replicas: u32, subnet: &str) -> String {
 /// on and off, per volume size.
 fn snapshot_downtime() {
     use outpost_tests::engine::{Kind, TestEngine, demo_image, http_body};
-    let sizes: Vec<u64> = std::env::var("OUTPOST_BENCH_SNAPSHOT_MIB")
-        .unwrap_or_else(|_| "100 1024".into())
-        .split_whitespace()
-        .filter_map(|s| s.parse().ok())
-        .collect();
+    let sizes: Vec<u64> = env_sizes("SNAPSHOT_MIB", "100 1024");
     let engine = TestEngine::start(Kind::Docker);
     let registry = TestRegistry::start(None);
     let image = demo_image(&registry, "one");
@@ -445,7 +463,7 @@ fn snapshot_downtime() {
             let drop = tempfile::tempdir().unwrap();
             let port = outpost_tests::free_port();
             let mut agent = AgentProcess::start(
-                &format!("source:\n  dir:\n    path: {}\n", drop.path().display()),
+                &dir_source(drop.path()),
                 &format!(
                     "{}snapshots: {{keep: {keep}, max_gib: 4}}\n",
                     engine.agent_config(&[("db", port)])
@@ -507,10 +525,7 @@ fn snapshot_downtime() {
 fn idle_rss() {
     use outpost_tests::engine::{Kind, TestEngine, demo_image};
     use outpost_tests::git::{VendorRepo, git_daemon};
-    let seconds: u64 = std::env::var("OUTPOST_BENCH_IDLE_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(120);
+    let seconds: u64 = env_number("IDLE_SECS", 120);
     let bundle = tar(&signed(release("1.0.0", 1), &BOTH));
 
     let registry = TestRegistry::start(None);
@@ -542,7 +557,7 @@ fn idle_rss() {
 
     let drop = tempfile::tempdir().unwrap();
     drop_file(drop.path(), "v1.tar", &bundle);
-    let dir = format!("source:\n  dir:\n    path: {}\n", drop.path().display());
+    let dir = dir_source(drop.path());
     idle(
         "dir source, runtime none",
         &AgentProcess::start(&dir, ""),
@@ -553,19 +568,10 @@ fn idle_rss() {
         let engine = TestEngine::start(kind);
         let drop = tempfile::tempdir().unwrap();
         let agent = AgentProcess::start(
-            &format!("source:\n  dir:\n    path: {}\n", drop.path().display()),
+            &dir_source(drop.path()),
             &engine.agent_config(&[("web", outpost_tests::free_port())]),
         );
-        drop_release(
-            drop.path(),
-            serde_json::json!({
-                "name": "web", "code": {"image": demo_image(&registry, "idle")}, "cpu": 0.05,
-                "memory": "16Mi", "ports": [8080], "replicas": 1,
-                "publicEndpoints": [{"name": "web", "port": 8080, "protocol": "http"}],
-                "healthCheck": {"path": "/healthz", "port": 8080},
-                "permissions": "execution", "command": ["sh", "-c", BENCH_WEB]}),
-            1,
-        );
+        drop_release(drop.path(), bench_web(&demo_image(&registry, "idle"), 1), 1);
         agent.wait_converged_within(300, 1);
         idle(
             &format!("dir source, runtime docker on {kind:?}, one replica"),
@@ -595,29 +601,15 @@ fn idle(label: &str, agent: &AgentProcess, seconds: u64) {
 /// each peak is its own.
 fn carried_bundle_rss() {
     use outpost_tests::engine::{Kind, TestEngine, demo_image_with_payload};
-    let sizes: Vec<u64> = std::env::var("OUTPOST_BENCH_BUNDLE_MIB")
-        .unwrap_or_else(|_| "1024 4096".into())
-        .split_whitespace()
-        .filter_map(|s| s.parse().ok())
-        .collect();
+    let sizes: Vec<u64> = env_sizes("BUNDLE_MIB", "1024 4096");
     for mib in sizes {
         let work = tempfile::tempdir().unwrap();
         let bundle_file = work.path().join("acme-1.0.0.tar");
         {
             let registry = TestRegistry::start(None);
             let image = demo_image_with_payload(&registry, "carried", mib);
-            let stack = serde_json::json!({
-                "name": "acme",
-                "permissionProfiles": {"execution": {}},
-                "resources": [{"lifecycle": "live", "container": {
-                    "name": "web", "code": {"image": image}, "cpu": 0.25, "memory": "64Mi",
-                    "ports": [8080], "replicas": 1,
-                    "publicEndpoints": [{"name": "web", "port": 8080, "protocol": "http"}],
-                    "healthCheck": {"path": "/healthz", "port": 8080},
-                    "permissions": "execution", "command": ["sh", "-c", BENCH_WEB]}}],
-            });
             let stack_file = work.path().join("stack.yaml");
-            std::fs::write(&stack_file, stack.to_string()).unwrap();
+            std::fs::write(&stack_file, acme_stack(bench_web(&image, 1)).to_string()).unwrap();
             outpost_tests::build_bundle(&stack_file, "1.0.0", 1, &["--with-images"], &bundle_file);
             outpost_tests::sign_with(&bundle_file, &BOTH);
         }
@@ -625,7 +617,7 @@ fn carried_bundle_rss() {
         let engine = TestEngine::start(Kind::Docker);
         let drop = tempfile::tempdir_in(work.path()).unwrap();
         let agent = AgentProcess::start(
-            &format!("source:\n  dir:\n    path: {}\n", drop.path().display()),
+            &dir_source(drop.path()),
             &engine.agent_config(&[("web", outpost_tests::free_port())]),
         );
         let pid = agent.pid().unwrap();

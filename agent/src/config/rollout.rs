@@ -33,7 +33,8 @@ pub struct RolloutConfig {
     /// percentage of its replicas rounded up (default `25%`); at least 1.
     #[serde(
         default = "default_max_surge",
-        skip_serializing_if = "is_default_max_surge"
+        skip_serializing_if = "is_default_max_surge",
+        deserialize_with = "max_surge"
     )]
     pub max_surge: Budget,
     /// Replicas of a stateful resource down at once while they are replaced (each is stopped
@@ -41,7 +42,8 @@ pub struct RolloutConfig {
     /// count, or a percentage of its replicas rounded down (default 1); at least 1.
     #[serde(
         default = "default_max_unavailable",
-        skip_serializing_if = "is_default_max_unavailable"
+        skip_serializing_if = "is_default_max_unavailable",
+        deserialize_with = "max_unavailable"
     )]
     pub max_unavailable: Budget,
 }
@@ -116,12 +118,12 @@ impl std::str::FromStr for Budget {
     type Err = String;
 
     fn from_str(text: &str) -> Result<Budget, String> {
-        let percent = text.trim().strip_suffix('%');
-        let number = percent.unwrap_or(text.trim()).trim().parse::<u32>();
-        match (percent, number) {
-            (Some(_), Ok(n @ 1..=100)) => Ok(Budget::Percent(n)),
-            _ => Err(format!("{text:?} is not {BUDGET_EXPECTED}")),
-        }
+        text.trim()
+            .strip_suffix('%')
+            .and_then(|n| n.trim().parse::<u32>().ok())
+            .filter(|n| (1..=100).contains(n))
+            .map(Budget::Percent)
+            .ok_or_else(|| format!("{text:?} is not {BUDGET_EXPECTED}"))
     }
 }
 
@@ -163,6 +165,20 @@ impl<'de> Deserialize<'de> for Budget {
         }
         deserializer.deserialize_any(Visitor)
     }
+}
+
+/// A budget read for `key`, which its error names (serde gives the line, not the key).
+fn budget_at<'de, D: serde::Deserializer<'de>>(
+    key: &str,
+    deserializer: D,
+) -> Result<Budget, D::Error> {
+    Budget::deserialize(deserializer).map_err(|e| serde::de::Error::custom(format!("{key}: {e}")))
+}
+fn max_surge<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Budget, D::Error> {
+    budget_at("rollout.max_surge", deserializer)
+}
+fn max_unavailable<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Budget, D::Error> {
+    budget_at("rollout.max_unavailable", deserializer)
 }
 
 impl JsonSchema for Budget {
@@ -253,5 +269,13 @@ mod tests {
             let yaml = serde_json::to_string(&budget).unwrap();
             assert_eq!(parse(&yaml).unwrap(), budget, "{yaml}");
         }
+        // In a config, the error names the key.
+        let error = serde_saphyr::from_str::<RolloutConfig>("max_unavailable: 1.5\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("rollout.max_unavailable: 1.5 is not a count of 1 or more"),
+            "{error}"
+        );
     }
 }
