@@ -95,8 +95,10 @@ pub async fn run(agent: Agent) -> anyhow::Result<()> {
     };
     let ticker = {
         let agent = agent.clone();
+        let mut waits = agent.release_waits.subscribe();
         tokio::spawn(async move {
-            loop {
+            // The sender lives in `agent`, held here: waiting never fails.
+            while waits.wait_for(|waits| *waits).await.is_ok() {
                 tokio::time::sleep(RECONSIDER_EVERY).await;
                 if let Err(e) = agent.reconsider(crate::config::now()) {
                     tracing::warn!("reconsider: {e}");
@@ -436,6 +438,7 @@ mod tests {
         let second = Agent::new(Config::load(&config_path).unwrap());
         assert!(second.is_err_and(|e| e.to_string().contains("another outpost-agent is running")));
         let now = chrono::Utc::now();
+        assert!(!*agent.release_waits.borrow(), "nothing waits yet");
         let outcome = agent
             .ingest(&signed_release("1.0.0", 1), "test", now)
             .unwrap();
@@ -446,7 +449,10 @@ mod tests {
                 ..
             }
         ));
+        // The daemon's ticker re-evaluates only while a release waits.
+        assert!(*agent.release_waits.borrow());
         agent.reconsider(now + chrono::Duration::days(2)).unwrap();
+        assert!(!*agent.release_waits.borrow(), "the expired release waits no more");
         let status = agent.status().unwrap();
         assert!(status["pending"].is_null(), "{status:#}");
         assert!(status["current"].is_null());

@@ -6,6 +6,7 @@ mod rollout;
 mod runtime;
 mod vm;
 mod window;
+mod zone;
 
 pub use clock::now;
 pub use rollout::{Budget, RolloutConfig};

@@ -1,5 +1,6 @@
 //! Maintenance windows, parsed: a cron expression in a time zone, open for a duration.
 
+use super::zone::Zone;
 use super::{MaintenanceWindow, chrono_duration};
 use chrono::{DateTime, Duration, Utc};
 use croner::Cron;
@@ -9,7 +10,7 @@ use croner::Cron;
 pub struct Window {
     cron: Cron,
     duration: Duration,
-    timezone: chrono_tz::Tz,
+    timezone: Zone,
 }
 
 impl Window {
@@ -20,10 +21,7 @@ impl Window {
             .parse()
             .map_err(|e| format!("cron {:?}: {e}", window.cron))?;
         let duration = chrono_duration(&window.duration).map_err(|e| format!("duration: {e}"))?;
-        let timezone: chrono_tz::Tz = window
-            .timezone
-            .parse()
-            .map_err(|_| format!("unknown time zone {:?}", window.timezone))?;
+        let timezone = Zone::named(&window.timezone)?;
         let parsed = Window {
             cron,
             duration,

@@ -62,6 +62,19 @@ impl Agent {
     }
 
     pub(super) fn reconsider_locked(&self, now: DateTime<Utc>) -> anyhow::Result<Option<Digest>> {
+        let mut waits = false;
+        let applied = self.reconsider_pending(now, &mut waits);
+        // The daemon re-evaluates while a release waits, or after failing to.
+        self.release_waits.send_replace(waits || applied.is_err());
+        applied
+    }
+
+    /// Sets `waits` when the pending release stays pending, waiting for something.
+    fn reconsider_pending(
+        &self,
+        now: DateTime<Utc>,
+        waits: &mut bool,
+    ) -> anyhow::Result<Option<Digest>> {
         let positions = self.store.positions()?;
         let Some(pending) = positions.pending.clone() else {
             return Ok(None);
@@ -80,6 +93,7 @@ impl Agent {
         }
         match self.gate_for(&pending, &positions, now)? {
             Some(reason) => {
+                *waits = true;
                 if positions.waiting_for.as_deref() != Some(reason.as_str()) {
                     self.store.set_waiting(&reason)?;
                 }

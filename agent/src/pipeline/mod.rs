@@ -50,6 +50,9 @@ pub struct Agent {
     decisions: Mutex<()>,
     /// Woken whenever the current release changes (the rollout converges to it).
     pub current_changed: Arc<tokio::sync::Notify>,
+    /// Whether a pending release waits (for approval, a window, the end of a freeze): the
+    /// daemon re-evaluates it periodically only then.
+    pub release_waits: tokio::sync::watch::Sender<bool>,
     /// What the runtime shows in `status`.
     pub runtime_view: Arc<RuntimeView>,
     /// What `/metrics` exports.
@@ -125,6 +128,7 @@ impl Agent {
             store: Arc::new(store),
             decisions: Mutex::new(()),
             current_changed: Default::default(),
+            release_waits: tokio::sync::watch::Sender::new(false),
             runtime_view: Default::default(),
             metrics: Default::default(),
             _state_lock: None,
