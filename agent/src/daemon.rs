@@ -452,7 +452,10 @@ mod tests {
         // The daemon's ticker re-evaluates only while a release waits.
         assert!(*agent.release_waits.borrow());
         agent.reconsider(now + chrono::Duration::days(2)).unwrap();
-        assert!(!*agent.release_waits.borrow(), "the expired release waits no more");
+        assert!(
+            !*agent.release_waits.borrow(),
+            "the expired release waits no more"
+        );
         let status = agent.status().unwrap();
         assert!(status["pending"].is_null(), "{status:#}");
         assert!(status["current"].is_null());

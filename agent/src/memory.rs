@@ -1,16 +1,18 @@
 //! The agent's resident memory between jobs. An idle agent is mostly pages of its own binary:
 //! start-up, an ingest or a rollout runs code that idling never runs again, and the kernel maps
-//! pages around each one faulted in: megabytes of readahead (half the binary, on a disk whose
-//! readahead is 8 MiB), then up to 16 neighbours already in the page cache. So:
-//! - [`read_code_page_by_page`] at start-up: `MADV_RANDOM` on the read-only file mappings (the
-//!   binary, its libraries): a fault reads the page it needs, not its neighbourhood;
+//! more than the page each fault needs: it reads around it (half the binary, on a disk whose
+//! readahead is 8 MiB) and maps up to 16 of its neighbours already in the page cache. So:
+//! - [`read_code_page_by_page`] at start-up: `MADV_RANDOM` on the file mappings (the binary,
+//!   its libraries), so that a fault reads and maps only its page. Recent kernels (6.18 here)
+//!   read around faults in executable mappings and map cached neighbours whatever the advice:
+//!   there it holds for read-only data only;
 //! - [`trim_when_quiet`]: once nothing has been busy ([`Busy`]) for a few seconds, the loaded
 //!   objects' code pages are unmapped (`MADV_DONTNEED`; mapped again from the file if that code
-//!   runs again), the binary's pages no process maps leave the page cache (so that a later
-//!   fault maps one page, not cached neighbours), and the allocator returns its free heap.
+//!   runs again), the binary's unmapped pages leave the page cache (else a later fault maps
+//!   their cached neighbours with it), and the allocator returns its free heap.
 //!
 //! Neither changes what any memory holds: only read-only, private file mappings holding no
-//! anonymous (written) page are advised, so their contents are the file's. Both work for any
+//! anonymous (written) page are unmapped, so their contents are the file's. Both work for any
 //! user, root or not.
 
 // The one module of the agent with `unsafe`: libc calls that take no pointer to Rust data or

@@ -112,6 +112,8 @@ pub trait Backend: Send + Sync {
 pub struct Converger<B: Backend> {
     context: Context,
     backend: B,
+    /// The current release's stack, read back and checked once per release, not every pass.
+    stack: std::sync::Mutex<Option<(Digest, Arc<Stack>)>>,
 }
 
 /// Runs `work` as a journaled step: begun in the store before it runs, finished with its
@@ -150,7 +152,26 @@ pub(crate) fn event(store: &Store, kind: &str, digest: Option<&Digest>, message:
 
 impl<B: Backend> Converger<B> {
     pub fn new(context: Context, backend: B) -> Converger<B> {
-        Converger { context, backend }
+        Converger {
+            context,
+            backend,
+            stack: Default::default(),
+        }
+    }
+
+    fn stack_of(&self, release: &Release) -> Result<Arc<Stack>, crate::state::StoredStackError> {
+        let mut cached = self
+            .stack
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((digest, stack)) = cached.as_ref()
+            && *digest == release.digest
+        {
+            return Ok(stack.clone());
+        }
+        let stack = Arc::new(release.stack()?);
+        *cached = Some((release.digest, stack.clone()));
+        Ok(stack)
     }
 
     pub fn backend(&self) -> &B {
@@ -232,7 +253,7 @@ impl<B: Backend> Converger<B> {
         // Every line the backend logs for this pass says which release it belongs to.
         let span =
             tracing::info_span!("release", digest = %current.digest, version = %current.version);
-        let outcome = match current.stack() {
+        let outcome = match self.stack_of(&current) {
             Ok(stack) => {
                 let pass = self.backend.converge(&current, &stack, fresh);
                 tracing::Instrument::instrument(pass, span).await

@@ -169,7 +169,8 @@ impl Store {
         self.with(|conn| {
             let position = |key: &str| -> Result<Option<String>> {
                 Ok(conn
-                    .query_row("SELECT value FROM positions WHERE key = ?1", [key], |r| r.get::<_, Option<String>>(0))
+                    .prepare_cached(POSITION)?
+                    .query_row([key], |r| r.get::<_, Option<String>>(0))
                     .optional()?
                     .flatten())
             };
@@ -183,8 +184,10 @@ impl Store {
                 position(key)?.map(|d| parse_digest(&d)).transpose()
             };
             let last_rejection = conn
-                .query_row(
+                .prepare_cached(
                     "SELECT digest, origin, check_name, reason, at FROM rejections ORDER BY id DESC LIMIT 1",
+                )?
+                .query_row(
                     [],
                     |r| Ok(Rejection { digest: optional_digest_column(r, 0)?, origin: r.get(1)?, check: r.get(2)?, reason: r.get(3)?, at: r.get(4)? }),
                 )
@@ -529,8 +532,10 @@ fn release_by_digest(conn: &Connection, schema: i64, digest: &str) -> Result<Opt
     let irreversible = if schema >= 2 { "irreversible" } else { "'[]'" };
     let built_from = if schema >= 3 { "built_from" } else { "'[]'" };
     Ok(conn
-        .query_row(
+        .prepare_cached(
             &format!("SELECT digest, name, channel, version, sequence, created, expires, stack, origin, received_at, {irreversible}, {built_from} FROM bundles WHERE digest = ?1"),
+        )?
+        .query_row(
             [digest],
             |r| {
                 Ok(Release {
@@ -620,12 +625,16 @@ fn event(
 /// One position (`current`, `pending`, `highest_sequence`, ...) read inside a transaction.
 fn position(tx: &rusqlite::Transaction<'_>, key: &str) -> Result<Option<String>> {
     Ok(tx
-        .query_row("SELECT value FROM positions WHERE key = ?1", [key], |r| {
-            r.get(0)
-        })
+        .prepare_cached(POSITION)?
+        .query_row([key], |r| r.get(0))
         .optional()?
         .flatten())
 }
+
+/// The query of one position. It and the others each drift pass runs are compiled once per
+/// connection (`prepare_cached`): compiling them again each time would run SQLite's parser and
+/// planner, code an idle agent would otherwise keep paged in.
+const POSITION: &str = "SELECT value FROM positions WHERE key = ?1";
 
 /// A decision's digest as stored: the empty text when it names no release (the column is NOT NULL).
 fn stored(digest: Option<Digest>) -> String {
