@@ -167,13 +167,7 @@ impl Store {
     pub fn positions(&self) -> Result<Positions> {
         let schema = self.schema;
         self.with(|conn| {
-            let position = |key: &str| -> Result<Option<String>> {
-                Ok(conn
-                    .prepare_cached(POSITION)?
-                    .query_row([key], |r| r.get::<_, Option<String>>(0))
-                    .optional()?
-                    .flatten())
-            };
+            let position = |key: &str| position(conn, key);
             let release = |digest: Option<String>| -> Result<Option<Release>> {
                 match digest {
                     Some(d) => release_by_digest(conn, schema, &d),
@@ -622,19 +616,16 @@ fn event(
     Ok(())
 }
 
-/// One position (`current`, `pending`, `highest_sequence`, ...) read inside a transaction.
-fn position(tx: &rusqlite::Transaction<'_>, key: &str) -> Result<Option<String>> {
-    Ok(tx
-        .prepare_cached(POSITION)?
+/// One position (`current`, `pending`, `highest_sequence`, ...). Like the other queries each
+/// drift pass runs, compiled once per connection (`prepare_cached`): compiling it each time
+/// would run SQLite's parser and planner, code an idle agent would otherwise keep paged in.
+fn position(conn: &Connection, key: &str) -> Result<Option<String>> {
+    Ok(conn
+        .prepare_cached("SELECT value FROM positions WHERE key = ?1")?
         .query_row([key], |r| r.get(0))
         .optional()?
         .flatten())
 }
-
-/// The query of one position. It and the others each drift pass runs are compiled once per
-/// connection (`prepare_cached`): compiling them again each time would run SQLite's parser and
-/// planner, code an idle agent would otherwise keep paged in.
-const POSITION: &str = "SELECT value FROM positions WHERE key = ?1";
 
 /// A decision's digest as stored: the empty text when it names no release (the column is NOT NULL).
 fn stored(digest: Option<Digest>) -> String {
